@@ -1,0 +1,564 @@
+//! The topology: raw TOML -> checked components and wiring.
+
+use crate::{duration::HumanDuration, ConfigError, Locator};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `[service]`: where the worker keeps its data and serves HTTP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    /// RocksDB and sink bookkeeping live here. Default `./data`.
+    pub data_dir: PathBuf,
+    /// Address of `/metrics`, `/healthz`, `/status`. Default `127.0.0.1:9464`;
+    /// `"off"` disables the server.
+    pub http: Option<String>,
+}
+
+/// How hard a commit tries to survive failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// The WAL is written before a commit returns: survives `kill -9`.
+    Process,
+    /// The WAL is fsynced (commits grouped): survives a power loss too.
+    Machine,
+}
+
+/// `[engine]`: shards, batching and durability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Shards per computation (`hash(key) % shards`). Default 16.
+    pub shards: u32,
+    /// Longest a processed record waits for its checkpoint. Default `2ms`.
+    pub commit_interval: Duration,
+    /// Default `process`.
+    pub durability: Durability,
+    /// Executor threads. Default: the number of CPUs.
+    pub threads: usize,
+    /// Most records processed in one commit. Default 4096.
+    pub batch_size: usize,
+    /// Most unacknowledged records on one channel (producer shard -> consumer
+    /// shard). Together with `max_backlog` this bounds memory. Default 1024.
+    pub channel_window: usize,
+    /// A shard whose unacknowledged productions exceed this stops taking new
+    /// input until its consumers catch up (backpressure). Default 16384.
+    pub max_backlog: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopology {
+    #[serde(default)]
+    service: RawService,
+    #[serde(default)]
+    engine: RawEngine,
+    #[serde(default)]
+    sources: BTreeMap<String, toml::Table>,
+    #[serde(default)]
+    computations: BTreeMap<String, toml::Table>,
+    #[serde(default)]
+    sinks: BTreeMap<String, toml::Table>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    data_dir: Option<PathBuf>,
+    http: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEngine {
+    shards: Option<u32>,
+    commit_interval: Option<HumanDuration>,
+    durability: Option<Durability>,
+    threads: Option<usize>,
+    batch_size: Option<usize>,
+    channel_window: Option<usize>,
+    max_backlog: Option<usize>,
+}
+
+/// Which section a component is declared in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// `[sources.NAME]`: brings records in.
+    Source,
+    /// `[computations.NAME]`: keyed processing.
+    Computation,
+    /// `[sinks.NAME]`: takes records out.
+    Sink,
+}
+
+impl Role {
+    /// The TOML section name.
+    pub fn section(self) -> &'static str {
+        match self {
+            Role::Source => "sources",
+            Role::Computation => "computations",
+            Role::Sink => "sinks",
+        }
+    }
+}
+
+/// A stream: a component's default output (`words`) or a named one (`sessions.late`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamRef {
+    /// The producing component.
+    pub component: String,
+    /// The named output, or `None` for the default one.
+    pub output: Option<String>,
+}
+
+impl fmt::Display for StreamRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.output {
+            Some(o) => write!(f, "{}.{}", self.component, o),
+            None => f.write_str(&self.component),
+        }
+    }
+}
+
+/// How a consumer keys the records of one input stream (MillWheel's key extractor).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyExtractor {
+    /// The record's own key (the default).
+    Key,
+    /// The whole value.
+    Value,
+    /// A JSON pointer into the value, e.g. `json:/user/id`.
+    Json(String),
+    /// The N-th (0-based) field of the value split by `delimiter`.
+    Field {
+        /// 0-based field index.
+        index: usize,
+        /// Field separator; default `,`.
+        delimiter: String,
+    },
+}
+
+/// One input of a computation or sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Input {
+    /// The stream read.
+    pub stream: StreamRef,
+    /// How the consumer keys it.
+    pub key: KeyExtractor,
+}
+
+/// A component's kind-specific keys, parsed by its kind's factory.
+#[derive(Debug, Clone)]
+pub struct Options {
+    table: toml::Table,
+    at: String,
+    locator: Arc<Locator>,
+}
+
+impl Options {
+    /// Builds options from a table, for tests and programmatic topologies.
+    pub fn from_table(at: &str, table: toml::Table) -> Self {
+        Options {
+            table,
+            at: at.to_owned(),
+            locator: Arc::new(Locator::new(Path::new("<inline>"), "")),
+        }
+    }
+
+    /// Parses the options into the kind's own type. Use
+    /// `#[serde(deny_unknown_fields)]` on it so that typos are errors.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        T::deserialize(toml::Value::Table(self.table.clone())).map_err(|e| {
+            let message = e.message().to_owned();
+            let key = backticked(&message).filter(|k| self.table.contains_key(*k) || message.contains("unknown field"));
+            self.error(key, message.clone())
+        })
+    }
+
+    /// An error about one of these options (or the component, with `None`).
+    pub fn error(&self, key: Option<&str>, message: impl Into<String>) -> ConfigError {
+        self.locator.error(&self.at, key, message)
+    }
+
+    /// The raw table.
+    pub fn table(&self) -> &toml::Table {
+        &self.table
+    }
+}
+
+fn backticked(message: &str) -> Option<&str> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(&message[start..start + len])
+}
+
+/// One source, computation or sink.
+#[derive(Debug, Clone)]
+pub struct Component {
+    /// Its name, unique across all sections.
+    pub name: String,
+    /// Its section.
+    pub role: Role,
+    /// Its `type`, looked up in the engine's registry.
+    pub kind: String,
+    /// What it reads (empty for sources).
+    pub inputs: Vec<Input>,
+    /// Everything else in its table.
+    pub options: Options,
+}
+
+/// A checked topology.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// `[service]`.
+    pub service: ServiceConfig,
+    /// `[engine]`.
+    pub engine: EngineConfig,
+    components: Vec<Component>,
+    locator: Arc<Locator>,
+}
+
+impl Topology {
+    /// Reads and checks a topology file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse_str(path, &text)
+    }
+
+    /// Checks a topology given as text; `file` is used in error messages.
+    pub fn parse_str(file: impl AsRef<Path>, text: &str) -> Result<Self, ConfigError> {
+        let locator = Arc::new(Locator::new(file.as_ref(), text));
+        let raw: RawTopology = toml::from_str(text).map_err(|e| {
+            let line = e.span().map_or(1, |s| locator.line_of_offset(s.start));
+            let key = e
+                .span()
+                .and_then(|s| text.get(s.clone()))
+                .map(|k| k.trim().to_owned())
+                .filter(|k| !k.is_empty() && k.len() < 80 && !k.contains('\n'))
+                .unwrap_or_else(|| "<toml>".to_owned());
+            ConfigError::Invalid {
+                file: locator.file().to_path_buf(),
+                line,
+                key,
+                message: e.message().to_owned(),
+            }
+        })?;
+        let engine = engine_config(raw.engine, &locator)?;
+        let service = ServiceConfig {
+            data_dir: raw.service.data_dir.unwrap_or_else(|| PathBuf::from("./data")),
+            http: match raw.service.http.as_deref() {
+                None => Some("127.0.0.1:9464".to_owned()),
+                Some("off") => None,
+                Some(addr) => Some(addr.to_owned()),
+            },
+        };
+        let mut components = Vec::new();
+        for (role, tables) in [
+            (Role::Source, raw.sources),
+            (Role::Computation, raw.computations),
+            (Role::Sink, raw.sinks),
+        ] {
+            for (name, table) in tables {
+                components.push(component(role, name, table, &locator)?);
+            }
+        }
+        let topo = Topology {
+            service,
+            engine,
+            components,
+            locator,
+        };
+        topo.check_wiring()?;
+        Ok(topo)
+    }
+
+    /// All components: sources, then computations, then sinks, each by name.
+    pub fn components(&self) -> &[Component] {
+        &self.components
+    }
+
+    /// The sources.
+    pub fn sources(&self) -> Vec<&Component> {
+        self.of(Role::Source)
+    }
+
+    /// The computations.
+    pub fn computations(&self) -> Vec<&Component> {
+        self.of(Role::Computation)
+    }
+
+    /// The sinks.
+    pub fn sinks(&self) -> Vec<&Component> {
+        self.of(Role::Sink)
+    }
+
+    fn of(&self, role: Role) -> Vec<&Component> {
+        self.components.iter().filter(|c| c.role == role).collect()
+    }
+
+    /// The component called `name`.
+    pub fn component(&self, name: &str) -> Option<&Component> {
+        self.components.iter().find(|c| c.name == name)
+    }
+
+    /// An error located at `section.name.key`.
+    pub fn error(&self, c: &Component, key: Option<&str>, message: impl Into<String>) -> ConfigError {
+        self.locator
+            .error(&format!("{}.{}", c.role.section(), c.name), key, message)
+    }
+
+    /// The file this topology was read from.
+    pub fn file(&self) -> &Path {
+        self.locator.file()
+    }
+
+    fn check_wiring(&self) -> Result<(), ConfigError> {
+        if self.sources().is_empty() {
+            return Err(self.locator.error("sources", None, "the topology has no sources: add a [sources.NAME] table"));
+        }
+        let by_name: BTreeMap<&str, &Component> =
+            self.components.iter().map(|c| (c.name.as_str(), c)).collect();
+        for c in &self.components {
+            let mut seen = BTreeSet::new();
+            for input in &c.inputs {
+                let Some(producer) = by_name.get(input.stream.component.as_str()) else {
+                    return Err(self.error(
+                        c,
+                        Some("inputs"),
+                        format!("unknown input `{}`: no source or computation has that name", input.stream),
+                    ));
+                };
+                if producer.role == Role::Sink {
+                    return Err(self.error(
+                        c,
+                        Some("inputs"),
+                        format!("input `{}` is a sink; sinks produce no stream", input.stream),
+                    ));
+                }
+                if !seen.insert(&input.stream) {
+                    return Err(self.error(
+                        c,
+                        Some("inputs"),
+                        format!("input `{}` is listed twice", input.stream),
+                    ));
+                }
+            }
+        }
+        self.check_acyclic(&by_name)
+    }
+
+    fn check_acyclic(&self, by_name: &BTreeMap<&str, &Component>) -> Result<(), ConfigError> {
+        // 0 = unvisited, 1 = on the current path, 2 = done.
+        let mut mark: BTreeMap<&str, u8> = BTreeMap::new();
+        fn visit<'a>(
+            name: &'a str,
+            by_name: &BTreeMap<&str, &'a Component>,
+            mark: &mut BTreeMap<&'a str, u8>,
+            path: &mut Vec<&'a str>,
+        ) -> Option<Vec<&'a str>> {
+            match mark.get(name) {
+                Some(2) => return None,
+                Some(1) => {
+                    let from = path.iter().position(|n| *n == name).unwrap_or(0);
+                    let mut cycle = path[from..].to_vec();
+                    cycle.push(name);
+                    return Some(cycle);
+                }
+                _ => {}
+            }
+            mark.insert(name, 1);
+            path.push(name);
+            if let Some(c) = by_name.get(name) {
+                for input in &c.inputs {
+                    if let Some(cycle) = visit(&input.stream.component, by_name, mark, path) {
+                        return Some(cycle);
+                    }
+                }
+            }
+            path.pop();
+            mark.insert(name, 2);
+            None
+        }
+        for c in &self.components {
+            let mut path = Vec::new();
+            if let Some(cycle) = visit(&c.name, by_name, &mut mark, &mut path) {
+                let first = by_name[cycle[0]];
+                return Err(self.error(
+                    first,
+                    Some("inputs"),
+                    format!("the graph has a cycle: {}", cycle.iter().rev().cloned().collect::<Vec<_>>().join(" -> ")),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn engine_config(raw: RawEngine, locator: &Locator) -> Result<EngineConfig, ConfigError> {
+    let positive = |v: Option<usize>, key: &str, default: usize| match v {
+        Some(0) => Err(locator.error("engine", Some(key), "must be at least 1")),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    let shards = match raw.shards {
+        Some(0) => return Err(locator.error("engine", Some("shards"), "must be at least 1")),
+        Some(n) if n > 65_536 => {
+            return Err(locator.error("engine", Some("shards"), "must be at most 65536"))
+        }
+        Some(n) => n,
+        None => 16,
+    };
+    let threads_default = std::thread::available_parallelism().map_or(2, |n| n.get());
+    Ok(EngineConfig {
+        shards,
+        commit_interval: raw
+            .commit_interval
+            .map_or(Duration::from_millis(2), |d| d.0),
+        durability: raw.durability.unwrap_or(Durability::Process),
+        threads: positive(raw.threads, "threads", threads_default)?,
+        batch_size: positive(raw.batch_size, "batch_size", 4096)?,
+        channel_window: positive(raw.channel_window, "channel_window", 1024)?,
+        max_backlog: positive(raw.max_backlog, "max_backlog", 16_384)?,
+    })
+}
+
+fn component(
+    role: Role,
+    name: String,
+    mut table: toml::Table,
+    locator: &Arc<Locator>,
+) -> Result<Component, ConfigError> {
+    let at = format!("{}.{}", role.section(), name);
+    if name.is_empty() || name.contains(['.', ' ', '"', '\'']) {
+        return Err(locator.error(
+            &at,
+            None,
+            format!("component name `{name}` must be non-empty and contain no dots, spaces or quotes"),
+        ));
+    }
+    let kind = match table.remove("type") {
+        Some(toml::Value::String(s)) => s,
+        Some(other) => {
+            return Err(locator.error(&at, Some("type"), format!("must be a string, not {}", other.type_str())))
+        }
+        None => {
+            return Err(locator.error(&at, None, "missing required key `type`"))
+        }
+    };
+    let inputs = match (role, table.remove("inputs")) {
+        (Role::Source, Some(_)) => {
+            return Err(locator.error(&at, Some("inputs"), "sources take no inputs"))
+        }
+        (Role::Source, None) => Vec::new(),
+        (_, None) => {
+            return Err(locator.error(&at, None, "missing required key `inputs`"))
+        }
+        (_, Some(toml::Value::Array(items))) if items.is_empty() => {
+            return Err(locator.error(&at, Some("inputs"), "must name at least one input"))
+        }
+        (_, Some(toml::Value::Array(items))) => items
+            .into_iter()
+            .map(|v| input(v).map_err(|m| locator.error(&at, Some("inputs"), m)))
+            .collect::<Result<_, _>>()?,
+        (_, Some(other)) => {
+            return Err(locator.error(
+                &at,
+                Some("inputs"),
+                format!("must be a list of names or of {{ from, key }} tables, not {}", other.type_str()),
+            ))
+        }
+    };
+    Ok(Component {
+        name,
+        role,
+        kind,
+        inputs,
+        options: Options {
+            table,
+            at,
+            locator: Arc::clone(locator),
+        },
+    })
+}
+
+fn stream_ref(text: &str) -> Result<StreamRef, String> {
+    let mut parts = text.splitn(2, '.');
+    let component = parts.next().unwrap_or_default().to_owned();
+    let output = parts.next().map(str::to_owned);
+    if component.is_empty() || output.as_deref() == Some("") {
+        return Err(format!("`{text}` is not a stream name (NAME or NAME.OUTPUT)"));
+    }
+    Ok(StreamRef { component, output })
+}
+
+fn input(value: toml::Value) -> Result<Input, String> {
+    match value {
+        toml::Value::String(s) => Ok(Input {
+            stream: stream_ref(&s)?,
+            key: KeyExtractor::Key,
+        }),
+        toml::Value::Table(mut t) => {
+            let from = match t.remove("from") {
+                Some(toml::Value::String(s)) => stream_ref(&s)?,
+                _ => return Err("an input table needs `from = \"NAME\"`".to_owned()),
+            };
+            let key = match t.remove("key") {
+                None => "key".to_owned(),
+                Some(toml::Value::String(s)) => s,
+                Some(_) => return Err("`key` must be a string".to_owned()),
+            };
+            let delimiter = match t.remove("delimiter") {
+                None => None,
+                Some(toml::Value::String(s)) if !s.is_empty() => Some(s),
+                Some(_) => return Err("`delimiter` must be a non-empty string".to_owned()),
+            };
+            if let Some(unknown) = t.keys().next() {
+                return Err(format!(
+                    "unknown key `{unknown}` in input `{from}` (expected from, key, delimiter)"
+                ));
+            }
+            let key = key_extractor(&key, delimiter)?;
+            Ok(Input { stream: from, key })
+        }
+        other => Err(format!("an input must be a name or a table, not {}", other.type_str())),
+    }
+}
+
+fn key_extractor(text: &str, delimiter: Option<String>) -> Result<KeyExtractor, String> {
+    let extractor = if text == "key" {
+        KeyExtractor::Key
+    } else if text == "value" {
+        KeyExtractor::Value
+    } else if let Some(ptr) = text.strip_prefix("json:") {
+        if !(ptr.is_empty() || ptr.starts_with('/')) {
+            return Err(format!("`{text}`: a JSON pointer starts with `/`, e.g. json:/user/id"));
+        }
+        KeyExtractor::Json(ptr.to_owned())
+    } else if let Some(n) = text.strip_prefix("field:") {
+        let index = n
+            .parse()
+            .map_err(|_| format!("`{text}`: field:N needs a whole number N (0-based)"))?;
+        return Ok(KeyExtractor::Field {
+            index,
+            delimiter: delimiter.unwrap_or_else(|| ",".to_owned()),
+        });
+    } else {
+        return Err(format!(
+            "unknown key extractor `{text}` (use key, value, json:/pointer or field:N)"
+        ));
+    };
+    if delimiter.is_some() {
+        return Err("`delimiter` only applies to key = \"field:N\"".to_owned());
+    }
+    Ok(extractor)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,117 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Topology, ConfigError> {
+    Topology::parse_str("t.toml", text)
+}
+
+fn err(text: &str) -> ConfigError {
+    parse(text).expect_err("topology should be rejected")
+}
+
+const GOOD: &str = r#"
+[service]
+data_dir = "/tmp/x"
+
+[engine]
+shards = 4
+commit_interval = "5ms"
+
+[sources.lines]
+type = "file"
+path = "in.txt"
+
+[computations.words]
+type = "split"
+inputs = ["lines"]
+
+[computations.counts]
+type = "count"
+inputs = [{ from = "words", key = "value" }, { from = "words.errors", key = "field:1", delimiter = ";" }]
+
+[sinks.out]
+type = "file"
+inputs = ["counts"]
+path = "out.jsonl"
+"#;
+
+#[test]
+fn a_good_topology_parses_with_defaults() {
+    let t = parse(GOOD).expect("valid");
+    assert_eq!(t.engine.shards, 4);
+    assert_eq!(t.engine.commit_interval, Duration::from_millis(5));
+    assert_eq!(t.engine.durability, Durability::Process);
+    assert_eq!(t.service.http.as_deref(), Some("127.0.0.1:9464"));
+    let counts = t.component("counts").expect("counts");
+    assert_eq!(counts.inputs[0].key, KeyExtractor::Value);
+    assert_eq!(
+        counts.inputs[1].key,
+        KeyExtractor::Field { index: 1, delimiter: ";".into() }
+    );
+    assert_eq!(counts.inputs[1].stream.output.as_deref(), Some("errors"));
+    assert_eq!(t.sinks()[0].options.table()["path"].as_str(), Some("out.jsonl"));
+}
+
+#[test]
+fn unknown_top_level_key_names_line_and_key() {
+    let e = err("[engine]\nshards = 2\nshardz = 3\n[sources.a]\ntype='generator'\n");
+    assert_eq!(e.line(), Some(3));
+    assert!(e.to_string().contains("shardz"), "{e}");
+}
+
+#[test]
+fn unknown_input_is_an_error_at_the_inputs_line() {
+    let e = err("[sources.a]\ntype='generator'\n[sinks.o]\ntype='stdout'\ninputs=['b']\n");
+    assert_eq!(e.line(), Some(5));
+    assert_eq!(e.key(), Some("sinks.o.inputs"));
+    assert!(e.to_string().contains("unknown input `b`"), "{e}");
+}
+
+#[test]
+fn cycles_are_errors() {
+    let e = err("[sources.s]\ntype='generator'\n[computations.a]\ntype='map'\ninputs=['s','b']\n[computations.b]\ntype='map'\ninputs=['a']\n");
+    assert!(e.to_string().contains("cycle"), "{e}");
+    assert!(e.to_string().contains("a -> b -> a") || e.to_string().contains("b -> a -> b"), "{e}");
+}
+
+#[test]
+fn missing_type_and_inputs_are_errors() {
+    let e = err("[sources.s]\npath='x'\n");
+    assert!(e.to_string().contains("missing required key `type`"), "{e}");
+    let e = err("[sources.s]\ntype='generator'\n[sinks.o]\ntype='stdout'\n");
+    assert!(e.to_string().contains("missing required key `inputs`"), "{e}");
+}
+
+#[test]
+fn bad_values_are_errors() {
+    let e = err("[engine]\ncommit_interval = '5 parsecs'\n[sources.s]\ntype='generator'\n");
+    assert_eq!(e.line(), Some(2));
+    assert!(e.to_string().contains("unknown unit"), "{e}");
+    let e = err("[engine]\nshards = 0\n[sources.s]\ntype='generator'\n");
+    assert!(e.to_string().contains("engine.shards"), "{e}");
+    let e = err("[engine]\ndurability = 'disk'\n[sources.s]\ntype='generator'\n");
+    assert!(e.to_string().contains("disk"), "{e}");
+    let e = err("[sources.s]\ntype='generator'\n[sinks.o]\ntype='stdout'\ninputs=[{from='s', key='bogus'}]\n");
+    assert!(e.to_string().contains("unknown key extractor"), "{e}");
+}
+
+#[test]
+fn sinks_are_not_streams_and_inputs_are_not_repeated() {
+    let e = err("[sources.s]\ntype='generator'\n[sinks.o]\ntype='stdout'\ninputs=['s']\n[sinks.p]\ntype='stdout'\ninputs=['o']\n");
+    assert!(e.to_string().contains("is a sink"), "{e}");
+    let e = err("[sources.s]\ntype='generator'\n[sinks.o]\ntype='stdout'\ninputs=['s','s']\n");
+    assert!(e.to_string().contains("listed twice"), "{e}");
+}
+
+#[test]
+fn options_parse_strictly_and_locate_unknown_keys() {
+    #[derive(Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct FileOpts {
+        path: String,
+    }
+    let t = parse("[sources.s]\ntype='file'\npath='a'\npaht='b'\n").expect("wiring is fine");
+    let e = t.sources()[0].options.parse::<FileOpts>().expect_err("typo");
+    assert_eq!(e.line(), Some(4));
+    assert!(e.to_string().contains("paht"), "{e}");
+}
