@@ -1,0 +1,332 @@
+//! The RocksDB instance of one worker and its atomic batches.
+
+use crate::keys::prefix_end;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode,
+    Options, WriteBatch, WriteOptions, DB,
+};
+use std::path::{Path, PathBuf};
+
+/// The column families. Each holds keys that start with `(computation, shard)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Cf {
+    /// Per-key computation state.
+    State,
+    /// Timers, by time and by key.
+    Timers,
+    /// Productions not yet acknowledged by their receiver.
+    Outbox,
+    /// Per-channel sequence numbers: applied (inputs) and next (outputs).
+    Channels,
+    /// Epochs, watermarks, source offsets, sink positions.
+    Meta,
+}
+
+impl Cf {
+    /// Every column family, in a fixed order.
+    pub const ALL: [Cf; 5] = [Cf::State, Cf::Timers, Cf::Outbox, Cf::Channels, Cf::Meta];
+
+    /// The RocksDB column family name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::State => "state",
+            Cf::Timers => "timers",
+            Cf::Outbox => "outbox",
+            Cf::Channels => "channels",
+            Cf::Meta => "meta",
+        }
+    }
+}
+
+/// What a successful [`Store::commit`] promises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Written to the WAL (the OS has it): survives the process being killed.
+    Process,
+    /// The WAL is fsynced: survives the machine losing power.
+    Machine,
+}
+
+/// Tuning of the RocksDB instance.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Commit durability.
+    pub durability: Durability,
+    /// Block cache size in bytes, shared by all column families.
+    pub block_cache_bytes: usize,
+    /// Background flush and compaction threads.
+    pub background_jobs: i32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            durability: Durability::Process,
+            block_cache_bytes: 256 << 20,
+            background_jobs: 2,
+        }
+    }
+}
+
+/// A storage failure. RocksDB errors are not retried here: the engine stops
+/// the shard loop and the worker restarts from its last commit.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// RocksDB refused an operation.
+    #[error("RocksDB at {path}: {op}: {message}")]
+    Rocks {
+        /// Data directory.
+        path: PathBuf,
+        /// What was attempted.
+        op: &'static str,
+        /// RocksDB's message.
+        message: String,
+    },
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    CreateDir {
+        /// Data directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// One worker's RocksDB. Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct Store {
+    db: DB,
+    path: PathBuf,
+    write: WriteOptions,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path, opts: &StoreOptions) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(dir).map_err(|source| StorageError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let cache = Cache::new_lru_cache(opts.block_cache_bytes).map_err(|e| StorageError::Rocks {
+            path: dir.to_path_buf(),
+            op: "create block cache",
+            message: e.into_string(),
+        })?;
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(opts.background_jobs);
+        db_opts.set_bytes_per_sync(1 << 20);
+        let cfs = Cf::ALL.iter().map(|cf| {
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            table.set_bloom_filter(10.0, false);
+            table.set_cache_index_and_filter_blocks(true);
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&table);
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            o.set_write_buffer_size(64 << 20);
+            if *cf == Cf::State {
+                o.optimize_for_point_lookup(opts.block_cache_bytes as u64 >> 20);
+            }
+            ColumnFamilyDescriptor::new(cf.name(), o)
+        });
+        let db = DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|e| StorageError::Rocks {
+            path: dir.to_path_buf(),
+            op: "open",
+            message: e.into_string(),
+        })?;
+        let mut write = WriteOptions::default();
+        write.set_sync(opts.durability == Durability::Machine);
+        Ok(Store {
+            db,
+            path: dir.to_path_buf(),
+            write,
+        })
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cf(&self, cf: Cf) -> &ColumnFamily {
+        // Every column family is created by `open`; a missing one is a bug.
+        self.db
+            .cf_handle(cf.name())
+            .expect("column family created at open")
+    }
+
+    fn err(&self, op: &'static str, e: rocksdb::Error) -> StorageError {
+        StorageError::Rocks {
+            path: self.path.clone(),
+            op,
+            message: e.into_string(),
+        }
+    }
+
+    /// Reads one key.
+    pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.db
+            .get_pinned_cf(self.cf(cf), key)
+            .map(|v| v.map(|s| s.to_vec()))
+            .map_err(|e| self.err("get", e))
+    }
+
+    /// Every `(key, value)` whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let mut out = Vec::new();
+        self.for_each_prefix(cf, prefix, |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` on every `(key, value)` under `prefix`, in key order, until it
+    /// returns `false`.
+    pub fn for_each_prefix(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        let iter = self
+            .db
+            .iterator_cf(self.cf(cf), IteratorMode::From(prefix, Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(|e| self.err("scan", e))?;
+            if !k.starts_with(prefix) || !f(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// A new, empty batch for this store.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            store: self,
+            wb: WriteBatch::default(),
+        }
+    }
+
+    /// Writes `batch` atomically: all of it or none of it survives a crash.
+    pub fn commit(&self, batch: Batch<'_>) -> Result<(), StorageError> {
+        if batch.wb.is_empty() {
+            return Ok(());
+        }
+        self.db
+            .write_opt(batch.wb, &self.write)
+            .map_err(|e| self.err("commit", e))
+    }
+
+    /// Estimated bytes on disk (SST files plus memtables).
+    pub fn size_bytes(&self) -> u64 {
+        Cf::ALL
+            .iter()
+            .map(|cf| {
+                let sst = self
+                    .db
+                    .property_int_value_cf(self.cf(*cf), "rocksdb.total-sst-files-size")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                let mem = self
+                    .db
+                    .property_int_value_cf(self.cf(*cf), "rocksdb.cur-size-all-mem-tables")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                sst + mem
+            })
+            .sum()
+    }
+}
+
+/// Puts and deletes that [`Store::commit`] applies atomically.
+pub struct Batch<'s> {
+    store: &'s Store,
+    wb: WriteBatch,
+}
+
+impl Batch<'_> {
+    /// Sets `key` to `value`.
+    pub fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) {
+        self.wb.put_cf(self.store.cf(cf), key, value);
+    }
+
+    /// Removes `key`.
+    pub fn delete(&mut self, cf: Cf, key: &[u8]) {
+        self.wb.delete_cf(self.store.cf(cf), key);
+    }
+
+    /// Removes every key under `prefix`.
+    pub fn delete_prefix(&mut self, cf: Cf, prefix: &[u8]) {
+        match prefix_end(prefix) {
+            Some(end) => self.wb.delete_range_cf(self.store.cf(cf), prefix, &end[..]),
+            None => self.wb.delete_range_cf(self.store.cf(cf), prefix, &[0xFFu8; 64][..]),
+        }
+    }
+
+    /// Number of operations collected.
+    pub fn len(&self) -> usize {
+        self.wb.len()
+    }
+
+    /// Whether nothing was collected.
+    pub fn is_empty(&self) -> bool {
+        self.wb.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KeyWriter;
+
+    #[test]
+    fn a_commit_is_atomic_and_scans_stay_in_their_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let a = KeyWriter::new().str("count").u32(1).finish();
+        let b = KeyWriter::new().str("count").u32(2).finish();
+        let mut batch = store.batch();
+        batch.put(Cf::State, &KeyWriter::from_prefix(&a).str("k1").finish(), b"1");
+        batch.put(Cf::State, &KeyWriter::from_prefix(&a).str("k2").finish(), b"2");
+        batch.put(Cf::State, &KeyWriter::from_prefix(&b).str("k1").finish(), b"3");
+        batch.put(Cf::Meta, b"m", b"x");
+        assert_eq!(batch.len(), 4);
+        store.commit(batch).unwrap();
+        let rows = store.scan_prefix(Cf::State, &a).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].1, b"2");
+        assert_eq!(store.get(Cf::Meta, b"m").unwrap(), Some(b"x".to_vec()));
+        assert_eq!(store.get(Cf::State, b"m").unwrap(), None);
+
+        let mut batch = store.batch();
+        batch.delete_prefix(Cf::State, &a);
+        store.commit(batch).unwrap();
+        assert!(store.scan_prefix(Cf::State, &a).unwrap().is_empty());
+        assert_eq!(store.scan_prefix(Cf::State, &b).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn data_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            let mut batch = store.batch();
+            batch.put(Cf::Outbox, b"k", b"v");
+            store.commit(batch).unwrap();
+        }
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!(store.get(Cf::Outbox, b"k").unwrap(), Some(b"v".to_vec()));
+        assert!(store.size_bytes() > 0);
+    }
+}
