@@ -1,1 +1,23 @@
+//! millrace: a MillWheel-style exactly-once stream engine.
+//!
+//! This crate is the `millrace` command and the library a user builds their
+//! own binary on: register more kinds on [`builtins`] and hand the registry to
+//! [`cli_main`], which then understands exactly the commands of `millrace`.
+//!
+//! ```no_run
+//! fn main() -> std::process::ExitCode {
+//!     let registry = millrace::builtins();
+//!     // registry.computation("my_kind", ...);
+//!     millrace::cli_main(registry)
+//! }
+//! ```
 
+mod cli;
+mod http;
+mod service;
+
+pub use cli::cli_main;
+pub use millrace_computations::builtins;
+pub use millrace_config as config;
+pub use millrace_engine as engine;
+pub use millrace_engine::{Computation, ComputationError, Context, Record, Registry};

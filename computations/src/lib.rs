@@ -1,1 +1,49 @@
-//! placeholder
+//! millrace built-ins: sources, computations and sinks, registered by name.
+//!
+//! | section | `type` | what it does |
+//! | --- | --- | --- |
+//! | sources | `generator` | deterministic keyed records (`count`, `keys`, `rate`, `seed`), replayable |
+//! | sources | `file` | lines of a file or of a directory's files (`path`, `watch`), replayable |
+//! | sources | `socket` | lines from a TCP server (`address`); **not replayable** |
+//! | computations | `split` | flatMap a line into words |
+//! | computations | `filter` | keep records whose value matches `regex` |
+//! | computations | `map` | re-key, or project a JSON field or a delimited field |
+//! | computations | `count` | running count per key |
+//! | computations | `reduce` | running `sum`, `min` or `max` per key |
+//! | sinks | `stdout` | one line per record |
+//! | sinks | `file` | one line per record, exactly once across crashes |
+//!
+//! [`builtins`] returns a registry holding all of them.
+
+mod file_source;
+mod generator;
+mod keyed;
+mod sinks;
+mod socket;
+mod stateless;
+
+use millrace_config::{Component, ConfigError};
+use millrace_engine::Registry;
+use serde::de::DeserializeOwned;
+
+pub use file_source::FileSource;
+pub use generator::Generator;
+pub use sinks::{FileSink, OutputFormat, StdoutSink};
+pub use socket::SocketSource;
+
+/// A registry with every built-in kind.
+pub fn builtins() -> Registry {
+    let mut r = Registry::new();
+    generator::register(&mut r);
+    file_source::register(&mut r);
+    socket::register(&mut r);
+    stateless::register(&mut r);
+    keyed::register(&mut r);
+    sinks::register(&mut r);
+    r
+}
+
+/// Parses a component's options into `T` (which should deny unknown fields).
+pub(crate) fn options<T: DeserializeOwned>(c: &Component) -> Result<T, ConfigError> {
+    c.options.parse()
+}

@@ -184,6 +184,12 @@ impl Options {
         self.locator.error(&self.at, key, message)
     }
 
+    /// Removes and returns one key (for keys every kind of a role shares,
+    /// such as a source's `watermark`), leaving the rest for the kind.
+    pub fn take(&mut self, key: &str) -> Option<toml::Value> {
+        self.table.remove(key)
+    }
+
     /// The raw table.
     pub fn table(&self) -> &toml::Table {
         &self.table
@@ -528,6 +534,13 @@ fn input(value: toml::Value) -> Result<Input, String> {
             Ok(Input { stream: from, key })
         }
         other => Err(format!("an input must be a name or a table, not {}", other.type_str())),
+    }
+}
+
+impl KeyExtractor {
+    /// Parses `key`, `value`, `json:/pointer` or `field:N` (with an optional delimiter).
+    pub fn parse(text: &str, delimiter: Option<String>) -> Result<KeyExtractor, String> {
+        key_extractor(text, delimiter)
     }
 }
 

@@ -1,1 +1,66 @@
-//! placeholder
+//! millrace engine: keyed computations, shard executors and the exactly-once
+//! delivery protocol of MillWheel.
+//!
+//! - [`Computation`], [`Context`], [`Source`], [`Sink`]: what user code implements.
+//! - [`Registry`]: kinds by name; the built-ins live in `millrace-computations`.
+//! - [`Plan`]: components -> nodes with shards, inputs -> edges and channels.
+//! - [`Worker`]: the running engine; its executors run the commit loop
+//!   (`executor.rs`) that makes every production take effect exactly once.
+//!
+//! Guarantees: a production is committed (in the producer's outbox) before it
+//! is sent; it is re-sent until acknowledged; the consumer applies channel
+//! sequence numbers in order and drops anything it has applied, recording the
+//! applied number in the same commit as the state it changed. Watermarks only
+//! rise. RocksDB is only called from executor threads.
+
+mod api;
+mod delivery;
+mod executor;
+mod keying;
+mod metrics;
+mod plan;
+mod record;
+mod registry;
+mod shard;
+mod worker;
+
+pub use api::{
+    Computation, ComputationError, Context, Emitter, Sink, SinkError, Source, SourceError,
+    SourcePoll,
+};
+pub use delivery::{InChannel, Offer, OutChannel};
+pub use keying::{extract_key, shard_of};
+pub use metrics::Metrics;
+pub use plan::{shard_prefix, Plan, ERRORS_PORT};
+pub use record::{now_micros, Envelope, EventTime, Record, TimeDomain, Timer, MAX_TIME, MIN_TIME};
+pub use registry::{ComputationFactory, MakeComputation, Registry, SinkFactory, SourceFactory};
+pub use worker::{ComponentStatus, Worker, WorkerOptions};
+
+/// Why the engine stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The topology is invalid.
+    #[error(transparent)]
+    Config(millrace_config::ConfigError),
+    /// RocksDB failed; restart the worker (it resumes from its last commit).
+    #[error(transparent)]
+    Storage(#[from] millrace_storage::StorageError),
+    /// A source failed; restart the worker (it resumes from the committed position).
+    #[error("source `{0}`: {1}")]
+    Source(String, SourceError),
+    /// A sink failed; restart the worker (it resumes from the committed position).
+    #[error("sink: {0}")]
+    Sink(SinkError),
+    /// Stored data is not what this version wrote.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    /// The data directory belongs to a different layout.
+    #[error("{0}")]
+    Layout(String),
+    /// A thread could not be started or panicked.
+    #[error("executor thread: {0}")]
+    Thread(String),
+    /// An executor stopped with this error.
+    #[error("worker stopped: {0}")]
+    Fatal(String),
+}

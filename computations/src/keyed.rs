@@ -1,0 +1,142 @@
+//! Keyed, stateful computations: `count` and `reduce`. Their state is the
+//! current aggregate of the key, as decimal text, in RocksDB.
+
+use crate::options;
+use millrace_engine::{Computation, ComputationError, Context, Record, Registry};
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// `count`: the running count per key (the streaming word count's mapWithState).
+/// Emits `(key, new count)` for every record.
+pub struct Count;
+
+impl Computation for Count {
+    fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
+        let n = match ctx.state()? {
+            None => 0,
+            Some(s) => parse_u64(&s).ok_or_else(|| {
+                ComputationError::BadRecord(format!("stored count {:?} is not a number", String::from_utf8_lossy(&s)))
+            })?,
+        } + 1;
+        let text = n.to_string();
+        ctx.set_state(text.clone());
+        ctx.produce(r.key, text, r.timestamp);
+        Ok(())
+    }
+}
+
+fn parse_u64(b: &[u8]) -> Option<u64> {
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+/// The operation of a `reduce`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReduceOp {
+    /// Running sum.
+    Sum,
+    /// Running minimum.
+    Min,
+    /// Running maximum.
+    Max,
+}
+
+/// A number kept exactly when it is an integer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Num {
+    Int(i64),
+    Float(f64),
+}
+
+impl Num {
+    fn parse(b: &[u8]) -> Option<Num> {
+        let s = std::str::from_utf8(b).ok()?.trim();
+        s.parse::<i64>()
+            .map(Num::Int)
+            .ok()
+            .or_else(|| s.parse::<f64>().ok().filter(|f| f.is_finite()).map(Num::Float))
+    }
+
+    fn f(self) -> f64 {
+        match self {
+            Num::Int(i) => i as f64,
+            Num::Float(f) => f,
+        }
+    }
+
+    fn combine(self, other: Num, op: ReduceOp) -> Num {
+        match (op, self, other) {
+            (ReduceOp::Sum, Num::Int(a), Num::Int(b)) => a.checked_add(b).map_or(Num::Float(a as f64 + b as f64), Num::Int),
+            (ReduceOp::Sum, a, b) => Num::Float(a.f() + b.f()),
+            (ReduceOp::Min, a, b) => if b.f() < a.f() { b } else { a },
+            (ReduceOp::Max, a, b) => if b.f() > a.f() { b } else { a },
+        }
+    }
+
+    fn text(self) -> String {
+        match self {
+            Num::Int(i) => i.to_string(),
+            Num::Float(f) => f.to_string(),
+        }
+    }
+}
+
+/// `reduce`: running `sum`, `min` or `max` of numeric values per key; emits
+/// `(key, new aggregate)` for every record. A value that is not a number is a
+/// bad record (counted, routed to `NAME.errors`).
+pub struct Reduce {
+    op: ReduceOp,
+}
+
+impl Computation for Reduce {
+    fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
+        let v = Num::parse(&r.value).ok_or_else(|| {
+            ComputationError::BadRecord(format!("value {:?} is not a number", String::from_utf8_lossy(&r.value)))
+        })?;
+        let next = match ctx.state()?.as_deref().and_then(Num::parse) {
+            Some(acc) => acc.combine(v, self.op),
+            None => v,
+        };
+        let text = next.text();
+        ctx.set_state(text.clone());
+        ctx.produce(r.key, text, r.timestamp);
+        Ok(())
+    }
+}
+
+pub(crate) fn register(r: &mut Registry) {
+    r.computation("count", |c| {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct O {}
+        let _: O = options(c)?;
+        Ok(Arc::new(|| Box::new(Count) as Box<dyn Computation>))
+    });
+    r.computation("reduce", |c| {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct O {
+            op: ReduceOp,
+        }
+        let o: O = options(c)?;
+        let op = o.op;
+        Ok(Arc::new(move || Box::new(Reduce { op }) as Box<dyn Computation>))
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_combine_exactly_when_they_can() {
+        let (a, b) = (Num::parse(b"2").unwrap(), Num::parse(b" 3 ").unwrap());
+        assert_eq!(a.combine(b, ReduceOp::Sum), Num::Int(5));
+        assert_eq!(a.combine(Num::parse(b"0.5").unwrap(), ReduceOp::Sum), Num::Float(2.5));
+        assert_eq!(a.combine(b, ReduceOp::Min), Num::Int(2));
+        assert_eq!(a.combine(b, ReduceOp::Max), Num::Int(3));
+        assert_eq!(Num::parse(b"x"), None);
+        assert_eq!(Num::parse(b"inf"), None);
+        assert_eq!(Num::Int(i64::MAX).combine(Num::Int(1), ReduceOp::Sum).text(), (i64::MAX as f64 + 1.0).to_string());
+    }
+}

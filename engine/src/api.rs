@@ -1,0 +1,209 @@
+//! What user code implements: [`Computation`], [`Source`], [`Sink`], and the
+//! [`Context`] a computation sees.
+
+use crate::record::{EventTime, Record, TimeDomain, Timer};
+use crate::shard::KeyScope;
+use bytes::Bytes;
+
+/// Why a computation could not handle one record or timer.
+#[derive(Debug, thiserror::Error)]
+pub enum ComputationError {
+    /// The record is malformed for this computation. It is counted, logged and
+    /// routed to the component's `errors` output; processing goes on.
+    #[error("bad record: {0}")]
+    BadRecord(String),
+    /// Storage failed. The worker stops and restarts from its last commit.
+    #[error(transparent)]
+    Storage(#[from] millrace_storage::StorageError),
+}
+
+/// Keyed user code, run one record at a time with the state of the record's key.
+///
+/// One instance exists per shard; records of one key always reach the same
+/// instance, one after another. All durable data goes through [`Context`]:
+/// fields of `self` are lost on restart.
+///
+/// ```
+/// use millrace_engine::{Computation, ComputationError, Context, Record};
+///
+/// /// Emits each value once per key, however often it is repeated.
+/// struct Distinct;
+///
+/// impl Computation for Distinct {
+///     fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
+///         if ctx.state()?.as_deref() != Some(&r.value[..]) {
+///             ctx.set_state(r.value.clone());
+///             ctx.produce(r.key, r.value, r.timestamp);
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait Computation: Send + 'static {
+    /// Handles one record of the current key.
+    fn process_record(&mut self, ctx: &mut Context<'_>, record: Record)
+        -> Result<(), ComputationError>;
+
+    /// Handles a timer of the current key that fired.
+    fn process_timer(&mut self, _ctx: &mut Context<'_>, _timer: Timer) -> Result<(), ComputationError> {
+        Ok(())
+    }
+}
+
+/// The view of a computation onto its shard while it handles one key.
+pub struct Context<'a> {
+    pub(crate) scope: KeyScope<'a>,
+}
+
+impl Context<'_> {
+    /// The current key.
+    pub fn key(&self) -> &Bytes {
+        self.scope.key
+    }
+
+    /// The state of the current key, if any.
+    pub fn state(&mut self) -> Result<Option<Bytes>, ComputationError> {
+        Ok(self.scope.state()?)
+    }
+
+    /// Replaces the state of the current key (committed with the batch).
+    pub fn set_state(&mut self, value: impl Into<Bytes>) {
+        self.scope.set_state(Some(value.into()));
+    }
+
+    /// Removes the state of the current key.
+    pub fn clear_state(&mut self) {
+        self.scope.set_state(None);
+    }
+
+    /// Emits a record on the default output. It is checkpointed before it is sent.
+    pub fn produce(&mut self, key: impl Into<Bytes>, value: impl Into<Bytes>, timestamp: EventTime) {
+        self.scope.produce(None, key.into(), value.into(), timestamp);
+    }
+
+    /// Emits a record on the named output `output` (read as `COMPONENT.output`).
+    pub fn produce_to(
+        &mut self,
+        output: &str,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        timestamp: EventTime,
+    ) {
+        self.scope
+            .produce(Some(output), key.into(), value.into(), timestamp);
+    }
+
+    /// Sets (or moves) the timer `tag` of the current key.
+    pub fn set_timer(&mut self, tag: impl Into<Bytes>, domain: TimeDomain, time: EventTime) {
+        self.scope.set_timer(tag.into(), domain, time);
+    }
+
+    /// Deletes the timer `tag` of the current key, if set.
+    pub fn delete_timer(&mut self, tag: &[u8]) {
+        self.scope.delete_timer(tag);
+    }
+
+    /// The shard's input low watermark: no record older than it is expected.
+    pub fn low_watermark(&self) -> EventTime {
+        self.scope.low_watermark()
+    }
+
+    /// Processing time, microseconds since the epoch.
+    pub fn now(&self) -> i64 {
+        crate::record::now_micros()
+    }
+}
+
+/// What a [`Source::poll`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourcePoll {
+    /// Records were emitted (or may be soon): poll again at once.
+    Ready,
+    /// Nothing now; poll again after a short pause.
+    Idle,
+    /// Bounded and finished: nothing more will ever come.
+    Exhausted,
+}
+
+/// Why a source failed. Sources are restarted from their committed position.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Reading the input failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being read.
+        what: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The committed position cannot be understood (a changed topology?).
+    #[error("cannot resume from the committed position: {0}")]
+    Position(String),
+}
+
+/// Collects what a source reads in one poll.
+pub struct Emitter<'a> {
+    pub(crate) out: &'a mut Vec<(Bytes, Bytes, EventTime)>,
+}
+
+impl<'a> Emitter<'a> {
+    /// An emitter that appends to `out` (the engine makes one per poll; tests may too).
+    pub fn new(out: &'a mut Vec<(Bytes, Bytes, EventTime)>) -> Self {
+        Emitter { out }
+    }
+
+    /// Emits one record.
+    pub fn emit(&mut self, key: impl Into<Bytes>, value: impl Into<Bytes>, timestamp: EventTime) {
+        self.out.push((key.into(), value.into(), timestamp));
+    }
+
+    /// Records emitted so far in this poll.
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Whether nothing was emitted in this poll.
+    pub fn is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+}
+
+/// Brings records in. The engine commits [`Source::position`] in the same
+/// batch as the records polled before it, so a replayable source neither
+/// loses nor repeats input across a restart.
+pub trait Source: Send + 'static {
+    /// Resumes from a committed position (`None` on a first start).
+    fn open(&mut self, position: Option<&[u8]>) -> Result<(), SourceError>;
+
+    /// Emits up to `max` records.
+    fn poll(&mut self, out: &mut Emitter<'_>, max: usize) -> Result<SourcePoll, SourceError>;
+
+    /// The position just after the last record emitted.
+    fn position(&self) -> Vec<u8>;
+}
+
+/// Why a sink failed. The worker stops; after a restart the sink resumes from
+/// its committed position and the records since are delivered again.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct SinkError {
+    /// What was being written.
+    pub what: String,
+    /// The I/O error.
+    pub source: std::io::Error,
+}
+
+/// Takes records out. Writes between two commits must be undoable: on restart
+/// the engine calls [`Sink::open`] with the position of the last commit, and
+/// the sink discards anything written after it (a file sink truncates).
+pub trait Sink: Send + 'static {
+    /// Restores the position of the last commit (`None` on a first start).
+    fn open(&mut self, position: Option<&[u8]>) -> Result<(), SinkError>;
+
+    /// Writes one record.
+    fn write(&mut self, record: &Record) -> Result<(), SinkError>;
+
+    /// Makes every write so far durable (`sync`: to the disk, not only the OS)
+    /// and returns the position to commit with them.
+    fn flush(&mut self, sync: bool) -> Result<Vec<u8>, SinkError>;
+}

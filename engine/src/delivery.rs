@@ -1,0 +1,288 @@
+//! The delivery state machine of one channel (producer shard -> consumer shard).
+//!
+//! The producer numbers its productions 1, 2, 3, ... ([`OutChannel::push`]),
+//! keeps each until it is acknowledged, sends at most `window` beyond the last
+//! acknowledgement, and after a reconnect or restart sends everything
+//! unacknowledged again ([`OutChannel::rewind`]). The consumer applies only the
+//! next expected number ([`InChannel::offer`]): anything at or below what it
+//! applied is a duplicate (acknowledged, dropped), anything past the next one
+//! is a gap (not acknowledged; the producer will re-send). With the applied
+//! number committed atomically with the state it changed, each production
+//! takes effect exactly once.
+
+use crate::record::Envelope;
+use std::collections::VecDeque;
+
+/// Producer side of a channel.
+#[derive(Debug, Default)]
+pub struct OutChannel {
+    next_seq: u64,
+    unacked: VecDeque<(u64, Envelope)>,
+    sent_upto: u64,
+    acked: u64,
+    dirty: bool,
+}
+
+impl OutChannel {
+    /// A channel whose next production gets `next_seq` (1 on a fresh channel).
+    pub fn new(next_seq: u64) -> Self {
+        assert!(next_seq >= 1, "sequence numbers start at 1");
+        OutChannel {
+            next_seq,
+            acked: next_seq - 1,
+            sent_upto: next_seq - 1,
+            ..Default::default()
+        }
+    }
+
+    /// Restores an unacknowledged production read back from the outbox at start.
+    /// Call in sequence order, before any `push`.
+    pub fn restore(&mut self, seq: u64, env: Envelope) {
+        assert!(seq < self.next_seq, "outbox entry {seq} at or past next sequence {}", self.next_seq);
+        if self.unacked.is_empty() {
+            self.acked = seq - 1;
+            self.sent_upto = seq - 1;
+        }
+        debug_assert!(self.unacked.back().is_none_or(|(s, _)| *s < seq));
+        self.unacked.push_back((seq, env));
+    }
+
+    /// Numbers a new production and keeps it until acknowledged.
+    pub fn push(&mut self, env: Envelope) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.dirty = true;
+        self.unacked.push_back((seq, env));
+        seq
+    }
+
+    /// Takes an acknowledgement of everything up to `upto`; returns the
+    /// productions it released, oldest first. Stale acks release nothing.
+    pub fn ack(&mut self, upto: u64, mut released: impl FnMut(u64, &Envelope)) -> usize {
+        let mut n = 0;
+        while let Some((seq, _)) = self.unacked.front() {
+            if *seq > upto {
+                break;
+            }
+            if let Some((seq, env)) = self.unacked.pop_front() {
+                released(seq, &env);
+                n += 1;
+            }
+        }
+        if upto > self.acked {
+            self.acked = upto.min(self.next_seq - 1);
+            self.sent_upto = self.sent_upto.max(self.acked);
+        }
+        n
+    }
+
+    /// Hands out the productions that may be sent now: unsent ones within
+    /// `window` of the oldest unacknowledged.
+    pub fn sendable(&mut self, window: usize, mut send: impl FnMut(u64, &Envelope)) {
+        let limit = self.acked + window as u64;
+        let first = self.unacked.front().map_or(self.next_seq, |(s, _)| *s);
+        let skip = (self.sent_upto + 1).saturating_sub(first) as usize;
+        for (seq, env) in self.unacked.iter().skip(skip) {
+            if *seq > limit {
+                break;
+            }
+            send(*seq, env);
+            self.sent_upto = *seq;
+        }
+    }
+
+    /// Forgets what was sent, so everything unacknowledged is sent again.
+    pub fn rewind(&mut self) {
+        self.sent_upto = self.acked;
+    }
+
+    /// Sequence number of the next production.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Whether `next_seq` changed since the last [`OutChannel::take_dirty`].
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Productions not yet acknowledged.
+    pub fn backlog(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// Whether some productions have not been sent since the last rewind.
+    pub fn has_unsent(&self) -> bool {
+        self.unacked.back().is_some_and(|(s, _)| *s > self.sent_upto)
+    }
+}
+
+/// What the consumer does with an offered production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// The next expected one: process it.
+    Apply,
+    /// Already applied: acknowledge again and drop.
+    Duplicate,
+    /// Past the next expected one: drop without acknowledging.
+    Gap,
+}
+
+/// Consumer side of a channel: the highest sequence number applied.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct InChannel {
+    applied: u64,
+}
+
+impl InChannel {
+    /// A channel that has applied everything up to `applied`.
+    pub fn new(applied: u64) -> Self {
+        InChannel { applied }
+    }
+
+    /// Decides what to do with production `seq`; on `Apply` it counts as applied.
+    pub fn offer(&mut self, seq: u64) -> Offer {
+        if seq <= self.applied {
+            Offer::Duplicate
+        } else if seq == self.applied + 1 {
+            self.applied = seq;
+            Offer::Apply
+        } else {
+            Offer::Gap
+        }
+    }
+
+    /// The highest sequence number applied.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    fn env(i: u64) -> Envelope {
+        Envelope::encode(b"k", &i.to_le_bytes(), i as i64, 0)
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Produce(u8),
+        Send { lose_every: u8 },
+        Deliver { reorder: bool },
+        Ack { lose: bool },
+        Rewind,
+        /// The consumer crashes and restarts from its committed applied seq.
+        ConsumerRestart,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (1u8..5).prop_map(Step::Produce),
+            (0u8..4).prop_map(|l| Step::Send { lose_every: l }),
+            any::<bool>().prop_map(|r| Step::Deliver { reorder: r }),
+            any::<bool>().prop_map(|l| Step::Ack { lose: l }),
+            Just(Step::Rewind),
+            Just(Step::ConsumerRestart),
+        ]
+    }
+
+    proptest! {
+        /// Over a network that loses, reorders and duplicates, with the
+        /// consumer restarting, each production is applied exactly once, in order.
+        #[test]
+        fn each_production_is_applied_exactly_once(steps in proptest::collection::vec(step(), 1..200), window in 1usize..8) {
+            let mut out = OutChannel::new(1);
+            let mut inn = InChannel::new(0);
+            let mut committed_applied = 0u64;
+            let mut wire: Vec<(u64, Envelope)> = Vec::new();
+            let mut acks: Vec<u64> = Vec::new();
+            let mut applied: Vec<u64> = Vec::new();
+            let mut produced = 0u64;
+            let mut run = |s: &Step, out: &mut OutChannel, inn: &mut InChannel, committed: &mut u64, applied: &mut Vec<u64>, produced: &mut u64| match s {
+                Step::Produce(n) => for _ in 0..*n { *produced += 1; out.push(env(*produced)); },
+                Step::Send { lose_every } => {
+                    let mut i = 0u8;
+                    out.sendable(window, |seq, e| {
+                        i = i.wrapping_add(1);
+                        if *lose_every == 0 || i % (lose_every + 1) != 0 { wire.push((seq, e.clone())); }
+                    });
+                }
+                Step::Deliver { reorder } => {
+                    if *reorder { wire.reverse(); }
+                    for (seq, e) in wire.drain(..) {
+                        match inn.offer(seq) {
+                            Offer::Apply => {
+                                let v = u64::from_le_bytes(e.record().value[..].try_into().unwrap());
+                                applied.push(v);
+                            }
+                            Offer::Duplicate | Offer::Gap => {}
+                        }
+                    }
+                    // commit, then ack
+                    *committed = inn.applied();
+                    acks.push(inn.applied());
+                }
+                Step::Ack { lose } => {
+                    for a in acks.drain(..) { if !lose { out.ack(a, |_, _| {}); } }
+                }
+                Step::Rewind => out.rewind(),
+                Step::ConsumerRestart => {
+                    // What was applied since the last commit is lost with the crash.
+                    applied.truncate(*committed as usize);
+                    *inn = InChannel::new(*committed);
+                    wire.clear();
+                }
+            };
+            for s in &steps {
+                run(s, &mut out, &mut inn, &mut committed_applied, &mut applied, &mut produced);
+            }
+            // Drain: the network heals; retry until everything is acknowledged.
+            for _ in 0..(produced as usize + 2) * 2 {
+                run(&Step::Rewind, &mut out, &mut inn, &mut committed_applied, &mut applied, &mut produced);
+                run(&Step::Send { lose_every: 0 }, &mut out, &mut inn, &mut committed_applied, &mut applied, &mut produced);
+                run(&Step::Deliver { reorder: false }, &mut out, &mut inn, &mut committed_applied, &mut applied, &mut produced);
+                run(&Step::Ack { lose: false }, &mut out, &mut inn, &mut committed_applied, &mut applied, &mut produced);
+            }
+            prop_assert_eq!(applied, (1..=produced).collect::<Vec<_>>());
+            prop_assert_eq!(out.backlog(), 0);
+        }
+    }
+
+    #[test]
+    fn window_limits_what_is_in_flight() {
+        let mut out = OutChannel::new(1);
+        for i in 0..10 {
+            out.push(env(i));
+        }
+        let mut sent = Vec::new();
+        out.sendable(3, |s, _| sent.push(s));
+        assert_eq!(sent, vec![1, 2, 3]);
+        out.sendable(3, |s, _| sent.push(s));
+        assert_eq!(sent, vec![1, 2, 3], "nothing more until acked");
+        assert_eq!(out.ack(2, |_, _| {}), 2);
+        out.sendable(3, |s, _| sent.push(s));
+        assert_eq!(sent, vec![1, 2, 3, 4, 5]);
+        assert_eq!(out.ack(1, |_, _| {}), 0, "stale ack releases nothing");
+        out.rewind();
+        let mut again = Vec::new();
+        out.sendable(3, |s, _| again.push(s));
+        assert_eq!(again, vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn restored_outbox_is_resent_from_its_oldest_entry() {
+        let mut out = OutChannel::new(8);
+        out.restore(5, env(5));
+        out.restore(6, env(6));
+        out.restore(7, env(7));
+        let mut sent = Vec::new();
+        out.sendable(10, |s, _| sent.push(s));
+        assert_eq!(sent, vec![5, 6, 7]);
+        assert_eq!(out.push(env(8)), 8);
+        let _ = Bytes::new();
+    }
+}

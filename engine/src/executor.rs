@@ -1,0 +1,692 @@
+//! The commit loop. One executor thread runs a fixed set of shards serially;
+//! executors run in parallel. Each turn of the loop:
+//!
+//! 1. takes the messages waiting in its inbox: deliveries, acknowledgements,
+//!    watermarks;
+//! 2. drops each delivery whose sequence number its shard already applied (and
+//!    acknowledges it again);
+//! 3. runs the computations on the rest, one record at a time, and polls the
+//!    sources; state, timers and productions collect in memory and in a batch;
+//! 4. fires the timers the watermark (or the clock) has passed;
+//! 5. commits ONE RocksDB batch: state, timers, productions (the outbox),
+//!    applied and next sequence numbers, positions, watermarks;
+//! 6. only then acknowledges its inputs and sends its productions.
+//!
+//! The order commit -> acknowledge -> send is the exactly-once guarantee. It is
+//! enforced by types: acknowledgements and sends are released only through
+//! [`Executor::release`], which takes the [`Committed`] proof that only
+//! [`Executor::commit`] makes. All RocksDB calls happen on this thread, never on
+//! an async runtime.
+
+use crate::api::{ComputationError, Context, Emitter, SourcePoll};
+use crate::delivery::{InChannel, OutChannel};
+use crate::keying::{extract_key, shard_of};
+use crate::metrics::NodeMetrics;
+use crate::plan::{ChannelIdx, Maker, Plan, Sid};
+use crate::record::{now_micros, Envelope, TimeDomain, Timer, MAX_TIME, MIN_TIME};
+use crate::shard::{position_key, read_u64, wm_key, Body, Emit, KeyScope, ShardRt, SourceRt, Timers};
+use crate::worker::Shared;
+use crate::EngineError;
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use millrace_config::Role;
+use millrace_storage::{Batch, Cf, KeyReader, Store};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A message between executors (and, in a cluster, between workers).
+pub(crate) enum Msg {
+    /// Production `seq` of channel `ch`.
+    Deliver { ch: ChannelIdx, seq: u64, env: Envelope },
+    /// The consumer of `ch` applied everything up to `upto`.
+    Ack { ch: ChannelIdx, upto: u64 },
+    /// Shard `from`'s output watermark rose to `wm`.
+    Watermark { from: Sid, wm: i64 },
+}
+
+/// Proof that the current batch is durable. Only [`Executor::commit`] makes one.
+#[must_use = "acknowledgements and productions wait for this proof"]
+pub(crate) struct Committed(());
+
+/// How long an idle executor waits for a message before it looks around again.
+const IDLE_WAIT: Duration = Duration::from_millis(20);
+/// How long a source that had nothing is left alone.
+const SOURCE_IDLE_PAUSE: Duration = Duration::from_millis(10);
+
+pub(crate) struct Executor {
+    id: usize,
+    plan: Arc<Plan>,
+    store: Arc<Store>,
+    shared: Arc<Shared>,
+    inbox: Receiver<Vec<Msg>>,
+    peers: Vec<Sender<Vec<Msg>>>,
+    shards: Vec<ShardRt>,
+    local: HashMap<Sid, usize>,
+    /// For each upstream shard, the local shards (and upstream positions) it bounds.
+    wm_subscribers: HashMap<Sid, Vec<(usize, usize)>>,
+    node_metrics: Vec<NodeMetrics>,
+    outgoing: Vec<Vec<Msg>>,
+    emits: Vec<Emit>,
+    /// Highest sequence to acknowledge per input channel, after the commit.
+    acks: BTreeMap<ChannelIdx, u64>,
+    /// Outbox keys released by acknowledgements, deleted in the next commit.
+    released: Vec<Vec<u8>>,
+    released_count: i64,
+    produced_count: i64,
+    wm_msgs_seen: i64,
+    processed: usize,
+}
+
+impl Executor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: usize,
+        plan: Arc<Plan>,
+        store: Arc<Store>,
+        shared: Arc<Shared>,
+        inbox: Receiver<Vec<Msg>>,
+        peers: Vec<Sender<Vec<Msg>>>,
+        node_metrics: Vec<NodeMetrics>,
+    ) -> Self {
+        let threads = plan.threads;
+        Executor {
+            id,
+            plan,
+            store,
+            shared,
+            inbox,
+            peers,
+            shards: Vec::new(),
+            local: HashMap::new(),
+            wm_subscribers: HashMap::new(),
+            node_metrics,
+            outgoing: (0..threads).map(|_| Vec::new()).collect(),
+            emits: Vec::new(),
+            acks: BTreeMap::new(),
+            released: Vec::new(),
+            released_count: 0,
+            produced_count: 0,
+            wm_msgs_seen: 0,
+            processed: 0,
+        }
+    }
+
+    /// Rebuilds this executor's shards from their last commit.
+    pub fn recover(&mut self) -> Result<(), EngineError> {
+        let plan = Arc::clone(&self.plan);
+        let store = &*self.store;
+        for (sid, spec) in plan.shards.iter().enumerate() {
+            if spec.executor != self.id {
+                continue;
+            }
+            let sid = sid as Sid;
+            let node = &plan.nodes[spec.node];
+            let position = store.get(Cf::Meta, &position_key(&spec.prefix))?;
+            let body = match &node.maker {
+                Maker::Source(f, c) => {
+                    let mut source = f(c).map_err(EngineError::Config)?;
+                    source
+                        .open(position.as_deref())
+                        .map_err(|e| EngineError::Source(node.name.clone(), e))?;
+                    self.shared.sources_live.fetch_add(1, Ordering::SeqCst);
+                    Body::Source(SourceRt {
+                        source,
+                        exhausted: false,
+                        retired: false,
+                        idle_until: Instant::now(),
+                        last_data: Instant::now(),
+                        position_dirty: false,
+                    })
+                }
+                Maker::Computation(make) => Body::Compute(make()),
+                Maker::Sink(f, c) => {
+                    let mut sink = f(c).map_err(EngineError::Config)?;
+                    sink.open(position.as_deref()).map_err(EngineError::Sink)?;
+                    Body::Sink {
+                        sink,
+                        written: false,
+                    }
+                }
+            };
+            let mut inputs = HashMap::new();
+            for &ch in &spec.in_channels {
+                let applied = store
+                    .get(Cf::Channels, &plan.channels[ch as usize].applied_key)?
+                    .as_deref()
+                    .and_then(read_u64)
+                    .unwrap_or(0);
+                inputs.insert(ch, InChannel::new(applied));
+            }
+            let upstream_wm = spec
+                .upstream
+                .iter()
+                .map(|u| {
+                    Ok(store
+                        .get(Cf::Meta, &wm_key(&plan.shards[*u as usize].prefix))?
+                        .as_deref()
+                        .and_then(read_u64)
+                        .map_or(MIN_TIME, |v| v as i64))
+                })
+                .collect::<Result<Vec<_>, EngineError>>()?;
+            for (pos, u) in spec.upstream.iter().enumerate() {
+                self.wm_subscribers
+                    .entry(*u)
+                    .or_default()
+                    .push((self.shards.len(), pos));
+            }
+            let output_wm = store
+                .get(Cf::Meta, &wm_key(&spec.prefix))?
+                .as_deref()
+                .and_then(read_u64)
+                .map_or(MIN_TIME, |v| v as i64);
+            let mut shard = ShardRt {
+                sid,
+                node: spec.node,
+                prefix: spec.prefix.clone(),
+                body,
+                inputs,
+                applied_dirty: BTreeSet::new(),
+                outs: HashMap::new(),
+                pending: VecDeque::new(),
+                dirty: HashMap::new(),
+                timers: Timers::load(store, &spec.prefix)?,
+                upstream_wm,
+                input_wm: MIN_TIME,
+                output_wm,
+                wm_changed: false,
+                unacked_ts: BTreeMap::new(),
+                backlog: 0,
+                max_event: MIN_TIME,
+            };
+            shard.recompute_input_wm();
+            let mut restored = 0u64;
+            for &e in node.out_edges.iter().flatten() {
+                let dst_shards = plan.nodes[plan.edges[e].to].shards;
+                for d in 0..dst_shards {
+                    let ch = plan.channel(e, spec.shard, d);
+                    let c = &plan.channels[ch as usize];
+                    let next = store
+                        .get(Cf::Channels, &c.next_key)?
+                        .as_deref()
+                        .and_then(read_u64)
+                        .unwrap_or(1);
+                    let mut out = OutChannel::new(next);
+                    let mut bad = None;
+                    store.for_each_prefix(Cf::Outbox, &c.outbox_prefix, |k, v| {
+                        let seq = KeyReader::new(&k[c.outbox_prefix.len()..]).u64();
+                        match (seq, Envelope::from_bytes(Bytes::copy_from_slice(v))) {
+                            (Ok(seq), Ok(env)) if seq < next => {
+                                shard.track_unacked(env.timestamp());
+                                out.restore(seq, env);
+                                restored += 1;
+                                true
+                            }
+                            _ => {
+                                bad = Some(k.to_vec());
+                                false
+                            }
+                        }
+                    })?;
+                    if let Some(k) = bad {
+                        return Err(EngineError::Corrupt(format!(
+                            "outbox entry {k:?} of {} is malformed",
+                            node.name
+                        )));
+                    }
+                    shard.outs.insert(ch, out);
+                }
+            }
+            if restored > 0 {
+                self.node_metrics[spec.node].retries.inc_by(restored);
+                self.shared.unacked.fetch_add(restored as i64, Ordering::SeqCst);
+            }
+            self.local.insert(sid, self.shards.len());
+            self.shards.push(shard);
+        }
+        Ok(())
+    }
+
+    /// Runs the loop until the worker halts. A returned error stops the worker;
+    /// it restarts from the last commit.
+    pub fn run(mut self) -> Result<(), EngineError> {
+        loop {
+            let halting = self.shared.halt.load(Ordering::SeqCst);
+            self.receive(if halting { Duration::ZERO } else { self.wait_time() })?;
+            let store = Arc::clone(&self.store);
+            let mut batch = store.batch();
+            let processed = self.process(&mut batch, halting)?;
+            let committed = self.commit(batch, processed)?;
+            self.release(committed);
+            if halting {
+                return Ok(());
+            }
+        }
+    }
+
+    fn wait_time(&self) -> Duration {
+        let now = Instant::now();
+        let mut wait = IDLE_WAIT;
+        let stopping = self.shared.stopping.load(Ordering::SeqCst);
+        let max_backlog = self.plan.topology.engine.max_backlog;
+        for s in &self.shards {
+            if !s.pending.is_empty() && s.backlog < max_backlog {
+                return Duration::ZERO;
+            }
+            if let Body::Source(src) = &s.body {
+                if !src.exhausted && !stopping && s.backlog < max_backlog {
+                    wait = wait.min(src.idle_until.saturating_duration_since(now));
+                }
+                if src.exhausted && !src.retired {
+                    return Duration::ZERO;
+                }
+            }
+            if let Some(t) = s.timers.next_processing() {
+                let until = (t - now_micros()).max(0) as u64;
+                wait = wait.min(Duration::from_micros(until));
+            }
+        }
+        wait
+    }
+
+    /// Step 1: take what is in the inbox.
+    fn receive(&mut self, wait: Duration) -> Result<(), EngineError> {
+        let first = if wait.is_zero() {
+            self.inbox.try_recv().ok()
+        } else {
+            match self.inbox.recv_timeout(wait) {
+                Ok(m) => Some(m),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+        };
+        let Some(first) = first else { return Ok(()) };
+        self.absorb(first);
+        let mut budget = 64;
+        while budget > 0 {
+            match self.inbox.try_recv() {
+                Ok(msgs) => self.absorb(msgs),
+                Err(_) => break,
+            }
+            budget -= 1;
+        }
+        Ok(())
+    }
+
+    fn absorb(&mut self, msgs: Vec<Msg>) {
+        let plan = &*self.plan;
+        for msg in msgs {
+            match msg {
+                Msg::Deliver { ch, seq, env } => {
+                    let dst = plan.channels[ch as usize].dst;
+                    if let Some(&i) = self.local.get(&dst) {
+                        self.shards[i].pending.push_back((ch, seq, env));
+                    }
+                }
+                Msg::Ack { ch, upto } => {
+                    let c = &plan.channels[ch as usize];
+                    let Some(&i) = self.local.get(&c.src) else { continue };
+                    let shard = &mut self.shards[i];
+                    let Some(out) = shard.outs.get_mut(&ch) else { continue };
+                    let mut freed = Vec::new();
+                    out.ack(upto, |seq, env| {
+                        let mut k = c.outbox_prefix.clone();
+                        k.extend_from_slice(&seq.to_be_bytes());
+                        freed.push((k, env.timestamp()));
+                    });
+                    for (k, ts) in freed {
+                        shard.untrack_unacked(ts);
+                        self.released.push(k);
+                        self.released_count += 1;
+                    }
+                }
+                Msg::Watermark { from, wm } => {
+                    self.wm_msgs_seen += 1;
+                    if let Some(subs) = self.wm_subscribers.get(&from) {
+                        for &(i, pos) in subs {
+                            let s = &mut self.shards[i];
+                            s.upstream_wm[pos] = s.upstream_wm[pos].max(wm);
+                            s.recompute_input_wm();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Steps 2-4: dedup, process, poll sources, fire timers.
+    fn process(&mut self, batch: &mut Batch<'_>, halting: bool) -> Result<usize, EngineError> {
+        for k in self.released.drain(..) {
+            batch.delete(Cf::Outbox, &k);
+        }
+        let plan = Arc::clone(&self.plan);
+        let engine = &plan.topology.engine;
+        let stopping = self.shared.stopping.load(Ordering::SeqCst) || halting;
+        let mut processed = 0;
+        for i in 0..self.shards.len() {
+            let node = &plan.nodes[self.shards[i].node];
+            let metrics = &self.node_metrics[self.shards[i].node];
+            let mut budget = engine.batch_size;
+            // Deliveries (not while halting: they stay unacknowledged and come again).
+            while !halting && budget > 0 && self.shards[i].backlog < engine.max_backlog {
+                let Some((ch, seq, env)) = self.shards[i].pending.pop_front() else { break };
+                let shard = &mut self.shards[i];
+                let Some(input) = shard.inputs.get_mut(&ch) else { continue };
+                match input.offer(seq) {
+                    crate::delivery::Offer::Duplicate => {
+                        metrics.duplicates.inc();
+                        let applied = input.applied();
+                        let a = self.acks.entry(ch).or_insert(0);
+                        *a = (*a).max(applied);
+                        continue;
+                    }
+                    crate::delivery::Offer::Gap => {
+                        metrics.gaps.inc();
+                        continue;
+                    }
+                    crate::delivery::Offer::Apply => {}
+                }
+                self.acks.insert(ch, seq);
+                shard.applied_dirty.insert(ch);
+                budget -= 1;
+                processed += 1;
+                metrics.records_in.inc();
+                let record = env.record();
+                if record.timestamp < shard.input_wm {
+                    metrics.late_records.inc();
+                }
+                shard.max_event = shard.max_event.max(record.timestamp);
+                match &mut shard.body {
+                    Body::Sink { sink, written } => {
+                        sink.write(&record).map_err(EngineError::Sink)?;
+                        *written = true;
+                        let lat = (now_micros() - env.ingest()).max(0) as f64 / 1e6;
+                        metrics.e2e_latency.observe(lat);
+                    }
+                    Body::Compute(comp) => {
+                        let key = record.key.clone();
+                        let (value, ts) = (record.value.clone(), record.timestamp);
+                        let mut ctx = Context {
+                            scope: KeyScope {
+                                key: &key,
+                                store: &self.store,
+                                prefix: &shard.prefix,
+                                dirty: &mut shard.dirty,
+                                timers: &mut shard.timers,
+                                emits: &mut self.emits,
+                                ports: &node.ports,
+                                input_wm: shard.input_wm,
+                                ingest: env.ingest(),
+                            },
+                        };
+                        match comp.process_record(&mut ctx, record) {
+                            Ok(()) => {}
+                            Err(ComputationError::BadRecord(why)) => {
+                                bad_record(metrics, &node.name, &key, &why);
+                                self.emits.push(Emit {
+                                    port: 1,
+                                    key,
+                                    value,
+                                    ts,
+                                    ingest: env.ingest(),
+                                });
+                            }
+                            Err(ComputationError::Storage(e)) => return Err(e.into()),
+                        }
+                    }
+                    Body::Source(_) => {}
+                }
+                route(&plan, shard, &mut self.emits, batch, metrics, &mut self.produced_count);
+            }
+
+            // Sources.
+            let shard = &mut self.shards[i];
+            if let Body::Source(src) = &mut shard.body {
+                let now = Instant::now();
+                let room = engine.max_backlog.saturating_sub(shard.backlog).min(budget);
+                if !src.exhausted && !stopping && room > 0 && now >= src.idle_until {
+                    let mut polled = Vec::new();
+                    let poll = src
+                        .source
+                        .poll(&mut Emitter { out: &mut polled }, room)
+                        .map_err(|e| EngineError::Source(node.name.clone(), e))?;
+                    let ingest = now_micros();
+                    if !polled.is_empty() {
+                        src.position_dirty = true;
+                        src.last_data = now;
+                        processed += polled.len();
+                        metrics.records_in.inc_by(polled.len() as u64);
+                    }
+                    for (key, value, ts) in polled {
+                        shard.max_event = shard.max_event.max(ts);
+                        self.emits.push(Emit {
+                            port: 0,
+                            key,
+                            value,
+                            ts,
+                            ingest,
+                        });
+                    }
+                    match poll {
+                        SourcePoll::Ready => {}
+                        SourcePoll::Idle => src.idle_until = now + SOURCE_IDLE_PAUSE,
+                        SourcePoll::Exhausted => src.exhausted = true,
+                    }
+                    route(&plan, shard, &mut self.emits, batch, metrics, &mut self.produced_count);
+                }
+            }
+
+            // Timers.
+            if let Body::Compute(comp) = &mut shard.body {
+                let now = now_micros();
+                for (domain, limit) in [
+                    (TimeDomain::EventTime, shard.input_wm),
+                    (TimeDomain::ProcessingTime, now),
+                ] {
+                    while let Some((key, tag, time)) = shard.timers.pop_due(&shard.prefix, domain, limit) {
+                        let mut ctx = Context {
+                            scope: KeyScope {
+                                key: &key,
+                                store: &self.store,
+                                prefix: &shard.prefix,
+                                dirty: &mut shard.dirty,
+                                timers: &mut shard.timers,
+                                emits: &mut self.emits,
+                                ports: &node.ports,
+                                input_wm: shard.input_wm,
+                                ingest: now,
+                            },
+                        };
+                        let timer = Timer { tag, domain, time };
+                        match comp.process_timer(&mut ctx, timer) {
+                            Ok(()) => {}
+                            Err(ComputationError::BadRecord(why)) => {
+                                bad_record(metrics, &node.name, &key, &why)
+                            }
+                            Err(ComputationError::Storage(e)) => return Err(e.into()),
+                        }
+                    }
+                }
+                route(&plan, shard, &mut self.emits, batch, metrics, &mut self.produced_count);
+            }
+
+            // Watermark.
+            let source_wm = match &shard.body {
+                Body::Source(src) if src.exhausted => Some(MAX_TIME),
+                Body::Source(src) => {
+                    let from_data = shard.max_event.saturating_sub(node.watermark.out_of_order);
+                    let idle = node
+                        .watermark
+                        .idle_after
+                        .is_some_and(|d| src.last_data.elapsed() >= d);
+                    Some(if idle {
+                        from_data.max(now_micros().saturating_sub(node.watermark.out_of_order))
+                    } else {
+                        from_data
+                    })
+                }
+                _ => None,
+            };
+            shard.recompute_output_wm(source_wm);
+            shard.checkpoint(batch, &plan.channels, engine.durability == millrace_config::Durability::Machine)?;
+        }
+        Ok(processed)
+    }
+
+    /// Step 5: one atomic commit.
+    fn commit(&mut self, batch: Batch<'_>, processed: usize) -> Result<Committed, EngineError> {
+        if !batch.is_empty() {
+            let started = Instant::now();
+            self.store.commit(batch)?;
+            self.shared
+                .metrics
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.shared.metrics.commit_records.observe(processed as f64);
+        }
+        self.processed += processed;
+        Ok(Committed(()))
+    }
+
+    /// Step 6: acknowledge inputs, send productions and watermarks.
+    fn release(&mut self, _proof: Committed) {
+        let shared = &*self.shared;
+        let plan = &*self.plan;
+        let window = plan.topology.engine.channel_window;
+        // Increments before decrements, so that the worker never sees the
+        // graph empty while a commit's productions are on their way.
+        shared
+            .unacked
+            .fetch_add(std::mem::take(&mut self.produced_count), Ordering::SeqCst);
+        for (ch, upto) in std::mem::take(&mut self.acks) {
+            let src = plan.channels[ch as usize].src;
+            self.outgoing[plan.shards[src as usize].executor].push(Msg::Ack { ch, upto });
+        }
+        let mut wm_sent = 0;
+        for shard in &mut self.shards {
+            for (&ch, out) in shard.outs.iter_mut() {
+                if out.has_unsent() {
+                    let dst = plan.channels[ch as usize].dst;
+                    let q = &mut self.outgoing[plan.shards[dst as usize].executor];
+                    out.sendable(window, |seq, env| {
+                        q.push(Msg::Deliver {
+                            ch,
+                            seq,
+                            env: env.clone(),
+                        })
+                    });
+                }
+            }
+            if std::mem::take(&mut shard.wm_changed) {
+                for &exec in &plan.shards[shard.sid as usize].downstream_executors {
+                    self.outgoing[exec].push(Msg::Watermark {
+                        from: shard.sid,
+                        wm: shard.output_wm,
+                    });
+                    wm_sent += 1;
+                }
+            }
+            let metrics = &self.node_metrics[shard.node];
+            let _ = metrics;
+            shared.shard_backlog[shard.sid as usize].store(shard.backlog as i64, Ordering::Relaxed);
+            shared.shard_wm[shard.sid as usize].store(shard.output_wm, Ordering::Relaxed);
+            shared.shard_max_event[shard.sid as usize].store(shard.max_event, Ordering::Relaxed);
+            shared.shard_timers[shard.sid as usize].store(shard.timers.len() as i64, Ordering::Relaxed);
+            if let Body::Source(src) = &mut shard.body {
+                if src.exhausted && !src.retired && shard.backlog == 0 {
+                    src.retired = true;
+                    shared.sources_live.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        }
+        shared.wm_inflight.fetch_add(wm_sent, Ordering::SeqCst);
+        for (exec, q) in self.outgoing.iter_mut().enumerate() {
+            if !q.is_empty() {
+                // A closed inbox means the worker is shutting down; what was not
+                // delivered stays in the outbox.
+                let _ = self.peers[exec].send(std::mem::take(q));
+            }
+        }
+        shared.wm_inflight.fetch_sub(std::mem::take(&mut self.wm_msgs_seen), Ordering::SeqCst);
+        shared
+            .unacked
+            .fetch_sub(std::mem::take(&mut self.released_count), Ordering::SeqCst);
+        shared.notify();
+    }
+}
+
+fn bad_record(metrics: &NodeMetrics, component: &str, key: &[u8], why: &str) {
+    metrics.bad_records.inc();
+    tracing::warn!(
+        component,
+        key = %String::from_utf8_lossy(key),
+        error = why,
+        "bad record routed to the errors output"
+    );
+}
+
+/// Routes what a shard emitted: applies each consumer's key extractor, picks
+/// the consumer shard and channel, numbers the production and puts it in the
+/// outbox (in the batch being built).
+fn route(
+    plan: &Plan,
+    shard: &mut ShardRt,
+    emits: &mut Vec<Emit>,
+    batch: &mut Batch<'_>,
+    metrics: &NodeMetrics,
+    produced: &mut i64,
+) {
+    if emits.is_empty() {
+        return;
+    }
+    let node = &plan.nodes[shard.node];
+    let src_shard = plan.shards[shard.sid as usize].shard;
+    let mut i = 0;
+    while i < emits.len() {
+        let emit = &emits[i];
+        i += 1;
+        metrics.records_out.inc();
+        let Some(edges) = node.out_edges.get(emit.port) else { continue };
+        let mut failed: Option<String> = None;
+        for &e in edges {
+            let edge = &plan.edges[e];
+            let key = match extract_key(&edge.key, &emit.key, &emit.value) {
+                Ok(k) => k,
+                Err(why) => {
+                    failed = Some(format!("for {}: {why}", plan.nodes[edge.to].name));
+                    continue;
+                }
+            };
+            let dst_shard = shard_of(&key, plan.nodes[edge.to].shards);
+            let ch = plan.channel(e, src_shard, dst_shard);
+            let env = Envelope::encode(&key, &emit.value, emit.ts, emit.ingest);
+            let c = &plan.channels[ch as usize];
+            let out = shard.outs.entry(ch).or_insert_with(|| OutChannel::new(1));
+            let seq = out.push(env.clone());
+            let mut k = Vec::with_capacity(c.outbox_prefix.len() + 8);
+            k.extend_from_slice(&c.outbox_prefix);
+            k.extend_from_slice(&seq.to_be_bytes());
+            batch.put(Cf::Outbox, &k, &env.0);
+            *produced += 1;
+            let ts = emit.ts;
+            shard.track_unacked(ts);
+        }
+        if let Some(why) = failed {
+            let emit = &emits[i - 1];
+            bad_record(metrics, &node.name, &emit.key, &why);
+            if emit.port != 1 {
+                let again = Emit {
+                    port: 1,
+                    key: emit.key.clone(),
+                    value: emit.value.clone(),
+                    ts: emit.ts,
+                    ingest: emit.ingest,
+                };
+                emits.push(again);
+            }
+        }
+    }
+    emits.clear();
+    let _ = Role::Source;
+}

@@ -1,0 +1,198 @@
+//! Prometheus metrics of one worker: one registry, names `millrace_*`,
+//! labelled by component (never by key or shard).
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+/// Every metric the engine exports.
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Records taken in by a component (processed, written or read from outside).
+    pub records_in: IntCounterVec,
+    /// Records a component produced (before fan-out to consumers).
+    pub records_out: IntCounterVec,
+    /// Re-delivered records a component recognised and dropped.
+    pub duplicates: IntCounterVec,
+    /// Records a component could not handle (routed to its `errors` output).
+    pub bad_records: IntCounterVec,
+    /// Records past the next expected sequence number, dropped unacknowledged.
+    pub gaps: IntCounterVec,
+    /// Productions sent again after a restart or reconnect.
+    pub retries: IntCounterVec,
+    /// Records behind the low watermark when they arrived.
+    pub late_records: IntCounterVec,
+    /// Wall time of one commit.
+    pub commit_seconds: Histogram,
+    /// Records processed per commit.
+    pub commit_records: Histogram,
+    /// Source ingestion to sink delivery.
+    pub e2e_latency: HistogramVec,
+    /// Output low watermark per component, seconds since the epoch.
+    pub low_watermark: IntGaugeVec,
+    /// Newest event time seen minus the low watermark, per component.
+    pub watermark_lag: IntGaugeVec,
+    /// Unacknowledged productions per component.
+    pub outbox_backlog: IntGaugeVec,
+    /// Timers set and not fired, per component.
+    pub timers_pending: IntGaugeVec,
+    /// RocksDB size.
+    pub rocksdb_bytes: IntGauge,
+    /// Fatal errors that stopped the worker.
+    pub fatal_errors: IntCounter,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+    // Names are static and unique: registering can only fail on a programming error.
+    r.register(Box::new(m.clone())).expect("metric registered once");
+    m
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let counter = |name: &str, help: &str| {
+            reg(&r, IntCounterVec::new(Opts::new(name, help), &["component"]).expect("valid metric"))
+        };
+        let gauge = |name: &str, help: &str| {
+            reg(&r, IntGaugeVec::new(Opts::new(name, help), &["component"]).expect("valid metric"))
+        };
+        let latency_buckets = prometheus::exponential_buckets(0.000_05, 2.0, 18).expect("buckets");
+        let m = Metrics {
+            registry: r.clone(),
+            records_in: counter("millrace_records_in_total", "Records taken in by a component."),
+            records_out: counter("millrace_records_out_total", "Records produced by a component."),
+            duplicates: counter(
+                "millrace_duplicates_dropped_total",
+                "Re-delivered records recognised by sequence number and dropped.",
+            ),
+            bad_records: counter(
+                "millrace_bad_records_total",
+                "Records a component could not handle, routed to its errors output.",
+            ),
+            gaps: counter(
+                "millrace_sequence_gaps_total",
+                "Records past the next expected sequence number, dropped unacknowledged.",
+            ),
+            retries: counter(
+                "millrace_retries_total",
+                "Productions sent again after a restart or reconnect.",
+            ),
+            late_records: counter(
+                "millrace_late_records_total",
+                "Records behind the input low watermark on arrival.",
+            ),
+            commit_seconds: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new("millrace_commit_duration_seconds", "Duration of one commit.")
+                        .buckets(latency_buckets.clone()),
+                )
+                .expect("valid metric"),
+            ),
+            commit_records: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new("millrace_commit_batch_records", "Records processed per commit.")
+                        .buckets(prometheus::exponential_buckets(1.0, 4.0, 9).expect("buckets")),
+                )
+                .expect("valid metric"),
+            ),
+            e2e_latency: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "millrace_end_to_end_latency_seconds",
+                        "From source ingestion to sink delivery.",
+                    )
+                    .buckets(latency_buckets),
+                    &["component"],
+                )
+                .expect("valid metric"),
+            ),
+            low_watermark: gauge(
+                "millrace_low_watermark_seconds",
+                "Output low watermark, seconds since the Unix epoch.",
+            ),
+            watermark_lag: gauge(
+                "millrace_watermark_lag_seconds",
+                "Newest event time seen minus the output low watermark.",
+            ),
+            outbox_backlog: gauge(
+                "millrace_outbox_backlog_records",
+                "Productions not yet acknowledged by their consumers.",
+            ),
+            timers_pending: gauge("millrace_timers_pending", "Timers set and not yet fired."),
+            rocksdb_bytes: reg(
+                &r,
+                IntGauge::new("millrace_rocksdb_size_bytes", "RocksDB SST files and memtables.")
+                    .expect("valid metric"),
+            ),
+            fatal_errors: reg(
+                &r,
+                IntCounter::new("millrace_fatal_errors_total", "Errors that stopped the worker.")
+                    .expect("valid metric"),
+            ),
+        };
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = m.registry.register(Box::new(pc));
+        }
+        m
+    }
+
+    /// The registry rendered in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let enc = prometheus::TextEncoder::new();
+        let _ = prometheus::Encoder::encode(&enc, &self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One component's metric handles, resolved once (not per record).
+#[derive(Clone)]
+pub(crate) struct NodeMetrics {
+    pub records_in: IntCounter,
+    pub records_out: IntCounter,
+    pub duplicates: IntCounter,
+    pub bad_records: IntCounter,
+    pub gaps: IntCounter,
+    pub retries: IntCounter,
+    pub late_records: IntCounter,
+    pub e2e_latency: Histogram,
+    pub low_watermark: prometheus::IntGauge,
+    pub watermark_lag: prometheus::IntGauge,
+    pub outbox_backlog: prometheus::IntGauge,
+    pub timers_pending: prometheus::IntGauge,
+}
+
+impl NodeMetrics {
+    pub fn new(m: &Metrics, component: &str) -> Self {
+        let l = &[component];
+        NodeMetrics {
+            records_in: m.records_in.with_label_values(l),
+            records_out: m.records_out.with_label_values(l),
+            duplicates: m.duplicates.with_label_values(l),
+            bad_records: m.bad_records.with_label_values(l),
+            gaps: m.gaps.with_label_values(l),
+            retries: m.retries.with_label_values(l),
+            late_records: m.late_records.with_label_values(l),
+            e2e_latency: m.e2e_latency.with_label_values(l),
+            low_watermark: m.low_watermark.with_label_values(l),
+            watermark_lag: m.watermark_lag.with_label_values(l),
+            outbox_backlog: m.outbox_backlog.with_label_values(l),
+            timers_pending: m.timers_pending.with_label_values(l),
+        }
+    }
+}

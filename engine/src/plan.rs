@@ -1,0 +1,334 @@
+//! The physical plan: components become nodes with shards, inputs become
+//! edges, and every (producer shard, consumer shard) pair of an edge is a
+//! channel with its own sequence numbers.
+//!
+//! Storage keys are named by component and edge names, never by plan indices,
+//! so a restart with the same topology finds its data whatever the order of
+//! the file.
+
+use crate::registry::{MakeComputation, Registry, SinkFactory, SourceFactory};
+use millrace_config::{Component, ConfigError, KeyExtractor, Role, Topology};
+use millrace_storage::KeyWriter;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Index of a node in [`Plan::nodes`].
+pub type NodeIdx = usize;
+/// Global index of a shard in [`Plan::shards`].
+pub type Sid = u32;
+/// Global index of a channel in [`Plan::channels`].
+pub type ChannelIdx = u32;
+
+/// The name of the output that carries records a component could not handle.
+pub const ERRORS_PORT: &str = "errors";
+
+/// How a source's low watermark follows the event times it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceWatermark {
+    /// How far behind the newest event time the watermark stays, in microseconds.
+    pub out_of_order: i64,
+    /// After this long without data the source stops holding the graph back.
+    pub idle_after: Option<Duration>,
+}
+
+/// What instantiates a node's shards.
+#[derive(Clone)]
+pub enum Maker {
+    /// A source (one shard).
+    Source(SourceFactory, Box<Component>),
+    /// A computation (one instance per shard).
+    Computation(MakeComputation),
+    /// A sink (one shard).
+    Sink(SinkFactory, Box<Component>),
+}
+
+/// A component with its shards and wiring.
+pub struct Node {
+    /// The component's name.
+    pub name: String,
+    /// Its section.
+    pub role: Role,
+    /// Its `type`.
+    pub kind: String,
+    /// Number of shards.
+    pub shards: u32,
+    /// Sid of its shard 0; its shards are consecutive.
+    pub first_sid: Sid,
+    /// Output names; index 0 is the default output, 1 is `errors`.
+    pub ports: Vec<String>,
+    /// Edges leaving each port.
+    pub out_edges: Vec<Vec<usize>>,
+    /// Edges arriving.
+    pub in_edges: Vec<usize>,
+    /// Makes its shards' code.
+    pub maker: Maker,
+    /// For sources.
+    pub watermark: SourceWatermark,
+}
+
+/// One input of one consumer.
+pub struct Edge {
+    /// Producer.
+    pub from: NodeIdx,
+    /// Producer's output port.
+    pub port: usize,
+    /// Consumer.
+    pub to: NodeIdx,
+    /// The consumer's key extractor.
+    pub key: KeyExtractor,
+    /// Stable name used in storage keys: `producer[.port]->consumer`.
+    pub name: String,
+    /// Channel index of (producer shard 0, consumer shard 0).
+    pub channel_base: ChannelIdx,
+}
+
+/// One shard of one node.
+pub struct ShardSpec {
+    /// Its node.
+    pub node: NodeIdx,
+    /// Its number within the node.
+    pub shard: u32,
+    /// The executor thread that runs it.
+    pub executor: usize,
+    /// Storage key prefix `(component, shard)`.
+    pub prefix: Vec<u8>,
+    /// Channels arriving at this shard.
+    pub in_channels: Vec<ChannelIdx>,
+    /// Shards whose watermarks bound this one's input watermark.
+    pub upstream: Vec<Sid>,
+    /// Executors that host a consumer of this shard's outputs.
+    pub downstream_executors: Vec<usize>,
+}
+
+/// One producer shard -> consumer shard pair of an edge.
+pub struct ChannelSpec {
+    /// Its edge.
+    pub edge: usize,
+    /// Producer shard.
+    pub src: Sid,
+    /// Consumer shard.
+    pub dst: Sid,
+    /// Key prefix of its outbox entries (producer prefix, edge name, consumer shard).
+    pub outbox_prefix: Vec<u8>,
+    /// Channels-CF key of the producer's next sequence number.
+    pub next_key: Vec<u8>,
+    /// Channels-CF key of the consumer's applied sequence number.
+    pub applied_key: Vec<u8>,
+}
+
+/// The whole physical plan of one worker.
+pub struct Plan {
+    /// The topology it was built from.
+    pub topology: Topology,
+    /// Components.
+    pub nodes: Vec<Node>,
+    /// Inputs.
+    pub edges: Vec<Edge>,
+    /// Shards, by sid.
+    pub shards: Vec<ShardSpec>,
+    /// Channels, by index.
+    pub channels: Vec<ChannelSpec>,
+    /// Executor threads.
+    pub threads: usize,
+}
+
+/// The key prefix of a component's shard: every key of that shard starts with it.
+pub fn shard_prefix(component: &str, shard: u32) -> Vec<u8> {
+    KeyWriter::new().str(component).u32(shard).finish()
+}
+
+impl Plan {
+    /// Builds the plan, calling each kind's factory to check its options.
+    pub fn build(topology: Topology, registry: &Registry) -> Result<Plan, ConfigError> {
+        let threads = topology.engine.threads;
+        let mut nodes: Vec<Node> = Vec::new();
+        let mut index: HashMap<String, NodeIdx> = HashMap::new();
+        let mut next_sid: Sid = 0;
+        for c in topology.components() {
+            let mut c = c.clone();
+            let mut watermark = SourceWatermark {
+                out_of_order: 0,
+                idle_after: None,
+            };
+            let (maker, shards) = match c.role {
+                Role::Source => {
+                    if let Some(v) = c.options.take("watermark") {
+                        watermark = source_watermark(&c, v)?;
+                    }
+                    let f = registry.source_factory(&c.kind).ok_or_else(|| kind_error(&topology, &c, registry))?;
+                    f(&c)?;
+                    (Maker::Source(f.clone(), Box::new(c.clone())), 1)
+                }
+                Role::Computation => {
+                    let f = registry
+                        .computation_factory(&c.kind)
+                        .ok_or_else(|| kind_error(&topology, &c, registry))?;
+                    (Maker::Computation(f(&c)?), topology.engine.shards)
+                }
+                Role::Sink => {
+                    let f = registry.sink_factory(&c.kind).ok_or_else(|| kind_error(&topology, &c, registry))?;
+                    f(&c)?;
+                    (Maker::Sink(f.clone(), Box::new(c.clone())), 1)
+                }
+            };
+            index.insert(c.name.clone(), nodes.len());
+            nodes.push(Node {
+                name: c.name.clone(),
+                role: c.role,
+                kind: c.kind.clone(),
+                shards,
+                first_sid: next_sid,
+                ports: vec![String::new(), ERRORS_PORT.to_owned()],
+                out_edges: vec![Vec::new(), Vec::new()],
+                in_edges: Vec::new(),
+                maker,
+                watermark,
+            });
+            next_sid += shards;
+        }
+
+        let mut edges = Vec::new();
+        let mut next_channel: ChannelIdx = 0;
+        for c in topology.components() {
+            let to = index[&c.name];
+            for input in &c.inputs {
+                let from = index[&input.stream.component];
+                let port_name = input.stream.output.clone().unwrap_or_default();
+                let port = match nodes[from].ports.iter().position(|p| *p == port_name) {
+                    Some(p) => p,
+                    None => {
+                        nodes[from].ports.push(port_name);
+                        nodes[from].out_edges.push(Vec::new());
+                        nodes[from].ports.len() - 1
+                    }
+                };
+                let e = edges.len();
+                nodes[from].out_edges[port].push(e);
+                nodes[to].in_edges.push(e);
+                edges.push(Edge {
+                    from,
+                    port,
+                    to,
+                    key: input.key.clone(),
+                    name: format!("{}->{}", input.stream, c.name),
+                    channel_base: next_channel,
+                });
+                next_channel += nodes[from].shards * nodes[to].shards;
+            }
+        }
+
+        let mut shards = Vec::new();
+        for (n, node) in nodes.iter().enumerate() {
+            for s in 0..node.shards {
+                let sid = node.first_sid + s;
+                shards.push(ShardSpec {
+                    node: n,
+                    shard: s,
+                    executor: sid as usize % threads,
+                    prefix: shard_prefix(&node.name, s),
+                    in_channels: Vec::new(),
+                    upstream: Vec::new(),
+                    downstream_executors: Vec::new(),
+                });
+            }
+        }
+        let mut channels = Vec::with_capacity(next_channel as usize);
+        for (e, edge) in edges.iter().enumerate() {
+            let (src_node, dst_node) = (&nodes[edge.from], &nodes[edge.to]);
+            for s in 0..src_node.shards {
+                for d in 0..dst_node.shards {
+                    let (src, dst) = (src_node.first_sid + s, dst_node.first_sid + d);
+                    debug_assert_eq!(
+                        channels.len() as u32,
+                        edge.channel_base + s * dst_node.shards + d
+                    );
+                    channels.push(ChannelSpec {
+                        edge: e,
+                        src,
+                        dst,
+                        outbox_prefix: KeyWriter::from_prefix(&shards[src as usize].prefix)
+                            .str(&edge.name)
+                            .u32(d)
+                            .finish(),
+                        next_key: KeyWriter::from_prefix(&shards[src as usize].prefix)
+                            .tag(b'o')
+                            .str(&edge.name)
+                            .u32(d)
+                            .finish(),
+                        applied_key: KeyWriter::from_prefix(&shards[dst as usize].prefix)
+                            .tag(b'i')
+                            .str(&edge.name)
+                            .u32(s)
+                            .finish(),
+                    });
+                    let ch = channels.len() as ChannelIdx - 1;
+                    shards[dst as usize].in_channels.push(ch);
+                    if !shards[dst as usize].upstream.contains(&src) {
+                        shards[dst as usize].upstream.push(src);
+                    }
+                    let exec = shards[dst as usize].executor;
+                    if !shards[src as usize].downstream_executors.contains(&exec) {
+                        shards[src as usize].downstream_executors.push(exec);
+                    }
+                }
+            }
+        }
+        Ok(Plan {
+            topology,
+            nodes,
+            edges,
+            shards,
+            channels,
+            threads,
+        })
+    }
+
+    /// The channel from producer shard `src_shard` to consumer shard `dst_shard` of `edge`.
+    pub fn channel(&self, edge: usize, src_shard: u32, dst_shard: u32) -> ChannelIdx {
+        let e = &self.edges[edge];
+        e.channel_base + src_shard * self.nodes[e.to].shards + dst_shard
+    }
+
+    /// A one-line summary, as `millrace validate` prints it.
+    pub fn summary(&self) -> String {
+        let count = |r: Role| self.nodes.iter().filter(|n| n.role == r).count();
+        format!(
+            "{}: ok: {} sources, {} computations, {} sinks, {} edges, {} shards per computation",
+            self.topology.file().display(),
+            count(Role::Source),
+            count(Role::Computation),
+            count(Role::Sink),
+            self.edges.len(),
+            self.topology.engine.shards
+        )
+    }
+}
+
+fn kind_error(topology: &Topology, c: &Component, registry: &Registry) -> ConfigError {
+    let section = c.role.section();
+    topology.error(
+        c,
+        Some("type"),
+        format!(
+            "unknown {} type `{}` (known: {})",
+            &section[..section.len() - 1],
+            c.kind,
+            registry.kinds(section).join(", ")
+        ),
+    )
+}
+
+fn source_watermark(c: &Component, v: toml::Value) -> Result<SourceWatermark, ConfigError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Raw {
+        out_of_order: Option<millrace_config::HumanDuration>,
+        idle_after: Option<millrace_config::HumanDuration>,
+    }
+    let raw: Raw = serde::Deserialize::deserialize(v)
+        .map_err(|e: toml::de::Error| c.options.error(Some("watermark"), e.message().to_owned()))?;
+    Ok(SourceWatermark {
+        out_of_order: raw.out_of_order.map_or(0, |d| d.0.as_micros() as i64),
+        idle_after: raw.idle_after.map(|d| d.0),
+    })
+}

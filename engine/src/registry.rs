@@ -1,0 +1,110 @@
+//! Kinds of components by name: the built-ins and a user's own.
+//!
+//! A factory parses a component's options (strictly, so typos are errors) and
+//! returns what the engine instantiates. Factories do no I/O: `millrace
+//! validate` calls them to check a file without touching inputs or outputs.
+
+use crate::api::{Computation, Sink, Source};
+use millrace_config::{Component, ConfigError};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Makes one computation instance per shard.
+pub type MakeComputation = Arc<dyn Fn() -> Box<dyn Computation> + Send + Sync>;
+/// Builds a source from its component table.
+pub type SourceFactory = Arc<dyn Fn(&Component) -> Result<Box<dyn Source>, ConfigError> + Send + Sync>;
+/// Builds a computation maker from its component table.
+pub type ComputationFactory =
+    Arc<dyn Fn(&Component) -> Result<MakeComputation, ConfigError> + Send + Sync>;
+/// Builds a sink from its component table.
+pub type SinkFactory = Arc<dyn Fn(&Component) -> Result<Box<dyn Sink>, ConfigError> + Send + Sync>;
+
+/// The kinds a topology may use, by `type` name.
+///
+/// ```
+/// use millrace_engine::{Computation, ComputationError, Context, Record, Registry};
+///
+/// struct Upper;
+/// impl Computation for Upper {
+///     fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
+///         ctx.produce(r.key, r.value.to_ascii_uppercase(), r.timestamp);
+///         Ok(())
+///     }
+/// }
+///
+/// let mut registry = Registry::new();
+/// registry.computation("upper", |_component| {
+///     Ok(std::sync::Arc::new(|| Box::new(Upper) as Box<dyn Computation>))
+/// });
+/// assert!(registry.has_computation("upper"));
+/// ```
+#[derive(Default, Clone)]
+pub struct Registry {
+    sources: BTreeMap<String, SourceFactory>,
+    computations: BTreeMap<String, ComputationFactory>,
+    sinks: BTreeMap<String, SinkFactory>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers (or replaces) a source kind.
+    pub fn source(
+        &mut self,
+        kind: &str,
+        f: impl Fn(&Component) -> Result<Box<dyn Source>, ConfigError> + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.sources.insert(kind.to_owned(), Arc::new(f));
+        self
+    }
+
+    /// Registers (or replaces) a computation kind.
+    pub fn computation(
+        &mut self,
+        kind: &str,
+        f: impl Fn(&Component) -> Result<MakeComputation, ConfigError> + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.computations.insert(kind.to_owned(), Arc::new(f));
+        self
+    }
+
+    /// Registers (or replaces) a sink kind.
+    pub fn sink(
+        &mut self,
+        kind: &str,
+        f: impl Fn(&Component) -> Result<Box<dyn Sink>, ConfigError> + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.sinks.insert(kind.to_owned(), Arc::new(f));
+        self
+    }
+
+    /// Whether a computation kind is registered.
+    pub fn has_computation(&self, kind: &str) -> bool {
+        self.computations.contains_key(kind)
+    }
+
+    pub(crate) fn source_factory(&self, kind: &str) -> Option<&SourceFactory> {
+        self.sources.get(kind)
+    }
+
+    pub(crate) fn computation_factory(&self, kind: &str) -> Option<&ComputationFactory> {
+        self.computations.get(kind)
+    }
+
+    pub(crate) fn sink_factory(&self, kind: &str) -> Option<&SinkFactory> {
+        self.sinks.get(kind)
+    }
+
+    /// Names of the registered kinds of a role's section, for error messages.
+    pub(crate) fn kinds(&self, section: &str) -> Vec<&str> {
+        let keys: Vec<&String> = match section {
+            "sources" => self.sources.keys().collect(),
+            "computations" => self.computations.keys().collect(),
+            _ => self.sinks.keys().collect(),
+        };
+        keys.into_iter().map(String::as_str).collect()
+    }
+}

@@ -1,0 +1,334 @@
+//! One shard's in-memory view: its channels, the state and timers changed
+//! since the last commit, and its watermarks. The executor owns it and
+//! checkpoints it ([`ShardRt::checkpoint`]) into each commit.
+
+use crate::api::{Computation, Sink, Source};
+use crate::delivery::{InChannel, OutChannel};
+use crate::plan::{ChannelIdx, NodeIdx, Sid};
+use crate::record::{Envelope, EventTime, TimeDomain, MIN_TIME};
+use bytes::Bytes;
+use millrace_storage::{Batch, Cf, KeyReader, KeyWriter, StorageError, Store};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::Instant;
+
+/// A record a shard produced and has not routed yet.
+pub(crate) struct Emit {
+    /// Output port index, or `usize::MAX` for an output nobody reads.
+    pub port: usize,
+    pub key: Bytes,
+    pub value: Bytes,
+    pub ts: EventTime,
+    pub ingest: i64,
+}
+
+pub(crate) struct SourceRt {
+    pub source: Box<dyn Source>,
+    pub exhausted: bool,
+    /// Set once `exhausted` has been committed and counted.
+    pub retired: bool,
+    pub idle_until: Instant,
+    pub last_data: Instant,
+    pub position_dirty: bool,
+}
+
+pub(crate) enum Body {
+    Source(SourceRt),
+    Compute(Box<dyn Computation>),
+    Sink {
+        sink: Box<dyn Sink>,
+        written: bool,
+    },
+}
+
+/// Event- and processing-time timers of one shard, mirrored in memory.
+#[derive(Default)]
+pub(crate) struct Timers {
+    by_time: BTreeSet<(TimeDomain, EventTime, Bytes, Bytes)>,
+    by_key: HashMap<(Bytes, Bytes), (TimeDomain, EventTime)>,
+    writes: Vec<(Vec<u8>, bool)>,
+}
+
+impl Timers {
+    fn storage_key(prefix: &[u8], d: TimeDomain, t: EventTime, key: &[u8], tag: &[u8]) -> Vec<u8> {
+        KeyWriter::from_prefix(prefix)
+            .tag(b't')
+            .tag(d.tag())
+            .i64(t)
+            .bytes(key)
+            .bytes(tag)
+            .finish()
+    }
+
+    pub fn load(store: &Store, prefix: &[u8]) -> Result<Timers, StorageError> {
+        let mut timers = Timers::default();
+        let scan = KeyWriter::from_prefix(prefix).tag(b't').finish();
+        let mut bad = 0usize;
+        store.for_each_prefix(Cf::Timers, &scan, |k, _| {
+            let mut r = KeyReader::new(&k[scan.len()..]);
+            let parsed = (|| {
+                let d = match r.tag()? {
+                    b'e' => TimeDomain::EventTime,
+                    _ => TimeDomain::ProcessingTime,
+                };
+                Ok::<_, millrace_storage::KeyError>((d, r.i64()?, r.bytes()?, r.bytes()?))
+            })();
+            match parsed {
+                Ok((d, t, key, tag)) => {
+                    let (key, tag) = (Bytes::from(key), Bytes::from(tag));
+                    timers.by_key.insert((key.clone(), tag.clone()), (d, t));
+                    timers.by_time.insert((d, t, key, tag));
+                }
+                Err(_) => bad += 1,
+            }
+            true
+        })?;
+        if bad > 0 {
+            tracing::warn!(bad, "skipped malformed timer keys");
+        }
+        Ok(timers)
+    }
+
+    pub fn set(&mut self, prefix: &[u8], key: &Bytes, tag: Bytes, d: TimeDomain, t: EventTime) {
+        self.delete(prefix, key, &tag);
+        self.writes
+            .push((Self::storage_key(prefix, d, t, key, &tag), true));
+        self.by_time.insert((d, t, key.clone(), tag.clone()));
+        self.by_key.insert((key.clone(), tag), (d, t));
+    }
+
+    pub fn delete(&mut self, prefix: &[u8], key: &Bytes, tag: &[u8]) {
+        let id = (key.clone(), Bytes::copy_from_slice(tag));
+        if let Some((d, t)) = self.by_key.remove(&id) {
+            self.by_time.remove(&(d, t, id.0, id.1));
+            self.writes
+                .push((Self::storage_key(prefix, d, t, key, tag), false));
+        }
+    }
+
+    /// Removes and returns the earliest timer of `d` whose time is before `limit`.
+    pub fn pop_due(&mut self, prefix: &[u8], d: TimeDomain, limit: EventTime) -> Option<(Bytes, Bytes, EventTime)> {
+        let first = self
+            .by_time
+            .range((d, MIN_TIME, Bytes::new(), Bytes::new())..)
+            .next()?;
+        if first.0 != d || first.1 >= limit {
+            return None;
+        }
+        let (d, t, key, tag) = first.clone();
+        self.by_time.remove(&(d, t, key.clone(), tag.clone()));
+        self.by_key.remove(&(key.clone(), tag.clone()));
+        self.writes
+            .push((Self::storage_key(prefix, d, t, &key, &tag), false));
+        Some((key, tag, t))
+    }
+
+    /// The earliest processing-time timer.
+    pub fn next_processing(&self) -> Option<EventTime> {
+        self.by_time
+            .range((TimeDomain::ProcessingTime, MIN_TIME, Bytes::new(), Bytes::new())..)
+            .next()
+            .map(|t| t.1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    fn flush(&mut self, batch: &mut Batch<'_>) {
+        for (k, put) in self.writes.drain(..) {
+            if put {
+                batch.put(Cf::Timers, &k, &[]);
+            } else {
+                batch.delete(Cf::Timers, &k);
+            }
+        }
+    }
+}
+
+/// The key-scoped part of a shard handed to a computation through `Context`.
+pub(crate) struct KeyScope<'a> {
+    pub key: &'a Bytes,
+    pub store: &'a Store,
+    pub prefix: &'a [u8],
+    pub dirty: &'a mut HashMap<Bytes, Option<Bytes>>,
+    pub timers: &'a mut Timers,
+    pub emits: &'a mut Vec<Emit>,
+    pub ports: &'a [String],
+    pub input_wm: EventTime,
+    pub ingest: i64,
+}
+
+pub(crate) fn state_key(prefix: &[u8], key: &[u8]) -> Vec<u8> {
+    KeyWriter::from_prefix(prefix).bytes(key).finish()
+}
+
+impl KeyScope<'_> {
+    pub fn state(&mut self) -> Result<Option<Bytes>, StorageError> {
+        if let Some(v) = self.dirty.get(self.key) {
+            return Ok(v.clone());
+        }
+        Ok(self
+            .store
+            .get(Cf::State, &state_key(self.prefix, self.key))?
+            .map(Bytes::from))
+    }
+
+    pub fn set_state(&mut self, v: Option<Bytes>) {
+        self.dirty.insert(self.key.clone(), v);
+    }
+
+    pub fn produce(&mut self, output: Option<&str>, key: Bytes, value: Bytes, ts: EventTime) {
+        let port = match output {
+            None => 0,
+            Some(name) => self
+                .ports
+                .iter()
+                .position(|p| p == name)
+                .unwrap_or(usize::MAX),
+        };
+        self.emits.push(Emit {
+            port,
+            key,
+            value,
+            ts,
+            ingest: self.ingest,
+        });
+    }
+
+    pub fn set_timer(&mut self, tag: Bytes, d: TimeDomain, t: EventTime) {
+        self.timers.set(self.prefix, self.key, tag, d, t);
+    }
+
+    pub fn delete_timer(&mut self, tag: &[u8]) {
+        self.timers.delete(self.prefix, self.key, tag);
+    }
+
+    pub fn low_watermark(&self) -> EventTime {
+        self.input_wm
+    }
+}
+
+/// Everything the executor keeps for one shard.
+pub(crate) struct ShardRt {
+    pub sid: Sid,
+    pub node: NodeIdx,
+    pub prefix: Vec<u8>,
+    pub body: Body,
+    pub inputs: HashMap<ChannelIdx, InChannel>,
+    pub applied_dirty: BTreeSet<ChannelIdx>,
+    pub outs: HashMap<ChannelIdx, OutChannel>,
+    pub pending: VecDeque<(ChannelIdx, u64, Envelope)>,
+    pub dirty: HashMap<Bytes, Option<Bytes>>,
+    pub timers: Timers,
+    pub upstream_wm: Vec<EventTime>,
+    pub input_wm: EventTime,
+    pub output_wm: EventTime,
+    pub wm_changed: bool,
+    /// Multiset of the event times of unacknowledged productions.
+    pub unacked_ts: BTreeMap<EventTime, u32>,
+    pub backlog: usize,
+    pub max_event: EventTime,
+}
+
+/// Meta key of a shard's output watermark.
+pub(crate) fn wm_key(prefix: &[u8]) -> Vec<u8> {
+    KeyWriter::from_prefix(prefix).tag(b'w').finish()
+}
+
+/// Meta key of a source's or sink's committed position.
+pub(crate) fn position_key(prefix: &[u8]) -> Vec<u8> {
+    KeyWriter::from_prefix(prefix).tag(b'p').finish()
+}
+
+impl ShardRt {
+    pub fn track_unacked(&mut self, ts: EventTime) {
+        *self.unacked_ts.entry(ts).or_insert(0) += 1;
+        self.backlog += 1;
+    }
+
+    pub fn untrack_unacked(&mut self, ts: EventTime) {
+        if let Some(n) = self.unacked_ts.get_mut(&ts) {
+            *n -= 1;
+            if *n == 0 {
+                self.unacked_ts.remove(&ts);
+            }
+        }
+        self.backlog -= 1;
+    }
+
+    pub fn recompute_input_wm(&mut self) {
+        let wm = self.upstream_wm.iter().copied().min().unwrap_or(MIN_TIME);
+        // Upstream watermarks only rise, so their minimum does too.
+        debug_assert!(wm >= self.input_wm, "input watermark moved back");
+        self.input_wm = self.input_wm.max(wm);
+    }
+
+    /// Recomputes the output watermark; never lets it move back.
+    pub fn recompute_output_wm(&mut self, source_wm: Option<EventTime>) {
+        let base = source_wm.unwrap_or(self.input_wm);
+        let oldest = self.unacked_ts.keys().next().copied().unwrap_or(EventTime::MAX);
+        let wm = base.min(oldest);
+        if wm > self.output_wm {
+            self.output_wm = wm;
+            self.wm_changed = true;
+        }
+    }
+
+    /// Writes everything this shard changed since the last commit into `batch`.
+    pub fn checkpoint(
+        &mut self,
+        batch: &mut Batch<'_>,
+        channels: &[crate::plan::ChannelSpec],
+        sync_sinks: bool,
+    ) -> Result<(), crate::EngineError> {
+        for (k, v) in self.dirty.drain() {
+            let sk = state_key(&self.prefix, &k);
+            match v {
+                Some(v) => batch.put(Cf::State, &sk, &v),
+                None => batch.delete(Cf::State, &sk),
+            }
+        }
+        self.timers.flush(batch);
+        for ch in std::mem::take(&mut self.applied_dirty) {
+            if let Some(i) = self.inputs.get(&ch) {
+                batch.put(
+                    Cf::Channels,
+                    &channels[ch as usize].applied_key,
+                    &i.applied().to_be_bytes(),
+                );
+            }
+        }
+        for (ch, out) in self.outs.iter_mut() {
+            if out.take_dirty() {
+                batch.put(
+                    Cf::Channels,
+                    &channels[*ch as usize].next_key,
+                    &out.next_seq().to_be_bytes(),
+                );
+            }
+        }
+        match &mut self.body {
+            Body::Source(s) if s.position_dirty => {
+                batch.put(Cf::Meta, &position_key(&self.prefix), &s.source.position());
+                s.position_dirty = false;
+            }
+            Body::Sink { sink, written } if *written => {
+                let pos = sink
+                    .flush(sync_sinks)
+                    .map_err(crate::EngineError::Sink)?;
+                batch.put(Cf::Meta, &position_key(&self.prefix), &pos);
+                *written = false;
+            }
+            _ => {}
+        }
+        if self.wm_changed {
+            batch.put(Cf::Meta, &wm_key(&self.prefix), &self.output_wm.to_be_bytes());
+        }
+        Ok(())
+    }
+}
+
+/// Reads a big-endian u64 or i64 stored by a checkpoint.
+pub(crate) fn read_u64(v: &[u8]) -> Option<u64> {
+    v.try_into().ok().map(u64::from_be_bytes)
+}

@@ -1,0 +1,375 @@
+//! One worker process: opens the store, starts the executor threads, and
+//! knows when a bounded topology is finished or a drain is complete.
+
+use crate::executor::{Executor, Msg};
+use crate::metrics::{Metrics, NodeMetrics};
+use crate::plan::{Plan, ERRORS_PORT};
+use crate::registry::Registry;
+use crate::EngineError;
+use millrace_config::{Durability, Role, Topology};
+use millrace_storage::{Cf, KeyWriter, Store, StoreOptions};
+use parking_lot::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// State the executors share with the worker.
+pub(crate) struct Shared {
+    pub metrics: Arc<Metrics>,
+    /// Productions committed and not yet acknowledged, over all shards.
+    pub unacked: AtomicI64,
+    /// Watermark messages sent and not yet processed and committed.
+    pub wm_inflight: AtomicI64,
+    /// Sources not yet exhausted (and committed as such).
+    pub sources_live: AtomicUsize,
+    /// Sources stop polling (SIGTERM).
+    pub stopping: AtomicBool,
+    /// Executors make a last commit and exit.
+    pub halt: AtomicBool,
+    pub fatal: Mutex<Option<String>>,
+    pub shard_backlog: Vec<AtomicI64>,
+    pub shard_wm: Vec<AtomicI64>,
+    pub shard_max_event: Vec<AtomicI64>,
+    pub shard_timers: Vec<AtomicI64>,
+    lock: Mutex<()>,
+    changed: Condvar,
+}
+
+impl Shared {
+    pub fn notify(&self) {
+        let _g = self.lock.lock();
+        self.changed.notify_all();
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let mut g = self.lock.lock();
+        self.changed.wait_for(&mut g, timeout);
+    }
+
+    /// Everything produced has been applied and committed downstream.
+    fn drained(&self) -> bool {
+        self.unacked.load(Ordering::SeqCst) == 0 && self.wm_inflight.load(Ordering::SeqCst) == 0
+    }
+}
+
+/// How the worker runs beyond the topology file.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerOptions {
+    /// Overrides `[service] data_dir`.
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+/// Per-component figures for `/status` and the operator tools.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ComponentStatus {
+    /// Component name.
+    pub name: String,
+    /// `source`, `computation` or `sink`.
+    pub role: &'static str,
+    /// Its `type`.
+    pub kind: String,
+    /// Its inputs, as stream names.
+    pub inputs: Vec<String>,
+    /// Shards.
+    pub shards: u32,
+    /// Lowest output watermark over its shards (microseconds; null before any).
+    pub low_watermark: Option<i64>,
+    /// Newest event time it has seen (microseconds; null before any).
+    pub max_event_time: Option<i64>,
+    /// Unacknowledged productions.
+    pub backlog: i64,
+    /// Timers pending.
+    pub timers: i64,
+    /// Records taken in so far.
+    pub records_in: u64,
+    /// Records produced so far.
+    pub records_out: u64,
+}
+
+/// A running worker.
+pub struct Worker {
+    plan: Arc<Plan>,
+    store: Arc<Store>,
+    shared: Arc<Shared>,
+    node_metrics: Vec<NodeMetrics>,
+    threads: Vec<JoinHandle<Result<(), EngineError>>>,
+    started: Instant,
+    recovered: i64,
+}
+
+impl Worker {
+    /// Builds the plan, opens the store, recovers every shard and starts the
+    /// executors.
+    pub fn start(
+        topology: Topology,
+        registry: &Registry,
+        opts: WorkerOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Worker, EngineError> {
+        let data_dir = opts
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| topology.service.data_dir.clone());
+        let durability = match topology.engine.durability {
+            Durability::Process => millrace_storage::Durability::Process,
+            Durability::Machine => millrace_storage::Durability::Machine,
+        };
+        let plan = Arc::new(Plan::build(topology, registry).map_err(EngineError::Config)?);
+        let store = Arc::new(Store::open(
+            &data_dir,
+            &StoreOptions {
+                durability,
+                ..StoreOptions::default()
+            },
+        )?);
+        check_layout(&store, &plan)?;
+        let n = plan.shards.len();
+        let atomics = |v: i64| (0..n).map(|_| AtomicI64::new(v)).collect::<Vec<_>>();
+        let shared = Arc::new(Shared {
+            metrics: Arc::clone(&metrics),
+            unacked: AtomicI64::new(0),
+            wm_inflight: AtomicI64::new(0),
+            sources_live: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            halt: AtomicBool::new(false),
+            fatal: Mutex::new(None),
+            shard_backlog: atomics(0),
+            shard_wm: atomics(i64::MIN),
+            shard_max_event: atomics(i64::MIN),
+            shard_timers: atomics(0),
+            lock: Mutex::new(()),
+            changed: Condvar::new(),
+        });
+        let node_metrics: Vec<NodeMetrics> = plan
+            .nodes
+            .iter()
+            .map(|n| NodeMetrics::new(&metrics, &n.name))
+            .collect();
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..plan.threads)
+            .map(|_| crossbeam_channel::unbounded::<Vec<Msg>>())
+            .unzip();
+        let mut executors = Vec::new();
+        for (id, inbox) in receivers.into_iter().enumerate() {
+            let mut ex = Executor::new(
+                id,
+                Arc::clone(&plan),
+                Arc::clone(&store),
+                Arc::clone(&shared),
+                inbox,
+                senders.clone(),
+                node_metrics.clone(),
+            );
+            ex.recover()?;
+            executors.push(ex);
+        }
+        let recovered = shared.unacked.load(Ordering::SeqCst);
+        let mut threads = Vec::new();
+        for (id, ex) in executors.into_iter().enumerate() {
+            let shared = Arc::clone(&shared);
+            let handle = std::thread::Builder::new()
+                .name(format!("millrace-exec-{id}"))
+                .spawn(move || {
+                    let result = ex.run();
+                    if let Err(e) = &result {
+                        shared.metrics.fatal_errors.inc();
+                        *shared.fatal.lock() = Some(e.to_string());
+                        shared.halt.store(true, Ordering::SeqCst);
+                        shared.notify();
+                    }
+                    result
+                })
+                .map_err(|e| EngineError::Thread(e.to_string()))?;
+            threads.push(handle);
+        }
+        Ok(Worker {
+            plan,
+            store,
+            shared,
+            node_metrics,
+            threads,
+            started: Instant::now(),
+            recovered,
+        })
+    }
+
+    /// Whether all sources are exhausted and everything they produced has
+    /// been delivered and committed by the sinks.
+    pub fn finished(&self) -> bool {
+        self.shared.sources_live.load(Ordering::SeqCst) == 0 && self.shared.drained()
+    }
+
+    /// Blocks until [`Worker::finished`], a fatal error, or `timeout`.
+    pub fn wait_finished(&self, timeout: Duration) -> Result<bool, EngineError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.shared.fatal.lock().clone() {
+                return Err(EngineError::Fatal(e));
+            }
+            if self.finished() {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            self.shared.wait((deadline - now).min(Duration::from_millis(100)));
+        }
+    }
+
+    /// Stops the sources and waits (up to `timeout`) until everything in
+    /// flight has been delivered. Returns whether the drain completed.
+    pub fn drain(&self, timeout: Duration) -> Result<bool, EngineError> {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.shared.fatal.lock().clone() {
+                return Err(EngineError::Fatal(e));
+            }
+            if self.shared.drained() {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            self.shared.wait((deadline - now).min(Duration::from_millis(100)));
+        }
+    }
+
+    /// Makes the executors commit one last time and stop; returns the first error.
+    pub fn shutdown(self) -> Result<(), EngineError> {
+        self.shared.halt.store(true, Ordering::SeqCst);
+        let mut first = None;
+        for t in self.threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first.get_or_insert(e);
+                }
+                Err(_) => {
+                    first.get_or_insert(EngineError::Thread("an executor panicked".into()));
+                }
+            }
+        }
+        match first {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The error that stopped an executor, if any.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.shared.fatal.lock().clone()
+    }
+
+    /// Updates the aggregate gauges (watermarks, backlog, timers, RocksDB size).
+    pub fn refresh_gauges(&self) {
+        for (status, m) in self.status().iter().zip(&self.node_metrics) {
+            m.outbox_backlog.set(status.backlog);
+            m.timers_pending.set(status.timers);
+            if let Some(wm) = status.low_watermark {
+                m.low_watermark.set(if wm == i64::MAX { i64::MAX / 1_000_000 } else { wm / 1_000_000 });
+                if let Some(max) = status.max_event_time {
+                    m.watermark_lag.set(((max - wm).max(0)) / 1_000_000);
+                }
+            }
+        }
+        self.shared
+            .metrics
+            .rocksdb_bytes
+            .set(self.store.size_bytes() as i64);
+    }
+
+    /// One entry per component, in topology order.
+    pub fn status(&self) -> Vec<ComponentStatus> {
+        let s = &*self.shared;
+        self.plan
+            .nodes
+            .iter()
+            .zip(&self.node_metrics)
+            .map(|(n, m)| {
+                let sids = n.first_sid as usize..(n.first_sid + n.shards) as usize;
+                let wm = sids.clone().map(|i| s.shard_wm[i].load(Ordering::Relaxed)).min();
+                let max_event = sids
+                    .clone()
+                    .map(|i| s.shard_max_event[i].load(Ordering::Relaxed))
+                    .max();
+                ComponentStatus {
+                    name: n.name.clone(),
+                    role: match n.role {
+                        Role::Source => "source",
+                        Role::Computation => "computation",
+                        Role::Sink => "sink",
+                    },
+                    kind: n.kind.clone(),
+                    inputs: n
+                        .in_edges
+                        .iter()
+                        .map(|&e| {
+                            let edge = &self.plan.edges[e];
+                            let from = &self.plan.nodes[edge.from];
+                            match edge.port {
+                                0 => from.name.clone(),
+                                p => format!("{}.{}", from.name, from.ports[p]),
+                            }
+                        })
+                        .collect(),
+                    shards: n.shards,
+                    low_watermark: wm.filter(|w| *w != i64::MIN),
+                    max_event_time: max_event.filter(|w| *w != i64::MIN),
+                    backlog: sids.clone().map(|i| s.shard_backlog[i].load(Ordering::Relaxed)).sum(),
+                    timers: sids.map(|i| s.shard_timers[i].load(Ordering::Relaxed)).sum(),
+                    records_in: m.records_in.get(),
+                    records_out: m.records_out.get(),
+                }
+            })
+            .collect()
+    }
+
+    /// The plan this worker runs.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// How long ago the worker started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Unacknowledged productions found in the outbox at start (re-sent).
+    pub fn recovered_backlog(&self) -> i64 {
+        self.recovered
+    }
+
+    /// Productions committed and not yet acknowledged, now.
+    pub fn backlog(&self) -> i64 {
+        self.shared.unacked.load(Ordering::SeqCst)
+    }
+}
+
+/// The shard count decides where every key's state lives; refuse to start on
+/// data laid out for another count.
+fn check_layout(store: &Store, plan: &Plan) -> Result<(), EngineError> {
+    let key = KeyWriter::new().str("").str("shards").finish();
+    let want = plan.topology.engine.shards;
+    match store.get(Cf::Meta, &key)? {
+        Some(v) => {
+            let had = v.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(0);
+            if had != want {
+                return Err(EngineError::Layout(format!(
+                    "{} was written with engine.shards = {had}; this topology says {want}. \
+                     Use the same shard count, or a new data_dir",
+                    store.path().display()
+                )));
+            }
+        }
+        None => {
+            let mut b = store.batch();
+            b.put(Cf::Meta, &key, &want.to_be_bytes());
+            store.commit(b)?;
+        }
+    }
+    let _ = ERRORS_PORT;
+    Ok(())
+}

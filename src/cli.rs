@@ -1,0 +1,77 @@
+//! Command-line interface.
+
+use crate::service;
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use millrace_config::Topology;
+use millrace_engine::{Plan, Registry};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// A MillWheel-style exactly-once stream engine.
+#[derive(Parser)]
+#[command(name = "millrace", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format: `text` or `json`. The level comes from MILLRACE_LOG (default `info`).
+    #[arg(long, global = true, default_value = "text")]
+    log_format: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a topology until SIGTERM/SIGINT, or until its bounded input is done.
+    Run {
+        /// The topology file.
+        file: PathBuf,
+        /// Overrides `[service] data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Overrides `[service] http` (`off` disables it).
+        #[arg(long)]
+        http: Option<String>,
+        /// Longest a drain after SIGTERM may take before the worker exits anyway
+        /// (what is not delivered stays in the outbox for the next start).
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        drain_timeout: std::time::Duration,
+    },
+    /// Check a topology file without running it.
+    Validate {
+        /// The topology file.
+        file: PathBuf,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    millrace_config::parse_duration(s)
+}
+
+/// Runs the `millrace` command line with `registry`'s kinds.
+pub fn cli_main(registry: Registry) -> ExitCode {
+    let cli = Cli::parse();
+    service::init_logging(&cli.log_format);
+    let result = match cli.command {
+        Command::Validate { file } => validate(&file, &registry),
+        Command::Run {
+            file,
+            data_dir,
+            http,
+            drain_timeout,
+        } => service::run(&file, &registry, data_dir, http, drain_timeout),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn validate(file: &std::path::Path, registry: &Registry) -> Result<()> {
+    let topology = Topology::load(file)?;
+    let plan = Plan::build(topology, registry).context("checking component options")?;
+    println!("{}", plan.summary());
+    Ok(())
+}

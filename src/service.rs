@@ -1,0 +1,142 @@
+//! `millrace run`: the worker as a long-running service.
+
+use crate::http::{self, Health};
+use anyhow::{Context as _, Result};
+use millrace_config::Topology;
+use millrace_engine::{Metrics, Registry, Worker, WorkerOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Sets up `tracing`: level from `MILLRACE_LOG` (default `info`), text or JSON.
+pub fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MILLRACE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Runs `file` until a signal, a fatal error, or the end of bounded input.
+pub fn run(
+    file: &Path,
+    registry: &Registry,
+    data_dir: Option<PathBuf>,
+    http_addr: Option<String>,
+    drain_timeout: Duration,
+) -> Result<()> {
+    let topology = Topology::load(file)?;
+    let http_addr = match http_addr.as_deref() {
+        Some("off") => None,
+        Some(a) => Some(a.to_owned()),
+        None => topology.service.http.clone(),
+    };
+    let data_dir = data_dir.unwrap_or_else(|| topology.service.data_dir.clone());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("millrace-io")
+        .enable_all()
+        .build()
+        .context("starting the I/O runtime")?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // Signals: the first SIGTERM/SIGINT starts a drain.
+    {
+        let stop = Arc::clone(&stop);
+        runtime.spawn(async move {
+            wait_for_signal().await;
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+
+    let worker = Worker::start(
+        topology,
+        registry,
+        WorkerOptions {
+            data_dir: Some(data_dir.clone()),
+        },
+        Arc::clone(&metrics),
+    )
+    .with_context(|| format!("starting the worker on {}", data_dir.display()))?;
+    let worker = Arc::new(worker);
+
+    let bound = match &http_addr {
+        Some(addr) => Some(
+            runtime
+                .block_on(http::serve(addr, Arc::clone(&worker), Arc::clone(&metrics), Arc::clone(&health)))
+                .with_context(|| format!("serving HTTP on {addr}"))?,
+        ),
+        None => None,
+    };
+    health.set_running();
+    tracing::info!(
+        topology = %file.display(),
+        data_dir = %data_dir.display(),
+        http = %bound.map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        recovered_backlog = worker.recovered_backlog(),
+        components = worker.plan().nodes.len(),
+        "millrace running"
+    );
+
+    let outcome = loop {
+        if stop.load(Ordering::SeqCst) {
+            health.set_draining();
+            tracing::info!("signal received: stopping sources and draining");
+            match worker.drain(drain_timeout) {
+                Ok(true) => tracing::info!("drained"),
+                Ok(false) => tracing::warn!(
+                    backlog = worker.backlog(),
+                    "drain timed out; the rest stays in the outbox for the next start"
+                ),
+                Err(e) => break Err(e),
+            }
+            break Ok(());
+        }
+        match worker.wait_finished(Duration::from_millis(100)) {
+            Ok(true) => {
+                tracing::info!("all input processed and delivered");
+                break Ok(());
+            }
+            Ok(false) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    health.set_draining();
+    let worker = Arc::try_unwrap(worker).map_err(|_| anyhow::anyhow!("the HTTP server still holds the worker"));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    let worker = worker?;
+    let shutdown = worker.shutdown();
+    outcome.context("the worker stopped")?;
+    shutdown.context("the last commit failed")?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
