@@ -37,6 +37,27 @@ impl Locator {
         self.lines.len().max(1)
     }
 
+    /// The dotted key assigned on the line holding byte `offset` (with its
+    /// table's path), or that line's text when it assigns nothing.
+    pub fn key_at(&self, offset: usize) -> String {
+        let line = self.line_of_offset(offset).saturating_sub(1);
+        let text = self.lines.get(line).map_or("", |l| l.trim());
+        let Some((key, _)) = text.split_once('=').filter(|_| !text.starts_with('[')) else {
+            return text.to_owned();
+        };
+        let key = key.trim().trim_matches('"');
+        let table = self.lines[..line]
+            .iter()
+            .rev()
+            .map(|l| l.trim())
+            .find(|l| l.starts_with('['))
+            .map(|h| h.trim_matches(|c| c == '[' || c == ']').replace('"', ""));
+        match table {
+            Some(t) if !t.is_empty() => format!("{t}.{key}"),
+            _ => key.to_owned(),
+        }
+    }
+
     /// 1-based line of `table.key` where `table` is a dotted table path such as
     /// `computations.words`. Falls back to the table's header, then to line 1.
     pub fn line_of(&self, table: &str, key: Option<&str>) -> usize {
@@ -118,5 +139,8 @@ mod tests {
         assert_eq!(l.line_of("nowhere", Some("x")), 1);
         assert_eq!(l.line_of_offset(0), 1);
         assert_eq!(l.line_of_offset(10), 2);
+        assert_eq!(l.key_at(10), "engine.shards");
+        assert_eq!(l.key_at(TEXT.find("inputs").unwrap()), "computations.words.inputs");
+        assert_eq!(l.key_at(0), "[engine]");
     }
 }

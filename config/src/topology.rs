@@ -245,9 +245,7 @@ impl Topology {
             let line = e.span().map_or(1, |s| locator.line_of_offset(s.start));
             let key = e
                 .span()
-                .and_then(|s| text.get(s.clone()))
-                .map(|k| k.trim().to_owned())
-                .filter(|k| !k.is_empty() && k.len() < 80 && !k.contains('\n'))
+                .map(|s| locator.key_at(s.start))
                 .unwrap_or_else(|| "<toml>".to_owned());
             ConfigError::Invalid {
                 file: locator.file().to_path_buf(),

@@ -1,0 +1,178 @@
+//! Test support: start real `millrace` processes on 127.0.0.1, kill them,
+//! wait for conditions (never for fixed times), and check outputs exactly.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn millrace() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_millrace"));
+    c.env("MILLRACE_LOG", "warn");
+    c
+}
+
+/// A scratch directory with a topology in it.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        Scratch {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `text` to `name`, replacing `{dir}` with the scratch directory.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, text.replace("{dir}", &self.dir.path().display().to_string())).expect("write");
+        p
+    }
+}
+
+/// Polls `cond` every few milliseconds until it holds; false after `timeout`.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
+
+/// Waits for `child` to exit, killing it (and failing) after `timeout`.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let mut status = None;
+    let exited = wait_until(timeout, || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("millrace did not exit within {timeout:?}");
+    }
+    status.expect("exited")
+}
+
+/// Runs `millrace run FILE` to its end (bounded input) within `timeout`.
+pub fn run_to_end(topology: &Path, timeout: Duration) -> Output {
+    let mut child = millrace()
+        .args(["run", topology.to_str().expect("utf-8 path"), "--http", "off"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn millrace");
+    let status = wait_exit(&mut child, timeout);
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    child.stdout.take().map(|mut s| s.read_to_end(&mut stdout));
+    child.stderr.take().map(|mut s| s.read_to_end(&mut stderr));
+    Output { status, stdout, stderr }
+}
+
+/// SIGKILL, as a crash.
+pub fn kill9(child: &mut Child) {
+    // SAFETY: sending a signal to our own child process by pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    let _ = child.wait();
+}
+
+/// SIGTERM, as an operator's stop.
+pub fn term(child: &Child) {
+    // SAFETY: sending a signal to our own child process by pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+}
+
+/// The size of a file, 0 when it does not exist yet.
+pub fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).map_or(0, |m| m.len())
+}
+
+/// Reads a jsonl sink file into (key, value) pairs, in file order.
+pub fn read_jsonl(p: &Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(p).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"));
+            (
+                v["key"].as_str().expect("key").to_owned(),
+                v["value"].as_str().expect("value").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Checks that, for every key, the values are exactly the running counts
+/// 1, 2, ..., n, each once and in order; returns n per key.
+pub fn assert_running_counts(pairs: &[(String, String)]) -> BTreeMap<String, u64> {
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        let n: u64 = v.parse().unwrap_or_else(|_| panic!("line {}: value {v:?} is not a count", i + 1));
+        let prev = last.entry(k.clone()).or_insert(0);
+        assert_eq!(n, *prev + 1, "line {}: key {k} has count {n} after {prev} (lost or repeated)", i + 1);
+        *prev = n;
+    }
+    last
+}
+
+/// A small deterministic random stream; the seed is printed so a failure can be replayed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn from_env() -> Self {
+        let seed = std::env::var("MILLRACE_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        eprintln!("MILLRACE_TEST_SEED={seed}");
+        Rng(seed | 1)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+/// A plain HTTP GET against a running worker; returns (status, body).
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((code, body))
+}
+
+/// A free port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
