@@ -1,0 +1,51 @@
+//! A user's own binary registers a kind and runs a topology that uses it.
+
+mod support;
+
+use std::process::Command;
+use support::*;
+
+#[test]
+fn a_custom_kind_runs_in_a_users_binary() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let build = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--example", "custom_kind"])
+        .current_dir(root)
+        .status()
+        .expect("cargo build --example custom_kind");
+    assert!(build.success());
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_millrace"))
+        .parent()
+        .expect("target dir")
+        .join("examples/custom_kind");
+
+    let s = Scratch::new();
+    let topo = std::fs::read_to_string(format!("{root}/examples/custom_kind.toml"))
+        .expect("example topology")
+        .replace("target/custom_kind/data", &s.path("data").display().to_string())
+        .replace("examples/wordcount/input.txt", &format!("{root}/examples/wordcount/input.txt"));
+    let file = s.write("custom.toml", &topo);
+    let out = Command::new(exe)
+        .args(["run", file.to_str().expect("path")])
+        .env("MILLRACE_LOG", "warn")
+        .output()
+        .expect("run the example binary");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let text = std::fs::read_to_string(format!("{root}/examples/wordcount/input.txt")).expect("text");
+    let mut expected: Vec<String> = Vec::new();
+    for w in text
+        .split(|c: char| !(c.is_alphanumeric() || c == '\''))
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+    {
+        if !expected.contains(&w) {
+            expected.push(w);
+        }
+    }
+    let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split_once('\t').expect("key<TAB>value").1.to_owned())
+        .collect();
+    assert_eq!(got, expected);
+}

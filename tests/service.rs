@@ -1,0 +1,248 @@
+//! The worker as a service: unbounded sources, SIGTERM drains, restarts on
+//! the same data dir, bad records, backpressure, and the HTTP endpoints.
+
+mod support;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+use support::*;
+
+const T: Duration = Duration::from_secs(60);
+
+fn spawn(topo: &std::path::Path, http: &str) -> Child {
+    millrace()
+        .args(["run", topo.to_str().expect("path"), "--http", http])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn millrace")
+}
+
+fn lines(p: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn socket_source_then_sigterm_drains_and_exits_zero() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        for i in 0..500 {
+            writeln!(conn, "red green {}", if i % 2 == 0 { "blue" } else { "red" }).expect("write");
+        }
+        conn.flush().expect("flush");
+        // Keep the connection open until the worker is stopped.
+        let mut buf = [0u8; 1];
+        let _ = std::io::Read::read(&mut conn, &mut buf);
+    });
+    let s = Scratch::new();
+    let topo = s.write(
+        "sock.toml",
+        &format!(
+            r#"
+[service]
+data_dir = "{{dir}}/data"
+[sources.sock]
+type = "socket"
+address = "{addr}"
+[computations.words]
+type = "split"
+inputs = ["sock"]
+[computations.counts]
+type = "count"
+inputs = [{{ from = "words", key = "value" }}]
+[sinks.out]
+type = "file"
+inputs = ["counts"]
+path = "{{dir}}/out.jsonl"
+"#
+        ),
+    );
+    let mut child = spawn(&topo, "off");
+    let out = s.path("out.jsonl");
+    assert!(wait_until(T, || lines(&out).len() >= 1500), "all 1500 words counted");
+    term(&child);
+    let status = wait_exit(&mut child, T);
+    assert!(status.success(), "SIGTERM exits 0, got {status:?}");
+    let counts = assert_running_counts(&read_jsonl(&out));
+    assert_eq!(counts.get("red"), Some(&750));
+    assert_eq!(counts.get("green"), Some(&500));
+    assert_eq!(counts.get("blue"), Some(&250));
+    drop(server);
+}
+
+#[test]
+fn watched_directory_picks_up_new_files_across_kills() {
+    let s = Scratch::new();
+    let input = s.path("in");
+    std::fs::create_dir(&input).expect("mkdir");
+    let add = |name: &str, from: usize, to: usize| {
+        let body: String = (from..to).map(|i| format!("line {i}\n")).collect();
+        let tmp = input.join(format!(".{name}"));
+        std::fs::write(&tmp, body).expect("write");
+        std::fs::rename(&tmp, input.join(name)).expect("rename");
+    };
+    add("001.txt", 0, 1000);
+    let topo = s.write(
+        "watch.toml",
+        r#"
+[service]
+data_dir = "{dir}/data"
+[sources.files]
+type = "file"
+path = "{dir}/in"
+watch = true
+[sinks.out]
+type = "file"
+inputs = ["files"]
+path = "{dir}/out.txt"
+format = "text"
+"#,
+    );
+    let out = s.path("out.txt");
+    let mut child = spawn(&topo, "off");
+    assert!(wait_until(T, || lines(&out).len() >= 1000));
+    add("002.txt", 1000, 3000);
+    assert!(wait_until(T, || lines(&out).len() >= 1500));
+    kill9(&mut child);
+    let mut child = spawn(&topo, "off");
+    add("003.txt", 3000, 4000);
+    assert!(wait_until(T, || lines(&out).len() >= 4000));
+    term(&child);
+    assert!(wait_exit(&mut child, T).success());
+
+    let got: Vec<String> = lines(&out)
+        .into_iter()
+        .map(|l| l.split_once('\t').expect("key<TAB>value").1.to_owned())
+        .collect();
+    let want: Vec<String> = (0..4000).map(|i| format!("line {i}")).collect();
+    assert_eq!(got, want, "each line once, in file order");
+}
+
+#[test]
+fn bad_records_are_counted_and_routed_to_the_errors_output() {
+    let s = Scratch::new();
+    let input = s.path("in");
+    std::fs::create_dir(&input).expect("mkdir");
+    std::fs::write(input.join("a.txt"), "1\nnot a number\n2\n40\n").expect("write");
+    let port = free_port();
+    let topo = s.write(
+        "bad.toml",
+        r#"
+[service]
+data_dir = "{dir}/data"
+[sources.nums]
+type = "file"
+path = "{dir}/in"
+watch = true
+[computations.total]
+type = "reduce"
+inputs = ["nums"]
+op = "sum"
+[sinks.out]
+type = "file"
+inputs = ["total"]
+path = "{dir}/out.txt"
+format = "text"
+[sinks.rejected]
+type = "file"
+inputs = ["total.errors"]
+path = "{dir}/rejected.txt"
+format = "text"
+"#,
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = spawn(&topo, &addr);
+    let out = s.path("out.txt");
+    assert!(wait_until(T, || lines(&out).len() >= 3 && lines(&s.path("rejected.txt")).len() >= 1));
+    let values: Vec<String> = lines(&out).iter().map(|l| l.split('\t').nth(1).unwrap_or("").to_owned()).collect();
+    assert_eq!(values, ["1", "3", "43"]);
+    assert_eq!(lines(&s.path("rejected.txt")), ["a.txt\tnot a number"]);
+
+    let (code, health) = http_get(&addr, "/healthz").expect("healthz");
+    assert_eq!((code, health.trim()), (200, "ok"));
+    let (code, metrics) = http_get(&addr, "/metrics").expect("metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("millrace_bad_records_total{component=\"total\"} 1"), "{metrics}");
+    assert!(metrics.contains("millrace_records_in_total{component=\"nums\"} 4"), "{metrics}");
+    assert!(metrics.contains("millrace_records_in_total{component=\"out\"} 3"), "{metrics}");
+    let (code, status) = http_get(&addr, "/status").expect("status");
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status is JSON");
+    let names: Vec<&str> = status["components"]
+        .as_array()
+        .expect("components")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, ["nums", "total", "out", "rejected"]);
+    term(&child);
+    assert!(wait_exit(&mut child, T).success());
+}
+
+#[test]
+fn a_slow_consumer_bounds_the_backlog_and_holds_back_the_source() {
+    const MAX_BACKLOG: i64 = 200;
+    let s = Scratch::new();
+    let port = free_port();
+    let topo = s.write(
+        "bp.toml",
+        &format!(
+            r#"
+[service]
+data_dir = "{{dir}}/data"
+[engine]
+shards = 4
+max_backlog = {MAX_BACKLOG}
+channel_window = 16
+batch_size = 64
+[sources.gen]
+type = "generator"
+keys = 100
+[computations.counts]
+type = "count"
+inputs = ["gen"]
+[sinks.out]
+type = "file"
+inputs = ["counts"]
+path = "{{dir}}/out.jsonl"
+"#
+        ),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = spawn(&topo, &addr);
+    let mut samples = 0;
+    let mut last_in = 0;
+    let ok = wait_until(T, || {
+        let Some((200, body)) = http_get(&addr, "/status") else { return false };
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let comps = v["components"].as_array().expect("components").clone();
+        let get = |name: &str, field: &str| {
+            comps
+                .iter()
+                .find(|c| c["name"] == name)
+                .and_then(|c| c[field].as_i64())
+                .unwrap_or(0)
+        };
+        for c in ["gen", "counts"] {
+            assert!(get(c, "backlog") <= MAX_BACKLOG, "{c} backlog {} > {MAX_BACKLOG}", get(c, "backlog"));
+        }
+        let in_flight = get("gen", "records_in") - get("out", "records_in");
+        assert!(in_flight <= 2 * MAX_BACKLOG, "{in_flight} records between source and sink");
+        if get("gen", "records_in") > last_in {
+            last_in = get("gen", "records_in");
+            samples += 1;
+        }
+        samples >= 20
+    });
+    assert!(ok, "the source kept making progress while bounded");
+    term(&child);
+    assert!(wait_exit(&mut child, T).success());
+}
