@@ -1,1 +1,118 @@
-fn main(){}
+//! End-to-end load harness. Each figure is printed with a baseline measured in
+//! the same run on the same machine, and the ratio between them: the machines
+//! are shared and noisy, absolute figures drift.
+//!
+//! ```sh
+//! make bench                                  # everything, 10M records
+//! MILLRACE_BENCH_RECORDS=1000000 cargo bench --bench e2e
+//! MILLRACE_BENCH=p1 cargo bench --bench e2e   # one scenario
+//! ```
+//!
+//! - baseline: raw RocksDB, WriteBatch of 1,000 puts, one put per record,
+//!   16-byte keys over the same key space, WAL on, no sync.
+//! - p1: the running count (`generator` -> `count`), state in RocksDB,
+//!   exactly-once, `durability = "process"`, one worker.
+
+use millrace::config::Topology;
+use millrace::engine::{Metrics, Worker, WorkerOptions};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Raw RocksDB: puts per second, WriteBatch(1000), WAL on, no sync.
+fn rocksdb_baseline(records: u64, keys: u64) -> f64 {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    let db = rocksdb::DB::open(&opts, dir.path()).expect("open baseline db");
+    let started = Instant::now();
+    let mut batch = rocksdb::WriteBatch::default();
+    for i in 0..records {
+        let key = format!("k{:015}", (i.wrapping_mul(0x9E37_79B9_7F4A_7C15)) % keys);
+        batch.put(key.as_bytes(), i.to_le_bytes());
+        if batch.len() == 1000 {
+            db.write(std::mem::take(&mut batch)).expect("write");
+        }
+    }
+    db.write(batch).expect("write");
+    records as f64 / started.elapsed().as_secs_f64()
+}
+
+struct Run {
+    records_per_sec: f64,
+    elapsed: Duration,
+}
+
+fn run_topology(text: &str, records: u64) -> Run {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = text.replace("{dir}", &dir.path().display().to_string());
+    let topology = Topology::parse_str("bench.toml", &text).expect("bench topology");
+    let started = Instant::now();
+    let worker = Worker::start(
+        topology,
+        &millrace::builtins(),
+        WorkerOptions::default(),
+        Arc::new(Metrics::new()),
+    )
+    .expect("start worker");
+    let finished = worker
+        .wait_finished(Duration::from_secs(3600))
+        .expect("worker failed");
+    assert!(finished, "benchmark did not finish");
+    let elapsed = started.elapsed();
+    worker.shutdown().expect("shutdown");
+    Run {
+        records_per_sec: records as f64 / elapsed.as_secs_f64(),
+        elapsed,
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; ignore arguments.
+    let records = env_u64("MILLRACE_BENCH_RECORDS", 10_000_000);
+    let keys = env_u64("MILLRACE_BENCH_KEYS", 100_000);
+    let which = std::env::var("MILLRACE_BENCH").unwrap_or_else(|_| "all".into());
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("millrace e2e benchmark: {records} records, {keys} keys, {cpus} CPUs");
+
+    let baseline = rocksdb_baseline(records, keys);
+    println!(
+        "baseline  raw RocksDB WriteBatch(1000) puts        {:>12.0} records/s",
+        baseline
+    );
+
+    if which == "all" || which == "p1" {
+        let run = run_topology(
+            &format!(
+                r#"
+[service]
+data_dir = "{{dir}}/data"
+http = "off"
+[engine]
+shards = 16
+durability = "process"
+[sources.gen]
+type = "generator"
+count = {records}
+keys = {keys}
+[computations.counts]
+type = "count"
+inputs = ["gen"]
+"#
+            ),
+            records,
+        );
+        println!(
+            "p1        running count, exactly-once, 1 worker      {:>12.0} records/s  ({:.1}s)  ratio to baseline {:.2}",
+            run.records_per_sec,
+            run.elapsed.as_secs_f64(),
+            run.records_per_sec / baseline
+        );
+    }
+}

@@ -29,7 +29,10 @@ impl Computation for FirstSeen {
             )));
         }
         let state = ctx.state()?.unwrap_or_default();
-        let mut seen: BTreeSet<&[u8]> = state.split(|b| *b == b'\n').filter(|v| !v.is_empty()).collect();
+        let mut seen: BTreeSet<&[u8]> = state
+            .split(|b| *b == b'\n')
+            .filter(|v| !v.is_empty())
+            .collect();
         if seen.insert(&r.value) {
             let joined = seen.into_iter().collect::<Vec<_>>().join(&b'\n');
             ctx.set_state(joined);
@@ -52,7 +55,9 @@ fn main() -> std::process::ExitCode {
             256
         }
         let o: Options = component.options.parse()?;
-        Ok(Arc::new(move || Box::new(FirstSeen { max_len: o.max_len }) as Box<dyn Computation>))
+        Ok(Arc::new(move || {
+            Box::new(FirstSeen { max_len: o.max_len }) as Box<dyn Computation>
+        }))
     });
     millrace::cli_main(registry)
 }

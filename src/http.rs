@@ -44,7 +44,9 @@ pub async fn serve(
     drop(worker);
     tokio::spawn(async move {
         loop {
-            let Ok((stream, peer)) = listener.accept().await else { continue };
+            let Ok((stream, peer)) = listener.accept().await else {
+                continue;
+            };
             let (weak, metrics, health) = (weak.clone(), Arc::clone(&metrics), Arc::clone(&health));
             tokio::spawn(async move {
                 if let Err(e) = handle(stream, weak, metrics, health).await {
@@ -106,11 +108,24 @@ async fn handle(
             };
             respond(&mut stream, 200, "application/json", &body).await
         }
-        _ => respond(&mut stream, 404, "text/plain", "not found: try /metrics, /healthz or /status\n").await,
+        _ => {
+            respond(
+                &mut stream,
+                404,
+                "text/plain",
+                "not found: try /metrics, /healthz or /status\n",
+            )
+            .await
+        }
     }
 }
 
-async fn respond(stream: &mut TcpStream, code: u16, ctype: &str, body: &str) -> std::io::Result<()> {
+async fn respond(
+    stream: &mut TcpStream,
+    code: u16,
+    ctype: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
         404 => "Not Found",

@@ -71,7 +71,12 @@ pub fn run(
     let bound = match &http_addr {
         Some(addr) => Some(
             runtime
-                .block_on(http::serve(addr, Arc::clone(&worker), Arc::clone(&metrics), Arc::clone(&health)))
+                .block_on(http::serve(
+                    addr,
+                    Arc::clone(&worker),
+                    Arc::clone(&metrics),
+                    Arc::clone(&health),
+                ))
                 .with_context(|| format!("serving HTTP on {addr}"))?,
         ),
         None => None,
@@ -110,7 +115,8 @@ pub fn run(
         }
     };
     health.set_draining();
-    let worker = Arc::try_unwrap(worker).map_err(|_| anyhow::anyhow!("the HTTP server still holds the worker"));
+    let worker = Arc::try_unwrap(worker)
+        .map_err(|_| anyhow::anyhow!("the HTTP server still holds the worker"));
     runtime.shutdown_timeout(Duration::from_secs(1));
     let worker = worker?;
     let shutdown = worker.shutdown();
@@ -123,7 +129,10 @@ async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}

@@ -80,12 +80,23 @@ fn every_malformed_topology_gets_its_error() {
     let s = Scratch::new();
     for (what, text, line, needle) in cases() {
         let file = s.write("bad.toml", &text);
-        let out = millrace().arg("validate").arg(&file).output().expect("run validate");
+        let out = millrace()
+            .arg("validate")
+            .arg(&file)
+            .output()
+            .expect("run validate");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{what}: exit status; stderr: {stderr}");
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{what}: exit status; stderr: {stderr}"
+        );
         let at = format!("{}:{line}:", file.display());
         assert!(stderr.contains(&at), "{what}: expected `{at}` in: {stderr}");
-        assert!(stderr.contains(needle), "{what}: expected `{needle}` in: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{what}: expected `{needle}` in: {stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{what}: {stderr}");
     }
 }
@@ -93,25 +104,39 @@ fn every_malformed_topology_gets_its_error() {
 #[test]
 fn run_refuses_a_malformed_topology_and_a_missing_file() {
     let s = Scratch::new();
-    let file = s.write("bad.toml", &format!("{HEAD}[sinks.out]\ntype = \"stdout\"\ninputs = [\"x\"]\n"));
+    let file = s.write(
+        "bad.toml",
+        &format!("{HEAD}[sinks.out]\ntype = \"stdout\"\ninputs = [\"x\"]\n"),
+    );
     let out = millrace().arg("run").arg(&file).output().expect("run");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown input `x`"));
 
-    let out = millrace().args(["validate", "/nonexistent/topology.toml"]).output().expect("run");
+    let out = millrace()
+        .args(["validate", "/nonexistent/topology.toml"])
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/topology.toml: cannot read"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/topology.toml: cannot read")
+    );
 }
 
 #[test]
 fn a_valid_topology_prints_a_one_line_summary() {
     let s = Scratch::new();
-    let file = s.write("ok.toml", &format!("{HEAD}[sinks.out]\ntype = \"stdout\"\ninputs = [\"gen\"]\n"));
+    let file = s.write(
+        "ok.toml",
+        &format!("{HEAD}[sinks.out]\ntype = \"stdout\"\ninputs = [\"gen\"]\n"),
+    );
     let out = millrace().arg("validate").arg(&file).output().expect("run");
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
-    assert!(stdout.contains("ok: 1 sources, 0 computations, 1 sinks"), "{stdout}");
+    assert!(
+        stdout.contains("ok: 1 sources, 0 computations, 1 sinks"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -126,7 +151,11 @@ fn changing_the_shard_count_of_existing_data_is_refused() {
         )
     };
     let out = run_to_end(&topo(2), std::time::Duration::from_secs(30));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = run_to_end(&topo(3), std::time::Duration::from_secs(30));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("engine.shards = 2"));

@@ -69,7 +69,11 @@ path = "{{dir}}/out.jsonl"
     }
     assert_eq!(kills, KILLS, "the run finished before {KILLS} kills");
     let last = run_to_end(&topo, Duration::from_secs(300));
-    assert!(last.status.success(), "{}", String::from_utf8_lossy(&last.stderr));
+    assert!(
+        last.status.success(),
+        "{}",
+        String::from_utf8_lossy(&last.stderr)
+    );
 
     let pairs = read_jsonl(&out);
     let counts = assert_running_counts(&pairs);

@@ -22,17 +22,28 @@ fn a_custom_kind_runs_in_a_users_binary() {
     let s = Scratch::new();
     let topo = std::fs::read_to_string(format!("{root}/examples/custom_kind.toml"))
         .expect("example topology")
-        .replace("target/custom_kind/data", &s.path("data").display().to_string())
-        .replace("examples/wordcount/input.txt", &format!("{root}/examples/wordcount/input.txt"));
+        .replace(
+            "target/custom_kind/data",
+            &s.path("data").display().to_string(),
+        )
+        .replace(
+            "examples/wordcount/input.txt",
+            &format!("{root}/examples/wordcount/input.txt"),
+        );
     let file = s.write("custom.toml", &topo);
     let out = Command::new(exe)
         .args(["run", file.to_str().expect("path")])
         .env("MILLRACE_LOG", "warn")
         .output()
         .expect("run the example binary");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    let text = std::fs::read_to_string(format!("{root}/examples/wordcount/input.txt")).expect("text");
+    let text =
+        std::fs::read_to_string(format!("{root}/examples/wordcount/input.txt")).expect("text");
     let mut expected: Vec<String> = Vec::new();
     for w in text
         .split(|c: char| !(c.is_alphanumeric() || c == '\''))

@@ -35,7 +35,12 @@ fn socket_source_then_sigterm_drains_and_exits_zero() {
     let server = std::thread::spawn(move || {
         let (mut conn, _) = listener.accept().expect("accept");
         for i in 0..500 {
-            writeln!(conn, "red green {}", if i % 2 == 0 { "blue" } else { "red" }).expect("write");
+            writeln!(
+                conn,
+                "red green {}",
+                if i % 2 == 0 { "blue" } else { "red" }
+            )
+            .expect("write");
         }
         conn.flush().expect("flush");
         // Keep the connection open until the worker is stopped.
@@ -67,7 +72,10 @@ path = "{{dir}}/out.jsonl"
     );
     let mut child = spawn(&topo, "off");
     let out = s.path("out.jsonl");
-    assert!(wait_until(T, || lines(&out).len() >= 1500), "all 1500 words counted");
+    assert!(
+        wait_until(T, || lines(&out).len() >= 1500),
+        "all 1500 words counted"
+    );
     term(&child);
     let status = wait_exit(&mut child, T);
     assert!(status.success(), "SIGTERM exits 0, got {status:?}");
@@ -161,8 +169,12 @@ format = "text"
     let addr = format!("127.0.0.1:{port}");
     let mut child = spawn(&topo, &addr);
     let out = s.path("out.txt");
-    assert!(wait_until(T, || lines(&out).len() >= 3 && lines(&s.path("rejected.txt")).len() >= 1));
-    let values: Vec<String> = lines(&out).iter().map(|l| l.split('\t').nth(1).unwrap_or("").to_owned()).collect();
+    assert!(wait_until(T, || lines(&out).len() >= 3
+        && !lines(&s.path("rejected.txt")).is_empty()));
+    let values: Vec<String> = lines(&out)
+        .iter()
+        .map(|l| l.split('\t').nth(1).unwrap_or("").to_owned())
+        .collect();
     assert_eq!(values, ["1", "3", "43"]);
     assert_eq!(lines(&s.path("rejected.txt")), ["a.txt\tnot a number"]);
 
@@ -170,9 +182,18 @@ format = "text"
     assert_eq!((code, health.trim()), (200, "ok"));
     let (code, metrics) = http_get(&addr, "/metrics").expect("metrics");
     assert_eq!(code, 200);
-    assert!(metrics.contains("millrace_bad_records_total{component=\"total\"} 1"), "{metrics}");
-    assert!(metrics.contains("millrace_records_in_total{component=\"nums\"} 4"), "{metrics}");
-    assert!(metrics.contains("millrace_records_in_total{component=\"out\"} 3"), "{metrics}");
+    assert!(
+        metrics.contains("millrace_bad_records_total{component=\"total\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("millrace_records_in_total{component=\"nums\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("millrace_records_in_total{component=\"out\"} 3"),
+        "{metrics}"
+    );
     let (code, status) = http_get(&addr, "/status").expect("status");
     assert_eq!(code, 200);
     let status: serde_json::Value = serde_json::from_str(&status).expect("status is JSON");
@@ -221,7 +242,9 @@ path = "{{dir}}/out.jsonl"
     let mut samples = 0;
     let mut last_in = 0;
     let ok = wait_until(T, || {
-        let Some((200, body)) = http_get(&addr, "/status") else { return false };
+        let Some((200, body)) = http_get(&addr, "/status") else {
+            return false;
+        };
         let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
         let comps = v["components"].as_array().expect("components").clone();
         let get = |name: &str, field: &str| {
@@ -232,10 +255,17 @@ path = "{{dir}}/out.jsonl"
                 .unwrap_or(0)
         };
         for c in ["gen", "counts"] {
-            assert!(get(c, "backlog") <= MAX_BACKLOG, "{c} backlog {} > {MAX_BACKLOG}", get(c, "backlog"));
+            assert!(
+                get(c, "backlog") <= MAX_BACKLOG,
+                "{c} backlog {} > {MAX_BACKLOG}",
+                get(c, "backlog")
+            );
         }
         let in_flight = get("gen", "records_in") - get("out", "records_in");
-        assert!(in_flight <= 2 * MAX_BACKLOG, "{in_flight} records between source and sink");
+        assert!(
+            in_flight <= 2 * MAX_BACKLOG,
+            "{in_flight} records between source and sink"
+        );
         if get("gen", "records_in") > last_in {
             last_in = get("gen", "records_in");
             samples += 1;

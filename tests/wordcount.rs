@@ -18,7 +18,8 @@ fn words(text: &str) -> Vec<String> {
 #[test]
 fn wordcount_gives_exact_running_counts() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let input = std::fs::read_to_string(format!("{root}/examples/wordcount/input.txt")).expect("bundled text");
+    let input = std::fs::read_to_string(format!("{root}/examples/wordcount/input.txt"))
+        .expect("bundled text");
     let s = Scratch::new();
     let topo = s.write(
         "wc.toml",
@@ -46,7 +47,11 @@ path = "{{dir}}/counts.jsonl"
         ),
     );
     let out = run_to_end(&topo, Duration::from_secs(60));
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let mut expected: BTreeMap<String, u64> = BTreeMap::new();
     for w in words(&input) {
@@ -70,7 +75,14 @@ fn the_bundled_example_topology_validates() {
         .args(["validate", &format!("{root}/examples/wordcount.toml")])
         .output()
         .expect("run validate");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary = String::from_utf8_lossy(&out.stdout);
-    assert!(summary.contains("ok: 1 sources, 2 computations, 1 sinks"), "{summary}");
+    assert!(
+        summary.contains("ok: 1 sources, 2 computations, 1 sinks"),
+        "{summary}"
+    );
 }

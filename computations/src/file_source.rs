@@ -64,7 +64,9 @@ impl FileSource {
             return Ok(vec![name]);
         }
         let mut names = Vec::new();
-        for entry in std::fs::read_dir(&self.path).map_err(io(format!("listing {}", self.path.display())))? {
+        for entry in
+            std::fs::read_dir(&self.path).map_err(io(format!("listing {}", self.path.display())))?
+        {
             let entry = entry.map_err(io(format!("listing {}", self.path.display())))?;
             if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
                 let name = entry.file_name().to_string_lossy().into_owned();
@@ -117,11 +119,15 @@ impl Source for FileSource {
         if !self.path.exists() && !self.watch {
             return Err(SourceError::Io {
                 what: format!("opening {}", self.path.display()),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file or directory",
+                ),
             });
         }
         if let Some(p) = position {
-            let text = std::str::from_utf8(p).map_err(|_| SourceError::Position("not UTF-8".into()))?;
+            let text =
+                std::str::from_utf8(p).map_err(|_| SourceError::Position("not UTF-8".into()))?;
             let (offset, name) = text
                 .split_once(' ')
                 .ok_or_else(|| SourceError::Position(format!("`{text}` is not `OFFSET NAME`")))?;
@@ -138,11 +144,17 @@ impl Source for FileSource {
             return Ok(SourcePoll::Idle);
         }
         if self.reader.is_none() && !self.advance()? {
-            return Ok(if self.watch { SourcePoll::Idle } else { SourcePoll::Exhausted });
+            return Ok(if self.watch {
+                SourcePoll::Idle
+            } else {
+                SourcePoll::Exhausted
+            });
         }
         let now = now_micros();
         while out.len() < max {
-            let (Some(reader), Some((name, offset))) = (self.reader.as_mut(), self.current.as_mut()) else {
+            let (Some(reader), Some((name, offset))) =
+                (self.reader.as_mut(), self.current.as_mut())
+            else {
                 break;
             };
             self.line.clear();
@@ -166,12 +178,20 @@ impl Source for FileSource {
                 self.open_at(&name, offset)?;
             }
             if !self.is_dir() {
-                return Ok(if self.watch { SourcePoll::Idle } else { SourcePoll::Exhausted });
+                return Ok(if self.watch {
+                    SourcePoll::Idle
+                } else {
+                    SourcePoll::Exhausted
+                });
             }
             if !self.advance()? {
                 // Stay on the last file: it may still grow.
                 self.open_at(&name, offset)?;
-                return Ok(if self.watch { SourcePoll::Idle } else { SourcePoll::Exhausted });
+                return Ok(if self.watch {
+                    SourcePoll::Idle
+                } else {
+                    SourcePoll::Exhausted
+                });
             }
         }
         Ok(SourcePoll::Ready)
@@ -199,7 +219,12 @@ mod tests {
     fn drain(s: &mut FileSource, max: usize) -> (Vec<String>, SourcePoll) {
         let mut out = Vec::new();
         let p = s.poll(&mut Emitter::new(&mut out), max).unwrap();
-        (out.into_iter().map(|(_, v, _)| String::from_utf8(v.to_vec()).unwrap()).collect(), p)
+        (
+            out.into_iter()
+                .map(|(_, v, _)| String::from_utf8(v.to_vec()).unwrap())
+                .collect(),
+            p,
+        )
     }
 
     #[test]

@@ -101,7 +101,9 @@ pub(crate) fn register(r: &mut Registry) {
             return Err(c.options.error(Some("keys"), "must be at least 1"));
         }
         if o.rate == Some(0) {
-            return Err(c.options.error(Some("rate"), "must be at least 1 record per second"));
+            return Err(c
+                .options
+                .error(Some("rate"), "must be at least 1 record per second"));
         }
         Ok(Box::new(Generator {
             count: o.count,
@@ -120,12 +122,25 @@ mod tests {
     use super::*;
 
     fn gen(count: u64) -> Generator {
-        Generator { count: Some(count), keys: 10, rate: None, seed: 7, step: 1000, next: 0, started: None }
+        Generator {
+            count: Some(count),
+            keys: 10,
+            rate: None,
+            seed: 7,
+            step: 1000,
+            next: 0,
+            started: None,
+        }
     }
 
-    fn poll_all(g: &mut Generator, max: usize) -> (Vec<(bytes::Bytes, bytes::Bytes, i64)>, SourcePoll) {
+    fn poll_all(
+        g: &mut Generator,
+        max: usize,
+    ) -> (Vec<(bytes::Bytes, bytes::Bytes, i64)>, SourcePoll) {
         let mut out = Vec::new();
-        let p = g.poll(&mut millrace_engine::Emitter::new(&mut out), max).unwrap();
+        let p = g
+            .poll(&mut millrace_engine::Emitter::new(&mut out), max)
+            .unwrap();
         (out, p)
     }
 

@@ -15,7 +15,10 @@ impl Computation for Count {
         let n = match ctx.state()? {
             None => 0,
             Some(s) => parse_u64(&s).ok_or_else(|| {
-                ComputationError::BadRecord(format!("stored count {:?} is not a number", String::from_utf8_lossy(&s)))
+                ComputationError::BadRecord(format!(
+                    "stored count {:?} is not a number",
+                    String::from_utf8_lossy(&s)
+                ))
             })?,
         } + 1;
         let text = n.to_string();
@@ -51,10 +54,12 @@ enum Num {
 impl Num {
     fn parse(b: &[u8]) -> Option<Num> {
         let s = std::str::from_utf8(b).ok()?.trim();
-        s.parse::<i64>()
-            .map(Num::Int)
-            .ok()
-            .or_else(|| s.parse::<f64>().ok().filter(|f| f.is_finite()).map(Num::Float))
+        s.parse::<i64>().map(Num::Int).ok().or_else(|| {
+            s.parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .map(Num::Float)
+        })
     }
 
     fn f(self) -> f64 {
@@ -66,10 +71,24 @@ impl Num {
 
     fn combine(self, other: Num, op: ReduceOp) -> Num {
         match (op, self, other) {
-            (ReduceOp::Sum, Num::Int(a), Num::Int(b)) => a.checked_add(b).map_or(Num::Float(a as f64 + b as f64), Num::Int),
+            (ReduceOp::Sum, Num::Int(a), Num::Int(b)) => a
+                .checked_add(b)
+                .map_or(Num::Float(a as f64 + b as f64), Num::Int),
             (ReduceOp::Sum, a, b) => Num::Float(a.f() + b.f()),
-            (ReduceOp::Min, a, b) => if b.f() < a.f() { b } else { a },
-            (ReduceOp::Max, a, b) => if b.f() > a.f() { b } else { a },
+            (ReduceOp::Min, a, b) => {
+                if b.f() < a.f() {
+                    b
+                } else {
+                    a
+                }
+            }
+            (ReduceOp::Max, a, b) => {
+                if b.f() > a.f() {
+                    b
+                } else {
+                    a
+                }
+            }
         }
     }
 
@@ -91,7 +110,10 @@ pub struct Reduce {
 impl Computation for Reduce {
     fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
         let v = Num::parse(&r.value).ok_or_else(|| {
-            ComputationError::BadRecord(format!("value {:?} is not a number", String::from_utf8_lossy(&r.value)))
+            ComputationError::BadRecord(format!(
+                "value {:?} is not a number",
+                String::from_utf8_lossy(&r.value)
+            ))
         })?;
         let next = match ctx.state()?.as_deref().and_then(Num::parse) {
             Some(acc) => acc.combine(v, self.op),
@@ -120,7 +142,9 @@ pub(crate) fn register(r: &mut Registry) {
         }
         let o: O = options(c)?;
         let op = o.op;
-        Ok(Arc::new(move || Box::new(Reduce { op }) as Box<dyn Computation>))
+        Ok(Arc::new(move || {
+            Box::new(Reduce { op }) as Box<dyn Computation>
+        }))
     });
 }
 
@@ -132,11 +156,19 @@ mod tests {
     fn numbers_combine_exactly_when_they_can() {
         let (a, b) = (Num::parse(b"2").unwrap(), Num::parse(b" 3 ").unwrap());
         assert_eq!(a.combine(b, ReduceOp::Sum), Num::Int(5));
-        assert_eq!(a.combine(Num::parse(b"0.5").unwrap(), ReduceOp::Sum), Num::Float(2.5));
+        assert_eq!(
+            a.combine(Num::parse(b"0.5").unwrap(), ReduceOp::Sum),
+            Num::Float(2.5)
+        );
         assert_eq!(a.combine(b, ReduceOp::Min), Num::Int(2));
         assert_eq!(a.combine(b, ReduceOp::Max), Num::Int(3));
         assert_eq!(Num::parse(b"x"), None);
         assert_eq!(Num::parse(b"inf"), None);
-        assert_eq!(Num::Int(i64::MAX).combine(Num::Int(1), ReduceOp::Sum).text(), (i64::MAX as f64 + 1.0).to_string());
+        assert_eq!(
+            Num::Int(i64::MAX)
+                .combine(Num::Int(1), ReduceOp::Sum)
+                .text(),
+            (i64::MAX as f64 + 1.0).to_string()
+        );
     }
 }

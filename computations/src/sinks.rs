@@ -118,7 +118,10 @@ impl Sink for FileSink {
             .write(true)
             .open(&self.path)
             .map_err(self.err("opening"))?;
-        let on_disk = f.metadata().map_err(self.err("reading the length of"))?.len();
+        let on_disk = f
+            .metadata()
+            .map_err(self.err("reading the length of"))?
+            .len();
         if on_disk < committed {
             return Err(SinkError {
                 what: format!(
@@ -135,7 +138,8 @@ impl Sink for FileSink {
             tracing::info!(path = %self.path.display(), on_disk, committed, "cutting uncommitted output");
             f.set_len(committed).map_err(self.err("truncating"))?;
         }
-        f.seek(SeekFrom::Start(committed)).map_err(self.err("seeking"))?;
+        f.seek(SeekFrom::Start(committed))
+            .map_err(self.err("seeking"))?;
         self.len = committed;
         self.out = Some(BufWriter::with_capacity(1 << 20, f));
         Ok(())
@@ -227,7 +231,11 @@ mod tests {
     use bytes::Bytes;
 
     fn rec(k: &str, v: &str) -> Record {
-        Record { key: Bytes::copy_from_slice(k.as_bytes()), value: Bytes::copy_from_slice(v.as_bytes()), timestamp: 5 }
+        Record {
+            key: Bytes::copy_from_slice(k.as_bytes()),
+            value: Bytes::copy_from_slice(v.as_bytes()),
+            timestamp: 5,
+        }
     }
 
     #[test]
@@ -246,7 +254,10 @@ mod tests {
         s.write(&rec("c", "3")).unwrap();
         s.flush(true).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text, "{\"key\":\"a\",\"value\":\"1\",\"ts\":5}\n{\"key\":\"c\",\"value\":\"3\",\"ts\":5}\n");
+        assert_eq!(
+            text,
+            "{\"key\":\"a\",\"value\":\"1\",\"ts\":5}\n{\"key\":\"c\",\"value\":\"3\",\"ts\":5}\n"
+        );
     }
 
     #[test]

@@ -92,7 +92,9 @@ impl Source for SocketSource {
     }
 
     fn poll(&mut self, out: &mut Emitter<'_>, max: usize) -> Result<SourcePoll, SourceError> {
-        let Some(rx) = &self.lines else { return Ok(SourcePoll::Idle) };
+        let Some(rx) = &self.lines else {
+            return Ok(SourcePoll::Idle);
+        };
         let now = now_micros();
         while out.len() < max {
             match rx.try_recv() {
@@ -100,7 +102,11 @@ impl Source for SocketSource {
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
-        Ok(if out.is_empty() { SourcePoll::Idle } else { SourcePoll::Ready })
+        Ok(if out.is_empty() {
+            SourcePoll::Idle
+        } else {
+            SourcePoll::Ready
+        })
     }
 
     fn position(&self) -> Vec<u8> {
@@ -112,7 +118,9 @@ pub(crate) fn register(r: &mut Registry) {
     r.source("socket", |c| {
         let o: Options = options(c)?;
         if !o.address.contains(':') {
-            return Err(c.options.error(Some("address"), format!("`{}` is not host:port", o.address)));
+            return Err(c
+                .options
+                .error(Some("address"), format!("`{}` is not host:port", o.address)));
         }
         Ok(Box::new(SocketSource::new(o.address)))
     });

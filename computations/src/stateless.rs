@@ -69,7 +69,11 @@ impl Computation for Map {
     }
 }
 
-fn regex(c: &millrace_config::Component, key: &str, text: &str) -> Result<Regex, millrace_config::ConfigError> {
+fn regex(
+    c: &millrace_config::Component,
+    key: &str,
+    text: &str,
+) -> Result<Regex, millrace_config::ConfigError> {
     Regex::new(text).map_err(|e| c.options.error(Some(key), format!("invalid regex: {e}")))
 }
 
@@ -83,7 +87,11 @@ pub(crate) fn register(r: &mut millrace_engine::Registry) {
             lowercase: bool,
         }
         let o: O = options(c)?;
-        let pattern = regex(c, "pattern", o.pattern.as_deref().unwrap_or(r"[^\p{L}\p{N}']+"))?;
+        let pattern = regex(
+            c,
+            "pattern",
+            o.pattern.as_deref().unwrap_or(r"[^\p{L}\p{N}']+"),
+        )?;
         let lowercase = o.lowercase;
         Ok(Arc::new(move || {
             Box::new(Split {
@@ -121,12 +129,18 @@ pub(crate) fn register(r: &mut millrace_engine::Registry) {
         let o: O = options(c)?;
         let parse = |field: &str, text: &Option<String>| {
             text.as_deref()
-                .map(|t| KeyExtractor::parse(t, o.delimiter.clone()).map_err(|m| c.options.error(Some(field), m)))
+                .map(|t| {
+                    KeyExtractor::parse(t, o.delimiter.clone())
+                        .map_err(|m| c.options.error(Some(field), m))
+                })
                 .transpose()
         };
         let (key, value) = (parse("key", &o.key)?, parse("value", &o.value)?);
         if key.is_none() && value.is_none() {
-            return Err(c.options.error(None, "map needs `key` or `value` (an extractor such as \"json:/id\")"));
+            return Err(c.options.error(
+                None,
+                "map needs `key` or `value` (an extractor such as \"json:/id\")",
+            ));
         }
         Ok(Arc::new(move || {
             Box::new(Map {

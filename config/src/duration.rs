@@ -69,7 +69,15 @@ mod tests {
 
     #[test]
     fn rejects_bad_durations() {
-        for bad in ["", "5", "ms", "5 parsecs", "-1s", "1.5s", "99999999999999999999s"] {
+        for bad in [
+            "",
+            "5",
+            "ms",
+            "5 parsecs",
+            "-1s",
+            "1.5s",
+            "99999999999999999999s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad} should be rejected");
         }
     }

@@ -140,7 +140,10 @@ mod tests {
         assert_eq!(l.line_of_offset(0), 1);
         assert_eq!(l.line_of_offset(10), 2);
         assert_eq!(l.key_at(10), "engine.shards");
-        assert_eq!(l.key_at(TEXT.find("inputs").unwrap()), "computations.words.inputs");
+        assert_eq!(
+            l.key_at(TEXT.find("inputs").unwrap()),
+            "computations.words.inputs"
+        );
         assert_eq!(l.key_at(0), "[engine]");
     }
 }

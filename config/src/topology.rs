@@ -174,7 +174,8 @@ impl Options {
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
         T::deserialize(toml::Value::Table(self.table.clone())).map_err(|e| {
             let message = e.message().to_owned();
-            let key = backticked(&message).filter(|k| self.table.contains_key(*k) || message.contains("unknown field"));
+            let key = backticked(&message)
+                .filter(|k| self.table.contains_key(*k) || message.contains("unknown field"));
             self.error(key, message.clone())
         })
     }
@@ -256,7 +257,10 @@ impl Topology {
         })?;
         let engine = engine_config(raw.engine, &locator)?;
         let service = ServiceConfig {
-            data_dir: raw.service.data_dir.unwrap_or_else(|| PathBuf::from("./data")),
+            data_dir: raw
+                .service
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("./data")),
             http: match raw.service.http.as_deref() {
                 None => Some("127.0.0.1:9464".to_owned()),
                 Some("off") => None,
@@ -313,7 +317,12 @@ impl Topology {
     }
 
     /// An error located at `section.name.key`.
-    pub fn error(&self, c: &Component, key: Option<&str>, message: impl Into<String>) -> ConfigError {
+    pub fn error(
+        &self,
+        c: &Component,
+        key: Option<&str>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         self.locator
             .error(&format!("{}.{}", c.role.section(), c.name), key, message)
     }
@@ -325,10 +334,17 @@ impl Topology {
 
     fn check_wiring(&self) -> Result<(), ConfigError> {
         if self.sources().is_empty() {
-            return Err(self.locator.error("sources", None, "the topology has no sources: add a [sources.NAME] table"));
+            return Err(self.locator.error(
+                "sources",
+                None,
+                "the topology has no sources: add a [sources.NAME] table",
+            ));
         }
-        let by_name: BTreeMap<&str, &Component> =
-            self.components.iter().map(|c| (c.name.as_str(), c)).collect();
+        let by_name: BTreeMap<&str, &Component> = self
+            .components
+            .iter()
+            .map(|c| (c.name.as_str(), c))
+            .collect();
         for c in &self.components {
             let mut seen = BTreeSet::new();
             for input in &c.inputs {
@@ -336,14 +352,20 @@ impl Topology {
                     return Err(self.error(
                         c,
                         Some("inputs"),
-                        format!("unknown input `{}`: no source or computation has that name", input.stream),
+                        format!(
+                            "unknown input `{}`: no source or computation has that name",
+                            input.stream
+                        ),
                     ));
                 };
                 if producer.role == Role::Sink {
                     return Err(self.error(
                         c,
                         Some("inputs"),
-                        format!("input `{}` is a sink; sinks produce no stream", input.stream),
+                        format!(
+                            "input `{}` is a sink; sinks produce no stream",
+                            input.stream
+                        ),
                     ));
                 }
                 if !seen.insert(&input.stream) {
@@ -397,7 +419,10 @@ impl Topology {
                 return Err(self.error(
                     first,
                     Some("inputs"),
-                    format!("the graph has a cycle: {}", cycle.iter().rev().cloned().collect::<Vec<_>>().join(" -> ")),
+                    format!(
+                        "the graph has a cycle: {}",
+                        cycle.iter().rev().cloned().collect::<Vec<_>>().join(" -> ")
+                    ),
                 ));
             }
         }
@@ -444,26 +469,28 @@ fn component(
         return Err(locator.error(
             &at,
             None,
-            format!("component name `{name}` must be non-empty and contain no dots, spaces or quotes"),
+            format!(
+                "component name `{name}` must be non-empty and contain no dots, spaces or quotes"
+            ),
         ));
     }
     let kind = match table.remove("type") {
         Some(toml::Value::String(s)) => s,
         Some(other) => {
-            return Err(locator.error(&at, Some("type"), format!("must be a string, not {}", other.type_str())))
+            return Err(locator.error(
+                &at,
+                Some("type"),
+                format!("must be a string, not {}", other.type_str()),
+            ))
         }
-        None => {
-            return Err(locator.error(&at, None, "missing required key `type`"))
-        }
+        None => return Err(locator.error(&at, None, "missing required key `type`")),
     };
     let inputs = match (role, table.remove("inputs")) {
         (Role::Source, Some(_)) => {
             return Err(locator.error(&at, Some("inputs"), "sources take no inputs"))
         }
         (Role::Source, None) => Vec::new(),
-        (_, None) => {
-            return Err(locator.error(&at, None, "missing required key `inputs`"))
-        }
+        (_, None) => return Err(locator.error(&at, None, "missing required key `inputs`")),
         (_, Some(toml::Value::Array(items))) if items.is_empty() => {
             return Err(locator.error(&at, Some("inputs"), "must name at least one input"))
         }
@@ -475,7 +502,10 @@ fn component(
             return Err(locator.error(
                 &at,
                 Some("inputs"),
-                format!("must be a list of names or of {{ from, key }} tables, not {}", other.type_str()),
+                format!(
+                    "must be a list of names or of {{ from, key }} tables, not {}",
+                    other.type_str()
+                ),
             ))
         }
     };
@@ -497,7 +527,9 @@ fn stream_ref(text: &str) -> Result<StreamRef, String> {
     let component = parts.next().unwrap_or_default().to_owned();
     let output = parts.next().map(str::to_owned);
     if component.is_empty() || output.as_deref() == Some("") {
-        return Err(format!("`{text}` is not a stream name (NAME or NAME.OUTPUT)"));
+        return Err(format!(
+            "`{text}` is not a stream name (NAME or NAME.OUTPUT)"
+        ));
     }
     Ok(StreamRef { component, output })
 }
@@ -531,7 +563,10 @@ fn input(value: toml::Value) -> Result<Input, String> {
             let key = key_extractor(&key, delimiter)?;
             Ok(Input { stream: from, key })
         }
-        other => Err(format!("an input must be a name or a table, not {}", other.type_str())),
+        other => Err(format!(
+            "an input must be a name or a table, not {}",
+            other.type_str()
+        )),
     }
 }
 
@@ -549,7 +584,9 @@ fn key_extractor(text: &str, delimiter: Option<String>) -> Result<KeyExtractor, 
         KeyExtractor::Value
     } else if let Some(ptr) = text.strip_prefix("json:") {
         if !(ptr.is_empty() || ptr.starts_with('/')) {
-            return Err(format!("`{text}`: a JSON pointer starts with `/`, e.g. json:/user/id"));
+            return Err(format!(
+                "`{text}`: a JSON pointer starts with `/`, e.g. json:/user/id"
+            ));
         }
         KeyExtractor::Json(ptr.to_owned())
     } else if let Some(n) = text.strip_prefix("field:") {

@@ -41,11 +41,18 @@ pub enum ComputationError {
 /// ```
 pub trait Computation: Send + 'static {
     /// Handles one record of the current key.
-    fn process_record(&mut self, ctx: &mut Context<'_>, record: Record)
-        -> Result<(), ComputationError>;
+    fn process_record(
+        &mut self,
+        ctx: &mut Context<'_>,
+        record: Record,
+    ) -> Result<(), ComputationError>;
 
     /// Handles a timer of the current key that fired.
-    fn process_timer(&mut self, _ctx: &mut Context<'_>, _timer: Timer) -> Result<(), ComputationError> {
+    fn process_timer(
+        &mut self,
+        _ctx: &mut Context<'_>,
+        _timer: Timer,
+    ) -> Result<(), ComputationError> {
         Ok(())
     }
 }
@@ -77,8 +84,14 @@ impl Context<'_> {
     }
 
     /// Emits a record on the default output. It is checkpointed before it is sent.
-    pub fn produce(&mut self, key: impl Into<Bytes>, value: impl Into<Bytes>, timestamp: EventTime) {
-        self.scope.produce(None, key.into(), value.into(), timestamp);
+    pub fn produce(
+        &mut self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        timestamp: EventTime,
+    ) {
+        self.scope
+            .produce(None, key.into(), value.into(), timestamp);
     }
 
     /// Emits a record on the named output `output` (read as `COMPONENT.output`).

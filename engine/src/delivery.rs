@@ -38,7 +38,11 @@ impl OutChannel {
     /// Restores an unacknowledged production read back from the outbox at start.
     /// Call in sequence order, before any `push`.
     pub fn restore(&mut self, seq: u64, env: Envelope) {
-        assert!(seq < self.next_seq, "outbox entry {seq} at or past next sequence {}", self.next_seq);
+        assert!(
+            seq < self.next_seq,
+            "outbox entry {seq} at or past next sequence {}",
+            self.next_seq
+        );
         if self.unacked.is_empty() {
             self.acked = seq - 1;
             self.sent_upto = seq - 1;
@@ -113,7 +117,9 @@ impl OutChannel {
 
     /// Whether some productions have not been sent since the last rewind.
     pub fn has_unsent(&self) -> bool {
-        self.unacked.back().is_some_and(|(s, _)| *s > self.sent_upto)
+        self.unacked
+            .back()
+            .is_some_and(|(s, _)| *s > self.sent_upto)
     }
 }
 
@@ -171,9 +177,15 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Step {
         Produce(u8),
-        Send { lose_every: u8 },
-        Deliver { reorder: bool },
-        Ack { lose: bool },
+        Send {
+            lose_every: u8,
+        },
+        Deliver {
+            reorder: bool,
+        },
+        Ack {
+            lose: bool,
+        },
         Rewind,
         /// The consumer crashes and restarts from its committed applied seq.
         ConsumerRestart,
@@ -208,7 +220,7 @@ mod tests {
                     let mut i = 0u8;
                     out.sendable(window, |seq, e| {
                         i = i.wrapping_add(1);
-                        if *lose_every == 0 || i % (lose_every + 1) != 0 { wire.push((seq, e.clone())); }
+                        if *lose_every == 0 || !i.is_multiple_of(lose_every + 1) { wire.push((seq, e.clone())); }
                     });
                 }
                 Step::Deliver { reorder } => {

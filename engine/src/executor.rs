@@ -24,7 +24,9 @@ use crate::keying::{extract_key, shard_of};
 use crate::metrics::NodeMetrics;
 use crate::plan::{ChannelIdx, Maker, Plan, Sid};
 use crate::record::{now_micros, Envelope, TimeDomain, Timer, MAX_TIME, MIN_TIME};
-use crate::shard::{position_key, read_u64, wm_key, Body, Emit, KeyScope, ShardRt, SourceRt, Timers};
+use crate::shard::{
+    position_key, read_u64, wm_key, Body, Emit, KeyScope, ShardRt, SourceRt, Timers,
+};
 use crate::worker::Shared;
 use crate::EngineError;
 use bytes::Bytes;
@@ -39,7 +41,11 @@ use std::time::{Duration, Instant};
 /// A message between executors (and, in a cluster, between workers).
 pub(crate) enum Msg {
     /// Production `seq` of channel `ch`.
-    Deliver { ch: ChannelIdx, seq: u64, env: Envelope },
+    Deliver {
+        ch: ChannelIdx,
+        seq: u64,
+        env: Envelope,
+    },
     /// The consumer of `ch` applied everything up to `upto`.
     Ack { ch: ChannelIdx, upto: u64 },
     /// Shard `from`'s output watermark rose to `wm`.
@@ -240,7 +246,9 @@ impl Executor {
             }
             if restored > 0 {
                 self.node_metrics[spec.node].retries.inc_by(restored);
-                self.shared.unacked.fetch_add(restored as i64, Ordering::SeqCst);
+                self.shared
+                    .unacked
+                    .fetch_add(restored as i64, Ordering::SeqCst);
             }
             self.local.insert(sid, self.shards.len());
             self.shards.push(shard);
@@ -253,7 +261,11 @@ impl Executor {
     pub fn run(mut self) -> Result<(), EngineError> {
         loop {
             let halting = self.shared.halt.load(Ordering::SeqCst);
-            self.receive(if halting { Duration::ZERO } else { self.wait_time() })?;
+            self.receive(if halting {
+                Duration::ZERO
+            } else {
+                self.wait_time()
+            })?;
             let store = Arc::clone(&self.store);
             let mut batch = store.batch();
             let processed = self.process(&mut batch, halting)?;
@@ -326,9 +338,13 @@ impl Executor {
                 }
                 Msg::Ack { ch, upto } => {
                     let c = &plan.channels[ch as usize];
-                    let Some(&i) = self.local.get(&c.src) else { continue };
+                    let Some(&i) = self.local.get(&c.src) else {
+                        continue;
+                    };
                     let shard = &mut self.shards[i];
-                    let Some(out) = shard.outs.get_mut(&ch) else { continue };
+                    let Some(out) = shard.outs.get_mut(&ch) else {
+                        continue;
+                    };
                     let mut freed = Vec::new();
                     out.ack(upto, |seq, env| {
                         let mut k = c.outbox_prefix.clone();
@@ -370,9 +386,13 @@ impl Executor {
             let mut budget = engine.batch_size;
             // Deliveries (not while halting: they stay unacknowledged and come again).
             while !halting && budget > 0 && self.shards[i].backlog < engine.max_backlog {
-                let Some((ch, seq, env)) = self.shards[i].pending.pop_front() else { break };
+                let Some((ch, seq, env)) = self.shards[i].pending.pop_front() else {
+                    break;
+                };
                 let shard = &mut self.shards[i];
-                let Some(input) = shard.inputs.get_mut(&ch) else { continue };
+                let Some(input) = shard.inputs.get_mut(&ch) else {
+                    continue;
+                };
                 match input.offer(seq) {
                     crate::delivery::Offer::Duplicate => {
                         metrics.duplicates.inc();
@@ -437,7 +457,14 @@ impl Executor {
                     }
                     Body::Source(_) => {}
                 }
-                route(&plan, shard, &mut self.emits, batch, metrics, &mut self.produced_count);
+                route(
+                    &plan,
+                    shard,
+                    &mut self.emits,
+                    batch,
+                    metrics,
+                    &mut self.produced_count,
+                );
             }
 
             // Sources.
@@ -473,7 +500,14 @@ impl Executor {
                         SourcePoll::Idle => src.idle_until = now + SOURCE_IDLE_PAUSE,
                         SourcePoll::Exhausted => src.exhausted = true,
                     }
-                    route(&plan, shard, &mut self.emits, batch, metrics, &mut self.produced_count);
+                    route(
+                        &plan,
+                        shard,
+                        &mut self.emits,
+                        batch,
+                        metrics,
+                        &mut self.produced_count,
+                    );
                 }
             }
 
@@ -484,7 +518,9 @@ impl Executor {
                     (TimeDomain::EventTime, shard.input_wm),
                     (TimeDomain::ProcessingTime, now),
                 ] {
-                    while let Some((key, tag, time)) = shard.timers.pop_due(&shard.prefix, domain, limit) {
+                    while let Some((key, tag, time)) =
+                        shard.timers.pop_due(&shard.prefix, domain, limit)
+                    {
                         let mut ctx = Context {
                             scope: KeyScope {
                                 key: &key,
@@ -508,7 +544,14 @@ impl Executor {
                         }
                     }
                 }
-                route(&plan, shard, &mut self.emits, batch, metrics, &mut self.produced_count);
+                route(
+                    &plan,
+                    shard,
+                    &mut self.emits,
+                    batch,
+                    metrics,
+                    &mut self.produced_count,
+                );
             }
 
             // Watermark.
@@ -529,7 +572,11 @@ impl Executor {
                 _ => None,
             };
             shard.recompute_output_wm(source_wm);
-            shard.checkpoint(batch, &plan.channels, engine.durability == millrace_config::Durability::Machine)?;
+            shard.checkpoint(
+                batch,
+                &plan.channels,
+                engine.durability == millrace_config::Durability::Machine,
+            )?;
         }
         Ok(processed)
     }
@@ -592,7 +639,8 @@ impl Executor {
             shared.shard_backlog[shard.sid as usize].store(shard.backlog as i64, Ordering::Relaxed);
             shared.shard_wm[shard.sid as usize].store(shard.output_wm, Ordering::Relaxed);
             shared.shard_max_event[shard.sid as usize].store(shard.max_event, Ordering::Relaxed);
-            shared.shard_timers[shard.sid as usize].store(shard.timers.len() as i64, Ordering::Relaxed);
+            shared.shard_timers[shard.sid as usize]
+                .store(shard.timers.len() as i64, Ordering::Relaxed);
             if let Body::Source(src) = &mut shard.body {
                 if src.exhausted && !src.retired && shard.backlog == 0 {
                     src.retired = true;
@@ -608,7 +656,9 @@ impl Executor {
                 let _ = self.peers[exec].send(std::mem::take(q));
             }
         }
-        shared.wm_inflight.fetch_sub(std::mem::take(&mut self.wm_msgs_seen), Ordering::SeqCst);
+        shared
+            .wm_inflight
+            .fetch_sub(std::mem::take(&mut self.wm_msgs_seen), Ordering::SeqCst);
         shared
             .unacked
             .fetch_sub(std::mem::take(&mut self.released_count), Ordering::SeqCst);
@@ -647,7 +697,9 @@ fn route(
         let emit = &emits[i];
         i += 1;
         metrics.records_out.inc();
-        let Some(edges) = node.out_edges.get(emit.port) else { continue };
+        let Some(edges) = node.out_edges.get(emit.port) else {
+            continue;
+        };
         let mut failed: Option<String> = None;
         for &e in edges {
             let edge = &plan.edges[e];

@@ -37,7 +37,10 @@ pub fn extract_key(extractor: &KeyExtractor, key: &Bytes, value: &Bytes) -> Resu
             let text = std::str::from_utf8(value)
                 .map_err(|_| format!("key field:{index}: the value is not UTF-8 text"))?;
             let field = text.split(delimiter.as_str()).nth(*index).ok_or_else(|| {
-                format!("key field:{index}: the value has fewer than {} fields", index + 1)
+                format!(
+                    "key field:{index}: the value has fewer than {} fields",
+                    index + 1
+                )
             })?;
             Ok(value.slice_ref(field.as_bytes()))
         }
@@ -66,13 +69,27 @@ mod tests {
         let k = Bytes::from_static(b"k");
         let v = Bytes::from_static(br#"{"user":{"id":42,"name":"ann"}}"#);
         assert_eq!(extract_key(&KeyExtractor::Key, &k, &v).unwrap(), "k");
-        assert_eq!(extract_key(&KeyExtractor::Json("/user/id".into()), &k, &v).unwrap(), "42");
-        assert_eq!(extract_key(&KeyExtractor::Json("/user/name".into()), &k, &v).unwrap(), "ann");
+        assert_eq!(
+            extract_key(&KeyExtractor::Json("/user/id".into()), &k, &v).unwrap(),
+            "42"
+        );
+        assert_eq!(
+            extract_key(&KeyExtractor::Json("/user/name".into()), &k, &v).unwrap(),
+            "ann"
+        );
         assert!(extract_key(&KeyExtractor::Json("/nope".into()), &k, &v).is_err());
         let csv = Bytes::from_static(b"a;b;c");
-        let f = KeyExtractor::Field { index: 2, delimiter: ";".into() };
+        let f = KeyExtractor::Field {
+            index: 2,
+            delimiter: ";".into(),
+        };
         assert_eq!(extract_key(&f, &k, &csv).unwrap(), "c");
-        let f = KeyExtractor::Field { index: 3, delimiter: ";".into() };
-        assert!(extract_key(&f, &k, &csv).unwrap_err().contains("fewer than 4"));
+        let f = KeyExtractor::Field {
+            index: 3,
+            delimiter: ";".into(),
+        };
+        assert!(extract_key(&f, &k, &csv)
+            .unwrap_err()
+            .contains("fewer than 4"));
     }
 }

@@ -46,7 +46,8 @@ pub struct Metrics {
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
     // Names are static and unique: registering can only fail on a programming error.
-    r.register(Box::new(m.clone())).expect("metric registered once");
+    r.register(Box::new(m.clone()))
+        .expect("metric registered once");
     m
 }
 
@@ -55,16 +56,28 @@ impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let counter = |name: &str, help: &str| {
-            reg(&r, IntCounterVec::new(Opts::new(name, help), &["component"]).expect("valid metric"))
+            reg(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), &["component"]).expect("valid metric"),
+            )
         };
         let gauge = |name: &str, help: &str| {
-            reg(&r, IntGaugeVec::new(Opts::new(name, help), &["component"]).expect("valid metric"))
+            reg(
+                &r,
+                IntGaugeVec::new(Opts::new(name, help), &["component"]).expect("valid metric"),
+            )
         };
         let latency_buckets = prometheus::exponential_buckets(0.000_05, 2.0, 18).expect("buckets");
         let m = Metrics {
             registry: r.clone(),
-            records_in: counter("millrace_records_in_total", "Records taken in by a component."),
-            records_out: counter("millrace_records_out_total", "Records produced by a component."),
+            records_in: counter(
+                "millrace_records_in_total",
+                "Records taken in by a component.",
+            ),
+            records_out: counter(
+                "millrace_records_out_total",
+                "Records produced by a component.",
+            ),
             duplicates: counter(
                 "millrace_duplicates_dropped_total",
                 "Re-delivered records recognised by sequence number and dropped.",
@@ -88,16 +101,22 @@ impl Metrics {
             commit_seconds: reg(
                 &r,
                 Histogram::with_opts(
-                    HistogramOpts::new("millrace_commit_duration_seconds", "Duration of one commit.")
-                        .buckets(latency_buckets.clone()),
+                    HistogramOpts::new(
+                        "millrace_commit_duration_seconds",
+                        "Duration of one commit.",
+                    )
+                    .buckets(latency_buckets.clone()),
                 )
                 .expect("valid metric"),
             ),
             commit_records: reg(
                 &r,
                 Histogram::with_opts(
-                    HistogramOpts::new("millrace_commit_batch_records", "Records processed per commit.")
-                        .buckets(prometheus::exponential_buckets(1.0, 4.0, 9).expect("buckets")),
+                    HistogramOpts::new(
+                        "millrace_commit_batch_records",
+                        "Records processed per commit.",
+                    )
+                    .buckets(prometheus::exponential_buckets(1.0, 4.0, 9).expect("buckets")),
                 )
                 .expect("valid metric"),
             ),
@@ -128,13 +147,19 @@ impl Metrics {
             timers_pending: gauge("millrace_timers_pending", "Timers set and not yet fired."),
             rocksdb_bytes: reg(
                 &r,
-                IntGauge::new("millrace_rocksdb_size_bytes", "RocksDB SST files and memtables.")
-                    .expect("valid metric"),
+                IntGauge::new(
+                    "millrace_rocksdb_size_bytes",
+                    "RocksDB SST files and memtables.",
+                )
+                .expect("valid metric"),
             ),
             fatal_errors: reg(
                 &r,
-                IntCounter::new("millrace_fatal_errors_total", "Errors that stopped the worker.")
-                    .expect("valid metric"),
+                IntCounter::new(
+                    "millrace_fatal_errors_total",
+                    "Errors that stopped the worker.",
+                )
+                .expect("valid metric"),
             ),
         };
         #[cfg(target_os = "linux")]

@@ -155,7 +155,9 @@ impl Plan {
                     if let Some(v) = c.options.take("watermark") {
                         watermark = source_watermark(&c, v)?;
                     }
-                    let f = registry.source_factory(&c.kind).ok_or_else(|| kind_error(&topology, &c, registry))?;
+                    let f = registry
+                        .source_factory(&c.kind)
+                        .ok_or_else(|| kind_error(&topology, &c, registry))?;
                     f(&c)?;
                     (Maker::Source(f.clone(), Box::new(c.clone())), 1)
                 }
@@ -166,7 +168,9 @@ impl Plan {
                     (Maker::Computation(f(&c)?), topology.engine.shards)
                 }
                 Role::Sink => {
-                    let f = registry.sink_factory(&c.kind).ok_or_else(|| kind_error(&topology, &c, registry))?;
+                    let f = registry
+                        .sink_factory(&c.kind)
+                        .ok_or_else(|| kind_error(&topology, &c, registry))?;
                     f(&c)?;
                     (Maker::Sink(f.clone(), Box::new(c.clone())), 1)
                 }

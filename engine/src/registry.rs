@@ -12,7 +12,8 @@ use std::sync::Arc;
 /// Makes one computation instance per shard.
 pub type MakeComputation = Arc<dyn Fn() -> Box<dyn Computation> + Send + Sync>;
 /// Builds a source from its component table.
-pub type SourceFactory = Arc<dyn Fn(&Component) -> Result<Box<dyn Source>, ConfigError> + Send + Sync>;
+pub type SourceFactory =
+    Arc<dyn Fn(&Component) -> Result<Box<dyn Source>, ConfigError> + Send + Sync>;
 /// Builds a computation maker from its component table.
 pub type ComputationFactory =
     Arc<dyn Fn(&Component) -> Result<MakeComputation, ConfigError> + Send + Sync>;

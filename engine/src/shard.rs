@@ -34,10 +34,7 @@ pub(crate) struct SourceRt {
 pub(crate) enum Body {
     Source(SourceRt),
     Compute(Box<dyn Computation>),
-    Sink {
-        sink: Box<dyn Sink>,
-        written: bool,
-    },
+    Sink { sink: Box<dyn Sink>, written: bool },
 }
 
 /// Event- and processing-time timers of one shard, mirrored in memory.
@@ -106,7 +103,12 @@ impl Timers {
     }
 
     /// Removes and returns the earliest timer of `d` whose time is before `limit`.
-    pub fn pop_due(&mut self, prefix: &[u8], d: TimeDomain, limit: EventTime) -> Option<(Bytes, Bytes, EventTime)> {
+    pub fn pop_due(
+        &mut self,
+        prefix: &[u8],
+        d: TimeDomain,
+        limit: EventTime,
+    ) -> Option<(Bytes, Bytes, EventTime)> {
         let first = self
             .by_time
             .range((d, MIN_TIME, Bytes::new(), Bytes::new())..)
@@ -125,7 +127,14 @@ impl Timers {
     /// The earliest processing-time timer.
     pub fn next_processing(&self) -> Option<EventTime> {
         self.by_time
-            .range((TimeDomain::ProcessingTime, MIN_TIME, Bytes::new(), Bytes::new())..)
+            .range(
+                (
+                    TimeDomain::ProcessingTime,
+                    MIN_TIME,
+                    Bytes::new(),
+                    Bytes::new(),
+                )..,
+            )
             .next()
             .map(|t| t.1)
     }
@@ -266,7 +275,12 @@ impl ShardRt {
     /// Recomputes the output watermark; never lets it move back.
     pub fn recompute_output_wm(&mut self, source_wm: Option<EventTime>) {
         let base = source_wm.unwrap_or(self.input_wm);
-        let oldest = self.unacked_ts.keys().next().copied().unwrap_or(EventTime::MAX);
+        let oldest = self
+            .unacked_ts
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(EventTime::MAX);
         let wm = base.min(oldest);
         if wm > self.output_wm {
             self.output_wm = wm;
@@ -313,16 +327,18 @@ impl ShardRt {
                 s.position_dirty = false;
             }
             Body::Sink { sink, written } if *written => {
-                let pos = sink
-                    .flush(sync_sinks)
-                    .map_err(crate::EngineError::Sink)?;
+                let pos = sink.flush(sync_sinks).map_err(crate::EngineError::Sink)?;
                 batch.put(Cf::Meta, &position_key(&self.prefix), &pos);
                 *written = false;
             }
             _ => {}
         }
         if self.wm_changed {
-            batch.put(Cf::Meta, &wm_key(&self.prefix), &self.output_wm.to_be_bytes());
+            batch.put(
+                Cf::Meta,
+                &wm_key(&self.prefix),
+                &self.output_wm.to_be_bytes(),
+            );
         }
         Ok(())
     }

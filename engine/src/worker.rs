@@ -213,7 +213,8 @@ impl Worker {
             if now >= deadline {
                 return Ok(false);
             }
-            self.shared.wait((deadline - now).min(Duration::from_millis(100)));
+            self.shared
+                .wait((deadline - now).min(Duration::from_millis(100)));
         }
     }
 
@@ -233,7 +234,8 @@ impl Worker {
             if now >= deadline {
                 return Ok(false);
             }
-            self.shared.wait((deadline - now).min(Duration::from_millis(100)));
+            self.shared
+                .wait((deadline - now).min(Duration::from_millis(100)));
         }
     }
 
@@ -269,7 +271,11 @@ impl Worker {
             m.outbox_backlog.set(status.backlog);
             m.timers_pending.set(status.timers);
             if let Some(wm) = status.low_watermark {
-                m.low_watermark.set(if wm == i64::MAX { i64::MAX / 1_000_000 } else { wm / 1_000_000 });
+                m.low_watermark.set(if wm == i64::MAX {
+                    i64::MAX / 1_000_000
+                } else {
+                    wm / 1_000_000
+                });
                 if let Some(max) = status.max_event_time {
                     m.watermark_lag.set(((max - wm).max(0)) / 1_000_000);
                 }
@@ -290,7 +296,10 @@ impl Worker {
             .zip(&self.node_metrics)
             .map(|(n, m)| {
                 let sids = n.first_sid as usize..(n.first_sid + n.shards) as usize;
-                let wm = sids.clone().map(|i| s.shard_wm[i].load(Ordering::Relaxed)).min();
+                let wm = sids
+                    .clone()
+                    .map(|i| s.shard_wm[i].load(Ordering::Relaxed))
+                    .min();
                 let max_event = sids
                     .clone()
                     .map(|i| s.shard_max_event[i].load(Ordering::Relaxed))
@@ -318,8 +327,13 @@ impl Worker {
                     shards: n.shards,
                     low_watermark: wm.filter(|w| *w != i64::MIN),
                     max_event_time: max_event.filter(|w| *w != i64::MIN),
-                    backlog: sids.clone().map(|i| s.shard_backlog[i].load(Ordering::Relaxed)).sum(),
-                    timers: sids.map(|i| s.shard_timers[i].load(Ordering::Relaxed)).sum(),
+                    backlog: sids
+                        .clone()
+                        .map(|i| s.shard_backlog[i].load(Ordering::Relaxed))
+                        .sum(),
+                    timers: sids
+                        .map(|i| s.shard_timers[i].load(Ordering::Relaxed))
+                        .sum(),
                     records_in: m.records_in.get(),
                     records_out: m.records_out.get(),
                 }

@@ -211,8 +211,11 @@ mod tests {
         prop_oneof![
             any::<u64>().prop_map(El::U),
             any::<i64>().prop_map(El::I),
-            proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(0xFFu8), any::<u8>()], 0..8)
-                .prop_map(El::B),
+            proptest::collection::vec(
+                prop_oneof![Just(0u8), Just(1u8), Just(0xFFu8), any::<u8>()],
+                0..8
+            )
+            .prop_map(El::B),
         ]
     }
 

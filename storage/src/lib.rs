@@ -15,4 +15,4 @@ mod keys;
 mod store;
 
 pub use keys::{prefix_end, push_escaped, KeyError, KeyReader, KeyWriter};
-pub use store::{Batch, Cf, Durability, StorageError, Store, StoreOptions};
+pub use store::{Batch, Cf, Durability, KeyValue, StorageError, Store, StoreOptions};

@@ -7,6 +7,9 @@ use rocksdb::{
 };
 use std::path::{Path, PathBuf};
 
+/// One stored `(key, value)` pair.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// The column families. Each holds keys that start with `(computation, shard)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Cf {
@@ -112,11 +115,12 @@ impl Store {
             path: dir.to_path_buf(),
             source,
         })?;
-        let cache = Cache::new_lru_cache(opts.block_cache_bytes).map_err(|e| StorageError::Rocks {
-            path: dir.to_path_buf(),
-            op: "create block cache",
-            message: e.into_string(),
-        })?;
+        let cache =
+            Cache::new_lru_cache(opts.block_cache_bytes).map_err(|e| StorageError::Rocks {
+                path: dir.to_path_buf(),
+                op: "create block cache",
+                message: e.into_string(),
+            })?;
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
@@ -179,7 +183,7 @@ impl Store {
     }
 
     /// Every `(key, value)` whose key starts with `prefix`, in key order.
-    pub fn scan_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    pub fn scan_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Vec<KeyValue>, StorageError> {
         let mut out = Vec::new();
         self.for_each_prefix(cf, prefix, |k, v| {
             out.push((k.to_vec(), v.to_vec()));
@@ -270,7 +274,9 @@ impl Batch<'_> {
     pub fn delete_prefix(&mut self, cf: Cf, prefix: &[u8]) {
         match prefix_end(prefix) {
             Some(end) => self.wb.delete_range_cf(self.store.cf(cf), prefix, &end[..]),
-            None => self.wb.delete_range_cf(self.store.cf(cf), prefix, &[0xFFu8; 64][..]),
+            None => self
+                .wb
+                .delete_range_cf(self.store.cf(cf), prefix, &[0xFFu8; 64][..]),
         }
     }
 
@@ -297,9 +303,21 @@ mod tests {
         let a = KeyWriter::new().str("count").u32(1).finish();
         let b = KeyWriter::new().str("count").u32(2).finish();
         let mut batch = store.batch();
-        batch.put(Cf::State, &KeyWriter::from_prefix(&a).str("k1").finish(), b"1");
-        batch.put(Cf::State, &KeyWriter::from_prefix(&a).str("k2").finish(), b"2");
-        batch.put(Cf::State, &KeyWriter::from_prefix(&b).str("k1").finish(), b"3");
+        batch.put(
+            Cf::State,
+            &KeyWriter::from_prefix(&a).str("k1").finish(),
+            b"1",
+        );
+        batch.put(
+            Cf::State,
+            &KeyWriter::from_prefix(&a).str("k2").finish(),
+            b"2",
+        );
+        batch.put(
+            Cf::State,
+            &KeyWriter::from_prefix(&b).str("k1").finish(),
+            b"3",
+        );
         batch.put(Cf::Meta, b"m", b"x");
         assert_eq!(batch.len(), 4);
         store.commit(batch).unwrap();

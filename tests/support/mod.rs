@@ -35,7 +35,11 @@ impl Scratch {
     /// Writes `text` to `name`, replacing `{dir}` with the scratch directory.
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
         let p = self.path(name);
-        std::fs::write(&p, text.replace("{dir}", &self.dir.path().display().to_string())).expect("write");
+        std::fs::write(
+            &p,
+            text.replace("{dir}", &self.dir.path().display().to_string()),
+        )
+        .expect("write");
         p
     }
 }
@@ -70,7 +74,12 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
 /// Runs `millrace run FILE` to its end (bounded input) within `timeout`.
 pub fn run_to_end(topology: &Path, timeout: Duration) -> Output {
     let mut child = millrace()
-        .args(["run", topology.to_str().expect("utf-8 path"), "--http", "off"])
+        .args([
+            "run",
+            topology.to_str().expect("utf-8 path"),
+            "--http",
+            "off",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -80,7 +89,11 @@ pub fn run_to_end(topology: &Path, timeout: Duration) -> Output {
     let mut stderr = Vec::new();
     child.stdout.take().map(|mut s| s.read_to_end(&mut stdout));
     child.stderr.take().map(|mut s| s.read_to_end(&mut stderr));
-    Output { status, stdout, stderr }
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
 }
 
 /// SIGKILL, as a crash.
@@ -110,7 +123,8 @@ pub fn read_jsonl(p: &Path) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(p).unwrap_or_default();
     text.lines()
         .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"));
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"));
             (
                 v["key"].as_str().expect("key").to_owned(),
                 v["value"].as_str().expect("value").to_owned(),
@@ -124,9 +138,16 @@ pub fn read_jsonl(p: &Path) -> Vec<(String, String)> {
 pub fn assert_running_counts(pairs: &[(String, String)]) -> BTreeMap<String, u64> {
     let mut last: BTreeMap<String, u64> = BTreeMap::new();
     for (i, (k, v)) in pairs.iter().enumerate() {
-        let n: u64 = v.parse().unwrap_or_else(|_| panic!("line {}: value {v:?} is not a count", i + 1));
+        let n: u64 = v
+            .parse()
+            .unwrap_or_else(|_| panic!("line {}: value {v:?} is not a count", i + 1));
         let prev = last.entry(k.clone()).or_insert(0);
-        assert_eq!(n, *prev + 1, "line {}: key {k} has count {n} after {prev} (lost or repeated)", i + 1);
+        assert_eq!(
+            n,
+            *prev + 1,
+            "line {}: key {k} has count {n} after {prev} (lost or repeated)",
+            i + 1
+        );
         *prev = n;
     }
     last
@@ -161,7 +182,11 @@ impl Rng {
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;

@@ -45,10 +45,16 @@ fn a_good_topology_parses_with_defaults() {
     assert_eq!(counts.inputs[0].key, KeyExtractor::Value);
     assert_eq!(
         counts.inputs[1].key,
-        KeyExtractor::Field { index: 1, delimiter: ";".into() }
+        KeyExtractor::Field {
+            index: 1,
+            delimiter: ";".into()
+        }
     );
     assert_eq!(counts.inputs[1].stream.output.as_deref(), Some("errors"));
-    assert_eq!(t.sinks()[0].options.table()["path"].as_str(), Some("out.jsonl"));
+    assert_eq!(
+        t.sinks()[0].options.table()["path"].as_str(),
+        Some("out.jsonl")
+    );
 }
 
 #[test]
@@ -70,7 +76,10 @@ fn unknown_input_is_an_error_at_the_inputs_line() {
 fn cycles_are_errors() {
     let e = err("[sources.s]\ntype='generator'\n[computations.a]\ntype='map'\ninputs=['s','b']\n[computations.b]\ntype='map'\ninputs=['a']\n");
     assert!(e.to_string().contains("cycle"), "{e}");
-    assert!(e.to_string().contains("a -> b -> a") || e.to_string().contains("b -> a -> b"), "{e}");
+    assert!(
+        e.to_string().contains("a -> b -> a") || e.to_string().contains("b -> a -> b"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -78,7 +87,10 @@ fn missing_type_and_inputs_are_errors() {
     let e = err("[sources.s]\npath='x'\n");
     assert!(e.to_string().contains("missing required key `type`"), "{e}");
     let e = err("[sources.s]\ntype='generator'\n[sinks.o]\ntype='stdout'\n");
-    assert!(e.to_string().contains("missing required key `inputs`"), "{e}");
+    assert!(
+        e.to_string().contains("missing required key `inputs`"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -111,7 +123,10 @@ fn options_parse_strictly_and_locate_unknown_keys() {
         path: String,
     }
     let t = parse("[sources.s]\ntype='file'\npath='a'\npaht='b'\n").expect("wiring is fine");
-    let e = t.sources()[0].options.parse::<FileOpts>().expect_err("typo");
+    let e = t.sources()[0]
+        .options
+        .parse::<FileOpts>()
+        .expect_err("typo");
     assert_eq!(e.line(), Some(4));
     assert!(e.to_string().contains("paht"), "{e}");
 }
