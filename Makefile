@@ -4,7 +4,7 @@ export ROCKSDB_LIB_DIR ?= /usr/lib/x86_64-linux-gnu
 export ROCKSDB_INCLUDE_DIR ?= /usr/include
 export SNAPPY_LIB_DIR ?= /usr/lib/x86_64-linux-gnu
 
-APT_PACKAGES := librocksdb-dev libclang-dev
+APT_PACKAGES := librocksdb-dev libclang-dev prometheus
 
 .PHONY: setup build run test bench bench-quick lint
 

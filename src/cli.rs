@@ -41,6 +41,36 @@ enum Command {
         /// The topology file.
         file: PathBuf,
     },
+    /// Print the topology as Graphviz DOT (`millrace graph t.toml | dot -Tsvg > t.svg`).
+    Graph {
+        /// The topology file.
+        file: PathBuf,
+    },
+    /// Show what a data directory holds: shards, watermarks, outbox backlog,
+    /// state key counts; or one key's state. Works beside a running worker.
+    Inspect {
+        /// The data directory.
+        data_dir: PathBuf,
+        /// Only this component (required with --key).
+        #[arg(long)]
+        component: Option<String>,
+        /// Print this key's state.
+        #[arg(long)]
+        key: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Watch the records leaving one component of a running worker, live.
+    Tap {
+        /// The worker's HTTP address (`[service] http`).
+        addr: String,
+        /// The component to watch.
+        component: String,
+        /// Stop after this many records.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -53,6 +83,21 @@ pub fn cli_main(registry: Registry) -> ExitCode {
     service::init_logging(&cli.log_format);
     let result = match cli.command {
         Command::Validate { file } => validate(&file, &registry),
+        Command::Graph { file } => {
+            crate::operator::graph(&file, &registry).map(|dot| print!("{dot}"))
+        }
+        Command::Inspect {
+            data_dir,
+            component,
+            key,
+            json,
+        } => crate::operator::inspect_dir(&data_dir, component.as_deref(), key.as_deref(), json)
+            .map(|text| print!("{text}")),
+        Command::Tap {
+            addr,
+            component,
+            limit,
+        } => crate::operator::tap(&addr, &component, limit),
         Command::Run {
             file,
             data_dir,

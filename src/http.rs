@@ -1,55 +1,98 @@
-//! `/metrics`, `/healthz` and `/status` over a minimal HTTP/1.1 server.
+//! `/metrics`, `/healthz`, `/status` and `/tap` over a minimal HTTP/1.1 server.
+//!
+//! The server starts before recovery, so `/healthz` answers 503 while the
+//! worker rebuilds its shards, 200 while it runs, and 503 again while it drains.
 
 use millrace_engine::{Metrics, Worker};
+use parking_lot::Mutex;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// What `/healthz` reports.
-#[derive(Default)]
-pub struct Health(AtomicU8);
 
 const RECOVERING: u8 = 0;
 const RUNNING: u8 = 1;
 const DRAINING: u8 = 2;
 
-impl Health {
-    pub fn set_running(&self) {
-        self.0.store(RUNNING, Ordering::SeqCst);
+/// What the HTTP endpoints read.
+pub struct HttpState {
+    pub metrics: Arc<Metrics>,
+    worker: OnceLock<Weak<Worker>>,
+    health: AtomicU8,
+    rates: Mutex<Rates>,
+}
+
+/// Records in/out per second per component, between the last two samples.
+#[derive(Default)]
+struct Rates {
+    last: Option<(Instant, Vec<(u64, u64)>)>,
+    per_second: Vec<(f64, f64)>,
+}
+
+impl HttpState {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(HttpState {
+            metrics,
+            worker: OnceLock::new(),
+            health: AtomicU8::new(RECOVERING),
+            rates: Mutex::new(Rates::default()),
+        })
     }
+
+    /// The worker has recovered and runs.
+    pub fn set_running(&self, worker: &Arc<Worker>) {
+        let _ = self.worker.set(Arc::downgrade(worker));
+        self.health.store(RUNNING, Ordering::SeqCst);
+    }
+
     pub fn set_draining(&self) {
-        self.0.store(DRAINING, Ordering::SeqCst);
+        self.health.store(DRAINING, Ordering::SeqCst);
     }
-    fn describe(&self) -> (u16, &'static str) {
-        match self.0.load(Ordering::SeqCst) {
-            RECOVERING => (503, "recovering\n"),
-            RUNNING => (200, "ok\n"),
-            _ => (503, "draining\n"),
+
+    fn worker(&self) -> Option<Arc<Worker>> {
+        self.worker.get().and_then(Weak::upgrade)
+    }
+
+    /// Samples the record counters; call about once a second.
+    pub fn sample_rates(&self, worker: &Worker) {
+        let now = Instant::now();
+        let counts: Vec<(u64, u64)> = worker
+            .status()
+            .iter()
+            .map(|c| (c.records_in, c.records_out))
+            .collect();
+        let mut g = self.rates.lock();
+        if let Some((then, before)) = &g.last {
+            let dt = now.duration_since(*then).as_secs_f64().max(1e-3);
+            g.per_second = counts
+                .iter()
+                .zip(before)
+                .map(|(a, b)| ((a.0 - b.0) as f64 / dt, (a.1 - b.1) as f64 / dt))
+                .collect();
         }
+        g.last = Some((now, counts));
     }
 }
 
 /// Binds `addr` and serves in the background; returns the bound address.
-pub async fn serve(
-    addr: &str,
-    worker: Arc<Worker>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-) -> std::io::Result<SocketAddr> {
+pub async fn serve(addr: &str, state: Arc<HttpState>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let weak = Arc::downgrade(&worker);
-    drop(worker);
     tokio::spawn(async move {
         loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                continue;
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             };
-            let (weak, metrics, health) = (weak.clone(), Arc::clone(&metrics), Arc::clone(&health));
+            let state = Arc::clone(&state);
             tokio::spawn(async move {
-                if let Err(e) = handle(stream, weak, metrics, health).await {
+                if let Err(e) = handle(stream, state).await {
                     tracing::debug!(%peer, error = %e, "HTTP request failed");
                 }
             });
@@ -58,12 +101,7 @@ pub async fn serve(
     Ok(bound)
 }
 
-async fn handle(
-    mut stream: TcpStream,
-    worker: std::sync::Weak<Worker>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-) -> std::io::Result<()> {
+async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result<()> {
     let mut buf = vec![0u8; 8192];
     let mut n = 0;
     while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
@@ -76,44 +114,94 @@ async fn handle(
         }
         n += read;
     }
-    let head = String::from_utf8_lossy(&buf[..n]);
+    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
     let mut parts = head.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     if method != "GET" {
         return respond(&mut stream, 405, "text/plain", "only GET is served\n").await;
     }
-    let path = path.split('?').next().unwrap_or("");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     match path {
         "/metrics" => {
-            if let Some(w) = worker.upgrade() {
-                let w2 = Arc::clone(&w);
-                let _ = tokio::task::spawn_blocking(move || w2.refresh_gauges()).await;
+            if let Some(w) = state.worker() {
+                let _ = tokio::task::spawn_blocking(move || w.refresh_gauges()).await;
             }
-            let body = metrics.render();
+            let body = state.metrics.render();
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
         }
         "/healthz" => {
-            let (code, body) = health.describe();
+            let (code, body) = match state.health.load(Ordering::SeqCst) {
+                RECOVERING => (503, "recovering\n"),
+                RUNNING => (200, "ok\n"),
+                _ => (503, "draining\n"),
+            };
             respond(&mut stream, code, "text/plain", body).await
         }
         "/status" => {
-            let body = match worker.upgrade() {
-                Some(w) => serde_json::json!({
-                    "uptime_seconds": w.uptime().as_secs_f64(),
-                    "backlog": w.backlog(),
-                    "components": w.status(),
-                })
-                .to_string(),
-                None => "{}".to_owned(),
+            let Some(w) = state.worker() else {
+                return respond(
+                    &mut stream,
+                    503,
+                    "application/json",
+                    "{\"state\":\"recovering\"}",
+                )
+                .await;
             };
+            let rates = state.rates.lock().per_second.clone();
+            let components: Vec<serde_json::Value> = w
+                .status()
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let mut v = serde_json::to_value(&c).unwrap_or_default();
+                    let (rin, rout) = rates.get(i).copied().unwrap_or_default();
+                    v["records_in_per_second"] = rin.into();
+                    v["records_out_per_second"] = rout.into();
+                    v
+                })
+                .collect();
+            let body = serde_json::json!({
+                "uptime_seconds": w.uptime().as_secs_f64(),
+                "backlog": w.backlog(),
+                "components": components,
+            })
+            .to_string();
             respond(&mut stream, 200, "application/json", &body).await
+        }
+        "/tap" => {
+            let component = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("component="))
+                .unwrap_or("");
+            let Some(rx) = state.worker().and_then(|w| w.tap(component)) else {
+                return respond(
+                    &mut stream,
+                    404,
+                    "text/plain",
+                    &format!("no component `{component}`\n"),
+                )
+                .await;
+            };
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n")
+                .await?;
+            loop {
+                match rx.try_recv() {
+                    Ok(line) => stream.write_all(&line).await?,
+                    Err(crossbeam_channel::TryRecvError::Empty) => {
+                        stream.flush().await?;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => return Ok(()),
+                }
+            }
         }
         _ => {
             respond(
                 &mut stream,
                 404,
                 "text/plain",
-                "not found: try /metrics, /healthz or /status\n",
+                "not found: try /metrics, /healthz, /status or /tap?component=NAME\n",
             )
             .await
         }

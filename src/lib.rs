@@ -14,6 +14,7 @@
 
 mod cli;
 mod http;
+mod operator;
 mod service;
 
 pub use cli::cli_main;

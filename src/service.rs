@@ -1,6 +1,6 @@
 //! `millrace run`: the worker as a long-running service.
 
-use crate::http::{self, Health};
+use crate::http::{self, HttpState};
 use anyhow::{Context as _, Result};
 use millrace_config::Topology;
 use millrace_engine::{Metrics, Registry, Worker, WorkerOptions};
@@ -45,7 +45,7 @@ pub fn run(
         .build()
         .context("starting the I/O runtime")?;
     let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::default());
+    let state = HttpState::new(Arc::clone(&metrics));
     let stop = Arc::new(AtomicBool::new(false));
 
     // Signals: the first SIGTERM/SIGINT starts a drain.
@@ -57,6 +57,16 @@ pub fn run(
         });
     }
 
+    // HTTP first, so that /healthz says 503 while the worker recovers.
+    let bound = match &http_addr {
+        Some(addr) => Some(
+            runtime
+                .block_on(http::serve(addr, Arc::clone(&state)))
+                .with_context(|| format!("serving HTTP on {addr}"))?,
+        ),
+        None => None,
+    };
+
     let worker = Worker::start(
         topology,
         registry,
@@ -67,33 +77,26 @@ pub fn run(
     )
     .with_context(|| format!("starting the worker on {}", data_dir.display()))?;
     let worker = Arc::new(worker);
-
-    let bound = match &http_addr {
-        Some(addr) => Some(
-            runtime
-                .block_on(http::serve(
-                    addr,
-                    Arc::clone(&worker),
-                    Arc::clone(&metrics),
-                    Arc::clone(&health),
-                ))
-                .with_context(|| format!("serving HTTP on {addr}"))?,
-        ),
-        None => None,
-    };
-    health.set_running();
+    state.set_running(&worker);
+    let positions: Vec<String> = worker
+        .recovered_positions()
+        .into_iter()
+        .map(|(name, pos)| format!("{name}@{pos}"))
+        .collect();
     tracing::info!(
         topology = %file.display(),
         data_dir = %data_dir.display(),
         http = %bound.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         recovered_backlog = worker.recovered_backlog(),
+        recovered_positions = %if positions.is_empty() { "none (fresh start)".to_owned() } else { positions.join(", ") },
         components = worker.plan().nodes.len(),
         "millrace running"
     );
 
+    let mut last_sample = std::time::Instant::now();
     let outcome = loop {
         if stop.load(Ordering::SeqCst) {
-            health.set_draining();
+            state.set_draining();
             tracing::info!("signal received: stopping sources and draining");
             match worker.drain(drain_timeout) {
                 Ok(true) => tracing::info!("drained"),
@@ -105,6 +108,10 @@ pub fn run(
             }
             break Ok(());
         }
+        if last_sample.elapsed() >= Duration::from_secs(1) {
+            state.sample_rates(&worker);
+            last_sample = std::time::Instant::now();
+        }
         match worker.wait_finished(Duration::from_millis(100)) {
             Ok(true) => {
                 tracing::info!("all input processed and delivered");
@@ -114,7 +121,7 @@ pub fn run(
             Err(e) => break Err(e),
         }
     };
-    health.set_draining();
+    state.set_draining();
     let worker = Arc::try_unwrap(worker)
         .map_err(|_| anyhow::anyhow!("the HTTP server still holds the worker"));
     runtime.shutdown_timeout(Duration::from_secs(1));

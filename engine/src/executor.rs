@@ -464,6 +464,7 @@ impl Executor {
                     batch,
                     metrics,
                     &mut self.produced_count,
+                    &self.shared.taps,
                 );
             }
 
@@ -507,6 +508,7 @@ impl Executor {
                         batch,
                         metrics,
                         &mut self.produced_count,
+                        &self.shared.taps,
                     );
                 }
             }
@@ -551,6 +553,7 @@ impl Executor {
                     batch,
                     metrics,
                     &mut self.produced_count,
+                    &self.shared.taps,
                 );
             }
 
@@ -686,9 +689,25 @@ fn route(
     batch: &mut Batch<'_>,
     metrics: &NodeMetrics,
     produced: &mut i64,
+    taps: &crate::tap::Taps,
 ) {
     if emits.is_empty() {
         return;
+    }
+    if taps.is_active(shard.node) {
+        for e in emits.iter() {
+            taps.publish(shard.node, || {
+                let mut line = serde_json::json!({
+                    "key": String::from_utf8_lossy(&e.key),
+                    "value": String::from_utf8_lossy(&e.value),
+                    "ts": e.ts,
+                })
+                .to_string()
+                .into_bytes();
+                line.push(b'\n');
+                line
+            });
+        }
     }
     let node = &plan.nodes[shard.node];
     let src_shard = plan.shards[shard.sid as usize].shard;

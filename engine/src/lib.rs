@@ -16,12 +16,14 @@
 mod api;
 mod delivery;
 mod executor;
+mod inspect;
 mod keying;
 mod metrics;
 mod plan;
 mod record;
 mod registry;
 mod shard;
+mod tap;
 mod worker;
 
 pub use api::{
@@ -29,6 +31,7 @@ pub use api::{
     SourcePoll,
 };
 pub use delivery::{InChannel, Offer, OutChannel};
+pub use inspect::{inspect, state_of, StoredComponent, StoredData};
 pub use keying::{extract_key, shard_of};
 pub use metrics::Metrics;
 pub use plan::{shard_prefix, Plan, ERRORS_PORT};

@@ -348,3 +348,13 @@ impl ShardRt {
 pub(crate) fn read_u64(v: &[u8]) -> Option<u64> {
     v.try_into().ok().map(u64::from_be_bytes)
 }
+
+/// A committed source or sink position in printable form (text positions as
+/// they are, 8-byte counters as numbers).
+pub(crate) fn printable_position(v: &[u8]) -> String {
+    if v.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+        String::from_utf8_lossy(v).into_owned()
+    } else {
+        read_u64(v).map_or_else(|| format!("{v:?}"), |n| n.to_string())
+    }
+}

@@ -32,6 +32,7 @@ pub(crate) struct Shared {
     pub shard_wm: Vec<AtomicI64>,
     pub shard_max_event: Vec<AtomicI64>,
     pub shard_timers: Vec<AtomicI64>,
+    pub taps: crate::tap::Taps,
     lock: Mutex<()>,
     changed: Condvar,
 }
@@ -96,6 +97,7 @@ pub struct Worker {
     threads: Vec<JoinHandle<Result<(), EngineError>>>,
     started: Instant,
     recovered: i64,
+    recovered_positions: Vec<(String, String)>,
 }
 
 impl Worker {
@@ -138,6 +140,7 @@ impl Worker {
             shard_wm: atomics(i64::MIN),
             shard_max_event: atomics(i64::MIN),
             shard_timers: atomics(0),
+            taps: crate::tap::Taps::new(plan.nodes.len()),
             lock: Mutex::new(()),
             changed: Condvar::new(),
         });
@@ -164,6 +167,13 @@ impl Worker {
             executors.push(ex);
         }
         let recovered = shared.unacked.load(Ordering::SeqCst);
+        let mut recovered_positions = Vec::new();
+        for node in plan.nodes.iter().filter(|n| n.role != Role::Computation) {
+            let key = crate::shard::position_key(&plan.shards[node.first_sid as usize].prefix);
+            if let Some(v) = store.get(Cf::Meta, &key)? {
+                recovered_positions.push((node.name.clone(), crate::shard::printable_position(&v)));
+            }
+        }
         let mut threads = Vec::new();
         for (id, ex) in executors.into_iter().enumerate() {
             let shared = Arc::clone(&shared);
@@ -190,6 +200,7 @@ impl Worker {
             threads,
             started: Instant::now(),
             recovered,
+            recovered_positions,
         })
     }
 
@@ -341,6 +352,14 @@ impl Worker {
             .collect()
     }
 
+    /// Watches the records leaving `component`: one JSON line per record
+    /// (`{"key":..,"value":..,"ts":..}`). Copies are dropped when the receiver
+    /// falls behind; the graph never waits for a watcher.
+    pub fn tap(&self, component: &str) -> Option<crossbeam_channel::Receiver<Vec<u8>>> {
+        let node = self.plan.nodes.iter().position(|n| n.name == component)?;
+        Some(self.shared.taps.subscribe(node))
+    }
+
     /// The plan this worker runs.
     pub fn plan(&self) -> &Plan {
         &self.plan
@@ -354,6 +373,11 @@ impl Worker {
     /// Unacknowledged productions found in the outbox at start (re-sent).
     pub fn recovered_backlog(&self) -> i64 {
         self.recovered
+    }
+
+    /// The committed positions of sources and sinks found at start.
+    pub fn recovered_positions(&self) -> Vec<(String, String)> {
+        self.recovered_positions.clone()
     }
 
     /// Productions committed and not yet acknowledged, now.

@@ -154,6 +154,25 @@ impl Store {
         })
     }
 
+    /// Opens an existing store read-only, beside a running worker (for
+    /// operator tools). Sees what was committed up to the moment it opens.
+    pub fn open_read_only(dir: &Path) -> Result<Self, StorageError> {
+        let opts = Options::default();
+        let names = Cf::ALL.iter().map(|cf| cf.name());
+        let db = DB::open_cf_for_read_only(&opts, dir, names, false).map_err(|e| {
+            StorageError::Rocks {
+                path: dir.to_path_buf(),
+                op: "open read-only",
+                message: e.into_string(),
+            }
+        })?;
+        Ok(Store {
+            db,
+            path: dir.to_path_buf(),
+            write: WriteOptions::default(),
+        })
+    }
+
     /// The data directory.
     pub fn path(&self) -> &Path {
         &self.path
