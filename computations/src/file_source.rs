@@ -8,7 +8,8 @@
 //! record is the file's name; its event time is when it was read.
 
 use crate::options;
-use millrace_engine::{now_micros, Emitter, Registry, Source, SourceError, SourcePoll};
+use millrace_config::KeyExtractor;
+use millrace_engine::{extract_key, now_micros, Emitter, Registry, Source, SourceError, SourcePoll};
 use serde::Deserialize;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
@@ -20,6 +21,27 @@ struct Options {
     path: PathBuf,
     #[serde(default)]
     watch: bool,
+    /// Where a line's event time is: `field:N` (with `delimiter`) or `json:/ptr`.
+    timestamp: Option<String>,
+    delimiter: Option<String>,
+    /// Unit of the event time: `s`, `ms` (default) or `us`.
+    timestamp_unit: Option<String>,
+}
+
+/// Reads each line's event time from the line itself.
+#[derive(Clone)]
+pub struct EventTimeField {
+    extractor: KeyExtractor,
+    micros_per_unit: i64,
+}
+
+impl EventTimeField {
+    fn of(&self, line: &[u8]) -> Option<i64> {
+        let v = bytes::Bytes::copy_from_slice(line);
+        let field = extract_key(&self.extractor, &v, &v).ok()?;
+        let n: f64 = std::str::from_utf8(&field).ok()?.trim().parse().ok()?;
+        Some((n * self.micros_per_unit as f64) as i64)
+    }
 }
 
 /// The file/directory source.
@@ -30,6 +52,7 @@ pub struct FileSource {
     current: Option<(String, u64)>,
     reader: Option<BufReader<File>>,
     line: Vec<u8>,
+    event_time: Option<EventTimeField>,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SourceError {
@@ -46,7 +69,14 @@ impl FileSource {
             current: None,
             reader: None,
             line: Vec::new(),
+            event_time: None,
         }
+    }
+
+    /// Takes each line's event time from the line instead of the clock.
+    pub fn with_event_time(mut self, field: EventTimeField) -> Self {
+        self.event_time = Some(field);
+        self
     }
 
     fn is_dir(&self) -> bool {
@@ -168,7 +198,15 @@ impl Source for FileSource {
                 while end > 0 && matches!(self.line[end - 1], b'\n' | b'\r') {
                     end -= 1;
                 }
-                out.emit(name.clone(), self.line[..end].to_vec(), now);
+                let line = &self.line[..end];
+                let ts = match &self.event_time {
+                    None => now,
+                    Some(f) => f.of(line).unwrap_or_else(|| {
+                        tracing::warn!(file = %name, line = %String::from_utf8_lossy(line), "no event time in line; using the time it was read");
+                        now
+                    }),
+                };
+                out.emit(name.clone(), line.to_vec(), ts);
                 continue;
             }
             // End of this file (or a line still being written).
@@ -208,7 +246,22 @@ impl Source for FileSource {
 pub(crate) fn register(r: &mut Registry) {
     r.source("file", |c| {
         let o: Options = options(c)?;
-        Ok(Box::new(FileSource::new(o.path, o.watch)))
+        let mut source = FileSource::new(o.path, o.watch);
+        if let Some(t) = &o.timestamp {
+            let extractor = KeyExtractor::parse(t, o.delimiter.clone()).map_err(|m| c.options.error(Some("timestamp"), m))?;
+            let micros_per_unit = match o.timestamp_unit.as_deref().unwrap_or("ms") {
+                "s" => 1_000_000,
+                "ms" => 1_000,
+                "us" => 1,
+                other => {
+                    return Err(c.options.error(Some("timestamp_unit"), format!("unknown unit `{other}` (use s, ms or us)")))
+                }
+            };
+            source = source.with_event_time(EventTimeField { extractor, micros_per_unit });
+        } else if o.delimiter.is_some() || o.timestamp_unit.is_some() {
+            return Err(c.options.error(Some("timestamp"), "`delimiter` and `timestamp_unit` need `timestamp`"));
+        }
+        Ok(Box::new(source))
     });
 }
 

@@ -126,7 +126,86 @@ impl Computation for Reduce {
     }
 }
 
+/// `combine`: a running aggregate per key (count, sum, min, max, mean, top:N,
+/// collect); emits the key's new result (JSON) for every record.
+pub struct Combine {
+    empty: crate::aggregate::Acc,
+    /// Emit only when the result changes (`top_per_key`).
+    on_change: bool,
+}
+
+impl Computation for Combine {
+    fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
+        let mut acc = match ctx.state()? {
+            None => self.empty.clone(),
+            Some(b) => serde_json::from_slice(&b).map_err(|e| {
+                ComputationError::BadRecord(format!("stored aggregate is not readable: {e}"))
+            })?,
+        };
+        let before = acc.result();
+        acc.add(&r.value, ctx.input()).map_err(ComputationError::BadRecord)?;
+        let after = acc.result();
+        ctx.set_state(serde_json::to_vec(&acc).unwrap_or_default());
+        if !self.on_change || after != before {
+            ctx.produce(r.key, after.to_string(), r.timestamp);
+        }
+        Ok(())
+    }
+}
+
+/// `count_per_element`: how often each distinct value has been seen (Beam's
+/// Count.perElement), per key; emits `(value, count)` for every record. Key
+/// the input by `value` to count over the whole stream.
+pub struct CountPerElement;
+
+impl Computation for CountPerElement {
+    fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
+        let mut counts: std::collections::BTreeMap<String, u64> = match ctx.state()? {
+            None => Default::default(),
+            Some(b) => serde_json::from_slice(&b)
+                .map_err(|e| ComputationError::BadRecord(format!("stored counts are not readable: {e}")))?,
+        };
+        let element = String::from_utf8_lossy(&r.value).into_owned();
+        let n = counts.entry(element.clone()).or_insert(0);
+        *n += 1;
+        let text = n.to_string();
+        ctx.set_state(serde_json::to_vec(&counts).unwrap_or_default());
+        ctx.produce(element, text, r.timestamp);
+        Ok(())
+    }
+}
+
 pub(crate) fn register(r: &mut Registry) {
+    r.computation("combine", |c| {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct O {
+            aggregate: String,
+        }
+        let o: O = options(c)?;
+        let empty = crate::aggregate::parse_aggregate(&o.aggregate).map_err(|m| c.options.error(Some("aggregate"), m))?;
+        Ok(Arc::new(move || Box::new(Combine { empty: empty.clone(), on_change: false }) as Box<dyn Computation>))
+    });
+    r.computation("top_per_key", |c| {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct O {
+            n: usize,
+        }
+        let o: O = options(c)?;
+        if o.n == 0 {
+            return Err(c.options.error(Some("n"), "must be at least 1"));
+        }
+        let empty = crate::aggregate::Acc::Top { n: o.n, items: Vec::new() };
+        Ok(Arc::new(move || Box::new(Combine { empty: empty.clone(), on_change: true }) as Box<dyn Computation>))
+    });
+    r.computation("count_per_element", |c| {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct O {}
+        let _: O = options(c)?;
+        Ok(Arc::new(|| Box::new(CountPerElement) as Box<dyn Computation>))
+    });
     r.computation("count", |c| {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]

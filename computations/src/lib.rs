@@ -10,17 +10,27 @@
 //! | computations | `map` | re-key, or project a JSON field or a delimited field |
 //! | computations | `count` | running count per key |
 //! | computations | `reduce` | running `sum`, `min` or `max` per key |
+//! | computations | `combine` | running aggregate per key (count, sum, min, max, mean, top:N, collect) |
+//! | computations | `top_per_key` | the N largest values per key, emitted when they change |
+//! | computations | `count_per_element` | occurrences of each distinct value |
+//! | computations | `flatten` | several inputs into one stream |
+//! | computations | `window` | fixed, sliding, session windows; triggers; lateness; accumulation |
+//! | computations | `reduce_by_key_and_window` | a window's `sum`, `min` or `max` |
+//! | computations | `cogroup` | CoGroupByKey of two or more inputs, per window |
+//! | computations | `join` | windowed inner join of two inputs |
 //! | sinks | `stdout` | one line per record |
 //! | sinks | `file` | one line per record, exactly once across crashes |
 //!
 //! [`builtins`] returns a registry holding all of them.
 
+mod aggregate;
 mod file_source;
 mod generator;
 mod keyed;
 mod sinks;
 mod socket;
 mod stateless;
+mod window;
 
 use millrace_config::{Component, ConfigError};
 use millrace_engine::Registry;
@@ -30,6 +40,8 @@ pub use file_source::FileSource;
 pub use generator::Generator;
 pub use sinks::{FileSink, OutputFormat, StdoutSink};
 pub use socket::SocketSource;
+pub use window::{Accumulation, Trigger, Window, WindowConfig, WindowSpec};
+pub use aggregate::{parse_aggregate, Acc};
 
 /// A registry with every built-in kind.
 pub fn builtins() -> Registry {
@@ -39,6 +51,7 @@ pub fn builtins() -> Registry {
     socket::register(&mut r);
     stateless::register(&mut r);
     keyed::register(&mut r);
+    window::register(&mut r);
     sinks::register(&mut r);
     r
 }

@@ -3,7 +3,7 @@
 use crate::options;
 use bytes::Bytes;
 use millrace_config::KeyExtractor;
-use millrace_engine::{extract_key, Computation, ComputationError, Context, Record, Registry};
+use millrace_engine::{extract_key, Computation, ComputationError, Context, Record};
 use regex::bytes::Regex;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -149,5 +149,21 @@ pub(crate) fn register(r: &mut millrace_engine::Registry) {
             }) as Box<dyn Computation>
         }))
     });
-    let _: &Registry = r;
+    r.computation("flatten", |c| {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct O {}
+        let _: O = options(c)?;
+        Ok(Arc::new(|| Box::new(Flatten) as Box<dyn Computation>))
+    });
+}
+
+/// `flatten`: every record of every input, unchanged, on one stream.
+pub struct Flatten;
+
+impl Computation for Flatten {
+    fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
+        ctx.produce(r.key, r.value, r.timestamp);
+        Ok(())
+    }
 }

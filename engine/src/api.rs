@@ -116,6 +116,12 @@ impl Context<'_> {
         self.scope.delete_timer(tag);
     }
 
+    /// The input stream of the record being processed, as the topology names
+    /// it (`words`, `sessions.late`); empty while a timer is processed.
+    pub fn input(&self) -> &str {
+        self.scope.input
+    }
+
     /// The shard's input low watermark: no record older than it is expected.
     pub fn low_watermark(&self) -> EventTime {
         self.scope.low_watermark()

@@ -438,6 +438,7 @@ impl Executor {
                                 ports: &node.ports,
                                 input_wm: shard.input_wm,
                                 ingest: env.ingest(),
+                                input: &plan.edges[plan.channels[ch as usize].edge].stream,
                             },
                         };
                         match comp.process_record(&mut ctx, record) {
@@ -534,6 +535,7 @@ impl Executor {
                                 ports: &node.ports,
                                 input_wm: shard.input_wm,
                                 ingest: now,
+                                input: "",
                             },
                         };
                         let timer = Timer { tag, domain, time };

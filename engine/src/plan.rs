@@ -78,6 +78,8 @@ pub struct Edge {
     pub key: KeyExtractor,
     /// Stable name used in storage keys: `producer[.port]->consumer`.
     pub name: String,
+    /// The stream read, as the consumer's `inputs` names it (`producer[.port]`).
+    pub stream: String,
     /// Channel index of (producer shard 0, consumer shard 0).
     pub channel_base: ChannelIdx,
 }
@@ -215,6 +217,7 @@ impl Plan {
                     to,
                     key: input.key.clone(),
                     name: format!("{}->{}", input.stream, c.name),
+                    stream: input.stream.to_string(),
                     channel_base: next_channel,
                 });
                 next_channel += nodes[from].shards * nodes[to].shards;

@@ -165,6 +165,8 @@ pub(crate) struct KeyScope<'a> {
     pub ports: &'a [String],
     pub input_wm: EventTime,
     pub ingest: i64,
+    /// The input stream of the current record ("" for timers).
+    pub input: &'a str,
 }
 
 pub(crate) fn state_key(prefix: &[u8], key: &[u8]) -> Vec<u8> {

@@ -1,0 +1,581 @@
+//! `window`: the Dataflow model per key: windows (fixed, sliding, session),
+//! triggers (at the watermark, early, late, count, composites), allowed
+//! lateness and accumulation (discarding, accumulating, retracting).
+//!
+//! A key's open panes live in its state; each window has an event-time timer
+//! at its end (the on-time firing), a garbage-collection timer at its end plus
+//! the allowed lateness (a last firing if anything is pending, then the state
+//! is dropped), and a processing-time timer while a periodic trigger waits.
+//!
+//! Each output record is JSON, timestamped at the window's last instant:
+//! `{"window":{"start":S,"end":E},"pane":{"index":I,"timing":"early|on_time|late"},"value":V}`;
+//! a retraction carries `"retraction":true` and the value it withdraws.
+//! Records later than the allowed lateness go, unchanged, to the output
+//! `NAME.late` (and are counted in `millrace_late_records_total`).
+
+use crate::aggregate::{parse_aggregate, Acc};
+use millrace_config::{Component, ConfigError, HumanDuration};
+use millrace_engine::{Computation, ComputationError, Context, Record, TimeDomain, Timer};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// How elements are assigned to windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum WindowSpec {
+    /// Tumbling windows of `size`.
+    Fixed {
+        /// Window length.
+        size: HumanDuration,
+    },
+    /// Windows of `size` starting every `every`.
+    Sliding {
+        /// Window length.
+        size: HumanDuration,
+        /// Period between window starts.
+        every: HumanDuration,
+    },
+    /// Per-key sessions: activity separated by at least `gap`; overlapping
+    /// sessions of a key merge.
+    Session {
+        /// Inactivity that ends a session.
+        gap: HumanDuration,
+    },
+}
+
+/// A trigger for early or late firings. Early and late triggers repeat.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Trigger {
+    /// After N elements since the last firing.
+    Count(u64),
+    /// A processing-time period after the first element since the last firing.
+    Every(HumanDuration),
+    /// When any of these would fire.
+    Any(Vec<Trigger>),
+    /// When all of these would fire.
+    All(Vec<Trigger>),
+    /// Each in turn, then the last one again.
+    Sequence(Vec<Trigger>),
+    /// The inner trigger, again after each firing (early and late triggers
+    /// always repeat; this spells it out).
+    Repeatedly(Box<Trigger>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum LateSpec {
+    Text(String),
+    Trigger(Trigger),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerSpec {
+    /// Only "watermark": the on-time firing. Always on.
+    at: Option<String>,
+    early_every: Option<HumanDuration>,
+    early_count: Option<u64>,
+    early: Option<Trigger>,
+    late: Option<LateSpec>,
+}
+
+/// What a firing emits, relative to the firings before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accumulation {
+    /// Each pane holds only the elements since the last firing.
+    #[default]
+    Discarding,
+    /// Each pane holds every element of the window so far.
+    Accumulating,
+    /// Accumulating, and each pane first retracts the previous one.
+    #[serde(alias = "accumulating_and_retracting")]
+    Retracting,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    window: WindowSpec,
+    #[serde(default)]
+    trigger: TriggerSpec,
+    allowed_lateness: Option<HumanDuration>,
+    #[serde(default)]
+    accumulation: Accumulation,
+    aggregate: Option<String>,
+    op: Option<String>,
+}
+
+/// What the `window` computation does with its panes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// One record per firing with the aggregate.
+    Aggregate,
+    /// One record per (left, right) pair of a two-input window (a windowed join).
+    Join,
+}
+
+/// The settings of one `window` component.
+#[derive(Debug, Clone)]
+pub struct WindowConfig {
+    window: WindowSpec,
+    early: Option<Trigger>,
+    late: Trigger,
+    lateness: i64,
+    accumulation: Accumulation,
+    aggregate: Acc,
+    output: Output,
+    /// Input stream names in declared order (left, right for a join).
+    sides: Vec<String>,
+}
+
+fn micros(d: HumanDuration) -> i64 {
+    d.0.as_micros() as i64
+}
+
+impl WindowConfig {
+    /// Parses a `window`-like component. `aggregate` (or `op`) names the
+    /// aggregate unless `fixed` gives it.
+    pub fn parse(c: &Component, fixed: Option<(Acc, Output)>) -> Result<WindowConfig, ConfigError> {
+        let o: Options = c.options.parse()?;
+        let check = |d: HumanDuration, key: &str| {
+            if d.0.is_zero() {
+                Err(c.options.error(Some("window"), format!("`{key}` must be longer than zero")))
+            } else {
+                Ok(())
+            }
+        };
+        match o.window {
+            WindowSpec::Fixed { size } => check(size, "size")?,
+            WindowSpec::Sliding { size, every } => {
+                check(size, "size")?;
+                check(every, "every")?;
+            }
+            WindowSpec::Session { gap } => check(gap, "gap")?,
+        }
+        if o.trigger.at.as_deref().is_some_and(|a| a != "watermark") {
+            return Err(c.options.error(Some("trigger"), "`at` can only be \"watermark\""));
+        }
+        let mut early: Vec<Trigger> = Vec::new();
+        if let Some(d) = o.trigger.early_every {
+            early.push(Trigger::Every(d));
+        }
+        if let Some(n) = o.trigger.early_count {
+            early.push(Trigger::Count(n));
+        }
+        if let Some(t) = o.trigger.early.clone() {
+            early.push(t);
+        }
+        let early = match early.len() {
+            0 => None,
+            1 => early.pop(),
+            _ => Some(Trigger::Any(early)),
+        };
+        let late = match o.trigger.late.clone() {
+            None => Trigger::Count(1),
+            Some(LateSpec::Text(t)) if t == "each" => Trigger::Count(1),
+            Some(LateSpec::Text(t)) => Trigger::Every(HumanDuration(
+                millrace_config::parse_duration(&t)
+                    .map_err(|m| c.options.error(Some("trigger"), format!("late: {m} (or \"each\")")))?,
+            )),
+            Some(LateSpec::Trigger(t)) => t,
+        };
+        let (aggregate, output) = match fixed {
+            Some(f) => f,
+            None => {
+                let name = o.aggregate.or(o.op).unwrap_or_else(|| "count".to_owned());
+                (parse_aggregate(&name).map_err(|m| c.options.error(Some("aggregate"), m))?, Output::Aggregate)
+            }
+        };
+        Ok(WindowConfig {
+            window: o.window,
+            early,
+            late,
+            lateness: o.allowed_lateness.map_or(0, micros),
+            accumulation: o.accumulation,
+            aggregate,
+            output,
+            sides: c.inputs.iter().map(|i| i.stream.to_string()).collect(),
+        })
+    }
+
+    /// The windows an element at `ts` belongs to, as `[start, end)`.
+    fn assign(&self, ts: i64) -> Vec<(i64, i64)> {
+        match self.window {
+            WindowSpec::Fixed { size } => {
+                let size = micros(size);
+                let start = ts.div_euclid(size) * size;
+                vec![(start, start + size)]
+            }
+            WindowSpec::Sliding { size, every } => {
+                let (size, every) = (micros(size), micros(every));
+                let mut start = ts.div_euclid(every) * every;
+                let mut out = Vec::new();
+                while start > ts - size {
+                    out.push((start, start + size));
+                    start -= every;
+                }
+                out.reverse();
+                out
+            }
+            WindowSpec::Session { gap } => vec![(ts, ts + micros(gap))],
+        }
+    }
+}
+
+/// One window's pane state for the current key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Pane {
+    start: i64,
+    end: i64,
+    /// Elements since the last firing (discarding) or all (accumulating).
+    acc: Acc,
+    /// Index of the next pane emitted.
+    index: u64,
+    on_time_done: bool,
+    since_fire: u64,
+    /// Processing time of the first element since the last firing.
+    first_at: Option<i64>,
+    /// Step of a `sequence` trigger.
+    step: usize,
+    /// What the last firing emitted (for retractions).
+    last: Option<Value>,
+}
+
+fn ready(t: &Trigger, p: &Pane, now: i64) -> bool {
+    match t {
+        Trigger::Count(n) => p.since_fire >= *n,
+        Trigger::Every(d) => p.first_at.is_some_and(|f| now - f >= micros(*d)),
+        Trigger::Any(v) => v.iter().any(|t| ready(t, p, now)),
+        Trigger::All(v) => !v.is_empty() && v.iter().all(|t| ready(t, p, now)),
+        Trigger::Sequence(v) => v.get(p.step.min(v.len().saturating_sub(1))).is_some_and(|t| ready(t, p, now)),
+        Trigger::Repeatedly(t) => ready(t, p, now),
+    }
+}
+
+/// The earliest processing time at which `t` may become ready.
+fn deadline(t: &Trigger, p: &Pane) -> Option<i64> {
+    match t {
+        Trigger::Count(_) => None,
+        Trigger::Every(d) => p.first_at.map(|f| f + micros(*d)),
+        Trigger::Any(v) | Trigger::All(v) => v.iter().filter_map(|t| deadline(t, p)).min(),
+        Trigger::Sequence(v) => v.get(p.step.min(v.len().saturating_sub(1))).and_then(|t| deadline(t, p)),
+        Trigger::Repeatedly(t) => deadline(t, p),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Timing {
+    Early,
+    OnTime,
+    Late,
+}
+
+impl Timing {
+    fn name(self) -> &'static str {
+        match self {
+            Timing::Early => "early",
+            Timing::OnTime => "on_time",
+            Timing::Late => "late",
+        }
+    }
+}
+
+fn tag(kind: char, p: &Pane) -> String {
+    format!("{kind}{}:{}", p.start, p.end)
+}
+
+fn parse_tag(t: &[u8]) -> Option<(u8, i64, i64)> {
+    let s = std::str::from_utf8(t).ok()?;
+    let kind = *s.as_bytes().first()?;
+    let (a, b) = s.get(1..)?.split_once(':')?;
+    Some((kind, a.parse().ok()?, b.parse().ok()?))
+}
+
+/// The `window` computation (and `reduce_by_key_and_window`, `cogroup`, `join`).
+pub struct Window {
+    cfg: WindowConfig,
+}
+
+impl Window {
+    /// A window computation with these settings.
+    pub fn new(cfg: WindowConfig) -> Self {
+        Window { cfg }
+    }
+
+    fn load(ctx: &mut Context<'_>) -> Result<Vec<Pane>, ComputationError> {
+        match ctx.state()? {
+            None => Ok(Vec::new()),
+            Some(b) => serde_json::from_slice(&b)
+                .map_err(|e| ComputationError::BadRecord(format!("stored window state is not readable: {e}"))),
+        }
+    }
+
+    fn save(ctx: &mut Context<'_>, panes: &[Pane]) {
+        if panes.is_empty() {
+            ctx.clear_state();
+        } else {
+            // Serialising plain data into a Vec cannot fail.
+            ctx.set_state(serde_json::to_vec(panes).unwrap_or_default());
+        }
+    }
+
+    fn new_pane(&self, start: i64, end: i64) -> Pane {
+        Pane {
+            start,
+            end,
+            acc: self.cfg.aggregate.empty(),
+            index: 0,
+            on_time_done: false,
+            since_fire: 0,
+            first_at: None,
+            step: 0,
+            last: None,
+        }
+    }
+
+    fn clear_timers(ctx: &mut Context<'_>, p: &Pane) {
+        for k in ['e', 'g', 'p'] {
+            ctx.delete_timer(tag(k, p).as_bytes());
+        }
+    }
+
+    /// Emits pane `p` with `timing` and resets what the accumulation mode resets.
+    fn fire(&self, ctx: &mut Context<'_>, p: &mut Pane, timing: Timing) {
+        let key = ctx.key().clone();
+        let ts = p.end - 1;
+        let window = json!({"start": p.start, "end": p.end});
+        let pane = json!({"index": p.index, "timing": timing.name()});
+        match self.cfg.output {
+            Output::Join => {
+                if let Acc::Groups(g) = &p.acc {
+                    let side = |i: usize| self.cfg.sides.get(i).and_then(|s| g.get(s));
+                    if let (Some(left), Some(right)) = (side(0), side(1)) {
+                        for l in left {
+                            for r in right {
+                                let v = json!({"window": window, "pane": pane, "left": l, "right": r});
+                                ctx.produce(key.clone(), v.to_string(), ts);
+                            }
+                        }
+                    }
+                }
+            }
+            Output::Aggregate => {
+                let value = p.acc.result();
+                if self.cfg.accumulation == Accumulation::Retracting {
+                    if let Some(old) = p.last.take() {
+                        let r = json!({"window": window, "pane": pane, "retraction": true, "value": old});
+                        ctx.produce(key.clone(), r.to_string(), ts);
+                    }
+                    p.last = Some(value.clone());
+                }
+                let v = json!({"window": window, "pane": pane, "value": value});
+                ctx.produce(key, v.to_string(), ts);
+            }
+        }
+        if self.cfg.accumulation == Accumulation::Discarding {
+            p.acc = p.acc.empty();
+        }
+        p.index += 1;
+        p.since_fire = 0;
+        p.first_at = None;
+        p.step += 1;
+    }
+
+    /// Fires `p` if its early or late trigger is ready; otherwise arms a
+    /// processing-time timer for when it may be.
+    fn maybe_fire(&self, ctx: &mut Context<'_>, p: &mut Pane) {
+        let (trigger, timing) = if p.on_time_done {
+            (Some(&self.cfg.late), Timing::Late)
+        } else {
+            (self.cfg.early.as_ref(), Timing::Early)
+        };
+        let Some(trigger) = trigger else { return };
+        let now = ctx.now();
+        if p.since_fire > 0 && ready(trigger, p, now) {
+            self.fire(ctx, p, timing);
+            ctx.delete_timer(tag('p', p).as_bytes());
+        } else if let Some(at) = deadline(trigger, p) {
+            ctx.set_timer(tag('p', p), TimeDomain::ProcessingTime, at);
+        }
+    }
+}
+
+impl Computation for Window {
+    fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
+        let wm = ctx.low_watermark();
+        let now = ctx.now();
+        let input = ctx.input().to_owned();
+        let mut panes = Self::load(ctx)?;
+        let mut accepted = false;
+        for (start, end) in self.cfg.assign(r.timestamp) {
+            if wm >= end.saturating_add(self.cfg.lateness) {
+                continue; // this window is closed
+            }
+            accepted = true;
+            let mut pane = self.new_pane(start, end);
+            if matches!(self.cfg.window, WindowSpec::Session { .. }) {
+                // Merge every session of this key that overlaps the new one.
+                let mut i = 0;
+                while i < panes.len() {
+                    if panes[i].start < pane.end && pane.start < panes[i].end {
+                        let old = panes.remove(i);
+                        Self::clear_timers(ctx, &old);
+                        pane.start = pane.start.min(old.start);
+                        pane.end = pane.end.max(old.end);
+                        pane.acc.merge(old.acc);
+                        pane.index = pane.index.max(old.index);
+                        pane.since_fire += old.since_fire;
+                        pane.first_at = match (pane.first_at, old.first_at) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                        pane.last = pane.last.take().or(old.last);
+                        i = 0;
+                    } else {
+                        i += 1;
+                    }
+                }
+            } else if let Some(i) = panes.iter().position(|p| p.start == start && p.end == end) {
+                pane = panes.remove(i);
+            }
+            pane.acc
+                .add(&r.value, &input)
+                .map_err(ComputationError::BadRecord)?;
+            pane.since_fire += 1;
+            pane.first_at.get_or_insert(now);
+            if !pane.on_time_done {
+                ctx.set_timer(tag('e', &pane), TimeDomain::EventTime, pane.end - 1);
+            }
+            self.maybe_fire(ctx, &mut pane);
+            let at = panes.partition_point(|p| (p.start, p.end) < (pane.start, pane.end));
+            panes.insert(at, pane);
+        }
+        if !accepted {
+            ctx.produce_to("late", r.key, r.value, r.timestamp);
+        }
+        Self::save(ctx, &panes);
+        Ok(())
+    }
+
+    fn process_timer(&mut self, ctx: &mut Context<'_>, timer: Timer) -> Result<(), ComputationError> {
+        let Some((kind, start, end)) = parse_tag(&timer.tag) else {
+            return Ok(());
+        };
+        let mut panes = Self::load(ctx)?;
+        let Some(i) = panes.iter().position(|p| p.start == start && p.end == end) else {
+            return Ok(());
+        };
+        let mut p = panes.remove(i);
+        let mut keep = true;
+        match kind {
+            b'e' => {
+                if p.since_fire > 0 {
+                    self.fire(ctx, &mut p, Timing::OnTime);
+                }
+                p.on_time_done = true;
+                ctx.delete_timer(tag('p', &p).as_bytes());
+                if self.cfg.lateness == 0 {
+                    keep = false;
+                } else {
+                    ctx.set_timer(tag('g', &p), TimeDomain::EventTime, p.end - 1 + self.cfg.lateness);
+                }
+            }
+            b'g' => {
+                if p.since_fire > 0 {
+                    self.fire(ctx, &mut p, Timing::Late);
+                }
+                Self::clear_timers(ctx, &p);
+                keep = false;
+            }
+            _ => self.maybe_fire(ctx, &mut p),
+        }
+        if keep {
+            panes.insert(i, p);
+        }
+        Self::save(ctx, &panes);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn cfg(window: WindowSpec) -> WindowConfig {
+        WindowConfig {
+            window,
+            early: None,
+            late: Trigger::Count(1),
+            lateness: 0,
+            accumulation: Accumulation::Discarding,
+            aggregate: Acc::Count(0),
+            output: Output::Aggregate,
+            sides: Vec::new(),
+        }
+    }
+
+    fn d(s: u64) -> HumanDuration {
+        HumanDuration(Duration::from_micros(s))
+    }
+
+    #[test]
+    fn windows_are_assigned_by_kind() {
+        assert_eq!(cfg(WindowSpec::Fixed { size: d(10) }).assign(25), vec![(20, 30)]);
+        assert_eq!(cfg(WindowSpec::Fixed { size: d(10) }).assign(-1), vec![(-10, 0)]);
+        assert_eq!(
+            cfg(WindowSpec::Sliding { size: d(10), every: d(5) }).assign(12),
+            vec![(5, 15), (10, 20)]
+        );
+        assert_eq!(cfg(WindowSpec::Session { gap: d(3) }).assign(7), vec![(7, 10)]);
+    }
+
+    #[test]
+    fn triggers_compose() {
+        let mut p = Window::new(cfg(WindowSpec::Fixed { size: d(10) })).new_pane(0, 10);
+        p.since_fire = 2;
+        p.first_at = Some(100);
+        let every = Trigger::Every(d(50));
+        assert!(ready(&Trigger::Count(2), &p, 0));
+        assert!(!ready(&every, &p, 149));
+        assert!(ready(&every, &p, 150));
+        assert!(ready(&Trigger::Any(vec![Trigger::Count(5), every.clone()]), &p, 150));
+        assert!(!ready(&Trigger::All(vec![Trigger::Count(5), every.clone()]), &p, 150));
+        let seq = Trigger::Sequence(vec![Trigger::Count(1), Trigger::Count(3)]);
+        assert!(ready(&seq, &p, 0));
+        p.step = 1;
+        assert!(!ready(&seq, &p, 0));
+        assert_eq!(deadline(&Trigger::Any(vec![Trigger::Count(5), every]), &p), Some(150));
+        assert_eq!(parse_tag(b"e-5:10"), Some((b'e', -5, 10)));
+    }
+}
+
+pub(crate) fn register(r: &mut millrace_engine::Registry) {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    fn make(cfg: WindowConfig) -> millrace_engine::MakeComputation {
+        Arc::new(move || Box::new(Window::new(cfg.clone())) as Box<dyn Computation>)
+    }
+    r.computation("window", |c| Ok(make(WindowConfig::parse(c, None)?)));
+    r.computation("reduce_by_key_and_window", |c| {
+        let op = c.options.table().get("op").and_then(|v| v.as_str());
+        if !matches!(op, Some("sum" | "min" | "max")) {
+            return Err(c.options.error(Some("op"), "reduce_by_key_and_window needs op = \"sum\", \"min\" or \"max\""));
+        }
+        Ok(make(WindowConfig::parse(c, None)?))
+    });
+    r.computation("cogroup", |c| {
+        if c.inputs.len() < 2 {
+            return Err(c.options.error(Some("inputs"), "cogroup needs two or more inputs"));
+        }
+        Ok(make(WindowConfig::parse(c, Some((Acc::Groups(BTreeMap::new()), Output::Aggregate)))?))
+    });
+    r.computation("join", |c| {
+        if c.inputs.len() != 2 {
+            return Err(c.options.error(Some("inputs"), "join needs exactly two inputs (left, right)"));
+        }
+        Ok(make(WindowConfig::parse(c, Some((Acc::Groups(BTreeMap::new()), Output::Join)))?))
+    });
+}
