@@ -45,8 +45,18 @@ fn classic_operations_give_exact_results() {
         ("both", "flatten", "[\"lk\", \"rk\"]", ""),
         ("sums", "combine", "[\"both\"]", "aggregate = \"sum\""),
         ("top", "top_per_key", "[\"both\"]", "n = 2"),
-        ("elements", "count_per_element", "[{ from = \"both\", key = \"value\" }]", ""),
-        ("windowed", "reduce_by_key_and_window", "[\"both\"]", "op = \"sum\""),
+        (
+            "elements",
+            "count_per_element",
+            "[{ from = \"both\", key = \"value\" }]",
+            "",
+        ),
+        (
+            "windowed",
+            "reduce_by_key_and_window",
+            "[\"both\"]",
+            "op = \"sum\"",
+        ),
         ("groups", "cogroup", "[\"lk\", \"rk\"]", ""),
         ("pairs", "join", "[\"lk\", \"rk\"]", ""),
     ] {
@@ -62,18 +72,39 @@ fn classic_operations_give_exact_results() {
     }
     let topo = s.write("ops.toml", &toml);
     let out = run_to_end(&topo, Duration::from_secs(60));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // flatten: all seven records.
     assert_eq!(text_lines(&s.path("both.txt")).len(), 7);
     // combine (sum): one output per record; the last per key is the total.
     assert_eq!(text_lines(&s.path("sums.txt")).len(), 7);
-    assert_eq!(last(&s.path("sums.txt")), BTreeMap::from([("u1".into(), "20".into()), ("u2".into(), "51".into())]));
+    assert_eq!(
+        last(&s.path("sums.txt")),
+        BTreeMap::from([("u1".into(), "20".into()), ("u2".into(), "51".into())])
+    );
     // top_per_key: the two largest per key at the end.
-    assert_eq!(last(&s.path("top.txt")), BTreeMap::from([("u1".into(), "[10,5]".into()), ("u2".into(), "[30,20]".into())]));
+    assert_eq!(
+        last(&s.path("top.txt")),
+        BTreeMap::from([
+            ("u1".into(), "[10,5]".into()),
+            ("u2".into(), "[30,20]".into())
+        ])
+    );
     // count_per_element: every value is distinct here.
-    let elements = sorted(text_lines(&s.path("elements.txt")).into_iter().map(|(k, v)| format!("{k}={v}")).collect());
-    assert_eq!(elements, ["10=1", "1=1", "20=1", "2=1", "30=1", "3=1", "5=1"]);
+    let elements = sorted(
+        text_lines(&s.path("elements.txt"))
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect(),
+    );
+    assert_eq!(
+        elements,
+        ["10=1", "1=1", "20=1", "2=1", "30=1", "3=1", "5=1"]
+    );
 
     let windowed = |name: &str, field: &str| {
         sorted(
@@ -104,7 +135,11 @@ fn classic_operations_give_exact_results() {
             .into_iter()
             .map(|(k, v)| {
                 let v: serde_json::Value = serde_json::from_str(&v).expect("JSON pair");
-                format!("{k} {}+{}", v["left"].as_str().unwrap_or("?"), v["right"].as_str().unwrap_or("?"))
+                format!(
+                    "{k} {}+{}",
+                    v["left"].as_str().unwrap_or("?"),
+                    v["right"].as_str().unwrap_or("?")
+                )
             })
             .collect(),
     );

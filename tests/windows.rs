@@ -25,7 +25,10 @@ fn panes(p: &std::path::Path) -> Vec<(String, Value)> {
         .lines()
         .map(|l| {
             let (k, v) = l.split_once('\t').expect("key<TAB>value");
-            (k.to_owned(), serde_json::from_str(v).unwrap_or_else(|e| panic!("{v}: {e}")))
+            (
+                k.to_owned(),
+                serde_json::from_str(v).unwrap_or_else(|e| panic!("{v}: {e}")),
+            )
         })
         .collect()
 }
@@ -111,7 +114,11 @@ fn run_three_panes(accumulation: &str) -> Vec<Value> {
     assert!(wait_until(T, for_a(want)), "final pane");
     // Too late now: goes to w.late.
     add(&inp, "4.csv", "a,5,1\n");
-    assert!(wait_until(T, || std::fs::read_to_string(s.path("late.txt")).unwrap_or_default() == "a\t1\n"));
+    assert!(wait_until(T, || std::fs::read_to_string(
+        s.path("late.txt")
+    )
+    .unwrap_or_default()
+        == "a\t1\n"));
     term(&child);
     assert!(wait_exit(&mut child, T).success());
     panes(&s.path("out.txt"))
@@ -127,27 +134,48 @@ fn summary(panes: &[Value]) -> Vec<String> {
         .map(|p| {
             assert_eq!(p["window"]["start"], 0);
             assert_eq!(p["window"]["end"], 10_000_000);
-            let r = if p["retraction"] == true { "retract " } else { "" };
-            format!("{r}{} {} #{}", p["value"], p["pane"]["timing"].as_str().unwrap_or("?"), p["pane"]["index"])
+            let r = if p["retraction"] == true {
+                "retract "
+            } else {
+                ""
+            };
+            format!(
+                "{r}{} {} #{}",
+                p["value"],
+                p["pane"]["timing"].as_str().unwrap_or("?"),
+                p["pane"]["index"]
+            )
         })
         .collect()
 }
 
 #[test]
 fn discarding_panes_hold_only_their_own_elements() {
-    assert_eq!(summary(&run_three_panes("discarding")), ["7 on_time #0", "7 late #1", "8 late #2"]);
+    assert_eq!(
+        summary(&run_three_panes("discarding")),
+        ["7 on_time #0", "7 late #1", "8 late #2"]
+    );
 }
 
 #[test]
 fn accumulating_panes_hold_everything_so_far() {
-    assert_eq!(summary(&run_three_panes("accumulating")), ["7 on_time #0", "14 late #1", "22 late #2"]);
+    assert_eq!(
+        summary(&run_three_panes("accumulating")),
+        ["7 on_time #0", "14 late #1", "22 late #2"]
+    );
 }
 
 #[test]
 fn retracting_panes_withdraw_the_previous_one() {
     assert_eq!(
         summary(&run_three_panes("retracting")),
-        ["7 on_time #0", "retract 7 late #1", "14 late #1", "retract 14 late #2", "22 late #2"]
+        [
+            "7 on_time #0",
+            "retract 7 late #1",
+            "14 late #1",
+            "retract 14 late #2",
+            "22 late #2"
+        ]
     );
 }
 
@@ -162,17 +190,32 @@ fn out_of_order_sessions_merge() {
     );
     let mut child = spawn(&topo);
     // Sessions [1,6) and [10,15) of key a, bridged by [5.5,10.5) arriving last: [1,15).
-    add(&s.path("in"), "1.csv", "a,1,x\na,10,y\nb,3,z\na,5.5,w\nc,200,end\n");
+    add(
+        &s.path("in"),
+        "1.csv",
+        "a,1,x\na,10,y\nb,3,z\na,5.5,w\nc,200,end\n",
+    );
     let out = s.path("out.txt");
     assert!(wait_until(T, || panes(&out).len() >= 2));
     term(&child);
     assert!(wait_exit(&mut child, T).success());
     let mut got: Vec<String> = panes(&out)
         .iter()
-        .map(|(k, v)| format!("{k} [{},{}) {}", v["window"]["start"], v["window"]["end"], v["value"]))
+        .map(|(k, v)| {
+            format!(
+                "{k} [{},{}) {}",
+                v["window"]["start"], v["window"]["end"], v["value"]
+            )
+        })
         .collect();
     got.sort();
-    assert_eq!(got, ["a [1000000,15000000) [\"x\",\"y\",\"w\"]", "b [3000000,8000000) [\"z\"]"]);
+    assert_eq!(
+        got,
+        [
+            "a [1000000,15000000) [\"x\",\"y\",\"w\"]",
+            "b [3000000,8000000) [\"z\"]"
+        ]
+    );
 }
 
 #[test]
@@ -188,10 +231,16 @@ fn a_window_fed_by_an_idle_source_still_fires() {
     // The watermark stays an hour behind the data; only idleness releases it.
     add(&s.path("in"), "1.csv", "a,1,x\na,2,y\nb,12,z\n");
     let out = s.path("out.txt");
-    assert!(wait_until(T, || panes(&out).len() >= 2), "both windows fired once the source went idle");
+    assert!(
+        wait_until(T, || panes(&out).len() >= 2),
+        "both windows fired once the source went idle"
+    );
     term(&child);
     assert!(wait_exit(&mut child, T).success());
-    let mut got: Vec<String> = panes(&out).iter().map(|(k, v)| format!("{k} {} {}", v["window"]["start"], v["value"])).collect();
+    let mut got: Vec<String> = panes(&out)
+        .iter()
+        .map(|(k, v)| format!("{k} {} {}", v["window"]["start"], v["value"]))
+        .collect();
     got.sort();
     assert_eq!(got, ["a 0 2", "b 10000000 1"]);
 }
@@ -226,13 +275,21 @@ format = "text"
         )
     };
     let sorted = |p: &std::path::Path| {
-        let mut l: Vec<String> = std::fs::read_to_string(p).unwrap_or_default().lines().map(str::to_owned).collect();
+        let mut l: Vec<String> = std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
         l.sort();
         l
     };
     let calm = Scratch::new();
     let out = run_to_end(&topology(&calm), Duration::from_secs(120));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let want = sorted(&calm.path("out.txt"));
     // 300k records, 100us apart: 30 one-second windows for each of 50 keys.
     assert_eq!(want.len(), 30 * 50);
@@ -244,13 +301,19 @@ format = "text"
         let mut child = spawn(&topo);
         let before = file_len(&rough.path("out.txt"));
         let target = before + rng.below(12_000);
-        wait_until(T, || file_len(&rough.path("out.txt")) > target || child.try_wait().ok().flatten().is_some());
+        wait_until(T, || {
+            file_len(&rough.path("out.txt")) > target || child.try_wait().ok().flatten().is_some()
+        });
         if child.try_wait().expect("try_wait").is_some() {
             break;
         }
         kill9(&mut child);
     }
     let out = run_to_end(&topo, Duration::from_secs(120));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(sorted(&rough.path("out.txt")), want);
 }

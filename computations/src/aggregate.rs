@@ -46,7 +46,10 @@ pub fn parse_aggregate(name: &str) -> Result<Acc, String> {
         "mean" => Acc::Mean { sum: 0.0, n: 0 },
         "collect" => Acc::Collect(Vec::new()),
         other => match other.strip_prefix("top:").map(str::parse::<usize>) {
-            Some(Ok(n)) if n > 0 => Acc::Top { n, items: Vec::new() },
+            Some(Ok(n)) if n > 0 => Acc::Top {
+                n,
+                items: Vec::new(),
+            },
             _ => {
                 return Err(format!(
                     "unknown aggregate `{other}` (use count, sum, min, max, mean, top:N or collect)"
@@ -82,7 +85,10 @@ impl Acc {
             Acc::Min(_) => Acc::Min(None),
             Acc::Max(_) => Acc::Max(None),
             Acc::Mean { .. } => Acc::Mean { sum: 0.0, n: 0 },
-            Acc::Top { n, .. } => Acc::Top { n: *n, items: Vec::new() },
+            Acc::Top { n, .. } => Acc::Top {
+                n: *n,
+                items: Vec::new(),
+            },
             Acc::Collect(_) => Acc::Collect(Vec::new()),
             Acc::Groups(_) => Acc::Groups(BTreeMap::new()),
         }
@@ -194,7 +200,10 @@ mod tests {
         }
         assert!(parse_aggregate("top:0").is_err());
         assert!(parse_aggregate("median").is_err());
-        assert!(Acc::Sum(0.0).add(b"x", "").unwrap_err().contains("not a number"));
+        assert!(Acc::Sum(0.0)
+            .add(b"x", "")
+            .unwrap_err()
+            .contains("not a number"));
         let mut g = Acc::Groups(BTreeMap::new());
         g.add(b"1", "a").unwrap();
         g.add(b"2", "b").unwrap();

@@ -9,7 +9,9 @@
 
 use crate::options;
 use millrace_config::KeyExtractor;
-use millrace_engine::{extract_key, now_micros, Emitter, Registry, Source, SourceError, SourcePoll};
+use millrace_engine::{
+    extract_key, now_micros, Emitter, Registry, Source, SourceError, SourcePoll,
+};
 use serde::Deserialize;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
@@ -248,18 +250,28 @@ pub(crate) fn register(r: &mut Registry) {
         let o: Options = options(c)?;
         let mut source = FileSource::new(o.path, o.watch);
         if let Some(t) = &o.timestamp {
-            let extractor = KeyExtractor::parse(t, o.delimiter.clone()).map_err(|m| c.options.error(Some("timestamp"), m))?;
+            let extractor = KeyExtractor::parse(t, o.delimiter.clone())
+                .map_err(|m| c.options.error(Some("timestamp"), m))?;
             let micros_per_unit = match o.timestamp_unit.as_deref().unwrap_or("ms") {
                 "s" => 1_000_000,
                 "ms" => 1_000,
                 "us" => 1,
                 other => {
-                    return Err(c.options.error(Some("timestamp_unit"), format!("unknown unit `{other}` (use s, ms or us)")))
+                    return Err(c.options.error(
+                        Some("timestamp_unit"),
+                        format!("unknown unit `{other}` (use s, ms or us)"),
+                    ))
                 }
             };
-            source = source.with_event_time(EventTimeField { extractor, micros_per_unit });
+            source = source.with_event_time(EventTimeField {
+                extractor,
+                micros_per_unit,
+            });
         } else if o.delimiter.is_some() || o.timestamp_unit.is_some() {
-            return Err(c.options.error(Some("timestamp"), "`delimiter` and `timestamp_unit` need `timestamp`"));
+            return Err(c.options.error(
+                Some("timestamp"),
+                "`delimiter` and `timestamp_unit` need `timestamp`",
+            ));
         }
         Ok(Box::new(source))
     });

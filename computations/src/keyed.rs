@@ -143,7 +143,8 @@ impl Computation for Combine {
             })?,
         };
         let before = acc.result();
-        acc.add(&r.value, ctx.input()).map_err(ComputationError::BadRecord)?;
+        acc.add(&r.value, ctx.input())
+            .map_err(ComputationError::BadRecord)?;
         let after = acc.result();
         ctx.set_state(serde_json::to_vec(&acc).unwrap_or_default());
         if !self.on_change || after != before {
@@ -162,8 +163,9 @@ impl Computation for CountPerElement {
     fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
         let mut counts: std::collections::BTreeMap<String, u64> = match ctx.state()? {
             None => Default::default(),
-            Some(b) => serde_json::from_slice(&b)
-                .map_err(|e| ComputationError::BadRecord(format!("stored counts are not readable: {e}")))?,
+            Some(b) => serde_json::from_slice(&b).map_err(|e| {
+                ComputationError::BadRecord(format!("stored counts are not readable: {e}"))
+            })?,
         };
         let element = String::from_utf8_lossy(&r.value).into_owned();
         let n = counts.entry(element.clone()).or_insert(0);
@@ -183,8 +185,14 @@ pub(crate) fn register(r: &mut Registry) {
             aggregate: String,
         }
         let o: O = options(c)?;
-        let empty = crate::aggregate::parse_aggregate(&o.aggregate).map_err(|m| c.options.error(Some("aggregate"), m))?;
-        Ok(Arc::new(move || Box::new(Combine { empty: empty.clone(), on_change: false }) as Box<dyn Computation>))
+        let empty = crate::aggregate::parse_aggregate(&o.aggregate)
+            .map_err(|m| c.options.error(Some("aggregate"), m))?;
+        Ok(Arc::new(move || {
+            Box::new(Combine {
+                empty: empty.clone(),
+                on_change: false,
+            }) as Box<dyn Computation>
+        }))
     });
     r.computation("top_per_key", |c| {
         #[derive(Deserialize)]
@@ -196,15 +204,25 @@ pub(crate) fn register(r: &mut Registry) {
         if o.n == 0 {
             return Err(c.options.error(Some("n"), "must be at least 1"));
         }
-        let empty = crate::aggregate::Acc::Top { n: o.n, items: Vec::new() };
-        Ok(Arc::new(move || Box::new(Combine { empty: empty.clone(), on_change: true }) as Box<dyn Computation>))
+        let empty = crate::aggregate::Acc::Top {
+            n: o.n,
+            items: Vec::new(),
+        };
+        Ok(Arc::new(move || {
+            Box::new(Combine {
+                empty: empty.clone(),
+                on_change: true,
+            }) as Box<dyn Computation>
+        }))
     });
     r.computation("count_per_element", |c| {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct O {}
         let _: O = options(c)?;
-        Ok(Arc::new(|| Box::new(CountPerElement) as Box<dyn Computation>))
+        Ok(Arc::new(|| {
+            Box::new(CountPerElement) as Box<dyn Computation>
+        }))
     });
     r.computation("count", |c| {
         #[derive(Deserialize)]

@@ -36,12 +36,12 @@ use millrace_config::{Component, ConfigError};
 use millrace_engine::Registry;
 use serde::de::DeserializeOwned;
 
+pub use aggregate::{parse_aggregate, Acc};
 pub use file_source::FileSource;
 pub use generator::Generator;
 pub use sinks::{FileSink, OutputFormat, StdoutSink};
 pub use socket::SocketSource;
 pub use window::{Accumulation, Trigger, Window, WindowConfig, WindowSpec};
-pub use aggregate::{parse_aggregate, Acc};
 
 /// A registry with every built-in kind.
 pub fn builtins() -> Registry {

@@ -141,7 +141,9 @@ impl WindowConfig {
         let o: Options = c.options.parse()?;
         let check = |d: HumanDuration, key: &str| {
             if d.0.is_zero() {
-                Err(c.options.error(Some("window"), format!("`{key}` must be longer than zero")))
+                Err(c
+                    .options
+                    .error(Some("window"), format!("`{key}` must be longer than zero")))
             } else {
                 Ok(())
             }
@@ -155,7 +157,9 @@ impl WindowConfig {
             WindowSpec::Session { gap } => check(gap, "gap")?,
         }
         if o.trigger.at.as_deref().is_some_and(|a| a != "watermark") {
-            return Err(c.options.error(Some("trigger"), "`at` can only be \"watermark\""));
+            return Err(c
+                .options
+                .error(Some("trigger"), "`at` can only be \"watermark\""));
         }
         let mut early: Vec<Trigger> = Vec::new();
         if let Some(d) = o.trigger.early_every {
@@ -176,8 +180,10 @@ impl WindowConfig {
             None => Trigger::Count(1),
             Some(LateSpec::Text(t)) if t == "each" => Trigger::Count(1),
             Some(LateSpec::Text(t)) => Trigger::Every(HumanDuration(
-                millrace_config::parse_duration(&t)
-                    .map_err(|m| c.options.error(Some("trigger"), format!("late: {m} (or \"each\")")))?,
+                millrace_config::parse_duration(&t).map_err(|m| {
+                    c.options
+                        .error(Some("trigger"), format!("late: {m} (or \"each\")"))
+                })?,
             )),
             Some(LateSpec::Trigger(t)) => t,
         };
@@ -185,7 +191,10 @@ impl WindowConfig {
             Some(f) => f,
             None => {
                 let name = o.aggregate.or(o.op).unwrap_or_else(|| "count".to_owned());
-                (parse_aggregate(&name).map_err(|m| c.options.error(Some("aggregate"), m))?, Output::Aggregate)
+                (
+                    parse_aggregate(&name).map_err(|m| c.options.error(Some("aggregate"), m))?,
+                    Output::Aggregate,
+                )
             }
         };
         Ok(WindowConfig {
@@ -249,7 +258,9 @@ fn ready(t: &Trigger, p: &Pane, now: i64) -> bool {
         Trigger::Every(d) => p.first_at.is_some_and(|f| now - f >= micros(*d)),
         Trigger::Any(v) => v.iter().any(|t| ready(t, p, now)),
         Trigger::All(v) => !v.is_empty() && v.iter().all(|t| ready(t, p, now)),
-        Trigger::Sequence(v) => v.get(p.step.min(v.len().saturating_sub(1))).is_some_and(|t| ready(t, p, now)),
+        Trigger::Sequence(v) => v
+            .get(p.step.min(v.len().saturating_sub(1)))
+            .is_some_and(|t| ready(t, p, now)),
         Trigger::Repeatedly(t) => ready(t, p, now),
     }
 }
@@ -260,7 +271,9 @@ fn deadline(t: &Trigger, p: &Pane) -> Option<i64> {
         Trigger::Count(_) => None,
         Trigger::Every(d) => p.first_at.map(|f| f + micros(*d)),
         Trigger::Any(v) | Trigger::All(v) => v.iter().filter_map(|t| deadline(t, p)).min(),
-        Trigger::Sequence(v) => v.get(p.step.min(v.len().saturating_sub(1))).and_then(|t| deadline(t, p)),
+        Trigger::Sequence(v) => v
+            .get(p.step.min(v.len().saturating_sub(1)))
+            .and_then(|t| deadline(t, p)),
         Trigger::Repeatedly(t) => deadline(t, p),
     }
 }
@@ -307,8 +320,9 @@ impl Window {
     fn load(ctx: &mut Context<'_>) -> Result<Vec<Pane>, ComputationError> {
         match ctx.state()? {
             None => Ok(Vec::new()),
-            Some(b) => serde_json::from_slice(&b)
-                .map_err(|e| ComputationError::BadRecord(format!("stored window state is not readable: {e}"))),
+            Some(b) => serde_json::from_slice(&b).map_err(|e| {
+                ComputationError::BadRecord(format!("stored window state is not readable: {e}"))
+            }),
         }
     }
 
@@ -354,7 +368,8 @@ impl Window {
                     if let (Some(left), Some(right)) = (side(0), side(1)) {
                         for l in left {
                             for r in right {
-                                let v = json!({"window": window, "pane": pane, "left": l, "right": r});
+                                let v =
+                                    json!({"window": window, "pane": pane, "left": l, "right": r});
                                 ctx.produce(key.clone(), v.to_string(), ts);
                             }
                         }
@@ -459,7 +474,11 @@ impl Computation for Window {
         Ok(())
     }
 
-    fn process_timer(&mut self, ctx: &mut Context<'_>, timer: Timer) -> Result<(), ComputationError> {
+    fn process_timer(
+        &mut self,
+        ctx: &mut Context<'_>,
+        timer: Timer,
+    ) -> Result<(), ComputationError> {
         let Some((kind, start, end)) = parse_tag(&timer.tag) else {
             return Ok(());
         };
@@ -479,7 +498,11 @@ impl Computation for Window {
                 if self.cfg.lateness == 0 {
                     keep = false;
                 } else {
-                    ctx.set_timer(tag('g', &p), TimeDomain::EventTime, p.end - 1 + self.cfg.lateness);
+                    ctx.set_timer(
+                        tag('g', &p),
+                        TimeDomain::EventTime,
+                        p.end - 1 + self.cfg.lateness,
+                    );
                 }
             }
             b'g' => {
@@ -523,13 +546,26 @@ mod tests {
 
     #[test]
     fn windows_are_assigned_by_kind() {
-        assert_eq!(cfg(WindowSpec::Fixed { size: d(10) }).assign(25), vec![(20, 30)]);
-        assert_eq!(cfg(WindowSpec::Fixed { size: d(10) }).assign(-1), vec![(-10, 0)]);
         assert_eq!(
-            cfg(WindowSpec::Sliding { size: d(10), every: d(5) }).assign(12),
+            cfg(WindowSpec::Fixed { size: d(10) }).assign(25),
+            vec![(20, 30)]
+        );
+        assert_eq!(
+            cfg(WindowSpec::Fixed { size: d(10) }).assign(-1),
+            vec![(-10, 0)]
+        );
+        assert_eq!(
+            cfg(WindowSpec::Sliding {
+                size: d(10),
+                every: d(5)
+            })
+            .assign(12),
             vec![(5, 15), (10, 20)]
         );
-        assert_eq!(cfg(WindowSpec::Session { gap: d(3) }).assign(7), vec![(7, 10)]);
+        assert_eq!(
+            cfg(WindowSpec::Session { gap: d(3) }).assign(7),
+            vec![(7, 10)]
+        );
     }
 
     #[test]
@@ -541,13 +577,24 @@ mod tests {
         assert!(ready(&Trigger::Count(2), &p, 0));
         assert!(!ready(&every, &p, 149));
         assert!(ready(&every, &p, 150));
-        assert!(ready(&Trigger::Any(vec![Trigger::Count(5), every.clone()]), &p, 150));
-        assert!(!ready(&Trigger::All(vec![Trigger::Count(5), every.clone()]), &p, 150));
+        assert!(ready(
+            &Trigger::Any(vec![Trigger::Count(5), every.clone()]),
+            &p,
+            150
+        ));
+        assert!(!ready(
+            &Trigger::All(vec![Trigger::Count(5), every.clone()]),
+            &p,
+            150
+        ));
         let seq = Trigger::Sequence(vec![Trigger::Count(1), Trigger::Count(3)]);
         assert!(ready(&seq, &p, 0));
         p.step = 1;
         assert!(!ready(&seq, &p, 0));
-        assert_eq!(deadline(&Trigger::Any(vec![Trigger::Count(5), every]), &p), Some(150));
+        assert_eq!(
+            deadline(&Trigger::Any(vec![Trigger::Count(5), every]), &p),
+            Some(150)
+        );
         assert_eq!(parse_tag(b"e-5:10"), Some((b'e', -5, 10)));
     }
 }
@@ -562,20 +609,34 @@ pub(crate) fn register(r: &mut millrace_engine::Registry) {
     r.computation("reduce_by_key_and_window", |c| {
         let op = c.options.table().get("op").and_then(|v| v.as_str());
         if !matches!(op, Some("sum" | "min" | "max")) {
-            return Err(c.options.error(Some("op"), "reduce_by_key_and_window needs op = \"sum\", \"min\" or \"max\""));
+            return Err(c.options.error(
+                Some("op"),
+                "reduce_by_key_and_window needs op = \"sum\", \"min\" or \"max\"",
+            ));
         }
         Ok(make(WindowConfig::parse(c, None)?))
     });
     r.computation("cogroup", |c| {
         if c.inputs.len() < 2 {
-            return Err(c.options.error(Some("inputs"), "cogroup needs two or more inputs"));
+            return Err(c
+                .options
+                .error(Some("inputs"), "cogroup needs two or more inputs"));
         }
-        Ok(make(WindowConfig::parse(c, Some((Acc::Groups(BTreeMap::new()), Output::Aggregate)))?))
+        Ok(make(WindowConfig::parse(
+            c,
+            Some((Acc::Groups(BTreeMap::new()), Output::Aggregate)),
+        )?))
     });
     r.computation("join", |c| {
         if c.inputs.len() != 2 {
-            return Err(c.options.error(Some("inputs"), "join needs exactly two inputs (left, right)"));
+            return Err(c.options.error(
+                Some("inputs"),
+                "join needs exactly two inputs (left, right)",
+            ));
         }
-        Ok(make(WindowConfig::parse(c, Some((Acc::Groups(BTreeMap::new()), Output::Join)))?))
+        Ok(make(WindowConfig::parse(
+            c,
+            Some((Acc::Groups(BTreeMap::new()), Output::Join)),
+        )?))
     });
 }
