@@ -48,6 +48,9 @@ pub struct EngineConfig {
     /// A shard whose unacknowledged productions exceed this stops taking new
     /// input until its consumers catch up (backpressure). Default 16384.
     pub max_backlog: usize,
+    /// Keys whose committed state is cached in memory, per computation, in
+    /// front of RocksDB; 0 disables the cache. Default 1,000,000.
+    pub state_cache_keys: usize,
 }
 
 #[derive(Deserialize)]
@@ -82,6 +85,7 @@ struct RawEngine {
     batch_size: Option<usize>,
     channel_window: Option<usize>,
     max_backlog: Option<usize>,
+    state_cache_keys: Option<usize>,
 }
 
 /// Which section a component is declared in.
@@ -455,6 +459,7 @@ fn engine_config(raw: RawEngine, locator: &Locator) -> Result<EngineConfig, Conf
         batch_size: positive(raw.batch_size, "batch_size", 4096)?,
         channel_window: positive(raw.channel_window, "channel_window", 1024)?,
         max_backlog: positive(raw.max_backlog, "max_backlog", 16_384)?,
+        state_cache_keys: raw.state_cache_keys.unwrap_or(1_000_000),
     })
 }
 

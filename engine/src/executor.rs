@@ -25,7 +25,7 @@ use crate::metrics::NodeMetrics;
 use crate::plan::{ChannelIdx, Maker, Plan, Sid};
 use crate::record::{now_micros, Envelope, TimeDomain, Timer, MAX_TIME, MIN_TIME};
 use crate::shard::{
-    position_key, read_u64, wm_key, Body, Emit, KeyScope, ShardRt, SourceRt, Timers,
+    position_key, read_u64, wm_key, Body, Emit, KeyScope, ShardRt, SourceRt, StateCache, Timers,
 };
 use crate::worker::Shared;
 use crate::EngineError;
@@ -77,8 +77,11 @@ pub(crate) struct Executor {
     emits: Vec<Emit>,
     /// Highest sequence to acknowledge per input channel, after the commit.
     acks: BTreeMap<ChannelIdx, u64>,
-    /// Outbox keys released by acknowledgements, deleted in the next commit.
-    released: Vec<Vec<u8>>,
+    /// Outbox ranges `(channel, first, last)` released by acknowledgements,
+    /// deleted in the next commit (one range delete per channel and ack).
+    released: Vec<(ChannelIdx, u64, u64)>,
+    /// Scratch space for the event times of released productions.
+    released_ts: Vec<i64>,
     released_count: i64,
     produced_count: i64,
     wm_msgs_seen: i64,
@@ -112,6 +115,7 @@ impl Executor {
             emits: Vec::new(),
             acks: BTreeMap::new(),
             released: Vec::new(),
+            released_ts: Vec::new(),
             released_count: 0,
             produced_count: 0,
             wm_msgs_seen: 0,
@@ -197,6 +201,9 @@ impl Executor {
                 outs: HashMap::new(),
                 pending: VecDeque::new(),
                 dirty: HashMap::new(),
+                cache: StateCache::new(
+                    plan.topology.engine.state_cache_keys / node.shards.max(1) as usize,
+                ),
                 timers: Timers::load(store, &spec.prefix)?,
                 upstream_wm,
                 input_wm: MIN_TIME,
@@ -345,16 +352,19 @@ impl Executor {
                     let Some(out) = shard.outs.get_mut(&ch) else {
                         continue;
                     };
-                    let mut freed = Vec::new();
-                    out.ack(upto, |seq, env| {
-                        let mut k = c.outbox_prefix.clone();
-                        k.extend_from_slice(&seq.to_be_bytes());
-                        freed.push((k, env.timestamp()));
+                    let (mut first, mut last) = (None, 0);
+                    let stamps = &mut self.released_ts;
+                    let n = out.ack(upto, |seq, env| {
+                        first.get_or_insert(seq);
+                        last = seq;
+                        stamps.push(env.timestamp());
                     });
-                    for (k, ts) in freed {
+                    for ts in stamps.drain(..) {
                         shard.untrack_unacked(ts);
-                        self.released.push(k);
-                        self.released_count += 1;
+                    }
+                    if let Some(first) = first {
+                        self.released.push((ch, first, last));
+                        self.released_count += n as i64;
                     }
                 }
                 Msg::Watermark { from, wm } => {
@@ -373,10 +383,21 @@ impl Executor {
 
     /// Steps 2-4: dedup, process, poll sources, fire timers.
     fn process(&mut self, batch: &mut Batch<'_>, halting: bool) -> Result<usize, EngineError> {
-        for k in self.released.drain(..) {
-            batch.delete(Cf::Outbox, &k);
-        }
         let plan = Arc::clone(&self.plan);
+        for (ch, first, last) in self.released.drain(..) {
+            let prefix = &plan.channels[ch as usize].outbox_prefix;
+            let key = |seq: u64| {
+                let mut k = Vec::with_capacity(prefix.len() + 8);
+                k.extend_from_slice(prefix);
+                k.extend_from_slice(&seq.to_be_bytes());
+                k
+            };
+            if first == last {
+                batch.delete(Cf::Outbox, &key(first));
+            } else {
+                batch.delete_range(Cf::Outbox, &key(first), &key(last + 1));
+            }
+        }
         let engine = &plan.topology.engine;
         let stopping = self.shared.stopping.load(Ordering::SeqCst) || halting;
         let mut processed = 0;
@@ -433,6 +454,7 @@ impl Executor {
                                 store: &self.store,
                                 prefix: &shard.prefix,
                                 dirty: &mut shard.dirty,
+                                cache: &mut shard.cache,
                                 timers: &mut shard.timers,
                                 emits: &mut self.emits,
                                 ports: &node.ports,
@@ -530,6 +552,7 @@ impl Executor {
                                 store: &self.store,
                                 prefix: &shard.prefix,
                                 dirty: &mut shard.dirty,
+                                cache: &mut shard.cache,
                                 timers: &mut shard.timers,
                                 emits: &mut self.emits,
                                 ports: &node.ports,

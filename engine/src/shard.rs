@@ -154,12 +154,45 @@ impl Timers {
     }
 }
 
+/// Committed state of recently used keys, in front of RocksDB. Only this
+/// shard writes its keys, so the cache is never stale; when it outgrows its
+/// capacity it is emptied (and refills from RocksDB's block cache).
+#[derive(Default)]
+pub(crate) struct StateCache {
+    map: HashMap<Bytes, Option<Bytes>>,
+    capacity: usize,
+}
+
+impl StateCache {
+    pub fn new(capacity: usize) -> Self {
+        StateCache {
+            map: HashMap::new(),
+            capacity,
+        }
+    }
+
+    fn get(&self, key: &Bytes) -> Option<&Option<Bytes>> {
+        self.map.get(key)
+    }
+
+    fn insert(&mut self, key: Bytes, value: Option<Bytes>) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.map.len() >= self.capacity {
+            self.map.clear();
+        }
+        self.map.insert(key, value);
+    }
+}
+
 /// The key-scoped part of a shard handed to a computation through `Context`.
 pub(crate) struct KeyScope<'a> {
     pub key: &'a Bytes,
     pub store: &'a Store,
     pub prefix: &'a [u8],
     pub dirty: &'a mut HashMap<Bytes, Option<Bytes>>,
+    pub cache: &'a mut StateCache,
     pub timers: &'a mut Timers,
     pub emits: &'a mut Vec<Emit>,
     pub ports: &'a [String],
@@ -178,10 +211,15 @@ impl KeyScope<'_> {
         if let Some(v) = self.dirty.get(self.key) {
             return Ok(v.clone());
         }
-        Ok(self
+        if let Some(v) = self.cache.get(self.key) {
+            return Ok(v.clone());
+        }
+        let v = self
             .store
             .get(Cf::State, &state_key(self.prefix, self.key))?
-            .map(Bytes::from))
+            .map(Bytes::from);
+        self.cache.insert(self.key.clone(), v.clone());
+        Ok(v)
     }
 
     pub fn set_state(&mut self, v: Option<Bytes>) {
@@ -230,6 +268,7 @@ pub(crate) struct ShardRt {
     pub outs: HashMap<ChannelIdx, OutChannel>,
     pub pending: VecDeque<(ChannelIdx, u64, Envelope)>,
     pub dirty: HashMap<Bytes, Option<Bytes>>,
+    pub cache: StateCache,
     pub timers: Timers,
     pub upstream_wm: Vec<EventTime>,
     pub input_wm: EventTime,
@@ -299,10 +338,11 @@ impl ShardRt {
     ) -> Result<(), crate::EngineError> {
         for (k, v) in self.dirty.drain() {
             let sk = state_key(&self.prefix, &k);
-            match v {
-                Some(v) => batch.put(Cf::State, &sk, &v),
+            match &v {
+                Some(v) => batch.put(Cf::State, &sk, v),
                 None => batch.delete(Cf::State, &sk),
             }
+            self.cache.insert(k, v);
         }
         self.timers.flush(batch);
         for ch in std::mem::take(&mut self.applied_dirty) {

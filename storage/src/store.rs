@@ -289,6 +289,11 @@ impl Batch<'_> {
         self.wb.delete_cf(self.store.cf(cf), key);
     }
 
+    /// Removes every key in `[from, to)`.
+    pub fn delete_range(&mut self, cf: Cf, from: &[u8], to: &[u8]) {
+        self.wb.delete_range_cf(self.store.cf(cf), from, to);
+    }
+
     /// Removes every key under `prefix`.
     pub fn delete_prefix(&mut self, cf: Cf, prefix: &[u8]) {
         match prefix_end(prefix) {
