@@ -126,6 +126,9 @@ impl Store {
         db_opts.create_missing_column_families(true);
         db_opts.set_max_background_jobs(opts.background_jobs);
         db_opts.set_bytes_per_sync(1 << 20);
+        // Required by the outbox's vector memtable; each batch is written by
+        // one executor thread anyway.
+        db_opts.set_allow_concurrent_memtable_write(false);
         let cfs = Cf::ALL.iter().map(|cf| {
             let mut table = BlockBasedOptions::default();
             table.set_block_cache(&cache);
@@ -135,8 +138,12 @@ impl Store {
             o.set_block_based_table_factory(&table);
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             o.set_write_buffer_size(64 << 20);
-            if *cf == Cf::State {
-                o.optimize_for_point_lookup(opts.block_cache_bytes as u64 >> 20);
+            match cf {
+                Cf::State => o.optimize_for_point_lookup(opts.block_cache_bytes as u64 >> 20),
+                // The outbox is appended to, range-deleted, and only scanned at
+                // start: a vector memtable inserts without skiplist searches.
+                Cf::Outbox => o.set_memtable_factory(rocksdb::MemtableFactory::Vector),
+                _ => {}
             }
             ColumnFamilyDescriptor::new(cf.name(), o)
         });
