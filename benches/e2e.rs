@@ -55,7 +55,29 @@ struct Run {
     lag: Option<(f64, f64)>,
 }
 
+/// The `q` quantile of a histogram, interpolated inside its bucket, in seconds.
+fn quantile(h: &prometheus::Histogram, q: f64) -> f64 {
+    let m = prometheus::core::Collector::collect(h);
+    let hist = m[0].get_metric()[0].get_histogram();
+    let total = hist.get_sample_count() as f64;
+    let want = q * total;
+    let mut prev = (0.0, 0.0);
+    for b in hist.get_bucket() {
+        let (upper, count) = (b.get_upper_bound(), b.get_cumulative_count() as f64);
+        if count >= want {
+            let span = (count - prev.1).max(1.0);
+            return prev.0 + (upper - prev.0) * ((want - prev.1) / span);
+        }
+        prev = (upper, count);
+    }
+    f64::INFINITY
+}
+
 fn run_topology(text: &str, records: u64, watch: Option<&str>) -> Run {
+    run_topology_with(text, records, watch, Arc::new(Metrics::new()))
+}
+
+fn run_topology_with(text: &str, records: u64, watch: Option<&str>, metrics: Arc<Metrics>) -> Run {
     let dir = tempfile::tempdir().expect("temp dir");
     let text = text.replace("{dir}", &dir.path().display().to_string());
     let topology = Topology::parse_str("bench.toml", &text).expect("bench topology");
@@ -64,7 +86,7 @@ fn run_topology(text: &str, records: u64, watch: Option<&str>) -> Run {
         topology,
         &millrace::builtins(),
         WorkerOptions::default(),
-        Arc::new(Metrics::new()),
+        metrics,
     )
     .expect("start worker");
     let mut lags = Vec::new();
@@ -175,5 +197,66 @@ aggregate = "count"
             mean,
             max
         );
+    }
+
+    if which == "all" || which == "p3" {
+        // Three stages, source -> split -> count -> file sink, at half of the
+        // pipeline's maximum throughput; latency from source ingestion to sink.
+        let pipeline = |count: u64, rate: Option<u64>, durability: &str| {
+            format!(
+                r#"
+[service]
+data_dir = "{{dir}}/data"
+http = "off"
+[engine]
+shards = 8
+durability = "{durability}"
+batch_size = {batch}
+[sources.gen]
+type = "generator"
+count = {count}
+keys = 1000
+value = "key"
+{rate}
+[computations.words]
+type = "split"
+inputs = ["gen"]
+[computations.counts]
+type = "count"
+inputs = [{{ from = "words", key = "value" }}]
+[sinks.out]
+type = "file"
+inputs = ["counts"]
+path = "{{dir}}/out.jsonl"
+"#,
+                rate = rate.map_or(String::new(), |r| format!("rate = {r}")),
+                batch = env_u64("MILLRACE_BENCH_BATCH", 4096),
+            )
+        };
+        let max_records = (records / 5).max(100_000);
+        let max = run_topology(&pipeline(max_records, None, "process"), max_records, None);
+        println!(
+            "p3        3-stage pipeline maximum throughput        {:>12.0} records/s",
+            max.records_per_sec
+        );
+        let rate = (max.records_per_sec / 2.0) as u64;
+        let seconds = env_u64("MILLRACE_BENCH_LATENCY_SECONDS", 10);
+        for durability in ["process", "machine"] {
+            let metrics = Arc::new(Metrics::new());
+            let n = rate * seconds;
+            run_topology_with(
+                &pipeline(n, Some(rate), durability),
+                n,
+                None,
+                Arc::clone(&metrics),
+            );
+            let h = metrics.e2e_latency.with_label_values(&["out"]);
+            println!(
+                "p3        latency at {rate} records/s, durability {durability:<8} p50 {:.2} ms  p99 {:.2} ms  ({} records)",
+                quantile(&h, 0.5) * 1e3,
+                quantile(&h, 0.99) * 1e3,
+                h.get_sample_count()
+            );
+        }
     }
 }

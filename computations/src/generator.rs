@@ -1,7 +1,7 @@
 //! `generator`: deterministic records for tests and benchmarks.
 //!
 //! Record `i` (0-based) has key `k<N>` with `N = mix(seed, i) % keys`, value
-//! `i` in decimal, and event time `2023-11-14T22:13:20Z + i * event_step`. The
+//! `i` in decimal (or the key, with `value = "key"`), and event time `2023-11-14T22:13:20Z + i * event_step`. The
 //! position is `i`, so a restart replays nothing and skips nothing.
 
 use crate::options;
@@ -23,6 +23,17 @@ struct Options {
     #[serde(default)]
     seed: u64,
     event_step: Option<HumanDuration>,
+    /// What each value holds: `index` (the record number, default) or `key`.
+    #[serde(default)]
+    value: ValueKind,
+}
+
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum ValueKind {
+    #[default]
+    Index,
+    Key,
 }
 
 fn default_keys() -> u64 {
@@ -38,6 +49,7 @@ pub struct Generator {
     step: i64,
     next: u64,
     started: Option<(Instant, u64)>,
+    value: ValueKind,
 }
 
 /// A 64-bit mix (splitmix64's finaliser).
@@ -79,7 +91,12 @@ impl Source for Generator {
         for _ in 0..n {
             let i = self.next;
             let ts = BASE_TIME + i as i64 * self.step;
-            out.emit(self.key_of(i), i.to_string(), ts);
+            let key = self.key_of(i);
+            let value = match self.value {
+                ValueKind::Index => i.to_string(),
+                ValueKind::Key => key.clone(),
+            };
+            out.emit(key, value, ts);
             self.next += 1;
         }
         Ok(match self.count {
@@ -113,6 +130,7 @@ pub(crate) fn register(r: &mut Registry) {
             step: o.event_step.map_or(1000, |d| d.0.as_micros() as i64),
             next: 0,
             started: None,
+            value: o.value,
         }))
     });
 }

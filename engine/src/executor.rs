@@ -58,8 +58,10 @@ pub(crate) struct Committed(());
 
 /// How long an idle executor waits for a message before it looks around again.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
-/// How long a source that had nothing is left alone.
-const SOURCE_IDLE_PAUSE: Duration = Duration::from_millis(10);
+/// How long a source that had nothing is left alone: doubling from the first
+/// to the last while it stays idle, back to the first when data comes.
+const SOURCE_IDLE_PAUSE: (Duration, Duration) =
+    (Duration::from_micros(200), Duration::from_millis(20));
 
 pub(crate) struct Executor {
     id: usize,
@@ -146,6 +148,7 @@ impl Executor {
                         exhausted: false,
                         retired: false,
                         idle_until: Instant::now(),
+                        idle_pause: SOURCE_IDLE_PAUSE.0,
                         last_data: Instant::now(),
                         position_dirty: false,
                     })
@@ -521,7 +524,14 @@ impl Executor {
                     }
                     match poll {
                         SourcePoll::Ready => {}
-                        SourcePoll::Idle => src.idle_until = now + SOURCE_IDLE_PAUSE,
+                        SourcePoll::Idle => {
+                            src.idle_pause = if src.last_data == now {
+                                SOURCE_IDLE_PAUSE.0
+                            } else {
+                                (src.idle_pause * 2).clamp(SOURCE_IDLE_PAUSE.0, SOURCE_IDLE_PAUSE.1)
+                            };
+                            src.idle_until = now + src.idle_pause;
+                        }
                         SourcePoll::Exhausted => src.exhausted = true,
                     }
                     route(

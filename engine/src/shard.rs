@@ -27,6 +27,7 @@ pub(crate) struct SourceRt {
     /// Set once `exhausted` has been committed and counted.
     pub retired: bool,
     pub idle_until: Instant,
+    pub idle_pause: std::time::Duration,
     pub last_data: Instant,
     pub position_dirty: bool,
 }
@@ -86,6 +87,9 @@ impl Timers {
     }
 
     pub fn set(&mut self, prefix: &[u8], key: &Bytes, tag: Bytes, d: TimeDomain, t: EventTime) {
+        if self.by_key.get(&(key.clone(), tag.clone())) == Some(&(d, t)) {
+            return; // already set for that time: nothing to write
+        }
         self.delete(prefix, key, &tag);
         self.writes
             .push((Self::storage_key(prefix, d, t, key, &tag), true));
