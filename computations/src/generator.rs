@@ -148,6 +148,7 @@ mod tests {
             step: 1000,
             next: 0,
             started: None,
+            value: ValueKind::Index,
         }
     }
 
