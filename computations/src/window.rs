@@ -522,6 +522,48 @@ impl Computation for Window {
     }
 }
 
+pub(crate) fn register(r: &mut millrace_engine::Registry) {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    fn make(cfg: WindowConfig) -> millrace_engine::MakeComputation {
+        Arc::new(move || Box::new(Window::new(cfg.clone())) as Box<dyn Computation>)
+    }
+    r.computation("window", |c| Ok(make(WindowConfig::parse(c, None)?)));
+    r.computation("reduce_by_key_and_window", |c| {
+        let op = c.options.table().get("op").and_then(|v| v.as_str());
+        if !matches!(op, Some("sum" | "min" | "max")) {
+            return Err(c.options.error(
+                Some("op"),
+                "reduce_by_key_and_window needs op = \"sum\", \"min\" or \"max\"",
+            ));
+        }
+        Ok(make(WindowConfig::parse(c, None)?))
+    });
+    r.computation("cogroup", |c| {
+        if c.inputs.len() < 2 {
+            return Err(c
+                .options
+                .error(Some("inputs"), "cogroup needs two or more inputs"));
+        }
+        Ok(make(WindowConfig::parse(
+            c,
+            Some((Acc::Groups(BTreeMap::new()), Output::Aggregate)),
+        )?))
+    });
+    r.computation("join", |c| {
+        if c.inputs.len() != 2 {
+            return Err(c.options.error(
+                Some("inputs"),
+                "join needs exactly two inputs (left, right)",
+            ));
+        }
+        Ok(make(WindowConfig::parse(
+            c,
+            Some((Acc::Groups(BTreeMap::new()), Output::Join)),
+        )?))
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,46 +639,4 @@ mod tests {
         );
         assert_eq!(parse_tag(b"e-5:10"), Some((b'e', -5, 10)));
     }
-}
-
-pub(crate) fn register(r: &mut millrace_engine::Registry) {
-    use std::collections::BTreeMap;
-    use std::sync::Arc;
-    fn make(cfg: WindowConfig) -> millrace_engine::MakeComputation {
-        Arc::new(move || Box::new(Window::new(cfg.clone())) as Box<dyn Computation>)
-    }
-    r.computation("window", |c| Ok(make(WindowConfig::parse(c, None)?)));
-    r.computation("reduce_by_key_and_window", |c| {
-        let op = c.options.table().get("op").and_then(|v| v.as_str());
-        if !matches!(op, Some("sum" | "min" | "max")) {
-            return Err(c.options.error(
-                Some("op"),
-                "reduce_by_key_and_window needs op = \"sum\", \"min\" or \"max\"",
-            ));
-        }
-        Ok(make(WindowConfig::parse(c, None)?))
-    });
-    r.computation("cogroup", |c| {
-        if c.inputs.len() < 2 {
-            return Err(c
-                .options
-                .error(Some("inputs"), "cogroup needs two or more inputs"));
-        }
-        Ok(make(WindowConfig::parse(
-            c,
-            Some((Acc::Groups(BTreeMap::new()), Output::Aggregate)),
-        )?))
-    });
-    r.computation("join", |c| {
-        if c.inputs.len() != 2 {
-            return Err(c.options.error(
-                Some("inputs"),
-                "join needs exactly two inputs (left, right)",
-            ));
-        }
-        Ok(make(WindowConfig::parse(
-            c,
-            Some((Acc::Groups(BTreeMap::new()), Output::Join)),
-        )?))
-    });
 }
