@@ -3,23 +3,14 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn spawn(topo: &std::path::Path, http: &str) -> Child {
-    millrace()
-        .args(["run", topo.to_str().expect("path"), "--http", http])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn millrace")
-}
-
 fn line_count(p: &std::path::Path) -> usize {
-    std::fs::read_to_string(p).map_or(0, |t| t.lines().count())
+    lines(p).len()
 }
 
 /// A watched directory (so the worker keeps running) with `n` lines in one file.

@@ -5,28 +5,10 @@ mod support;
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::process::{Child, Stdio};
 use std::time::Duration;
 use support::*;
 
 const T: Duration = Duration::from_secs(60);
-
-fn spawn(topo: &std::path::Path, http: &str) -> Child {
-    millrace()
-        .args(["run", topo.to_str().expect("path"), "--http", http])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn millrace")
-}
-
-fn lines(p: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(p)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
 
 #[test]
 fn socket_source_then_sigterm_drains_and_exits_zero() {

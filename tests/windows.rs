@@ -3,20 +3,10 @@
 mod support;
 
 use serde_json::Value;
-use std::process::{Child, Stdio};
 use std::time::Duration;
 use support::*;
 
 const T: Duration = Duration::from_secs(60);
-
-fn spawn(topo: &std::path::Path) -> Child {
-    millrace()
-        .args(["run", topo.to_str().expect("path"), "--http", "off"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn millrace")
-}
 
 /// The JSON values of a text sink (`key<TAB>json`).
 fn panes(p: &std::path::Path) -> Vec<(String, Value)> {
@@ -96,7 +86,7 @@ fn run_three_panes(accumulation: &str) -> Vec<Value> {
         r#"{ out_of_order = "0s" }"#,
     );
     let (inp, out) = (s.path("in"), s.path("out.txt"));
-    let mut child = spawn(&topo);
+    let mut child = spawn(&topo, "off");
     let for_a = |n: usize| {
         let out = out.clone();
         move || panes(&out).iter().filter(|(k, _)| k == "a").count() >= n
@@ -188,7 +178,7 @@ fn out_of_order_sessions_merge() {
         "aggregate = \"collect\"",
         r#"{ out_of_order = "60s" }"#,
     );
-    let mut child = spawn(&topo);
+    let mut child = spawn(&topo, "off");
     // Sessions [1,6) and [10,15) of key a, bridged by [5.5,10.5) arriving last: [1,15).
     add(
         &s.path("in"),
@@ -227,7 +217,7 @@ fn a_window_fed_by_an_idle_source_still_fires() {
         "aggregate = \"count\"",
         r#"{ out_of_order = "1h", idle_after = "300ms" }"#,
     );
-    let mut child = spawn(&topo);
+    let mut child = spawn(&topo, "off");
     // The watermark stays an hour behind the data; only idleness releases it.
     add(&s.path("in"), "1.csv", "a,1,x\na,2,y\nb,12,z\n");
     let out = s.path("out.txt");
@@ -298,7 +288,7 @@ format = "text"
     let topo = topology(&rough);
     let mut rng = Rng::from_env();
     for _ in 0..5 {
-        let mut child = spawn(&topo);
+        let mut child = spawn(&topo, "off");
         let before = file_len(&rough.path("out.txt"));
         let target = before + rng.below(12_000);
         wait_until(T, || {

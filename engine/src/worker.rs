@@ -212,33 +212,25 @@ impl Worker {
 
     /// Blocks until [`Worker::finished`], a fatal error, or `timeout`.
     pub fn wait_finished(&self, timeout: Duration) -> Result<bool, EngineError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(e) = self.shared.fatal.lock().clone() {
-                return Err(EngineError::Fatal(e));
-            }
-            if self.finished() {
-                return Ok(true);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(false);
-            }
-            self.shared
-                .wait((deadline - now).min(Duration::from_millis(100)));
-        }
+        self.wait_for(timeout, || self.finished())
     }
 
     /// Stops the sources and waits (up to `timeout`) until everything in
     /// flight has been delivered. Returns whether the drain completed.
     pub fn drain(&self, timeout: Duration) -> Result<bool, EngineError> {
         self.shared.stopping.store(true, Ordering::SeqCst);
+        self.wait_for(timeout, || self.shared.drained())
+    }
+
+    /// Waits until `done` holds (true), `timeout` passes (false) or an
+    /// executor fails (the error). Executors wake it after every commit.
+    fn wait_for(&self, timeout: Duration, done: impl Fn() -> bool) -> Result<bool, EngineError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(e) = self.shared.fatal.lock().clone() {
                 return Err(EngineError::Fatal(e));
             }
-            if self.shared.drained() {
+            if done() {
                 return Ok(true);
             }
             let now = Instant::now();

@@ -201,3 +201,27 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// Starts `millrace run FILE --http HTTP` in the background (stderr shown).
+pub fn spawn(topology: &Path, http: &str) -> Child {
+    millrace()
+        .args([
+            "run",
+            topology.to_str().expect("utf-8 path"),
+            "--http",
+            http,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn millrace")
+}
+
+/// The lines of a file (none when it does not exist yet).
+pub fn lines(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
