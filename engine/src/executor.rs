@@ -18,14 +18,14 @@
 //! [`Executor::commit`] makes. All RocksDB calls happen on this thread, never on
 //! an async runtime.
 
-use crate::api::{ComputationError, Context, Emitter, SourcePoll};
+use crate::api::{ComputationError, Emitter, SourcePoll};
 use crate::delivery::{InChannel, OutChannel};
 use crate::keying::{extract_key, shard_of};
 use crate::metrics::NodeMetrics;
 use crate::plan::{ChannelIdx, Maker, Plan, Sid};
 use crate::record::{now_micros, Envelope, TimeDomain, Timer, MAX_TIME, MIN_TIME};
 use crate::shard::{
-    position_key, read_u64, wm_key, Body, Emit, KeyScope, ShardRt, SourceRt, StateCache, Timers,
+    position_key, read_u64, wm_key, Body, Emit, KeyEnv, ShardRt, SourceRt, StateCache, Timers,
 };
 use crate::worker::Shared;
 use crate::EngineError;
@@ -448,27 +448,19 @@ impl Executor {
                         let lat = (now_micros() - env.ingest()).max(0) as f64 / 1e6;
                         metrics.e2e_latency.observe(lat);
                     }
-                    Body::Compute(comp) => {
+                    Body::Compute(_) => {
                         let key = record.key.clone();
                         let (value, ts) = (record.value.clone(), record.timestamp);
-                        let mut ctx = Context {
-                            scope: KeyScope {
-                                key: &key,
-                                store: &self.store,
-                                prefix: &shard.prefix,
-                                dirty: &mut shard.dirty,
-                                cache: &mut shard.cache,
-                                timers: &mut shard.timers,
-                                emits: &mut self.emits,
-                                ports: &node.ports,
-                                input_wm: shard.input_wm,
-                                ingest: env.ingest(),
-                                input: &plan.edges[plan.channels[ch as usize].edge].stream,
-                            },
+                        let at = KeyEnv {
+                            store: &self.store,
+                            emits: &mut self.emits,
+                            ports: &node.ports,
+                            ingest: env.ingest(),
+                            input: &plan.edges[plan.channels[ch as usize].edge].stream,
                         };
-                        match comp.process_record(&mut ctx, record) {
-                            Ok(()) => {}
-                            Err(ComputationError::BadRecord(why)) => {
+                        match shard.with_key(at, &key, |comp, ctx| comp.process_record(ctx, record))
+                        {
+                            Some(Err(ComputationError::BadRecord(why))) => {
                                 bad_record(metrics, &node.name, &key, &why);
                                 self.emits.push(Emit {
                                     port: 1,
@@ -478,7 +470,8 @@ impl Executor {
                                     ingest: env.ingest(),
                                 });
                             }
-                            Err(ComputationError::Storage(e)) => return Err(e.into()),
+                            Some(Err(ComputationError::Storage(e))) => return Err(e.into()),
+                            Some(Ok(())) | None => {}
                         }
                     }
                     Body::Source(_) => {}
@@ -547,7 +540,7 @@ impl Executor {
             }
 
             // Timers.
-            if let Body::Compute(comp) = &mut shard.body {
+            if matches!(shard.body, Body::Compute(_)) {
                 let now = now_micros();
                 for (domain, limit) in [
                     (TimeDomain::EventTime, shard.input_wm),
@@ -556,28 +549,20 @@ impl Executor {
                     while let Some((key, tag, time)) =
                         shard.timers.pop_due(&shard.prefix, domain, limit)
                     {
-                        let mut ctx = Context {
-                            scope: KeyScope {
-                                key: &key,
-                                store: &self.store,
-                                prefix: &shard.prefix,
-                                dirty: &mut shard.dirty,
-                                cache: &mut shard.cache,
-                                timers: &mut shard.timers,
-                                emits: &mut self.emits,
-                                ports: &node.ports,
-                                input_wm: shard.input_wm,
-                                ingest: now,
-                                input: "",
-                            },
+                        let at = KeyEnv {
+                            store: &self.store,
+                            emits: &mut self.emits,
+                            ports: &node.ports,
+                            ingest: now,
+                            input: "",
                         };
                         let timer = Timer { tag, domain, time };
-                        match comp.process_timer(&mut ctx, timer) {
-                            Ok(()) => {}
-                            Err(ComputationError::BadRecord(why)) => {
+                        match shard.with_key(at, &key, |comp, ctx| comp.process_timer(ctx, timer)) {
+                            Some(Err(ComputationError::BadRecord(why))) => {
                                 bad_record(metrics, &node.name, &key, &why)
                             }
-                            Err(ComputationError::Storage(e)) => return Err(e.into()),
+                            Some(Err(ComputationError::Storage(e))) => return Err(e.into()),
+                            Some(Ok(())) | None => {}
                         }
                     }
                 }

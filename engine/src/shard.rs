@@ -2,7 +2,7 @@
 //! since the last commit, and its watermarks. The executor owns it and
 //! checkpoints it ([`ShardRt::checkpoint`]) into each commit.
 
-use crate::api::{Computation, Sink, Source};
+use crate::api::{Computation, Context, Sink, Source};
 use crate::delivery::{InChannel, OutChannel};
 use crate::plan::{ChannelIdx, NodeIdx, Sid};
 use crate::record::{Envelope, EventTime, TimeDomain, MIN_TIME};
@@ -294,7 +294,45 @@ pub(crate) fn position_key(prefix: &[u8]) -> Vec<u8> {
     KeyWriter::from_prefix(prefix).tag(b'p').finish()
 }
 
+/// What a computation's context needs beyond the shard itself.
+pub(crate) struct KeyEnv<'a> {
+    pub store: &'a Store,
+    pub emits: &'a mut Vec<Emit>,
+    pub ports: &'a [String],
+    pub ingest: i64,
+    pub input: &'a str,
+}
+
 impl ShardRt {
+    /// Runs `f` with this shard's computation and a context scoped to `key`;
+    /// `None` if the shard is not a computation.
+    pub fn with_key<R>(
+        &mut self,
+        env: KeyEnv<'_>,
+        key: &Bytes,
+        f: impl FnOnce(&mut dyn Computation, &mut Context<'_>) -> R,
+    ) -> Option<R> {
+        let Body::Compute(comp) = &mut self.body else {
+            return None;
+        };
+        let mut ctx = Context {
+            scope: KeyScope {
+                key,
+                store: env.store,
+                prefix: &self.prefix,
+                dirty: &mut self.dirty,
+                cache: &mut self.cache,
+                timers: &mut self.timers,
+                emits: env.emits,
+                ports: env.ports,
+                input_wm: self.input_wm,
+                ingest: env.ingest,
+                input: env.input,
+            },
+        };
+        Some(f(comp.as_mut(), &mut ctx))
+    }
+
     pub fn track_unacked(&mut self, ts: EventTime) {
         *self.unacked_ts.entry(ts).or_insert(0) += 1;
         self.backlog += 1;
