@@ -12,6 +12,11 @@
 //!   16-byte keys over the same key space, WAL on, no sync.
 //! - p1: the running count (`generator` -> `count`), state in RocksDB,
 //!   exactly-once, `durability = "process"`, one worker.
+//! - growth: p1 with 1k, 100k and 10M keys, and with 4, 16 and 64 shards
+//!   (`MILLRACE_BENCH_GROWTH_RECORDS` records each, default 2M).
+//! - p3: source -> split -> count -> file sink at half of its maximum
+//!   throughput: source-to-sink latency p50 and p99, with `durability` set to
+//!   `process` and to `machine`.
 //! - p2: a 1 s tumbling-window count per key (`generator` -> `window`), with
 //!   the watermark lag of the window (newest event time minus its output
 //!   watermark) sampled every 100 ms. Records are 10 us apart in event time.
@@ -120,6 +125,27 @@ fn run_topology_with(text: &str, records: u64, watch: Option<&str>, metrics: Arc
     }
 }
 
+/// P1's topology: the running count of `records` generated records over `keys` keys.
+fn running_count(records: u64, keys: u64, shards: u32) -> String {
+    format!(
+        r#"
+[service]
+data_dir = "{{dir}}/data"
+http = "off"
+[engine]
+shards = {shards}
+durability = "process"
+[sources.gen]
+type = "generator"
+count = {records}
+keys = {keys}
+[computations.counts]
+type = "count"
+inputs = ["gen"]
+"#
+    )
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; ignore arguments.
     let records = env_u64("MILLRACE_BENCH_RECORDS", 10_000_000);
@@ -135,27 +161,7 @@ fn main() {
     );
 
     if which == "all" || which == "p1" {
-        let run = run_topology(
-            &format!(
-                r#"
-[service]
-data_dir = "{{dir}}/data"
-http = "off"
-[engine]
-shards = 16
-durability = "process"
-[sources.gen]
-type = "generator"
-count = {records}
-keys = {keys}
-[computations.counts]
-type = "count"
-inputs = ["gen"]
-"#
-            ),
-            records,
-            None,
-        );
+        let run = run_topology(&running_count(records, keys, 16), records, None);
         println!(
             "p1        running count, exactly-once, 1 worker      {:>12.0} records/s  ({:.1}s)  ratio to baseline {:.2}",
             run.records_per_sec,
@@ -197,6 +203,27 @@ aggregate = "count"
             mean,
             max
         );
+    }
+
+    if which == "all" || which == "growth" {
+        // How P1's throughput changes with the number of keys and of shards.
+        let n = env_u64("MILLRACE_BENCH_GROWTH_RECORDS", 2_000_000);
+        for k in [1_000, 100_000, 10_000_000] {
+            let run = run_topology(&running_count(n, k, 16), n, None);
+            println!(
+                "growth    {n} records, {k:>8} keys, 16 shards     {:>12.0} records/s  ratio to baseline {:.2}",
+                run.records_per_sec,
+                run.records_per_sec / baseline
+            );
+        }
+        for shards in [4, 16, 64] {
+            let run = run_topology(&running_count(n, 100_000, shards), n, None);
+            println!(
+                "growth    {n} records,   100000 keys, {shards:>2} shards     {:>12.0} records/s  ratio to baseline {:.2}",
+                run.records_per_sec,
+                run.records_per_sec / baseline
+            );
+        }
     }
 
     if which == "all" || which == "p3" {
