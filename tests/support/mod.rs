@@ -202,19 +202,47 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// A worker process that is killed when the test lets go of it, so that a
+/// failing test leaves no process behind.
+pub struct Running(pub Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Starts `millrace run FILE --http HTTP` in the background (stderr shown).
-pub fn spawn(topology: &Path, http: &str) -> Child {
-    millrace()
-        .args([
-            "run",
-            topology.to_str().expect("utf-8 path"),
-            "--http",
-            http,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn millrace")
+pub fn spawn(topology: &Path, http: &str) -> Running {
+    Running(
+        millrace()
+            .args([
+                "run",
+                topology.to_str().expect("utf-8 path"),
+                "--http",
+                http,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn millrace"),
+    )
 }
 
 /// The lines of a file (none when it does not exist yet).
