@@ -527,15 +527,6 @@ impl Executor {
                         }
                         SourcePoll::Exhausted => src.exhausted = true,
                     }
-                    route(
-                        &plan,
-                        shard,
-                        &mut self.emits,
-                        batch,
-                        metrics,
-                        &mut self.produced_count,
-                        &self.shared.taps,
-                    );
                 }
             }
 
@@ -566,16 +557,18 @@ impl Executor {
                         }
                     }
                 }
-                route(
-                    &plan,
-                    shard,
-                    &mut self.emits,
-                    batch,
-                    metrics,
-                    &mut self.produced_count,
-                    &self.shared.taps,
-                );
             }
+
+            // What the sources polled and the timers emitted.
+            route(
+                &plan,
+                shard,
+                &mut self.emits,
+                batch,
+                metrics,
+                &mut self.produced_count,
+                &self.shared.taps,
+            );
 
             // Watermark.
             let source_wm = match &shard.body {
