@@ -243,6 +243,10 @@ impl Source for FileSource {
             None => Vec::new(),
         }
     }
+
+    fn replayable(&self) -> bool {
+        true
+    }
 }
 
 pub(crate) fn register(r: &mut Registry) {

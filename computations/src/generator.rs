@@ -109,6 +109,10 @@ impl Source for Generator {
     fn position(&self) -> Vec<u8> {
         self.next.to_be_bytes().to_vec()
     }
+
+    fn replayable(&self) -> bool {
+        true
+    }
 }
 
 pub(crate) fn register(r: &mut Registry) {

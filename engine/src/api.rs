@@ -199,6 +199,16 @@ pub trait Source: Send + 'static {
 
     /// The position just after the last record emitted.
     fn position(&self) -> Vec<u8>;
+
+    /// Whether reopening at a position emits exactly the records that followed
+    /// it the first time, in the same order (a file, a generator). The engine
+    /// then keeps this source's productions in memory only and commits the
+    /// position once everything before it is acknowledged, replaying the rest
+    /// after a crash; otherwise (a socket) each production goes through the
+    /// outbox.
+    fn replayable(&self) -> bool {
+        false
+    }
 }
 
 /// Why a sink failed. The worker stops; after a restart the sink resumes from

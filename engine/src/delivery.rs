@@ -100,6 +100,11 @@ impl OutChannel {
         self.sent_upto = self.acked;
     }
 
+    /// The highest sequence number acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
     /// Sequence number of the next production.
     pub fn next_seq(&self) -> u64 {
         self.next_seq

@@ -143,6 +143,7 @@ impl Executor {
                         .open(position.as_deref())
                         .map_err(|e| EngineError::Source(node.name.clone(), e))?;
                     self.shared.sources_live.fetch_add(1, Ordering::SeqCst);
+                    let replay = source.replayable().then(VecDeque::new);
                     Body::Source(SourceRt {
                         source,
                         exhausted: false,
@@ -151,6 +152,7 @@ impl Executor {
                         idle_pause: SOURCE_IDLE_PAUSE.0,
                         last_data: Instant::now(),
                         position_dirty: false,
+                        replay,
                     })
                 }
                 Maker::Computation(make) => Body::Compute(make()),
@@ -569,6 +571,7 @@ impl Executor {
                 &mut self.produced_count,
                 &self.shared.taps,
             );
+            shard.note_replay_point();
 
             // Watermark.
             let source_wm = match &shard.body {
@@ -724,6 +727,7 @@ fn route(
     }
     let node = &plan.nodes[shard.node];
     let src_shard = plan.shards[shard.sid as usize].shard;
+    let persist = shard.uses_outbox();
     let mut i = 0;
     while i < emits.len() {
         let emit = &emits[i];
@@ -751,7 +755,9 @@ fn route(
             let mut k = Vec::with_capacity(c.outbox_prefix.len() + 8);
             k.extend_from_slice(&c.outbox_prefix);
             k.extend_from_slice(&seq.to_be_bytes());
-            batch.put(Cf::Outbox, &k, &env.0);
+            if persist {
+                batch.put(Cf::Outbox, &k, &env.0);
+            }
             *produced += 1;
             let ts = emit.ts;
             shard.track_unacked(ts);

@@ -30,7 +30,13 @@ pub(crate) struct SourceRt {
     pub idle_pause: std::time::Duration,
     pub last_data: Instant,
     pub position_dirty: bool,
+    /// For a replayable source: positions not yet committed, oldest first.
+    pub replay: Option<VecDeque<ReplayPoint>>,
 }
+
+/// A replayable source's position and the next sequence number of each of
+/// its channels right after it.
+pub(crate) type ReplayPoint = (Vec<u8>, Vec<(ChannelIdx, u64)>);
 
 pub(crate) enum Body {
     Source(SourceRt),
@@ -333,6 +339,34 @@ impl ShardRt {
         Some(f(comp.as_mut(), &mut ctx))
     }
 
+    /// Whether productions go to the outbox (all but replayable sources).
+    pub fn uses_outbox(&self) -> bool {
+        !matches!(
+            &self.body,
+            Body::Source(SourceRt {
+                replay: Some(_),
+                ..
+            })
+        )
+    }
+
+    /// After a replayable source's poll has been routed: remember its position
+    /// and the sequence numbers that follow it.
+    pub fn note_replay_point(&mut self) {
+        if let Body::Source(src) = &mut self.body {
+            if let Some(pending) = &mut src.replay {
+                if std::mem::take(&mut src.position_dirty) {
+                    let seqs = self
+                        .outs
+                        .iter()
+                        .map(|(ch, o)| (*ch, o.next_seq()))
+                        .collect();
+                    pending.push_back((src.source.position(), seqs));
+                }
+            }
+        }
+    }
+
     pub fn track_unacked(&mut self, ts: EventTime) {
         *self.unacked_ts.entry(ts).or_insert(0) += 1;
         self.backlog += 1;
@@ -396,17 +430,47 @@ impl ShardRt {
                 );
             }
         }
-        for (ch, out) in self.outs.iter_mut() {
-            if out.take_dirty() {
-                batch.put(
-                    Cf::Channels,
-                    &channels[*ch as usize].next_key,
-                    &out.next_seq().to_be_bytes(),
-                );
+        if let Body::Source(SourceRt {
+            replay: Some(pending),
+            ..
+        }) = &mut self.body
+        {
+            // Commit the newest position whose productions are all acknowledged,
+            // with the sequence numbers that follow it; what comes after it is
+            // replayed, with the same numbers, after a crash.
+            let mut ready = None;
+            while let Some((_, seqs)) = pending.front() {
+                let acked = seqs
+                    .iter()
+                    .all(|(ch, next)| self.outs.get(ch).is_some_and(|o| o.acked() + 1 >= *next));
+                if !acked {
+                    break;
+                }
+                ready = pending.pop_front();
+            }
+            if let Some((position, seqs)) = ready {
+                batch.put(Cf::Meta, &position_key(&self.prefix), &position);
+                for (ch, next) in seqs {
+                    batch.put(
+                        Cf::Channels,
+                        &channels[ch as usize].next_key,
+                        &next.to_be_bytes(),
+                    );
+                }
+            }
+        } else {
+            for (ch, out) in self.outs.iter_mut() {
+                if out.take_dirty() {
+                    batch.put(
+                        Cf::Channels,
+                        &channels[*ch as usize].next_key,
+                        &out.next_seq().to_be_bytes(),
+                    );
+                }
             }
         }
         match &mut self.body {
-            Body::Source(s) if s.position_dirty => {
+            Body::Source(s) if s.position_dirty && s.replay.is_none() => {
                 batch.put(Cf::Meta, &position_key(&self.prefix), &s.source.position());
                 s.position_dirty = false;
             }
