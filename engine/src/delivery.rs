@@ -172,7 +172,6 @@ impl InChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use proptest::prelude::*;
 
     fn env(i: u64) -> Envelope {
@@ -300,6 +299,5 @@ mod tests {
         out.sendable(10, |s, _| sent.push(s));
         assert_eq!(sent, vec![5, 6, 7]);
         assert_eq!(out.push(env(8)), 8);
-        let _ = Bytes::new();
     }
 }

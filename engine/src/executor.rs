@@ -31,7 +31,6 @@ use crate::worker::Shared;
 use crate::EngineError;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use millrace_config::Role;
 use millrace_storage::{Batch, Cf, KeyReader, Store};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -87,7 +86,6 @@ pub(crate) struct Executor {
     released_count: i64,
     produced_count: i64,
     wm_msgs_seen: i64,
-    processed: usize,
 }
 
 impl Executor {
@@ -121,7 +119,6 @@ impl Executor {
             released_count: 0,
             produced_count: 0,
             wm_msgs_seen: 0,
-            processed: 0,
         }
     }
 
@@ -611,7 +608,6 @@ impl Executor {
                 .observe(started.elapsed().as_secs_f64());
             self.shared.metrics.commit_records.observe(processed as f64);
         }
-        self.processed += processed;
         Ok(Committed(()))
     }
 
@@ -653,8 +649,6 @@ impl Executor {
                     wm_sent += 1;
                 }
             }
-            let metrics = &self.node_metrics[shard.node];
-            let _ = metrics;
             shared.shard_backlog[shard.sid as usize].store(shard.backlog as i64, Ordering::Relaxed);
             shared.shard_wm[shard.sid as usize].store(shard.output_wm, Ordering::Relaxed);
             shared.shard_max_event[shard.sid as usize].store(shard.max_event, Ordering::Relaxed);
@@ -778,5 +772,4 @@ fn route(
         }
     }
     emits.clear();
-    let _ = Role::Source;
 }

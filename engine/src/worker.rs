@@ -3,7 +3,7 @@
 
 use crate::executor::{Executor, Msg};
 use crate::metrics::{Metrics, NodeMetrics};
-use crate::plan::{Plan, ERRORS_PORT};
+use crate::plan::Plan;
 use crate::registry::Registry;
 use crate::EngineError;
 use millrace_config::{Durability, Role, Topology};
@@ -400,6 +400,5 @@ fn check_layout(store: &Store, plan: &Plan) -> Result<(), EngineError> {
             store.commit(b)?;
         }
     }
-    let _ = ERRORS_PORT;
     Ok(())
 }
