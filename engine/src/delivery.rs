@@ -12,6 +12,7 @@
 
 use crate::record::Envelope;
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 /// Producer side of a channel.
 #[derive(Debug, Default)]
@@ -21,6 +22,9 @@ pub struct OutChannel {
     sent_upto: u64,
     acked: u64,
     dirty: bool,
+    /// Since when sent productions have waited without an acknowledgement,
+    /// and how long to wait before sending them again.
+    stall: Option<(Instant, Duration)>,
 }
 
 impl OutChannel {
@@ -76,8 +80,32 @@ impl OutChannel {
         if upto > self.acked {
             self.acked = upto.min(self.next_seq - 1);
             self.sent_upto = self.sent_upto.max(self.acked);
+            self.stall = None;
         }
         n
+    }
+
+    /// Re-sends with backoff: when sent productions have waited `backoff`
+    /// (starting at `first`, doubling up to `max`) without any acknowledgement,
+    /// rewinds so they go out again and returns how many. Progress resets it.
+    pub fn retry_due(&mut self, now: Instant, first: Duration, max: Duration) -> u64 {
+        let in_flight = self.sent_upto - self.acked;
+        if in_flight == 0 {
+            self.stall = None;
+            return 0;
+        }
+        match self.stall {
+            None => {
+                self.stall = Some((now, first));
+                0
+            }
+            Some((since, backoff)) if now.duration_since(since) >= backoff => {
+                self.rewind();
+                self.stall = Some((now, (backoff * 2).min(max)));
+                in_flight
+            }
+            Some(_) => 0,
+        }
     }
 
     /// Hands out the productions that may be sent now: unsent ones within
@@ -287,6 +315,45 @@ mod tests {
         let mut again = Vec::new();
         out.sendable(3, |s, _| again.push(s));
         assert_eq!(again, vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn unacknowledged_sends_are_retried_with_backoff() {
+        let (first, max) = (Duration::from_millis(100), Duration::from_millis(300));
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut out = OutChannel::new(1);
+        assert_eq!(out.retry_due(at(0), first, max), 0, "nothing in flight");
+        out.push(env(1));
+        out.push(env(2));
+        out.sendable(10, |_, _| {});
+        assert_eq!(out.retry_due(at(0), first, max), 0, "the wait starts");
+        assert_eq!(out.retry_due(at(99), first, max), 0);
+        assert_eq!(out.retry_due(at(100), first, max), 2, "both re-sent");
+        assert!(out.has_unsent());
+        out.sendable(10, |_, _| {});
+        assert_eq!(
+            out.retry_due(at(299), first, max),
+            0,
+            "backoff doubled to 200ms"
+        );
+        assert_eq!(out.retry_due(at(300), first, max), 2);
+        out.sendable(10, |_, _| {});
+        assert_eq!(out.retry_due(at(599), first, max), 0, "capped at 300ms");
+        assert_eq!(out.retry_due(at(600), first, max), 2);
+        out.sendable(10, |_, _| {});
+        out.ack(1, |_, _| {});
+        assert_eq!(
+            out.retry_due(at(601), first, max),
+            0,
+            "progress resets the wait"
+        );
+        assert_eq!(out.retry_due(at(700), first, max), 0);
+        assert_eq!(
+            out.retry_due(at(701), first, max),
+            1,
+            "only the unacknowledged one"
+        );
     }
 
     #[test]

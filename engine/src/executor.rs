@@ -55,6 +55,11 @@ pub(crate) enum Msg {
 #[must_use = "acknowledgements and productions wait for this proof"]
 pub(crate) struct Committed(());
 
+/// First and longest wait for an acknowledgement before productions are sent
+/// again. In-process channels lose nothing, so this only matters after a
+/// consumer stalled; it bounds how long any loss would go unnoticed.
+const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
 /// How long an idle executor waits for a message before it looks around again.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
 /// How long a source that had nothing is left alone: doubling from the first
@@ -626,8 +631,14 @@ impl Executor {
             self.outgoing[plan.shards[src as usize].executor].push(Msg::Ack { ch, upto });
         }
         let mut wm_sent = 0;
+        let now = Instant::now();
         for shard in &mut self.shards {
+            let metrics = &self.node_metrics[shard.node];
             for (&ch, out) in shard.outs.iter_mut() {
+                let retried = out.retry_due(now, RETRY_BACKOFF.0, RETRY_BACKOFF.1);
+                if retried > 0 {
+                    metrics.retries.inc_by(retried);
+                }
                 if out.has_unsent() {
                     let dst = plan.channels[ch as usize].dst;
                     let q = &mut self.outgoing[plan.shards[dst as usize].executor];
