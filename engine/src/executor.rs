@@ -392,17 +392,11 @@ impl Executor {
     fn process(&mut self, batch: &mut Batch<'_>, halting: bool) -> Result<usize, EngineError> {
         let plan = Arc::clone(&self.plan);
         for (ch, first, last) in self.released.drain(..) {
-            let prefix = &plan.channels[ch as usize].outbox_prefix;
-            let key = |seq: u64| {
-                let mut k = Vec::with_capacity(prefix.len() + 8);
-                k.extend_from_slice(prefix);
-                k.extend_from_slice(&seq.to_be_bytes());
-                k
-            };
+            let c = &plan.channels[ch as usize];
             if first == last {
-                batch.delete(Cf::Outbox, &key(first));
+                batch.delete(Cf::Outbox, &c.outbox_key(first));
             } else {
-                batch.delete_range(Cf::Outbox, &key(first), &key(last + 1));
+                batch.delete_range(Cf::Outbox, &c.outbox_key(first), &c.outbox_key(last + 1));
             }
         }
         let engine = &plan.topology.engine;
@@ -757,15 +751,11 @@ fn route(
             let c = &plan.channels[ch as usize];
             let out = shard.outs.entry(ch).or_insert_with(|| OutChannel::new(1));
             let seq = out.push(env.clone());
-            let mut k = Vec::with_capacity(c.outbox_prefix.len() + 8);
-            k.extend_from_slice(&c.outbox_prefix);
-            k.extend_from_slice(&seq.to_be_bytes());
             if persist {
-                batch.put(Cf::Outbox, &k, &env.0);
+                batch.put(Cf::Outbox, &c.outbox_key(seq), &env.0);
             }
             *produced += 1;
-            let ts = emit.ts;
-            shard.track_unacked(ts);
+            shard.track_unacked(emit.ts);
         }
         if let Some(why) = failed {
             let emit = &emits[i - 1];

@@ -118,6 +118,16 @@ pub struct ChannelSpec {
     pub applied_key: Vec<u8>,
 }
 
+impl ChannelSpec {
+    /// The outbox key of production `seq` of this channel.
+    pub fn outbox_key(&self, seq: u64) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.outbox_prefix.len() + 8);
+        k.extend_from_slice(&self.outbox_prefix);
+        k.extend_from_slice(&seq.to_be_bytes());
+        k
+    }
+}
+
 /// The whole physical plan of one worker.
 pub struct Plan {
     /// The topology it was built from.
