@@ -31,6 +31,13 @@ enum Command {
         /// Overrides `[service] http` (`off` disables it).
         #[arg(long)]
         http: Option<String>,
+        /// Which `[[cluster.workers]]` entry this process is (required when
+        /// the topology has a `[cluster]`).
+        #[arg(long)]
+        worker: Option<String>,
+        /// Listen for other workers here instead of the worker's `address`.
+        #[arg(long)]
+        listen: Option<String>,
         /// Longest a drain after SIGTERM may take before the worker exits anyway
         /// (what is not delivered stays in the outbox for the next start).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -102,8 +109,20 @@ pub fn cli_main(registry: Registry) -> ExitCode {
             file,
             data_dir,
             http,
+            worker,
+            listen,
             drain_timeout,
-        } => service::run(&file, &registry, data_dir, http, drain_timeout),
+        } => service::run(
+            &file,
+            &registry,
+            service::RunOptions {
+                data_dir,
+                http,
+                worker,
+                listen,
+                drain_timeout,
+            },
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,21 +23,42 @@ pub fn init_logging(format: &str) {
     };
 }
 
+/// `millrace run`'s options beyond the topology file.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Overrides the data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Overrides the HTTP address (`off` disables it).
+    pub http: Option<String>,
+    /// The cluster worker this process is.
+    pub worker: Option<String>,
+    /// Where to listen for other workers.
+    pub listen: Option<String>,
+    /// Longest a drain may take.
+    pub drain_timeout: Duration,
+}
+
 /// Runs `file` until a signal, a fatal error, or the end of bounded input.
-pub fn run(
-    file: &Path,
-    registry: &Registry,
-    data_dir: Option<PathBuf>,
-    http_addr: Option<String>,
-    drain_timeout: Duration,
-) -> Result<()> {
+pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
+    let RunOptions {
+        data_dir,
+        http: http_addr,
+        worker: worker_id,
+        listen,
+        drain_timeout,
+    } = opts;
     let topology = Topology::load(file)?;
-    let http_addr = match http_addr.as_deref() {
+    let worker_http = topology.cluster.as_ref().and_then(|c| {
+        let id = worker_id.as_deref()?;
+        c.workers.iter().find(|w| w.id == id)?.http.clone()
+    });
+    let http_addr = match http_addr.as_deref().or(worker_http.as_deref()) {
         Some("off") => None,
         Some(a) => Some(a.to_owned()),
         None => topology.service.http.clone(),
     };
-    let data_dir = data_dir.unwrap_or_else(|| topology.service.data_dir.clone());
+    let data_dir =
+        millrace_engine::data_dir_of(&topology, worker_id.as_deref(), data_dir.as_deref());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("millrace-io")
@@ -72,6 +93,8 @@ pub fn run(
         registry,
         WorkerOptions {
             data_dir: Some(data_dir.clone()),
+            worker: worker_id.clone(),
+            listen,
         },
         Arc::clone(&metrics),
     )
@@ -90,6 +113,7 @@ pub fn run(
         recovered_backlog = worker.recovered_backlog(),
         recovered_positions = %if positions.is_empty() { "none (fresh start)".to_owned() } else { positions.join(", ") },
         components = worker.plan().nodes.len(),
+        cluster_worker = worker_id.as_deref().unwrap_or("-"),
         "millrace running"
     );
 

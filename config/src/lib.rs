@@ -35,6 +35,6 @@ pub use duration::{parse_duration, HumanDuration};
 pub use error::ConfigError;
 pub use locate::Locator;
 pub use topology::{
-    Component, Durability, EngineConfig, Input, KeyExtractor, Options, Role, ServiceConfig,
-    StreamRef, Topology,
+    ClusterConfig, Component, Durability, EngineConfig, Input, KeyExtractor, Options, Role,
+    ServiceConfig, StreamRef, Topology, WorkerConfig,
 };

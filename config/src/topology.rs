@@ -51,6 +51,40 @@ pub struct EngineConfig {
     /// Keys whose committed state is cached in memory, per computation, in
     /// front of RocksDB; 0 disables the cache. Default 1,000,000.
     pub state_cache_keys: usize,
+    /// Most bytes of unacknowledged records sent on one channel; with
+    /// `channel_window` it bounds what a channel has in flight. Default 1 MiB.
+    pub channel_window_bytes: usize,
+}
+
+/// `[cluster]`: the workers that share the shards, each a `millrace` process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// The workers, in file order; shard `g` (numbered across components in
+    /// file order) runs on worker `g % workers.len()`.
+    pub workers: Vec<WorkerConfig>,
+    /// Shared secret every worker proves in the handshake; the environment
+    /// variable `MILLRACE_CLUSTER_SECRET` overrides it.
+    pub secret: Option<String>,
+}
+
+/// One `[[cluster.workers]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerConfig {
+    /// Unique id, given to `millrace run --worker ID`.
+    pub id: String,
+    /// `host:port` the other workers connect to.
+    pub address: String,
+    /// Its HTTP address (default: `[service] http`).
+    pub http: Option<String>,
+    /// Its data directory (default: `[service] data_dir`/`id`).
+    pub data_dir: Option<PathBuf>,
+}
+
+impl ClusterConfig {
+    /// Index of worker `id`.
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.workers.iter().position(|w| w.id == id)
+    }
 }
 
 #[derive(Deserialize)]
@@ -60,6 +94,7 @@ struct RawTopology {
     service: RawService,
     #[serde(default)]
     engine: RawEngine,
+    cluster: Option<RawCluster>,
     #[serde(default)]
     sources: BTreeMap<String, toml::Table>,
     #[serde(default)]
@@ -86,6 +121,23 @@ struct RawEngine {
     channel_window: Option<usize>,
     max_backlog: Option<usize>,
     state_cache_keys: Option<usize>,
+    channel_window_bytes: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    workers: Vec<RawWorker>,
+    secret: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    id: String,
+    address: String,
+    http: Option<String>,
+    data_dir: Option<PathBuf>,
 }
 
 /// Which section a component is declared in.
@@ -229,6 +281,8 @@ pub struct Topology {
     pub service: ServiceConfig,
     /// `[engine]`.
     pub engine: EngineConfig,
+    /// `[cluster]`, when the topology runs on several workers.
+    pub cluster: Option<ClusterConfig>,
     components: Vec<Component>,
     locator: Arc<Locator>,
 }
@@ -260,6 +314,10 @@ impl Topology {
             }
         })?;
         let engine = engine_config(raw.engine, &locator)?;
+        let cluster = raw
+            .cluster
+            .map(|c| cluster_config(c, &locator))
+            .transpose()?;
         let service = ServiceConfig {
             data_dir: raw
                 .service
@@ -284,6 +342,7 @@ impl Topology {
         let topo = Topology {
             service,
             engine,
+            cluster,
             components,
             locator,
         };
@@ -460,6 +519,68 @@ fn engine_config(raw: RawEngine, locator: &Locator) -> Result<EngineConfig, Conf
         channel_window: positive(raw.channel_window, "channel_window", 1024)?,
         max_backlog: positive(raw.max_backlog, "max_backlog", 16_384)?,
         state_cache_keys: raw.state_cache_keys.unwrap_or(1_000_000),
+        channel_window_bytes: positive(raw.channel_window_bytes, "channel_window_bytes", 1 << 20)?,
+    })
+}
+
+fn cluster_config(raw: RawCluster, locator: &Locator) -> Result<ClusterConfig, ConfigError> {
+    if raw.workers.is_empty() {
+        return Err(locator.error("cluster", Some("workers"), "must list at least one worker"));
+    }
+    let mut seen = BTreeSet::new();
+    let mut addresses = BTreeSet::new();
+    let mut workers = Vec::new();
+    for w in raw.workers {
+        if w.id.is_empty()
+            || !w
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
+            return Err(locator.error(
+                "cluster.workers",
+                Some("id"),
+                format!(
+                    "worker id `{}` must be non-empty letters, digits, `-` or `_`",
+                    w.id
+                ),
+            ));
+        }
+        if !seen.insert(w.id.clone()) {
+            return Err(locator.error(
+                "cluster.workers",
+                Some("id"),
+                format!("worker id `{}` is listed twice", w.id),
+            ));
+        }
+        if w.address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            return Err(locator.error(
+                "cluster.workers",
+                Some("address"),
+                format!("`{}` of worker `{}` is not host:port", w.address, w.id),
+            ));
+        }
+        if !addresses.insert(w.address.clone()) {
+            return Err(locator.error(
+                "cluster.workers",
+                Some("address"),
+                format!("address `{}` is given to two workers", w.address),
+            ));
+        }
+        workers.push(WorkerConfig {
+            id: w.id,
+            address: w.address,
+            http: w.http,
+            data_dir: w.data_dir,
+        });
+    }
+    Ok(ClusterConfig {
+        workers,
+        secret: raw.secret,
     })
 }
 

@@ -21,6 +21,8 @@ pub struct OutChannel {
     unacked: VecDeque<(u64, Envelope)>,
     sent_upto: u64,
     acked: u64,
+    /// Bytes of the productions sent and not yet acknowledged.
+    in_flight_bytes: usize,
     dirty: bool,
     /// Since when sent productions have waited without an acknowledgement,
     /// and how long to wait before sending them again.
@@ -73,6 +75,9 @@ impl OutChannel {
                 break;
             }
             if let Some((seq, env)) = self.unacked.pop_front() {
+                if seq <= self.sent_upto {
+                    self.in_flight_bytes = self.in_flight_bytes.saturating_sub(env.len());
+                }
                 released(seq, &env);
                 n += 1;
             }
@@ -109,23 +114,36 @@ impl OutChannel {
     }
 
     /// Hands out the productions that may be sent now: unsent ones within
-    /// `window` of the oldest unacknowledged.
-    pub fn sendable(&mut self, window: usize, mut send: impl FnMut(u64, &Envelope)) {
+    /// `window` records of the oldest unacknowledged, while fewer than
+    /// `max_bytes` are in flight (one record always may go).
+    pub fn sendable(
+        &mut self,
+        window: usize,
+        max_bytes: usize,
+        mut send: impl FnMut(u64, &Envelope),
+    ) {
         let limit = self.acked + window as u64;
         let first = self.unacked.front().map_or(self.next_seq, |(s, _)| *s);
         let skip = (self.sent_upto + 1).saturating_sub(first) as usize;
         for (seq, env) in self.unacked.iter().skip(skip) {
-            if *seq > limit {
+            if *seq > limit || (self.in_flight_bytes >= max_bytes && self.sent_upto > self.acked) {
                 break;
             }
             send(*seq, env);
             self.sent_upto = *seq;
+            self.in_flight_bytes += env.len();
         }
     }
 
     /// Forgets what was sent, so everything unacknowledged is sent again.
     pub fn rewind(&mut self) {
         self.sent_upto = self.acked;
+        self.in_flight_bytes = 0;
+    }
+
+    /// Bytes sent and not yet acknowledged.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.in_flight_bytes
     }
 
     /// The highest sequence number acknowledged.
@@ -250,7 +268,7 @@ mod tests {
                 Step::Produce(n) => for _ in 0..*n { *produced += 1; out.push(env(*produced)); },
                 Step::Send { lose_every } => {
                     let mut i = 0u8;
-                    out.sendable(window, |seq, e| {
+                    out.sendable(window, usize::MAX, |seq, e| {
                         i = i.wrapping_add(1);
                         if *lose_every == 0 || !i.is_multiple_of(lose_every + 1) { wire.push((seq, e.clone())); }
                     });
@@ -303,18 +321,44 @@ mod tests {
             out.push(env(i));
         }
         let mut sent = Vec::new();
-        out.sendable(3, |s, _| sent.push(s));
+        out.sendable(3, usize::MAX, |s, _| sent.push(s));
         assert_eq!(sent, vec![1, 2, 3]);
-        out.sendable(3, |s, _| sent.push(s));
+        out.sendable(3, usize::MAX, |s, _| sent.push(s));
         assert_eq!(sent, vec![1, 2, 3], "nothing more until acked");
         assert_eq!(out.ack(2, |_, _| {}), 2);
-        out.sendable(3, |s, _| sent.push(s));
+        out.sendable(3, usize::MAX, |s, _| sent.push(s));
         assert_eq!(sent, vec![1, 2, 3, 4, 5]);
         assert_eq!(out.ack(1, |_, _| {}), 0, "stale ack releases nothing");
         out.rewind();
         let mut again = Vec::new();
-        out.sendable(3, |s, _| again.push(s));
+        out.sendable(3, usize::MAX, |s, _| again.push(s));
         assert_eq!(again, vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn bytes_in_flight_are_bounded() {
+        let mut out = OutChannel::new(1);
+        for i in 0..10 {
+            out.push(env(i));
+        }
+        let size = env(0).len();
+        let mut sent = Vec::new();
+        out.sendable(100, 3 * size, |s, _| sent.push(s));
+        assert_eq!(sent, vec![1, 2, 3], "stops at the byte bound");
+        assert_eq!(out.in_flight_bytes(), 3 * size);
+        out.ack(2, |_, _| {});
+        assert_eq!(out.in_flight_bytes(), size);
+        out.sendable(100, 3 * size, |s, _| sent.push(s));
+        assert_eq!(sent, vec![1, 2, 3, 4, 5]);
+        out.ack(5, |_, _| {});
+        let mut big = OutChannel::new(1);
+        big.push(env(1));
+        big.push(env(2));
+        let mut one = Vec::new();
+        big.sendable(100, 1, |s, _| one.push(s));
+        assert_eq!(one, vec![1], "one record always goes, even above the bound");
+        big.rewind();
+        assert_eq!(big.in_flight_bytes(), 0);
     }
 
     #[test]
@@ -326,22 +370,22 @@ mod tests {
         assert_eq!(out.retry_due(at(0), first, max), 0, "nothing in flight");
         out.push(env(1));
         out.push(env(2));
-        out.sendable(10, |_, _| {});
+        out.sendable(10, usize::MAX, |_, _| {});
         assert_eq!(out.retry_due(at(0), first, max), 0, "the wait starts");
         assert_eq!(out.retry_due(at(99), first, max), 0);
         assert_eq!(out.retry_due(at(100), first, max), 2, "both re-sent");
         assert!(out.has_unsent());
-        out.sendable(10, |_, _| {});
+        out.sendable(10, usize::MAX, |_, _| {});
         assert_eq!(
             out.retry_due(at(299), first, max),
             0,
             "backoff doubled to 200ms"
         );
         assert_eq!(out.retry_due(at(300), first, max), 2);
-        out.sendable(10, |_, _| {});
+        out.sendable(10, usize::MAX, |_, _| {});
         assert_eq!(out.retry_due(at(599), first, max), 0, "capped at 300ms");
         assert_eq!(out.retry_due(at(600), first, max), 2);
-        out.sendable(10, |_, _| {});
+        out.sendable(10, usize::MAX, |_, _| {});
         out.ack(1, |_, _| {});
         assert_eq!(
             out.retry_due(at(601), first, max),
@@ -363,7 +407,7 @@ mod tests {
         out.restore(6, env(6));
         out.restore(7, env(7));
         let mut sent = Vec::new();
-        out.sendable(10, |s, _| sent.push(s));
+        out.sendable(10, usize::MAX, |s, _| sent.push(s));
         assert_eq!(sent, vec![5, 6, 7]);
         assert_eq!(out.push(env(8)), 8);
     }

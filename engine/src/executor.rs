@@ -47,8 +47,38 @@ pub(crate) enum Msg {
     },
     /// The consumer of `ch` applied everything up to `upto`.
     Ack { ch: ChannelIdx, upto: u64 },
-    /// Shard `from`'s output watermark rose to `wm`.
-    Watermark { from: Sid, wm: i64 },
+    /// Shard `from`'s output watermark rose to `wm`. `counted` when it was
+    /// sent by an executor of this worker (and counted as in flight).
+    Watermark { from: Sid, wm: i64, counted: bool },
+    /// A connection to worker `worker` was (re)established: what was sent to
+    /// it may be lost, so send it all again.
+    PeerUp { worker: usize },
+}
+
+/// Where an executor's messages go: another executor of this worker, or the
+/// transport's queue for another worker.
+#[derive(Clone)]
+pub(crate) enum Outlet {
+    Local(Sender<Vec<Msg>>),
+    Remote(tokio::sync::mpsc::UnboundedSender<Vec<Msg>>),
+    /// This worker's own slot among the remote ones: never used.
+    None,
+}
+
+impl Outlet {
+    fn send(&self, msgs: Vec<Msg>) {
+        // A closed queue means the worker is shutting down (or the transport
+        // is gone); what was not delivered stays in the outbox.
+        match self {
+            Outlet::Local(tx) => {
+                let _ = tx.send(msgs);
+            }
+            Outlet::Remote(tx) => {
+                let _ = tx.send(msgs);
+            }
+            Outlet::None => {}
+        }
+    }
 }
 
 /// Proof that the current batch is durable. Only [`Executor::commit`] makes one.
@@ -69,13 +99,19 @@ const SOURCE_IDLE_PAUSE: (Duration, Duration) =
 
 pub(crate) struct Executor {
     id: usize,
+    /// This worker's index in the cluster (0 alone).
+    me: usize,
     plan: Arc<Plan>,
     store: Arc<Store>,
     shared: Arc<Shared>,
     inbox: Receiver<Vec<Msg>>,
-    peers: Vec<Sender<Vec<Msg>>>,
+    /// By destination: executors `0..threads` of this worker, then workers.
+    peers: Vec<Outlet>,
     shards: Vec<ShardRt>,
     local: HashMap<Sid, usize>,
+    /// Per local shard: the destinations its watermark goes to (local
+    /// executors, and each other worker once).
+    wm_dests: Vec<Vec<usize>>,
     /// For each upstream shard, the local shards (and upstream positions) it bounds.
     wm_subscribers: HashMap<Sid, Vec<(usize, usize)>>,
     node_metrics: Vec<NodeMetrics>,
@@ -96,17 +132,18 @@ pub(crate) struct Executor {
 impl Executor {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        id: usize,
+        (me, id): (usize, usize),
         plan: Arc<Plan>,
         store: Arc<Store>,
         shared: Arc<Shared>,
         inbox: Receiver<Vec<Msg>>,
-        peers: Vec<Sender<Vec<Msg>>>,
+        peers: Vec<Outlet>,
         node_metrics: Vec<NodeMetrics>,
     ) -> Self {
-        let threads = plan.threads;
+        let destinations = plan.threads + plan.workers;
         Executor {
             id,
+            me,
             plan,
             store,
             shared,
@@ -115,8 +152,9 @@ impl Executor {
             shards: Vec::new(),
             local: HashMap::new(),
             wm_subscribers: HashMap::new(),
+            wm_dests: Vec::new(),
             node_metrics,
-            outgoing: (0..threads).map(|_| Vec::new()).collect(),
+            outgoing: (0..destinations).map(|_| Vec::new()).collect(),
             emits: Vec::new(),
             acks: BTreeMap::new(),
             released: Vec::new(),
@@ -132,7 +170,7 @@ impl Executor {
         let plan = Arc::clone(&self.plan);
         let store = &*self.store;
         for (sid, spec) in plan.shards.iter().enumerate() {
-            if spec.executor != self.id {
+            if spec.worker != self.me || spec.executor != self.id {
                 continue;
             }
             let sid = sid as Sid;
@@ -264,6 +302,14 @@ impl Executor {
                     .unacked
                     .fetch_add(restored as i64, Ordering::SeqCst);
             }
+            let mut dests: Vec<usize> = spec
+                .downstream
+                .iter()
+                .map(|&(w, exec)| if w == self.me { exec } else { plan.threads + w })
+                .collect();
+            dests.sort_unstable();
+            dests.dedup();
+            self.wm_dests.push(dests);
             self.local.insert(sid, self.shards.len());
             self.shards.push(shard);
         }
@@ -374,8 +420,33 @@ impl Executor {
                         self.released_count += n as i64;
                     }
                 }
-                Msg::Watermark { from, wm } => {
-                    self.wm_msgs_seen += 1;
+                Msg::PeerUp { worker } => {
+                    let on = |sid: Sid| plan.shards[sid as usize].worker == worker;
+                    for shard in &mut self.shards {
+                        for (&ch, out) in shard.outs.iter_mut() {
+                            if on(plan.channels[ch as usize].dst) {
+                                out.rewind();
+                            }
+                        }
+                        for (&ch, input) in &shard.inputs {
+                            if on(plan.channels[ch as usize].src) {
+                                let a = self.acks.entry(ch).or_insert(0);
+                                *a = (*a).max(input.applied());
+                            }
+                        }
+                        if plan.shards[shard.sid as usize]
+                            .downstream
+                            .iter()
+                            .any(|(w, _)| *w == worker)
+                        {
+                            shard.wm_changed = true;
+                        }
+                    }
+                }
+                Msg::Watermark { from, wm, counted } => {
+                    if counted {
+                        self.wm_msgs_seen += 1;
+                    }
                     if let Some(subs) = self.wm_subscribers.get(&from) {
                         for &(i, pos) in subs {
                             let s = &mut self.shards[i];
@@ -615,18 +686,27 @@ impl Executor {
         let shared = &*self.shared;
         let plan = &*self.plan;
         let window = plan.topology.engine.channel_window;
+        let window_bytes = plan.topology.engine.channel_window_bytes;
         // Increments before decrements, so that the worker never sees the
         // graph empty while a commit's productions are on their way.
         shared
             .unacked
             .fetch_add(std::mem::take(&mut self.produced_count), Ordering::SeqCst);
+        let dest = |sid: Sid| {
+            let s = &plan.shards[sid as usize];
+            if s.worker == self.me {
+                s.executor
+            } else {
+                plan.threads + s.worker
+            }
+        };
         for (ch, upto) in std::mem::take(&mut self.acks) {
             let src = plan.channels[ch as usize].src;
-            self.outgoing[plan.shards[src as usize].executor].push(Msg::Ack { ch, upto });
+            self.outgoing[dest(src)].push(Msg::Ack { ch, upto });
         }
         let mut wm_sent = 0;
         let now = Instant::now();
-        for shard in &mut self.shards {
+        for (i, shard) in self.shards.iter_mut().enumerate() {
             let metrics = &self.node_metrics[shard.node];
             for (&ch, out) in shard.outs.iter_mut() {
                 let retried = out.retry_due(now, RETRY_BACKOFF.0, RETRY_BACKOFF.1);
@@ -635,8 +715,8 @@ impl Executor {
                 }
                 if out.has_unsent() {
                     let dst = plan.channels[ch as usize].dst;
-                    let q = &mut self.outgoing[plan.shards[dst as usize].executor];
-                    out.sendable(window, |seq, env| {
+                    let q = &mut self.outgoing[dest(dst)];
+                    out.sendable(window, window_bytes, |seq, env| {
                         q.push(Msg::Deliver {
                             ch,
                             seq,
@@ -646,12 +726,14 @@ impl Executor {
                 }
             }
             if std::mem::take(&mut shard.wm_changed) {
-                for &exec in &plan.shards[shard.sid as usize].downstream_executors {
-                    self.outgoing[exec].push(Msg::Watermark {
+                for &to in &self.wm_dests[i] {
+                    let counted = to < plan.threads;
+                    self.outgoing[to].push(Msg::Watermark {
                         from: shard.sid,
                         wm: shard.output_wm,
+                        counted,
                     });
-                    wm_sent += 1;
+                    wm_sent += i64::from(counted);
                 }
             }
             shared.shard_backlog[shard.sid as usize].store(shard.backlog as i64, Ordering::Relaxed);
@@ -667,11 +749,9 @@ impl Executor {
             }
         }
         shared.wm_inflight.fetch_add(wm_sent, Ordering::SeqCst);
-        for (exec, q) in self.outgoing.iter_mut().enumerate() {
+        for (to, q) in self.outgoing.iter_mut().enumerate() {
             if !q.is_empty() {
-                // A closed inbox means the worker is shutting down; what was not
-                // delivered stays in the outbox.
-                let _ = self.peers[exec].send(std::mem::take(q));
+                self.peers[to].send(std::mem::take(q));
             }
         }
         shared

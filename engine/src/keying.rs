@@ -7,16 +7,22 @@ use millrace_config::KeyExtractor;
 /// state on disk is laid out by it (FNV-1a 64, then a multiply-shift range
 /// reduction).
 pub fn shard_of(key: &[u8], shards: u32) -> u32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in key {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let mut h = fnv1a(key);
     // Final avalanche so that short keys spread over all shards.
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;
     ((u128::from(h) * u128::from(shards)) >> 64) as u32
+}
+
+/// FNV-1a 64 of `bytes`.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 /// Applies a consumer's key extractor to a record. Errors say what is missing.

@@ -19,6 +19,7 @@ mod executor;
 mod inspect;
 mod keying;
 mod metrics;
+pub mod net;
 mod plan;
 mod record;
 mod registry;
@@ -37,7 +38,7 @@ pub use metrics::Metrics;
 pub use plan::{shard_prefix, Plan, ERRORS_PORT};
 pub use record::{now_micros, Envelope, EventTime, Record, TimeDomain, Timer, MAX_TIME, MIN_TIME};
 pub use registry::{ComputationFactory, MakeComputation, Registry, SinkFactory, SourceFactory};
-pub use worker::{ComponentStatus, Worker, WorkerOptions};
+pub use worker::{data_dir_of, ComponentStatus, Worker, WorkerOptions};
 
 /// Why the engine stopped.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +64,9 @@ pub enum EngineError {
     /// A thread could not be started or panicked.
     #[error("executor thread: {0}")]
     Thread(String),
+    /// The cluster transport could not start.
+    #[error("cluster: {0}")]
+    Network(String),
     /// An executor stopped with this error.
     #[error("worker stopped: {0}")]
     Fatal(String),

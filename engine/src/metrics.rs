@@ -42,6 +42,22 @@ pub struct Metrics {
     pub rocksdb_bytes: IntGauge,
     /// Fatal errors that stopped the worker.
     pub fatal_errors: IntCounter,
+    /// Cluster connections: frames that failed to decode or broke the protocol.
+    pub net_bad_frames: IntCounterVec,
+    /// Handshakes refused, by reason (`secret`, `epoch`, `topology`, `worker`, `by-peer`).
+    pub net_refused: IntCounterVec,
+    /// Connections established, by peer worker.
+    pub net_connects: IntCounterVec,
+    /// Connections lost, by peer worker.
+    pub net_disconnects: IntCounterVec,
+    /// Records sent to another worker.
+    pub net_records_sent: IntCounterVec,
+    /// Bytes written to another worker.
+    pub net_bytes_sent: IntCounterVec,
+    /// Records received from another worker.
+    pub net_records_received: IntCounterVec,
+    /// 1 while the connection to a peer is up.
+    pub net_peer_up: IntGaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -65,6 +81,12 @@ impl Metrics {
             reg(
                 &r,
                 IntGaugeVec::new(Opts::new(name, help), &["component"]).expect("valid metric"),
+            )
+        };
+        let peer_counter = |name: &str, help: &str, label: &str| {
+            reg(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"),
             )
         };
         let latency_buckets = prometheus::exponential_buckets(0.000_05, 2.0, 18).expect("buckets");
@@ -158,6 +180,52 @@ impl Metrics {
                 IntCounter::new(
                     "millrace_fatal_errors_total",
                     "Errors that stopped the worker.",
+                )
+                .expect("valid metric"),
+            ),
+            net_bad_frames: peer_counter(
+                "millrace_net_bad_frames_total",
+                "Frames from another worker with a bad length, checksum or content; each closes its connection.",
+                "peer",
+            ),
+            net_refused: peer_counter(
+                "millrace_net_refused_total",
+                "Cluster handshakes refused, by reason.",
+                "reason",
+            ),
+            net_connects: peer_counter(
+                "millrace_net_connects_total",
+                "Connections to another worker established.",
+                "peer",
+            ),
+            net_disconnects: peer_counter(
+                "millrace_net_disconnects_total",
+                "Connections to another worker lost.",
+                "peer",
+            ),
+            net_records_sent: peer_counter(
+                "millrace_net_records_sent_total",
+                "Records sent to another worker (re-sends included).",
+                "peer",
+            ),
+            net_bytes_sent: peer_counter(
+                "millrace_net_bytes_sent_total",
+                "Bytes written to another worker.",
+                "peer",
+            ),
+            net_records_received: peer_counter(
+                "millrace_net_records_received_total",
+                "Records received from another worker (duplicates included).",
+                "peer",
+            ),
+            net_peer_up: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "millrace_net_peer_up",
+                        "1 while the connection to a peer worker is up.",
+                    ),
+                    &["peer"],
                 )
                 .expect("valid metric"),
             ),

@@ -90,7 +90,9 @@ pub struct ShardSpec {
     pub node: NodeIdx,
     /// Its number within the node.
     pub shard: u32,
-    /// The executor thread that runs it.
+    /// The worker (index in `[cluster] workers`; 0 without a cluster) that owns it.
+    pub worker: usize,
+    /// The executor thread of its worker that runs it.
     pub executor: usize,
     /// Storage key prefix `(component, shard)`.
     pub prefix: Vec<u8>,
@@ -98,8 +100,8 @@ pub struct ShardSpec {
     pub in_channels: Vec<ChannelIdx>,
     /// Shards whose watermarks bound this one's input watermark.
     pub upstream: Vec<Sid>,
-    /// Executors that host a consumer of this shard's outputs.
-    pub downstream_executors: Vec<usize>,
+    /// `(worker, executor)` pairs that host a consumer of this shard's outputs.
+    pub downstream: Vec<(usize, usize)>,
 }
 
 /// One producer shard -> consumer shard pair of an edge.
@@ -142,6 +144,8 @@ pub struct Plan {
     pub channels: Vec<ChannelSpec>,
     /// Executor threads.
     pub threads: usize,
+    /// Workers sharing the shards (1 without a cluster).
+    pub workers: usize,
 }
 
 /// The key prefix of a component's shard: every key of that shard starts with it.
@@ -153,6 +157,7 @@ impl Plan {
     /// Builds the plan, calling each kind's factory to check its options.
     pub fn build(topology: Topology, registry: &Registry) -> Result<Plan, ConfigError> {
         let threads = topology.engine.threads;
+        let workers = topology.cluster.as_ref().map_or(1, |c| c.workers.len());
         let mut nodes: Vec<Node> = Vec::new();
         let mut index: HashMap<String, NodeIdx> = HashMap::new();
         let mut next_sid: Sid = 0;
@@ -241,11 +246,14 @@ impl Plan {
                 shards.push(ShardSpec {
                     node: n,
                     shard: s,
-                    executor: sid as usize % threads,
+                    // Shards are dealt round-robin to workers, then each
+                    // worker's to its executors.
+                    worker: sid as usize % workers,
+                    executor: (sid as usize / workers) % threads,
                     prefix: shard_prefix(&node.name, s),
                     in_channels: Vec::new(),
                     upstream: Vec::new(),
-                    downstream_executors: Vec::new(),
+                    downstream: Vec::new(),
                 });
             }
         }
@@ -283,9 +291,9 @@ impl Plan {
                     if !shards[dst as usize].upstream.contains(&src) {
                         shards[dst as usize].upstream.push(src);
                     }
-                    let exec = shards[dst as usize].executor;
-                    if !shards[src as usize].downstream_executors.contains(&exec) {
-                        shards[src as usize].downstream_executors.push(exec);
+                    let at = (shards[dst as usize].worker, shards[dst as usize].executor);
+                    if !shards[src as usize].downstream.contains(&at) {
+                        shards[src as usize].downstream.push(at);
                     }
                 }
             }
@@ -297,7 +305,30 @@ impl Plan {
             shards,
             channels,
             threads,
+            workers,
         })
+    }
+
+    /// A fingerprint of what workers must agree on: components, shards,
+    /// edges and the worker list. Two workers with different fingerprints
+    /// refuse each other.
+    pub fn fingerprint(&self) -> u64 {
+        let mut text = String::new();
+        for n in &self.nodes {
+            text.push_str(&format!(
+                "{}:{}:{}:{};",
+                n.name, n.kind, n.shards, n.first_sid
+            ));
+        }
+        for e in &self.edges {
+            text.push_str(&format!("{}@{};", e.name, e.channel_base));
+        }
+        if let Some(c) = &self.topology.cluster {
+            for w in &c.workers {
+                text.push_str(&format!("{}={};", w.id, w.address));
+            }
+        }
+        crate::keying::fnv1a(text.as_bytes())
     }
 
     /// The channel from producer shard `src_shard` to consumer shard `dst_shard` of `edge`.

@@ -1,8 +1,9 @@
 //! One worker process: opens the store, starts the executor threads, and
 //! knows when a bounded topology is finished or a drain is complete.
 
-use crate::executor::{Executor, Msg};
+use crate::executor::{Executor, Msg, Outlet};
 use crate::metrics::{Metrics, NodeMetrics};
+use crate::net::{Transport, TransportConfig};
 use crate::plan::Plan;
 use crate::registry::Registry;
 use crate::EngineError;
@@ -57,8 +58,35 @@ impl Shared {
 /// How the worker runs beyond the topology file.
 #[derive(Debug, Clone, Default)]
 pub struct WorkerOptions {
-    /// Overrides `[service] data_dir`.
+    /// Overrides `[service] data_dir` (and a cluster worker's own `data_dir`).
     pub data_dir: Option<std::path::PathBuf>,
+    /// Which `[[cluster.workers]]` entry this process is; required with a `[cluster]`.
+    pub worker: Option<String>,
+    /// Address to listen on for other workers, when it differs from the
+    /// worker's `address` (behind a proxy or NAT).
+    pub listen: Option<String>,
+}
+
+/// Where a worker of `topology` keeps its data: `data_dir` if given, else its
+/// `[[cluster.workers]]` entry's, else `[service] data_dir` (joined with the
+/// worker id in a cluster).
+pub fn data_dir_of(
+    topology: &Topology,
+    worker: Option<&str>,
+    data_dir: Option<&std::path::Path>,
+) -> std::path::PathBuf {
+    if let Some(d) = data_dir {
+        return d.to_path_buf();
+    }
+    match (topology.cluster.as_ref(), worker) {
+        (Some(c), Some(id)) => c
+            .workers
+            .iter()
+            .find(|w| w.id == id)
+            .and_then(|w| w.data_dir.clone())
+            .unwrap_or_else(|| topology.service.data_dir.join(id)),
+        _ => topology.service.data_dir.clone(),
+    }
 }
 
 /// Per-component figures for `/status` and the operator tools.
@@ -98,6 +126,8 @@ pub struct Worker {
     started: Instant,
     recovered: i64,
     recovered_positions: Vec<(String, String)>,
+    /// The links to the other workers of a cluster.
+    transport: Option<Transport>,
 }
 
 impl Worker {
@@ -109,10 +139,31 @@ impl Worker {
         opts: WorkerOptions,
         metrics: Arc<Metrics>,
     ) -> Result<Worker, EngineError> {
-        let data_dir = opts
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| topology.service.data_dir.clone());
+        let me = match (&topology.cluster, opts.worker.as_deref()) {
+            (None, None) => 0,
+            (None, Some(id)) => {
+                return Err(EngineError::Layout(format!(
+                    "--worker {id} given, but the topology has no [cluster]"
+                )))
+            }
+            (Some(_), None) => {
+                return Err(EngineError::Layout(
+                    "the topology has a [cluster]: say which worker this is with --worker ID"
+                        .into(),
+                ))
+            }
+            (Some(c), Some(id)) => c.index_of(id).ok_or_else(|| {
+                EngineError::Layout(format!(
+                    "worker `{id}` is not in [cluster] workers ({})",
+                    c.workers
+                        .iter()
+                        .map(|w| w.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?,
+        };
+        let data_dir = data_dir_of(&topology, opts.worker.as_deref(), opts.data_dir.as_deref());
         let durability = match topology.engine.durability {
             Durability::Process => millrace_storage::Durability::Process,
             Durability::Machine => millrace_storage::Durability::Machine,
@@ -125,7 +176,8 @@ impl Worker {
                 ..StoreOptions::default()
             },
         )?);
-        check_layout(&store, &plan)?;
+        check_layout(&store, &plan, me)?;
+        let epochs = bump_epochs(&store, &plan, me)?;
         let n = plan.shards.len();
         let atomics = |v: i64| (0..n).map(|_| AtomicI64::new(v)).collect::<Vec<_>>();
         let shared = Arc::new(Shared {
@@ -152,15 +204,53 @@ impl Worker {
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..plan.threads)
             .map(|_| crossbeam_channel::unbounded::<Vec<Msg>>())
             .unzip();
+        let mut outlets: Vec<Outlet> = senders.iter().cloned().map(Outlet::Local).collect();
+        let transport = match &plan.topology.cluster {
+            None => None,
+            Some(cluster) => {
+                let listen = opts
+                    .listen
+                    .clone()
+                    .unwrap_or_else(|| cluster.workers[me].address.clone());
+                let secret = std::env::var("MILLRACE_CLUSTER_SECRET")
+                    .ok()
+                    .or_else(|| cluster.secret.clone());
+                if secret.is_none() {
+                    tracing::warn!(
+                        "the cluster has no secret ([cluster] secret or MILLRACE_CLUSTER_SECRET): \
+                         any process that reaches {listen} can join"
+                    );
+                }
+                let (t, remote) = Transport::start(TransportConfig {
+                    plan: Arc::clone(&plan),
+                    me,
+                    listen: listen.clone(),
+                    secret: secret.unwrap_or_default().into_bytes(),
+                    epochs,
+                    inboxes: senders.clone(),
+                    shared: Arc::clone(&shared),
+                    store: Arc::clone(&store),
+                })
+                .map_err(|e| EngineError::Network(format!("listening on {listen}: {e}")))?;
+                for (w, tx) in remote.into_iter().enumerate() {
+                    outlets.push(if w == me {
+                        Outlet::None
+                    } else {
+                        Outlet::Remote(tx)
+                    });
+                }
+                Some(t)
+            }
+        };
         let mut executors = Vec::new();
         for (id, inbox) in receivers.into_iter().enumerate() {
             let mut ex = Executor::new(
-                id,
+                (me, id),
                 Arc::clone(&plan),
                 Arc::clone(&store),
                 Arc::clone(&shared),
                 inbox,
-                senders.clone(),
+                outlets.clone(),
                 node_metrics.clone(),
             );
             ex.recover()?;
@@ -168,7 +258,9 @@ impl Worker {
         }
         let recovered = shared.unacked.load(Ordering::SeqCst);
         let mut recovered_positions = Vec::new();
-        for node in plan.nodes.iter().filter(|n| n.role != Role::Computation) {
+        for node in plan.nodes.iter().filter(|n| {
+            n.role != Role::Computation && plan.shards[n.first_sid as usize].worker == me
+        }) {
             let key = crate::shard::position_key(&plan.shards[node.first_sid as usize].prefix);
             if let Some(v) = store.get(Cf::Meta, &key)? {
                 recovered_positions.push((node.name.clone(), crate::shard::printable_position(&v)));
@@ -201,13 +293,27 @@ impl Worker {
             started: Instant::now(),
             recovered,
             recovered_positions,
+            transport,
         })
     }
 
     /// Whether all sources are exhausted and everything they produced has
     /// been delivered and committed by the sinks.
+    ///
+    /// In a cluster: when every worker's shards have their output watermark at
+    /// the end of time, and the other workers know it (see `net`).
     pub fn finished(&self) -> bool {
-        self.shared.sources_live.load(Ordering::SeqCst) == 0 && self.shared.drained()
+        match &self.transport {
+            Some(t) => t.finished(),
+            None => self.shared.sources_live.load(Ordering::SeqCst) == 0 && self.shared.drained(),
+        }
+    }
+
+    /// In a cluster: each other worker's id and whether its connection is up.
+    pub fn peers(&self) -> Vec<(String, bool)> {
+        self.transport
+            .as_ref()
+            .map_or_else(Vec::new, |t| t.peers_up())
     }
 
     /// Blocks until [`Worker::finished`], a fatal error, or `timeout`.
@@ -245,6 +351,7 @@ impl Worker {
     /// Makes the executors commit one last time and stop; returns the first error.
     pub fn shutdown(self) -> Result<(), EngineError> {
         self.shared.halt.store(true, Ordering::SeqCst);
+        drop(self.transport);
         let mut first = None;
         for t in self.threads {
             match t.join() {
@@ -378,9 +485,60 @@ impl Worker {
     }
 }
 
+/// Raises the epoch of every shard this worker owns, durably, before it
+/// talks to anyone: a copy of an older incarnation (a zombie) is behind.
+fn bump_epochs(store: &Store, plan: &Plan, me: usize) -> Result<Vec<(u32, u64)>, EngineError> {
+    let mut epochs = Vec::new();
+    let mut b = store.batch();
+    for (sid, spec) in plan
+        .shards
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.worker == me)
+    {
+        let key = crate::net::epoch_key(&spec.prefix);
+        let e = store
+            .get(Cf::Meta, &key)?
+            .as_deref()
+            .and_then(crate::shard::read_u64)
+            .unwrap_or(0)
+            + 1;
+        b.put(Cf::Meta, &key, &e.to_be_bytes());
+        epochs.push((sid as u32, e));
+    }
+    store.commit(b)?;
+    Ok(epochs)
+}
+
 /// The shard count decides where every key's state lives; refuse to start on
 /// data laid out for another count.
-fn check_layout(store: &Store, plan: &Plan) -> Result<(), EngineError> {
+fn check_layout(store: &Store, plan: &Plan, me: usize) -> Result<(), EngineError> {
+    // Which shards live here follows from the worker count and index.
+    let key = KeyWriter::new().str("").str("cluster").finish();
+    let want = [
+        (plan.workers as u32).to_be_bytes(),
+        (me as u32).to_be_bytes(),
+    ]
+    .concat();
+    match store.get(Cf::Meta, &key)? {
+        Some(had) if had != want => {
+            let n = |b: &[u8]| b.try_into().map(u32::from_be_bytes).unwrap_or(0);
+            return Err(EngineError::Layout(format!(
+                "{} holds the shards of worker {} of {}; this is worker {me} of {}. \
+                 Start each worker on its own data_dir, with the same [cluster] list",
+                store.path().display(),
+                n(&had[4..]),
+                n(&had[..4.min(had.len())]),
+                plan.workers
+            )));
+        }
+        Some(_) => {}
+        None => {
+            let mut b = store.batch();
+            b.put(Cf::Meta, &key, &want);
+            store.commit(b)?;
+        }
+    }
     let key = KeyWriter::new().str("").str("shards").finish();
     let want = plan.topology.engine.shards;
     match store.get(Cf::Meta, &key)? {

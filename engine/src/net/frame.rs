@@ -1,0 +1,452 @@
+//! The wire format between workers: `length u32 | crc32 u32 | kind u8 | payload`,
+//! big-endian, where `length` counts the kind byte and the payload and the
+//! CRC-32 covers them. A frame with a bad length, checksum, kind or payload is
+//! an error for the connection that carried it (it is closed and counted); the
+//! decoder never panics on any input.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// Header bytes before the kind: length and checksum.
+pub const HEADER_LEN: usize = 8;
+/// The largest `length` accepted (kind + payload).
+pub const MAX_FRAME: usize = 16 << 20;
+/// Length of a handshake MAC (HMAC-SHA256).
+pub const MAC_LEN: usize = 32;
+
+/// One message between two workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// First frame, from the accepting worker: who it is, its shard epochs,
+    /// and a nonce the dialer must sign.
+    Challenge(Greeting),
+    /// The dialer's answer: who it is, its epochs, its own nonce, and the MAC
+    /// over the acceptor's nonce.
+    Hello(Greeting),
+    /// The acceptor took the dialer; `mac` signs the dialer's nonce.
+    Welcome {
+        /// HMAC-SHA256 of the dialer's nonce and the acceptor's greeting.
+        mac: [u8; MAC_LEN],
+    },
+    /// The acceptor refused the dialer (then closes the connection).
+    Refused {
+        /// Why, for the dialer's log.
+        reason: String,
+    },
+    /// Production `seq` of channel `ch`, an encoded [`crate::Envelope`].
+    Deliver {
+        /// Plan channel index.
+        ch: u32,
+        /// Sequence number within the channel.
+        seq: u64,
+        /// The record.
+        env: Bytes,
+    },
+    /// The consumer of `ch` applied (and committed) everything up to `upto`.
+    Ack {
+        /// Plan channel index.
+        ch: u32,
+        /// Highest applied sequence number.
+        upto: u64,
+    },
+    /// Shard `from`'s output watermark rose to `wm`.
+    Watermark {
+        /// Plan shard index.
+        from: u32,
+        /// Microseconds since the epoch.
+        wm: i64,
+    },
+    /// Periodic liveness and completion report.
+    Status {
+        /// Every shard of the sender has its output watermark at the end of time.
+        done: bool,
+        /// The sender has seen every worker done and will exit.
+        finished: bool,
+    },
+}
+
+/// What a worker says about itself in a handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Greeting {
+    /// The sender's worker id.
+    pub worker: String,
+    /// Fingerprint of the sender's plan; both sides must run the same topology.
+    pub topology: u64,
+    /// `(shard, epoch)` of every shard the sender owns.
+    pub epochs: Vec<(u32, u64)>,
+    /// Random number the other side signs.
+    pub nonce: u64,
+    /// In a `Hello`: HMAC-SHA256 over the acceptor's nonce and this greeting.
+    /// All zeros in a `Challenge`.
+    pub mac: [u8; MAC_LEN],
+}
+
+/// Why bytes could not be decoded as a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The length field is zero or above [`MAX_FRAME`].
+    #[error("bad frame length {0}")]
+    BadLength(u32),
+    /// The CRC-32 does not match.
+    #[error("frame checksum mismatch (expected {expected:#010x}, got {got:#010x})")]
+    BadChecksum {
+        /// As computed over the received bytes.
+        expected: u32,
+        /// As the frame said.
+        got: u32,
+    },
+    /// Unknown kind byte.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// The payload does not have the shape of its kind.
+    #[error("malformed {kind} frame: {what}")]
+    Malformed {
+        /// The frame kind.
+        kind: &'static str,
+        /// What is wrong.
+        what: &'static str,
+    },
+}
+
+const CHALLENGE: u8 = 1;
+const HELLO: u8 = 2;
+const WELCOME: u8 = 3;
+const REFUSED: u8 = 4;
+const DELIVER: u8 = 5;
+const ACK: u8 = 6;
+const WATERMARK: u8 = 7;
+const STATUS: u8 = 8;
+
+impl Frame {
+    fn kind(&self) -> u8 {
+        match self {
+            Frame::Challenge(_) => CHALLENGE,
+            Frame::Hello(_) => HELLO,
+            Frame::Welcome { .. } => WELCOME,
+            Frame::Refused { .. } => REFUSED,
+            Frame::Deliver { .. } => DELIVER,
+            Frame::Ack { .. } => ACK,
+            Frame::Watermark { .. } => WATERMARK,
+            Frame::Status { .. } => STATUS,
+        }
+    }
+
+    /// Appends this frame to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let start = out.len();
+        out.put_u32(0);
+        out.put_u32(0);
+        out.put_u8(self.kind());
+        match self {
+            Frame::Challenge(g) | Frame::Hello(g) => {
+                put_str(out, &g.worker);
+                out.put_u64(g.topology);
+                out.put_u32(g.epochs.len() as u32);
+                for (shard, epoch) in &g.epochs {
+                    out.put_u32(*shard);
+                    out.put_u64(*epoch);
+                }
+                out.put_u64(g.nonce);
+                out.put_slice(&g.mac);
+            }
+            Frame::Welcome { mac } => out.put_slice(mac),
+            Frame::Refused { reason } => put_str(out, reason),
+            Frame::Deliver { ch, seq, env } => {
+                out.put_u32(*ch);
+                out.put_u64(*seq);
+                out.put_slice(env);
+            }
+            Frame::Ack { ch, upto } => {
+                out.put_u32(*ch);
+                out.put_u64(*upto);
+            }
+            Frame::Watermark { from, wm } => {
+                out.put_u32(*from);
+                out.put_i64(*wm);
+            }
+            Frame::Status { done, finished } => {
+                out.put_u8(u8::from(*done) | u8::from(*finished) << 1)
+            }
+        }
+        let body = &out[start + HEADER_LEN..];
+        let len = body.len() as u32;
+        let crc = crc32fast::hash(body);
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+        out[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
+    }
+
+    /// Takes one whole frame off the front of `buf`: `Ok(None)` until enough
+    /// bytes have arrived; an error for bytes that can never be a frame (the
+    /// connection must then be dropped: the stream has lost its framing).
+    pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        if buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        if len == 0 || len as usize > MAX_FRAME {
+            return Err(FrameError::BadLength(len));
+        }
+        let total = HEADER_LEN + len as usize;
+        if buf.len() < total {
+            buf.reserve(total - buf.len());
+            return Ok(None);
+        }
+        let got = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+        let expected = crc32fast::hash(&buf[HEADER_LEN..total]);
+        if got != expected {
+            return Err(FrameError::BadChecksum { expected, got });
+        }
+        let mut body = buf.split_to(total).freeze();
+        body.advance(HEADER_LEN);
+        let kind = body.get_u8();
+        parse(kind, body).map(Some)
+    }
+}
+
+fn put_str(out: &mut BytesMut, s: &str) {
+    out.put_u32(s.len() as u32);
+    out.put_slice(s.as_bytes());
+}
+
+/// A cursor over a payload that reports a short payload as an error.
+struct Payload {
+    b: Bytes,
+    kind: &'static str,
+}
+
+impl Payload {
+    fn need(&self, n: usize) -> Result<(), FrameError> {
+        if self.b.remaining() < n {
+            Err(self.bad("shorter than its fields"))
+        } else {
+            Ok(())
+        }
+    }
+    fn bad(&self, what: &'static str) -> FrameError {
+        FrameError::Malformed {
+            kind: self.kind,
+            what,
+        }
+    }
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        self.need(1)?;
+        Ok(self.b.get_u8())
+    }
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        self.need(4)?;
+        Ok(self.b.get_u32())
+    }
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        self.need(8)?;
+        Ok(self.b.get_u64())
+    }
+    fn i64(&mut self) -> Result<i64, FrameError> {
+        self.need(8)?;
+        Ok(self.b.get_i64())
+    }
+    fn mac(&mut self) -> Result<[u8; MAC_LEN], FrameError> {
+        self.need(MAC_LEN)?;
+        let mut m = [0; MAC_LEN];
+        self.b.copy_to_slice(&mut m);
+        Ok(m)
+    }
+    fn string(&mut self) -> Result<String, FrameError> {
+        let n = self.u32()? as usize;
+        self.need(n)?;
+        String::from_utf8(self.b.split_to(n).to_vec()).map_err(|_| self.bad("text is not UTF-8"))
+    }
+    fn end<T>(self, v: T) -> Result<T, FrameError> {
+        if self.b.has_remaining() {
+            Err(self.bad("bytes past its fields"))
+        } else {
+            Ok(v)
+        }
+    }
+}
+
+fn parse(kind: u8, body: Bytes) -> Result<Frame, FrameError> {
+    let name = match kind {
+        CHALLENGE => "challenge",
+        HELLO => "hello",
+        WELCOME => "welcome",
+        REFUSED => "refused",
+        DELIVER => "deliver",
+        ACK => "ack",
+        WATERMARK => "watermark",
+        STATUS => "status",
+        other => return Err(FrameError::UnknownKind(other)),
+    };
+    let mut p = Payload {
+        b: body,
+        kind: name,
+    };
+    match kind {
+        CHALLENGE | HELLO => {
+            let worker = p.string()?;
+            let topology = p.u64()?;
+            let n = p.u32()? as usize;
+            // Each entry is 12 bytes: refuse a count the payload cannot hold
+            // before allocating for it.
+            p.need(n.saturating_mul(12))?;
+            let mut epochs = Vec::with_capacity(n);
+            for _ in 0..n {
+                epochs.push((p.u32()?, p.u64()?));
+            }
+            let g = Greeting {
+                worker,
+                topology,
+                epochs,
+                nonce: p.u64()?,
+                mac: p.mac()?,
+            };
+            p.end(if kind == CHALLENGE {
+                Frame::Challenge(g)
+            } else {
+                Frame::Hello(g)
+            })
+        }
+        WELCOME => {
+            let mac = p.mac()?;
+            p.end(Frame::Welcome { mac })
+        }
+        REFUSED => {
+            let reason = p.string()?;
+            p.end(Frame::Refused { reason })
+        }
+        DELIVER => {
+            let ch = p.u32()?;
+            let seq = p.u64()?;
+            let env = std::mem::take(&mut p.b);
+            crate::Envelope::from_bytes(env.clone()).map_err(|_| p.bad("record envelope"))?;
+            Ok(Frame::Deliver { ch, seq, env })
+        }
+        ACK => {
+            let (ch, upto) = (p.u32()?, p.u64()?);
+            p.end(Frame::Ack { ch, upto })
+        }
+        WATERMARK => {
+            let (from, wm) = (p.u32()?, p.i64()?);
+            p.end(Frame::Watermark { from, wm })
+        }
+        _ => {
+            let flags = p.u8()?;
+            if flags > 3 {
+                return Err(p.bad("unknown flags"));
+            }
+            p.end(Frame::Status {
+                done: flags & 1 != 0,
+                finished: flags & 2 != 0,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn greeting() -> impl Strategy<Value = Greeting> {
+        (
+            "[a-z0-9-]{0,12}",
+            any::<u64>(),
+            proptest::collection::vec((any::<u32>(), any::<u64>()), 0..6),
+            any::<u64>(),
+            any::<[u8; MAC_LEN]>(),
+        )
+            .prop_map(|(worker, topology, epochs, nonce, mac)| Greeting {
+                worker,
+                topology,
+                epochs,
+                nonce,
+                mac,
+            })
+    }
+
+    fn frame() -> impl Strategy<Value = Frame> {
+        let env = (
+            proptest::collection::vec(any::<u8>(), 0..24),
+            proptest::collection::vec(any::<u8>(), 0..64),
+            any::<i64>(),
+            any::<i64>(),
+        )
+            .prop_map(|(k, v, ts, ing)| crate::Envelope::encode(&k, &v, ts, ing).0);
+        prop_oneof![
+            greeting().prop_map(Frame::Challenge),
+            greeting().prop_map(Frame::Hello),
+            any::<[u8; MAC_LEN]>().prop_map(|mac| Frame::Welcome { mac }),
+            ".{0,40}".prop_map(|reason| Frame::Refused { reason }),
+            (any::<u32>(), any::<u64>(), env).prop_map(|(ch, seq, env)| Frame::Deliver {
+                ch,
+                seq,
+                env
+            }),
+            (any::<u32>(), any::<u64>()).prop_map(|(ch, upto)| Frame::Ack { ch, upto }),
+            (any::<u32>(), any::<i64>()).prop_map(|(from, wm)| Frame::Watermark { from, wm }),
+            (any::<bool>(), any::<bool>())
+                .prop_map(|(done, finished)| Frame::Status { done, finished }),
+        ]
+    }
+
+    proptest! {
+        /// decode(encode(x)) == x, for a stream of frames cut at any point.
+        #[test]
+        fn frames_round_trip(frames in proptest::collection::vec(frame(), 1..8), cut in any::<prop::sample::Index>()) {
+            let mut wire = BytesMut::new();
+            for f in &frames {
+                f.encode(&mut wire);
+            }
+            let wire = wire.freeze();
+            let cut = cut.index(wire.len() + 1);
+            let mut buf = BytesMut::from(&wire[..cut]);
+            let mut got = Vec::new();
+            while let Some(f) = Frame::decode(&mut buf).unwrap() {
+                got.push(f);
+            }
+            buf.extend_from_slice(&wire[cut..]);
+            while let Some(f) = Frame::decode(&mut buf).unwrap() {
+                got.push(f);
+            }
+            prop_assert_eq!(got, frames);
+            prop_assert!(buf.is_empty());
+        }
+
+        /// Arbitrary bytes give frames or errors, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = Frame::decode(&mut buf) {}
+        }
+
+        /// Any flipped bit in a frame is caught (by the length or the checksum).
+        #[test]
+        fn a_flipped_bit_is_caught(f in frame(), bit in any::<prop::sample::Index>()) {
+            let mut wire = BytesMut::new();
+            f.encode(&mut wire);
+            let bit = bit.index(wire.len() * 8);
+            wire[bit / 8] ^= 1 << (bit % 8);
+            let mut buf = wire.clone();
+            match Frame::decode(&mut buf) {
+                Err(_) | Ok(None) => {}
+                Ok(Some(g)) => prop_assert!(false, "corrupt frame decoded as {:?}", g),
+            }
+        }
+    }
+
+    #[test]
+    fn bad_length_and_checksum_are_errors() {
+        let mut buf = BytesMut::from(&[0u8, 0, 0, 0, 0, 0, 0, 0, 1][..]);
+        assert_eq!(Frame::decode(&mut buf), Err(FrameError::BadLength(0)));
+        let mut buf = BytesMut::from(&[0xffu8, 0, 0, 0, 0, 0, 0, 0][..]);
+        assert!(matches!(
+            Frame::decode(&mut buf),
+            Err(FrameError::BadLength(_))
+        ));
+        let mut wire = BytesMut::new();
+        Frame::Ack { ch: 1, upto: 2 }.encode(&mut wire);
+        wire[5] ^= 1;
+        assert!(matches!(
+            Frame::decode(&mut wire),
+            Err(FrameError::BadChecksum { .. })
+        ));
+    }
+}
