@@ -253,3 +253,92 @@ pub fn lines(p: &Path) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+pub mod proxy;
+
+/// One value of a Prometheus series from a worker's `/metrics`, e.g.
+/// `millrace_net_refused_total{reason="secret"}`; None when absent.
+pub fn metric(http: &str, series: &str) -> Option<f64> {
+    let (_, body) = http_get(http, "/metrics")?;
+    body.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// A cluster of workers on 127.0.0.1 for tests: ids `w0`, `w1`, ...; each
+/// worker's address, real listen address (behind a proxy when asked) and
+/// HTTP address.
+pub struct ClusterNet {
+    pub ids: Vec<String>,
+    pub addresses: Vec<String>,
+    pub listen: Vec<String>,
+    pub http: Vec<String>,
+}
+
+impl ClusterNet {
+    pub fn new(n: usize) -> Self {
+        let addr = || format!("127.0.0.1:{}", free_port());
+        ClusterNet {
+            ids: (0..n).map(|i| format!("w{i}")).collect(),
+            addresses: (0..n).map(|_| addr()).collect(),
+            listen: (0..n).map(|_| addr()).collect(),
+            http: (0..n).map(|_| addr()).collect(),
+        }
+    }
+
+    /// The `[cluster]` table.
+    pub fn toml(&self, secret: &str) -> String {
+        let mut t = format!("[cluster]\nsecret = \"{secret}\"\n");
+        for (id, a) in self.ids.iter().zip(&self.addresses) {
+            t.push_str(&format!(
+                "[[cluster.workers]]\nid = \"{id}\"\naddress = \"{a}\"\n"
+            ));
+        }
+        t
+    }
+
+    /// Proxies from every worker's address to its listen address.
+    pub fn proxies(&self) -> Vec<proxy::Proxy> {
+        self.addresses
+            .iter()
+            .zip(&self.listen)
+            .map(|(a, l)| proxy::Proxy::start(a, l))
+            .collect()
+    }
+
+    /// Starts worker `i`. With `behind_proxy` it listens on its listen
+    /// address (the proxy owns its address); `env` is added to its environment.
+    pub fn spawn(
+        &self,
+        topology: &Path,
+        i: usize,
+        behind_proxy: bool,
+        env: &[(&str, &str)],
+    ) -> Running {
+        let mut c = millrace();
+        c.args([
+            "run",
+            topology.to_str().expect("utf-8 path"),
+            "--worker",
+            &self.ids[i],
+            "--http",
+            &self.http[i],
+        ]);
+        if behind_proxy {
+            c.args(["--listen", &self.listen[i]]);
+        }
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        Running(
+            c.stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn millrace"),
+        )
+    }
+}

@@ -1,0 +1,406 @@
+//! Several workers over TCP: exact output across processes, the handshake's
+//! secret and epochs (a zombie is fenced), bad frames, backpressure across
+//! the network, and the chaos test (SIGKILLs and cut connections).
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use support::*;
+
+/// generator -> count (6 shards) -> file sink, on the workers of `net`.
+/// Shards are dealt in file order: gen is shard 0, the counts 1..=6, the
+/// sink 7, each on worker `shard % workers`.
+fn topology(
+    s: &Scratch,
+    net: &ClusterNet,
+    (records, keys, rate): (u64, u64, Option<u64>),
+    engine: &str,
+) -> PathBuf {
+    let rate = rate.map(|r| format!("rate = {r}")).unwrap_or_default();
+    s.write(
+        "cluster.toml",
+        &format!(
+            r#"
+[service]
+data_dir = "{{dir}}/data"
+[engine]
+shards = 6
+threads = 1
+{engine}
+{cluster}
+[sources.gen]
+type = "generator"
+count = {records}
+keys = {keys}
+seed = 5
+{rate}
+[computations.counts]
+type = "count"
+inputs = ["gen"]
+[sinks.out]
+type = "file"
+inputs = ["counts"]
+path = "{{dir}}/out.jsonl"
+"#,
+            cluster = net.toml("test-secret"),
+        ),
+    )
+}
+
+/// Waits for every worker to exit by itself and checks they all succeeded.
+fn wait_all_exit(workers: &mut [Running], timeout: Duration) {
+    for (i, w) in workers.iter_mut().enumerate() {
+        let status = wait_exit(w, timeout);
+        assert!(status.success(), "worker {i} exited with {status}");
+    }
+}
+
+fn check_output(s: &Scratch, records: u64, keys: u64) {
+    let pairs = read_jsonl(&s.path("out.jsonl"));
+    let counts = assert_running_counts(&pairs);
+    assert_eq!(pairs.len() as u64, records, "records in the sink");
+    assert_eq!(counts.len() as u64, keys, "keys in the sink");
+}
+
+#[test]
+fn three_workers_count_exactly_and_exit_when_done() {
+    let s = Scratch::new();
+    let net = ClusterNet::new(3);
+    let topo = topology(&s, &net, (30_000, 300, None), "");
+    let mut workers: Vec<Running> = (0..3).map(|i| net.spawn(&topo, i, false, &[])).collect();
+    wait_all_exit(&mut workers, Duration::from_secs(120));
+    check_output(&s, 30_000, 300);
+}
+
+#[test]
+fn a_worker_without_the_secret_is_refused_and_counted() {
+    let s = Scratch::new();
+    let net = ClusterNet::new(2);
+    let topo = topology(&s, &net, (5_000, 50, None), "");
+    let mut w0 = net.spawn(&topo, 0, false, &[]);
+    let mut w1 = net.spawn(&topo, 1, false, &[("MILLRACE_CLUSTER_SECRET", "wrong")]);
+    let refused = wait_until(Duration::from_secs(60), || {
+        metric(
+            &net.http[0],
+            "millrace_net_refused_total{reason=\"secret\"}",
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    });
+    assert!(refused, "w0 never counted a refused handshake");
+    assert!(
+        metric(
+            &net.http[1],
+            "millrace_net_refused_total{reason=\"by-peer\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "w1 was not told it was refused"
+    );
+    assert_ne!(
+        metric(&net.http[0], "millrace_net_peer_up{peer=\"w1\"}"),
+        Some(1.0),
+        "the peer without the secret must not be connected"
+    );
+    assert!(
+        w0.try_wait().expect("try_wait").is_none(),
+        "w0 finished without w1"
+    );
+    kill9(&mut w1);
+    let mut workers = vec![w0, net.spawn(&topo, 1, false, &[])];
+    wait_all_exit(&mut workers, Duration::from_secs(120));
+    check_output(&s, 5_000, 50);
+    drop(w1);
+}
+
+#[test]
+fn bad_frames_close_the_connection_are_counted_and_harm_nothing() {
+    use std::io::{Read, Write};
+    let s = Scratch::new();
+    let net = ClusterNet::new(2);
+    let topo = topology(&s, &net, (2_000, 20, None), "");
+    let w0 = net.spawn(&topo, 0, false, &[]);
+    assert!(wait_until(Duration::from_secs(60), || {
+        std::net::TcpStream::connect(&net.addresses[0]).is_ok()
+    }));
+    for garbage in [
+        &b"\xff\xff\xff\xff\x00\x00\x00\x00\x02"[..], // length far too large
+        &b"\x00\x00\x00\x05\xde\xad\xbe\xef\x02abcd"[..], // checksum wrong
+    ] {
+        let mut c = std::net::TcpStream::connect(&net.addresses[0]).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        c.write_all(garbage).expect("write");
+        // The worker answers with its challenge, then closes the connection.
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+        assert!(!rest.is_empty(), "no challenge before the close");
+    }
+    assert!(wait_until(Duration::from_secs(10), || {
+        metric(&net.http[0], "millrace_net_bad_frames_total{peer=\"?\"}").unwrap_or(0.0) >= 2.0
+    }));
+    assert_eq!(
+        http_get(&net.http[0], "/healthz").map(|r| r.0),
+        Some(200),
+        "the worker is still healthy"
+    );
+    let mut workers = vec![w0, net.spawn(&topo, 1, false, &[])];
+    wait_all_exit(&mut workers, Duration::from_secs(120));
+    check_output(&s, 2_000, 20);
+}
+
+/// A stale copy of a worker (started from an old copy of its data directory)
+/// is refused by every peer, and the output stays exact.
+#[test]
+fn a_zombie_worker_is_fenced_by_epochs() {
+    let s = Scratch::new();
+    let net = ClusterNet::new(3);
+    let (records, keys) = (20_000, 200);
+    let topo = topology(&s, &net, (records, keys, Some(4_000)), "");
+    let out = s.path("out.jsonl");
+    let w0 = net.spawn(&topo, 0, false, &[]);
+    let w1 = net.spawn(&topo, 1, false, &[]);
+    let mut w2 = net.spawn(&topo, 2, false, &[]);
+    // w2 owns count shards 2 and 5 and produces to the sink on w1.
+    assert!(wait_until(Duration::from_secs(60), || file_len(&out) > 10_000));
+    kill9(&mut w2);
+    let zombie_dir = s.path("zombie");
+    copy_dir(&s.path("data/w2"), &zombie_dir);
+    for _ in 0..2 {
+        // Two more incarnations: the live w2 is now two epochs ahead of the copy.
+        w2 = net.spawn(&topo, 2, false, &[]);
+        let at = file_len(&out);
+        assert!(wait_until(Duration::from_secs(60), || file_len(&out) > at + 5_000));
+        kill9(&mut w2);
+    }
+    w2 = net.spawn(&topo, 2, false, &[]);
+    let zombie_http = format!("127.0.0.1:{}", free_port());
+    let zombie_listen = format!("127.0.0.1:{}", free_port());
+    let mut zombie = Running(
+        millrace()
+            .args([
+                "run",
+                topo.to_str().expect("path"),
+                "--worker",
+                "w2",
+                "--data-dir",
+                zombie_dir.to_str().expect("path"),
+                "--listen",
+                &zombie_listen,
+                "--http",
+                &zombie_http,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn zombie"),
+    );
+    let fenced = wait_until(Duration::from_secs(60), || {
+        (0..2).all(|i| {
+            metric(&net.http[i], "millrace_net_refused_total{reason=\"epoch\"}").unwrap_or(0.0)
+                >= 1.0
+        })
+    });
+    assert!(fenced, "w0 and w1 did not both refuse the zombie");
+    assert_eq!(
+        metric(&zombie_http, "millrace_net_records_sent_total{peer=\"w1\"}").unwrap_or(0.0),
+        0.0,
+        "the zombie sent records"
+    );
+    kill9(&mut zombie);
+    let mut workers = vec![w0, w1, w2];
+    wait_all_exit(&mut workers, Duration::from_secs(120));
+    check_output(&s, records, keys);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        let target = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).expect("copy");
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn signal(child: &Running, sig: i32) {
+    // SAFETY: sending a signal to our own child process by pid.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+/// With the consumer's worker stopped (SIGSTOP), the producer fills its
+/// bounded windows and backlog, then stops reading its source; its memory and
+/// the bytes it sends stay flat. After SIGCONT everything completes exactly.
+#[test]
+fn a_stalled_worker_slows_its_producers_and_memory_stays_bounded() {
+    let s = Scratch::new();
+    let net = ClusterNet::new(2);
+    let (records, keys) = (200_000, 1_000);
+    let (max_backlog, window_bytes) = (5_000, 16_384);
+    let topo = topology(
+        &s,
+        &net,
+        (records, keys, Some(40_000)),
+        &format!("max_backlog = {max_backlog}\nchannel_window = 256\nchannel_window_bytes = {window_bytes}"),
+    );
+    let out = s.path("out.jsonl");
+    let w0 = net.spawn(&topo, 0, false, &[]);
+    let w1 = net.spawn(&topo, 1, false, &[]);
+    assert!(wait_until(Duration::from_secs(60), || file_len(&out) > 1_000));
+    signal(&w1, libc::SIGSTOP);
+    let gen_in =
+        || metric(&net.http[0], "millrace_records_in_total{component=\"gen\"}").unwrap_or(0.0);
+    let gen_backlog = || {
+        metric(
+            &net.http[0],
+            "millrace_outbox_backlog_records{component=\"gen\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    // The generator's backlog reaches the bound, then it stops reading.
+    let full = wait_until(Duration::from_secs(60), || {
+        gen_backlog() >= max_backlog as f64 && {
+            let a = gen_in();
+            let before = Instant::now();
+            wait_until(Duration::from_millis(300), || {
+                before.elapsed() >= Duration::from_millis(250)
+            });
+            gen_in() == a
+        }
+    });
+    assert!(full, "the source never stopped for the stalled consumer");
+    let (taken, rss, sent) = (
+        gen_in(),
+        rss_kib(w0.id()),
+        metric(&net.http[0], "millrace_net_bytes_sent_total{peer=\"w1\"}").unwrap_or(0.0),
+    );
+    assert!(
+        taken < records as f64,
+        "the source was read to the end: {taken}"
+    );
+    // Observe the stalled state for a while: nothing is read, memory and the
+    // bytes written to the stopped worker stay flat (heartbeats aside).
+    let since = Instant::now();
+    wait_until(Duration::from_secs(2), || {
+        since.elapsed() >= Duration::from_millis(1500)
+    });
+    assert_eq!(
+        gen_in(),
+        taken,
+        "the source kept reading while its consumer was stopped"
+    );
+    let rss_after = rss_kib(w0.id());
+    assert!(
+        rss_after < rss + 16 * 1024,
+        "producer memory grew from {rss} KiB to {rss_after} KiB while stalled"
+    );
+    // What may still go out: unacknowledged windows re-sent once or twice
+    // (the retry backoff starts at 1 s and doubles) on the 6 channels to w1
+    // (gen -> 3 count shards, 3 count shards -> sink), and heartbeats.
+    let sent_after =
+        metric(&net.http[0], "millrace_net_bytes_sent_total{peer=\"w1\"}").unwrap_or(0.0);
+    let bound = 2.0 * 6.0 * (window_bytes as f64 + 1024.0) + 4096.0;
+    assert!(
+        sent_after - sent <= bound,
+        "{} bytes sent to a stopped worker (bound {bound})",
+        sent_after - sent
+    );
+    signal(&w1, libc::SIGCONT);
+    let mut workers = vec![w0, w1];
+    wait_all_exit(&mut workers, Duration::from_secs(180));
+    check_output(&s, records, keys);
+}
+
+/// Kills random workers and cuts connections through the proxies while the
+/// cluster counts; at the end every key holds exactly 1..n, each once.
+fn chaos(kills: usize, cuts: usize, records: u64, rate: u64) {
+    let s = Scratch::new();
+    let net = ClusterNet::new(3);
+    let keys = 500;
+    let topo = topology(&s, &net, (records, keys, Some(rate)), "");
+    let out = s.path("out.jsonl");
+    let proxies = net.proxies();
+    let mut rng = Rng::from_env();
+    let mut workers: Vec<Running> = (0..3).map(|i| net.spawn(&topo, i, true, &[])).collect();
+    let (mut killed, mut cut) = (0, 0);
+    // Each fault waits for some progress of the output first: faults are
+    // spread over the run, and the run cannot end before they are done.
+    let step = records * 45 / (2 * (kills + cuts) as u64 + 2);
+    let deadline = Instant::now() + Duration::from_secs(60 + (kills + cuts) as u64 * 3);
+    while killed < kills || cut < cuts {
+        assert!(
+            Instant::now() < deadline,
+            "chaos did not finish: {killed} kills, {cut} cuts"
+        );
+        let at = file_len(&out) + 1 + rng.below(step);
+        let progressed = wait_until(Duration::from_secs(60), || file_len(&out) >= at);
+        assert!(
+            progressed,
+            "no progress after {killed} kills and {cut} cuts"
+        );
+        for (i, w) in workers.iter_mut().enumerate() {
+            assert!(
+                w.try_wait().expect("try_wait").is_none(),
+                "worker {i} exited during chaos"
+            );
+        }
+        match rng.below(4) {
+            0 | 1 if killed < kills => {
+                let i = rng.below(3) as usize;
+                kill9(&mut workers[i]);
+                workers[i] = net.spawn(&topo, i, true, &[]);
+                killed += 1;
+            }
+            2 if cut < cuts => {
+                let p = &proxies[rng.below(3) as usize];
+                p.set_split(rng.below(2) == 0);
+                p.set_delay(Duration::from_micros(rng.below(2_000)));
+                if p.cut() > 0 {
+                    cut += 1;
+                }
+            }
+            _ if cut < cuts => {
+                if proxies[rng.below(3) as usize].cut() > 0 {
+                    cut += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    eprintln!("chaos: {killed} SIGKILLs, {cut} connection cuts");
+    for p in &proxies {
+        p.set_delay(Duration::ZERO);
+        p.set_split(false);
+    }
+    wait_all_exit(&mut workers, Duration::from_secs(180));
+    check_output(&s, records, keys);
+}
+
+#[test]
+fn chaos_kills_and_cuts_lose_and_repeat_nothing() {
+    chaos(20, 20, 40_000, 8_000);
+}
+
+/// The long version: `cargo test --test cluster -- --ignored`.
+#[test]
+#[ignore = "long: about 100 kills and 100 cuts"]
+fn chaos_long() {
+    chaos(100, 100, 200_000, 10_000);
+}
