@@ -361,25 +361,22 @@ fn chaos(kills: usize, cuts: usize, records: u64, rate: u64) {
                 "worker {i} exited during chaos"
             );
         }
-        match rng.below(4) {
+        let roll = rng.below(4);
+        match roll {
             0 | 1 if killed < kills => {
                 let i = rng.below(3) as usize;
                 kill9(&mut workers[i]);
                 workers[i] = net.spawn(&topo, i, true, &[]);
                 killed += 1;
             }
-            2 if cut < cuts => {
-                let p = &proxies[rng.below(3) as usize];
-                p.set_split(rng.below(2) == 0);
-                p.set_delay(Duration::from_micros(rng.below(2_000)));
-                if p.cut() > 0 {
-                    cut += 1;
-                }
-            }
             _ if cut < cuts => {
-                if proxies[rng.below(3) as usize].cut() > 0 {
-                    cut += 1;
+                let p = &proxies[rng.below(3) as usize];
+                if roll == 2 {
+                    // Vary how the proxy forwards from here on.
+                    p.set_split(rng.below(2) == 0);
+                    p.set_delay(Duration::from_micros(rng.below(2_000)));
                 }
+                cut += usize::from(p.cut() > 0);
             }
             _ => {}
         }
