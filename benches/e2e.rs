@@ -20,6 +20,10 @@
 //! - p2: a 1 s tumbling-window count per key (`generator` -> `window`), with
 //!   the watermark lag of the window (newest event time minus its output
 //!   watermark) sampled every 100 ms. Records are 10 us apart in event time.
+//! - cluster: p1 on one worker and on two workers (two `Worker`s in this
+//!   process, talking over TCP on 127.0.0.1, as two processes would), with the
+//!   share of records that crossed the network
+//!   (`MILLRACE_BENCH_CLUSTER_RECORDS` records, default 2M).
 
 use millrace::config::Topology;
 use millrace::engine::{Metrics, Worker, WorkerOptions};
@@ -125,6 +129,71 @@ fn run_topology_with(text: &str, records: u64, watch: Option<&str>, metrics: Arc
     }
 }
 
+/// Runs `text` on `workers` workers of one cluster (in this process, over
+/// TCP on 127.0.0.1); returns the run and the records sent between workers.
+fn run_cluster(text: &str, records: u64, workers: usize) -> (Run, u64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cluster = String::from("[cluster]\nsecret = \"bench\"\n");
+    for w in 0..workers {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        cluster.push_str(&format!(
+            "[[cluster.workers]]\nid = \"w{w}\"\naddress = \"127.0.0.1:{port}\"\n"
+        ));
+    }
+    let text = format!("{cluster}{text}").replace("{dir}", &dir.path().display().to_string());
+    let started = Instant::now();
+    let running: Vec<(Worker, Arc<Metrics>)> = (0..workers)
+        .map(|w| {
+            let topology = Topology::parse_str("bench.toml", &text).expect("bench topology");
+            let metrics = Arc::new(Metrics::new());
+            let worker = Worker::start(
+                topology,
+                &millrace::builtins(),
+                WorkerOptions {
+                    worker: Some(format!("w{w}")),
+                    ..WorkerOptions::default()
+                },
+                Arc::clone(&metrics),
+            )
+            .expect("start worker");
+            (worker, metrics)
+        })
+        .collect();
+    for (w, _) in &running {
+        while !w
+            .wait_finished(Duration::from_millis(100))
+            .expect("worker failed")
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(3600),
+                "benchmark did not finish"
+            );
+        }
+    }
+    let elapsed = started.elapsed();
+    let mut crossed = 0;
+    for (w, metrics) in running {
+        for peer in 0..workers {
+            crossed += metrics
+                .net_records_sent
+                .with_label_values(&[&format!("w{peer}")])
+                .get();
+        }
+        w.shutdown().expect("shutdown");
+    }
+    (
+        Run {
+            records_per_sec: records as f64 / elapsed.as_secs_f64(),
+            elapsed,
+            lag: None,
+        },
+        crossed,
+    )
+}
+
 /// P1's topology: the running count of `records` generated records over `keys` keys.
 fn running_count(records: u64, keys: u64, shards: u32) -> String {
     format!(
@@ -224,6 +293,24 @@ aggregate = "count"
                 run.records_per_sec / baseline
             );
         }
+    }
+
+    if which == "all" || which == "cluster" {
+        let n = env_u64("MILLRACE_BENCH_CLUSTER_RECORDS", 2_000_000);
+        let one = run_topology(&running_count(n, keys, 16), n, None);
+        println!(
+            "cluster   running count, 1 worker                   {:>12.0} records/s  ({:.1}s)",
+            one.records_per_sec,
+            one.elapsed.as_secs_f64()
+        );
+        let (two, crossed) = run_cluster(&running_count(n, keys, 16), n, 2);
+        println!(
+            "cluster   running count, 2 workers over TCP          {:>12.0} records/s  ({:.1}s)  ratio to 1 worker {:.2}  records over the network {:.1}%",
+            two.records_per_sec,
+            two.elapsed.as_secs_f64(),
+            two.records_per_sec / one.records_per_sec,
+            100.0 * crossed as f64 / n as f64
+        );
     }
 
     if which == "all" || which == "p3" {

@@ -164,6 +164,11 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
                 "uptime_seconds": w.uptime().as_secs_f64(),
                 "backlog": w.backlog(),
                 "components": components,
+                "peers": w
+                    .peers()
+                    .into_iter()
+                    .map(|(id, up)| serde_json::json!({ "worker": id, "connected": up }))
+                    .collect::<Vec<_>>(),
             })
             .to_string();
             respond(&mut stream, 200, "application/json", &body).await
