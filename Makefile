@@ -6,7 +6,7 @@ export SNAPPY_LIB_DIR ?= /usr/lib/x86_64-linux-gnu
 
 APT_PACKAGES := librocksdb-dev libclang-dev prometheus
 
-.PHONY: setup build run test bench bench-quick lint
+.PHONY: setup build run test bench bench-quick lint fuzz
 
 ## Install what a fresh Debian machine lacks (needs root when something is missing).
 setup:
@@ -44,3 +44,7 @@ bench: setup
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+## Fuzz the cluster frame decoder for 60 s (nightly toolchain and cargo-fuzz).
+fuzz:
+	cd fuzz && cargo +nightly fuzz run frame_decoder -- -max_total_time=60

@@ -26,6 +26,24 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
             6,
             "cycle",
         ),
+        (
+            "cluster worker listed twice",
+            format!("[cluster]\n[[cluster.workers]]\nid = \"a\"\naddress = \"127.0.0.1:1\"\n[[cluster.workers]]\nid = \"a\"\naddress = \"127.0.0.1:2\"\n{HEAD}"),
+            6,
+            "worker id `a` is listed twice",
+        ),
+        (
+            "cluster address without a port",
+            format!("[cluster]\n[[cluster.workers]]\nid = \"a\"\naddress = \"localhost\"\n{HEAD}"),
+            4,
+            "is not host:port",
+        ),
+        (
+            "unknown cluster key",
+            format!("[cluster]\nsecrets = \"x\"\n[[cluster.workers]]\nid = \"a\"\naddress = \"127.0.0.1:1\"\n{HEAD}"),
+            2,
+            "secrets",
+        ),
         ("missing type", "[sources.gen]\ncount = 10\n".to_owned(), 1, "missing required key `type`"),
         (
             "missing inputs",

@@ -61,7 +61,13 @@ impl Locator {
     /// 1-based line of `table.key` where `table` is a dotted table path such as
     /// `computations.words`. Falls back to the table's header, then to line 1.
     pub fn line_of(&self, table: &str, key: Option<&str>) -> usize {
-        let header = self.header_line(table);
+        self.line_in_entry(table, 0, key)
+    }
+
+    /// Like [`Locator::line_of`], in the `n`th (0-based) `[[table]]` of an
+    /// array of tables.
+    pub fn line_in_entry(&self, table: &str, n: usize, key: Option<&str>) -> usize {
+        let header = self.header_line(table, n);
         let Some(key) = key else {
             return header.map_or(1, |h| h + 1);
         };
@@ -80,11 +86,15 @@ impl Locator {
         1
     }
 
-    fn header_line(&self, table: &str) -> Option<usize> {
+    fn header_line(&self, table: &str, n: usize) -> Option<usize> {
         let want: Vec<&str> = table.split('.').collect();
-        self.lines.iter().position(|line| {
+        let mut matching = self.lines.iter().enumerate().filter(|(_, line)| {
             let t = line.trim();
-            let Some(inner) = t.strip_prefix('[').and_then(|r| r.split(']').next()) else {
+            let Some(inner) = t
+                .strip_prefix("[[")
+                .or_else(|| t.strip_prefix('['))
+                .and_then(|r| r.split(']').next())
+            else {
                 return false;
             };
             let parts: Vec<String> = inner
@@ -92,7 +102,24 @@ impl Locator {
                 .map(|p| p.trim().trim_matches('"').trim_matches('\'').to_owned())
                 .collect();
             parts == want
-        })
+        });
+        matching.nth(n).map(|(i, _)| i)
+    }
+
+    /// An error about `key` of the `n`th (0-based) `[[table]]`.
+    pub fn error_in_entry(
+        &self,
+        table: &str,
+        n: usize,
+        key: &str,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.clone(),
+            line: self.line_in_entry(table, n, Some(key)),
+            key: format!("{table}[{n}].{key}"),
+            message: message.into(),
+        }
     }
 
     /// An [`ConfigError::Invalid`] about `table.key`, located in the text.

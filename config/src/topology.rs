@@ -530,7 +530,7 @@ fn cluster_config(raw: RawCluster, locator: &Locator) -> Result<ClusterConfig, C
     let mut seen = BTreeSet::new();
     let mut addresses = BTreeSet::new();
     let mut workers = Vec::new();
-    for w in raw.workers {
+    for (n, w) in raw.workers.into_iter().enumerate() {
         if w.id.is_empty()
             || !w
                 .id
@@ -547,9 +547,10 @@ fn cluster_config(raw: RawCluster, locator: &Locator) -> Result<ClusterConfig, C
             ));
         }
         if !seen.insert(w.id.clone()) {
-            return Err(locator.error(
+            return Err(locator.error_in_entry(
                 "cluster.workers",
-                Some("id"),
+                n,
+                "id",
                 format!("worker id `{}` is listed twice", w.id),
             ));
         }
@@ -558,16 +559,18 @@ fn cluster_config(raw: RawCluster, locator: &Locator) -> Result<ClusterConfig, C
             .and_then(|(_, p)| p.parse::<u16>().ok())
             .is_none()
         {
-            return Err(locator.error(
+            return Err(locator.error_in_entry(
                 "cluster.workers",
-                Some("address"),
+                n,
+                "address",
                 format!("`{}` of worker `{}` is not host:port", w.address, w.id),
             ));
         }
         if !addresses.insert(w.address.clone()) {
-            return Err(locator.error(
+            return Err(locator.error_in_entry(
                 "cluster.workers",
-                Some("address"),
+                n,
+                "address",
                 format!("address `{}` is given to two workers", w.address),
             ));
         }
