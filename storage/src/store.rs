@@ -139,7 +139,13 @@ impl Store {
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             o.set_write_buffer_size(64 << 20);
             match cf {
-                Cf::State => o.optimize_for_point_lookup(opts.block_cache_bytes as u64 >> 20),
+                Cf::State => {
+                    o.optimize_for_point_lookup(opts.block_cache_bytes as u64 >> 20);
+                    // A key's state is overwritten again and again: update it
+                    // in place in the memtable (when the new value is no
+                    // larger) instead of inserting one more version.
+                    o.set_inplace_update_support(true);
+                }
                 // The outbox is appended to, range-deleted, and only scanned at
                 // start: a vector memtable inserts without skiplist searches.
                 Cf::Outbox => o.set_memtable_factory(rocksdb::MemtableFactory::Vector),
