@@ -148,7 +148,9 @@ impl Store {
                 }
                 // The outbox is appended to, range-deleted, and only scanned at
                 // start: a vector memtable inserts without skiplist searches.
-                Cf::Outbox => o.set_memtable_factory(rocksdb::MemtableFactory::Vector),
+                // So are timers: set, deleted when they fire, and scanned only
+                // at start (the engine keeps them in memory).
+                Cf::Outbox | Cf::Timers => o.set_memtable_factory(rocksdb::MemtableFactory::Vector),
                 _ => {}
             }
             ColumnFamilyDescriptor::new(cf.name(), o)
