@@ -326,6 +326,7 @@ http = "off"
 shards = 8
 durability = "{durability}"
 batch_size = {batch}
+commit_interval = "{interval}"
 [sources.gen]
 type = "generator"
 count = {count}
@@ -345,6 +346,8 @@ path = "{{dir}}/out.jsonl"
 "#,
                 rate = rate.map_or(String::new(), |r| format!("rate = {r}")),
                 batch = env_u64("MILLRACE_BENCH_BATCH", 4096),
+                interval = std::env::var("MILLRACE_BENCH_COMMIT_INTERVAL")
+                    .unwrap_or_else(|_| "2ms".into()),
             )
         };
         let max_records = (records / 5).max(100_000);
@@ -365,11 +368,14 @@ path = "{{dir}}/out.jsonl"
                 Arc::clone(&metrics),
             );
             let h = metrics.e2e_latency.with_label_values(&["out"]);
+            let c = &metrics.commit_seconds;
             println!(
-                "p3        latency at {rate} records/s, durability {durability:<8} p50 {:.2} ms  p99 {:.2} ms  ({} records)",
+                "p3        latency at {rate} records/s, durability {durability:<8} p50 {:.2} ms  p99 {:.2} ms  ({} records; commits p50 {:.2} ms p99 {:.2} ms)",
                 quantile(&h, 0.5) * 1e3,
                 quantile(&h, 0.99) * 1e3,
-                h.get_sample_count()
+                h.get_sample_count(),
+                quantile(c, 0.5) * 1e3,
+                quantile(c, 0.99) * 1e3,
             );
         }
     }

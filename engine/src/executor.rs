@@ -127,6 +127,10 @@ pub(crate) struct Executor {
     released_count: i64,
     produced_count: i64,
     wm_msgs_seen: i64,
+    /// The shard a turn starts with (rotates).
+    first_shard: usize,
+    /// Recent duration of a commit (moving average).
+    commit_time: Duration,
 }
 
 impl Executor {
@@ -162,6 +166,8 @@ impl Executor {
             released_count: 0,
             produced_count: 0,
             wm_msgs_seen: 0,
+            first_shard: 0,
+            commit_time: Duration::ZERO,
         }
     }
 
@@ -473,12 +479,31 @@ impl Executor {
         let engine = &plan.topology.engine;
         let stopping = self.shared.stopping.load(Ordering::SeqCst) || halting;
         let mut processed = 0;
-        for i in 0..self.shards.len() {
+        // A turn ends once it has run for `commit_interval` (or, when commits
+        // are slower than that, as long as a commit takes: an fsync then covers
+        // as much work as it waits for). What is left waits for the next turn,
+        // so that no record waits long for its checkpoint. The first shard
+        // served rotates, so that none starves.
+        let turn_budget = engine.commit_interval.max(self.commit_time);
+        let turn_started = Instant::now();
+        let mut out_of_time = false;
+        let n = self.shards.len();
+        self.first_shard = (self.first_shard + 1) % n.max(1);
+        for k in 0..n {
+            let i = (self.first_shard + k) % n;
             let node = &plan.nodes[self.shards[i].node];
             let metrics = &self.node_metrics[self.shards[i].node];
             let mut budget = engine.batch_size;
             // Deliveries (not while halting: they stay unacknowledged and come again).
-            while !halting && budget > 0 && self.shards[i].backlog < engine.max_backlog {
+            while !halting
+                && !out_of_time
+                && budget > 0
+                && self.shards[i].backlog < engine.max_backlog
+            {
+                if processed % 64 == 63 && turn_started.elapsed() >= turn_budget {
+                    out_of_time = true;
+                    break;
+                }
                 let Some((ch, seq, env)) = self.shards[i].pending.pop_front() else {
                     break;
                 };
@@ -561,7 +586,8 @@ impl Executor {
             if let Body::Source(src) = &mut shard.body {
                 let now = Instant::now();
                 let room = engine.max_backlog.saturating_sub(shard.backlog).min(budget);
-                if !src.exhausted && !stopping && room > 0 && now >= src.idle_until {
+                if !src.exhausted && !stopping && !out_of_time && room > 0 && now >= src.idle_until
+                {
                     let mut polled = Vec::new();
                     let poll = src
                         .source
@@ -672,10 +698,12 @@ impl Executor {
         if !batch.is_empty() {
             let started = Instant::now();
             self.store.commit(batch)?;
+            let took = started.elapsed();
+            self.commit_time = (self.commit_time * 3 + took) / 4;
             self.shared
                 .metrics
                 .commit_seconds
-                .observe(started.elapsed().as_secs_f64());
+                .observe(took.as_secs_f64());
             self.shared.metrics.commit_records.observe(processed as f64);
         }
         Ok(Committed(()))
