@@ -150,7 +150,14 @@ impl Store {
                 // start: a vector memtable inserts without skiplist searches.
                 // So are timers: set, deleted when they fire, and scanned only
                 // at start (the engine keeps them in memory).
-                Cf::Outbox | Cf::Timers => o.set_memtable_factory(rocksdb::MemtableFactory::Vector),
+                Cf::Outbox => {
+                    o.set_memtable_factory(rocksdb::MemtableFactory::Vector);
+                    // Entries live for milliseconds: small memtables make
+                    // short flushes, which keep the latency tail short (P3
+                    // p99 ~20 -> ~12 ms on 2 cores).
+                    o.set_write_buffer_size(8 << 20);
+                }
+                Cf::Timers => o.set_memtable_factory(rocksdb::MemtableFactory::Vector),
                 _ => {}
             }
             ColumnFamilyDescriptor::new(cf.name(), o)
