@@ -17,6 +17,9 @@
 //! - p3: source -> split -> count -> file sink at half of its maximum
 //!   throughput: source-to-sink latency p50 and p99, with `durability` set to
 //!   `process` and to `machine`.
+//! - MILLRACE_BENCH_COMMIT_INTERVAL (default 2ms) sets p1's and p3's
+//!   `commit_interval`; MILLRACE_BENCH_P3_RATE fixes p3's rate instead of
+//!   half its measured maximum.
 //! - p2: a 1 s tumbling-window count per key (`generator` -> `window`), with
 //!   the watermark lag of the window (newest event time minus its output
 //!   watermark) sampled every 100 ms. Records are 10 us apart in event time.
@@ -26,6 +29,11 @@
 //!   (`MILLRACE_BENCH_CLUSTER_RECORDS` records, default 2M).
 
 use millrace::config::Topology;
+
+/// The allocator the `millrace` binary uses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use millrace::engine::{Metrics, Worker, WorkerOptions};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -196,6 +204,7 @@ fn run_cluster(text: &str, records: u64, workers: usize) -> (Run, u64) {
 
 /// P1's topology: the running count of `records` generated records over `keys` keys.
 fn running_count(records: u64, keys: u64, shards: u32) -> String {
+    let ci = std::env::var("MILLRACE_BENCH_COMMIT_INTERVAL").unwrap_or_else(|_| "2ms".into());
     format!(
         r#"
 [service]
@@ -204,6 +213,7 @@ http = "off"
 [engine]
 shards = {shards}
 durability = "process"
+commit_interval = "{ci}"
 [sources.gen]
 type = "generator"
 count = {records}
