@@ -141,6 +141,19 @@ impl Store {
             match cf {
                 Cf::State => {
                     o.optimize_for_point_lookup(opts.block_cache_bytes as u64 >> 20);
+                    // State is read and written by whole key: a hash of tiny
+                    // skip lists (one per key) instead of one big skip list.
+                    // Scans (operator tools only) use total-order seeks.
+                    o.set_prefix_extractor(rocksdb::SliceTransform::create(
+                        "millrace.whole-key",
+                        whole_key,
+                        None,
+                    ));
+                    o.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
+                        bucket_count: 1 << 20,
+                        height: 4,
+                        branching_factor: 4,
+                    });
                     // A key's state is overwritten again and again: update it
                     // in place in the memtable (when the new value is no
                     // larger) instead of inserting one more version.
@@ -241,9 +254,14 @@ impl Store {
         prefix: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StorageError> {
-        let iter = self
-            .db
-            .iterator_cf(self.cf(cf), IteratorMode::From(prefix, Direction::Forward));
+        // Scans are in key order whatever the column family's memtable.
+        let mut read = rocksdb::ReadOptions::default();
+        read.set_total_order_seek(true);
+        let iter = self.db.iterator_cf_opt(
+            self.cf(cf),
+            read,
+            IteratorMode::From(prefix, Direction::Forward),
+        );
         for item in iter {
             let (k, v) = item.map_err(|e| self.err("scan", e))?;
             if !k.starts_with(prefix) || !f(&k, &v) {
@@ -292,6 +310,11 @@ impl Store {
             })
             .sum()
     }
+}
+
+/// The state column family's prefix extractor: the whole key.
+fn whole_key(key: &[u8]) -> &[u8] {
+    key
 }
 
 /// Puts and deletes that [`Store::commit`] applies atomically.
