@@ -129,6 +129,8 @@ pub(crate) struct Executor {
     wm_msgs_seen: i64,
     /// The shard a turn starts with (rotates).
     first_shard: usize,
+    /// Scratch: the order shards are served in this turn.
+    order: Vec<usize>,
     /// Recent duration of a commit (moving average).
     commit_time: Duration,
 }
@@ -167,6 +169,7 @@ impl Executor {
             produced_count: 0,
             wm_msgs_seen: 0,
             first_shard: 0,
+            order: Vec::new(),
             commit_time: Duration::ZERO,
         }
     }
@@ -489,8 +492,12 @@ impl Executor {
         let mut out_of_time = false;
         let n = self.shards.len();
         self.first_shard = (self.first_shard + 1) % n.max(1);
-        for k in 0..n {
-            let i = (self.first_shard + k) % n;
+        // Sources go last: what they read waits only for this turn's commit.
+        let mut order = std::mem::take(&mut self.order);
+        order.clear();
+        order.extend((0..n).map(|k| (self.first_shard + k) % n));
+        order.sort_by_key(|&i| matches!(self.shards[i].body, Body::Source(_)));
+        for &i in &order {
             let node = &plan.nodes[self.shards[i].node];
             let metrics = &self.node_metrics[self.shards[i].node];
             let mut budget = engine.batch_size;
@@ -690,6 +697,7 @@ impl Executor {
                 engine.durability == millrace_config::Durability::Machine,
             )?;
         }
+        self.order = order;
         Ok(processed)
     }
 

@@ -129,6 +129,9 @@ impl Store {
         // Required by the outbox's vector memtable; each batch is written by
         // one executor thread anyway.
         db_opts.set_allow_concurrent_memtable_write(false);
+        // Two executors commit concurrently: one's WAL write overlaps the
+        // other's memtable insert (P3 with fsync: p99 ~30 -> ~20 ms).
+        db_opts.set_enable_pipelined_write(true);
         let cfs = Cf::ALL.iter().map(|cf| {
             let mut table = BlockBasedOptions::default();
             table.set_block_cache(&cache);
