@@ -19,7 +19,8 @@
 //!   `process` and to `machine`.
 //! - MILLRACE_BENCH_COMMIT_INTERVAL (default 2ms) sets p1's and p3's
 //!   `commit_interval`; MILLRACE_BENCH_P3_RATE fixes p3's rate instead of
-//!   half its measured maximum.
+//!   half its measured maximum; MILLRACE_BENCH_P3_SHARDS sets p3's shards
+//!   (default: one per CPU, as the executor threads).
 //! - p2: a 1 s tumbling-window count per key (`generator` -> `window`), with
 //!   the watermark lag of the window (newest event time minus its output
 //!   watermark) sampled every 100 ms. Records are 10 us apart in event time.
@@ -333,7 +334,7 @@ aggregate = "count"
 data_dir = "{{dir}}/data"
 http = "off"
 [engine]
-shards = 8
+shards = {shards}
 durability = "{durability}"
 batch_size = {batch}
 commit_interval = "{interval}"
@@ -358,6 +359,9 @@ path = "{{dir}}/out.jsonl"
                 batch = env_u64("MILLRACE_BENCH_BATCH", 4096),
                 interval = std::env::var("MILLRACE_BENCH_COMMIT_INTERVAL")
                     .unwrap_or_else(|_| "2ms".into()),
+                // One shard per executor thread: on 2 cores more shards only
+                // add per-turn work (channels, checkpoints) to every commit.
+                shards = env_u64("MILLRACE_BENCH_P3_SHARDS", cpus as u64),
             )
         };
         let max_records = (records / 5).max(100_000);

@@ -89,7 +89,10 @@ impl Metrics {
                 IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"),
             )
         };
-        let latency_buckets = prometheus::exponential_buckets(0.000_05, 2.0, 18).expect("buckets");
+        // 50 us to ~13 s in steps of a factor sqrt(2): fine enough to read a p99.
+        let latency_buckets =
+            prometheus::exponential_buckets(0.000_05, std::f64::consts::SQRT_2, 36)
+                .expect("buckets");
         let m = Metrics {
             registry: r.clone(),
             records_in: counter(
