@@ -604,6 +604,7 @@ impl Executor {
                     if !polled.is_empty() {
                         src.position_dirty = true;
                         src.last_data = now;
+                        src.idle_pause = SOURCE_IDLE_PAUSE.0;
                         processed += polled.len();
                         metrics.records_in.inc_by(polled.len() as u64);
                     }
@@ -620,12 +621,10 @@ impl Executor {
                     match poll {
                         SourcePoll::Ready => {}
                         SourcePoll::Idle => {
-                            src.idle_pause = if src.last_data == now {
-                                SOURCE_IDLE_PAUSE.0
-                            } else {
-                                (src.idle_pause * 2).clamp(SOURCE_IDLE_PAUSE.0, SOURCE_IDLE_PAUSE.1)
-                            };
+                            // Pauses double while polls find nothing, and
+                            // start again from the shortest after any data.
                             src.idle_until = now + src.idle_pause;
+                            src.idle_pause = (src.idle_pause * 2).min(SOURCE_IDLE_PAUSE.1);
                         }
                         SourcePoll::Exhausted => src.exhausted = true,
                     }
