@@ -150,8 +150,9 @@ fn bad_frames_close_the_connection_are_counted_and_harm_nothing() {
     check_output(&s, 2_000, 20);
 }
 
-/// A stale copy of a worker (started from an old copy of its data directory)
-/// is refused by every peer, and the output stays exact.
+/// Stale copies of a worker (started from an old copy of its data directory)
+/// are refused by every peer, and the output stays exact: one at the live
+/// worker's epoch (another process holds it) and one below it.
 #[test]
 fn a_zombie_worker_is_fenced_by_epochs() {
     let s = Scratch::new();
@@ -165,50 +166,59 @@ fn a_zombie_worker_is_fenced_by_epochs() {
     // w2 owns count shards 2 and 5 and produces to the sink on w1.
     assert!(wait_until(Duration::from_secs(60), || file_len(&out) > 10_000));
     kill9(&mut w2);
-    let zombie_dir = s.path("zombie");
-    copy_dir(&s.path("data/w2"), &zombie_dir);
-    for _ in 0..2 {
-        // Two more incarnations: the live w2 is now two epochs ahead of the copy.
-        w2 = net.spawn(&topo, 2, false, &[]);
-        let at = file_len(&out);
-        assert!(wait_until(Duration::from_secs(60), || file_len(&out) > at + 5_000));
-        kill9(&mut w2);
-    }
-    w2 = net.spawn(&topo, 2, false, &[]);
-    let zombie_http = format!("127.0.0.1:{}", free_port());
-    let zombie_listen = format!("127.0.0.1:{}", free_port());
-    let mut zombie = Running(
-        millrace()
-            .args([
-                "run",
-                topo.to_str().expect("path"),
-                "--worker",
-                "w2",
-                "--data-dir",
-                zombie_dir.to_str().expect("path"),
-                "--listen",
-                &zombie_listen,
-                "--http",
-                &zombie_http,
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .expect("spawn zombie"),
-    );
-    let fenced = wait_until(Duration::from_secs(60), || {
+    // The copy's shards are at epoch 1: a zombie started from it is at 2.
+    let pristine = s.path("pristine");
+    copy_dir(&s.path("data/w2"), &pristine);
+    let peers_see_w2 =
+        || (0..2).all(|i| metric(&net.http[i], "millrace_net_peer_up{peer=\"w2\"}") == Some(1.0));
+    let refused = |n: f64| {
         (0..2).all(|i| {
-            metric(&net.http[i], "millrace_net_refused_total{reason=\"epoch\"}").unwrap_or(0.0)
-                >= 1.0
+            metric(&net.http[i], "millrace_net_refused_total{reason=\"epoch\"}").unwrap_or(0.0) >= n
         })
-    });
-    assert!(fenced, "w0 and w1 did not both refuse the zombie");
-    assert_eq!(
-        metric(&zombie_http, "millrace_net_records_sent_total{peer=\"w1\"}").unwrap_or(0.0),
-        0.0,
-        "the zombie sent records"
-    );
-    kill9(&mut zombie);
+    };
+    for (round, live_epoch) in [(1.0, 2), (2.0, 3)] {
+        if live_epoch == 3 {
+            kill9(&mut w2);
+        }
+        w2 = net.spawn(&topo, 2, false, &[]);
+        assert!(
+            wait_until(Duration::from_secs(60), peers_see_w2),
+            "w2 did not reconnect"
+        );
+        let dir = s.path(&format!("zombie{round}"));
+        copy_dir(&pristine, &dir);
+        let zombie_http = format!("127.0.0.1:{}", free_port());
+        let mut zombie = Running(
+            millrace()
+                .args([
+                    "run",
+                    topo.to_str().expect("path"),
+                    "--worker",
+                    "w2",
+                    "--data-dir",
+                    dir.to_str().expect("path"),
+                    "--listen",
+                    &format!("127.0.0.1:{}", free_port()),
+                    "--http",
+                    &zombie_http,
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::inherit())
+                .spawn()
+                .expect("spawn zombie"),
+        );
+        assert!(
+            wait_until(Duration::from_secs(60), || refused(round)),
+            "w0 and w1 did not both refuse the zombie at epoch 2 (live w2 at {live_epoch})"
+        );
+        assert_eq!(
+            metric(&zombie_http, "millrace_net_records_sent_total{peer=\"w1\"}").unwrap_or(0.0),
+            0.0,
+            "the zombie sent records"
+        );
+        assert!(peers_see_w2(), "the zombie displaced the live w2");
+        kill9(&mut zombie);
+    }
     let mut workers = vec![w0, w1, w2];
     wait_all_exit(&mut workers, Duration::from_secs(120));
     check_output(&s, records, keys);

@@ -75,6 +75,9 @@ pub struct Greeting {
     pub epochs: Vec<(u32, u64)>,
     /// Random number the other side signs.
     pub nonce: u64,
+    /// Random id of the sender's process, fixed for its life: two processes
+    /// claiming the same epochs are told apart by it.
+    pub incarnation: u64,
     /// In a `Hello`: HMAC-SHA256 over the acceptor's nonce and this greeting.
     /// All zeros in a `Challenge`.
     pub mac: [u8; MAC_LEN],
@@ -146,6 +149,7 @@ impl Frame {
                     out.put_u64(*epoch);
                 }
                 out.put_u64(g.nonce);
+                out.put_u64(g.incarnation);
                 out.put_slice(&g.mac);
             }
             Frame::Welcome { mac } => out.put_slice(mac),
@@ -296,6 +300,7 @@ fn parse(kind: u8, body: Bytes) -> Result<Frame, FrameError> {
                 topology,
                 epochs,
                 nonce: p.u64()?,
+                incarnation: p.u64()?,
                 mac: p.mac()?,
             };
             p.end(if kind == CHALLENGE {
@@ -350,16 +355,19 @@ mod tests {
             "[a-z0-9-]{0,12}",
             any::<u64>(),
             proptest::collection::vec((any::<u32>(), any::<u64>()), 0..6),
-            any::<u64>(),
+            any::<(u64, u64)>(),
             any::<[u8; MAC_LEN]>(),
         )
-            .prop_map(|(worker, topology, epochs, nonce, mac)| Greeting {
-                worker,
-                topology,
-                epochs,
-                nonce,
-                mac,
-            })
+            .prop_map(
+                |(worker, topology, epochs, (nonce, incarnation), mac)| Greeting {
+                    worker,
+                    topology,
+                    epochs,
+                    nonce,
+                    incarnation,
+                    mac,
+                },
+            )
     }
 
     fn frame() -> impl Strategy<Value = Frame> {

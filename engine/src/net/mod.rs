@@ -18,7 +18,8 @@
 //! nonce) or `Refused`. Fencing: each side remembers the highest epoch it has
 //! seen for every shard of its peers (persisted) and refuses a greeting with
 //! a lower one: a stale copy of a worker (a zombie) cannot deliver anything.
-//! A newer incarnation of a peer replaces an older connection.
+//! A greeting at the epoch another process (another incarnation id) holds is
+//! refused too. A newer incarnation of a peer replaces an older connection.
 
 pub mod frame;
 
@@ -94,8 +95,11 @@ struct Net {
     secret: Vec<u8>,
     fingerprint: u64,
     epochs: Vec<(u32, u64)>,
-    /// Highest epoch seen per shard of another worker.
-    seen_epochs: Mutex<HashMap<u32, u64>>,
+    /// Highest epoch seen per shard of another worker, and the incarnation
+    /// that holds it (0 when only the persisted epoch is known).
+    seen_epochs: Mutex<HashMap<u32, (u64, u64)>>,
+    /// This process's incarnation id.
+    incarnation: u64,
     inboxes: Vec<Sender<Vec<Msg>>>,
     shared: Arc<Shared>,
     store: Arc<Store>,
@@ -135,6 +139,7 @@ impl Net {
         m.update(&nonce.to_be_bytes());
         m.update(g.worker.as_bytes());
         m.update(&g.topology.to_be_bytes());
+        m.update(&g.incarnation.to_be_bytes());
         for (s, e) in &g.epochs {
             m.update(&s.to_be_bytes());
             m.update(&e.to_be_bytes());
@@ -148,6 +153,7 @@ impl Net {
             topology: self.fingerprint,
             epochs: self.epochs.clone(),
             nonce,
+            incarnation: self.incarnation,
             mac: [0; MAC_LEN],
         }
     }
@@ -183,7 +189,7 @@ impl Net {
                     ),
                 ));
             }
-            if let Some(&had) = seen.get(&sid) {
+            if let Some(&(had, holder)) = seen.get(&sid) {
                 if epoch < had {
                     return Err((
                         "epoch",
@@ -193,12 +199,21 @@ impl Net {
                         ),
                     ));
                 }
+                if epoch == had && holder != 0 && holder != g.incarnation {
+                    return Err((
+                        "epoch",
+                        format!(
+                            "worker `{}`: another process already holds shard {sid} at epoch {epoch} (a zombie?)",
+                            g.worker
+                        ),
+                    ));
+                }
             }
         }
         let mut changed = Vec::new();
         for &(sid, epoch) in &g.epochs {
-            if seen.get(&sid) != Some(&epoch) {
-                seen.insert(sid, epoch);
+            let had = seen.insert(sid, (epoch, g.incarnation));
+            if had.map(|(e, _)| e) != Some(epoch) {
                 changed.push((sid, epoch));
             }
         }
@@ -266,7 +281,7 @@ impl Transport {
                     KeyReader::new(&k[scan.len()..]).u32(),
                     <[u8; 8]>::try_from(v).map(u64::from_be_bytes),
                 ) {
-                    seen.insert(sid, e);
+                    seen.insert(sid, (e, 0));
                 }
                 true
             })
@@ -286,6 +301,7 @@ impl Transport {
             secret: cfg.secret,
             epochs: cfg.epochs,
             seen_epochs: Mutex::new(seen),
+            incarnation: random_u64() | 1,
             inboxes: cfg.inboxes,
             shared: cfg.shared,
             store: cfg.store,
