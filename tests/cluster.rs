@@ -74,6 +74,29 @@ fn three_workers_count_exactly_and_exit_when_done() {
 }
 
 #[test]
+fn sigterm_drains_every_worker_and_a_restart_completes_exactly() {
+    let s = Scratch::new();
+    let net = ClusterNet::new(2);
+    let topo = topology(&s, &net, (6_000, 50, Some(2_000)), "");
+    let out = s.path("out.jsonl");
+    let mut workers: Vec<Running> = (0..2).map(|i| net.spawn(&topo, i, false, &[])).collect();
+    assert!(wait_until(Duration::from_secs(60), || file_len(&out) > 2_000));
+    for w in &workers {
+        term(w);
+    }
+    wait_all_exit(&mut workers, Duration::from_secs(60));
+    let drained = read_jsonl(&out);
+    assert_running_counts(&drained);
+    assert!(
+        (drained.len() as u64) < 6_000,
+        "the run ended before the drain"
+    );
+    let mut workers: Vec<Running> = (0..2).map(|i| net.spawn(&topo, i, false, &[])).collect();
+    wait_all_exit(&mut workers, Duration::from_secs(120));
+    check_output(&s, 6_000, 50);
+}
+
+#[test]
 fn a_worker_without_the_secret_is_refused_and_counted() {
     let s = Scratch::new();
     let net = ClusterNet::new(2);

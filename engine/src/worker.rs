@@ -50,7 +50,7 @@ impl Shared {
     }
 
     /// Everything produced has been applied and committed downstream.
-    fn drained(&self) -> bool {
+    pub(crate) fn drained(&self) -> bool {
         self.unacked.load(Ordering::SeqCst) == 0 && self.wm_inflight.load(Ordering::SeqCst) == 0
     }
 }
@@ -325,7 +325,16 @@ impl Worker {
     /// flight has been delivered. Returns whether the drain completed.
     pub fn drain(&self, timeout: Duration) -> Result<bool, EngineError> {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        self.wait_for(timeout, || self.shared.drained())
+        // In a cluster, stay (and keep acknowledging) while a draining peer
+        // still waits for this worker; first give peers stopped at the same
+        // time a few heartbeats to say so.
+        let since = Instant::now();
+        self.wait_for(timeout, || {
+            self.shared.drained()
+                && self.transport.as_ref().is_none_or(|t| {
+                    since.elapsed() >= crate::net::STATUS_SETTLE && t.peers_drained()
+                })
+        })
     }
 
     /// Waits until `done` holds (true), `timeout` passes (false) or an

@@ -56,12 +56,38 @@ pub enum Frame {
         wm: i64,
     },
     /// Periodic liveness and completion report.
-    Status {
-        /// Every shard of the sender has its output watermark at the end of time.
-        done: bool,
-        /// The sender has seen every worker done and will exit.
-        finished: bool,
-    },
+    Status(Status),
+}
+
+/// What a worker reports about itself every heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Status {
+    /// Every shard of the sender has its output watermark at the end of time.
+    pub done: bool,
+    /// The sender has seen every worker done and will exit.
+    pub finished: bool,
+    /// The sender is draining (SIGTERM): its sources are stopped.
+    pub stopping: bool,
+    /// The sender is draining and everything it produced is acknowledged.
+    pub drained: bool,
+}
+
+impl Status {
+    fn flags(self) -> u8 {
+        u8::from(self.done)
+            | u8::from(self.finished) << 1
+            | u8::from(self.stopping) << 2
+            | u8::from(self.drained) << 3
+    }
+
+    fn from_flags(f: u8) -> Status {
+        Status {
+            done: f & 1 != 0,
+            finished: f & 2 != 0,
+            stopping: f & 4 != 0,
+            drained: f & 8 != 0,
+        }
+    }
 }
 
 /// What a worker says about itself in a handshake.
@@ -129,7 +155,7 @@ impl Frame {
             Frame::Deliver { .. } => DELIVER,
             Frame::Ack { .. } => ACK,
             Frame::Watermark { .. } => WATERMARK,
-            Frame::Status { .. } => STATUS,
+            Frame::Status(_) => STATUS,
         }
     }
 
@@ -167,9 +193,7 @@ impl Frame {
                 out.put_u32(*from);
                 out.put_i64(*wm);
             }
-            Frame::Status { done, finished } => {
-                out.put_u8(u8::from(*done) | u8::from(*finished) << 1)
-            }
+            Frame::Status(st) => out.put_u8(st.flags()),
         }
         let body = &out[start + HEADER_LEN..];
         let len = body.len() as u32;
@@ -334,13 +358,10 @@ fn parse(kind: u8, body: Bytes) -> Result<Frame, FrameError> {
         }
         _ => {
             let flags = p.u8()?;
-            if flags > 3 {
+            if flags > 15 {
                 return Err(p.bad("unknown flags"));
             }
-            p.end(Frame::Status {
-                done: flags & 1 != 0,
-                finished: flags & 2 != 0,
-            })
+            p.end(Frame::Status(Status::from_flags(flags)))
         }
     }
 }
@@ -390,8 +411,7 @@ mod tests {
             }),
             (any::<u32>(), any::<u64>()).prop_map(|(ch, upto)| Frame::Ack { ch, upto }),
             (any::<u32>(), any::<i64>()).prop_map(|(from, wm)| Frame::Watermark { from, wm }),
-            (any::<bool>(), any::<bool>())
-                .prop_map(|(done, finished)| Frame::Status { done, finished }),
+            (0u8..16).prop_map(|f| Frame::Status(Status::from_flags(f))),
         ]
     }
 

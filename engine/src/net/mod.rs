@@ -28,7 +28,7 @@ use crate::plan::{Plan, Sid};
 use crate::worker::Shared;
 use bytes::BytesMut;
 use crossbeam_channel::Sender;
-use frame::{Frame, Greeting, MAC_LEN};
+use frame::{Frame, Greeting, Status, MAC_LEN};
 use hmac::{Hmac, Mac};
 use millrace_storage::{Cf, KeyReader, KeyWriter, Store};
 use parking_lot::Mutex;
@@ -44,6 +44,8 @@ use tokio::sync::mpsc;
 
 /// How often a connection carries a `Status` frame (and proves it is alive).
 const HEARTBEAT: Duration = Duration::from_millis(100);
+/// How long a draining worker waits to hear whether its peers drain too.
+pub(crate) const STATUS_SETTLE: Duration = Duration::from_millis(300);
 /// A connection silent for this long is considered dead.
 const SILENCE: Duration = Duration::from_secs(5);
 /// Longest a handshake may take.
@@ -82,8 +84,8 @@ pub(crate) struct Transport {
 struct Peer {
     id: String,
     address: String,
-    /// Latest `Status` received: (done, finished).
-    status: Mutex<(bool, bool)>,
+    /// Latest `Status` received.
+    status: Mutex<Status>,
     /// Our `finished` status has been written to this peer.
     told_finished: AtomicBool,
     up: AtomicBool,
@@ -246,7 +248,7 @@ impl Net {
                 .peers
                 .iter()
                 .enumerate()
-                .all(|(w, p)| w == self.me || p.status.lock().0)
+                .all(|(w, p)| w == self.me || p.status.lock().done)
     }
 
     /// Sends `msgs` to the executors, grouped per executor.
@@ -312,7 +314,7 @@ impl Transport {
                 .map(|w| Peer {
                     id: w.id.clone(),
                     address: w.address.clone(),
-                    status: Mutex::new((false, false)),
+                    status: Mutex::new(Status::default()),
                     told_finished: AtomicBool::new(false),
                     up: AtomicBool::new(false),
                 })
@@ -350,9 +352,20 @@ impl Transport {
         }
         let since = *net.all_done_since.lock().get_or_insert_with(Instant::now);
         let told = net.peers.iter().enumerate().all(|(w, p)| {
-            w == net.me || (p.status.lock().1 && p.told_finished.load(Ordering::SeqCst))
+            w == net.me || (p.status.lock().finished && p.told_finished.load(Ordering::SeqCst))
         });
         told || since.elapsed() >= LINGER
+    }
+
+    /// Whether no peer still needs this worker to drain: each one is either
+    /// not draining itself (it will re-send after this worker restarts),
+    /// not connected, or drained.
+    pub fn peers_drained(&self) -> bool {
+        let net = &*self.net;
+        net.peers.iter().enumerate().all(|(w, p)| {
+            let st = *p.status.lock();
+            w == net.me || !st.stopping || st.drained || !p.up.load(Ordering::SeqCst)
+        })
     }
 
     /// Peer ids whose connection is up, for `/status`.
@@ -683,7 +696,9 @@ async fn run(
             _ = heartbeat.tick() => {
                 let done = net.local_done();
                 let finished = net.all_done();
-                Frame::Status { done, finished }.encode(&mut wire);
+                let stopping = net.shared.stopping.load(Ordering::SeqCst);
+                let drained = stopping && net.shared.drained();
+                Frame::Status(Status { done, finished, stopping, drained }).encode(&mut wire);
                 if finished {
                     // Written below. Should the write fail, the peer learns it
                     // on the next connection, or stops waiting after LINGER.
@@ -816,8 +831,8 @@ async fn read_loop(
                         }
                     }
                 }
-                Frame::Status { done, finished } => {
-                    *net.peers[w].status.lock() = (done, finished);
+                Frame::Status(st) => {
+                    *net.peers[w].status.lock() = st;
                 }
                 other => break 'conn bad(format!("unexpected {other:?} after the handshake")),
             }
