@@ -382,8 +382,10 @@ impl Transport {
 
 impl Drop for Transport {
     fn drop(&mut self) {
+        // Wait for the tasks to be dropped: they hold the store, which must
+        // close (and stop RocksDB's threads) before the process exits.
         if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+            rt.shutdown_timeout(Duration::from_secs(2));
         }
     }
 }
