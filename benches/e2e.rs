@@ -203,9 +203,14 @@ fn run_cluster(text: &str, records: u64, workers: usize) -> (Run, u64) {
     )
 }
 
+/// `commit_interval` of p1 and p3: MILLRACE_BENCH_COMMIT_INTERVAL, default 2ms.
+fn commit_interval() -> String {
+    std::env::var("MILLRACE_BENCH_COMMIT_INTERVAL").unwrap_or_else(|_| "2ms".into())
+}
+
 /// P1's topology: the running count of `records` generated records over `keys` keys.
 fn running_count(records: u64, keys: u64, shards: u32) -> String {
-    let ci = std::env::var("MILLRACE_BENCH_COMMIT_INTERVAL").unwrap_or_else(|_| "2ms".into());
+    let ci = commit_interval();
     format!(
         r#"
 [service]
@@ -357,8 +362,7 @@ path = "{{dir}}/out.jsonl"
 "#,
                 rate = rate.map_or(String::new(), |r| format!("rate = {r}")),
                 batch = env_u64("MILLRACE_BENCH_BATCH", 4096),
-                interval = std::env::var("MILLRACE_BENCH_COMMIT_INTERVAL")
-                    .unwrap_or_else(|_| "2ms".into()),
+                interval = commit_interval(),
                 // One shard per executor thread: on 2 cores more shards only
                 // add per-turn work (channels, checkpoints) to every commit.
                 shards = env_u64("MILLRACE_BENCH_P3_SHARDS", cpus as u64),

@@ -50,7 +50,7 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
     let topology = Topology::load(file)?;
     let worker_http = topology.cluster.as_ref().and_then(|c| {
         let id = worker_id.as_deref()?;
-        c.workers.iter().find(|w| w.id == id)?.http.clone()
+        c.worker(id)?.http.clone()
     });
     let http_addr = match http_addr.as_deref().or(worker_http.as_deref()) {
         Some("off") => None,

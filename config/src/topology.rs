@@ -85,6 +85,11 @@ impl ClusterConfig {
     pub fn index_of(&self, id: &str) -> Option<usize> {
         self.workers.iter().position(|w| w.id == id)
     }
+
+    /// Worker `id`'s entry.
+    pub fn worker(&self, id: &str) -> Option<&WorkerConfig> {
+        self.index_of(id).map(|i| &self.workers[i])
+    }
 }
 
 #[derive(Deserialize)]
@@ -537,9 +542,10 @@ fn cluster_config(raw: RawCluster, locator: &Locator) -> Result<ClusterConfig, C
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
         {
-            return Err(locator.error(
+            return Err(locator.error_in_entry(
                 "cluster.workers",
-                Some("id"),
+                n,
+                "id",
                 format!(
                     "worker id `{}` must be non-empty letters, digits, `-` or `_`",
                     w.id

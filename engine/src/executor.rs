@@ -314,7 +314,7 @@ impl Executor {
             let mut dests: Vec<usize> = spec
                 .downstream
                 .iter()
-                .map(|&(w, exec)| if w == self.me { exec } else { plan.threads + w })
+                .map(|&(w, exec)| plan.destination_of(self.me, w, exec))
                 .collect();
             dests.sort_unstable();
             dests.dedup();
@@ -727,14 +727,7 @@ impl Executor {
         shared
             .unacked
             .fetch_add(std::mem::take(&mut self.produced_count), Ordering::SeqCst);
-        let dest = |sid: Sid| {
-            let s = &plan.shards[sid as usize];
-            if s.worker == self.me {
-                s.executor
-            } else {
-                plan.threads + s.worker
-            }
-        };
+        let dest = |sid: Sid| plan.destination(self.me, sid);
         for (ch, upto) in std::mem::take(&mut self.acks) {
             let src = plan.channels[ch as usize].src;
             self.outgoing[dest(src)].push(Msg::Ack { ch, upto });

@@ -331,6 +331,22 @@ impl Plan {
         crate::keying::fnv1a(text.as_bytes())
     }
 
+    /// Where worker `me` sends messages for shard `sid`: the index of its
+    /// executor (`0..threads`) when `me` owns it, else `threads + worker`.
+    pub fn destination(&self, me: usize, sid: Sid) -> usize {
+        let s = &self.shards[sid as usize];
+        self.destination_of(me, s.worker, s.executor)
+    }
+
+    /// [`Plan::destination`] of executor `executor` of worker `worker`.
+    pub fn destination_of(&self, me: usize, worker: usize, executor: usize) -> usize {
+        if worker == me {
+            executor
+        } else {
+            self.threads + worker
+        }
+    }
+
     /// The channel from producer shard `src_shard` to consumer shard `dst_shard` of `edge`.
     pub fn channel(&self, edge: usize, src_shard: u32, dst_shard: u32) -> ChannelIdx {
         let e = &self.edges[edge];

@@ -80,9 +80,7 @@ pub fn data_dir_of(
     }
     match (topology.cluster.as_ref(), worker) {
         (Some(c), Some(id)) => c
-            .workers
-            .iter()
-            .find(|w| w.id == id)
+            .worker(id)
             .and_then(|w| w.data_dir.clone())
             .unwrap_or_else(|| topology.service.data_dir.join(id)),
         _ => topology.service.data_dir.clone(),

@@ -32,14 +32,14 @@ pub enum Frame {
         /// Why, for the dialer's log.
         reason: String,
     },
-    /// Production `seq` of channel `ch`, an encoded [`crate::Envelope`].
+    /// Production `seq` of channel `ch`.
     Deliver {
         /// Plan channel index.
         ch: u32,
         /// Sequence number within the channel.
         seq: u64,
-        /// The record.
-        env: Bytes,
+        /// The record (its shape checked when decoded).
+        env: crate::Envelope,
     },
     /// The consumer of `ch` applied (and committed) everything up to `upto`.
     Ack {
@@ -183,7 +183,7 @@ impl Frame {
             Frame::Deliver { ch, seq, env } => {
                 out.put_u32(*ch);
                 out.put_u64(*seq);
-                out.put_slice(env);
+                out.put_slice(&env.0);
             }
             Frame::Ack { ch, upto } => {
                 out.put_u32(*ch);
@@ -344,8 +344,8 @@ fn parse(kind: u8, body: Bytes) -> Result<Frame, FrameError> {
         DELIVER => {
             let ch = p.u32()?;
             let seq = p.u64()?;
-            let env = std::mem::take(&mut p.b);
-            crate::Envelope::from_bytes(env.clone()).map_err(|_| p.bad("record envelope"))?;
+            let env = crate::Envelope::from_bytes(std::mem::take(&mut p.b))
+                .map_err(|_| p.bad("record envelope"))?;
             Ok(Frame::Deliver { ch, seq, env })
         }
         ACK => {
@@ -398,7 +398,7 @@ mod tests {
             any::<i64>(),
             any::<i64>(),
         )
-            .prop_map(|(k, v, ts, ing)| crate::Envelope::encode(&k, &v, ts, ing).0);
+            .prop_map(|(k, v, ts, ing)| crate::Envelope::encode(&k, &v, ts, ing));
         prop_oneof![
             greeting().prop_map(Frame::Challenge),
             greeting().prop_map(Frame::Hello),

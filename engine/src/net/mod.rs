@@ -735,7 +735,7 @@ fn encode(msgs: &[Msg], wire: &mut BytesMut) -> u64 {
                 Frame::Deliver {
                     ch: *ch,
                     seq: *seq,
-                    env: env.0.clone(),
+                    env: env.clone(),
                 }
             }
             Msg::Ack { ch, upto } => Frame::Ack {
@@ -797,9 +797,6 @@ async fn read_loop(
                         ));
                     }
                     received.inc();
-                    let Ok(env) = crate::Envelope::from_bytes(env) else {
-                        break 'conn bad("malformed record".into());
-                    };
                     batches[plan.shards[c.dst as usize].executor].push(Msg::Deliver {
                         ch,
                         seq,
