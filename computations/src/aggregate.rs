@@ -173,6 +173,188 @@ impl Acc {
     }
 }
 
+/// Reads the binary forms written by [`Acc::encode`] and the window's
+/// pane codec; every read checks the length left.
+pub(crate) struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Reader { buf }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.buf.len() < n {
+            return Err(format!(
+                "truncated: {n} bytes wanted, {} left",
+                self.buf.len()
+            ));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let b = self.take(N)?;
+        let mut a = [0; N];
+        a.copy_from_slice(b);
+        Ok(a)
+    }
+
+    pub fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    pub fn u32(&mut self) -> Result<u32, String> {
+        self.array().map(u32::from_le_bytes)
+    }
+
+    pub fn u64(&mut self) -> Result<u64, String> {
+        self.array().map(u64::from_le_bytes)
+    }
+
+    pub fn i64(&mut self) -> Result<i64, String> {
+        self.array().map(i64::from_le_bytes)
+    }
+
+    pub fn f64(&mut self) -> Result<f64, String> {
+        self.array().map(f64::from_le_bytes)
+    }
+
+    /// A length (u32) that must not exceed the bytes left (each item takes one at least).
+    pub fn len(&mut self) -> Result<usize, String> {
+        let n = self.u32()? as usize;
+        if n > self.buf.len() {
+            return Err(format!(
+                "length {n} exceeds the {} bytes left",
+                self.buf.len()
+            ));
+        }
+        Ok(n)
+    }
+
+    pub fn string(&mut self) -> Result<String, String> {
+        let n = self.len()?;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "text is not UTF-8".to_owned())
+    }
+}
+
+/// Appends the binary helpers' length-prefixed string.
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+impl Acc {
+    /// Appends the binary form: a tag byte, then the values, little-endian.
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        fn opt(out: &mut Vec<u8>, v: Option<f64>) {
+            out.push(u8::from(v.is_some()));
+            out.extend_from_slice(&v.unwrap_or(0.0).to_le_bytes());
+        }
+        match self {
+            Acc::Count(c) => {
+                out.push(0);
+                out.extend_from_slice(&c.to_le_bytes());
+            }
+            Acc::Sum(s) => {
+                out.push(1);
+                out.extend_from_slice(&s.to_le_bytes());
+            }
+            Acc::Min(m) => {
+                out.push(2);
+                opt(out, *m);
+            }
+            Acc::Max(m) => {
+                out.push(3);
+                opt(out, *m);
+            }
+            Acc::Mean { sum, n } => {
+                out.push(4);
+                out.extend_from_slice(&sum.to_le_bytes());
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+            Acc::Top { n, items } => {
+                out.push(5);
+                out.extend_from_slice(&(*n as u32).to_le_bytes());
+                out.extend_from_slice(&(items.len() as u32).to_le_bytes());
+                for f in items {
+                    out.extend_from_slice(&f.to_le_bytes());
+                }
+            }
+            Acc::Collect(v) => {
+                out.push(6);
+                out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                v.iter().for_each(|s| put_str(out, s));
+            }
+            Acc::Groups(g) => {
+                out.push(7);
+                out.extend_from_slice(&(g.len() as u32).to_le_bytes());
+                for (k, v) in g {
+                    put_str(out, k);
+                    out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                    v.iter().for_each(|s| put_str(out, s));
+                }
+            }
+        }
+    }
+
+    /// Reads what [`Acc::encode`] wrote.
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Acc, String> {
+        fn opt(r: &mut Reader<'_>) -> Result<Option<f64>, String> {
+            let some = r.u8()? != 0;
+            let v = r.f64()?;
+            Ok(some.then_some(v))
+        }
+        fn strings(r: &mut Reader<'_>) -> Result<Vec<String>, String> {
+            (0..r.len()?).map(|_| r.string()).collect()
+        }
+        Ok(match r.u8()? {
+            0 => Acc::Count(r.u64()?),
+            1 => Acc::Sum(r.f64()?),
+            2 => Acc::Min(opt(r)?),
+            3 => Acc::Max(opt(r)?),
+            4 => Acc::Mean {
+                sum: r.f64()?,
+                n: r.u64()?,
+            },
+            5 => {
+                let n = r.u32()? as usize;
+                let items = (0..r.len()?).map(|_| r.f64()).collect::<Result<_, _>>()?;
+                Acc::Top { n, items }
+            }
+            6 => Acc::Collect(strings(r)?),
+            7 => {
+                let mut g = BTreeMap::new();
+                for _ in 0..r.len()? {
+                    let k = r.string()?;
+                    g.insert(k, strings(r)?);
+                }
+                Acc::Groups(g)
+            }
+            t => return Err(format!("unknown aggregate tag {t}")),
+        })
+    }
+
+    /// Appends the result as JSON text, as `result().to_string()` would.
+    pub fn write_result(&self, out: &mut String) {
+        use std::fmt::Write;
+        match self {
+            // The common case without building a `Value`.
+            Acc::Count(c) => {
+                let _ = write!(out, "{c}");
+            }
+            other => out.push_str(&other.result().to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +390,41 @@ mod tests {
         g.add(b"1", "a").unwrap();
         g.add(b"2", "b").unwrap();
         assert_eq!(g.result().to_string(), r#"{"a":["1"],"b":["2"]}"#);
+    }
+
+    #[test]
+    fn every_aggregate_survives_its_binary_form() {
+        let mut groups = BTreeMap::new();
+        groups.insert("left".to_owned(), vec!["a".to_owned(), "é".to_owned()]);
+        groups.insert("right".to_owned(), Vec::new());
+        for acc in [
+            Acc::Count(7),
+            Acc::Sum(-2.5),
+            Acc::Min(None),
+            Acc::Max(Some(3.0)),
+            Acc::Mean { sum: 3.0, n: 2 },
+            Acc::Top {
+                n: 3,
+                items: vec![9.0, 5.5],
+            },
+            Acc::Collect(vec!["x".to_owned(), String::new()]),
+            Acc::Groups(groups),
+        ] {
+            let mut b = Vec::new();
+            acc.encode(&mut b);
+            let mut r = Reader::new(&b);
+            assert_eq!(Acc::decode(&mut r).unwrap(), acc);
+            assert!(r.is_empty());
+            let mut text = String::new();
+            acc.write_result(&mut text);
+            assert_eq!(text, acc.result().to_string());
+            // Every truncation is an error, never a panic.
+            for cut in 0..b.len() {
+                assert!(
+                    Acc::decode(&mut Reader::new(&b[..cut])).is_err(),
+                    "{acc:?} cut at {cut}"
+                );
+            }
+        }
     }
 }

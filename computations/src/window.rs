@@ -13,10 +13,11 @@
 //! Records later than the allowed lateness go, unchanged, to the output
 //! `NAME.late` (and are counted in `millrace_late_records_total`).
 
-use crate::aggregate::{parse_aggregate, Acc};
+use crate::aggregate::{parse_aggregate, put_str, Acc, Reader};
+use bytes::Bytes;
 use millrace_config::{Component, ConfigError, HumanDuration};
 use millrace_engine::{Computation, ComputationError, Context, Record, TimeDomain, Timer};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 /// How elements are assigned to windows.
@@ -234,7 +235,7 @@ impl WindowConfig {
 }
 
 /// One window's pane state for the current key.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 struct Pane {
     start: i64,
     end: i64,
@@ -250,6 +251,82 @@ struct Pane {
     step: usize,
     /// What the last firing emitted (for retractions).
     last: Option<Value>,
+}
+
+/// First byte of the binary form of a key's panes. Earlier versions stored
+/// JSON, which starts with `[`; both are read.
+const PANES_BINARY: u8 = 1;
+
+/// A key's panes as `1 | count u32 | pane*`, little-endian; each pane is
+/// `start i64 | end i64 | index u64 | flags u8 | since_fire u64 | [first_at
+/// i64] | step u32 | aggregate | [last: len u32 + JSON]`, where flags say
+/// whether the window fired on time (1), and whether `first_at` (2) and
+/// `last` (4) follow.
+fn encode_panes(panes: &[Pane]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + panes.len() * 64);
+    out.push(PANES_BINARY);
+    out.extend_from_slice(&(panes.len() as u32).to_le_bytes());
+    for p in panes {
+        out.extend_from_slice(&p.start.to_le_bytes());
+        out.extend_from_slice(&p.end.to_le_bytes());
+        out.extend_from_slice(&p.index.to_le_bytes());
+        let last = p.last.as_ref().map(Value::to_string);
+        out.push(
+            u8::from(p.on_time_done)
+                | (u8::from(p.first_at.is_some()) << 1)
+                | (u8::from(last.is_some()) << 2),
+        );
+        out.extend_from_slice(&p.since_fire.to_le_bytes());
+        if let Some(f) = p.first_at {
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+        out.extend_from_slice(&(p.step as u32).to_le_bytes());
+        p.acc.encode(&mut out);
+        if let Some(last) = last {
+            put_str(&mut out, &last);
+        }
+    }
+    out
+}
+
+fn decode_panes(b: &[u8]) -> Result<Vec<Pane>, String> {
+    if b.first() == Some(&b'[') {
+        return serde_json::from_slice(b).map_err(|e| e.to_string());
+    }
+    let mut r = Reader::new(b);
+    if r.u8()? != PANES_BINARY {
+        return Err("unknown format".into());
+    }
+    let n = r.len()?;
+    let mut panes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (start, end, index) = (r.i64()?, r.i64()?, r.u64()?);
+        let flags = r.u8()?;
+        let since_fire = r.u64()?;
+        let first_at = if flags & 2 != 0 { Some(r.i64()?) } else { None };
+        let step = r.u32()? as usize;
+        let acc = Acc::decode(&mut r)?;
+        let last = if flags & 4 != 0 {
+            Some(serde_json::from_str(&r.string()?).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
+        panes.push(Pane {
+            start,
+            end,
+            acc,
+            index,
+            on_time_done: flags & 1 != 0,
+            since_fire,
+            first_at,
+            step,
+            last,
+        });
+    }
+    if !r.is_empty() {
+        return Err("trailing bytes".into());
+    }
+    Ok(panes)
 }
 
 fn ready(t: &Trigger, p: &Pane, now: i64) -> bool {
@@ -295,11 +372,27 @@ impl Timing {
     }
 }
 
-fn tag(kind: char, p: &Pane) -> String {
-    format!("{kind}{}:{}", p.start, p.end)
+/// A pane's timer tag: `0 | kind u8 | start i64 BE | end i64 BE`, where
+/// kind is `e` (on time), `g` (expiry) or `p` (periodic). The leading zero
+/// tells it from the text tags (`KINDSTART:END`) of earlier versions.
+fn tag(kind: u8, p: &Pane) -> Bytes {
+    let mut t = Vec::with_capacity(18);
+    t.extend_from_slice(&[0, kind]);
+    t.extend_from_slice(&p.start.to_be_bytes());
+    t.extend_from_slice(&p.end.to_be_bytes());
+    Bytes::from(t)
 }
 
+/// Reads a tag written by [`tag`] or by an earlier version.
 fn parse_tag(t: &[u8]) -> Option<(u8, i64, i64)> {
+    if let [0, kind, rest @ ..] = t {
+        let (start, end) = rest.split_at_checked(8)?;
+        return Some((
+            *kind,
+            i64::from_be_bytes(start.try_into().ok()?),
+            i64::from_be_bytes(end.try_into().ok()?),
+        ));
+    }
     let s = std::str::from_utf8(t).ok()?;
     let kind = *s.as_bytes().first()?;
     let (a, b) = s.get(1..)?.split_once(':')?;
@@ -320,7 +413,7 @@ impl Window {
     fn load(ctx: &mut Context<'_>) -> Result<Vec<Pane>, ComputationError> {
         match ctx.state()? {
             None => Ok(Vec::new()),
-            Some(b) => serde_json::from_slice(&b).map_err(|e| {
+            Some(b) => decode_panes(&b).map_err(|e| {
                 ComputationError::BadRecord(format!("stored window state is not readable: {e}"))
             }),
         }
@@ -330,8 +423,7 @@ impl Window {
         if panes.is_empty() {
             ctx.clear_state();
         } else {
-            // Serialising plain data into a Vec cannot fail.
-            ctx.set_state(serde_json::to_vec(panes).unwrap_or_default());
+            ctx.set_state(encode_panes(panes));
         }
     }
 
@@ -350,8 +442,8 @@ impl Window {
     }
 
     fn clear_timers(ctx: &mut Context<'_>, p: &Pane) {
-        for k in ['e', 'g', 'p'] {
-            ctx.delete_timer(tag(k, p).as_bytes());
+        for k in [b'e', b'g', b'p'] {
+            ctx.delete_timer(&tag(k, p));
         }
     }
 
@@ -377,16 +469,32 @@ impl Window {
                 }
             }
             Output::Aggregate => {
-                let value = p.acc.result();
+                // As serde_json writes `json!({"window": .., "pane": .., "value": ..})`
+                // (keys in order), without building the `Value`s.
+                let head = |retraction: bool| {
+                    format!(
+                        r#"{{"pane":{{"index":{},"timing":"{}"}},{}"value":"#,
+                        p.index,
+                        timing.name(),
+                        if retraction {
+                            r#""retraction":true,"#
+                        } else {
+                            ""
+                        }
+                    )
+                };
+                let tail = format!(r#","window":{{"end":{},"start":{}}}}}"#, p.end, p.start);
                 if self.cfg.accumulation == Accumulation::Retracting {
-                    if let Some(old) = p.last.take() {
-                        let r = json!({"window": window, "pane": pane, "retraction": true, "value": old});
-                        ctx.produce(key.clone(), r.to_string(), ts);
+                    let value = p.acc.result();
+                    if let Some(old) = p.last.replace(value) {
+                        let r = format!("{}{old}{tail}", head(true));
+                        ctx.produce(key.clone(), r, ts);
                     }
-                    p.last = Some(value.clone());
                 }
-                let v = json!({"window": window, "pane": pane, "value": value});
-                ctx.produce(key, v.to_string(), ts);
+                let mut v = head(false);
+                p.acc.write_result(&mut v);
+                v.push_str(&tail);
+                ctx.produce(key, v, ts);
             }
         }
         if self.cfg.accumulation == Accumulation::Discarding {
@@ -410,9 +518,9 @@ impl Window {
         let now = ctx.now();
         if p.since_fire > 0 && ready(trigger, p, now) {
             self.fire(ctx, p, timing);
-            ctx.delete_timer(tag('p', p).as_bytes());
+            ctx.delete_timer(&tag(b'p', p));
         } else if let Some(at) = deadline(trigger, p) {
-            ctx.set_timer(tag('p', p), TimeDomain::ProcessingTime, at);
+            ctx.set_timer(tag(b'p', p), TimeDomain::ProcessingTime, at);
         }
     }
 }
@@ -421,7 +529,11 @@ impl Computation for Window {
     fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
         let wm = ctx.low_watermark();
         let now = ctx.now();
-        let input = ctx.input().to_owned();
+        // Only groups (cogroup, join) need the input's name.
+        let input = match self.cfg.aggregate {
+            Acc::Groups(_) => ctx.input().to_owned(),
+            _ => String::new(),
+        };
         let mut panes = Self::load(ctx)?;
         let mut accepted = false;
         for (start, end) in self.cfg.assign(r.timestamp) {
@@ -461,7 +573,7 @@ impl Computation for Window {
             pane.since_fire += 1;
             pane.first_at.get_or_insert(now);
             if !pane.on_time_done {
-                ctx.set_timer(tag('e', &pane), TimeDomain::EventTime, pane.end - 1);
+                ctx.set_timer(tag(b'e', &pane), TimeDomain::EventTime, pane.end - 1);
             }
             self.maybe_fire(ctx, &mut pane);
             let at = panes.partition_point(|p| (p.start, p.end) < (pane.start, pane.end));
@@ -494,12 +606,12 @@ impl Computation for Window {
                     self.fire(ctx, &mut p, Timing::OnTime);
                 }
                 p.on_time_done = true;
-                ctx.delete_timer(tag('p', &p).as_bytes());
+                ctx.delete_timer(&tag(b'p', &p));
                 if self.cfg.lateness == 0 {
                     keep = false;
                 } else {
                     ctx.set_timer(
-                        tag('g', &p),
+                        tag(b'g', &p),
                         TimeDomain::EventTime,
                         p.end - 1 + self.cfg.lateness,
                     );
@@ -638,5 +750,35 @@ mod tests {
             Some(150)
         );
         assert_eq!(parse_tag(b"e-5:10"), Some((b'e', -5, 10)));
+        let p = Window::new(cfg(WindowSpec::Fixed { size: d(10) })).new_pane(-5, 10);
+        assert_eq!(parse_tag(&tag(b'g', &p)), Some((b'g', -5, 10)));
+        assert_eq!(parse_tag(&tag(b'g', &p)[..17]), None);
+    }
+
+    #[test]
+    fn panes_survive_their_binary_form_and_old_json_still_reads() {
+        let w = Window::new(cfg(WindowSpec::Fixed { size: d(10) }));
+        let mut a = w.new_pane(0, 10);
+        a.acc = Acc::Count(3);
+        let mut b = w.new_pane(10, 20);
+        b.acc = Acc::Collect(vec!["x".into()]);
+        b.on_time_done = true;
+        b.first_at = Some(-4);
+        b.since_fire = 2;
+        b.index = 5;
+        b.step = 1;
+        b.last = Some(json!({"k": [1, "two"]}));
+        let panes = vec![a, b];
+        let bytes = encode_panes(&panes);
+        assert_eq!(decode_panes(&bytes).unwrap(), panes);
+        for cut in 0..bytes.len() {
+            assert!(decode_panes(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let old = r#"[{"start":0,"end":10,"acc":{"Count":3},"index":0,"on_time_done":false,"since_fire":3,"first_at":null,"step":0,"last":null}]"#;
+        let read = decode_panes(old.as_bytes()).unwrap();
+        assert_eq!(
+            (read[0].end, &read[0].acc, read[0].since_fire),
+            (10, &Acc::Count(3), 3)
+        );
     }
 }

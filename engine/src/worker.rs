@@ -270,7 +270,21 @@ impl Worker {
             let handle = std::thread::Builder::new()
                 .name(format!("millrace-exec-{id}"))
                 .spawn(move || {
-                    let result = ex.run();
+                    // A panic (a bug in a computation, or in the engine) stops
+                    // the worker with an error instead of leaving it waiting
+                    // for an executor that is gone.
+                    let result =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ex.run()))
+                            .unwrap_or_else(|panic| {
+                                let why = panic
+                                    .downcast_ref::<&str>()
+                                    .map(|s| s.to_string())
+                                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                                    .unwrap_or_else(|| "unknown panic".into());
+                                Err(EngineError::Thread(format!(
+                                    "executor {id} panicked: {why}"
+                                )))
+                            });
                     if let Err(e) = &result {
                         shared.metrics.fatal_errors.inc();
                         *shared.fatal.lock() = Some(e.to_string());
