@@ -94,10 +94,16 @@ fn run_three_panes(accumulation: &str) -> Vec<Value> {
     // 7 at 1s; then the watermark passes 10s (an event of key b at 25s): on time.
     add(&inp, "1.csv", "a,1,7\nb,25,0\n");
     assert!(wait_until(T, for_a(1)), "on-time pane");
+    // A crash after each firing: the pane's expiry timer and the late
+    // trigger must come back from the committed state.
+    kill9(&mut child);
+    let mut child = spawn(&topo, "off");
     // 3 and 4 arrive late, within the allowed lateness: a late pane after two.
     add(&inp, "2.csv", "a,2,3\na,3,4\n");
     let want = if accumulation == "retracting" { 3 } else { 2 };
     assert!(wait_until(T, for_a(want)), "late pane of two");
+    kill9(&mut child);
+    let mut child = spawn(&topo, "off");
     // 8, then the watermark passes 10s + 30s: the window expires with a last pane.
     add(&inp, "3.csv", "a,4,8\nb,100,0\n");
     let want = if accumulation == "retracting" { 5 } else { 3 };

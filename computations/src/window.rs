@@ -632,6 +632,43 @@ impl Computation for Window {
         Self::save(ctx, &panes);
         Ok(())
     }
+
+    fn timers_follow_state(&self) -> bool {
+        true
+    }
+
+    /// Each pane's timers follow from the pane: the on-time timer until the
+    /// window fired on time, then the expiry timer (with allowed lateness),
+    /// and the processing-time timer of a pending early or late trigger.
+    fn restore_timers(
+        &mut self,
+        ctx: &mut Context<'_>,
+        state: &[u8],
+    ) -> Result<(), ComputationError> {
+        let panes = decode_panes(state).map_err(|e| {
+            ComputationError::BadRecord(format!("stored window state is not readable: {e}"))
+        })?;
+        for p in &panes {
+            if !p.on_time_done {
+                ctx.set_timer(tag(b'e', p), TimeDomain::EventTime, p.end - 1);
+            } else if self.cfg.lateness > 0 {
+                ctx.set_timer(
+                    tag(b'g', p),
+                    TimeDomain::EventTime,
+                    p.end - 1 + self.cfg.lateness,
+                );
+            }
+            let trigger = if p.on_time_done {
+                Some(&self.cfg.late)
+            } else {
+                self.cfg.early.as_ref()
+            };
+            if let Some(at) = trigger.and_then(|t| deadline(t, p)) {
+                ctx.set_timer(tag(b'p', p), TimeDomain::ProcessingTime, at);
+            }
+        }
+        Ok(())
+    }
 }
 
 pub(crate) fn register(r: &mut millrace_engine::Registry) {

@@ -55,6 +55,25 @@ pub trait Computation: Send + 'static {
     ) -> Result<(), ComputationError> {
         Ok(())
     }
+
+    /// Whether this computation's timers follow from its state alone. The
+    /// engine then keeps them in memory only (two RocksDB writes fewer per
+    /// timer: its put and its delete) and, at start, calls
+    /// [`Computation::restore_timers`] for every key that has state.
+    fn timers_follow_state(&self) -> bool {
+        false
+    }
+
+    /// Sets again, with [`Context::set_timer`], the timers of the current key,
+    /// whose committed state is `state`. Called at start, for each key with
+    /// state, when [`Computation::timers_follow_state`] holds.
+    fn restore_timers(
+        &mut self,
+        _ctx: &mut Context<'_>,
+        _state: &[u8],
+    ) -> Result<(), ComputationError> {
+        Ok(())
+    }
 }
 
 /// The view of a computation onto its shard while it handles one key.

@@ -245,6 +245,7 @@ impl Executor {
                 .as_deref()
                 .and_then(read_u64)
                 .map_or(MIN_TIME, |v| v as i64);
+            let follows_state = matches!(&body, Body::Compute(c) if c.timers_follow_state());
             let mut shard = ShardRt {
                 sid,
                 node: spec.node,
@@ -258,7 +259,11 @@ impl Executor {
                 cache: StateCache::new(
                     plan.topology.engine.state_cache_keys / node.shards.max(1) as usize,
                 ),
-                timers: Timers::load(store, &spec.prefix)?,
+                timers: if follows_state {
+                    Timers::volatile()
+                } else {
+                    Timers::load(store, &spec.prefix)?
+                },
                 upstream_wm,
                 input_wm: MIN_TIME,
                 output_wm,
@@ -268,6 +273,15 @@ impl Executor {
                 max_event: MIN_TIME,
             };
             shard.recompute_input_wm();
+            if follows_state {
+                restore_timers(
+                    store,
+                    &mut shard,
+                    &self.node_metrics[spec.node],
+                    &node.name,
+                    &node.ports,
+                )?;
+            }
             let mut restored = 0u64;
             for &e in node.out_edges.iter().flatten() {
                 let dst_shards = plan.nodes[plan.edges[e].to].shards;
@@ -790,6 +804,64 @@ impl Executor {
             .fetch_sub(std::mem::take(&mut self.released_count), Ordering::SeqCst);
         shared.notify();
     }
+}
+
+/// Rebuilds the in-memory timers of a shard whose computation derives them
+/// from its state: one `restore_timers` call per key with committed state.
+/// Timers an earlier version persisted for it are deleted.
+fn restore_timers(
+    store: &Store,
+    shard: &mut ShardRt,
+    metrics: &NodeMetrics,
+    component: &str,
+    ports: &[String],
+) -> Result<(), EngineError> {
+    let prefix = shard.prefix.clone();
+    let (mut malformed, mut failed) = (0usize, None);
+    let mut emits = Vec::new();
+    store.for_each_prefix(Cf::State, &prefix, |k, state| {
+        let Ok(key) = KeyReader::new(&k[prefix.len()..]).bytes() else {
+            malformed += 1;
+            return true;
+        };
+        let key = Bytes::from(key);
+        let at = KeyEnv {
+            store,
+            emits: &mut emits,
+            ports,
+            ingest: now_micros(),
+            input: "",
+        };
+        match shard.with_key(at, &key, |comp, ctx| comp.restore_timers(ctx, state)) {
+            Some(Err(ComputationError::BadRecord(why))) => {
+                bad_record(metrics, component, &key, &why)
+            }
+            Some(Err(ComputationError::Storage(e))) => failed = Some(e),
+            Some(Ok(())) | None => {}
+        }
+        // Restoring sets timers only; anything else is not kept.
+        emits.clear();
+        shard.dirty.clear();
+        failed.is_none()
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    if malformed > 0 {
+        tracing::warn!(component, malformed, "skipped malformed state keys");
+    }
+    let persisted = Timers::storage_prefix(&shard.prefix);
+    let mut any = false;
+    store.for_each_prefix(Cf::Timers, &persisted, |_, _| {
+        any = true;
+        false
+    })?;
+    if any {
+        let mut batch = store.batch();
+        batch.delete_prefix(Cf::Timers, &persisted);
+        store.commit(batch)?;
+    }
+    Ok(())
 }
 
 fn bad_record(metrics: &NodeMetrics, component: &str, key: &[u8], why: &str) {

@@ -50,9 +50,39 @@ pub(crate) struct Timers {
     by_time: BTreeSet<(TimeDomain, EventTime, Bytes, Bytes)>,
     by_key: HashMap<(Bytes, Bytes), (TimeDomain, EventTime)>,
     writes: Vec<(Vec<u8>, bool)>,
+    /// In memory only: the computation rebuilds them from its state at start.
+    volatile: bool,
 }
 
 impl Timers {
+    /// Timers kept in memory only (see `Computation::timers_follow_state`).
+    pub fn volatile() -> Timers {
+        Timers {
+            volatile: true,
+            ..Timers::default()
+        }
+    }
+
+    /// The prefix of this shard's persisted timers.
+    pub fn storage_prefix(prefix: &[u8]) -> Vec<u8> {
+        KeyWriter::from_prefix(prefix).tag(b't').finish()
+    }
+
+    fn record(
+        &mut self,
+        prefix: &[u8],
+        d: TimeDomain,
+        t: EventTime,
+        key: &[u8],
+        tag: &[u8],
+        put: bool,
+    ) {
+        if !self.volatile {
+            self.writes
+                .push((Self::storage_key(prefix, d, t, key, tag), put));
+        }
+    }
+
     fn storage_key(prefix: &[u8], d: TimeDomain, t: EventTime, key: &[u8], tag: &[u8]) -> Vec<u8> {
         KeyWriter::from_prefix(prefix)
             .tag(b't')
@@ -65,7 +95,7 @@ impl Timers {
 
     pub fn load(store: &Store, prefix: &[u8]) -> Result<Timers, StorageError> {
         let mut timers = Timers::default();
-        let scan = KeyWriter::from_prefix(prefix).tag(b't').finish();
+        let scan = Self::storage_prefix(prefix);
         let mut bad = 0usize;
         store.for_each_prefix(Cf::Timers, &scan, |k, _| {
             let mut r = KeyReader::new(&k[scan.len()..]);
@@ -97,8 +127,7 @@ impl Timers {
             return; // already set for that time: nothing to write
         }
         self.delete(prefix, key, &tag);
-        self.writes
-            .push((Self::storage_key(prefix, d, t, key, &tag), true));
+        self.record(prefix, d, t, key, &tag, true);
         self.by_time.insert((d, t, key.clone(), tag.clone()));
         self.by_key.insert((key.clone(), tag), (d, t));
     }
@@ -107,8 +136,7 @@ impl Timers {
         let id = (key.clone(), Bytes::copy_from_slice(tag));
         if let Some((d, t)) = self.by_key.remove(&id) {
             self.by_time.remove(&(d, t, id.0, id.1));
-            self.writes
-                .push((Self::storage_key(prefix, d, t, key, tag), false));
+            self.record(prefix, d, t, key, tag, false);
         }
     }
 
@@ -129,8 +157,7 @@ impl Timers {
         let (d, t, key, tag) = first.clone();
         self.by_time.remove(&(d, t, key.clone(), tag.clone()));
         self.by_key.remove(&(key.clone(), tag.clone()));
-        self.writes
-            .push((Self::storage_key(prefix, d, t, &key, &tag), false));
+        self.record(prefix, d, t, &key, &tag, false);
         Some((key, tag, t))
     }
 
