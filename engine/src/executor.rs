@@ -25,7 +25,7 @@ use crate::metrics::NodeMetrics;
 use crate::plan::{ChannelIdx, Maker, Plan, Sid};
 use crate::record::{now_micros, Envelope, TimeDomain, Timer, MAX_TIME, MIN_TIME};
 use crate::shard::{
-    position_key, read_u64, wm_key, Body, Emit, KeyEnv, ShardRt, SourceRt, StateCache, Timers,
+    position_key, read_u64, wm_key, Body, Emit, KeyEnv, KeyedState, ShardRt, SourceRt, Timers,
 };
 use crate::worker::Shared;
 use crate::EngineError;
@@ -255,8 +255,7 @@ impl Executor {
                 applied_dirty: BTreeSet::new(),
                 outs: HashMap::new(),
                 pending: VecDeque::new(),
-                dirty: HashMap::new(),
-                cache: StateCache::new(
+                state: KeyedState::new(
                     plan.topology.engine.state_cache_keys / node.shards.max(1) as usize,
                 ),
                 timers: if follows_state {
@@ -841,7 +840,7 @@ fn restore_timers(
         }
         // Restoring sets timers only; anything else is not kept.
         emits.clear();
-        shard.dirty.clear();
+        shard.state.discard_changes();
         failed.is_none()
     })?;
     if let Some(e) = failed {

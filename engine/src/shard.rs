@@ -191,35 +191,99 @@ impl Timers {
     }
 }
 
-/// Committed state of recently used keys, in front of RocksDB. Only this
-/// shard writes its keys, so the cache is never stale; when it outgrows its
-/// capacity it is emptied (and refills from RocksDB's block cache).
+/// The state of a shard's keys in memory: what changed since the last commit
+/// (the next checkpoint writes it) and the committed state of recently used
+/// keys, a cache in front of RocksDB. Only this shard writes its keys, so the
+/// cache is never stale. When it outgrows its capacity it keeps only the
+/// changes not yet committed, and refills from RocksDB's block cache.
+///
+/// One map serves both, so a record costs one lookup to read its key's state
+/// and one to change it.
 #[derive(Default)]
-pub(crate) struct StateCache {
-    map: HashMap<Bytes, Option<Bytes>>,
+pub(crate) struct KeyedState {
+    map: HashMap<Bytes, Slot>,
+    /// The keys changed since the last commit, each once.
+    changed: Vec<Bytes>,
     capacity: usize,
 }
 
-impl StateCache {
+struct Slot {
+    value: Option<Bytes>,
+    changed: bool,
+}
+
+impl KeyedState {
     pub fn new(capacity: usize) -> Self {
-        StateCache {
-            map: HashMap::new(),
+        KeyedState {
             capacity,
+            ..KeyedState::default()
         }
     }
 
-    fn get(&self, key: &Bytes) -> Option<&Option<Bytes>> {
-        self.map.get(key)
+    /// The state of `key` if it is in memory (`Some(None)`: known absent).
+    fn get(&self, key: &[u8]) -> Option<&Option<Bytes>> {
+        self.map.get(key).map(|s| &s.value)
     }
 
-    fn insert(&mut self, key: Bytes, value: Option<Bytes>) {
+    /// Remembers the committed state of `key`, just read from RocksDB.
+    fn fill(&mut self, key: Bytes, value: Option<Bytes>) {
         if self.capacity == 0 {
             return;
         }
         if self.map.len() >= self.capacity {
+            self.map.retain(|_, s| s.changed);
+        }
+        self.map.insert(
+            key,
+            Slot {
+                value,
+                changed: false,
+            },
+        );
+    }
+
+    /// Changes the state of `key` (committed by the next checkpoint).
+    fn set(&mut self, key: &Bytes, value: Option<Bytes>) {
+        match self.map.get_mut(&key[..]) {
+            Some(slot) => {
+                slot.value = value;
+                if !slot.changed {
+                    slot.changed = true;
+                    self.changed.push(key.clone());
+                }
+            }
+            None => {
+                self.map.insert(
+                    key.clone(),
+                    Slot {
+                        value,
+                        changed: true,
+                    },
+                );
+                self.changed.push(key.clone());
+            }
+        }
+    }
+
+    /// Hands each change since the last commit to `write`; they are then
+    /// committed state.
+    fn commit(&mut self, mut write: impl FnMut(&[u8], Option<&Bytes>)) {
+        for key in self.changed.drain(..) {
+            if let Some(slot) = self.map.get_mut(&key[..]) {
+                write(&key, slot.value.as_ref());
+                slot.changed = false;
+            }
+        }
+        if self.map.len() > self.capacity {
             self.map.clear();
         }
-        self.map.insert(key, value);
+    }
+
+    /// Forgets the changes since the last commit.
+    pub fn discard_changes(&mut self) {
+        for key in self.changed.drain(..) {
+            self.map.remove(&key[..]);
+        }
     }
 }
 
@@ -228,8 +292,7 @@ pub(crate) struct KeyScope<'a> {
     pub key: &'a Bytes,
     pub store: &'a Store,
     pub prefix: &'a [u8],
-    pub dirty: &'a mut HashMap<Bytes, Option<Bytes>>,
-    pub cache: &'a mut StateCache,
+    pub state: &'a mut KeyedState,
     pub timers: &'a mut Timers,
     pub emits: &'a mut Vec<Emit>,
     pub ports: &'a [String],
@@ -245,22 +308,19 @@ pub(crate) fn state_key(prefix: &[u8], key: &[u8]) -> Vec<u8> {
 
 impl KeyScope<'_> {
     pub fn state(&mut self) -> Result<Option<Bytes>, StorageError> {
-        if let Some(v) = self.dirty.get(self.key) {
-            return Ok(v.clone());
-        }
-        if let Some(v) = self.cache.get(self.key) {
+        if let Some(v) = self.state.get(self.key) {
             return Ok(v.clone());
         }
         let v = self
             .store
             .get(Cf::State, &state_key(self.prefix, self.key))?
             .map(Bytes::from);
-        self.cache.insert(self.key.clone(), v.clone());
+        self.state.fill(self.key.clone(), v.clone());
         Ok(v)
     }
 
     pub fn set_state(&mut self, v: Option<Bytes>) {
-        self.dirty.insert(self.key.clone(), v);
+        self.state.set(self.key, v);
     }
 
     pub fn produce(&mut self, output: Option<&str>, key: Bytes, value: Bytes, ts: EventTime) {
@@ -304,8 +364,7 @@ pub(crate) struct ShardRt {
     pub applied_dirty: BTreeSet<ChannelIdx>,
     pub outs: HashMap<ChannelIdx, OutChannel>,
     pub pending: VecDeque<(ChannelIdx, u64, Envelope)>,
-    pub dirty: HashMap<Bytes, Option<Bytes>>,
-    pub cache: StateCache,
+    pub state: KeyedState,
     pub timers: Timers,
     pub upstream_wm: Vec<EventTime>,
     pub input_wm: EventTime,
@@ -353,8 +412,7 @@ impl ShardRt {
                 key,
                 store: env.store,
                 prefix: &self.prefix,
-                dirty: &mut self.dirty,
-                cache: &mut self.cache,
+                state: &mut self.state,
                 timers: &mut self.timers,
                 emits: env.emits,
                 ports: env.ports,
@@ -439,14 +497,14 @@ impl ShardRt {
         channels: &[crate::plan::ChannelSpec],
         sync_sinks: bool,
     ) -> Result<(), crate::EngineError> {
-        for (k, v) in self.dirty.drain() {
-            let sk = state_key(&self.prefix, &k);
-            match &v {
+        let prefix = &self.prefix;
+        self.state.commit(|k, v| {
+            let sk = state_key(prefix, k);
+            match v {
                 Some(v) => batch.put(Cf::State, &sk, v),
                 None => batch.delete(Cf::State, &sk),
             }
-            self.cache.insert(k, v);
-        }
+        });
         self.timers.flush(batch);
         for ch in std::mem::take(&mut self.applied_dirty) {
             if let Some(i) = self.inputs.get(&ch) {
