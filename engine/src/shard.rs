@@ -44,14 +44,30 @@ pub(crate) enum Body {
     Sink { sink: Box<dyn Sink>, written: bool },
 }
 
-/// Event- and processing-time timers of one shard, mirrored in memory.
+/// Event- and processing-time timers of one shard, in memory (and mirrored
+/// in RocksDB unless they follow from state).
+///
+/// `by_key` holds the timers that are set. `by_time` holds, per (domain,
+/// time), the (key, tag) pairs set for that time, including some that were
+/// moved or deleted since: a pair is checked against `by_key` when its time
+/// comes, so moving or deleting a timer is one map operation. Many timers
+/// share a time (a window's end, for every key), so `by_time` stays small.
 #[derive(Default)]
 pub(crate) struct Timers {
-    by_time: BTreeSet<(TimeDomain, EventTime, Bytes, Bytes)>,
+    by_time: BTreeMap<(TimeDomain, EventTime), DueBucket>,
     by_key: HashMap<(Bytes, Bytes), (TimeDomain, EventTime)>,
     writes: Vec<(Vec<u8>, bool)>,
     /// In memory only: the computation rebuilds them from its state at start.
     volatile: bool,
+}
+
+/// The (key, tag) pairs set for one time. Sorted (descending, so the next is
+/// last) when the time comes: timers of one time fire in key order, the same
+/// order whether they were set live or rebuilt after a restart.
+#[derive(Default)]
+struct DueBucket {
+    pairs: Vec<(Bytes, Bytes)>,
+    sorted: bool,
 }
 
 impl Timers {
@@ -66,6 +82,16 @@ impl Timers {
     /// The prefix of this shard's persisted timers.
     pub fn storage_prefix(prefix: &[u8]) -> Vec<u8> {
         KeyWriter::from_prefix(prefix).tag(b't').finish()
+    }
+
+    fn storage_key(prefix: &[u8], d: TimeDomain, t: EventTime, key: &[u8], tag: &[u8]) -> Vec<u8> {
+        KeyWriter::from_prefix(prefix)
+            .tag(b't')
+            .tag(d.tag())
+            .i64(t)
+            .bytes(key)
+            .bytes(tag)
+            .finish()
     }
 
     fn record(
@@ -83,14 +109,10 @@ impl Timers {
         }
     }
 
-    fn storage_key(prefix: &[u8], d: TimeDomain, t: EventTime, key: &[u8], tag: &[u8]) -> Vec<u8> {
-        KeyWriter::from_prefix(prefix)
-            .tag(b't')
-            .tag(d.tag())
-            .i64(t)
-            .bytes(key)
-            .bytes(tag)
-            .finish()
+    fn schedule(&mut self, d: TimeDomain, t: EventTime, key: Bytes, tag: Bytes) {
+        let bucket = self.by_time.entry((d, t)).or_default();
+        bucket.pairs.push((key, tag));
+        bucket.sorted = false;
     }
 
     pub fn load(store: &Store, prefix: &[u8]) -> Result<Timers, StorageError> {
@@ -110,7 +132,7 @@ impl Timers {
                 Ok((d, t, key, tag)) => {
                     let (key, tag) = (Bytes::from(key), Bytes::from(tag));
                     timers.by_key.insert((key.clone(), tag.clone()), (d, t));
-                    timers.by_time.insert((d, t, key, tag));
+                    timers.schedule(d, t, key, tag);
                 }
                 Err(_) => bad += 1,
             }
@@ -123,19 +145,24 @@ impl Timers {
     }
 
     pub fn set(&mut self, prefix: &[u8], key: &Bytes, tag: Bytes, d: TimeDomain, t: EventTime) {
-        if self.by_key.get(&(key.clone(), tag.clone())) == Some(&(d, t)) {
-            return; // already set for that time: nothing to write
+        let id = (key.clone(), tag);
+        match self.by_key.get_mut(&id) {
+            Some(at) if *at == (d, t) => return, // already set for that time
+            Some(at) => {
+                let (old_d, old_t) = std::mem::replace(at, (d, t));
+                self.record(prefix, old_d, old_t, key, &id.1, false);
+            }
+            None => {
+                self.by_key.insert(id.clone(), (d, t));
+            }
         }
-        self.delete(prefix, key, &tag);
-        self.record(prefix, d, t, key, &tag, true);
-        self.by_time.insert((d, t, key.clone(), tag.clone()));
-        self.by_key.insert((key.clone(), tag), (d, t));
+        self.record(prefix, d, t, key, &id.1, true);
+        self.schedule(d, t, id.0, id.1);
     }
 
     pub fn delete(&mut self, prefix: &[u8], key: &Bytes, tag: &[u8]) {
         let id = (key.clone(), Bytes::copy_from_slice(tag));
         if let Some((d, t)) = self.by_key.remove(&id) {
-            self.by_time.remove(&(d, t, id.0, id.1));
             self.record(prefix, d, t, key, tag, false);
         }
     }
@@ -147,33 +174,37 @@ impl Timers {
         d: TimeDomain,
         limit: EventTime,
     ) -> Option<(Bytes, Bytes, EventTime)> {
-        let first = self
-            .by_time
-            .range((d, MIN_TIME, Bytes::new(), Bytes::new())..)
-            .next()?;
-        if first.0 != d || first.1 >= limit {
-            return None;
+        loop {
+            let mut entry = self.by_time.range_mut((d, MIN_TIME)..).next()?;
+            let ((domain, t), bucket) = (*entry.0, &mut entry.1);
+            if domain != d || t >= limit {
+                return None;
+            }
+            if !bucket.sorted {
+                bucket.pairs.sort_unstable_by(|a, b| b.cmp(a));
+                bucket.pairs.dedup();
+                bucket.sorted = true;
+            }
+            let Some((key, tag)) = bucket.pairs.pop() else {
+                self.by_time.remove(&(d, t));
+                continue;
+            };
+            let id = (key, tag);
+            // Skip pairs whose timer was moved or deleted since.
+            if self.by_key.get(&id) == Some(&(d, t)) {
+                self.by_key.remove(&id);
+                self.record(prefix, d, t, &id.0, &id.1, false);
+                return Some((id.0, id.1, t));
+            }
         }
-        let (d, t, key, tag) = first.clone();
-        self.by_time.remove(&(d, t, key.clone(), tag.clone()));
-        self.by_key.remove(&(key.clone(), tag.clone()));
-        self.record(prefix, d, t, &key, &tag, false);
-        Some((key, tag, t))
     }
 
-    /// The earliest processing-time timer.
+    /// The earliest processing time a timer may be due (perhaps one moved since).
     pub fn next_processing(&self) -> Option<EventTime> {
         self.by_time
-            .range(
-                (
-                    TimeDomain::ProcessingTime,
-                    MIN_TIME,
-                    Bytes::new(),
-                    Bytes::new(),
-                )..,
-            )
+            .range((TimeDomain::ProcessingTime, MIN_TIME)..)
             .next()
-            .map(|t| t.1)
+            .map(|((_, t), _)| *t)
     }
 
     pub fn len(&self) -> usize {
@@ -589,5 +620,78 @@ pub(crate) fn printable_position(v: &[u8]) -> String {
         String::from_utf8_lossy(v).into_owned()
     } else {
         read_u64(v).map_or_else(|| format!("{v:?}"), |n| n.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn drain(t: &mut Timers, d: TimeDomain, limit: EventTime) -> Vec<(String, String, EventTime)> {
+        std::iter::from_fn(|| t.pop_due(b"p", d, limit))
+            .map(|(k, tag, at)| {
+                let s = |x: Bytes| String::from_utf8_lossy(&x).into_owned();
+                (s(k), s(tag), at)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn timers_fire_once_in_time_then_key_order_after_moves_and_deletes() {
+        use TimeDomain::{EventTime as E, ProcessingTime as P};
+        let mut t = Timers::default();
+        t.set(b"p", &b("b"), b("x"), E, 10);
+        t.set(b"p", &b("a"), b("x"), E, 10);
+        t.set(b"p", &b("c"), b("x"), E, 5);
+        // Moved away and back: still one timer.
+        t.set(b"p", &b("d"), b("x"), E, 10);
+        t.set(b"p", &b("d"), b("x"), E, 30);
+        t.set(b"p", &b("d"), b("x"), E, 10);
+        // Moved later, then deleted.
+        t.set(b"p", &b("e"), b("x"), E, 10);
+        t.set(b"p", &b("e"), b("x"), E, 20);
+        t.set(b"p", &b("f"), b("y"), E, 10);
+        t.delete(b"p", &b("f"), b"y");
+        t.set(b"p", &b("a"), b("p"), P, 1);
+        assert_eq!(t.len(), 6);
+        assert_eq!(drain(&mut t, E, 5), []);
+        let got = drain(&mut t, E, 11);
+        let want = [
+            ("c", "x", 5),
+            ("a", "x", 10),
+            ("b", "x", 10),
+            ("d", "x", 10),
+        ];
+        let want: Vec<_> = want
+            .iter()
+            .map(|(k, g, at)| (k.to_string(), g.to_string(), *at))
+            .collect();
+        assert_eq!(got, want);
+        // A timer set again for a time already passed fires at once.
+        t.set(b"p", &b("a"), b("x"), E, 10);
+        assert_eq!(drain(&mut t, E, 11), [("a".into(), "x".into(), 10)]);
+        assert_eq!(drain(&mut t, E, 100), [("e".into(), "x".into(), 20)]);
+        assert_eq!(t.next_processing(), Some(1));
+        assert_eq!(drain(&mut t, P, 2), [("a".into(), "p".into(), 1)]);
+        assert_eq!((t.len(), t.next_processing()), (0, None));
+    }
+
+    #[test]
+    fn persisted_timers_write_each_set_move_and_fire_but_volatile_ones_do_not() {
+        let mut t = Timers::default();
+        t.set(b"p", &b("k"), b("x"), TimeDomain::EventTime, 1);
+        t.set(b"p", &b("k"), b("x"), TimeDomain::EventTime, 1);
+        t.set(b"p", &b("k"), b("x"), TimeDomain::EventTime, 2);
+        t.pop_due(b"p", TimeDomain::EventTime, 3);
+        let kinds: Vec<bool> = t.writes.iter().map(|w| w.1).collect();
+        assert_eq!(kinds, [true, false, true, false]);
+        let mut v = Timers::volatile();
+        v.set(b"p", &b("k"), b("x"), TimeDomain::EventTime, 1);
+        v.pop_due(b"p", TimeDomain::EventTime, 3);
+        assert!(v.writes.is_empty());
     }
 }
