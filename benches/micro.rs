@@ -3,7 +3,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use millrace::engine::{shard_of, Envelope};
-use millrace_storage::{Cf, KeyWriter, Store, StoreOptions};
+use millrace_storage::{KeyWriter, Store, StoreOptions};
 
 fn key_encoding(c: &mut Criterion) {
     c.bench_function("state key (component, shard, key)", |b| {
@@ -43,7 +43,7 @@ fn commit(c: &mut Criterion) {
                     .u32(1)
                     .u64(i % 100_000)
                     .finish();
-                batch.put(Cf::State, &k, &i.to_le_bytes());
+                batch.put_state(&k, Some(&i.to_le_bytes()));
             }
             store.commit(batch).expect("commit");
         })

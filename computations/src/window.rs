@@ -235,7 +235,7 @@ impl WindowConfig {
 }
 
 /// One window's pane state for the current key.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 struct Pane {
     start: i64,
     end: i64,
@@ -253,8 +253,7 @@ struct Pane {
     last: Option<Value>,
 }
 
-/// First byte of the binary form of a key's panes. Earlier versions stored
-/// JSON, which starts with `[`; both are read.
+/// First byte of the binary form of a key's panes: its version.
 const PANES_BINARY: u8 = 1;
 
 /// A key's panes as `1 | count u32 | pane*`, little-endian; each pane is
@@ -290,9 +289,6 @@ fn encode_panes(panes: &[Pane]) -> Vec<u8> {
 }
 
 fn decode_panes(b: &[u8]) -> Result<Vec<Pane>, String> {
-    if b.first() == Some(&b'[') {
-        return serde_json::from_slice(b).map_err(|e| e.to_string());
-    }
     let mut r = Reader::new(b);
     if r.u8()? != PANES_BINARY {
         return Err("unknown format".into());
@@ -372,31 +368,24 @@ impl Timing {
     }
 }
 
-/// A pane's timer tag: `0 | kind u8 | start i64 BE | end i64 BE`, where
-/// kind is `e` (on time), `g` (expiry) or `p` (periodic). The leading zero
-/// tells it from the text tags (`KINDSTART:END`) of earlier versions.
+/// A pane's timer tag: `kind u8 | start i64 BE | end i64 BE`, where kind
+/// is `e` (on time), `g` (expiry) or `p` (periodic).
 fn tag(kind: u8, p: &Pane) -> Bytes {
-    let mut t = Vec::with_capacity(18);
-    t.extend_from_slice(&[0, kind]);
+    let mut t = Vec::with_capacity(17);
+    t.push(kind);
     t.extend_from_slice(&p.start.to_be_bytes());
     t.extend_from_slice(&p.end.to_be_bytes());
     Bytes::from(t)
 }
 
-/// Reads a tag written by [`tag`] or by an earlier version.
 fn parse_tag(t: &[u8]) -> Option<(u8, i64, i64)> {
-    if let [0, kind, rest @ ..] = t {
-        let (start, end) = rest.split_at_checked(8)?;
-        return Some((
-            *kind,
-            i64::from_be_bytes(start.try_into().ok()?),
-            i64::from_be_bytes(end.try_into().ok()?),
-        ));
-    }
-    let s = std::str::from_utf8(t).ok()?;
-    let kind = *s.as_bytes().first()?;
-    let (a, b) = s.get(1..)?.split_once(':')?;
-    Some((kind, a.parse().ok()?, b.parse().ok()?))
+    let (kind, rest) = t.split_first()?;
+    let (start, end) = rest.split_at_checked(8)?;
+    Some((
+        *kind,
+        i64::from_be_bytes(start.try_into().ok()?),
+        i64::from_be_bytes(end.try_into().ok()?),
+    ))
 }
 
 /// The `window` computation (and `reduce_by_key_and_window`, `cogroup`, `join`).
@@ -786,14 +775,13 @@ mod tests {
             deadline(&Trigger::Any(vec![Trigger::Count(5), every]), &p),
             Some(150)
         );
-        assert_eq!(parse_tag(b"e-5:10"), Some((b'e', -5, 10)));
         let p = Window::new(cfg(WindowSpec::Fixed { size: d(10) })).new_pane(-5, 10);
         assert_eq!(parse_tag(&tag(b'g', &p)), Some((b'g', -5, 10)));
-        assert_eq!(parse_tag(&tag(b'g', &p)[..17]), None);
+        assert_eq!(parse_tag(&tag(b'g', &p)[..16]), None);
     }
 
     #[test]
-    fn panes_survive_their_binary_form_and_old_json_still_reads() {
+    fn panes_survive_their_binary_form() {
         let w = Window::new(cfg(WindowSpec::Fixed { size: d(10) }));
         let mut a = w.new_pane(0, 10);
         a.acc = Acc::Count(3);
@@ -811,11 +799,5 @@ mod tests {
         for cut in 0..bytes.len() {
             assert!(decode_panes(&bytes[..cut]).is_err(), "cut at {cut}");
         }
-        let old = r#"[{"start":0,"end":10,"acc":{"Count":3},"index":0,"on_time_done":false,"since_fire":3,"first_at":null,"step":0,"last":null}]"#;
-        let read = decode_panes(old.as_bytes()).unwrap();
-        assert_eq!(
-            (read[0].end, &read[0].acc, read[0].since_fire),
-            (10, &Acc::Count(3), 3)
-        );
     }
 }

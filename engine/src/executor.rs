@@ -807,7 +807,6 @@ impl Executor {
 
 /// Rebuilds the in-memory timers of a shard whose computation derives them
 /// from its state: one `restore_timers` call per key with committed state.
-/// Timers an earlier version persisted for it are deleted.
 fn restore_timers(
     store: &Store,
     shard: &mut ShardRt,
@@ -818,7 +817,7 @@ fn restore_timers(
     let prefix = shard.prefix.clone();
     let (mut malformed, mut failed) = (0usize, None);
     let mut emits = Vec::new();
-    store.for_each_prefix(Cf::State, &prefix, |k, state| {
+    store.for_each_state(&prefix, |k, state| {
         let Ok(key) = KeyReader::new(&k[prefix.len()..]).bytes() else {
             malformed += 1;
             return true;
@@ -848,17 +847,6 @@ fn restore_timers(
     }
     if malformed > 0 {
         tracing::warn!(component, malformed, "skipped malformed state keys");
-    }
-    let persisted = Timers::storage_prefix(&shard.prefix);
-    let mut any = false;
-    store.for_each_prefix(Cf::Timers, &persisted, |_, _| {
-        any = true;
-        false
-    })?;
-    if any {
-        let mut batch = store.batch();
-        batch.delete_prefix(Cf::Timers, &persisted);
-        store.commit(batch)?;
     }
     Ok(())
 }

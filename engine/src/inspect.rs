@@ -58,7 +58,7 @@ pub fn inspect(dir: &Path) -> Result<(Store, StoredData), StorageError> {
                 c.shards.push(shard);
             }
             match cf {
-                Cf::State => c.state_keys += 1,
+                Cf::State => c.state_keys += u64::from(!millrace_storage::slot::is_vacant(v)),
                 Cf::Outbox => c.outbox += 1,
                 Cf::Timers => c.timers += 1,
                 _ => {
@@ -94,5 +94,5 @@ pub fn state_of(
         .map_or(1, |c| c.shards.iter().max().map_or(1, |m| m + 1))
         .max(data.shards.unwrap_or(1));
     let shard = shard_of(key, shards);
-    store.get(Cf::State, &state_key(&shard_prefix(component, shard), key))
+    store.get_state(&state_key(&shard_prefix(component, shard), key))
 }

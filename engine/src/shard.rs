@@ -79,11 +79,6 @@ impl Timers {
         }
     }
 
-    /// The prefix of this shard's persisted timers.
-    pub fn storage_prefix(prefix: &[u8]) -> Vec<u8> {
-        KeyWriter::from_prefix(prefix).tag(b't').finish()
-    }
-
     fn storage_key(prefix: &[u8], d: TimeDomain, t: EventTime, key: &[u8], tag: &[u8]) -> Vec<u8> {
         KeyWriter::from_prefix(prefix)
             .tag(b't')
@@ -117,7 +112,7 @@ impl Timers {
 
     pub fn load(store: &Store, prefix: &[u8]) -> Result<Timers, StorageError> {
         let mut timers = Timers::default();
-        let scan = Self::storage_prefix(prefix);
+        let scan = KeyWriter::from_prefix(prefix).tag(b't').finish();
         let mut bad = 0usize;
         store.for_each_prefix(Cf::Timers, &scan, |k, _| {
             let mut r = KeyReader::new(&k[scan.len()..]);
@@ -344,7 +339,7 @@ impl KeyScope<'_> {
         }
         let v = self
             .store
-            .get(Cf::State, &state_key(self.prefix, self.key))?
+            .get_state(&state_key(self.prefix, self.key))?
             .map(Bytes::from);
         self.state.fill(self.key.clone(), v.clone());
         Ok(v)
@@ -529,13 +524,8 @@ impl ShardRt {
         sync_sinks: bool,
     ) -> Result<(), crate::EngineError> {
         let prefix = &self.prefix;
-        self.state.commit(|k, v| {
-            let sk = state_key(prefix, k);
-            match v {
-                Some(v) => batch.put(Cf::State, &sk, v),
-                None => batch.delete(Cf::State, &sk),
-            }
-        });
+        self.state
+            .commit(|k, v| batch.put_state(&state_key(prefix, k), v.map(|v| &v[..])));
         self.timers.flush(batch);
         for ch in std::mem::take(&mut self.applied_dirty) {
             if let Some(i) = self.inputs.get(&ch) {

@@ -12,6 +12,7 @@
 //! out of this crate, so moving to a newer RocksDB is a change here only.
 
 mod keys;
+pub mod slot;
 mod store;
 
 pub use keys::{prefix_end, push_escaped, KeyError, KeyReader, KeyWriter};

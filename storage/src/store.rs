@@ -1,6 +1,7 @@
 //! The RocksDB instance of one worker and its atomic batches.
 
 use crate::keys::prefix_end;
+use crate::slot;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode,
     Options, WriteBatch, WriteOptions, DB,
@@ -85,6 +86,17 @@ pub enum StorageError {
         /// RocksDB's message.
         message: String,
     },
+    /// What is stored cannot be what millrace wrote.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The data directory was written in another format.
+    #[error("{path} was written by another millrace version ({what}); start with a new data_dir")]
+    Format {
+        /// Data directory.
+        path: PathBuf,
+        /// What differs.
+        what: String,
+    },
     /// The data directory could not be created.
     #[error("cannot create data directory {path}: {source}")]
     CreateDir {
@@ -161,6 +173,14 @@ impl Store {
                     // in place in the memtable (when the new value is no
                     // larger) instead of inserting one more version.
                     o.set_inplace_update_support(true);
+                    // Deleted state is a vacant slot until compacted away.
+                    o.set_compaction_filter("millrace.vacant-slots", |_, _, v: &[u8]| {
+                        if slot::is_vacant(v) {
+                            rocksdb::compaction_filter::Decision::Remove
+                        } else {
+                            rocksdb::compaction_filter::Decision::Keep
+                        }
+                    });
                 }
                 // The outbox is appended to, range-deleted, and only scanned at
                 // start: a vector memtable inserts without skiplist searches.
@@ -185,10 +205,45 @@ impl Store {
         })?;
         let mut write = WriteOptions::default();
         write.set_sync(opts.durability == Durability::Machine);
-        Ok(Store {
+        let store = Store {
             db,
             path: dir.to_path_buf(),
             write,
+        };
+        if !store.check_format()? {
+            let mut b = store.batch();
+            b.put(Cf::Meta, &format_key(), STATE_FORMAT);
+            store.commit(b)?;
+        }
+        Ok(store)
+    }
+
+    /// Whether the data dir says it stores state in this version's format;
+    /// an error if it says another, or holds state from before formats were
+    /// recorded.
+    fn check_format(&self) -> Result<bool, StorageError> {
+        let what = match self.get(Cf::Meta, &format_key())? {
+            Some(v) if v == STATE_FORMAT => return Ok(true),
+            Some(v) => format!(
+                "state format {:?}; this version reads {:?}",
+                String::from_utf8_lossy(&v),
+                String::from_utf8_lossy(STATE_FORMAT)
+            ),
+            None => {
+                let mut any = false;
+                self.for_each_prefix(Cf::State, &[], |_, _| {
+                    any = true;
+                    false
+                })?;
+                if !any {
+                    return Ok(false);
+                }
+                "state stored without slots".to_owned()
+            }
+        };
+        Err(StorageError::Format {
+            path: self.path.clone(),
+            what,
         })
     }
 
@@ -204,11 +259,13 @@ impl Store {
                 message: e.into_string(),
             }
         })?;
-        Ok(Store {
+        let store = Store {
             db,
             path: dir.to_path_buf(),
             write: WriteOptions::default(),
-        })
+        };
+        store.check_format()?;
+        Ok(store)
     }
 
     /// The data directory.
@@ -229,6 +286,37 @@ impl Store {
             op,
             message: e.into_string(),
         }
+    }
+
+    /// Reads the keyed state stored at `key` (see [`crate::slot`]).
+    pub fn get_state(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let Some(stored) = self
+            .db
+            .get_pinned_cf(self.cf(Cf::State), key)
+            .map_err(|e| self.err("get", e))?
+        else {
+            return Ok(None);
+        };
+        Ok(slot::decode(&stored)?.map(<[u8]>::to_vec))
+    }
+
+    /// Calls `f` on every key with state under `prefix`, with its value, in
+    /// key order, until it returns `false`.
+    pub fn for_each_state(
+        &self,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        let mut bad = None;
+        self.for_each_prefix(Cf::State, prefix, |k, stored| match slot::decode(stored) {
+            Ok(Some(v)) => f(k, v),
+            Ok(None) => true,
+            Err(e) => {
+                bad = Some(e);
+                false
+            }
+        })?;
+        bad.map_or(Ok(()), Err)
     }
 
     /// Reads one key.
@@ -315,6 +403,13 @@ impl Store {
     }
 }
 
+/// The format of keyed state values, recorded in the data dir.
+const STATE_FORMAT: &[u8] = b"slots-1";
+
+fn format_key() -> Vec<u8> {
+    crate::KeyWriter::new().str("").str("state-format").finish()
+}
+
 /// The state column family's prefix extractor: the whole key.
 fn whole_key(key: &[u8]) -> &[u8] {
     key
@@ -330,6 +425,12 @@ impl Batch<'_> {
     /// Sets `key` to `value`.
     pub fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) {
         self.wb.put_cf(self.store.cf(cf), key, value);
+    }
+
+    /// Sets the keyed state at `key` (`None`: deletes it), in a slot.
+    pub fn put_state(&mut self, key: &[u8], value: Option<&[u8]>) {
+        self.wb
+            .put_cf(self.store.cf(Cf::State), key, slot::encode(value));
     }
 
     /// Removes `key`.
@@ -367,6 +468,60 @@ impl Batch<'_> {
 mod tests {
     use super::*;
     use crate::KeyWriter;
+
+    #[test]
+    fn deleted_state_reads_as_absent_and_compactions_drop_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let (k1, k2) = (b"state-k1".as_slice(), b"state-k2".as_slice());
+        let mut batch = store.batch();
+        batch.put_state(k1, Some(b"one"));
+        batch.put_state(k2, Some(b""));
+        store.commit(batch).unwrap();
+        assert_eq!(store.get_state(k1).unwrap().as_deref(), Some(&b"one"[..]));
+        assert_eq!(store.get_state(k2).unwrap().as_deref(), Some(&b""[..]));
+        let mut batch = store.batch();
+        batch.put_state(k1, None);
+        store.commit(batch).unwrap();
+        assert_eq!(store.get_state(k1).unwrap(), None);
+        let mut seen = Vec::new();
+        store
+            .for_each_state(b"state-", |k, v| {
+                seen.push((k.to_vec(), v.to_vec()));
+                true
+            })
+            .unwrap();
+        assert_eq!(seen, [(k2.to_vec(), Vec::new())]);
+        // Still stored, as a vacant slot, until a compaction drops it.
+        assert!(store.get(Cf::State, k1).unwrap().is_some());
+        store.db.flush_cf(store.cf(Cf::State)).unwrap();
+        store
+            .db
+            .compact_range_cf(store.cf(Cf::State), None::<&[u8]>, None::<&[u8]>);
+        assert_eq!(store.get(Cf::State, k1).unwrap(), None);
+        assert!(store.get(Cf::State, k2).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_data_dir_with_state_in_another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            // As an earlier version left it: raw values, no format recorded.
+            let mut batch = store.batch();
+            batch.delete(Cf::Meta, &format_key());
+            batch.put(Cf::State, b"k", b"1");
+            store.commit(batch).unwrap();
+        }
+        let err = Store::open(dir.path(), &StoreOptions::default()).unwrap_err();
+        assert!(matches!(err, StorageError::Format { .. }), "{err}");
+        assert!(err.to_string().contains("new data_dir"), "{err}");
+        assert!(Store::open_read_only(dir.path()).is_err());
+        // An empty data dir without a format is simply a new one.
+        let fresh = tempfile::tempdir().unwrap();
+        drop(Store::open(fresh.path(), &StoreOptions::default()).unwrap());
+        assert!(Store::open(fresh.path(), &StoreOptions::default()).is_ok());
+    }
 
     #[test]
     fn a_commit_is_atomic_and_scans_stay_in_their_prefix() {
