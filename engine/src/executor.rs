@@ -690,10 +690,15 @@ impl Executor {
                 Body::Source(src) if src.exhausted => Some(MAX_TIME),
                 Body::Source(src) => {
                     let from_data = shard.max_event.saturating_sub(node.watermark.out_of_order);
-                    let idle = node
-                        .watermark
-                        .idle_after
-                        .is_some_and(|d| src.last_data.elapsed() >= d);
+                    // An idle source's watermark follows the clock, except
+                    // while draining: then nothing new comes in, and a
+                    // watermark that kept moving would keep the drain from
+                    // ever finding the graph quiet.
+                    let idle = !stopping
+                        && node
+                            .watermark
+                            .idle_after
+                            .is_some_and(|d| src.last_data.elapsed() >= d);
                     Some(if idle {
                         from_data.max(now_micros().saturating_sub(node.watermark.out_of_order))
                     } else {
