@@ -17,8 +17,8 @@
 //! - p3: source -> split -> count -> file sink at half of its maximum
 //!   throughput: source-to-sink latency p50 and p99, with `durability` set to
 //!   `process` and to `machine`.
-//! - MILLRACE_BENCH_COMMIT_INTERVAL (default 2ms) sets p1's and p3's
-//!   `commit_interval`; MILLRACE_BENCH_P3_RATE fixes p3's rate instead of
+//! - MILLRACE_BENCH_COMMIT_INTERVAL sets p1's and p3's `commit_interval`
+//!   (default: the engine's, 2ms, or 8ms with `machine`); MILLRACE_BENCH_P3_RATE fixes p3's rate instead of
 //!   half its measured maximum; MILLRACE_BENCH_P3_SHARDS sets p3's shards
 //!   (default: one per CPU, as the executor threads).
 //! - p2: a 1 s tumbling-window count per key (`generator` -> `window`), with
@@ -203,9 +203,12 @@ fn run_cluster(text: &str, records: u64, workers: usize) -> (Run, u64) {
     )
 }
 
-/// `commit_interval` of p1 and p3: MILLRACE_BENCH_COMMIT_INTERVAL, default 2ms.
+/// The `commit_interval` line of p1 and p3: MILLRACE_BENCH_COMMIT_INTERVAL,
+/// or none (the engine's default for the durability).
 fn commit_interval() -> String {
-    std::env::var("MILLRACE_BENCH_COMMIT_INTERVAL").unwrap_or_else(|_| "2ms".into())
+    std::env::var("MILLRACE_BENCH_COMMIT_INTERVAL")
+        .map(|d| format!("commit_interval = \"{d}\""))
+        .unwrap_or_default()
 }
 
 /// P1's topology: the running count of `records` generated records over `keys` keys.
@@ -219,7 +222,7 @@ http = "off"
 [engine]
 shards = {shards}
 durability = "process"
-commit_interval = "{ci}"
+{ci}
 [sources.gen]
 type = "generator"
 count = {records}
@@ -342,7 +345,7 @@ http = "off"
 shards = {shards}
 durability = "{durability}"
 batch_size = {batch}
-commit_interval = "{interval}"
+{interval}
 [sources.gen]
 type = "generator"
 count = {count}

@@ -34,7 +34,8 @@ pub enum Durability {
 pub struct EngineConfig {
     /// Shards per computation (`hash(key) % shards`). Default 16.
     pub shards: u32,
-    /// Longest a processed record waits for its checkpoint. Default `2ms`.
+    /// Longest a processed record waits for its checkpoint. Default `2ms`,
+    /// `8ms` with `durability = "machine"`.
     pub commit_interval: Duration,
     /// Default `process`.
     pub durability: Durability,
@@ -498,6 +499,20 @@ impl Topology {
     }
 }
 
+/// How long a turn may run before it commits, unless configured. A turn ends
+/// as soon as there is no more work, so this matters only while a backlog is
+/// worked off: then a longer turn puts more records behind each commit. With
+/// `machine` every commit waits for an fsync, and 8 ms lets a backlog drain
+/// faster (P3 on 2 cores, ~10 runs each at 270k-320k records/s: p99 median
+/// ~16 ms against ~20 ms with 2 ms, though the ranges overlap, 10-29 ms
+/// against 10-36 ms; p50 unchanged).
+fn default_commit_interval(durability: Durability) -> Duration {
+    match durability {
+        Durability::Process => Duration::from_millis(2),
+        Durability::Machine => Duration::from_millis(8),
+    }
+}
+
 fn engine_config(raw: RawEngine, locator: &Locator) -> Result<EngineConfig, ConfigError> {
     let positive = |v: Option<usize>, key: &str, default: usize| match v {
         Some(0) => Err(locator.error("engine", Some(key), "must be at least 1")),
@@ -513,12 +528,13 @@ fn engine_config(raw: RawEngine, locator: &Locator) -> Result<EngineConfig, Conf
         None => 16,
     };
     let threads_default = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let durability = raw.durability.unwrap_or(Durability::Process);
     Ok(EngineConfig {
         shards,
         commit_interval: raw
             .commit_interval
-            .map_or(Duration::from_millis(2), |d| d.0),
-        durability: raw.durability.unwrap_or(Durability::Process),
+            .map_or(default_commit_interval(durability), |d| d.0),
+        durability,
         threads: positive(raw.threads, "threads", threads_default)?,
         batch_size: positive(raw.batch_size, "batch_size", 4096)?,
         channel_window: positive(raw.channel_window, "channel_window", 1024)?,

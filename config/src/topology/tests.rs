@@ -58,6 +58,20 @@ fn a_good_topology_parses_with_defaults() {
 }
 
 #[test]
+fn the_commit_interval_defaults_by_durability_and_a_set_one_wins() {
+    let with = |engine: &str| {
+        let text = GOOD.replace("commit_interval = \"5ms\"", engine);
+        parse(&text).expect("valid").engine.commit_interval
+    };
+    assert_eq!(with(""), Duration::from_millis(2));
+    assert_eq!(with("durability = \"machine\""), Duration::from_millis(8));
+    assert_eq!(
+        with("durability = \"machine\"\ncommit_interval = \"1ms\""),
+        Duration::from_millis(1)
+    );
+}
+
+#[test]
 fn unknown_top_level_key_names_line_and_key() {
     let e = err("[engine]\nshards = 2\nshardz = 3\n[sources.a]\ntype='generator'\n");
     assert_eq!(e.line(), Some(3));
