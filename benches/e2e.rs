@@ -377,6 +377,11 @@ path = "{{dir}}/out.jsonl"
             "p3        3-stage pipeline maximum throughput        {:>12.0} records/s",
             max.records_per_sec
         );
+        let max_machine = run_topology(&pipeline(max_records, None, "machine"), max_records, None);
+        println!(
+            "p3        3-stage pipeline maximum throughput, machine {:>12.0} records/s",
+            max_machine.records_per_sec
+        );
         let rate = env_u64("MILLRACE_BENCH_P3_RATE", (max.records_per_sec / 2.0) as u64);
         let seconds = env_u64("MILLRACE_BENCH_LATENCY_SECONDS", 10);
         for durability in ["process", "machine"] {
