@@ -150,10 +150,11 @@ impl Store {
         // limit forces a flush, after which the WAL files it freed are
         // deleted at once. Without fsyncs (`process`) a large limit is
         // cheapest: forced flushes are rare (P3 p99 ~8 ms over 30 s; 22 ms
-        // with 128 MiB). With an fsync per commit (`machine`), deleting ~1 GiB
-        // of WAL holds up the file system's journal, and every commit for
-        // about a second (P3 over 30 s at 205k records/s: p99 13-93 ms,
-        // mostly 75-93; with 128 MiB, 15-37 ms).
+        // with 128 MiB). With an fsync per commit (`machine`), synced commits
+        // stalled for about a second a few times a minute with 1 GiB, most
+        // likely while the ~1 GiB of WAL a forced flush frees was deleted at
+        // once (P3 over 30 s at 205k records/s: p99 13-93 ms, mostly 75-93;
+        // with 128 MiB, 15-37 ms).
         db_opts.set_max_total_wal_size(match opts.durability {
             Durability::Process => 1 << 30,
             Durability::Machine => 128 << 20,
