@@ -15,8 +15,12 @@
 //! The order commit -> acknowledge -> send is the exactly-once guarantee. It is
 //! enforced by types: acknowledgements and sends are released only through
 //! [`Executor::release`], which takes the [`Committed`] proof that only
-//! [`Executor::commit`] makes. All RocksDB calls happen on this thread, never on
-//! an async runtime.
+//! [`Executor::commit`] makes. The one exception needs no commit: a replayable
+//! source's productions are not checkpointed at all (after a crash the source
+//! replays them from its committed position with the same sequence numbers,
+//! and receivers drop what they already applied), so they are sent as soon as
+//! they are polled. All RocksDB calls happen on this thread, never on an async
+//! runtime.
 
 use crate::api::{ComputationError, Emitter, SourcePoll};
 use crate::delivery::{InChannel, OutChannel};
@@ -89,6 +93,14 @@ pub(crate) struct Committed(());
 /// again. In-process channels lose nothing, so this only matters after a
 /// consumer stalled; it bounds how long any loss would go unnoticed.
 const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
+/// Acknowledged productions are deleted from the outbox one by one, and with
+/// one range delete only from this many on. RocksDB fragments every range
+/// tombstone of a memtable when it switches, in the write path: at P3's load,
+/// one range per channel and acknowledgement held every commit up for
+/// 15-25 ms at each outbox memtable switch (perf: `SwitchMemtable` ->
+/// `ConstructFragmentedRangeTombstones`).
+const RANGE_DELETE_MIN: u64 = 64;
 
 /// How long an idle executor waits for a message before it looks around again.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
@@ -486,8 +498,13 @@ impl Executor {
         let plan = Arc::clone(&self.plan);
         for (ch, first, last) in self.released.drain(..) {
             let c = &plan.channels[ch as usize];
-            if first == last {
-                batch.delete(Cf::Outbox, &c.outbox_key(first));
+            if last - first + 1 < RANGE_DELETE_MIN {
+                let mut key = c.outbox_key(first);
+                let at = key.len() - 8;
+                for seq in first..=last {
+                    key[at..].copy_from_slice(&seq.to_be_bytes());
+                    batch.delete(Cf::Outbox, &key);
+                }
             } else {
                 batch.delete_range(Cf::Outbox, &c.outbox_key(first), &c.outbox_key(last + 1));
             }
@@ -684,6 +701,18 @@ impl Executor {
                 &self.shared.taps,
             );
             shard.note_replay_point();
+            if !shard.uses_outbox() {
+                // A replayable source's productions are not in the batch: after
+                // a crash it replays them with the same sequence numbers, and
+                // receivers drop what they already applied. They need not wait
+                // for the commit, so they go now, and the other executor
+                // works on them while this one commits.
+                self.shared
+                    .unacked
+                    .fetch_add(std::mem::take(&mut self.produced_count), Ordering::SeqCst);
+                queue_sends(&plan, self.me, shard, &mut self.outgoing);
+                flush_outgoing(&mut self.outgoing, &self.peers);
+            }
 
             // Watermark.
             let source_wm = match &shard.body {
@@ -738,8 +767,6 @@ impl Executor {
     fn release(&mut self, _proof: Committed) {
         let shared = &*self.shared;
         let plan = &*self.plan;
-        let window = plan.topology.engine.channel_window;
-        let window_bytes = plan.topology.engine.channel_window_bytes;
         // Increments before decrements, so that the worker never sees the
         // graph empty while a commit's productions are on their way.
         shared
@@ -754,23 +781,13 @@ impl Executor {
         let now = Instant::now();
         for (i, shard) in self.shards.iter_mut().enumerate() {
             let metrics = &self.node_metrics[shard.node];
-            for (&ch, out) in shard.outs.iter_mut() {
+            for out in shard.outs.values_mut() {
                 let retried = out.retry_due(now, RETRY_BACKOFF.0, RETRY_BACKOFF.1);
                 if retried > 0 {
                     metrics.retries.inc_by(retried);
                 }
-                if out.has_unsent() {
-                    let dst = plan.channels[ch as usize].dst;
-                    let q = &mut self.outgoing[dest(dst)];
-                    out.sendable(window, window_bytes, |seq, env| {
-                        q.push(Msg::Deliver {
-                            ch,
-                            seq,
-                            env: env.clone(),
-                        })
-                    });
-                }
             }
+            queue_sends(plan, self.me, shard, &mut self.outgoing);
             if std::mem::take(&mut shard.wm_changed) {
                 for &to in &self.wm_dests[i] {
                     let counted = to < plan.threads;
@@ -795,11 +812,7 @@ impl Executor {
             }
         }
         shared.wm_inflight.fetch_add(wm_sent, Ordering::SeqCst);
-        for (to, q) in self.outgoing.iter_mut().enumerate() {
-            if !q.is_empty() {
-                self.peers[to].send(std::mem::take(q));
-            }
-        }
+        flush_outgoing(&mut self.outgoing, &self.peers);
         shared
             .wm_inflight
             .fetch_sub(std::mem::take(&mut self.wm_msgs_seen), Ordering::SeqCst);
@@ -807,6 +820,37 @@ impl Executor {
             .unacked
             .fetch_sub(std::mem::take(&mut self.released_count), Ordering::SeqCst);
         shared.notify();
+    }
+}
+
+/// Hands what is queued for each destination to it.
+fn flush_outgoing(outgoing: &mut [Vec<Msg>], peers: &[Outlet]) {
+    for (q, peer) in outgoing.iter_mut().zip(peers) {
+        if !q.is_empty() {
+            peer.send(std::mem::take(q));
+        }
+    }
+}
+
+/// Queues the productions of `shard` that may be sent now (within each
+/// channel's window) for their destinations.
+fn queue_sends(plan: &Plan, me: usize, shard: &mut ShardRt, outgoing: &mut [Vec<Msg>]) {
+    let engine = &plan.topology.engine;
+    for (&ch, out) in shard.outs.iter_mut() {
+        if out.has_unsent() {
+            let q = &mut outgoing[plan.destination(me, plan.channels[ch as usize].dst)];
+            out.sendable(
+                engine.channel_window,
+                engine.channel_window_bytes,
+                |seq, env| {
+                    q.push(Msg::Deliver {
+                        ch,
+                        seq,
+                        env: env.clone(),
+                    })
+                },
+            );
+        }
     }
 }
 
