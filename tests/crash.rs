@@ -80,4 +80,18 @@ path = "{{dir}}/out.jsonl"
     assert_eq!(pairs.len() as u64, RECORDS, "records in the sink");
     assert_eq!(counts.values().sum::<u64>(), RECORDS);
     assert!(counts.len() as u64 <= KEYS && counts.len() as u64 > KEYS * 9 / 10);
+
+    // Everything was acknowledged, so every production is gone from the outbox
+    // (point deletes and range deletes, across the restarts).
+    let inspect = millrace()
+        .args(["inspect", s.path("data").to_str().expect("path"), "--json"])
+        .output()
+        .expect("inspect");
+    assert!(inspect.status.success(), "{inspect:?}");
+    let data: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect json");
+    let components = data["components"].as_object().expect("components");
+    assert!(components.contains_key("counts"), "{data}");
+    for (name, c) in components {
+        assert_eq!(c["outbox"], 0, "{name} still has productions in its outbox");
+    }
 }
