@@ -392,15 +392,14 @@ path = "{{dir}}/out.jsonl"
             .and_then(|v| v.parse::<u64>().ok());
         let half = |r: &Run| fixed.unwrap_or((r.records_per_sec / 2.0) as u64);
         let seconds = env_u64("MILLRACE_BENCH_LATENCY_SECONDS", 10);
-        let runs = [
+        let mut runs = vec![
             ("process", half(&max), "half of its max"),
             ("machine", half(&max_machine), "half of its max"),
-            ("machine", half(&max), "half of the process max"),
         ];
-        for (i, (durability, rate, load)) in runs.into_iter().enumerate() {
-            if i == 2 && fixed.is_some() {
-                break;
-            }
+        if fixed.is_none() {
+            runs.push(("machine", half(&max), "half of the process max"));
+        }
+        for (durability, rate, load) in runs {
             let metrics = Arc::new(Metrics::new());
             let n = rate * seconds;
             run_topology_with(

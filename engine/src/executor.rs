@@ -500,7 +500,7 @@ impl Executor {
             let c = &plan.channels[ch as usize];
             if last - first + 1 < RANGE_DELETE_MIN {
                 let mut key = c.outbox_key(first);
-                let at = key.len() - 8;
+                let at = c.outbox_prefix.len();
                 for seq in first..=last {
                     key[at..].copy_from_slice(&seq.to_be_bytes());
                     batch.delete(Cf::Outbox, &key);
