@@ -372,33 +372,36 @@ path = "{{dir}}/out.jsonl"
                 shards = env_u64("MILLRACE_BENCH_P3_SHARDS", cpus as u64),
             )
         };
-        let max_records = (records / 5).max(100_000);
-        let max = run_topology(&pipeline(max_records, None, "process"), max_records, None);
-        println!(
-            "p3        3-stage pipeline maximum throughput        {:>12.0} records/s",
-            max.records_per_sec
-        );
-        let max_machine = run_topology(&pipeline(max_records, None, "machine"), max_records, None);
-        println!(
-            "p3        3-stage pipeline maximum throughput, machine {:>12.0} records/s",
-            max_machine.records_per_sec
-        );
-        // Each durability at half of its own maximum (the goal's load), and
-        // `machine` also at the `process` rate, the harder load the figures
-        // of earlier versions were measured at. MILLRACE_BENCH_P3_RATE fixes
-        // one rate for all three.
+        // MILLRACE_BENCH_P3_RATE fixes one rate for every latency run (and
+        // skips the maximum-throughput runs).
         let fixed = std::env::var("MILLRACE_BENCH_P3_RATE")
             .ok()
             .and_then(|v| v.parse::<u64>().ok());
-        let half = |r: &Run| fixed.unwrap_or((r.records_per_sec / 2.0) as u64);
+        let runs = match fixed {
+            Some(rate) => vec![("process", rate, "fixed"), ("machine", rate, "fixed")],
+            None => {
+                let max_records = (records / 5).max(100_000);
+                let mut max = [0.0; 2];
+                for (m, durability) in max.iter_mut().zip(["process", "machine"]) {
+                    *m = run_topology(&pipeline(max_records, None, durability), max_records, None)
+                        .records_per_sec;
+                    println!(
+                        "p3        3-stage pipeline maximum throughput, {durability:<8} {:>12.0} records/s",
+                        *m
+                    );
+                }
+                // Each durability at half of its own maximum (the goal's
+                // load), and `machine` also at the `process` rate, the harder
+                // load the figures of earlier versions were measured at.
+                let half = |m: f64| (m / 2.0) as u64;
+                vec![
+                    ("process", half(max[0]), "half of its max"),
+                    ("machine", half(max[1]), "half of its max"),
+                    ("machine", half(max[0]), "half of the process max"),
+                ]
+            }
+        };
         let seconds = env_u64("MILLRACE_BENCH_LATENCY_SECONDS", 10);
-        let mut runs = vec![
-            ("process", half(&max), "half of its max"),
-            ("machine", half(&max_machine), "half of its max"),
-        ];
-        if fixed.is_none() {
-            runs.push(("machine", half(&max), "half of the process max"));
-        }
         for (durability, rate, load) in runs {
             let metrics = Arc::new(Metrics::new());
             let n = rate * seconds;
@@ -411,10 +414,11 @@ path = "{{dir}}/out.jsonl"
             let h = metrics.e2e_latency.with_label_values(&["out"]);
             let c = &metrics.commit_seconds;
             println!(
-                "p3        latency at {rate} records/s ({load}), durability {durability:<8} p50 {:.2} ms  p99 {:.2} ms  ({} records; commits p50 {:.2} ms p99 {:.2} ms)",
+                "p3        latency at {rate} records/s ({load}), durability {durability:<8} p50 {:.2} ms  p99 {:.2} ms  ({} records; {:.0} commits/s, p50 {:.2} ms p99 {:.2} ms)",
                 quantile(&h, 0.5) * 1e3,
                 quantile(&h, 0.99) * 1e3,
                 h.get_sample_count(),
+                c.get_sample_count() as f64 / seconds as f64,
                 quantile(c, 0.5) * 1e3,
                 quantile(c, 0.99) * 1e3,
             );
