@@ -350,7 +350,9 @@ impl Worker {
     }
 
     /// Waits until `done` holds (true), `timeout` passes (false) or an
-    /// executor fails (the error). Executors wake it after every commit.
+    /// executor fails (the error). Executors wake it after a commit that
+    /// leaves the graph drained; other conditions (a peer's status) are
+    /// seen within 100 ms.
     fn wait_for(&self, timeout: Duration, done: impl Fn() -> bool) -> Result<bool, EngineError> {
         let deadline = Instant::now() + timeout;
         loop {
