@@ -19,9 +19,12 @@
 //!   latency p50 and p99 at half of each maximum, and with `machine` also at
 //!   half of the `process` maximum.
 //! - MILLRACE_BENCH_COMMIT_INTERVAL sets p1's and p3's `commit_interval`
-//!   (default: the engine's, 2ms, or 8ms with `machine`); MILLRACE_BENCH_P3_RATE fixes p3's rate instead of
-//!   half of a measured maximum; MILLRACE_BENCH_P3_SHARDS sets p3's shards
-//!   (default: one per CPU, as the executor threads).
+//!   (default: the engine's, 2ms, or 8ms with `machine`);
+//!   MILLRACE_BENCH_P3_RATE fixes p3's rate for both durabilities instead of
+//!   half of a measured maximum (the maximum runs are then skipped);
+//!   MILLRACE_BENCH_P3_SHARDS sets p3's shards (default: one per CPU, as the
+//!   executor threads); MILLRACE_BENCH_LATENCY_SECONDS sets the length of each
+//!   latency run (default 10).
 //! - p2: a 1 s tumbling-window count per key (`generator` -> `window`), with
 //!   the watermark lag of the window (newest event time minus its output
 //!   watermark) sampled every 100 ms. Records are 10 us apart in event time.
