@@ -22,8 +22,9 @@
 //!   (default: the engine's, 2ms, or 8ms with `machine`);
 //!   MILLRACE_BENCH_P3_RATE fixes p3's rate for both durabilities instead of
 //!   half of a measured maximum (the maximum runs are then skipped);
-//!   MILLRACE_BENCH_P3_SHARDS sets p3's shards (default: one per CPU, as the
-//!   executor threads); MILLRACE_BENCH_LATENCY_SECONDS sets the length of each
+//!   MILLRACE_BENCH_P3_SHARDS and MILLRACE_BENCH_P3_THREADS set p3's shards
+//!   and executor threads (default: one of each per CPU);
+//!   MILLRACE_BENCH_LATENCY_SECONDS sets the length of each
 //!   latency run (default 10).
 //! - p2: a 1 s tumbling-window count per key (`generator` -> `window`), with
 //!   the watermark lag of the window (newest event time minus its output
@@ -347,6 +348,7 @@ data_dir = "{{dir}}/data"
 http = "off"
 [engine]
 shards = {shards}
+threads = {threads}
 durability = "{durability}"
 batch_size = {batch}
 {interval}
@@ -373,6 +375,7 @@ path = "{{dir}}/out.jsonl"
                 // One shard per executor thread: on 2 cores more shards only
                 // add per-turn work (channels, checkpoints) to every commit.
                 shards = env_u64("MILLRACE_BENCH_P3_SHARDS", cpus as u64),
+                threads = env_u64("MILLRACE_BENCH_P3_THREADS", cpus as u64),
             )
         };
         // MILLRACE_BENCH_P3_RATE fixes one rate for every latency run (and
