@@ -29,6 +29,12 @@
 //! - p2: a 1 s tumbling-window count per key (`generator` -> `window`), with
 //!   the watermark lag of the window (newest event time minus its output
 //!   watermark) sampled every 100 ms. Records are 10 us apart in event time.
+//! - cpu (run before p3, or alone with `MILLRACE_BENCH=cpu`): how steadily
+//!   the machine runs plain arithmetic, one thread per CPU for
+//!   `MILLRACE_BENCH_STEADINESS_SECONDS` (default 5): the share of 100 ms
+//!   windows in which a thread got less than 80% of its best window's work
+//!   done. Where the host takes the CPUs away for a while, no engine meets a
+//!   millisecond latency goal in those windows.
 //! - cluster: p1 on one worker and on two workers (two `Worker`s in this
 //!   process, talking over TCP on 127.0.0.1, as two processes would), with the
 //!   share of records that crossed the network
@@ -49,6 +55,79 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// How steadily the machine runs plain CPU work: one thread per CPU repeats
+/// a fixed piece of arithmetic; for each 100 ms window, the work a thread
+/// got done against its own best window. On a machine whose cores are its
+/// own every window is near 1; where the host takes the CPUs away for a
+/// while, latency in those windows has nothing to run on.
+struct Steadiness {
+    windows: usize,
+    /// Share of (thread, window) pairs under 80% of full speed.
+    slow_share: f64,
+    /// Speed of the slowest window.
+    slowest: f64,
+    /// The longest and the shortest time one piece of work took.
+    longest: Duration,
+    shortest: Duration,
+}
+
+fn cpu_steadiness(threads: usize, seconds: u64) -> Steadiness {
+    const WINDOW_MS: u128 = 100;
+    let windows = (seconds as u128 * 1000 / WINDOW_MS) as usize;
+    let start = Instant::now() + Duration::from_millis(10);
+    let per_thread: Vec<(Vec<u64>, Duration, Duration)> = std::thread::scope(|s| {
+        let probes: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(move || {
+                    let mut done = vec![0u64; windows];
+                    let (mut longest, mut shortest) = (Duration::ZERO, Duration::MAX);
+                    let mut x = 1u64;
+                    while Instant::now() < start {
+                        std::hint::spin_loop();
+                    }
+                    loop {
+                        let t = Instant::now();
+                        let w = ((t - start).as_millis() / WINDOW_MS) as usize;
+                        if w >= windows {
+                            break;
+                        }
+                        for _ in 0..10_000 {
+                            x = std::hint::black_box(
+                                x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1),
+                            );
+                        }
+                        let took = t.elapsed();
+                        longest = longest.max(took);
+                        shortest = shortest.min(took);
+                        done[w] += 1;
+                    }
+                    (done, longest, shortest)
+                })
+            })
+            .collect();
+        probes
+            .into_iter()
+            .map(|p| p.join().expect("steadiness probe"))
+            .collect()
+    });
+    let (mut slow, mut slowest) = (0usize, 1.0f64);
+    for (done, _, _) in &per_thread {
+        let best = done.iter().copied().max().unwrap_or(0).max(1) as f64;
+        for &d in done {
+            let speed = d as f64 / best;
+            slow += usize::from(speed < 0.8);
+            slowest = slowest.min(speed);
+        }
+    }
+    Steadiness {
+        windows,
+        slow_share: slow as f64 / (windows * threads).max(1) as f64,
+        slowest,
+        longest: per_thread.iter().map(|p| p.1).max().unwrap_or_default(),
+        shortest: per_thread.iter().map(|p| p.2).min().unwrap_or_default(),
+    }
 }
 
 /// Raw RocksDB: puts per second, WriteBatch(1000), WAL on, no sync.
@@ -334,6 +413,21 @@ aggregate = "count"
             two.elapsed.as_secs_f64(),
             two.records_per_sec / one.records_per_sec,
             100.0 * crossed as f64 / n as f64
+        );
+    }
+
+    if which == "all" || which == "p3" || which == "cpu" {
+        // The latency goals need the CPUs when records arrive: measured here,
+        // in the same run, because it differs from machine to machine.
+        let seconds = env_u64("MILLRACE_BENCH_STEADINESS_SECONDS", 5);
+        let s = cpu_steadiness(cpus, seconds);
+        println!(
+            "cpu       steadiness, {cpus} threads of fixed work for {seconds}s: {:.0}% of {} 100 ms windows under 80% of full speed, slowest at {:.0}%; one piece of work took {:.2} to {:.2} ms",
+            s.slow_share * 100.0,
+            s.windows * cpus,
+            s.slowest * 100.0,
+            s.shortest.as_secs_f64() * 1e3,
+            s.longest.as_secs_f64() * 1e3,
         );
     }
 
