@@ -3,6 +3,7 @@
 export ROCKSDB_LIB_DIR ?= /usr/lib/x86_64-linux-gnu
 export ROCKSDB_INCLUDE_DIR ?= /usr/include
 export SNAPPY_LIB_DIR ?= /usr/lib/x86_64-linux-gnu
+export ROCKSDB_STATIC ?= 1
 
 APT_PACKAGES := librocksdb-dev libclang-dev prometheus
 
