@@ -33,10 +33,11 @@ use crate::shard::{
 };
 use crate::worker::Shared;
 use crate::EngineError;
+use crate::FastMap;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use millrace_storage::{Batch, Cf, KeyReader, Store};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -120,12 +121,12 @@ pub(crate) struct Executor {
     /// By destination: executors `0..threads` of this worker, then workers.
     peers: Vec<Outlet>,
     shards: Vec<ShardRt>,
-    local: HashMap<Sid, usize>,
+    local: FastMap<Sid, usize>,
     /// Per local shard: the destinations its watermark goes to (local
     /// executors, and each other worker once).
     wm_dests: Vec<Vec<usize>>,
     /// For each upstream shard, the local shards (and upstream positions) it bounds.
-    wm_subscribers: HashMap<Sid, Vec<(usize, usize)>>,
+    wm_subscribers: FastMap<Sid, Vec<(usize, usize)>>,
     node_metrics: Vec<NodeMetrics>,
     outgoing: Vec<Vec<Msg>>,
     emits: Vec<Emit>,
@@ -168,8 +169,8 @@ impl Executor {
             inbox,
             peers,
             shards: Vec::new(),
-            local: HashMap::new(),
-            wm_subscribers: HashMap::new(),
+            local: FastMap::default(),
+            wm_subscribers: FastMap::default(),
             wm_dests: Vec::new(),
             node_metrics,
             outgoing: (0..destinations).map(|_| Vec::new()).collect(),
@@ -226,7 +227,7 @@ impl Executor {
                     }
                 }
             };
-            let mut inputs = HashMap::new();
+            let mut inputs = FastMap::default();
             for &ch in &spec.in_channels {
                 let applied = store
                     .get(Cf::Channels, &plan.channels[ch as usize].applied_key)?
@@ -265,7 +266,7 @@ impl Executor {
                 body,
                 inputs,
                 applied_dirty: BTreeSet::new(),
-                outs: HashMap::new(),
+                outs: FastMap::default(),
                 pending: VecDeque::new(),
                 state: KeyedState::new(
                     plan.topology.engine.state_cache_keys / node.shards.max(1) as usize,

@@ -6,9 +6,10 @@ use crate::api::{Computation, Context, Sink, Source};
 use crate::delivery::{InChannel, OutChannel};
 use crate::plan::{ChannelIdx, NodeIdx, Sid};
 use crate::record::{Envelope, EventTime, TimeDomain, MIN_TIME};
+use crate::FastMap;
 use bytes::Bytes;
 use millrace_storage::{Batch, Cf, KeyReader, KeyWriter, StorageError, Store};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
 
 /// A record a shard produced and has not routed yet.
@@ -55,7 +56,7 @@ pub(crate) enum Body {
 #[derive(Default)]
 pub(crate) struct Timers {
     by_time: BTreeMap<(TimeDomain, EventTime), DueBucket>,
-    by_key: HashMap<(Bytes, Bytes), (TimeDomain, EventTime)>,
+    by_key: FastMap<(Bytes, Bytes), (TimeDomain, EventTime)>,
     writes: Vec<(Vec<u8>, bool)>,
     /// In memory only: the computation rebuilds them from its state at start.
     volatile: bool,
@@ -227,7 +228,7 @@ impl Timers {
 /// and one to change it.
 #[derive(Default)]
 pub(crate) struct KeyedState {
-    map: HashMap<Bytes, Slot>,
+    map: FastMap<Bytes, Slot>,
     /// The keys changed since the last commit, each once.
     changed: Vec<Bytes>,
     capacity: usize,
@@ -386,9 +387,9 @@ pub(crate) struct ShardRt {
     pub node: NodeIdx,
     pub prefix: Vec<u8>,
     pub body: Body,
-    pub inputs: HashMap<ChannelIdx, InChannel>,
+    pub inputs: FastMap<ChannelIdx, InChannel>,
     pub applied_dirty: BTreeSet<ChannelIdx>,
-    pub outs: HashMap<ChannelIdx, OutChannel>,
+    pub outs: FastMap<ChannelIdx, OutChannel>,
     pub pending: VecDeque<(ChannelIdx, u64, Envelope)>,
     pub state: KeyedState,
     pub timers: Timers,
