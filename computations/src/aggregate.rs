@@ -344,12 +344,9 @@ impl Acc {
 
     /// Appends the result as JSON text, as `result().to_string()` would.
     pub fn write_result(&self, out: &mut String) {
-        use std::fmt::Write;
         match self {
             // The common case without building a `Value`.
-            Acc::Count(c) => {
-                let _ = write!(out, "{c}");
-            }
+            Acc::Count(c) => out.push_str(itoa::Buffer::new().format(*c)),
             other => out.push_str(&other.result().to_string()),
         }
     }

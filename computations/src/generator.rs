@@ -63,7 +63,10 @@ fn mix(mut z: u64) -> u64 {
 impl Generator {
     /// The key of record `i`.
     pub fn key_of(&self, i: u64) -> String {
-        format!("k{}", mix(self.seed ^ mix(i)) % self.keys)
+        let mut key = String::with_capacity(21);
+        key.push('k');
+        key.push_str(itoa::Buffer::new().format(mix(self.seed ^ mix(i)) % self.keys));
+        key
     }
 }
 
@@ -93,7 +96,7 @@ impl Source for Generator {
             let ts = BASE_TIME + i as i64 * self.step;
             let key = self.key_of(i);
             let value = match self.value {
-                ValueKind::Index => i.to_string(),
+                ValueKind::Index => itoa::Buffer::new().format(i).to_owned(),
                 ValueKind::Key => key.clone(),
             };
             out.emit(key, value, ts);

@@ -440,10 +440,10 @@ impl Window {
     fn fire(&self, ctx: &mut Context<'_>, p: &mut Pane, timing: Timing) {
         let key = ctx.key().clone();
         let ts = p.end - 1;
-        let window = json!({"start": p.start, "end": p.end});
-        let pane = json!({"index": p.index, "timing": timing.name()});
         match self.cfg.output {
             Output::Join => {
+                let window = json!({"start": p.start, "end": p.end});
+                let pane = json!({"index": p.index, "timing": timing.name()});
                 if let Acc::Groups(g) = &p.acc {
                     let side = |i: usize| self.cfg.sides.get(i).and_then(|s| g.get(s));
                     if let (Some(left), Some(right)) = (side(0), side(1)) {
@@ -458,31 +458,14 @@ impl Window {
                 }
             }
             Output::Aggregate => {
-                // As serde_json writes `json!({"window": .., "pane": .., "value": ..})`
-                // (keys in order), without building the `Value`s.
-                let head = |retraction: bool| {
-                    format!(
-                        r#"{{"pane":{{"index":{},"timing":"{}"}},{}"value":"#,
-                        p.index,
-                        timing.name(),
-                        if retraction {
-                            r#""retraction":true,"#
-                        } else {
-                            ""
-                        }
-                    )
-                };
-                let tail = format!(r#","window":{{"end":{},"start":{}}}}}"#, p.end, p.start);
                 if self.cfg.accumulation == Accumulation::Retracting {
                     let value = p.acc.result();
                     if let Some(old) = p.last.replace(value) {
-                        let r = format!("{}{old}{tail}", head(true));
+                        let r = pane_output(p, timing, true, |out| out.push_str(&old.to_string()));
                         ctx.produce(key.clone(), r, ts);
                     }
                 }
-                let mut v = head(false);
-                p.acc.write_result(&mut v);
-                v.push_str(&tail);
+                let v = pane_output(p, timing, false, |out| p.acc.write_result(out));
                 ctx.produce(key, v, ts);
             }
         }
@@ -702,6 +685,35 @@ pub(crate) fn register(r: &mut millrace_engine::Registry) {
     });
 }
 
+/// A pane's output, as serde_json writes `json!({"window": .., "pane": ..,
+/// "value": ..})` (keys in order), straight into one string: no `Value`s and
+/// no formatting machinery, since a pane fires for every key.
+fn pane_output(
+    p: &Pane,
+    timing: Timing,
+    retraction: bool,
+    value: impl FnOnce(&mut String),
+) -> String {
+    let mut n = itoa::Buffer::new();
+    let mut out = String::with_capacity(112);
+    out.push_str(r#"{"pane":{"index":"#);
+    out.push_str(n.format(p.index));
+    out.push_str(r#","timing":""#);
+    out.push_str(timing.name());
+    out.push_str(r#""},"#);
+    if retraction {
+        out.push_str(r#""retraction":true,"#);
+    }
+    out.push_str(r#""value":"#);
+    value(&mut out);
+    out.push_str(r#","window":{"end":"#);
+    out.push_str(n.format(p.end));
+    out.push_str(r#","start":"#);
+    out.push_str(n.format(p.start));
+    out.push_str("}}");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -722,6 +734,25 @@ mod tests {
 
     fn d(s: u64) -> HumanDuration {
         HumanDuration(Duration::from_micros(s))
+    }
+
+    #[test]
+    fn pane_output_is_what_serde_json_writes() {
+        let w = Window::new(cfg(WindowSpec::Fixed { size: d(10) }));
+        let mut p = w.new_pane(-20, 1_700_000_000_000_000);
+        p.index = 12;
+        for (timing, retraction) in [(Timing::Early, false), (Timing::Late, true)] {
+            let mut expected = json!({
+                "window": {"start": p.start, "end": p.end},
+                "pane": {"index": p.index, "timing": timing.name()},
+                "value": 42,
+            });
+            if retraction {
+                expected["retraction"] = json!(true);
+            }
+            let out = pane_output(&p, timing, retraction, |o| o.push_str("42"));
+            assert_eq!(out, expected.to_string());
+        }
     }
 
     #[test]
