@@ -8,7 +8,7 @@ use crate::plan::{ChannelIdx, NodeIdx, Sid};
 use crate::record::{Envelope, EventTime, TimeDomain, MIN_TIME};
 use crate::FastMap;
 use bytes::Bytes;
-use millrace_storage::{Batch, Cf, KeyReader, KeyWriter, StorageError, Store};
+use millrace_storage::{push_escaped, Batch, Cf, KeyReader, KeyWriter, StorageError, Store};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
 
@@ -524,9 +524,14 @@ impl ShardRt {
         channels: &[crate::plan::ChannelSpec],
         sync_sinks: bool,
     ) -> Result<(), crate::EngineError> {
-        let prefix = &self.prefix;
-        self.state
-            .commit(|k, v| batch.put_state(&state_key(prefix, k), v.map(|v| &v[..])));
+        // One key buffer for all of the turn's state writes.
+        let mut key = self.prefix.clone();
+        let at = key.len();
+        self.state.commit(|k, v| {
+            key.truncate(at);
+            push_escaped(&mut key, k);
+            batch.put_state(&key, v.map(|v| &v[..]));
+        });
         self.timers.flush(batch);
         for ch in std::mem::take(&mut self.applied_dirty) {
             if let Some(i) = self.inputs.get(&ch) {

@@ -89,12 +89,14 @@ impl KeyWriter {
 /// [`KeyWriter::bytes`], reusing a buffer).
 pub fn push_escaped(buf: &mut Vec<u8>, b: &[u8]) {
     buf.reserve(b.len() + 2);
-    for &byte in b {
-        buf.push(byte);
-        if byte == 0 {
-            buf.push(0xFF);
-        }
+    // Copies the runs between zero bytes whole; keys rarely hold any.
+    let mut rest = b;
+    while let Some(i) = rest.iter().position(|&byte| byte == 0) {
+        buf.extend_from_slice(&rest[..=i]);
+        buf.push(0xFF);
+        rest = &rest[i + 1..];
     }
+    buf.extend_from_slice(rest);
     buf.extend_from_slice(&[0x00, 0x01]);
 }
 
