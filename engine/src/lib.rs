@@ -42,8 +42,8 @@ pub use worker::{data_dir_of, ComponentStatus, Worker, WorkerOptions};
 
 /// The hash maps on the per-record path (keyed state, timers, channels,
 /// shards). foldhash instead of the standard SipHash, which took ~10% of
-/// P2's instructions. Its seed is random per process, so keys that come
-/// from outside cannot be chosen to collide.
+/// P2's instructions. Its seed is random per process, so colliding keys
+/// cannot be worked out ahead of time (it is not a cryptographic hash).
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Why the engine stopped.
