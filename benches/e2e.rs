@@ -6,6 +6,7 @@
 //! make bench                                  # everything, 10M records
 //! MILLRACE_BENCH_RECORDS=1000000 cargo bench --bench e2e
 //! MILLRACE_BENCH=p1 cargo bench --bench e2e   # one scenario
+//! MILLRACE_BENCH=none cargo bench --bench e2e # the baseline only
 //! ```
 //!
 //! - baseline: raw RocksDB, WriteBatch of 1,000 puts, one put per record,
