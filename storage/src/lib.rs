@@ -11,6 +11,7 @@
 //! from an async runtime's worker threads. The `rocksdb` crate does not leak
 //! out of this crate, so moving to a newer RocksDB is a change here only.
 
+mod batch;
 mod keys;
 pub mod slot;
 mod store;

@@ -25,17 +25,30 @@ const VACANT: u8 = 0xFF;
 
 /// The slot holding `value`, or a vacant slot for `None`.
 pub fn encode(value: Option<&[u8]>) -> Vec<u8> {
-    let Some(value) = value else {
-        let mut slot = vec![0; VACANT_LEN];
-        slot[VACANT_LEN - 1] = VACANT;
-        return slot;
-    };
-    let len = (value.len() + 1).div_ceil(ALIGN) * ALIGN;
-    let mut slot = Vec::with_capacity(len);
-    slot.extend_from_slice(value);
-    slot.resize(len, 0);
-    slot[len - 1] = (len - 1 - value.len()) as u8;
+    let mut slot = Vec::with_capacity(encoded_len(value));
+    encode_into(value, &mut slot);
     slot
+}
+
+/// The length of [`encode`]'s slot for `value`.
+pub fn encoded_len(value: Option<&[u8]>) -> usize {
+    match value {
+        None => VACANT_LEN,
+        Some(value) => (value.len() + 1).div_ceil(ALIGN) * ALIGN,
+    }
+}
+
+/// Appends [`encode`]'s slot for `value` to `out`.
+pub fn encode_into(value: Option<&[u8]>, out: &mut Vec<u8>) {
+    let len = encoded_len(value);
+    let Some(value) = value else {
+        out.resize(out.len() + len - 1, 0);
+        out.push(VACANT);
+        return;
+    };
+    out.extend_from_slice(value);
+    out.resize(out.len() + len - 1 - value.len(), 0);
+    out.push((len - 1 - value.len()) as u8);
 }
 
 /// The value a slot holds (`None`: vacant).
@@ -70,6 +83,10 @@ mod tests {
             prop_assert!(slot.len() - value.len() <= ALIGN);
             prop_assert_eq!(decode(&slot).unwrap(), Some(&value[..]));
             prop_assert!(!is_vacant(&slot));
+            let mut after = b"key".to_vec();
+            encode_into(Some(&value), &mut after);
+            prop_assert_eq!(&after[3..], &slot[..]);
+            prop_assert_eq!(encoded_len(Some(&value)), slot.len());
         }
 
         #[test]
@@ -82,6 +99,7 @@ mod tests {
     fn small_values_fit_where_a_deleted_one_was() {
         let vacant = encode(None);
         assert!(is_vacant(&vacant));
+        assert_eq!(vacant.len(), encoded_len(None));
         assert_eq!(decode(&vacant).unwrap(), None);
         assert!(encode(Some(&[7; VACANT_LEN - 1])).len() <= vacant.len());
         assert!(decode(&[]).is_err());

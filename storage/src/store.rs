@@ -1,10 +1,11 @@
 //! The RocksDB instance of one worker and its atomic batches.
 
+use crate::batch::Rep;
 use crate::keys::prefix_end;
 use crate::slot;
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode,
-    Options, WriteBatch, WriteOptions, DB,
+    AsColumnFamilyRef, BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Direction,
+    IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 use std::path::{Path, PathBuf};
 
@@ -112,6 +113,9 @@ pub struct Store {
     db: DB,
     path: PathBuf,
     write: WriteOptions,
+    /// RocksDB's id of each column family, in [`Cf::ALL`]'s order: what a
+    /// batch's records name them by.
+    cf_ids: [u32; Cf::ALL.len()],
 }
 
 impl std::fmt::Debug for Store {
@@ -241,10 +245,12 @@ impl Store {
         })?;
         let mut write = WriteOptions::default();
         write.set_sync(opts.durability == Durability::Machine);
+        let cf_ids = cf_ids(&db);
         let store = Store {
             db,
             path: dir.to_path_buf(),
             write,
+            cf_ids,
         };
         if !store.check_format()? {
             let mut b = store.batch();
@@ -295,10 +301,12 @@ impl Store {
                 message: e.into_string(),
             }
         })?;
+        let cf_ids = cf_ids(&db);
         let store = Store {
             db,
             path: dir.to_path_buf(),
             write: WriteOptions::default(),
+            cf_ids,
         };
         store.check_format()?;
         Ok(store)
@@ -310,10 +318,12 @@ impl Store {
     }
 
     fn cf(&self, cf: Cf) -> &ColumnFamily {
-        // Every column family is created by `open`; a missing one is a bug.
-        self.db
-            .cf_handle(cf.name())
-            .expect("column family created at open")
+        cf_handle(&self.db, cf)
+    }
+
+    fn cf_id(&self, cf: Cf) -> u32 {
+        // `Cf::ALL` lists the variants in declaration order (a test checks).
+        self.cf_ids[cf as usize]
     }
 
     fn err(&self, op: &'static str, e: rocksdb::Error) -> StorageError {
@@ -402,17 +412,22 @@ impl Store {
     pub fn batch(&self) -> Batch<'_> {
         Batch {
             store: self,
-            wb: WriteBatch::default(),
+            rep: Rep::new(),
         }
     }
 
     /// Writes `batch` atomically: all of it or none of it survives a crash.
-    pub fn commit(&self, batch: Batch<'_>) -> Result<(), StorageError> {
-        if batch.wb.is_empty() {
+    pub fn commit(&self, mut batch: Batch<'_>) -> Result<(), StorageError> {
+        if batch.is_empty() {
             return Ok(());
         }
+        let data = batch.rep.finish().map_err(|_| StorageError::Rocks {
+            path: self.path.clone(),
+            op: "commit",
+            message: "a key or value is 4 GiB or longer".into(),
+        })?;
         self.db
-            .write_opt(batch.wb, &self.write)
+            .write_opt(WriteBatch::from_data(data), &self.write)
             .map_err(|e| self.err("commit", e))
     }
 
@@ -446,6 +461,21 @@ fn format_key() -> Vec<u8> {
     crate::KeyWriter::new().str("").str("state-format").finish()
 }
 
+fn cf_handle(db: &DB, cf: Cf) -> &ColumnFamily {
+    // Every column family is created (or required) at open; a missing one is a bug.
+    db.cf_handle(cf.name())
+        .expect("column family created at open")
+}
+
+/// RocksDB's id of each column family of `db`, in [`Cf::ALL`]'s order.
+fn cf_ids(db: &DB) -> [u32; Cf::ALL.len()] {
+    Cf::ALL.map(|cf| {
+        // SAFETY: the handle belongs to `db`, which outlives this call;
+        // reading its id has no other effect.
+        unsafe { librocksdb_sys::rocksdb_column_family_handle_get_id(cf_handle(db, cf).inner()) }
+    })
+}
+
 /// The state column family's prefix extractor: the whole key.
 fn whole_key(key: &[u8]) -> &[u8] {
     key
@@ -454,49 +484,51 @@ fn whole_key(key: &[u8]) -> &[u8] {
 /// Puts and deletes that [`Store::commit`] applies atomically.
 pub struct Batch<'s> {
     store: &'s Store,
-    wb: WriteBatch,
+    rep: Rep,
 }
 
 impl Batch<'_> {
     /// Sets `key` to `value`.
     pub fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) {
-        self.wb.put_cf(self.store.cf(cf), key, value);
+        self.rep.put(self.store.cf_id(cf), key, value);
     }
 
     /// Sets the keyed state at `key` (`None`: deletes it), in a slot.
     pub fn put_state(&mut self, key: &[u8], value: Option<&[u8]>) {
-        self.wb
-            .put_cf(self.store.cf(Cf::State), key, slot::encode(value));
+        self.rep.put_with(
+            self.store.cf_id(Cf::State),
+            key,
+            slot::encoded_len(value),
+            |out| slot::encode_into(value, out),
+        );
     }
 
     /// Removes `key`.
     pub fn delete(&mut self, cf: Cf, key: &[u8]) {
-        self.wb.delete_cf(self.store.cf(cf), key);
+        self.rep.delete(self.store.cf_id(cf), key);
     }
 
     /// Removes every key in `[from, to)`.
     pub fn delete_range(&mut self, cf: Cf, from: &[u8], to: &[u8]) {
-        self.wb.delete_range_cf(self.store.cf(cf), from, to);
+        self.rep.delete_range(self.store.cf_id(cf), from, to);
     }
 
     /// Removes every key under `prefix`.
     pub fn delete_prefix(&mut self, cf: Cf, prefix: &[u8]) {
         match prefix_end(prefix) {
-            Some(end) => self.wb.delete_range_cf(self.store.cf(cf), prefix, &end[..]),
-            None => self
-                .wb
-                .delete_range_cf(self.store.cf(cf), prefix, &[0xFFu8; 64][..]),
+            Some(end) => self.delete_range(cf, prefix, &end),
+            None => self.delete_range(cf, prefix, &[0xFFu8; 64]),
         }
     }
 
     /// Number of operations collected.
     pub fn len(&self) -> usize {
-        self.wb.len()
+        self.rep.len()
     }
 
     /// Whether nothing was collected.
     pub fn is_empty(&self) -> bool {
-        self.wb.is_empty()
+        self.rep.len() == 0
     }
 }
 
@@ -504,6 +536,55 @@ impl Batch<'_> {
 mod tests {
     use super::*;
     use crate::KeyWriter;
+
+    #[test]
+    fn column_families_are_listed_in_declaration_order() {
+        for (i, cf) in Cf::ALL.iter().enumerate() {
+            assert_eq!(*cf as usize, i, "{cf:?}");
+        }
+    }
+
+    /// Batches name column families by RocksDB's ids: what one commits
+    /// lands in the column family it names, in every one of them.
+    #[test]
+    fn a_commit_writes_each_column_family() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let mut batch = store.batch();
+        for cf in Cf::ALL {
+            batch.put(cf, b"k", cf.name().as_bytes());
+        }
+        batch.put_state(b"s", Some(b"state"));
+        store.commit(batch).unwrap();
+        for cf in Cf::ALL {
+            if cf != Cf::State {
+                assert_eq!(
+                    store.get(cf, b"k").unwrap().as_deref(),
+                    Some(cf.name().as_bytes())
+                );
+            }
+        }
+        assert_eq!(
+            store.get_state(b"s").unwrap().as_deref(),
+            Some(&b"state"[..])
+        );
+        let mut batch = store.batch();
+        batch.delete(Cf::Meta, b"k");
+        batch.delete_range(Cf::Timers, b"a", b"z");
+        batch.put_state(b"s", None);
+        assert_eq!(batch.len(), 3);
+        store.commit(batch).unwrap();
+        assert_eq!(store.get(Cf::Meta, b"k").unwrap(), None);
+        assert_eq!(store.get(Cf::Timers, b"k").unwrap(), None);
+        assert_eq!(
+            store.get(Cf::Outbox, b"k").unwrap().as_deref(),
+            Some(&b"outbox"[..])
+        );
+        assert_eq!(store.get_state(b"s").unwrap(), None);
+        // A read-only store beside it finds the same ids.
+        let reader = Store::open_read_only(dir.path()).unwrap();
+        assert_eq!(reader.cf_ids, store.cf_ids);
+    }
 
     #[test]
     fn deleted_state_reads_as_absent_and_compactions_drop_it() {
