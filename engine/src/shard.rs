@@ -330,7 +330,17 @@ pub(crate) struct KeyScope<'a> {
 }
 
 pub(crate) fn state_key(prefix: &[u8], key: &[u8]) -> Vec<u8> {
-    KeyWriter::from_prefix(prefix).bytes(key).finish()
+    let mut buf = Vec::with_capacity(prefix.len() + key.len() + 2);
+    write_state_key(&mut buf, prefix, key);
+    buf
+}
+
+/// Writes the state key of `key` (in the shard whose keys start with
+/// `prefix`) into `buf`, replacing what it held: commits reuse one buffer.
+fn write_state_key(buf: &mut Vec<u8>, prefix: &[u8], key: &[u8]) {
+    buf.clear();
+    buf.extend_from_slice(prefix);
+    push_escaped(buf, key);
 }
 
 impl KeyScope<'_> {
@@ -524,12 +534,9 @@ impl ShardRt {
         channels: &[crate::plan::ChannelSpec],
         sync_sinks: bool,
     ) -> Result<(), crate::EngineError> {
-        // One key buffer for all of the turn's state writes.
-        let mut key = self.prefix.clone();
-        let at = key.len();
+        let (prefix, mut key) = (&self.prefix, Vec::new());
         self.state.commit(|k, v| {
-            key.truncate(at);
-            push_escaped(&mut key, k);
+            write_state_key(&mut key, prefix, k);
             batch.put_state(&key, v.map(|v| &v[..]));
         });
         self.timers.flush(batch);

@@ -23,14 +23,7 @@ pub const VACANT_LEN: usize = 64;
 
 const VACANT: u8 = 0xFF;
 
-/// The slot holding `value`, or a vacant slot for `None`.
-pub fn encode(value: Option<&[u8]>) -> Vec<u8> {
-    let mut slot = Vec::with_capacity(encoded_len(value));
-    encode_into(value, &mut slot);
-    slot
-}
-
-/// The length of [`encode`]'s slot for `value`.
+/// The length of the slot [`encode_into`] writes for `value`.
 pub fn encoded_len(value: Option<&[u8]>) -> usize {
     match value {
         None => VACANT_LEN,
@@ -38,7 +31,7 @@ pub fn encoded_len(value: Option<&[u8]>) -> usize {
     }
 }
 
-/// Appends [`encode`]'s slot for `value` to `out`.
+/// Appends the slot holding `value` (a vacant slot for `None`) to `out`.
 pub fn encode_into(value: Option<&[u8]>, out: &mut Vec<u8>) {
     let len = encoded_len(value);
     let Some(value) = value else {
@@ -74,6 +67,12 @@ pub fn is_vacant(slot: &[u8]) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn encode(value: Option<&[u8]>) -> Vec<u8> {
+        let mut slot = Vec::new();
+        encode_into(value, &mut slot);
+        slot
+    }
 
     proptest! {
         #[test]
