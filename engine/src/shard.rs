@@ -9,6 +9,7 @@ use crate::record::{Envelope, EventTime, TimeDomain, MIN_TIME};
 use crate::FastMap;
 use bytes::Bytes;
 use millrace_storage::{push_escaped, Batch, Cf, KeyReader, KeyWriter, StorageError, Store};
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
 
@@ -142,14 +143,15 @@ impl Timers {
 
     pub fn set(&mut self, prefix: &[u8], key: &Bytes, tag: Bytes, d: TimeDomain, t: EventTime) {
         let id = (key.clone(), tag);
-        match self.by_key.get_mut(&id) {
-            Some(at) if *at == (d, t) => return, // already set for that time
-            Some(at) => {
-                let (old_d, old_t) = std::mem::replace(at, (d, t));
+        // One lookup: `entry` takes a clone of the id (two reference counts).
+        match self.by_key.entry(id.clone()) {
+            Entry::Occupied(set) if *set.get() == (d, t) => return, // already set for that time
+            Entry::Occupied(mut set) => {
+                let (old_d, old_t) = std::mem::replace(set.get_mut(), (d, t));
                 self.record(prefix, old_d, old_t, key, &id.1, false);
             }
-            None => {
-                self.by_key.insert(id.clone(), (d, t));
+            Entry::Vacant(slot) => {
+                slot.insert((d, t));
             }
         }
         self.record(prefix, d, t, key, &id.1, true);
@@ -185,12 +187,13 @@ impl Timers {
                 self.by_time.remove(&(d, t));
                 continue;
             };
-            let id = (key, tag);
             // Skip pairs whose timer was moved or deleted since.
-            if self.by_key.get(&id) == Some(&(d, t)) {
-                self.by_key.remove(&id);
-                self.record(prefix, d, t, &id.0, &id.1, false);
-                return Some((id.0, id.1, t));
+            if let Entry::Occupied(set) = self.by_key.entry((key, tag)) {
+                if *set.get() == (d, t) {
+                    let ((key, tag), _) = set.remove_entry();
+                    self.record(prefix, d, t, &key, &tag, false);
+                    return Some((key, tag, t));
+                }
             }
         }
     }
@@ -641,6 +644,29 @@ mod tests {
                 (s(k), s(tag), at)
             })
             .collect()
+    }
+
+    #[test]
+    fn timers_of_one_time_fire_in_bytewise_key_order() {
+        let mut t = Timers::default();
+        let keys = [
+            "0123456789abcdefZ",
+            "0123456789abcdef",
+            "0123456789abcdefA",
+            "1",
+            "0",
+            "",
+        ];
+        for k in keys {
+            t.set(b"p", &b(k), b("x"), TimeDomain::EventTime, 7);
+        }
+        let mut want: Vec<&str> = keys.to_vec();
+        want.sort();
+        let got: Vec<String> = drain(&mut t, TimeDomain::EventTime, 8)
+            .into_iter()
+            .map(|(k, _, _)| k)
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -52,6 +52,13 @@ pub enum Durability {
     Machine,
 }
 
+/// Lock stripes of a memtable updated in place. Only one thread writes
+/// memtables at a time (concurrent memtable writes are off), and reads that
+/// reach RocksDB are rare (the engine caches state), so a few stripes do:
+/// RocksDB's default, 10,000 (560 KB of locks), missed the CPU cache on
+/// nearly every update.
+const INPLACE_UPDATE_LOCKS: usize = 64;
+
 /// Tuning of the RocksDB instance.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -207,6 +214,7 @@ impl Store {
                     // in place in the memtable (when the new value is no
                     // larger) instead of inserting one more version.
                     o.set_inplace_update_support(true);
+                    o.set_inplace_update_locks(INPLACE_UPDATE_LOCKS);
                     // Deleted state is a vacant slot until compacted away.
                     o.set_compaction_filter("millrace.vacant-slots", |_, _, v: &[u8]| {
                         if slot::is_vacant(v) {
@@ -234,7 +242,10 @@ impl Store {
                 // Sequence numbers, watermarks and positions: the same few
                 // keys rewritten at every commit, with values of one size.
                 // In place, the memtable stays tiny and cheap to flush.
-                Cf::Channels | Cf::Meta => o.set_inplace_update_support(true),
+                Cf::Channels | Cf::Meta => {
+                    o.set_inplace_update_support(true);
+                    o.set_inplace_update_locks(INPLACE_UPDATE_LOCKS);
+                }
             }
             ColumnFamilyDescriptor::new(cf.name(), o)
         });
