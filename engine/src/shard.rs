@@ -10,7 +10,7 @@ use crate::FastMap;
 use bytes::Bytes;
 use millrace_storage::{push_escaped, Batch, Cf, KeyReader, KeyWriter, StorageError, Store};
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{btree_map, BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
 
 /// A record a shard produced and has not routed yet.
@@ -498,10 +498,11 @@ impl ShardRt {
     }
 
     pub fn untrack_unacked(&mut self, ts: EventTime) {
-        if let Some(n) = self.unacked_ts.get_mut(&ts) {
-            *n -= 1;
-            if *n == 0 {
-                self.unacked_ts.remove(&ts);
+        // One search of the tree, not two.
+        if let btree_map::Entry::Occupied(mut n) = self.unacked_ts.entry(ts) {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
             }
         }
         self.backlog -= 1;
