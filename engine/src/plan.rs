@@ -494,20 +494,26 @@ mod tests {
         out
     }
 
-    #[test]
-    fn a_source_weighs_two_computation_shards() {
-        let p = plan(
-            r#"
+    /// A source `gen` feeding a computation `count` of `shards` shards on 2
+    /// executors, after `cluster` (TOML, may be empty).
+    fn gen_to_count(cluster: &str, shards: u32) -> Plan {
+        plan(&format!(
+            r#"{cluster}
 [engine]
-shards = 16
+shards = {shards}
 threads = 2
 [sources.gen]
 type = "nothing"
 [computations.count]
 type = "nothing"
 inputs = ["gen"]
-"#,
-        );
+"#
+        ))
+    }
+
+    #[test]
+    fn a_source_weighs_two_computation_shards() {
+        let p = gen_to_count("", 16);
         let l = layout(&p);
         let count = |e: usize| l[0][e].iter().filter(|n| **n == "count").count();
         assert_eq!(l[0][0][0], "gen");
@@ -542,7 +548,7 @@ inputs = ["count"]
 
     #[test]
     fn each_worker_spreads_its_own_shards() {
-        let p = plan(
+        let p = gen_to_count(
             r#"
 [cluster]
 secret = "s"
@@ -552,15 +558,8 @@ address = "127.0.0.1:1"
 [[cluster.workers]]
 id = "b"
 address = "127.0.0.1:2"
-[engine]
-shards = 8
-threads = 2
-[sources.gen]
-type = "nothing"
-[computations.count]
-type = "nothing"
-inputs = ["gen"]
 "#,
+            8,
         );
         // Worker a: the source and 4 count shards; worker b: 4 count shards.
         assert_eq!(
