@@ -176,6 +176,40 @@ fn retracting_panes_withdraw_the_previous_one() {
 }
 
 #[test]
+fn an_early_pane_fires_at_its_count_and_the_rest_on_time() {
+    let s = Scratch::new();
+    let topo = window_topology(
+        &s,
+        r#"{ kind = "fixed", size = "10s" }"#,
+        "aggregate = \"sum\"\ntrigger = { early_count = 2 }",
+        r#"{ out_of_order = "0s" }"#,
+    );
+    let (inp, out) = (s.path("in"), s.path("out.txt"));
+    let for_a = |n: usize| {
+        let out = out.clone();
+        move || panes(&out).iter().filter(|(k, _)| k == "a").count() >= n
+    };
+    let mut child = spawn(&topo, "off");
+    // Two elements of window [0s, 10s): the early trigger fires.
+    add(&inp, "1.csv", "a,1,3\na,2,4\n");
+    assert!(wait_until(T, for_a(1)), "early pane");
+    // A crash: the pane's on-time timer must come back from its state.
+    kill9(&mut child);
+    let mut child = spawn(&topo, "off");
+    // One more, then the watermark passes 10s: on time, with the new element only.
+    add(&inp, "2.csv", "a,3,5\nb,25,0\n");
+    assert!(wait_until(T, for_a(2)), "on-time pane");
+    term(&child);
+    assert!(wait_exit(&mut child, T).success());
+    let got: Vec<Value> = panes(&out)
+        .into_iter()
+        .filter(|(k, _)| k == "a")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(summary(&got), ["7 early #0", "5 on_time #1"]);
+}
+
+#[test]
 fn out_of_order_sessions_merge() {
     let s = Scratch::new();
     let topo = window_topology(
