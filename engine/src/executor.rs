@@ -974,9 +974,12 @@ fn route(
             let env = Envelope::encode(&key, &emit.value, emit.ts, emit.ingest);
             let c = &plan.channels[ch as usize];
             let out = shard.outs.entry(ch).or_insert_with(|| OutChannel::new(1));
-            let seq = out.push(env.clone());
             if persist {
+                let seq = out.push(env.clone());
                 batch.put(Cf::Outbox, &c.outbox_key(seq), &env.0);
+            } else {
+                // Kept in memory only (a replayable source): no clone.
+                out.push(env);
             }
             *produced += 1;
             shard.track_unacked(emit.ts);
