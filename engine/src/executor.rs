@@ -972,10 +972,10 @@ fn route(
             let dst_shard = shard_of(&key, plan.nodes[edge.to].shards);
             let ch = plan.channel(e, src_shard, dst_shard);
             let env = Envelope::encode(&key, &emit.value, emit.ts, emit.ingest);
-            let c = &plan.channels[ch as usize];
             let out = shard.outs.entry(ch).or_insert_with(|| OutChannel::new(1));
             if persist {
                 let seq = out.push(env.clone());
+                let c = &plan.channels[ch as usize];
                 batch.put(Cf::Outbox, &c.outbox_key(seq), &env.0);
             } else {
                 // Kept in memory only (a replayable source): no clone.

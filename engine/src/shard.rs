@@ -143,15 +143,17 @@ impl Timers {
 
     pub fn set(&mut self, prefix: &[u8], key: &Bytes, tag: Bytes, d: TimeDomain, t: EventTime) {
         let id = (key.clone(), tag);
-        // One lookup: `entry` takes a clone of the id (two reference counts).
-        match self.by_key.entry(id.clone()) {
-            Entry::Occupied(set) if *set.get() == (d, t) => return, // already set for that time
-            Entry::Occupied(mut set) => {
-                let (old_d, old_t) = std::mem::replace(set.get_mut(), (d, t));
+        // Not `entry`: it would clone the id on every call, also when the
+        // timer is already set for that time (every record of a pane but
+        // its first), where a fresh tag's clone allocates.
+        match self.by_key.get_mut(&id) {
+            Some(at) if *at == (d, t) => return, // already set for that time
+            Some(at) => {
+                let (old_d, old_t) = std::mem::replace(at, (d, t));
                 self.record(prefix, old_d, old_t, key, &id.1, false);
             }
-            Entry::Vacant(slot) => {
-                slot.insert((d, t));
+            None => {
+                self.by_key.insert(id.clone(), (d, t));
             }
         }
         self.record(prefix, d, t, key, &id.1, true);
