@@ -194,12 +194,70 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
-/// A free port on 127.0.0.1 (bound and released).
+/// A port on 127.0.0.1 that no other test process holds, for a worker to
+/// listen on later.
+///
+/// A port the kernel hands out for `127.0.0.1:0` is an ephemeral one: once
+/// released, any outgoing connection (a worker dialling its peers, an HTTP
+/// scrape) may take it as its local port before the worker binds it, and
+/// another test process may be handed it too. So ports come from below the
+/// ephemeral range, which the kernel never picks on its own, and each one is
+/// reserved across the test processes with a lock on a file named after it,
+/// held until this process exits (the kernel drops the lock with the process).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Mutex;
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+
+    let (low, high) = reservable_ports();
+    let span = u32::from(high - low);
+    let dir = std::env::temp_dir().join("millrace-test-ports");
+    std::fs::create_dir_all(&dir).expect("port lock directory");
+    // Spread the processes' starting points so that they rarely probe the
+    // same ports.
+    let start = std::process::id().wrapping_mul(2_654_435_761);
+    for _ in 0..span {
+        let offset = start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = low + u16::try_from(offset).expect("offset below the span");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{port}.lock")))
+            .expect("port lock file");
+        if !try_lock(&lock) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            HELD.lock().expect("held ports").push(lock);
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{high}");
+}
+
+/// An exclusive `flock` on `file` without waiting; false when another
+/// process holds it.
+fn try_lock(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the duration of the call (borrowed
+    // from `file`), and flock takes no pointers.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// The ports below the kernel's ephemeral range (`ip_local_port_range`),
+/// from 10000 up.
+fn reservable_ports() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    assert!(
+        ephemeral_low > 11_000,
+        "the ephemeral port range starts at {ephemeral_low}; tests need 1000 ports below it from 10000"
+    );
+    (10_000, ephemeral_low)
 }
 
 /// A worker process that is killed when the test lets go of it, so that a
