@@ -24,7 +24,7 @@
 
 use crate::api::{ComputationError, Emitter, SourcePoll};
 use crate::delivery::{InChannel, OutChannel};
-use crate::keying::{extract_key, shard_of};
+use crate::keying::{locate_key, shard_of};
 use crate::metrics::NodeMetrics;
 use crate::plan::{ChannelIdx, Maker, Plan, Sid};
 use crate::record::{now_micros, Envelope, TimeDomain, Timer, MAX_TIME, MIN_TIME};
@@ -582,7 +582,6 @@ impl Executor {
                     }
                     Body::Compute(_) => {
                         let key = record.key.clone();
-                        let (value, ts) = (record.value.clone(), record.timestamp);
                         let at = KeyEnv {
                             store: &self.store,
                             emits: &mut self.emits,
@@ -594,11 +593,14 @@ impl Executor {
                         {
                             Some(Err(ComputationError::BadRecord(why))) => {
                                 bad_record(metrics, &node.name, &key, &why);
+                                // The record went to the computation; the
+                                // envelope still holds it for the errors output.
+                                let bad = env.record();
                                 self.emits.push(Emit {
                                     port: 1,
-                                    key,
-                                    value,
-                                    ts,
+                                    key: bad.key,
+                                    value: bad.value,
+                                    ts: bad.timestamp,
                                     ingest: env.ingest(),
                                 });
                             }
@@ -962,16 +964,19 @@ fn route(
         let mut failed: Option<String> = None;
         for &e in edges {
             let edge = &plan.edges[e];
-            let key = match extract_key(&edge.key, &emit.key, &emit.value) {
+            // The key is only read here (to pick the shard and to encode
+            // the envelope), so it is located, not cloned.
+            let located = match locate_key(&edge.key, &emit.value) {
                 Ok(k) => k,
                 Err(why) => {
                     failed = Some(format!("for {}: {why}", plan.nodes[edge.to].name));
                     continue;
                 }
             };
-            let dst_shard = shard_of(&key, plan.nodes[edge.to].shards);
+            let key = located.bytes(&emit.key, &emit.value);
+            let dst_shard = shard_of(key, plan.nodes[edge.to].shards);
             let ch = plan.channel(e, src_shard, dst_shard);
-            let env = Envelope::encode(&key, &emit.value, emit.ts, emit.ingest);
+            let env = Envelope::encode(key, &emit.value, emit.ts, emit.ingest);
             let out = shard.outs.entry(ch).or_insert_with(|| OutChannel::new(1));
             if persist {
                 let seq = out.push(env.clone());

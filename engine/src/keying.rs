@@ -25,18 +25,47 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
-/// Applies a consumer's key extractor to a record. Errors say what is missing.
-pub fn extract_key(extractor: &KeyExtractor, key: &Bytes, value: &Bytes) -> Result<Bytes, String> {
+/// Where a key extractor found a record's key.
+pub(crate) enum Extracted<'v> {
+    /// The record's key.
+    Key,
+    /// The whole value.
+    Value,
+    /// A part of the value.
+    Within(&'v [u8]),
+    /// Built from the value (a JSON field that is not a plain string, or a
+    /// string with escapes).
+    Built(Bytes),
+}
+
+impl Extracted<'_> {
+    /// The key's bytes, given the record it was extracted from.
+    pub(crate) fn bytes<'a>(&'a self, key: &'a [u8], value: &'a [u8]) -> &'a [u8] {
+        match self {
+            Extracted::Key => key,
+            Extracted::Value => value,
+            Extracted::Within(b) => b,
+            Extracted::Built(b) => b,
+        }
+    }
+}
+
+/// Applies a consumer's key extractor to a record's value, copying nothing
+/// unless the key has to be built. Errors say what is missing.
+pub(crate) fn locate_key<'v>(
+    extractor: &KeyExtractor,
+    value: &'v [u8],
+) -> Result<Extracted<'v>, String> {
     match extractor {
-        KeyExtractor::Key => Ok(key.clone()),
-        KeyExtractor::Value => Ok(value.clone()),
+        KeyExtractor::Key => Ok(Extracted::Key),
+        KeyExtractor::Value => Ok(Extracted::Value),
         KeyExtractor::Json(pointer) => {
             let doc: serde_json::Value = serde_json::from_slice(value)
                 .map_err(|e| format!("key json:{pointer}: the value is not JSON: {e}"))?;
             match doc.pointer(pointer) {
                 None => Err(format!("key json:{pointer}: no such field in the value")),
-                Some(serde_json::Value::String(s)) => Ok(Bytes::from(s.clone())),
-                Some(other) => Ok(Bytes::from(other.to_string())),
+                Some(serde_json::Value::String(s)) => Ok(Extracted::Built(Bytes::from(s.clone()))),
+                Some(other) => Ok(Extracted::Built(Bytes::from(other.to_string()))),
             }
         }
         KeyExtractor::Field { index, delimiter } => {
@@ -48,9 +77,20 @@ pub fn extract_key(extractor: &KeyExtractor, key: &Bytes, value: &Bytes) -> Resu
                     index + 1
                 )
             })?;
-            Ok(value.slice_ref(field.as_bytes()))
+            Ok(Extracted::Within(field.as_bytes()))
         }
     }
+}
+
+/// Applies a consumer's key extractor to a record, sharing the record's
+/// memory where it can. Errors say what is missing.
+pub fn extract_key(extractor: &KeyExtractor, key: &Bytes, value: &Bytes) -> Result<Bytes, String> {
+    Ok(match locate_key(extractor, value)? {
+        Extracted::Key => key.clone(),
+        Extracted::Value => value.clone(),
+        Extracted::Within(part) => value.slice_ref(part),
+        Extracted::Built(b) => b,
+    })
 }
 
 #[cfg(test)]
