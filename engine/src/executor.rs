@@ -681,6 +681,9 @@ impl Executor {
                             ingest: now,
                             input: "",
                         };
+                        // The computation sees the key and tag as `Bytes`.
+                        let key = Bytes::copy_from_slice(key.as_bytes());
+                        let tag = Bytes::copy_from_slice(tag.as_bytes());
                         let timer = Timer { tag, domain, time };
                         match shard.with_key(at, &key, |comp, ctx| comp.process_timer(ctx, timer)) {
                             Some(Err(ComputationError::BadRecord(why))) => {

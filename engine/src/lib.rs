@@ -18,6 +18,7 @@ mod delivery;
 mod executor;
 mod inspect;
 mod keying;
+mod mapkey;
 mod metrics;
 pub mod net;
 mod plan;

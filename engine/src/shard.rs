@@ -4,6 +4,7 @@
 
 use crate::api::{Computation, Context, Sink, Source};
 use crate::delivery::{InChannel, OutChannel};
+use crate::mapkey::MapKey;
 use crate::plan::{ChannelIdx, NodeIdx, Sid};
 use crate::record::{Envelope, EventTime, TimeDomain, MIN_TIME};
 use crate::FastMap;
@@ -57,7 +58,7 @@ pub(crate) enum Body {
 #[derive(Default)]
 pub(crate) struct Timers {
     by_time: BTreeMap<(TimeDomain, EventTime), DueBucket>,
-    by_key: FastMap<(Bytes, Bytes), (TimeDomain, EventTime)>,
+    by_key: FastMap<(MapKey, MapKey), (TimeDomain, EventTime)>,
     writes: Vec<(Vec<u8>, bool)>,
     /// In memory only: the computation rebuilds them from its state at start.
     volatile: bool,
@@ -68,7 +69,7 @@ pub(crate) struct Timers {
 /// order whether they were set live or rebuilt after a restart.
 #[derive(Default)]
 struct DueBucket {
-    pairs: Vec<(Bytes, Bytes)>,
+    pairs: Vec<(MapKey, MapKey)>,
     sorted: bool,
 }
 
@@ -106,7 +107,7 @@ impl Timers {
         }
     }
 
-    fn schedule(&mut self, d: TimeDomain, t: EventTime, key: Bytes, tag: Bytes) {
+    fn schedule(&mut self, d: TimeDomain, t: EventTime, key: MapKey, tag: MapKey) {
         let bucket = self.by_time.entry((d, t)).or_default();
         bucket.pairs.push((key, tag));
         bucket.sorted = false;
@@ -127,7 +128,7 @@ impl Timers {
             })();
             match parsed {
                 Ok((d, t, key, tag)) => {
-                    let (key, tag) = (Bytes::from(key), Bytes::from(tag));
+                    let (key, tag) = (MapKey::new(&key), MapKey::new(&tag));
                     timers.by_key.insert((key.clone(), tag.clone()), (d, t));
                     timers.schedule(d, t, key, tag);
                 }
@@ -141,27 +142,24 @@ impl Timers {
         Ok(timers)
     }
 
-    pub fn set(&mut self, prefix: &[u8], key: &Bytes, tag: Bytes, d: TimeDomain, t: EventTime) {
-        let id = (key.clone(), tag);
-        // Not `entry`: it would clone the id on every call, also when the
-        // timer is already set for that time (every record of a pane but
-        // its first), where a fresh tag's clone allocates.
+    pub fn set(&mut self, prefix: &[u8], key: &[u8], tag: &[u8], d: TimeDomain, t: EventTime) {
+        let id = (MapKey::new(key), MapKey::new(tag));
         match self.by_key.get_mut(&id) {
             Some(at) if *at == (d, t) => return, // already set for that time
             Some(at) => {
                 let (old_d, old_t) = std::mem::replace(at, (d, t));
-                self.record(prefix, old_d, old_t, key, &id.1, false);
+                self.record(prefix, old_d, old_t, key, tag, false);
             }
             None => {
                 self.by_key.insert(id.clone(), (d, t));
             }
         }
-        self.record(prefix, d, t, key, &id.1, true);
+        self.record(prefix, d, t, key, tag, true);
         self.schedule(d, t, id.0, id.1);
     }
 
-    pub fn delete(&mut self, prefix: &[u8], key: &Bytes, tag: &[u8]) {
-        let id = (key.clone(), Bytes::copy_from_slice(tag));
+    pub fn delete(&mut self, prefix: &[u8], key: &[u8], tag: &[u8]) {
+        let id = (MapKey::new(key), MapKey::new(tag));
         if let Some((d, t)) = self.by_key.remove(&id) {
             self.record(prefix, d, t, key, tag, false);
         }
@@ -173,7 +171,7 @@ impl Timers {
         prefix: &[u8],
         d: TimeDomain,
         limit: EventTime,
-    ) -> Option<(Bytes, Bytes, EventTime)> {
+    ) -> Option<(MapKey, MapKey, EventTime)> {
         loop {
             let mut entry = self.by_time.range_mut((d, MIN_TIME)..).next()?;
             let ((domain, t), bucket) = (*entry.0, &mut entry.1);
@@ -193,7 +191,7 @@ impl Timers {
             if let Entry::Occupied(set) = self.by_key.entry((key, tag)) {
                 if *set.get() == (d, t) {
                     let ((key, tag), _) = set.remove_entry();
-                    self.record(prefix, d, t, &key, &tag, false);
+                    self.record(prefix, d, t, key.as_bytes(), tag.as_bytes(), false);
                     return Some((key, tag, t));
                 }
             }
@@ -233,9 +231,9 @@ impl Timers {
 /// and one to change it.
 #[derive(Default)]
 pub(crate) struct KeyedState {
-    map: FastMap<Bytes, Slot>,
+    map: FastMap<MapKey, Slot>,
     /// The keys changed since the last commit, each once.
-    changed: Vec<Bytes>,
+    changed: Vec<MapKey>,
     capacity: usize,
 }
 
@@ -258,7 +256,7 @@ impl KeyedState {
     }
 
     /// Remembers the committed state of `key`, just read from RocksDB.
-    fn fill(&mut self, key: Bytes, value: Option<Bytes>) {
+    fn fill(&mut self, key: &[u8], value: Option<Bytes>) {
         if self.capacity == 0 {
             return;
         }
@@ -266,7 +264,7 @@ impl KeyedState {
             self.map.retain(|_, s| s.changed);
         }
         self.map.insert(
-            key,
+            MapKey::new(key),
             Slot {
                 value,
                 changed: false,
@@ -275,24 +273,25 @@ impl KeyedState {
     }
 
     /// Changes the state of `key` (committed by the next checkpoint).
-    fn set(&mut self, key: &Bytes, value: Option<Bytes>) {
-        match self.map.get_mut(&key[..]) {
+    fn set(&mut self, key: &[u8], value: Option<Bytes>) {
+        match self.map.get_mut(key) {
             Some(slot) => {
                 slot.value = value;
                 if !slot.changed {
                     slot.changed = true;
-                    self.changed.push(key.clone());
+                    self.changed.push(MapKey::new(key));
                 }
             }
             None => {
+                let key = MapKey::new(key);
+                self.changed.push(key.clone());
                 self.map.insert(
-                    key.clone(),
+                    key,
                     Slot {
                         value,
                         changed: true,
                     },
                 );
-                self.changed.push(key.clone());
             }
         }
     }
@@ -301,8 +300,8 @@ impl KeyedState {
     /// committed state.
     fn commit(&mut self, mut write: impl FnMut(&[u8], Option<&Bytes>)) {
         for key in self.changed.drain(..) {
-            if let Some(slot) = self.map.get_mut(&key[..]) {
-                write(&key, slot.value.as_ref());
+            if let Some(slot) = self.map.get_mut(key.as_bytes()) {
+                write(key.as_bytes(), slot.value.as_ref());
                 slot.changed = false;
             }
         }
@@ -314,7 +313,7 @@ impl KeyedState {
     /// Forgets the changes since the last commit.
     pub fn discard_changes(&mut self) {
         for key in self.changed.drain(..) {
-            self.map.remove(&key[..]);
+            self.map.remove(key.as_bytes());
         }
     }
 }
@@ -357,7 +356,7 @@ impl KeyScope<'_> {
             .store
             .get_state(&state_key(self.prefix, self.key))?
             .map(Bytes::from);
-        self.state.fill(self.key.clone(), v.clone());
+        self.state.fill(self.key, v.clone());
         Ok(v)
     }
 
@@ -384,7 +383,7 @@ impl KeyScope<'_> {
     }
 
     pub fn set_timer(&mut self, tag: Bytes, d: TimeDomain, t: EventTime) {
-        self.timers.set(self.prefix, self.key, tag, d, t);
+        self.timers.set(self.prefix, self.key, &tag, d, t);
     }
 
     pub fn delete_timer(&mut self, tag: &[u8]) {
@@ -643,7 +642,7 @@ mod tests {
     fn drain(t: &mut Timers, d: TimeDomain, limit: EventTime) -> Vec<(String, String, EventTime)> {
         std::iter::from_fn(|| t.pop_due(b"p", d, limit))
             .map(|(k, tag, at)| {
-                let s = |x: Bytes| String::from_utf8_lossy(&x).into_owned();
+                let s = |x: MapKey| String::from_utf8_lossy(x.as_bytes()).into_owned();
                 (s(k), s(tag), at)
             })
             .collect()
@@ -656,12 +655,15 @@ mod tests {
             "0123456789abcdefZ",
             "0123456789abcdef",
             "0123456789abcdefA",
+            // Longer than a map key holds in place.
+            "0123456789abcdef0123456789",
+            "0123456789abcdef01234567",
             "1",
             "0",
             "",
         ];
         for k in keys {
-            t.set(b"p", &b(k), b("x"), TimeDomain::EventTime, 7);
+            t.set(b"p", &b(k), b"x", TimeDomain::EventTime, 7);
         }
         let mut want: Vec<&str> = keys.to_vec();
         want.sort();
@@ -676,19 +678,19 @@ mod tests {
     fn timers_fire_once_in_time_then_key_order_after_moves_and_deletes() {
         use TimeDomain::{EventTime as E, ProcessingTime as P};
         let mut t = Timers::default();
-        t.set(b"p", &b("b"), b("x"), E, 10);
-        t.set(b"p", &b("a"), b("x"), E, 10);
-        t.set(b"p", &b("c"), b("x"), E, 5);
+        t.set(b"p", &b("b"), b"x", E, 10);
+        t.set(b"p", &b("a"), b"x", E, 10);
+        t.set(b"p", &b("c"), b"x", E, 5);
         // Moved away and back: still one timer.
-        t.set(b"p", &b("d"), b("x"), E, 10);
-        t.set(b"p", &b("d"), b("x"), E, 30);
-        t.set(b"p", &b("d"), b("x"), E, 10);
+        t.set(b"p", &b("d"), b"x", E, 10);
+        t.set(b"p", &b("d"), b"x", E, 30);
+        t.set(b"p", &b("d"), b"x", E, 10);
         // Moved later, then deleted.
-        t.set(b"p", &b("e"), b("x"), E, 10);
-        t.set(b"p", &b("e"), b("x"), E, 20);
-        t.set(b"p", &b("f"), b("y"), E, 10);
+        t.set(b"p", &b("e"), b"x", E, 10);
+        t.set(b"p", &b("e"), b"x", E, 20);
+        t.set(b"p", &b("f"), b"y", E, 10);
         t.delete(b"p", &b("f"), b"y");
-        t.set(b"p", &b("a"), b("p"), P, 1);
+        t.set(b"p", &b("a"), b"p", P, 1);
         assert_eq!(t.len(), 6);
         assert_eq!(drain(&mut t, E, 5), []);
         let got = drain(&mut t, E, 11);
@@ -704,7 +706,7 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         // A timer set again for a time already passed fires at once.
-        t.set(b"p", &b("a"), b("x"), E, 10);
+        t.set(b"p", &b("a"), b"x", E, 10);
         assert_eq!(drain(&mut t, E, 11), [("a".into(), "x".into(), 10)]);
         assert_eq!(drain(&mut t, E, 100), [("e".into(), "x".into(), 20)]);
         assert_eq!(t.next_processing(), Some(1));
@@ -715,14 +717,14 @@ mod tests {
     #[test]
     fn persisted_timers_write_each_set_move_and_fire_but_volatile_ones_do_not() {
         let mut t = Timers::default();
-        t.set(b"p", &b("k"), b("x"), TimeDomain::EventTime, 1);
-        t.set(b"p", &b("k"), b("x"), TimeDomain::EventTime, 1);
-        t.set(b"p", &b("k"), b("x"), TimeDomain::EventTime, 2);
+        t.set(b"p", &b("k"), b"x", TimeDomain::EventTime, 1);
+        t.set(b"p", &b("k"), b"x", TimeDomain::EventTime, 1);
+        t.set(b"p", &b("k"), b"x", TimeDomain::EventTime, 2);
         t.pop_due(b"p", TimeDomain::EventTime, 3);
         let kinds: Vec<bool> = t.writes.iter().map(|w| w.1).collect();
         assert_eq!(kinds, [true, false, true, false]);
         let mut v = Timers::volatile();
-        v.set(b"p", &b("k"), b("x"), TimeDomain::EventTime, 1);
+        v.set(b"p", &b("k"), b"x", TimeDomain::EventTime, 1);
         v.pop_due(b"p", TimeDomain::EventTime, 3);
         assert!(v.writes.is_empty());
     }
