@@ -146,6 +146,8 @@ pub(crate) struct Executor {
     order: Vec<usize>,
     /// Recent duration of a commit (moving average).
     commit_time: Duration,
+    /// The last batch's buffer, emptied, for the next one.
+    batch_buffer: Vec<u8>,
 }
 
 impl Executor {
@@ -184,6 +186,7 @@ impl Executor {
             first_shard: 0,
             order: Vec::new(),
             commit_time: Duration::ZERO,
+            batch_buffer: Vec::new(),
         }
     }
 
@@ -362,7 +365,7 @@ impl Executor {
                 self.wait_time()
             })?;
             let store = Arc::clone(&self.store);
-            let mut batch = store.batch();
+            let mut batch = store.batch_in(std::mem::take(&mut self.batch_buffer));
             let processed = self.process(&mut batch, halting)?;
             let committed = self.commit(batch, processed)?;
             self.release(committed);
@@ -755,9 +758,11 @@ impl Executor {
 
     /// Step 5: one atomic commit.
     fn commit(&mut self, batch: Batch<'_>, processed: usize) -> Result<Committed, EngineError> {
-        if !batch.is_empty() {
-            let started = Instant::now();
-            self.store.commit(batch)?;
+        let wrote = !batch.is_empty();
+        let started = Instant::now();
+        // An empty batch writes nothing; its buffer comes back all the same.
+        self.batch_buffer = self.store.commit_reclaim(batch)?;
+        if wrote {
             let took = started.elapsed();
             self.commit_time = (self.commit_time * 3 + took) / 4;
             self.shared
