@@ -146,8 +146,6 @@ pub(crate) struct Executor {
     order: Vec<usize>,
     /// Recent duration of a commit (moving average).
     commit_time: Duration,
-    /// The last batch's buffer, emptied, for the next one.
-    batch_buffer: Vec<u8>,
 }
 
 impl Executor {
@@ -186,7 +184,6 @@ impl Executor {
             first_shard: 0,
             order: Vec::new(),
             commit_time: Duration::ZERO,
-            batch_buffer: Vec::new(),
         }
     }
 
@@ -365,7 +362,7 @@ impl Executor {
                 self.wait_time()
             })?;
             let store = Arc::clone(&self.store);
-            let mut batch = store.batch_in(std::mem::take(&mut self.batch_buffer));
+            let mut batch = store.batch();
             let processed = self.process(&mut batch, halting)?;
             let committed = self.commit(batch, processed)?;
             self.release(committed);
@@ -758,11 +755,9 @@ impl Executor {
 
     /// Step 5: one atomic commit.
     fn commit(&mut self, batch: Batch<'_>, processed: usize) -> Result<Committed, EngineError> {
-        let wrote = !batch.is_empty();
-        let started = Instant::now();
-        // An empty batch writes nothing; its buffer comes back all the same.
-        self.batch_buffer = self.store.commit_reclaim(batch)?;
-        if wrote {
+        if !batch.is_empty() {
+            let started = Instant::now();
+            self.store.commit(batch)?;
             let took = started.elapsed();
             self.commit_time = (self.commit_time * 3 + took) / 4;
             self.shared

@@ -40,24 +40,11 @@ pub(crate) struct Rep {
 
 impl Rep {
     pub fn new() -> Self {
-        Rep::in_buffer(Vec::new())
-    }
-
-    /// An empty batch written into `bytes` (whatever it held is dropped, its
-    /// capacity kept).
-    pub fn in_buffer(mut bytes: Vec<u8>) -> Self {
-        bytes.clear();
-        bytes.resize(HEADER, 0);
         Rep {
-            bytes,
+            bytes: vec![0; HEADER],
             count: 0,
             oversize: false,
         }
-    }
-
-    /// The buffer, for another batch.
-    pub fn into_buffer(self) -> Vec<u8> {
-        self.bytes
     }
 
     pub fn len(&self) -> usize {

@@ -427,41 +427,19 @@ impl Store {
         }
     }
 
-    /// A new, empty batch built in `buffer`, a buffer [`Store::commit_reclaim`]
-    /// handed back: a loop that commits often then does not grow a fresh
-    /// buffer (reallocating and copying it) for every batch.
-    pub fn batch_in(&self, buffer: Vec<u8>) -> Batch<'_> {
-        Batch {
-            store: self,
-            rep: Rep::in_buffer(buffer),
-        }
-    }
-
     /// Writes `batch` atomically: all of it or none of it survives a crash.
-    pub fn commit(&self, batch: Batch<'_>) -> Result<(), StorageError> {
-        self.commit_reclaim(batch).map(drop)
-    }
-
-    /// [`Store::commit`], then hands back the batch's buffer for
-    /// [`Store::batch_in`] (an empty one if it had grown past
-    /// `RECLAIM_MAX` bytes, so that one large batch does not pin its memory).
-    pub fn commit_reclaim(&self, mut batch: Batch<'_>) -> Result<Vec<u8>, StorageError> {
-        if !batch.is_empty() {
-            let data = batch.rep.finish().map_err(|_| StorageError::Rocks {
-                path: self.path.clone(),
-                op: "commit",
-                message: "a key or value is 4 GiB or longer".into(),
-            })?;
-            self.db
-                .write_opt(WriteBatch::from_data(data), &self.write)
-                .map_err(|e| self.err("commit", e))?;
+    pub fn commit(&self, mut batch: Batch<'_>) -> Result<(), StorageError> {
+        if batch.is_empty() {
+            return Ok(());
         }
-        let buffer = batch.rep.into_buffer();
-        Ok(if buffer.capacity() > RECLAIM_MAX {
-            Vec::new()
-        } else {
-            buffer
-        })
+        let data = batch.rep.finish().map_err(|_| StorageError::Rocks {
+            path: self.path.clone(),
+            op: "commit",
+            message: "a key or value is 4 GiB or longer".into(),
+        })?;
+        self.db
+            .write_opt(WriteBatch::from_data(data), &self.write)
+            .map_err(|e| self.err("commit", e))
     }
 
     /// Estimated bytes on disk (SST files plus memtables).
@@ -486,9 +464,6 @@ impl Store {
             .sum()
     }
 }
-
-/// The largest batch buffer [`Store::commit_reclaim`] hands back.
-const RECLAIM_MAX: usize = 4 << 20;
 
 /// The format of keyed state values, recorded in the data dir.
 const STATE_FORMAT: &[u8] = b"slots-1";
@@ -620,37 +595,6 @@ mod tests {
         // A read-only store beside it finds the same ids.
         let reader = Store::open_read_only(dir.path()).unwrap();
         assert_eq!(reader.cf_ids, store.cf_ids);
-    }
-
-    #[test]
-    fn a_reclaimed_buffer_carries_nothing_into_the_next_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
-        let mut first = store.batch();
-        first.put(Cf::Meta, b"k1", b"first");
-        first.put(Cf::Meta, b"k2", b"first");
-        let buffer = store.commit_reclaim(first).unwrap();
-        assert!(buffer.capacity() > 0, "the buffer comes back for reuse");
-        let mut other = store.batch();
-        other.put(Cf::Meta, b"k1", b"other");
-        store.commit(other).unwrap();
-        let mut next = store.batch_in(buffer);
-        assert!(next.is_empty());
-        next.put(Cf::Meta, b"k3", b"next");
-        assert_eq!(next.len(), 1);
-        let buffer = store.commit_reclaim(next).unwrap();
-        // The first batch's puts are not applied again.
-        assert_eq!(
-            store.get(Cf::Meta, b"k1").unwrap().as_deref(),
-            Some(&b"other"[..])
-        );
-        assert_eq!(
-            store.get(Cf::Meta, b"k3").unwrap().as_deref(),
-            Some(&b"next"[..])
-        );
-        // An empty batch writes nothing and hands its buffer back too.
-        let empty = store.batch_in(buffer);
-        assert!(store.commit_reclaim(empty).unwrap().capacity() > 0);
     }
 
     #[test]
