@@ -33,8 +33,7 @@ pub(crate) enum Extracted<'v> {
     Value,
     /// A part of the value.
     Within(&'v [u8]),
-    /// Built from the value (a JSON field that is not a plain string, or a
-    /// string with escapes).
+    /// Built from the value (a JSON field, decoded or printed).
     Built(Bytes),
 }
 

@@ -635,10 +635,6 @@ pub(crate) fn printable_position(v: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    fn b(s: &str) -> Bytes {
-        Bytes::copy_from_slice(s.as_bytes())
-    }
-
     fn drain(t: &mut Timers, d: TimeDomain, limit: EventTime) -> Vec<(String, String, EventTime)> {
         std::iter::from_fn(|| t.pop_due(b"p", d, limit))
             .map(|(k, tag, at)| {
@@ -663,7 +659,7 @@ mod tests {
             "",
         ];
         for k in keys {
-            t.set(b"p", &b(k), b"x", TimeDomain::EventTime, 7);
+            t.set(b"p", k.as_bytes(), b"x", TimeDomain::EventTime, 7);
         }
         let mut want: Vec<&str> = keys.to_vec();
         want.sort();
@@ -678,19 +674,19 @@ mod tests {
     fn timers_fire_once_in_time_then_key_order_after_moves_and_deletes() {
         use TimeDomain::{EventTime as E, ProcessingTime as P};
         let mut t = Timers::default();
-        t.set(b"p", &b("b"), b"x", E, 10);
-        t.set(b"p", &b("a"), b"x", E, 10);
-        t.set(b"p", &b("c"), b"x", E, 5);
+        t.set(b"p", b"b", b"x", E, 10);
+        t.set(b"p", b"a", b"x", E, 10);
+        t.set(b"p", b"c", b"x", E, 5);
         // Moved away and back: still one timer.
-        t.set(b"p", &b("d"), b"x", E, 10);
-        t.set(b"p", &b("d"), b"x", E, 30);
-        t.set(b"p", &b("d"), b"x", E, 10);
+        t.set(b"p", b"d", b"x", E, 10);
+        t.set(b"p", b"d", b"x", E, 30);
+        t.set(b"p", b"d", b"x", E, 10);
         // Moved later, then deleted.
-        t.set(b"p", &b("e"), b"x", E, 10);
-        t.set(b"p", &b("e"), b"x", E, 20);
-        t.set(b"p", &b("f"), b"y", E, 10);
-        t.delete(b"p", &b("f"), b"y");
-        t.set(b"p", &b("a"), b"p", P, 1);
+        t.set(b"p", b"e", b"x", E, 10);
+        t.set(b"p", b"e", b"x", E, 20);
+        t.set(b"p", b"f", b"y", E, 10);
+        t.delete(b"p", b"f", b"y");
+        t.set(b"p", b"a", b"p", P, 1);
         assert_eq!(t.len(), 6);
         assert_eq!(drain(&mut t, E, 5), []);
         let got = drain(&mut t, E, 11);
@@ -706,7 +702,7 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         // A timer set again for a time already passed fires at once.
-        t.set(b"p", &b("a"), b"x", E, 10);
+        t.set(b"p", b"a", b"x", E, 10);
         assert_eq!(drain(&mut t, E, 11), [("a".into(), "x".into(), 10)]);
         assert_eq!(drain(&mut t, E, 100), [("e".into(), "x".into(), 20)]);
         assert_eq!(t.next_processing(), Some(1));
@@ -717,14 +713,14 @@ mod tests {
     #[test]
     fn persisted_timers_write_each_set_move_and_fire_but_volatile_ones_do_not() {
         let mut t = Timers::default();
-        t.set(b"p", &b("k"), b"x", TimeDomain::EventTime, 1);
-        t.set(b"p", &b("k"), b"x", TimeDomain::EventTime, 1);
-        t.set(b"p", &b("k"), b"x", TimeDomain::EventTime, 2);
+        t.set(b"p", b"k", b"x", TimeDomain::EventTime, 1);
+        t.set(b"p", b"k", b"x", TimeDomain::EventTime, 1);
+        t.set(b"p", b"k", b"x", TimeDomain::EventTime, 2);
         t.pop_due(b"p", TimeDomain::EventTime, 3);
         let kinds: Vec<bool> = t.writes.iter().map(|w| w.1).collect();
         assert_eq!(kinds, [true, false, true, false]);
         let mut v = Timers::volatile();
-        v.set(b"p", &b("k"), b"x", TimeDomain::EventTime, 1);
+        v.set(b"p", b"k", b"x", TimeDomain::EventTime, 1);
         v.pop_due(b"p", TimeDomain::EventTime, 3);
         assert!(v.writes.is_empty());
     }

@@ -59,6 +59,13 @@ pub enum Durability {
 /// nearly every update.
 const INPLACE_UPDATE_LOCKS: usize = 64;
 
+/// Values of the column family are overwritten in place in the memtable
+/// when the new one is no larger, under a few lock stripes.
+fn update_in_place(o: &mut Options) {
+    o.set_inplace_update_support(true);
+    o.set_inplace_update_locks(INPLACE_UPDATE_LOCKS);
+}
+
 /// Tuning of the RocksDB instance.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -213,8 +220,7 @@ impl Store {
                     // A key's state is overwritten again and again: update it
                     // in place in the memtable (when the new value is no
                     // larger) instead of inserting one more version.
-                    o.set_inplace_update_support(true);
-                    o.set_inplace_update_locks(INPLACE_UPDATE_LOCKS);
+                    update_in_place(&mut o);
                     // Deleted state is a vacant slot until compacted away.
                     o.set_compaction_filter("millrace.vacant-slots", |_, _, v: &[u8]| {
                         if slot::is_vacant(v) {
@@ -242,10 +248,7 @@ impl Store {
                 // Sequence numbers, watermarks and positions: the same few
                 // keys rewritten at every commit, with values of one size.
                 // In place, the memtable stays tiny and cheap to flush.
-                Cf::Channels | Cf::Meta => {
-                    o.set_inplace_update_support(true);
-                    o.set_inplace_update_locks(INPLACE_UPDATE_LOCKS);
-                }
+                Cf::Channels | Cf::Meta => update_in_place(&mut o),
             }
             ColumnFamilyDescriptor::new(cf.name(), o)
         });
