@@ -227,7 +227,7 @@ fn run_topology_with(text: &str, records: u64, watch: Option<&str>, metrics: Arc
 /// TCP on 127.0.0.1); returns the run and the records sent between workers.
 fn run_cluster(text: &str, records: u64, workers: usize) -> (Run, u64) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut cluster = String::from("[cluster]\nsecret = \"bench\"\n");
+    let mut cluster = String::from("[cluster]\nsecret = \"bench-secret-0123456789\"\n");
     for w in 0..workers {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())

@@ -85,6 +85,50 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
         ),
         ("toml syntax", format!("{HEAD}[sinks.out\n"), 4, "sinks.out"),
         (
+            "an empty cluster secret",
+            format!("[cluster]\nsecret = \"\"\n[[cluster.workers]]\nid = \"a\"\naddress = \"127.0.0.1:1\"\n{HEAD}"),
+            2,
+            "needs at least 16",
+        ),
+        (
+            "a short cluster secret",
+            format!("[cluster]\nsecret = \"hunter2\"\n[[cluster.workers]]\nid = \"a\"\naddress = \"127.0.0.1:1\"\n{HEAD}"),
+            2,
+            "has 7 bytes",
+        ),
+        ("too many threads", format!("[engine]\nthreads = 65535\n{HEAD}"), 2, "must be at most 256"),
+        ("too many shards", format!("[engine]\nshards = 65535\n{HEAD}"), 2, "must be at most 1024"),
+        (
+            "an option a kind ignores (cogroup's aggregate)",
+            format!("{HEAD}[computations.g]\ntype = \"cogroup\"\ninputs = [\"gen\", \"gen.errors\"]\nwindow = {{ kind = \"fixed\", size = \"1s\" }}\naggregate = \"sum\"\n"),
+            8,
+            "`cogroup` has no option `aggregate`",
+        ),
+        (
+            "an option a kind ignores (join's op)",
+            format!("{HEAD}[computations.j]\ntype = \"join\"\ninputs = [\"gen\", \"gen.errors\"]\nwindow = {{ kind = \"fixed\", size = \"1s\" }}\nop = \"sum\"\n"),
+            8,
+            "`join` has no option `op`",
+        ),
+        (
+            "window's aggregate spelled as op",
+            format!("{HEAD}[computations.w]\ntype = \"window\"\ninputs = [\"gen\"]\nwindow = {{ kind = \"fixed\", size = \"1s\" }}\nop = \"sum\"\n"),
+            8,
+            "`window` has no option `op`",
+        ),
+        (
+            "an input naming an output nobody declares",
+            format!("{HEAD}[computations.c]\ntype = \"count\"\ninputs = [\"gen\"]\n[sinks.out]\ntype = \"stdout\"\ninputs = [\"c.typo\"]\n"),
+            9,
+            "`c` has no output `typo`",
+        ),
+        (
+            "a sliding window with too many windows per record",
+            format!("{HEAD}[computations.w]\ntype = \"window\"\ninputs = [\"gen\"]\nwindow = {{ kind = \"sliding\", size = \"1d\", every = \"1ms\" }}\n"),
+            7,
+            "each record would belong to",
+        ),
+        (
             "input from a sink",
             format!("{HEAD}[sinks.a]\ntype = \"stdout\"\ninputs = [\"gen\"]\n[sinks.b]\ntype = \"stdout\"\ninputs = [\"a\"]\n"),
             9,
@@ -177,4 +221,36 @@ fn changing_the_shard_count_of_existing_data_is_refused() {
     let out = run_to_end(&topo(3), std::time::Duration::from_secs(30));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("engine.shards = 2"));
+}
+
+#[test]
+fn an_empty_secret_in_the_environment_is_refused() {
+    let s = Scratch::new();
+    let file = s.write(
+        "c.toml",
+        &format!(
+            "[service]\ndata_dir = \"{{dir}}/data\"\n[cluster]\n[[cluster.workers]]\nid = \"a\"\naddress = \"127.0.0.1:{}\"\n{HEAD}[sinks.out]\ntype = \"stdout\"\ninputs = [\"gen\"]\n",
+            free_port()
+        ),
+    );
+    for secret in ["", "short"] {
+        let out = millrace()
+            .args([
+                "run",
+                file.to_str().expect("utf-8"),
+                "--worker",
+                "a",
+                "--http",
+                "off",
+            ])
+            .env("MILLRACE_CLUSTER_SECRET", secret)
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("MILLRACE_CLUSTER_SECRET") && stderr.contains("needs at least 16"),
+            "{stderr}"
+        );
+    }
 }

@@ -102,7 +102,12 @@ fn a_worker_without_the_secret_is_refused_and_counted() {
     let net = ClusterNet::new(2);
     let topo = topology(&s, &net, (5_000, 50, None), "");
     let mut w0 = net.spawn(&topo, 0, false, &[]);
-    let mut w1 = net.spawn(&topo, 1, false, &[("MILLRACE_CLUSTER_SECRET", "wrong")]);
+    let mut w1 = net.spawn(
+        &topo,
+        1,
+        false,
+        &[("MILLRACE_CLUSTER_SECRET", "a-wrong-secret-0123456789")],
+    );
     let refused = wait_until(Duration::from_secs(60), || {
         metric(
             &net.http[0],

@@ -10,7 +10,7 @@
 use crate::options;
 use millrace_config::KeyExtractor;
 use millrace_engine::{
-    extract_key, now_micros, Emitter, Registry, Source, SourceError, SourcePoll,
+    extract_key, now_micros, parse_event_time, Emitter, Registry, Source, SourceError, SourcePoll,
 };
 use serde::Deserialize;
 use std::fs::File;
@@ -41,8 +41,7 @@ impl EventTimeField {
     fn of(&self, line: &[u8]) -> Option<i64> {
         let v = bytes::Bytes::copy_from_slice(line);
         let field = extract_key(&self.extractor, &v, &v).ok()?;
-        let n: f64 = std::str::from_utf8(&field).ok()?.trim().parse().ok()?;
-        Some((n * self.micros_per_unit as f64) as i64)
+        parse_event_time(std::str::from_utf8(&field).ok()?, self.micros_per_unit).ok()
     }
 }
 

@@ -93,7 +93,8 @@ impl Source for Generator {
         }
         for _ in 0..n {
             let i = self.next;
-            let ts = BASE_TIME + i as i64 * self.step;
+            // Saturates: a time out of range is then refused by the engine.
+            let ts = BASE_TIME.saturating_add((i as i64).saturating_mul(self.step));
             let key = self.key_of(i);
             let value = match self.value {
                 ValueKind::Index => itoa::Buffer::new().format(i).to_owned(),
@@ -134,7 +135,9 @@ pub(crate) fn register(r: &mut Registry) {
             keys: o.keys,
             rate: o.rate,
             seed: o.seed,
-            step: o.event_step.map_or(1000, |d| d.0.as_micros() as i64),
+            step: o
+                .event_step
+                .map_or(1000, |d| i64::try_from(d.0.as_micros()).unwrap_or(i64::MAX)),
             next: 0,
             started: None,
             value: o.value,

@@ -131,9 +131,14 @@ pub struct WindowConfig {
     sides: Vec<String>,
 }
 
+/// A duration in microseconds, saturating at `i64::MAX`.
 fn micros(d: HumanDuration) -> i64 {
-    d.0.as_micros() as i64
+    i64::try_from(d.0.as_micros()).unwrap_or(i64::MAX)
 }
+
+/// The most windows one record may belong to (sliding `size` / `every`):
+/// beyond it, one record would cost unbounded work and state.
+const MAX_WINDOWS_PER_RECORD: i64 = 10_000;
 
 impl WindowConfig {
     /// Parses a `window`-like component. `aggregate` (or `op`) names the
@@ -154,6 +159,15 @@ impl WindowConfig {
             WindowSpec::Sliding { size, every } => {
                 check(size, "size")?;
                 check(every, "every")?;
+                let per_record = micros(size) / micros(every).max(1);
+                if per_record > MAX_WINDOWS_PER_RECORD {
+                    return Err(c.options.error(
+                        Some("window"),
+                        format!(
+                            "`size` / `every` is {per_record}: each record would belong to that many windows (at most {MAX_WINDOWS_PER_RECORD})"
+                        ),
+                    ));
+                }
             }
             WindowSpec::Session { gap } => check(gap, "gap")?,
         }
@@ -188,10 +202,37 @@ impl WindowConfig {
             )),
             Some(LateSpec::Trigger(t)) => t,
         };
+        // Each kind takes its aggregate from one option (or from none); the
+        // others are errors, never silently ignored.
+        let unknown = |key: &str, hint: &str| {
+            Err(c.options.error(
+                Some(key),
+                format!("`{}` has no option `{key}`{hint}", c.kind),
+            ))
+        };
         let (aggregate, output) = match fixed {
-            Some(f) => f,
+            Some(f) => {
+                if o.aggregate.is_some() {
+                    return unknown("aggregate", ": it keeps each input's values");
+                }
+                if o.op.is_some() {
+                    return unknown("op", ": it keeps each input's values");
+                }
+                f
+            }
             None => {
-                let name = o.aggregate.or(o.op).unwrap_or_else(|| "count".to_owned());
+                let name = if c.kind == "reduce_by_key_and_window" {
+                    if o.aggregate.is_some() {
+                        return unknown("aggregate", "; use `op`");
+                    }
+                    o.op
+                } else {
+                    if o.op.is_some() {
+                        return unknown("op", "; use `aggregate`");
+                    }
+                    o.aggregate
+                };
+                let name = name.unwrap_or_else(|| "count".to_owned());
                 (
                     parse_aggregate(&name).map_err(|m| c.options.error(Some("aggregate"), m))?,
                     Output::Aggregate,
@@ -210,26 +251,32 @@ impl WindowConfig {
         })
     }
 
-    /// The windows an element at `ts` belongs to, as `[start, end)`.
+    /// The windows an element at `ts` belongs to, as `[start, end)`. Empty
+    /// for a record in a gap between sliding windows (`every` > `size`).
+    /// Arithmetic saturates at the ends of time, so no event time overflows.
     fn assign(&self, ts: i64) -> Vec<(i64, i64)> {
         match self.window {
             WindowSpec::Fixed { size } => {
                 let size = micros(size);
-                let start = ts.div_euclid(size) * size;
-                vec![(start, start + size)]
+                let start = ts.div_euclid(size).saturating_mul(size);
+                vec![(start, start.saturating_add(size))]
             }
             WindowSpec::Sliding { size, every } => {
                 let (size, every) = (micros(size), micros(every));
-                let mut start = ts.div_euclid(every) * every;
+                let mut start = ts.div_euclid(every).saturating_mul(every);
+                let first = ts.saturating_sub(size);
                 let mut out = Vec::new();
-                while start > ts - size {
-                    out.push((start, start + size));
-                    start -= every;
+                while start > first {
+                    out.push((start, start.saturating_add(size)));
+                    match start.checked_sub(every) {
+                        Some(s) => start = s,
+                        None => break,
+                    }
                 }
                 out.reverse();
                 out
             }
-            WindowSpec::Session { gap } => vec![(ts, ts + micros(gap))],
+            WindowSpec::Session { gap } => vec![(ts, ts.saturating_add(micros(gap)))],
         }
     }
 }
@@ -430,6 +477,73 @@ impl Window {
         }
     }
 
+    /// Whether windows of a key merge when they overlap (sessions).
+    fn merges(&self) -> bool {
+        matches!(self.cfg.window, WindowSpec::Session { .. })
+    }
+
+    /// Merges every session of this key that overlaps `pane` into it. In
+    /// retracting mode each absorbed pane that fired is retracted with its
+    /// own window and value, so a consumer that applies retractions ends with
+    /// the merged pane alone. The merged pane is on time only while the
+    /// watermark has not passed its end.
+    fn merge_overlapping(
+        &self,
+        ctx: &mut Context<'_>,
+        panes: &mut Vec<Pane>,
+        pane: &mut Pane,
+        wm: i64,
+    ) {
+        let mut i = 0;
+        while i < panes.len() {
+            if panes[i].start < pane.end && pane.start < panes[i].end {
+                let mut old = panes.remove(i);
+                Self::clear_timers(ctx, &old);
+                if let Some(last) = old.last.take() {
+                    let timing = if wm >= old.end {
+                        Timing::Late
+                    } else {
+                        Timing::Early
+                    };
+                    let r = pane_output(&old, timing, true, |out| out.push_str(&last.to_string()));
+                    ctx.produce(ctx.key().clone(), r, old.end - 1);
+                }
+                pane.start = pane.start.min(old.start);
+                pane.end = pane.end.max(old.end);
+                pane.acc.merge(old.acc);
+                pane.index = pane.index.max(old.index);
+                pane.since_fire += old.since_fire;
+                pane.first_at = match (pane.first_at, old.first_at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                i = 0;
+            } else {
+                i += 1;
+            }
+        }
+        let late = wm >= pane.end;
+        if late != pane.on_time_done {
+            pane.on_time_done = late;
+            pane.step = 0;
+        }
+    }
+
+    /// Sets the event-time timer a pane waits for: its on-time firing at the
+    /// window's end, or, once that is past, its expiry at the end plus the
+    /// allowed lateness.
+    fn arm(&self, ctx: &mut Context<'_>, p: &Pane) {
+        if !p.on_time_done {
+            ctx.set_timer(tag(b'e', p), TimeDomain::EventTime, p.end - 1);
+        } else if self.cfg.lateness > 0 {
+            ctx.set_timer(
+                tag(b'g', p),
+                TimeDomain::EventTime,
+                (p.end - 1).saturating_add(self.cfg.lateness),
+            );
+        }
+    }
+
     fn clear_timers(ctx: &mut Context<'_>, p: &Pane) {
         for k in [b'e', b'g', b'p'] {
             ctx.delete_timer(&tag(k, p));
@@ -501,6 +615,12 @@ impl Computation for Window {
     fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
         let wm = ctx.low_watermark();
         let now = ctx.now();
+        let windows = self.cfg.assign(r.timestamp);
+        if windows.is_empty() {
+            // In a gap between sliding windows: not late, just in no window.
+            ctx.discard();
+            return Ok(());
+        }
         // Only groups (cogroup, join) need the input's name.
         let input = match self.cfg.aggregate {
             Acc::Groups(_) => ctx.input().to_owned(),
@@ -508,45 +628,30 @@ impl Computation for Window {
         };
         let mut panes = Self::load(ctx)?;
         let mut accepted = false;
-        for (start, end) in self.cfg.assign(r.timestamp) {
+        for (start, end) in windows {
             if wm >= end.saturating_add(self.cfg.lateness) {
                 continue; // this window is closed
             }
             accepted = true;
-            let mut pane = self.new_pane(start, end);
-            if matches!(self.cfg.window, WindowSpec::Session { .. }) {
-                // Merge every session of this key that overlaps the new one.
-                let mut i = 0;
-                while i < panes.len() {
-                    if panes[i].start < pane.end && pane.start < panes[i].end {
-                        let old = panes.remove(i);
-                        Self::clear_timers(ctx, &old);
-                        pane.start = pane.start.min(old.start);
-                        pane.end = pane.end.max(old.end);
-                        pane.acc.merge(old.acc);
-                        pane.index = pane.index.max(old.index);
-                        pane.since_fire += old.since_fire;
-                        pane.first_at = match (pane.first_at, old.first_at) {
-                            (Some(a), Some(b)) => Some(a.min(b)),
-                            (a, b) => a.or(b),
-                        };
-                        pane.last = pane.last.take().or(old.last);
-                        i = 0;
-                    } else {
-                        i += 1;
-                    }
+            let mut pane = match panes.iter().position(|p| p.start == start && p.end == end) {
+                Some(i) if !self.merges() => panes.remove(i),
+                _ => {
+                    // A pane opened after the watermark passed its window's
+                    // end is late from its first firing on.
+                    let mut p = self.new_pane(start, end);
+                    p.on_time_done = wm >= end;
+                    p
                 }
-            } else if let Some(i) = panes.iter().position(|p| p.start == start && p.end == end) {
-                pane = panes.remove(i);
+            };
+            if self.merges() {
+                self.merge_overlapping(ctx, &mut panes, &mut pane, wm);
             }
             pane.acc
                 .add(&r.value, &input)
                 .map_err(ComputationError::BadRecord)?;
             pane.since_fire += 1;
             pane.first_at.get_or_insert(now);
-            if !pane.on_time_done {
-                ctx.set_timer(tag(b'e', &pane), TimeDomain::EventTime, pane.end - 1);
-            }
+            self.arm(ctx, &pane);
             self.maybe_fire(ctx, &mut pane);
             let at = panes.partition_point(|p| (p.start, p.end) < (pane.start, pane.end));
             panes.insert(at, pane);
@@ -578,6 +683,9 @@ impl Computation for Window {
                     self.fire(ctx, &mut p, Timing::OnTime);
                 }
                 p.on_time_done = true;
+                // The late trigger starts afresh: its first step is used
+                // for the first late firing, as in Beam.
+                p.step = 0;
                 // Before the window's end only the early trigger sets a
                 // processing-time timer: without one there is none to delete
                 // (a map lookup and two allocations saved per pane).
@@ -587,11 +695,7 @@ impl Computation for Window {
                 if self.cfg.lateness == 0 {
                     keep = false;
                 } else {
-                    ctx.set_timer(
-                        tag(b'g', &p),
-                        TimeDomain::EventTime,
-                        p.end - 1 + self.cfg.lateness,
-                    );
+                    self.arm(ctx, &p);
                 }
             }
             b'g' => {
@@ -626,15 +730,7 @@ impl Computation for Window {
             ComputationError::BadRecord(format!("stored window state is not readable: {e}"))
         })?;
         for p in &panes {
-            if !p.on_time_done {
-                ctx.set_timer(tag(b'e', p), TimeDomain::EventTime, p.end - 1);
-            } else if self.cfg.lateness > 0 {
-                ctx.set_timer(
-                    tag(b'g', p),
-                    TimeDomain::EventTime,
-                    p.end - 1 + self.cfg.lateness,
-                );
-            }
+            self.arm(ctx, p);
             let trigger = if p.on_time_done {
                 Some(&self.cfg.late)
             } else {
@@ -653,6 +749,9 @@ pub(crate) fn register(r: &mut millrace_engine::Registry) {
     use std::sync::Arc;
     fn make(cfg: WindowConfig) -> millrace_engine::MakeComputation {
         Arc::new(move || Box::new(Window::new(cfg.clone())) as Box<dyn Computation>)
+    }
+    for kind in ["window", "reduce_by_key_and_window", "cogroup", "join"] {
+        r.outputs(kind, &["late"]);
     }
     r.computation("window", |c| Ok(make(WindowConfig::parse(c, None)?)));
     r.computation("reduce_by_key_and_window", |c| {

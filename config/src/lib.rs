@@ -35,6 +35,7 @@ pub use duration::{parse_duration, HumanDuration};
 pub use error::ConfigError;
 pub use locate::Locator;
 pub use topology::{
-    ClusterConfig, Component, Durability, EngineConfig, Input, KeyExtractor, Options, Role,
-    ServiceConfig, StreamRef, Topology, WorkerConfig,
+    check_secret, ClusterConfig, Component, Durability, EngineConfig, Input, KeyExtractor, Options,
+    Role, ServiceConfig, StreamRef, Topology, WorkerConfig, MAX_SHARDS, MAX_THREADS,
+    MIN_SECRET_LEN,
 };

@@ -513,6 +513,15 @@ fn default_commit_interval(durability: Durability) -> Duration {
     }
 }
 
+/// The most shards a computation may have. The plan holds one channel per
+/// pair of producer and consumer shards, so its size grows with the square
+/// of the shard count: 1,024 shards is a million channels per edge.
+pub const MAX_SHARDS: u32 = 1024;
+
+/// The most executor threads a worker may run (each has its own stack and
+/// queues; more than the cores only adds switching).
+pub const MAX_THREADS: usize = 256;
+
 fn engine_config(raw: RawEngine, locator: &Locator) -> Result<EngineConfig, ConfigError> {
     let positive = |v: Option<usize>, key: &str, default: usize| match v {
         Some(0) => Err(locator.error("engine", Some(key), "must be at least 1")),
@@ -521,8 +530,12 @@ fn engine_config(raw: RawEngine, locator: &Locator) -> Result<EngineConfig, Conf
     };
     let shards = match raw.shards {
         Some(0) => return Err(locator.error("engine", Some("shards"), "must be at least 1")),
-        Some(n) if n > 65_536 => {
-            return Err(locator.error("engine", Some("shards"), "must be at most 65536"))
+        Some(n) if n > MAX_SHARDS => {
+            return Err(locator.error(
+                "engine",
+                Some("shards"),
+                format!("must be at most {MAX_SHARDS}"),
+            ))
         }
         Some(n) => n,
         None => 16,
@@ -535,13 +548,38 @@ fn engine_config(raw: RawEngine, locator: &Locator) -> Result<EngineConfig, Conf
             .commit_interval
             .map_or(default_commit_interval(durability), |d| d.0),
         durability,
-        threads: positive(raw.threads, "threads", threads_default)?,
+        threads: match positive(raw.threads, "threads", threads_default)? {
+            n if n > MAX_THREADS => {
+                return Err(locator.error(
+                    "engine",
+                    Some("threads"),
+                    format!("must be at most {MAX_THREADS}"),
+                ))
+            }
+            n => n,
+        },
         batch_size: positive(raw.batch_size, "batch_size", 4096)?,
         channel_window: positive(raw.channel_window, "channel_window", 1024)?,
         max_backlog: positive(raw.max_backlog, "max_backlog", 16_384)?,
         state_cache_keys: raw.state_cache_keys.unwrap_or(1_000_000),
         channel_window_bytes: positive(raw.channel_window_bytes, "channel_window_bytes", 1 << 20)?,
     })
+}
+
+/// The fewest bytes a cluster secret may have.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Checks a cluster secret (from the file or `MILLRACE_CLUSTER_SECRET`): an
+/// empty or short secret is refused, never taken for a secret.
+pub fn check_secret(secret: &str) -> Result<(), String> {
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(format!(
+            "the cluster secret has {} bytes; it needs at least {MIN_SECRET_LEN} \
+             (e.g. `openssl rand -hex 16`)",
+            secret.len()
+        ));
+    }
+    Ok(())
 }
 
 fn cluster_config(raw: RawCluster, locator: &Locator) -> Result<ClusterConfig, ConfigError> {
@@ -602,6 +640,9 @@ fn cluster_config(raw: RawCluster, locator: &Locator) -> Result<ClusterConfig, C
             http: w.http,
             data_dir: w.data_dir,
         });
+    }
+    if let Some(secret) = &raw.secret {
+        check_secret(secret).map_err(|m| locator.error("cluster", Some("secret"), m))?;
     }
     Ok(ClusterConfig {
         workers,

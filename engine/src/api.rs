@@ -146,6 +146,13 @@ impl Context<'_> {
         self.scope.low_watermark()
     }
 
+    /// Drops the current record by design (it belongs to no window, say):
+    /// nothing is produced for it, and it is counted in
+    /// `millrace_discarded_records_total`, apart from late and bad records.
+    pub fn discard(&mut self) {
+        *self.scope.discarded += 1;
+    }
+
     /// Processing time, microseconds since the epoch.
     pub fn now(&self) -> i64 {
         crate::record::now_micros()

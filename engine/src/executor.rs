@@ -27,7 +27,10 @@ use crate::delivery::{InChannel, OutChannel};
 use crate::keying::{locate_key, shard_of};
 use crate::metrics::NodeMetrics;
 use crate::plan::{ChannelIdx, Maker, Plan, Sid};
-use crate::record::{now_micros, Envelope, TimeDomain, Timer, MAX_TIME, MIN_TIME};
+use crate::record::{
+    is_valid_event_time, now_micros, Envelope, TimeDomain, Timer, EARLIEST_EVENT_TIME,
+    LATEST_EVENT_TIME, MAX_TIME, MIN_TIME,
+};
 use crate::shard::{
     position_key, read_u64, wm_key, Body, Emit, KeyEnv, KeyedState, ShardRt, SourceRt, Timers,
 };
@@ -52,9 +55,15 @@ pub(crate) enum Msg {
     },
     /// The consumer of `ch` applied everything up to `upto`.
     Ack { ch: ChannelIdx, upto: u64 },
-    /// Shard `from`'s output watermark rose to `wm`. `counted` when it was
-    /// sent by an executor of this worker (and counted as in flight).
-    Watermark { from: Sid, wm: i64, counted: bool },
+    /// Shard `from`'s output watermark rose to `wm`, or it became idle
+    /// (left out of its consumers' minimum) or active again. `counted` when
+    /// it was sent by an executor of this worker (and counted as in flight).
+    Watermark {
+        from: Sid,
+        wm: i64,
+        idle: bool,
+        counted: bool,
+    },
     /// A connection to worker `worker` was (re)established: what was sent to
     /// it may be lost, so send it all again.
     PeerUp { worker: usize },
@@ -103,6 +112,10 @@ const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::f
 /// `ConstructFragmentedRangeTombstones`).
 const RANGE_DELETE_MIN: u64 = 64;
 
+/// How far apart the watermarks of an idle source are, as it follows the
+/// clock: each step is one commit and one message to each consumer.
+const IDLE_WATERMARK_STEP: Duration = Duration::from_secs(1);
+
 /// How long an idle executor waits for a message before it looks around again.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
 /// How long a source that had nothing is left alone: doubling from the first
@@ -127,7 +140,7 @@ pub(crate) struct Executor {
     wm_dests: Vec<Vec<usize>>,
     /// For each upstream shard, the local shards (and upstream positions) it bounds.
     wm_subscribers: FastMap<Sid, Vec<(usize, usize)>>,
-    node_metrics: Vec<NodeMetrics>,
+    node_metrics: Arc<[NodeMetrics]>,
     outgoing: Vec<Vec<Msg>>,
     emits: Vec<Emit>,
     /// Highest sequence to acknowledge per input channel, after the commit.
@@ -172,7 +185,7 @@ impl Executor {
             local: FastMap::default(),
             wm_subscribers: FastMap::default(),
             wm_dests: Vec::new(),
-            node_metrics,
+            node_metrics: node_metrics.into(),
             outgoing: (0..destinations).map(|_| Vec::new()).collect(),
             emits: Vec::new(),
             acks: BTreeMap::new(),
@@ -276,13 +289,16 @@ impl Executor {
                 } else {
                     Timers::load(store, &spec.prefix)?
                 },
+                upstream_idle: vec![false; upstream_wm.len()],
                 upstream_wm,
                 input_wm: MIN_TIME,
                 output_wm,
+                output_idle: false,
                 wm_changed: false,
                 unacked_ts: BTreeMap::new(),
                 backlog: 0,
                 max_event: MIN_TIME,
+                discarded: 0,
             };
             shard.recompute_input_wm();
             if follows_state {
@@ -478,15 +494,18 @@ impl Executor {
                         }
                     }
                 }
-                Msg::Watermark { from, wm, counted } => {
+                Msg::Watermark {
+                    from,
+                    wm,
+                    idle,
+                    counted,
+                } => {
                     if counted {
                         self.wm_msgs_seen += 1;
                     }
                     if let Some(subs) = self.wm_subscribers.get(&from) {
                         for &(i, pos) in subs {
-                            let s = &mut self.shards[i];
-                            s.upstream_wm[pos] = s.upstream_wm[pos].max(wm);
-                            s.recompute_input_wm();
+                            self.shards[i].upstream_watermark(pos, wm, idle);
                         }
                     }
                 }
@@ -497,6 +516,7 @@ impl Executor {
     /// Steps 2-4: dedup, process, poll sources, fire timers.
     fn process(&mut self, batch: &mut Batch<'_>, halting: bool) -> Result<usize, EngineError> {
         let plan = Arc::clone(&self.plan);
+        let node_metrics = Arc::clone(&self.node_metrics);
         for (ch, first, last) in self.released.drain(..) {
             let c = &plan.channels[ch as usize];
             if last - first + 1 < RANGE_DELETE_MIN {
@@ -530,8 +550,11 @@ impl Executor {
         order.sort_by_key(|&i| matches!(self.shards[i].body, Body::Source(_)));
         for &i in &order {
             let node = &plan.nodes[self.shards[i].node];
-            let metrics = &self.node_metrics[self.shards[i].node];
+            let metrics = &node_metrics[self.shards[i].node];
             let mut budget = engine.batch_size;
+            // Event-time timers the watermark has passed fire before the
+            // records that came after that watermark, whatever the turns.
+            self.fire_due_timers(i, &plan, false, batch)?;
             // Deliveries (not while halting: they stay unacknowledged and come again).
             while !halting
                 && !out_of_time
@@ -642,7 +665,11 @@ impl Executor {
                         metrics.records_in.inc_by(polled.len() as u64);
                     }
                     for (key, value, ts) in polled {
-                        shard.max_event = shard.max_event.max(ts);
+                        // An event time out of range goes to the errors
+                        // output in `route`; it never moves the watermark.
+                        if is_valid_event_time(ts) {
+                            shard.max_event = shard.max_event.max(ts);
+                        }
                         self.emits.push(Emit {
                             port: 0,
                             key,
@@ -664,36 +691,14 @@ impl Executor {
                 }
             }
 
-            // Timers.
-            if matches!(shard.body, Body::Compute(_)) {
-                let now = now_micros();
-                for (domain, limit) in [
-                    (TimeDomain::EventTime, shard.input_wm),
-                    (TimeDomain::ProcessingTime, now),
-                ] {
-                    while let Some((key, tag, time)) =
-                        shard.timers.pop_due(&shard.prefix, domain, limit)
-                    {
-                        let at = KeyEnv {
-                            store: &self.store,
-                            emits: &mut self.emits,
-                            ports: &node.ports,
-                            ingest: now,
-                            input: "",
-                        };
-                        // The computation sees the key and tag as `Bytes`.
-                        let key = Bytes::copy_from_slice(key.as_bytes());
-                        let tag = Bytes::copy_from_slice(tag.as_bytes());
-                        let timer = Timer { tag, domain, time };
-                        match shard.with_key(at, &key, |comp, ctx| comp.process_timer(ctx, timer)) {
-                            Some(Err(ComputationError::BadRecord(why))) => {
-                                bad_record(metrics, &node.name, &key, &why)
-                            }
-                            Some(Err(ComputationError::Storage(e))) => return Err(e.into()),
-                            Some(Ok(())) | None => {}
-                        }
-                    }
-                }
+            // Timers: event-time ones the watermark passed (again: records
+            // may have set some in the past) and processing-time ones.
+            self.fire_due_timers(i, &plan, true, batch)?;
+            let shard = &mut self.shards[i];
+            if shard.discarded > 0 {
+                metrics
+                    .discarded_records
+                    .inc_by(std::mem::take(&mut shard.discarded));
             }
 
             // What the sources polled and the timers emitted.
@@ -722,22 +727,29 @@ impl Executor {
 
             // Watermark.
             let source_wm = match &shard.body {
-                Body::Source(src) if src.exhausted => Some(MAX_TIME),
+                Body::Source(src) if src.exhausted => Some((MAX_TIME, false)),
                 Body::Source(src) => {
                     let from_data = shard.max_event.saturating_sub(node.watermark.out_of_order);
-                    // An idle source's watermark follows the clock, except
-                    // while draining: then nothing new comes in, and a
-                    // watermark that kept moving would keep the drain from
-                    // ever finding the graph quiet.
+                    // After `idle_after` without data a source is idle: its
+                    // consumers leave it out of their minimum (as Flink's
+                    // `withIdleness`), and its own watermark follows the
+                    // clock, in whole steps so that it is sent and persisted
+                    // once a step, not on every turn. Not while draining:
+                    // then nothing new comes in, and a watermark that kept
+                    // moving would keep the drain from ever finding the
+                    // graph quiet.
                     let idle = !stopping
                         && node
                             .watermark
                             .idle_after
                             .is_some_and(|d| src.last_data.elapsed() >= d);
                     Some(if idle {
-                        from_data.max(now_micros().saturating_sub(node.watermark.out_of_order))
+                        let clock = now_micros().saturating_sub(node.watermark.out_of_order);
+                        let step = IDLE_WATERMARK_STEP.as_micros() as i64;
+                        let quiet = shard.backlog == 0;
+                        (from_data.max(clock.div_euclid(step) * step), quiet)
                     } else {
-                        from_data
+                        (from_data, false)
                     })
                 }
                 _ => None,
@@ -751,6 +763,69 @@ impl Executor {
         }
         self.order = order;
         Ok(processed)
+    }
+
+    /// Step 4: fires the event-time timers of shard `i` that its input
+    /// watermark has passed and, with `processing`, the processing-time
+    /// timers the clock has passed; then routes what they emitted.
+    fn fire_due_timers(
+        &mut self,
+        i: usize,
+        plan: &Plan,
+        processing: bool,
+        batch: &mut Batch<'_>,
+    ) -> Result<(), EngineError> {
+        let shard = &mut self.shards[i];
+        if !matches!(shard.body, Body::Compute(_)) {
+            return Ok(());
+        }
+        let node = &plan.nodes[shard.node];
+        let metrics = &self.node_metrics[shard.node];
+        let now = now_micros();
+        let domains: &[(TimeDomain, i64)] = if processing {
+            &[
+                (TimeDomain::EventTime, shard.input_wm),
+                (TimeDomain::ProcessingTime, now),
+            ]
+        } else {
+            &[(TimeDomain::EventTime, shard.input_wm)]
+        };
+        let mut fired = false;
+        for &(domain, limit) in domains {
+            while let Some((key, tag, time)) = shard.timers.pop_due(&shard.prefix, domain, limit) {
+                fired = true;
+                let at = KeyEnv {
+                    store: &self.store,
+                    emits: &mut self.emits,
+                    ports: &node.ports,
+                    ingest: now,
+                    input: "",
+                };
+                // The computation sees the key and tag as `Bytes`.
+                let key = Bytes::copy_from_slice(key.as_bytes());
+                let tag = Bytes::copy_from_slice(tag.as_bytes());
+                let timer = Timer { tag, domain, time };
+                match shard.with_key(at, &key, |comp, ctx| comp.process_timer(ctx, timer)) {
+                    Some(Err(ComputationError::BadRecord(why))) => {
+                        bad_record(metrics, &node.name, &key, &why)
+                    }
+                    Some(Err(ComputationError::Storage(e))) => return Err(e.into()),
+                    Some(Ok(())) | None => {}
+                }
+            }
+        }
+        if fired {
+            route(
+                plan,
+                shard,
+                &mut self.emits,
+                batch,
+                metrics,
+                &mut self.produced_count,
+                &self.shared.taps,
+            );
+        }
+        Ok(())
     }
 
     /// Step 5: one atomic commit.
@@ -800,6 +875,7 @@ impl Executor {
                     self.outgoing[to].push(Msg::Watermark {
                         from: shard.sid,
                         wm: shard.output_wm,
+                        idle: shard.output_idle,
                         counted,
                     });
                     wm_sent += i64::from(counted);
@@ -919,7 +995,8 @@ fn bad_record(metrics: &NodeMetrics, component: &str, key: &[u8], why: &str) {
         component,
         key = %String::from_utf8_lossy(key),
         error = why,
-        "bad record routed to the errors output"
+        output = %format_args!("{component}.errors"),
+        "bad record routed to the errors output of the component that had it"
     );
 }
 
@@ -961,7 +1038,37 @@ fn route(
         let emit = &emits[i];
         i += 1;
         metrics.records_out.inc();
+        if !is_valid_event_time(emit.ts) {
+            // Not routed anywhere with that time: it would move watermarks
+            // to the end of time. The errors output gets it at the nearest
+            // valid time.
+            let why = format!("event time {} us is outside years 1 to 9999", emit.ts);
+            bad_record(metrics, &node.name, &emit.key, &why);
+            let ts = emit.ts.clamp(EARLIEST_EVENT_TIME, LATEST_EVENT_TIME);
+            if emit.port == 1 {
+                emits[i - 1].ts = ts;
+            } else {
+                let again = Emit {
+                    port: 1,
+                    key: emit.key.clone(),
+                    value: emit.value.clone(),
+                    ts,
+                    ingest: emit.ingest,
+                };
+                emits.push(again);
+                continue;
+            }
+        }
+        let emit = &emits[i - 1];
         let Some(edges) = node.out_edges.get(emit.port) else {
+            if emit.port == usize::MAX {
+                bad_record(
+                    metrics,
+                    &node.name,
+                    &emit.key,
+                    "produced to an output the kind does not declare",
+                );
+            }
             continue;
         };
         let mut failed: Option<String> = None;
@@ -972,7 +1079,10 @@ fn route(
             let located = match locate_key(&edge.key, &emit.value) {
                 Ok(k) => k,
                 Err(why) => {
-                    failed = Some(format!("for {}: {why}", plan.nodes[edge.to].name));
+                    failed = Some(format!(
+                        "the key extractor of consumer `{}`: {why}",
+                        plan.nodes[edge.to].name
+                    ));
                     continue;
                 }
             };

@@ -37,7 +37,10 @@ pub use inspect::{inspect, state_of, StoredComponent, StoredData};
 pub use keying::{extract_key, shard_of};
 pub use metrics::Metrics;
 pub use plan::{shard_prefix, Plan, ERRORS_PORT};
-pub use record::{now_micros, Envelope, EventTime, Record, TimeDomain, Timer, MAX_TIME, MIN_TIME};
+pub use record::{
+    is_valid_event_time, now_micros, parse_event_time, Envelope, EventTime, Record, TimeDomain,
+    Timer, EARLIEST_EVENT_TIME, LATEST_EVENT_TIME, MAX_TIME, MIN_TIME,
+};
 pub use registry::{ComputationFactory, MakeComputation, Registry, SinkFactory, SourceFactory};
 pub use worker::{data_dir_of, ComponentStatus, Worker, WorkerOptions};
 

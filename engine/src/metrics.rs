@@ -24,6 +24,8 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// Records behind the low watermark when they arrived.
     pub late_records: IntCounterVec,
+    /// Records a computation dropped by design (a sliding window's gaps).
+    pub discarded_records: IntCounterVec,
     /// Wall time of one commit.
     pub commit_seconds: Histogram,
     /// Records processed per commit.
@@ -122,6 +124,10 @@ impl Metrics {
             late_records: counter(
                 "millrace_late_records_total",
                 "Records behind the input low watermark on arrival.",
+            ),
+            discarded_records: counter(
+                "millrace_discarded_records_total",
+                "Records a computation dropped by design, such as those in the gaps of a sliding window.",
             ),
             commit_seconds: reg(
                 &r,
@@ -266,6 +272,7 @@ pub(crate) struct NodeMetrics {
     pub gaps: IntCounter,
     pub retries: IntCounter,
     pub late_records: IntCounter,
+    pub discarded_records: IntCounter,
     pub e2e_latency: Histogram,
     pub low_watermark: prometheus::IntGauge,
     pub watermark_lag: prometheus::IntGauge,
@@ -284,6 +291,7 @@ impl NodeMetrics {
             gaps: m.gaps.with_label_values(l),
             retries: m.retries.with_label_values(l),
             late_records: m.late_records.with_label_values(l),
+            discarded_records: m.discarded_records.with_label_values(l),
             e2e_latency: m.e2e_latency.with_label_values(l),
             low_watermark: m.low_watermark.with_label_values(l),
             watermark_lag: m.watermark_lag.with_label_values(l),

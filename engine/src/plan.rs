@@ -224,14 +224,18 @@ impl Plan {
                 }
             };
             index.insert(c.name.clone(), nodes.len());
+            let mut ports = vec![String::new(), ERRORS_PORT.to_owned()];
+            if c.role == Role::Computation {
+                ports.extend(registry.declared_outputs(&c.kind).iter().cloned());
+            }
             nodes.push(Node {
                 name: c.name.clone(),
                 role: c.role,
                 kind: c.kind.clone(),
                 shards,
                 first_sid: next_sid,
-                ports: vec![String::new(), ERRORS_PORT.to_owned()],
-                out_edges: vec![Vec::new(), Vec::new()],
+                out_edges: vec![Vec::new(); ports.len()],
+                ports,
                 in_edges: Vec::new(),
                 maker,
                 watermark,
@@ -246,13 +250,23 @@ impl Plan {
             for input in &c.inputs {
                 let from = index[&input.stream.component];
                 let port_name = input.stream.output.clone().unwrap_or_default();
-                let port = match nodes[from].ports.iter().position(|p| *p == port_name) {
-                    Some(p) => p,
-                    None => {
-                        nodes[from].ports.push(port_name);
-                        nodes[from].out_edges.push(Vec::new());
-                        nodes[from].ports.len() - 1
-                    }
+                let Some(port) = nodes[from].ports.iter().position(|p| *p == port_name) else {
+                    let producer = &nodes[from];
+                    let named: Vec<String> = producer.ports[1..]
+                        .iter()
+                        .map(|p| format!("`{}.{p}`", producer.name))
+                        .collect();
+                    return Err(topology.error(
+                        c,
+                        Some("inputs"),
+                        format!(
+                            "`{}` has no output `{port_name}`: a `{}` has `{}` and {}",
+                            producer.name,
+                            producer.kind,
+                            producer.name,
+                            named.join(", ")
+                        ),
+                    ));
                 };
                 let e = edges.len();
                 nodes[from].out_edges[port].push(e);
@@ -551,7 +565,7 @@ inputs = ["count"]
         let p = gen_to_count(
             r#"
 [cluster]
-secret = "s"
+secret = "a-secret-of-16-bytes"
 [[cluster.workers]]
 id = "a"
 address = "127.0.0.1:1"

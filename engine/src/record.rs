@@ -10,6 +10,84 @@ pub const MIN_TIME: EventTime = i64::MIN;
 /// The latest event time: "no more data will ever come".
 pub const MAX_TIME: EventTime = i64::MAX;
 
+/// The earliest event time a record may carry: 0001-01-01T00:00:00Z.
+pub const EARLIEST_EVENT_TIME: EventTime = -62_135_596_800_000_000;
+/// The latest event time a record may carry: 9999-12-31T23:59:59.999999Z.
+/// Far from `MAX_TIME`, which means "no more data will ever come".
+pub const LATEST_EVENT_TIME: EventTime = 253_402_300_799_999_999;
+
+/// Whether `t` is an event time a record may carry (years 1 to 9999). A
+/// record outside is a bad record: its time would move a watermark to the
+/// end of time or overflow window arithmetic.
+pub fn is_valid_event_time(t: EventTime) -> bool {
+    (EARLIEST_EVENT_TIME..=LATEST_EVENT_TIME).contains(&t)
+}
+
+/// Parses a decimal number of time units (`"4.35"`, `"-12"`, `"1.7e3"`)
+/// into microseconds, exactly: no detour through floating point, so
+/// `4.35` s is 4,350,000 us. A fraction of a microsecond rounds down. A value
+/// too large for an event time saturates (and is then refused by
+/// [`is_valid_event_time`]).
+///
+/// ```
+/// use millrace_engine::parse_event_time;
+/// assert_eq!(parse_event_time("4.35", 1_000_000), Ok(4_350_000));
+/// assert_eq!(parse_event_time("1.5e3", 1_000), Ok(1_500_000));
+/// assert_eq!(parse_event_time("-0.0015", 1_000), Ok(-2));
+/// assert!(parse_event_time("12abc", 1_000).is_err());
+/// ```
+pub fn parse_event_time(text: &str, micros_per_unit: i64) -> Result<EventTime, String> {
+    let t = text.trim();
+    let bad = || format!("`{t}` is not a number");
+    let (negative, rest) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (mantissa, exp) = match rest.find(['e', 'E']) {
+        Some(i) => (&rest[..i], rest[i + 1..].parse::<i32>().map_err(|_| bad())?),
+        None => (rest, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int.is_empty() && frac.is_empty()
+        || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    // Digits past what an i128 holds add nothing a microsecond can show.
+    let mut digits: i128 = 0;
+    let mut scale = exp;
+    for (i, b) in int.bytes().chain(frac.bytes()).enumerate() {
+        let fraction = i >= int.len();
+        if digits < 10i128.pow(29) {
+            digits = digits * 10 + i128::from(b - b'0');
+            if fraction {
+                scale = scale.saturating_sub(1);
+            }
+        } else if !fraction {
+            // Too many digits to keep: keep the magnitude, drop the precision.
+            scale = scale.saturating_add(1);
+        }
+    }
+    let mut v = digits.saturating_mul(i128::from(micros_per_unit));
+    if negative {
+        v = -v;
+    }
+    if v != 0 {
+        if scale > 0 {
+            for _ in 0..scale.min(40) {
+                v = v.saturating_mul(10);
+            }
+        } else if scale < 0 {
+            let div = 10i128
+                .checked_pow(scale.unsigned_abs())
+                .unwrap_or(i128::MAX);
+            v = v.div_euclid(div);
+        }
+    }
+    Ok(v.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64)
+}
+
 /// One record: a key, a value and an event timestamp.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {

@@ -44,6 +44,9 @@ pub struct Registry {
     sources: BTreeMap<String, SourceFactory>,
     computations: BTreeMap<String, ComputationFactory>,
     sinks: BTreeMap<String, SinkFactory>,
+    /// Named outputs a computation kind produces to, besides its default
+    /// output and `errors`.
+    outputs: BTreeMap<String, Vec<String>>,
 }
 
 impl Registry {
@@ -80,6 +83,23 @@ impl Registry {
     ) -> &mut Self {
         self.sinks.insert(kind.to_owned(), Arc::new(f));
         self
+    }
+
+    /// Declares the named outputs a computation kind produces to with
+    /// `Context::produce_to` (besides its default output and `errors`,
+    /// which every component has). Only declared outputs may be read as
+    /// `NAME.output`; producing to an undeclared one is a bad record.
+    pub fn outputs(&mut self, kind: &str, names: &[&str]) -> &mut Self {
+        self.outputs.insert(
+            kind.to_owned(),
+            names.iter().map(|n| (*n).to_owned()).collect(),
+        );
+        self
+    }
+
+    /// The named outputs a kind declared.
+    pub(crate) fn declared_outputs(&self, kind: &str) -> &[String] {
+        self.outputs.get(kind).map_or(&[], Vec::as_slice)
     }
 
     /// Whether a computation kind is registered.

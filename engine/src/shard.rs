@@ -331,6 +331,8 @@ pub(crate) struct KeyScope<'a> {
     pub ingest: i64,
     /// The input stream of the current record ("" for timers).
     pub input: &'a str,
+    /// Records the computation dropped by design since the last count.
+    pub discarded: &'a mut u64,
 }
 
 pub(crate) fn state_key(prefix: &[u8], key: &[u8]) -> Vec<u8> {
@@ -408,13 +410,20 @@ pub(crate) struct ShardRt {
     pub state: KeyedState,
     pub timers: Timers,
     pub upstream_wm: Vec<EventTime>,
+    /// Per upstream shard: it said it is idle (left out of the minimum).
+    pub upstream_idle: Vec<bool>,
     pub input_wm: EventTime,
     pub output_wm: EventTime,
+    /// This shard told (or will tell) its consumers it is idle.
+    pub output_idle: bool,
     pub wm_changed: bool,
     /// Multiset of the event times of unacknowledged productions.
     pub unacked_ts: BTreeMap<EventTime, u32>,
     pub backlog: usize,
     pub max_event: EventTime,
+    /// Records the computation dropped by design (`Context::discard`), not
+    /// yet counted in the metrics.
+    pub discarded: u64,
 }
 
 /// Meta key of a shard's output watermark.
@@ -460,6 +469,7 @@ impl ShardRt {
                 input_wm: self.input_wm,
                 ingest: env.ingest,
                 input: env.input,
+                discarded: &mut self.discarded,
             },
         };
         Some(f(comp.as_mut(), &mut ctx))
@@ -509,16 +519,49 @@ impl ShardRt {
         self.backlog -= 1;
     }
 
+    /// Upstream shard `pos` reported watermark `wm` and whether it is idle.
+    pub fn upstream_watermark(&mut self, pos: usize, wm: EventTime, idle: bool) {
+        self.upstream_wm[pos] = self.upstream_wm[pos].max(wm);
+        self.upstream_idle[pos] = idle;
+        self.recompute_input_wm();
+    }
+
+    /// The input watermark: the minimum over the upstream shards that are
+    /// not idle or, when all are idle, the maximum over all of them (as
+    /// Flink's watermark valve). It never moves back: records that arrive
+    /// behind it once an idle input wakes up are late.
     pub fn recompute_input_wm(&mut self) {
-        let wm = self.upstream_wm.iter().copied().min().unwrap_or(MIN_TIME);
-        // Upstream watermarks only rise, so their minimum does too.
-        debug_assert!(wm >= self.input_wm, "input watermark moved back");
+        let active = self
+            .upstream_wm
+            .iter()
+            .zip(&self.upstream_idle)
+            .filter(|(_, idle)| !**idle)
+            .map(|(wm, _)| *wm)
+            .min();
+        let wm = active
+            .or_else(|| self.upstream_wm.iter().copied().max())
+            .unwrap_or(MIN_TIME);
         self.input_wm = self.input_wm.max(wm);
     }
 
-    /// Recomputes the output watermark; never lets it move back.
-    pub fn recompute_output_wm(&mut self, source_wm: Option<EventTime>) {
-        let base = source_wm.unwrap_or(self.input_wm);
+    /// Whether every upstream shard is idle and nothing of this shard is
+    /// waiting or unacknowledged: then its consumers need not wait for it.
+    fn inputs_idle(&self) -> bool {
+        !self.upstream_idle.is_empty()
+            && self.upstream_idle.iter().all(|i| *i)
+            && self.pending.is_empty()
+            && self.backlog == 0
+    }
+
+    /// Recomputes the output watermark (never letting it move back) and
+    /// whether this shard is idle. A source passes its own watermark and
+    /// idleness; other shards derive both from their inputs.
+    pub fn recompute_output_wm(&mut self, source_wm: Option<(EventTime, bool)>) {
+        let (base, idle) = source_wm.unwrap_or((self.input_wm, self.inputs_idle()));
+        if idle != self.output_idle {
+            self.output_idle = idle;
+            self.wm_changed = true;
+        }
         let oldest = self
             .unacked_ts
             .keys()

@@ -210,9 +210,13 @@ impl Worker {
                     .listen
                     .clone()
                     .unwrap_or_else(|| cluster.workers[me].address.clone());
-                let secret = std::env::var("MILLRACE_CLUSTER_SECRET")
-                    .ok()
-                    .or_else(|| cluster.secret.clone());
+                let from_env = std::env::var("MILLRACE_CLUSTER_SECRET").ok();
+                if let Some(s) = &from_env {
+                    millrace_config::check_secret(s).map_err(|m| {
+                        EngineError::Network(format!("MILLRACE_CLUSTER_SECRET: {m}"))
+                    })?;
+                }
+                let secret = from_env.or_else(|| cluster.secret.clone());
                 if secret.is_none() {
                     tracing::warn!(
                         "the cluster has no secret ([cluster] secret or MILLRACE_CLUSTER_SECRET): \

@@ -350,7 +350,7 @@ impl ClusterNet {
 
     /// The `[cluster]` table.
     pub fn toml(&self, secret: &str) -> String {
-        let mut t = format!("[cluster]\nsecret = \"{secret}\"\n");
+        let mut t = format!("[cluster]\nsecret = \"{secret}-0123456789\"\n");
         for (id, a) in self.ids.iter().zip(&self.addresses) {
             t.push_str(&format!(
                 "[[cluster.workers]]\nid = \"{id}\"\naddress = \"{a}\"\n"

@@ -48,12 +48,15 @@ pub enum Frame {
         /// Highest applied sequence number.
         upto: u64,
     },
-    /// Shard `from`'s output watermark rose to `wm`.
+    /// Shard `from`'s output watermark rose to `wm` (or it became idle or
+    /// active again).
     Watermark {
         /// Plan shard index.
         from: u32,
         /// Microseconds since the epoch.
         wm: i64,
+        /// The shard is idle: its consumers leave it out of their minimum.
+        idle: bool,
     },
     /// Periodic liveness and completion report.
     Status(Status),
@@ -189,9 +192,10 @@ impl Frame {
                 out.put_u32(*ch);
                 out.put_u64(*upto);
             }
-            Frame::Watermark { from, wm } => {
+            Frame::Watermark { from, wm, idle } => {
                 out.put_u32(*from);
                 out.put_i64(*wm);
+                out.put_u8(u8::from(*idle));
             }
             Frame::Status(st) => out.put_u8(st.flags()),
         }
@@ -354,7 +358,12 @@ fn parse(kind: u8, body: Bytes) -> Result<Frame, FrameError> {
         }
         WATERMARK => {
             let (from, wm) = (p.u32()?, p.i64()?);
-            p.end(Frame::Watermark { from, wm })
+            let idle = match p.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(p.bad("idle flag")),
+            };
+            p.end(Frame::Watermark { from, wm, idle })
         }
         _ => {
             let flags = p.u8()?;
@@ -410,7 +419,8 @@ mod tests {
                 env
             }),
             (any::<u32>(), any::<u64>()).prop_map(|(ch, upto)| Frame::Ack { ch, upto }),
-            (any::<u32>(), any::<i64>()).prop_map(|(from, wm)| Frame::Watermark { from, wm }),
+            (any::<u32>(), any::<i64>(), any::<bool>())
+                .prop_map(|(from, wm, idle)| Frame::Watermark { from, wm, idle }),
             (0u8..16).prop_map(|f| Frame::Status(Status::from_flags(f))),
         ]
     }

@@ -742,9 +742,10 @@ fn encode(msgs: &[Msg], wire: &mut BytesMut) -> u64 {
                 ch: *ch,
                 upto: *upto,
             },
-            Msg::Watermark { from, wm, .. } => Frame::Watermark {
+            Msg::Watermark { from, wm, idle, .. } => Frame::Watermark {
                 from: *from,
                 wm: *wm,
+                idle: *idle,
             },
             Msg::PeerUp { .. } => continue,
         };
@@ -812,7 +813,7 @@ async fn read_loop(
                     }
                     batches[plan.shards[c.src as usize].executor].push(Msg::Ack { ch, upto });
                 }
-                Frame::Watermark { from, wm } => {
+                Frame::Watermark { from, wm, idle } => {
                     if !on(from, w) {
                         break 'conn bad(format!(
                             "watermark of shard {from}, which it does not own"
@@ -825,6 +826,7 @@ async fn read_loop(
                             batches[exec].push(Msg::Watermark {
                                 from,
                                 wm,
+                                idle,
                                 counted: false,
                             });
                         }
