@@ -2,6 +2,12 @@
 //!
 //! The server starts before recovery, so `/healthz` answers 503 while the
 //! worker rebuilds its shards, 200 while it runs, and 503 again while it drains.
+//!
+//! Hostile clients are bounded: a request head must arrive within
+//! [`HEAD_TIMEOUT`] (else 408), at most [`MAX_CONNECTIONS`] are served at
+//! once (more get 503 at once), and with a token configured `/status` and
+//! `/tap` (and `/metrics` if asked) answer 401 without `Authorization:
+//! Bearer TOKEN`.
 
 use millrace_engine::{Metrics, Worker};
 use parking_lot::Mutex;
@@ -12,6 +18,11 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// How long a client may take to send its request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; a `/tap` holds one while it streams.
+pub const MAX_CONNECTIONS: usize = 256;
+
 const RECOVERING: u8 = 0;
 const RUNNING: u8 = 1;
 const DRAINING: u8 = 2;
@@ -19,6 +30,8 @@ const DRAINING: u8 = 2;
 /// What the HTTP endpoints read.
 pub struct HttpState {
     pub metrics: Arc<Metrics>,
+    auth: Auth,
+    connections: Arc<tokio::sync::Semaphore>,
     worker: OnceLock<Weak<Worker>>,
     health: AtomicU8,
     rates: Mutex<Rates>,
@@ -31,10 +44,49 @@ struct Rates {
     per_second: Vec<(f64, f64)>,
 }
 
+/// Who may read what.
+#[derive(Default, Clone)]
+pub struct Auth {
+    /// The bearer token `/status` and `/tap` need, if any.
+    pub token: Option<String>,
+    /// Whether `/metrics` needs it too.
+    pub metrics: bool,
+}
+
+impl Auth {
+    /// Whether a request with `head` may read `path`.
+    fn allows(&self, path: &str, head: &str) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        if path == "/healthz" || (path == "/metrics" && !self.metrics) {
+            return true;
+        }
+        head.lines().any(|l| {
+            let Some((name, value)) = l.split_once(':') else {
+                return false;
+            };
+            name.trim().eq_ignore_ascii_case("authorization")
+                && value
+                    .trim()
+                    .strip_prefix("Bearer ")
+                    .is_some_and(|given| same(given.trim().as_bytes(), token.as_bytes()))
+        })
+    }
+}
+
+/// Compares without stopping at the first difference, so that the time a
+/// comparison takes says nothing about the token.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
 impl HttpState {
-    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(metrics: Arc<Metrics>, auth: Auth) -> Arc<Self> {
         Arc::new(HttpState {
             metrics,
+            auth,
+            connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
             worker: OnceLock::new(),
             health: AtomicU8::new(RECOVERING),
             rates: Mutex::new(Rates::default()),
@@ -92,6 +144,16 @@ pub async fn serve(addr: &str, state: Arc<HttpState>) -> std::io::Result<SocketA
             };
             let state = Arc::clone(&state);
             tokio::spawn(async move {
+                let Ok(_permit) = Arc::clone(&state.connections).try_acquire_owned() else {
+                    state
+                        .metrics
+                        .http_refused
+                        .with_label_values(&["busy"])
+                        .inc();
+                    let mut stream = stream;
+                    let _ = respond(&mut stream, 503, "text/plain", "too many connections\n").await;
+                    return;
+                };
                 if let Err(e) = handle(stream, state).await {
                     tracing::debug!(%peer, error = %e, "HTTP request failed");
                 }
@@ -101,19 +163,48 @@ pub async fn serve(addr: &str, state: Arc<HttpState>) -> std::io::Result<SocketA
     Ok(bound)
 }
 
-async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 8192];
+/// Reads a request head (up to the blank line) into `buf`; `None` when the
+/// client closed first.
+async fn read_head(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
     let mut n = 0;
     while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
         if n == buf.len() {
-            return respond(&mut stream, 431, "text/plain", "request header too large\n").await;
+            return Ok(Some(n));
         }
         let read = stream.read(&mut buf[n..]).await?;
         if read == 0 {
-            return Ok(());
+            return Ok(None);
         }
         n += read;
     }
+    Ok(Some(n))
+}
+
+async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 8192];
+    let n = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut buf)).await {
+        Err(_) => {
+            state
+                .metrics
+                .http_refused
+                .with_label_values(&["timeout"])
+                .inc();
+            return respond(
+                &mut stream,
+                408,
+                "text/plain",
+                "request head took too long\n",
+            )
+            .await;
+        }
+        Ok(r) => match r? {
+            None => return Ok(()),
+            Some(n) if n == buf.len() => {
+                return respond(&mut stream, 431, "text/plain", "request header too large\n").await
+            }
+            Some(n) => n,
+        },
+    };
     let head = String::from_utf8_lossy(&buf[..n]).into_owned();
     let mut parts = head.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
@@ -121,6 +212,20 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
         return respond(&mut stream, 405, "text/plain", "only GET is served\n").await;
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if !state.auth.allows(path, &head) {
+        state
+            .metrics
+            .http_refused
+            .with_label_values(&["token"])
+            .inc();
+        return respond(
+            &mut stream,
+            401,
+            "text/plain",
+            "this endpoint needs `Authorization: Bearer TOKEN` ([service] http_token)\n",
+        )
+        .await;
+    }
     match path {
         "/metrics" => {
             if let Some(w) = state.worker() {
@@ -221,7 +326,9 @@ async fn respond(
 ) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
+        401 => "Unauthorized",
         404 => "Not Found",
+        408 => "Request Timeout",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",
         _ => "Service Unavailable",

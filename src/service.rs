@@ -66,7 +66,14 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
         .build()
         .context("starting the I/O runtime")?;
     let metrics = Arc::new(Metrics::new());
-    let state = HttpState::new(Arc::clone(&metrics));
+    let auth = http::Auth {
+        token: std::env::var("MILLRACE_HTTP_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| topology.service.http_token.clone()),
+        metrics: topology.service.http_token_for_metrics,
+    };
+    let state = HttpState::new(Arc::clone(&metrics), auth);
     let stop = Arc::new(AtomicBool::new(false));
 
     // Signals: the first SIGTERM/SIGINT starts a drain.

@@ -439,3 +439,56 @@ fn chaos_kills_and_cuts_lose_and_repeat_nothing() {
 fn chaos_long() {
     chaos(100, 100, 200_000, 10_000);
 }
+
+#[test]
+fn a_record_too_large_to_cross_is_refused_once_at_its_producer() {
+    let s = Scratch::new();
+    let net = ClusterNet::new(2);
+    // A line past the cluster's 16 MiB frame limit between two small ones.
+    let big = "x".repeat(20 << 20);
+    s.write("in.txt", &format!("small1\n{big}\nsmall2\n"));
+    let topo = s.write(
+        "big.toml",
+        &format!(
+            r#"
+[service]
+data_dir = "{{dir}}/data"
+[engine]
+shards = 2
+threads = 1
+{cluster}
+[sources.lines]
+type = "file"
+path = "{{dir}}/in.txt"
+[computations.kept]
+type = "filter"
+inputs = ["lines"]
+regex = "."
+[sinks.out]
+type = "file"
+inputs = ["kept"]
+path = "{{dir}}/out.txt"
+format = "text"
+[sinks.bad]
+type = "file"
+inputs = ["lines.errors"]
+path = "{{dir}}/bad.txt"
+format = "text"
+"#,
+            cluster = net.toml("test-secret"),
+        ),
+    );
+    let mut workers: Vec<Running> = (0..2).map(|i| net.spawn(&topo, i, false, &[])).collect();
+    // Before the limit, the link re-sent the frame forever and never finished.
+    wait_all_exit(&mut workers, Duration::from_secs(120));
+    assert_eq!(
+        lines(&s.path("out.txt")),
+        ["in.txt\tsmall1", "in.txt\tsmall2"]
+    );
+    // The errors output has the refused record, cut to engine.max_record_bytes.
+    let bad = lines(&s.path("bad.txt"));
+    assert_eq!(bad.len(), 1);
+    // Key and value together are 8 MiB; the sink puts a tab between them.
+    assert_eq!(bad[0].len(), (8 << 20) + 1);
+    assert!(bad[0].starts_with("in.txt\txxx"));
+}

@@ -36,6 +36,6 @@ pub use error::ConfigError;
 pub use locate::Locator;
 pub use topology::{
     check_secret, ClusterConfig, Component, Durability, EngineConfig, Input, KeyExtractor, Options,
-    Role, ServiceConfig, StreamRef, Topology, WorkerConfig, MAX_SHARDS, MAX_THREADS,
-    MIN_SECRET_LEN,
+    Role, ServiceConfig, StreamRef, Topology, WorkerConfig, MAX_RECORD_BYTES, MAX_SHARDS,
+    MAX_THREADS, MIN_SECRET_LEN,
 };

@@ -17,6 +17,13 @@ pub struct ServiceConfig {
     /// Address of `/metrics`, `/healthz`, `/status`. Default `127.0.0.1:9464`;
     /// `"off"` disables the server.
     pub http: Option<String>,
+    /// Bearer token that `/status` and `/tap` require (`Authorization:
+    /// Bearer TOKEN`); the environment variable `MILLRACE_HTTP_TOKEN`
+    /// overrides it. None: open to whoever reaches the address.
+    pub http_token: Option<String>,
+    /// Whether `/metrics` needs the token too. Default false, so that
+    /// Prometheus scrapes without credentials.
+    pub http_token_for_metrics: bool,
 }
 
 /// How hard a commit tries to survive failures.
@@ -55,6 +62,11 @@ pub struct EngineConfig {
     /// Most bytes of unacknowledged records sent on one channel; with
     /// `channel_window` it bounds what a channel has in flight. Default 1 MiB.
     pub channel_window_bytes: usize,
+    /// Largest record (key and value) a component may produce; a larger one
+    /// is a bad record, refused where it is produced. The same in one worker
+    /// and in a cluster, so a topology behaves the same in both. Default
+    /// 8 MiB, at most [`MAX_RECORD_BYTES`].
+    pub max_record_bytes: usize,
 }
 
 /// `[cluster]`: the workers that share the shards, each a `millrace` process.
@@ -114,6 +126,8 @@ struct RawTopology {
 struct RawService {
     data_dir: Option<PathBuf>,
     http: Option<String>,
+    http_token: Option<String>,
+    http_token_for_metrics: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -128,6 +142,7 @@ struct RawEngine {
     max_backlog: Option<usize>,
     state_cache_keys: Option<usize>,
     channel_window_bytes: Option<usize>,
+    max_record_bytes: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -334,6 +349,13 @@ impl Topology {
                 Some("off") => None,
                 Some(addr) => Some(addr.to_owned()),
             },
+            http_token: match raw.service.http_token {
+                Some(t) if t.is_empty() => {
+                    return Err(locator.error("service", Some("http_token"), "is empty"))
+                }
+                t => t,
+            },
+            http_token_for_metrics: raw.service.http_token_for_metrics.unwrap_or(false),
         };
         let mut components = Vec::new();
         for (role, tables) in [
@@ -518,6 +540,10 @@ fn default_commit_interval(durability: Durability) -> Duration {
 /// of the shard count: 1,024 shards is a million channels per edge.
 pub const MAX_SHARDS: u32 = 1024;
 
+/// The largest `max_record_bytes`: a record must fit in one cluster frame
+/// (16 MiB) with room for its header.
+pub const MAX_RECORD_BYTES: usize = 15 << 20;
+
 /// The most executor threads a worker may run (each has its own stack and
 /// queues; more than the cores only adds switching).
 pub const MAX_THREADS: usize = 256;
@@ -563,6 +589,16 @@ fn engine_config(raw: RawEngine, locator: &Locator) -> Result<EngineConfig, Conf
         max_backlog: positive(raw.max_backlog, "max_backlog", 16_384)?,
         state_cache_keys: raw.state_cache_keys.unwrap_or(1_000_000),
         channel_window_bytes: positive(raw.channel_window_bytes, "channel_window_bytes", 1 << 20)?,
+        max_record_bytes: match positive(raw.max_record_bytes, "max_record_bytes", 8 << 20)? {
+            n if n > MAX_RECORD_BYTES => {
+                return Err(locator.error(
+                    "engine",
+                    Some("max_record_bytes"),
+                    format!("must be at most {MAX_RECORD_BYTES} (what one cluster frame carries)"),
+                ))
+            }
+            n => n,
+        },
     })
 }
 

@@ -1033,6 +1033,7 @@ fn route(
     let node = &plan.nodes[shard.node];
     let src_shard = plan.shards[shard.sid as usize].shard;
     let persist = shard.uses_outbox();
+    let max_record = plan.topology.engine.max_record_bytes;
     let mut i = 0;
     while i < emits.len() {
         let emit = &emits[i];
@@ -1060,6 +1061,27 @@ fn route(
             }
         }
         let emit = &emits[i - 1];
+        let size = emit.key.len() + emit.value.len();
+        if size > max_record {
+            // Refused here, once: a record that cannot cross to another
+            // worker must not be retried forever. The errors output gets
+            // as much of it as the limit allows (so it is not refused again).
+            let why = format!(
+                "the record has {size} bytes, more than engine.max_record_bytes ({max_record})"
+            );
+            bad_record(metrics, &node.name, &emit.key, &why);
+            let key = emit.key.slice(..emit.key.len().min(max_record));
+            let keep = (max_record - key.len()).min(emit.value.len());
+            let again = Emit {
+                port: 1,
+                key,
+                value: emit.value.slice(..keep),
+                ts: emit.ts,
+                ingest: emit.ingest,
+            };
+            emits.push(again);
+            continue;
+        }
         let Some(edges) = node.out_edges.get(emit.port) else {
             if emit.port == usize::MAX {
                 bad_record(

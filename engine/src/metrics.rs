@@ -58,6 +58,8 @@ pub struct Metrics {
     pub net_bytes_sent: IntCounterVec,
     /// Records received from another worker.
     pub net_records_received: IntCounterVec,
+    /// HTTP requests refused, by reason (`busy`, `timeout`, `token`).
+    pub http_refused: IntCounterVec,
     /// 1 while the connection to a peer is up.
     pub net_peer_up: IntGaugeVec,
 }
@@ -200,6 +202,11 @@ impl Metrics {
             net_refused: peer_counter(
                 "millrace_net_refused_total",
                 "Cluster handshakes refused, by reason.",
+                "reason",
+            ),
+            http_refused: peer_counter(
+                "millrace_http_refused_total",
+                "HTTP requests refused, by reason: busy (too many connections), timeout (slow request head), token.",
                 "reason",
             ),
             net_connects: peer_counter(

@@ -10,6 +10,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 pub const HEADER_LEN: usize = 8;
 /// The largest `length` accepted (kind + payload).
 pub const MAX_FRAME: usize = 16 << 20;
+
+// The largest record a topology may allow crosses in one frame.
+const _: () = assert!(millrace_config::MAX_RECORD_BYTES + (1 << 20) <= MAX_FRAME);
 /// Length of a handshake MAC (HMAC-SHA256).
 pub const MAC_LEN: usize = 32;
 
