@@ -260,3 +260,47 @@ path = "{{dir}}/out.jsonl"
     term(&child);
     assert!(wait_exit(&mut child, T).success());
 }
+
+#[test]
+fn a_damaged_data_dir_is_refused_and_the_output_kept() {
+    let s = Scratch::new();
+    std::fs::write(s.path("in.txt"), "a\nb\na\n").expect("write");
+    let topo = s.write(
+        "t.toml",
+        r#"
+[service]
+data_dir = "{dir}/data"
+[sources.lines]
+type = "file"
+path = "{dir}/in.txt"
+[computations.counts]
+type = "count"
+inputs = [{ from = "lines", key = "value" }]
+[sinks.out]
+type = "file"
+inputs = ["counts"]
+path = "{dir}/out.jsonl"
+"#,
+    );
+    let out = run_to_end(&topo, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written = std::fs::read(s.path("out.jsonl")).expect("output");
+    assert_eq!(written.iter().filter(|b| **b == b'\n').count(), 3);
+    // The MANIFEST cut to its first 60 bytes: RocksDB alone would open an
+    // empty database, and the sink would cut its file to what that says.
+    let data = s.path("data");
+    let current = std::fs::read_to_string(data.join("CURRENT")).expect("CURRENT");
+    let manifest = data.join(current.trim());
+    let text = std::fs::read(&manifest).expect("MANIFEST");
+    std::fs::write(&manifest, &text[..60]).expect("cut");
+    let out = run_to_end(&topo, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is damaged"), "{stderr}");
+    assert!(stderr.contains("Recovering a data directory"), "{stderr}");
+    assert_eq!(std::fs::read(s.path("out.jsonl")).expect("output"), written);
+}

@@ -105,11 +105,26 @@ pub enum StorageError {
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     /// The data directory was written in another format.
-    #[error("{path} was written by another millrace version ({what}); start with a new data_dir")]
+    #[error(
+        "{path} was written by another millrace version ({what}); nothing was changed. \
+         Run the version that wrote it, or see \"Recovering a data directory\" in the README"
+    )]
     Format {
         /// Data directory.
         path: PathBuf,
         /// What differs.
+        what: String,
+    },
+    /// The data directory holds a database that cannot be read whole. It is
+    /// never taken for a new one: that would drop its state and cut sinks.
+    #[error(
+        "{path} is damaged: {what}. millrace refused to start on it and did not change it; \
+         see \"Recovering a data directory\" in the README"
+    )]
+    Damaged {
+        /// Data directory.
+        path: PathBuf,
+        /// What is wrong with it.
         what: String,
     },
     /// The data directory could not be created.
@@ -145,6 +160,11 @@ impl Store {
             path: dir.to_path_buf(),
             source,
         })?;
+        // Before RocksDB opens it (and, finding less than was there, deletes
+        // the files it no longer knows): an existing database must list
+        // every column family, and a directory with database files must
+        // have one.
+        let existing = check_existing(dir)?;
         let cache =
             Cache::new_lru_cache(opts.block_cache_bytes).map_err(|e| StorageError::Rocks {
                 path: dir.to_path_buf(),
@@ -267,6 +287,16 @@ impl Store {
             cf_ids,
         };
         if !store.check_format()? {
+            if existing {
+                // The format is the first thing a new store commits: a
+                // database without it lost what it had.
+                return Err(StorageError::Damaged {
+                    path: dir.to_path_buf(),
+                    what: "RocksDB opened it as an empty database (its MANIFEST or \
+                           CURRENT file lost the tables that hold millrace's state)"
+                        .to_owned(),
+                });
+            }
             let mut b = store.batch();
             b.put(Cf::Meta, &format_key(), STATE_FORMAT);
             store.commit(b)?;
@@ -468,6 +498,48 @@ impl Store {
     }
 }
 
+/// Whether `dir` holds a database already (an error if it holds one that
+/// cannot be whole). Reads only RocksDB's MANIFEST, through `CURRENT`.
+fn check_existing(dir: &Path) -> Result<bool, StorageError> {
+    let damaged = |what: String| StorageError::Damaged {
+        path: dir.to_path_buf(),
+        what,
+    };
+    if !dir.join("CURRENT").exists() {
+        let entries = std::fs::read_dir(dir).map_err(|source| StorageError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let rocks_files: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".sst") || n.ends_with(".log") || n.starts_with("MANIFEST-"))
+            .collect();
+        if let Some(first) = rocks_files.first() {
+            return Err(damaged(format!(
+                "it holds database files ({first} and {} more) but no CURRENT file",
+                rocks_files.len() - 1
+            )));
+        }
+        return Ok(false);
+    }
+    let listed = DB::list_cf(&Options::default(), dir)
+        .map_err(|e| damaged(format!("its MANIFEST cannot be read ({})", e.into_string())))?;
+    let missing: Vec<&str> = Cf::ALL
+        .iter()
+        .map(|cf| cf.name())
+        .filter(|n| !listed.iter().any(|l| l == n))
+        .collect();
+    if !missing.is_empty() {
+        return Err(damaged(format!(
+            "its MANIFEST lists no column family {} (it lists {})",
+            missing.join(", "),
+            listed.join(", ")
+        )));
+    }
+    Ok(true)
+}
+
 /// The format of keyed state values, recorded in the data dir.
 const STATE_FORMAT: &[u8] = b"slots-1";
 
@@ -646,12 +718,65 @@ mod tests {
         }
         let err = Store::open(dir.path(), &StoreOptions::default()).unwrap_err();
         assert!(matches!(err, StorageError::Format { .. }), "{err}");
-        assert!(err.to_string().contains("new data_dir"), "{err}");
+        assert!(err.to_string().contains("nothing was changed"), "{err}");
         assert!(Store::open_read_only(dir.path()).is_err());
-        // An empty data dir without a format is simply a new one.
+        // An empty data dir is simply a new one, and opens again.
         let fresh = tempfile::tempdir().unwrap();
         drop(Store::open(fresh.path(), &StoreOptions::default()).unwrap());
         assert!(Store::open(fresh.path(), &StoreOptions::default()).is_ok());
+    }
+
+    #[test]
+    fn a_damaged_data_dir_is_never_taken_for_a_new_one() {
+        let open = |d: &Path| Store::open(d, &StoreOptions::default());
+        let written = || {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(dir.path()).unwrap();
+            let mut batch = store.batch();
+            batch.put(Cf::Meta, b"position", b"42");
+            store.commit(batch).unwrap();
+            drop(store);
+            dir
+        };
+        let files = |d: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        // The MANIFEST cut short: refused before RocksDB touches anything.
+        let dir = written();
+        let current = std::fs::read_to_string(dir.path().join("CURRENT")).unwrap();
+        let manifest = dir.path().join(current.trim());
+        let text = std::fs::read(&manifest).unwrap();
+        for cut in [60, 200] {
+            std::fs::write(&manifest, &text[..cut]).unwrap();
+            let before = files(dir.path());
+            let err = open(dir.path()).unwrap_err();
+            assert!(
+                matches!(err, StorageError::Damaged { .. }),
+                "cut at {cut}: {err}"
+            );
+            assert!(err.to_string().contains("MANIFEST"), "{err}");
+            assert_eq!(files(dir.path()), before, "nothing changed");
+        }
+        // CURRENT gone, the database files still there.
+        let dir = written();
+        std::fs::remove_file(dir.path().join("CURRENT")).unwrap();
+        let err = open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("no CURRENT file"), "{err}");
+        // A database that opens but lost millrace's format record.
+        let dir = written();
+        {
+            let store = open(dir.path()).unwrap();
+            let mut batch = store.batch();
+            batch.delete(Cf::Meta, &format_key());
+            store.commit(batch).unwrap();
+        }
+        let err = open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("empty database"), "{err}");
     }
 
     #[test]
