@@ -14,16 +14,19 @@
 //!
 //! The order commit -> acknowledge -> send is the exactly-once guarantee. It is
 //! enforced by types: acknowledgements and sends are released only through
-//! [`Executor::release`], which takes the [`Committed`] proof that only
-//! [`Executor::commit`] makes. The one exception needs no commit: a replayable
-//! source's productions are not checkpointed at all (after a crash the source
-//! replays them from its committed position with the same sequence numbers,
-//! and receivers drop what they already applied), so they are sent as soon as
-//! they are polled. All RocksDB calls happen on this thread, never on an async
-//! runtime.
+//! [`Executor::release`] and [`flush_outgoing`], which take the
+//! [`Committed`] proof that only [`Executor::commit`] makes. The one
+//! exception needs no commit and has its own path, [`send_replayable`]: a
+//! replayable source's productions are not checkpointed at all (after a crash
+//! the source replays them from its committed position with the same
+//! sequence numbers, and receivers drop what they already applied), so they
+//! are sent as soon as they are polled. Tests crash the worker between these
+//! steps on purpose (`failpoint.rs`). All RocksDB calls happen on this
+//! thread, never on an async runtime.
 
 use crate::api::{ComputationError, Emitter, SourcePoll};
 use crate::delivery::{InChannel, OutChannel};
+use crate::failpoint::{self, Point};
 use crate::keying::{locate_key, shard_of};
 use crate::metrics::NodeMetrics;
 use crate::plan::{ChannelIdx, Maker, Plan, Sid};
@@ -95,9 +98,15 @@ impl Outlet {
     }
 }
 
-/// Proof that the current batch is durable. Only [`Executor::commit`] makes one.
+/// Proof that the current batch is durable. Only [`Executor::commit`] makes
+/// one, and only [`flush_outgoing`] (through [`Executor::release`]) takes it:
+/// acknowledgements, productions of computations and watermarks cannot
+/// leave an executor before its turn's commit. (`with_something` says
+/// whether the turn committed anything.)
 #[must_use = "acknowledgements and productions wait for this proof"]
-pub(crate) struct Committed(());
+pub(crate) struct Committed {
+    with_something: bool,
+}
 
 /// First and longest wait for an acknowledgement before productions are sent
 /// again. In-process channels lose nothing, so this only matters after a
@@ -142,6 +151,9 @@ pub(crate) struct Executor {
     wm_subscribers: FastMap<Sid, Vec<(usize, usize)>>,
     node_metrics: Arc<[NodeMetrics]>,
     outgoing: Vec<Vec<Msg>>,
+    /// Per destination: a replayable source's deliveries, sent before the
+    /// commit (see [`send_replayable`]).
+    replay_out: Vec<Vec<Msg>>,
     emits: Vec<Emit>,
     /// Highest sequence to acknowledge per input channel, after the commit.
     acks: BTreeMap<ChannelIdx, u64>,
@@ -187,6 +199,7 @@ impl Executor {
             wm_dests: Vec::new(),
             node_metrics: node_metrics.into(),
             outgoing: (0..destinations).map(|_| Vec::new()).collect(),
+            replay_out: (0..destinations).map(|_| Vec::new()).collect(),
             emits: Vec::new(),
             acks: BTreeMap::new(),
             released: Vec::new(),
@@ -721,8 +734,9 @@ impl Executor {
                 self.shared
                     .unacked
                     .fetch_add(std::mem::take(&mut self.produced_count), Ordering::SeqCst);
-                queue_sends(&plan, self.me, shard, &mut self.outgoing);
-                flush_outgoing(&mut self.outgoing, &self.peers);
+                if send_replayable(&plan, self.me, shard, &mut self.replay_out, &self.peers) {
+                    failpoint::hit(Point::SourceSent);
+                }
             }
 
             // Watermark.
@@ -830,9 +844,12 @@ impl Executor {
 
     /// Step 5: one atomic commit.
     fn commit(&mut self, batch: Batch<'_>, processed: usize) -> Result<Committed, EngineError> {
-        if !batch.is_empty() {
+        let with_something = !batch.is_empty();
+        if with_something {
+            failpoint::hit(Point::CommitBefore);
             let started = Instant::now();
             self.store.commit(batch)?;
+            failpoint::hit(Point::CommitAfter);
             let took = started.elapsed();
             self.commit_time = (self.commit_time * 3 + took) / 4;
             self.shared
@@ -841,11 +858,11 @@ impl Executor {
                 .observe(took.as_secs_f64());
             self.shared.metrics.commit_records.observe(processed as f64);
         }
-        Ok(Committed(()))
+        Ok(Committed { with_something })
     }
 
     /// Step 6: acknowledge inputs, send productions and watermarks.
-    fn release(&mut self, _proof: Committed) {
+    fn release(&mut self, proof: Committed) {
         let shared = &*self.shared;
         let plan = &*self.plan;
         // Increments before decrements, so that the worker never sees the
@@ -894,7 +911,10 @@ impl Executor {
             }
         }
         shared.wm_inflight.fetch_add(wm_sent, Ordering::SeqCst);
-        flush_outgoing(&mut self.outgoing, &self.peers);
+        flush_outgoing(&mut self.outgoing, &self.peers, &proof);
+        if proof.with_something {
+            failpoint::hit(Point::ReleaseAfter);
+        }
         shared
             .wm_inflight
             .fetch_sub(std::mem::take(&mut self.wm_msgs_seen), Ordering::SeqCst);
@@ -912,13 +932,41 @@ impl Executor {
     }
 }
 
-/// Hands what is queued for each destination to it.
-fn flush_outgoing(outgoing: &mut [Vec<Msg>], peers: &[Outlet]) {
+/// Hands what is queued for each destination to it: only once the turn's
+/// commit returned, which the proof stands for.
+fn flush_outgoing(outgoing: &mut [Vec<Msg>], peers: &[Outlet], _committed: &Committed) {
     for (q, peer) in outgoing.iter_mut().zip(peers) {
         if !q.is_empty() {
             peer.send(std::mem::take(q));
         }
     }
+}
+
+/// The one path out of an executor before its turn's commit: the
+/// productions of a replayable source, which are not checkpointed at all
+/// (after a crash the source replays them from its committed position with
+/// the same sequence numbers, and receivers drop what they already applied).
+/// Only deliveries go this way, through their own queues (`scratch`, empty
+/// between calls); acknowledgements and watermarks wait for the commit.
+/// Returns whether anything was sent.
+fn send_replayable(
+    plan: &Plan,
+    me: usize,
+    shard: &mut ShardRt,
+    scratch: &mut [Vec<Msg>],
+    peers: &[Outlet],
+) -> bool {
+    debug_assert!(!shard.uses_outbox(), "only a replayable source sends early");
+    queue_sends(plan, me, shard, scratch);
+    let mut sent = false;
+    for (q, peer) in scratch.iter_mut().zip(peers) {
+        if !q.is_empty() {
+            debug_assert!(q.iter().all(|m| matches!(m, Msg::Deliver { .. })));
+            peer.send(std::mem::take(q));
+            sent = true;
+        }
+    }
+    sent
 }
 
 /// Queues the productions of `shard` that may be sent now (within each

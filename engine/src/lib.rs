@@ -16,6 +16,7 @@
 mod api;
 mod delivery;
 mod executor;
+mod failpoint;
 mod inspect;
 mod keying;
 mod mapkey;

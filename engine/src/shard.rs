@@ -643,6 +643,7 @@ impl ShardRt {
             }
             Body::Sink { sink, written } if *written => {
                 let pos = sink.flush(sync_sinks).map_err(crate::EngineError::Sink)?;
+                crate::failpoint::hit(crate::failpoint::Point::SinkFlushed);
                 batch.put(Cf::Meta, &position_key(&self.prefix), &pos);
                 *written = false;
             }
