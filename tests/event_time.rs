@@ -390,3 +390,31 @@ format = "text"
         ["a [0,10000) 1 on_time #0", "b [40000,50000) 1 on_time #0"]
     );
 }
+
+#[test]
+fn the_watermark_reached_before_a_restart_still_holds_after_it() {
+    let s = Scratch::new();
+    let topo = topology(&s, "", FIXED_10S, "aggregate = \"count\"");
+    let (out, late) = (s.path("out.txt"), s.path("late.txt"));
+    let mut child = spawn(&topo, "off");
+    // The watermark reaches 40 s; window [0, 10) fires.
+    add(&s.path("in"), "1.csv", "a,1,x\nz,40,q\n");
+    assert!(wait_until(T, || panes(&out)
+        .iter()
+        .any(|p| p.starts_with("a "))));
+    kill9(&mut child);
+    // After the crash a record at 5 s is behind the watermark of before:
+    // late, not the start of a new pane. A watermark not persisted would
+    // start again from nothing and take it.
+    let mut child = spawn(&topo, "off");
+    add(&s.path("in"), "2.csv", "b,5,y\nz,60,q\n");
+    assert!(wait_until(T, || !lines(&late).is_empty()));
+    term(&child);
+    assert!(wait_exit(&mut child, T).success());
+    assert_eq!(lines(&late), ["b\ty"]);
+    assert!(
+        panes(&out).iter().all(|p| !p.starts_with("b ")),
+        "{:?}",
+        panes(&out)
+    );
+}

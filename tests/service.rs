@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::TcpListener;
 use std::time::Duration;
@@ -191,7 +192,7 @@ format = "text"
 }
 
 #[test]
-fn a_slow_consumer_bounds_the_backlog_and_holds_back_the_source() {
+fn a_source_faster_than_its_consumers_is_held_to_max_backlog() {
     const MAX_BACKLOG: i64 = 200;
     let s = Scratch::new();
     let port = free_port();
@@ -234,7 +235,7 @@ path = "{{dir}}/out.jsonl"
                 .iter()
                 .find(|c| c["name"] == name)
                 .and_then(|c| c[field].as_i64())
-                .unwrap_or(0)
+                .unwrap_or_else(|| panic!("/status has no {field} for {name}"))
         };
         // max_backlog bounds each shard: gen has one, counts four.
         for (c, shards) in [("gen", 1), ("counts", 4)] {
@@ -303,4 +304,105 @@ path = "{dir}/out.jsonl"
     assert!(stderr.contains("is damaged"), "{stderr}");
     assert!(stderr.contains("Recovering a data directory"), "{stderr}");
     assert_eq!(std::fs::read(s.path("out.jsonl")).expect("output"), written);
+}
+
+/// generator (`count` records over 500 keys) -> count -> file sink.
+fn counting(s: &Scratch, count: u64) -> std::path::PathBuf {
+    s.write(
+        "drain.toml",
+        &format!(
+            r#"
+[service]
+data_dir = "{{dir}}/data"
+[engine]
+shards = 4
+[sources.gen]
+type = "generator"
+count = {count}
+keys = 500
+seed = 4
+[computations.counts]
+type = "count"
+inputs = ["gen"]
+[sinks.out]
+type = "file"
+inputs = ["counts"]
+path = "{{dir}}/out.jsonl"
+"#
+        ),
+    )
+}
+
+/// Productions left in each component's outbox, from `millrace inspect`.
+fn outboxes(s: &Scratch) -> BTreeMap<String, u64> {
+    let out = millrace()
+        .args(["inspect", s.path("data").to_str().expect("utf-8"), "--json"])
+        .output()
+        .expect("inspect");
+    assert!(out.status.success(), "{out:?}");
+    let data: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect json");
+    data["components"]
+        .as_object()
+        .expect("components")
+        .iter()
+        .map(|(name, c)| (name.clone(), c["outbox"].as_u64().expect("outbox count")))
+        .collect()
+}
+
+/// Starts the pipeline and sends SIGTERM once a tenth of the output is
+/// written, mid-stream; returns the exit status.
+fn sigterm_mid_stream(s: &Scratch, topo: &std::path::Path, drain_timeout: &str) -> bool {
+    let mut child = Running(
+        millrace()
+            .args(["run", topo.to_str().expect("utf-8"), "--http", "off"])
+            .args(["--drain-timeout", drain_timeout])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn"),
+    );
+    let out = s.path("out.jsonl");
+    assert!(wait_until(T, || file_len(&out) > 1_000_000 / 10 * 30));
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "ended before the signal"
+    );
+    term(&child);
+    wait_exit(&mut child, T).success()
+}
+
+#[test]
+fn sigterm_mid_stream_drains_every_outbox_and_a_restart_is_exact() {
+    let s = Scratch::new();
+    let topo = counting(&s, 1_000_000);
+    assert!(sigterm_mid_stream(&s, &topo, "30s"));
+    let partial = read_jsonl(&s.path("out.jsonl")).len();
+    assert!(partial < 1_000_000, "the signal came after the end");
+    assert!(outboxes(&s).values().all(|n| *n == 0), "{:?}", outboxes(&s));
+    let out = run_to_end(&topo, T);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let counts = assert_running_counts(&read_jsonl(&s.path("out.jsonl")));
+    assert_eq!(counts, generator_key_counts(1_000_000, 500, 4));
+}
+
+#[test]
+fn a_drain_cut_short_leaves_the_outbox_to_the_next_start() {
+    let s = Scratch::new();
+    let topo = counting(&s, 1_000_000);
+    // No time to drain: what is in flight stays in the outbox.
+    assert!(sigterm_mid_stream(&s, &topo, "0s"));
+    let left: u64 = outboxes(&s).values().sum();
+    assert!(left > 0, "nothing was left in flight");
+    let out = run_to_end(&topo, T);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let counts = assert_running_counts(&read_jsonl(&s.path("out.jsonl")));
+    assert_eq!(counts, generator_key_counts(1_000_000, 500, 4));
 }

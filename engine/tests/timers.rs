@@ -1,5 +1,6 @@
-//! Event-time timers: persisted per key, fired in timestamp order once the
-//! input watermark passes them, each exactly once.
+//! Event-time timers: fired in timestamp order once the input watermark
+//! passes them, each exactly once, and persisted per key: timers set before
+//! a restart fire after it.
 
 use bytes::Bytes;
 use millrace_config::Topology;
@@ -11,10 +12,12 @@ use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Emits `n` records: key `k{i % 3}`, timestamp `1000 * (n - i)` (newest first).
+/// Emits `n` records: key `k{i % 3}`, timestamp `1000 * (n - i)` (newest
+/// first); then, if `ends`, is exhausted, else waits for more forever.
 struct Countdown {
     n: u64,
     next: u64,
+    ends: bool,
 }
 
 impl Source for Countdown {
@@ -25,7 +28,11 @@ impl Source for Countdown {
     fn poll(&mut self, out: &mut Emitter<'_>, max: usize) -> Result<SourcePoll, SourceError> {
         for _ in 0..max {
             if self.next >= self.n {
-                return Ok(SourcePoll::Exhausted);
+                return Ok(if self.ends {
+                    SourcePoll::Exhausted
+                } else {
+                    SourcePoll::Idle
+                });
             }
             let i = self.next;
             out.emit(
@@ -88,7 +95,13 @@ fn event_time_timers_fire_once_in_order_when_the_watermark_passes() {
     let dir = tempfile::tempdir().expect("temp dir");
     let got = Arc::new(Mutex::new(Vec::new()));
     let mut registry = Registry::new();
-    registry.source("countdown", |_| Ok(Box::new(Countdown { n: 30, next: 0 })));
+    registry.source("countdown", |_| {
+        Ok(Box::new(Countdown {
+            n: 30,
+            next: 0,
+            ends: true,
+        }))
+    });
     registry.computation("at_watermark", |_| {
         Ok(Arc::new(|| Box::new(AtWatermark) as Box<dyn Computation>))
     });
@@ -144,5 +157,92 @@ inputs = ["timers"]
     assert!(
         !got.iter().any(|(_, t)| *t == 1000 * (30 - 4)),
         "the deleted timer never fires"
+    );
+}
+
+#[test]
+fn timers_set_before_a_restart_fire_after_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let registry = |ends: bool| {
+        let mut registry = Registry::new();
+        registry.source("countdown", move |_| {
+            Ok(Box::new(Countdown {
+                n: 30,
+                next: 0,
+                ends,
+            }))
+        });
+        registry.computation("at_watermark", |_| {
+            Ok(Arc::new(|| Box::new(AtWatermark) as Box<dyn Computation>))
+        });
+        let sink_out = Arc::clone(&got);
+        registry.sink("collect", move |_| {
+            Ok(Box::new(Collect(Arc::clone(&sink_out))))
+        });
+        registry
+    };
+    // The source's watermark stays an hour behind its data: no timer is due.
+    let topology = || {
+        Topology::parse_str(
+            "timers.toml",
+            &format!(
+                r#"
+[service]
+data_dir = "{}"
+[engine]
+shards = 2
+[sources.src]
+type = "countdown"
+watermark = {{ out_of_order = "1h" }}
+[computations.timers]
+type = "at_watermark"
+inputs = ["src"]
+[sinks.out]
+type = "collect"
+inputs = ["timers"]
+"#,
+                dir.path().display()
+            ),
+        )
+        .expect("topology")
+    };
+    let start = |ends: bool| {
+        Worker::start(
+            topology(),
+            &registry(ends),
+            WorkerOptions::default(),
+            Arc::new(Metrics::new()),
+        )
+        .expect("start")
+    };
+    let pending = |w: &Worker| {
+        w.status()
+            .iter()
+            .find(|c| c.name == "timers")
+            .map_or(0, |c| c.timers)
+    };
+    let worker = start(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pending(&worker) < 29 {
+        assert!(std::time::Instant::now() < deadline, "timers were not set");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(worker.drain(Duration::from_secs(30)).expect("drain"));
+    worker.shutdown().expect("shutdown");
+    assert!(got.lock().is_empty(), "nothing was due before the restart");
+
+    // The source now ends: its watermark passes every timer, which must
+    // come back from storage to fire.
+    let worker = start(true);
+    assert!(worker
+        .wait_finished(Duration::from_secs(30))
+        .expect("no failure"));
+    worker.shutdown().expect("shutdown");
+    let got = got.lock().clone();
+    assert_eq!(
+        got.len(),
+        29,
+        "29 timers were set before the restart: {got:?}"
     );
 }

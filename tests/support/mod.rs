@@ -401,22 +401,26 @@ impl ClusterNet {
     }
 }
 
-/// The number of records per key that `generator` emits for `count`
-/// records over `keys` keys with `seed`, computed here from its documented
-/// key function (`k<N>`, `N = mix(seed ^ mix(i)) % keys`, splitmix64's
-/// finaliser), independently of the binary under test.
-pub fn generator_key_counts(count: u64, keys: u64, seed: u64) -> BTreeMap<String, u64> {
+/// The key of each record `generator` emits for `count` records over `keys`
+/// keys with `seed`, computed here from its documented key function
+/// (`k<N>`, `N = mix(seed ^ mix(i)) % keys`, splitmix64's finaliser),
+/// independently of the binary under test.
+pub fn generator_keys(count: u64, keys: u64, seed: u64) -> impl Iterator<Item = String> {
     fn mix(mut z: u64) -> u64 {
         z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
+    (0..count).map(move |i| format!("k{}", mix(seed ^ mix(i)) % keys))
+}
+
+/// The number of records per key that `generator` emits (see
+/// [`generator_keys`]).
+pub fn generator_key_counts(count: u64, keys: u64, seed: u64) -> BTreeMap<String, u64> {
     let mut want = BTreeMap::new();
-    for i in 0..count {
-        *want
-            .entry(format!("k{}", mix(seed ^ mix(i)) % keys))
-            .or_insert(0) += 1;
+    for key in generator_keys(count, keys, seed) {
+        *want.entry(key).or_insert(0) += 1;
     }
     want
 }
