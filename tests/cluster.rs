@@ -492,3 +492,40 @@ format = "text"
     assert_eq!(bad[0].len(), (8 << 20) + 1);
     assert!(bad[0].starts_with("in.txt\txxx"));
 }
+
+#[test]
+fn a_forged_frame_injected_into_a_live_connection_is_refused_and_counted() {
+    let s = Scratch::new();
+    let net = ClusterNet::new(2);
+    let (records, keys) = (12_000, 100);
+    let topo = topology(&s, &net, (records, keys, Some(4_000)), "");
+    let proxies = net.proxies();
+    let mut workers: Vec<Running> = (0..2).map(|i| net.spawn(&topo, i, true, &[])).collect();
+    let connected = || {
+        metric(&net.http[0], "millrace_net_peer_up{peer=\"w1\"}") == Some(1.0)
+            && metric(&net.http[1], "millrace_net_peer_up{peer=\"w0\"}") == Some(1.0)
+    };
+    assert!(wait_until(Duration::from_secs(60), connected));
+    // A well-formed frame (right length and checksum) nobody sent: a status
+    // saying the sender is done and finished, which, if believed, would let
+    // the peer stop before the end.
+    let mut forged = Vec::new();
+    let payload = [8u8, 0b11];
+    forged.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    forged.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
+    forged.extend_from_slice(&payload);
+    proxies[0].inject(forged);
+    assert!(wait_until(Duration::from_secs(30), || proxies[0]
+        .injected()
+        == 1));
+    let refused = || {
+        metric(&net.http[0], "millrace_net_bad_frames_total{peer=\"w1\"}").unwrap_or(0.0)
+            + metric(&net.http[1], "millrace_net_bad_frames_total{peer=\"w0\"}").unwrap_or(0.0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || refused() >= 1.0),
+        "the forged frame was not refused"
+    );
+    wait_all_exit(&mut workers, Duration::from_secs(120));
+    check_output(&s, records, keys);
+}

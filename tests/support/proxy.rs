@@ -1,6 +1,7 @@
 //! A fault-injecting TCP proxy: it forwards connections from `listen` to
 //! `target` and, on demand, cuts every live connection, delays what it
-//! forwards, or splits writes into small random pieces.
+//! forwards, splits writes into small random pieces, or injects bytes
+//! between two cluster frames (it follows the frames' length fields).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -14,6 +15,10 @@ struct Inner {
     delay_micros: AtomicU64,
     split: AtomicBool,
     stop: AtomicBool,
+    /// Bytes to insert once, between two frames, after the handshake.
+    inject: Mutex<Option<Vec<u8>>>,
+    /// How many injections were made.
+    injected: AtomicU64,
 }
 
 /// A running proxy; it stops (and closes its connections) when dropped.
@@ -33,6 +38,8 @@ impl Proxy {
             delay_micros: AtomicU64::new(0),
             split: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            inject: Mutex::new(None),
+            injected: AtomicU64::new(0),
         });
         let i = Arc::clone(&inner);
         std::thread::spawn(move || {
@@ -87,6 +94,17 @@ impl Proxy {
             .store(d.as_micros() as u64, Ordering::SeqCst);
     }
 
+    /// Inserts `bytes` once into a live connection (either direction),
+    /// between two frames and after the handshake's.
+    pub fn inject(&self, bytes: Vec<u8>) {
+        *self.inner.inject.lock().expect("lock") = Some(bytes);
+    }
+
+    /// How many injections were made so far.
+    pub fn injected(&self) -> u64 {
+        self.inner.injected.load(Ordering::SeqCst)
+    }
+
     /// Forwards in pieces of 1 to 7 bytes when on.
     pub fn set_split(&self, on: bool) {
         self.inner.split.store(on, Ordering::SeqCst);
@@ -102,8 +120,55 @@ impl Drop for Proxy {
     }
 }
 
+/// Where frames start in one direction of a connection.
+#[derive(Default)]
+struct Framing {
+    header: Vec<u8>,
+    /// Bytes left of the current frame's body.
+    body_left: usize,
+    frames: u64,
+}
+
+impl Framing {
+    /// Follows `data`; returns the offsets in it where a frame starts, once
+    /// at least `after` frames have passed.
+    fn boundaries(&mut self, data: &[u8], after: u64) -> Vec<usize> {
+        let mut at = Vec::new();
+        let mut k = 0;
+        while k < data.len() {
+            if self.body_left == 0 && self.header.is_empty() && self.frames >= after {
+                at.push(k);
+            }
+            if self.body_left > 0 {
+                let t = self.body_left.min(data.len() - k);
+                self.body_left -= t;
+                k += t;
+                if self.body_left == 0 {
+                    self.frames += 1;
+                }
+                continue;
+            }
+            let t = (8 - self.header.len()).min(data.len() - k);
+            self.header.extend_from_slice(&data[k..k + t]);
+            k += t;
+            if self.header.len() == 8 {
+                let len = u32::from_be_bytes([
+                    self.header[0],
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                ]);
+                self.body_left = len as usize;
+                self.header.clear();
+            }
+        }
+        at
+    }
+}
+
 fn pump(i: &Inner, mut from: TcpStream, mut to: TcpStream) {
     let mut buf = vec![0u8; 64 << 10];
+    let mut framing = Framing::default();
     let mut r: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(from.local_addr().map_or(0, |a| a.port()));
     loop {
         let n = match from.read(&mut buf) {
@@ -115,6 +180,19 @@ fn pump(i: &Inner, mut from: TcpStream, mut to: TcpStream) {
             std::thread::sleep(Duration::from_micros(delay));
         }
         let mut data = &buf[..n];
+        // The handshake is at most two frames each way.
+        let boundaries = framing.boundaries(data, 2);
+        if let Some(&at) = boundaries.first() {
+            let forged = i.inject.lock().expect("lock").take();
+            if let Some(forged) = forged {
+                let ok = to.write_all(&data[..at]).is_ok() && to.write_all(&forged).is_ok();
+                i.injected.fetch_add(1, Ordering::SeqCst);
+                if !ok {
+                    break;
+                }
+                data = &data[at..];
+            }
+        }
         let ok = if i.split.load(Ordering::SeqCst) {
             let mut ok = true;
             while !data.is_empty() && ok {

@@ -3,6 +3,12 @@
 //! CRC-32 covers them. A frame with a bad length, checksum, kind or payload is
 //! an error for the connection that carried it (it is closed and counted); the
 //! decoder never panics on any input.
+//!
+//! After the handshake every write ends with a `Seal`: the HMAC-SHA256, under
+//! a key of the session and of the direction, of a running count of seals
+//! and of every frame since the previous seal. The reader acts on frames only
+//! once their seal checks, so a frame injected, altered, dropped or replayed
+//! on the way is refused (and counted) with the connection that carried it.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -63,6 +69,11 @@ pub enum Frame {
     },
     /// Periodic liveness and completion report.
     Status(Status),
+    /// Authenticates the frames since the previous seal (see the module doc).
+    Seal {
+        /// HMAC-SHA256 of the seal count and those frames' bytes.
+        mac: [u8; MAC_LEN],
+    },
 }
 
 /// What a worker reports about itself every heartbeat.
@@ -150,6 +161,7 @@ const DELIVER: u8 = 5;
 const ACK: u8 = 6;
 const WATERMARK: u8 = 7;
 const STATUS: u8 = 8;
+const SEAL: u8 = 9;
 
 impl Frame {
     fn kind(&self) -> u8 {
@@ -162,6 +174,7 @@ impl Frame {
             Frame::Ack { .. } => ACK,
             Frame::Watermark { .. } => WATERMARK,
             Frame::Status(_) => STATUS,
+            Frame::Seal { .. } => SEAL,
         }
     }
 
@@ -201,6 +214,7 @@ impl Frame {
                 out.put_u8(u8::from(*idle));
             }
             Frame::Status(st) => out.put_u8(st.flags()),
+            Frame::Seal { mac } => out.put_slice(mac),
         }
         let body = &out[start + HEADER_LEN..];
         let len = body.len() as u32;
@@ -213,6 +227,16 @@ impl Frame {
     /// bytes have arrived; an error for bytes that can never be a frame (the
     /// connection must then be dropped: the stream has lost its framing).
     pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        match Frame::take_raw(buf)? {
+            Some(raw) => Frame::parse_raw(raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Takes one whole frame's bytes (header included, checksum checked) off
+    /// the front of `buf`, for a reader that authenticates them before it
+    /// parses them with [`Frame::parse_raw`].
+    pub fn take_raw(buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
         if buf.len() < HEADER_LEN {
             return Ok(None);
         }
@@ -230,10 +254,14 @@ impl Frame {
         if got != expected {
             return Err(FrameError::BadChecksum { expected, got });
         }
-        let mut body = buf.split_to(total).freeze();
-        body.advance(HEADER_LEN);
-        let kind = body.get_u8();
-        parse(kind, body).map(Some)
+        Ok(Some(buf.split_to(total).freeze()))
+    }
+
+    /// Parses the bytes [`Frame::take_raw`] returned.
+    pub fn parse_raw(mut raw: Bytes) -> Result<Frame, FrameError> {
+        raw.advance(HEADER_LEN);
+        let kind = raw.get_u8();
+        parse(kind, raw)
     }
 }
 
@@ -308,6 +336,7 @@ fn parse(kind: u8, body: Bytes) -> Result<Frame, FrameError> {
         ACK => "ack",
         WATERMARK => "watermark",
         STATUS => "status",
+        SEAL => "seal",
         other => return Err(FrameError::UnknownKind(other)),
     };
     let mut p = Payload {
@@ -358,6 +387,10 @@ fn parse(kind: u8, body: Bytes) -> Result<Frame, FrameError> {
         ACK => {
             let (ch, upto) = (p.u32()?, p.u64()?);
             p.end(Frame::Ack { ch, upto })
+        }
+        SEAL => {
+            let mac = p.mac()?;
+            p.end(Frame::Seal { mac })
         }
         WATERMARK => {
             let (from, wm) = (p.u32()?, p.i64()?);
@@ -425,6 +458,7 @@ mod tests {
             (any::<u32>(), any::<i64>(), any::<bool>())
                 .prop_map(|(from, wm, idle)| Frame::Watermark { from, wm, idle }),
             (0u8..16).prop_map(|f| Frame::Status(Status::from_flags(f))),
+            any::<[u8; MAC_LEN]>().prop_map(|mac| Frame::Seal { mac }),
         ]
     }
 

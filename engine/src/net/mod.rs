@@ -20,8 +20,13 @@
 //! a lower one: a stale copy of a worker (a zombie) cannot deliver anything.
 //! A greeting at the epoch another process (another incarnation id) holds is
 //! refused too. A newer incarnation of a peer replaces an older connection.
+//!
+//! After the handshake every frame is authenticated ([`seal`]): each write
+//! ends with a `Seal` (HMAC-SHA256 under a key of the connection and the
+//! direction), and the reader acts on frames only once their seal checks.
 
 pub mod frame;
+mod seal;
 
 use crate::executor::Msg;
 use crate::plan::{Plan, Sid};
@@ -394,6 +399,7 @@ impl Drop for Transport {
 struct Conn {
     stream: TcpStream,
     buf: BytesMut,
+    keys: seal::SessionKeys,
 }
 
 async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<Frame> {
@@ -499,7 +505,14 @@ async fn accept_handshake(net: &Net, mut stream: TcpStream) -> std::io::Result<(
                 mac: net.mac("welcome", hello.nonce, &net.greeting(0)),
             };
             write_frame(&mut stream, &welcome).await?;
-            Ok((w, Conn { stream, buf }))
+            let keys = seal::SessionKeys::derive(
+                &net.secret,
+                &net.peers[net.me].id,
+                &hello.worker,
+                nonce,
+                hello.nonce,
+            );
+            Ok((w, Conn { stream, buf, keys }))
         }
         Err((reason, message)) => {
             net.refuse_count(reason);
@@ -555,7 +568,14 @@ async fn dial(net: &Net, w: usize) -> std::io::Result<Conn> {
                     peer.id
                 )));
             }
-            Ok(Conn { stream, buf })
+            let keys = seal::SessionKeys::derive(
+                &net.secret,
+                &net.peers[net.me].id,
+                &peer.id,
+                challenge.nonce,
+                hello.nonce,
+            );
+            Ok(Conn { stream, buf, keys })
         }
         Frame::Refused { reason } => {
             net.refuse_count("by-peer");
@@ -635,9 +655,9 @@ async fn link(
         for inbox in &net.inboxes {
             let _ = inbox.send(vec![Msg::PeerUp { worker: w }]);
         }
-        let Conn { stream, buf } = conn;
+        let Conn { stream, buf, keys } = conn;
         let (reader, writer) = stream.into_split();
-        let (end, why) = run(&net, w, reader, writer, buf, &mut out, &mut accepted).await;
+        let (end, why) = run(&net, w, reader, writer, buf, keys, &mut out, &mut accepted).await;
         net.peers[w].up.store(false, Ordering::SeqCst);
         metrics.net_peer_up.with_label_values(&[&peer_id]).set(0);
         metrics.net_disconnects.with_label_values(&[&peer_id]).inc();
@@ -658,18 +678,22 @@ enum End {
     Shutdown,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     net: &Arc<Net>,
     w: usize,
     reader: OwnedReadHalf,
     mut writer: OwnedWriteHalf,
     buf: BytesMut,
+    keys: seal::SessionKeys,
     out: &mut mpsc::UnboundedReceiver<Vec<Msg>>,
     accepted: &mut mpsc::UnboundedReceiver<Conn>,
 ) -> (End, String) {
     let peer_id = net.peers[w].id.clone();
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<String>();
-    let read_task = tokio::spawn(read_loop(Arc::clone(net), w, reader, buf, done_tx));
+    let opener = seal::Opener::new(&keys.recv);
+    let mut sealer = seal::Sealer::new(&keys.send);
+    let read_task = tokio::spawn(read_loop(Arc::clone(net), w, reader, buf, opener, done_tx));
     let records_sent = net
         .shared
         .metrics
@@ -714,6 +738,7 @@ async fn run(
             },
         }
         if !wire.is_empty() {
+            sealer.seal(&mut wire);
             bytes_sent.inc_by(wire.len() as u64);
             if let Err(e) = writer.write_all(&wire).await {
                 break (End::Closed, format!("write: {e}"));
@@ -761,6 +786,7 @@ async fn read_loop(
     w: usize,
     mut reader: OwnedReadHalf,
     mut buf: BytesMut,
+    mut opener: seal::Opener,
     done: tokio::sync::oneshot::Sender<String>,
 ) {
     let peer_id = net.peers[w].id.clone();
@@ -773,21 +799,42 @@ async fn read_loop(
             .get(sid as usize)
             .is_some_and(|s| s.worker == worker)
     };
+    // What the frames since the last seal say; acted on once it checks.
+    let mut status = None;
     let why = 'conn: loop {
         loop {
-            let frame = match Frame::decode(&mut buf) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => {
-                    metrics.net_bad_frames.with_label_values(&[&peer_id]).inc();
-                    break 'conn format!("bad frame: {e}");
-                }
-            };
             let bad = |what: String| {
                 metrics.net_bad_frames.with_label_values(&[&peer_id]).inc();
                 what
             };
+            let frame = match Frame::take_raw(&mut buf).and_then(|raw| match raw {
+                Some(raw) => {
+                    let f = Frame::parse_raw(raw.clone())?;
+                    if !matches!(f, Frame::Seal { .. }) {
+                        opener.absorb(&raw);
+                    }
+                    Ok(Some(f))
+                }
+                None => Ok(None),
+            }) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => break 'conn bad(format!("bad frame: {e}")),
+            };
             match frame {
+                Frame::Seal { mac } => {
+                    if !opener.check(&mac) {
+                        break 'conn bad(
+                            "frames whose seal does not check (forged, altered, replayed or \
+                             sealed with another key) refused"
+                                .to_owned(),
+                        );
+                    }
+                    net.dispatch(&mut batches);
+                    if let Some(st) = status.take() {
+                        *net.peers[w].status.lock() = st;
+                    }
+                }
                 Frame::Deliver { ch, seq, env } => {
                     let Some(c) = plan.channels.get(ch as usize) else {
                         break 'conn bad(format!("delivery on unknown channel {ch}"));
@@ -832,13 +879,10 @@ async fn read_loop(
                         }
                     }
                 }
-                Frame::Status(st) => {
-                    *net.peers[w].status.lock() = st;
-                }
+                Frame::Status(st) => status = Some(st),
                 other => break 'conn bad(format!("unexpected {other:?} after the handshake")),
             }
         }
-        net.dispatch(&mut batches);
         buf.reserve(64 << 10);
         match tokio::time::timeout(SILENCE, reader.read_buf(&mut buf)).await {
             Ok(Ok(0)) => break "closed by peer".to_owned(),
@@ -847,6 +891,7 @@ async fn read_loop(
             Err(_) => break format!("silent for {SILENCE:?}"),
         }
     };
-    net.dispatch(&mut batches);
+    // What came after the last good seal is not trusted: dropped (the
+    // sender re-sends everything unacknowledged on the next connection).
     let _ = done.send(why);
 }
