@@ -406,3 +406,64 @@ fn a_drain_cut_short_leaves_the_outbox_to_the_next_start() {
     let counts = assert_running_counts(&read_jsonl(&s.path("out.jsonl")));
     assert_eq!(counts, generator_key_counts(1_000_000, 500, 4));
 }
+
+/// A small filesystem of its own, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: std::path::PathBuf, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(&at).expect("mkdir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "this test mounts a small tmpfs and needs root (CI runs as root): {status}"
+        );
+        SmallDisk(at)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stops_the_worker_with_a_clear_error_not_an_abort() {
+    let s = Scratch::new();
+    let disk = SmallDisk::mount(s.path("disk"), "12m");
+    let topo = s.write(
+        "full.toml",
+        &format!(
+            r#"
+[service]
+data_dir = "{disk}/data"
+[sources.gen]
+type = "generator"
+keys = 1000000
+[computations.counts]
+type = "count"
+inputs = ["gen"]
+[sinks.out]
+type = "file"
+inputs = ["counts"]
+path = "{disk}/out.jsonl"
+"#,
+            disk = disk.0.display()
+        ),
+    );
+    for _ in 0..3 {
+        let _ = std::fs::remove_dir_all(disk.0.join("data"));
+        let _ = std::fs::remove_file(disk.0.join("out.jsonl"));
+        let out = run_to_end(&topo, T);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Exit code 1 with the error, not SIGABRT (no code).
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("No space left on device"), "{stderr}");
+    }
+    drop(disk);
+}

@@ -174,6 +174,16 @@ impl Store {
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
+        // RocksDB's own info log (`LOG` in the data directory) at `Fatal`
+        // only. On a full disk its error path writes to that log on the same
+        // disk, and the RocksDB that Debian ships (built with assertions)
+        // then aborts the process in `WritableFileWriter` instead of
+        // returning the error (12 runs of 13 here); with nothing written to
+        // it, the commit fails with "No space left on device" and the worker
+        // stops with that error. millrace's own log says what happened.
+        db_opts.set_log_level(rocksdb::LogLevel::Fatal);
+        db_opts.set_max_log_file_size(1 << 20);
+        db_opts.set_keep_log_file_num(2);
         db_opts.set_max_background_jobs(opts.background_jobs);
         db_opts.set_bytes_per_sync(1 << 20);
         // Required by the outbox's vector memtable; each batch is written by
