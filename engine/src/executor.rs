@@ -28,21 +28,20 @@ use crate::api::{ComputationError, Emitter, SourcePoll};
 use crate::delivery::{InChannel, OutChannel};
 use crate::failpoint::{self, Point};
 use crate::keying::{locate_key, shard_of};
+use crate::layout::{self, position_key, read_u64, watermark_key};
 use crate::metrics::NodeMetrics;
 use crate::plan::{ChannelIdx, Maker, Plan, Sid};
 use crate::record::{
     is_valid_event_time, now_micros, Envelope, TimeDomain, Timer, EARLIEST_EVENT_TIME,
     LATEST_EVENT_TIME, MAX_TIME, MIN_TIME,
 };
-use crate::shard::{
-    position_key, read_u64, wm_key, Body, Emit, KeyEnv, KeyedState, ShardRt, SourceRt, Timers,
-};
+use crate::shard::{Body, Emit, KeyEnv, KeyedState, ShardRt, SourceRt, Timers};
 use crate::worker::Shared;
 use crate::EngineError;
 use crate::FastMap;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use millrace_storage::{Batch, Cf, KeyReader, Store};
+use millrace_storage::{Batch, Cf, Store};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -267,7 +266,7 @@ impl Executor {
                 .iter()
                 .map(|u| {
                     Ok(store
-                        .get(Cf::Meta, &wm_key(&plan.shards[*u as usize].prefix))?
+                        .get(Cf::Meta, &watermark_key(&plan.shards[*u as usize].prefix))?
                         .as_deref()
                         .and_then(read_u64)
                         .map_or(MIN_TIME, |v| v as i64))
@@ -280,7 +279,7 @@ impl Executor {
                     .push((self.shards.len(), pos));
             }
             let output_wm = store
-                .get(Cf::Meta, &wm_key(&spec.prefix))?
+                .get(Cf::Meta, &watermark_key(&spec.prefix))?
                 .as_deref()
                 .and_then(read_u64)
                 .map_or(MIN_TIME, |v| v as i64);
@@ -337,7 +336,7 @@ impl Executor {
                     let mut out = OutChannel::new(next);
                     let mut bad = None;
                     store.for_each_prefix(Cf::Outbox, &c.outbox_prefix, |k, v| {
-                        let seq = KeyReader::new(&k[c.outbox_prefix.len()..]).u64();
+                        let seq = layout::parse_outbox_seq(&k[c.outbox_prefix.len()..]);
                         match (seq, Envelope::from_bytes(Bytes::copy_from_slice(v))) {
                             (Ok(seq), Ok(env)) if seq < next => {
                                 shard.track_unacked(env.timestamp());
@@ -1004,7 +1003,7 @@ fn restore_timers(
     let (mut malformed, mut failed) = (0usize, None);
     let mut emits = Vec::new();
     store.for_each_state(&prefix, |k, state| {
-        let Ok(key) = KeyReader::new(&k[prefix.len()..]).bytes() else {
+        let Ok(key) = layout::parse_state_key(&k[prefix.len()..]) else {
             malformed += 1;
             return true;
         };

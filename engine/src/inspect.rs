@@ -1,9 +1,11 @@
 //! What a data directory holds, per component: for `millrace inspect`.
 
 use crate::keying::shard_of;
-use crate::plan::shard_prefix;
-use crate::shard::{position_key, printable_position, read_u64, state_key, wm_key};
-use millrace_storage::{Cf, KeyReader, KeyWriter, StorageError, Store};
+use crate::layout::{
+    parse_shard_prefix, position_key, read_u64, shard_prefix, shards_key, state_key, watermark_key,
+};
+use crate::shard::printable_position;
+use millrace_storage::{Cf, StorageError, Store};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -33,21 +35,16 @@ pub struct StoredData {
     pub components: BTreeMap<String, StoredComponent>,
 }
 
-fn component_and_shard(key: &[u8]) -> Option<(String, u32)> {
-    let mut r = KeyReader::new(key);
-    Some((r.str().ok()?, r.u32().ok()?))
-}
-
 /// Opens `dir` read-only and summarises it.
 pub fn inspect(dir: &Path) -> Result<(Store, StoredData), StorageError> {
     let store = Store::open_read_only(dir)?;
     let shards = store
-        .get(Cf::Meta, &KeyWriter::new().str("").str("shards").finish())?
+        .get(Cf::Meta, &shards_key())?
         .and_then(|v| v.as_slice().try_into().ok().map(u32::from_be_bytes));
     let mut components: BTreeMap<String, StoredComponent> = BTreeMap::new();
     for cf in [Cf::State, Cf::Outbox, Cf::Timers, Cf::Meta] {
         store.for_each_prefix(cf, &[], |k, v| {
-            let Some((name, shard)) = component_and_shard(k) else {
+            let Some((name, shard)) = parse_shard_prefix(k) else {
                 return true;
             };
             if name.is_empty() {
@@ -63,7 +60,7 @@ pub fn inspect(dir: &Path) -> Result<(Store, StoredData), StorageError> {
                 Cf::Timers => c.timers += 1,
                 _ => {
                     let prefix = shard_prefix(&name, shard);
-                    if k == wm_key(&prefix).as_slice() {
+                    if k == watermark_key(&prefix).as_slice() {
                         if let Some(w) = read_u64(v).map(|w| w as i64) {
                             c.low_watermark = Some(c.low_watermark.map_or(w, |m| m.min(w)));
                         }

@@ -19,6 +19,7 @@ mod executor;
 mod failpoint;
 mod inspect;
 mod keying;
+pub mod layout;
 mod mapkey;
 mod metrics;
 pub mod net;
@@ -36,8 +37,9 @@ pub use api::{
 pub use delivery::{InChannel, Offer, OutChannel};
 pub use inspect::{inspect, state_of, StoredComponent, StoredData};
 pub use keying::{extract_key, shard_of};
+pub use layout::shard_prefix;
 pub use metrics::Metrics;
-pub use plan::{shard_prefix, Plan, ERRORS_PORT};
+pub use plan::{Plan, ERRORS_PORT};
 pub use record::{
     is_valid_event_time, now_micros, parse_event_time, Envelope, EventTime, Record, TimeDomain,
     Timer, EARLIEST_EVENT_TIME, LATEST_EVENT_TIME, MAX_TIME, MIN_TIME,

@@ -6,9 +6,9 @@
 //! so a restart with the same topology finds its data whatever the order of
 //! the file.
 
+use crate::layout::{self, shard_prefix};
 use crate::registry::{MakeComputation, Registry, SinkFactory, SourceFactory};
 use millrace_config::{Component, ConfigError, KeyExtractor, Role, Topology};
-use millrace_storage::KeyWriter;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -123,10 +123,7 @@ pub struct ChannelSpec {
 impl ChannelSpec {
     /// The outbox key of production `seq` of this channel.
     pub fn outbox_key(&self, seq: u64) -> Vec<u8> {
-        let mut k = Vec::with_capacity(self.outbox_prefix.len() + 8);
-        k.extend_from_slice(&self.outbox_prefix);
-        k.extend_from_slice(&seq.to_be_bytes());
-        k
+        layout::outbox_key(&self.outbox_prefix, seq)
     }
 }
 
@@ -177,11 +174,6 @@ fn assign_executors(shards: &mut [ShardSpec], nodes: &[Node], workers: usize, th
         loads[executor] += shard_weight(&nodes[s.node]);
         s.executor = executor;
     }
-}
-
-/// The key prefix of a component's shard: every key of that shard starts with it.
-pub fn shard_prefix(component: &str, shard: u32) -> Vec<u8> {
-    KeyWriter::new().str(component).u32(shard).finish()
 }
 
 impl Plan {
@@ -317,20 +309,17 @@ impl Plan {
                         edge: e,
                         src,
                         dst,
-                        outbox_prefix: KeyWriter::from_prefix(&shards[src as usize].prefix)
-                            .str(&edge.name)
-                            .u32(d)
-                            .finish(),
-                        next_key: KeyWriter::from_prefix(&shards[src as usize].prefix)
-                            .tag(b'o')
-                            .str(&edge.name)
-                            .u32(d)
-                            .finish(),
-                        applied_key: KeyWriter::from_prefix(&shards[dst as usize].prefix)
-                            .tag(b'i')
-                            .str(&edge.name)
-                            .u32(s)
-                            .finish(),
+                        outbox_prefix: layout::outbox_prefix(
+                            &shards[src as usize].prefix,
+                            &edge.name,
+                            d,
+                        ),
+                        next_key: layout::next_seq_key(&shards[src as usize].prefix, &edge.name, d),
+                        applied_key: layout::applied_seq_key(
+                            &shards[dst as usize].prefix,
+                            &edge.name,
+                            s,
+                        ),
                     });
                     let ch = channels.len() as ChannelIdx - 1;
                     shards[dst as usize].in_channels.push(ch);

@@ -4,12 +4,13 @@
 
 use crate::api::{Computation, Context, Sink, Source};
 use crate::delivery::{InChannel, OutChannel};
+use crate::layout::{self, position_key, read_u64, state_key, watermark_key, write_state_key};
 use crate::mapkey::MapKey;
 use crate::plan::{ChannelIdx, NodeIdx, Sid};
 use crate::record::{Envelope, EventTime, TimeDomain, MIN_TIME};
 use crate::FastMap;
 use bytes::Bytes;
-use millrace_storage::{push_escaped, Batch, Cf, KeyReader, KeyWriter, StorageError, Store};
+use millrace_storage::{Batch, Cf, StorageError, Store};
 use std::collections::hash_map::Entry;
 use std::collections::{btree_map, BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
@@ -82,16 +83,6 @@ impl Timers {
         }
     }
 
-    fn storage_key(prefix: &[u8], d: TimeDomain, t: EventTime, key: &[u8], tag: &[u8]) -> Vec<u8> {
-        KeyWriter::from_prefix(prefix)
-            .tag(b't')
-            .tag(d.tag())
-            .i64(t)
-            .bytes(key)
-            .bytes(tag)
-            .finish()
-    }
-
     fn record(
         &mut self,
         prefix: &[u8],
@@ -103,7 +94,7 @@ impl Timers {
     ) {
         if !self.volatile {
             self.writes
-                .push((Self::storage_key(prefix, d, t, key, tag), put));
+                .push((layout::timer_key(prefix, d, t, key, tag), put));
         }
     }
 
@@ -115,17 +106,10 @@ impl Timers {
 
     pub fn load(store: &Store, prefix: &[u8]) -> Result<Timers, StorageError> {
         let mut timers = Timers::default();
-        let scan = KeyWriter::from_prefix(prefix).tag(b't').finish();
+        let scan = layout::timers_prefix(prefix);
         let mut bad = 0usize;
         store.for_each_prefix(Cf::Timers, &scan, |k, _| {
-            let mut r = KeyReader::new(&k[scan.len()..]);
-            let parsed = (|| {
-                let d = match r.tag()? {
-                    b'e' => TimeDomain::EventTime,
-                    _ => TimeDomain::ProcessingTime,
-                };
-                Ok::<_, millrace_storage::KeyError>((d, r.i64()?, r.bytes()?, r.bytes()?))
-            })();
+            let parsed = layout::parse_timer_key(&k[scan.len()..]);
             match parsed {
                 Ok((d, t, key, tag)) => {
                     let (key, tag) = (MapKey::new(&key), MapKey::new(&tag));
@@ -335,20 +319,6 @@ pub(crate) struct KeyScope<'a> {
     pub discarded: &'a mut u64,
 }
 
-pub(crate) fn state_key(prefix: &[u8], key: &[u8]) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(prefix.len() + key.len() + 2);
-    write_state_key(&mut buf, prefix, key);
-    buf
-}
-
-/// Writes the state key of `key` (in the shard whose keys start with
-/// `prefix`) into `buf`, replacing what it held: commits reuse one buffer.
-fn write_state_key(buf: &mut Vec<u8>, prefix: &[u8], key: &[u8]) {
-    buf.clear();
-    buf.extend_from_slice(prefix);
-    push_escaped(buf, key);
-}
-
 impl KeyScope<'_> {
     pub fn state(&mut self) -> Result<Option<Bytes>, StorageError> {
         if let Some(v) = self.state.get(self.key) {
@@ -424,16 +394,6 @@ pub(crate) struct ShardRt {
     /// Records the computation dropped by design (`Context::discard`), not
     /// yet counted in the metrics.
     pub discarded: u64,
-}
-
-/// Meta key of a shard's output watermark.
-pub(crate) fn wm_key(prefix: &[u8]) -> Vec<u8> {
-    KeyWriter::from_prefix(prefix).tag(b'w').finish()
-}
-
-/// Meta key of a source's or sink's committed position.
-pub(crate) fn position_key(prefix: &[u8]) -> Vec<u8> {
-    KeyWriter::from_prefix(prefix).tag(b'p').finish()
 }
 
 /// What a computation's context needs beyond the shard itself.
@@ -652,17 +612,12 @@ impl ShardRt {
         if self.wm_changed {
             batch.put(
                 Cf::Meta,
-                &wm_key(&self.prefix),
+                &watermark_key(&self.prefix),
                 &self.output_wm.to_be_bytes(),
             );
         }
         Ok(())
     }
-}
-
-/// Reads a big-endian u64 or i64 stored by a checkpoint.
-pub(crate) fn read_u64(v: &[u8]) -> Option<u64> {
-    v.try_into().ok().map(u64::from_be_bytes)
 }
 
 /// A committed source or sink position in printable form (text positions as

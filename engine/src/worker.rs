@@ -8,7 +8,7 @@ use crate::plan::Plan;
 use crate::registry::Registry;
 use crate::EngineError;
 use millrace_config::{Durability, Role, Topology};
-use millrace_storage::{Cf, KeyWriter, Store, StoreOptions};
+use millrace_storage::{Cf, Store, StoreOptions};
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -263,7 +263,7 @@ impl Worker {
         for node in plan.nodes.iter().filter(|n| {
             n.role != Role::Computation && plan.shards[n.first_sid as usize].worker == me
         }) {
-            let key = crate::shard::position_key(&plan.shards[node.first_sid as usize].prefix);
+            let key = crate::layout::position_key(&plan.shards[node.first_sid as usize].prefix);
             if let Some(v) = store.get(Cf::Meta, &key)? {
                 recovered_positions.push((node.name.clone(), crate::shard::printable_position(&v)));
             }
@@ -523,11 +523,11 @@ fn bump_epochs(store: &Store, plan: &Plan, me: usize) -> Result<Vec<(u32, u64)>,
         .enumerate()
         .filter(|(_, s)| s.worker == me)
     {
-        let key = crate::net::epoch_key(&spec.prefix);
+        let key = crate::layout::epoch_key(&spec.prefix);
         let e = store
             .get(Cf::Meta, &key)?
             .as_deref()
-            .and_then(crate::shard::read_u64)
+            .and_then(crate::layout::read_u64)
             .unwrap_or(0)
             + 1;
         b.put(Cf::Meta, &key, &e.to_be_bytes());
@@ -541,7 +541,7 @@ fn bump_epochs(store: &Store, plan: &Plan, me: usize) -> Result<Vec<(u32, u64)>,
 /// data laid out for another count.
 fn check_layout(store: &Store, plan: &Plan, me: usize) -> Result<(), EngineError> {
     // Which shards live here follows from the worker count and index.
-    let key = KeyWriter::new().str("").str("cluster").finish();
+    let key = crate::layout::cluster_key();
     let want = [
         (plan.workers as u32).to_be_bytes(),
         (me as u32).to_be_bytes(),
@@ -566,7 +566,7 @@ fn check_layout(store: &Store, plan: &Plan, me: usize) -> Result<(), EngineError
             store.commit(b)?;
         }
     }
-    let key = KeyWriter::new().str("").str("shards").finish();
+    let key = crate::layout::shards_key();
     let want = plan.topology.engine.shards;
     match store.get(Cf::Meta, &key)? {
         Some(v) => {

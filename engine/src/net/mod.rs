@@ -35,7 +35,7 @@ use bytes::BytesMut;
 use crossbeam_channel::Sender;
 use frame::{Frame, Greeting, Status, MAC_LEN};
 use hmac::{Hmac, Mac};
-use millrace_storage::{Cf, KeyReader, KeyWriter, Store};
+use millrace_storage::{Cf, Store};
 use parking_lot::Mutex;
 use sha2::Sha256;
 use std::collections::HashMap;
@@ -114,16 +114,6 @@ struct Net {
     peers: Vec<Peer>,
     /// When every worker was first seen done.
     all_done_since: Mutex<Option<Instant>>,
-}
-
-/// Meta key of the highest epoch seen for another worker's shard.
-fn seen_epoch_key(sid: u32) -> Vec<u8> {
-    KeyWriter::new().str("").str("peer-epoch").u32(sid).finish()
-}
-
-/// Meta key of this worker's epoch for its shard `sid`.
-pub(crate) fn epoch_key(prefix: &[u8]) -> Vec<u8> {
-    KeyWriter::from_prefix(prefix).tag(b'e').finish()
 }
 
 fn random_u64() -> u64 {
@@ -231,7 +221,11 @@ impl Net {
             tokio::task::spawn_blocking(move || {
                 let mut b = store.batch();
                 for (sid, epoch) in changed {
-                    b.put(Cf::Meta, &seen_epoch_key(sid), &epoch.to_be_bytes());
+                    b.put(
+                        Cf::Meta,
+                        &crate::layout::peer_epoch_key(sid),
+                        &epoch.to_be_bytes(),
+                    );
                 }
                 if let Err(e) = store.commit(b) {
                     tracing::warn!(error = %e, "could not persist peer epochs");
@@ -281,11 +275,11 @@ impl Transport {
             .clone()
             .ok_or_else(|| std::io::Error::other("no [cluster] in the topology"))?;
         let mut seen = HashMap::new();
-        let scan = KeyWriter::new().str("").str("peer-epoch").finish();
+        let scan = crate::layout::peer_epochs_prefix();
         cfg.store
             .for_each_prefix(Cf::Meta, &scan, |k, v| {
                 if let (Ok(sid), Ok(e)) = (
-                    KeyReader::new(&k[scan.len()..]).u32(),
+                    crate::layout::parse_peer_epoch_sid(&k[scan.len()..]),
                     <[u8; 8]>::try_from(v).map(u64::from_be_bytes),
                 ) {
                     seen.insert(sid, (e, 0));
