@@ -9,11 +9,11 @@
 //! repetition: a per-key "distinct" whose memory is the key's RocksDB state, so
 //! it stays exact across crashes and restarts.
 
-use millrace::{Computation, ComputationError, Context, Record};
+use millrace::{per_shard, Computation, ComputationError, Context, Record};
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 /// Emits each value once per key.
+#[derive(Clone)]
 struct FirstSeen {
     /// Values longer than this are refused as bad records.
     max_len: usize,
@@ -55,9 +55,7 @@ fn main() -> std::process::ExitCode {
             256
         }
         let o: Options = component.options.parse()?;
-        Ok(Arc::new(move || {
-            Box::new(FirstSeen { max_len: o.max_len }) as Box<dyn Computation>
-        }))
+        Ok(per_shard(FirstSeen { max_len: o.max_len }))
     });
     millrace::cli_main(registry)
 }

@@ -21,4 +21,4 @@ pub use cli::cli_main;
 pub use millrace_computations::builtins;
 pub use millrace_config as config;
 pub use millrace_engine as engine;
-pub use millrace_engine::{Computation, ComputationError, Context, Record, Registry};
+pub use millrace_engine::{per_shard, Computation, ComputationError, Context, Record, Registry};

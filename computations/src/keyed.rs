@@ -2,12 +2,13 @@
 //! current aggregate of the key, as decimal text, in RocksDB.
 
 use crate::options;
+use millrace_engine::per_shard;
 use millrace_engine::{Computation, ComputationError, Context, Record, Registry};
 use serde::Deserialize;
-use std::sync::Arc;
 
 /// `count`: the running count per key (the streaming word count's mapWithState).
 /// Emits `(key, new count)` for every record.
+#[derive(Clone)]
 pub struct Count;
 
 impl Computation for Count {
@@ -103,6 +104,7 @@ impl Num {
 /// `reduce`: running `sum`, `min` or `max` of numeric values per key; emits
 /// `(key, new aggregate)` for every record. A value that is not a number is a
 /// bad record (counted, routed to `NAME.errors`).
+#[derive(Clone)]
 pub struct Reduce {
     op: ReduceOp,
 }
@@ -128,6 +130,7 @@ impl Computation for Reduce {
 
 /// `combine`: a running aggregate per key (count, sum, min, max, mean, top:N,
 /// collect); emits the key's new result (JSON) for every record.
+#[derive(Clone)]
 pub struct Combine {
     empty: crate::aggregate::Acc,
     /// Emit only when the result changes (`top_per_key`).
@@ -157,6 +160,7 @@ impl Computation for Combine {
 /// `count_per_element`: how often each distinct value has been seen (Beam's
 /// Count.perElement), per key; emits `(value, count)` for every record. Key
 /// the input by `value` to count over the whole stream.
+#[derive(Clone)]
 pub struct CountPerElement;
 
 impl Computation for CountPerElement {
@@ -187,11 +191,9 @@ pub(crate) fn register(r: &mut Registry) {
         let o: O = options(c)?;
         let empty = crate::aggregate::parse_aggregate(&o.aggregate)
             .map_err(|m| c.options.error(Some("aggregate"), m))?;
-        Ok(Arc::new(move || {
-            Box::new(Combine {
-                empty: empty.clone(),
-                on_change: false,
-            }) as Box<dyn Computation>
+        Ok(per_shard(Combine {
+            empty,
+            on_change: false,
         }))
     });
     r.computation("top_per_key", |c| {
@@ -208,11 +210,9 @@ pub(crate) fn register(r: &mut Registry) {
             n: o.n,
             items: Vec::new(),
         };
-        Ok(Arc::new(move || {
-            Box::new(Combine {
-                empty: empty.clone(),
-                on_change: true,
-            }) as Box<dyn Computation>
+        Ok(per_shard(Combine {
+            empty,
+            on_change: true,
         }))
     });
     r.computation("count_per_element", |c| {
@@ -220,16 +220,14 @@ pub(crate) fn register(r: &mut Registry) {
         #[serde(deny_unknown_fields)]
         struct O {}
         let _: O = options(c)?;
-        Ok(Arc::new(|| {
-            Box::new(CountPerElement) as Box<dyn Computation>
-        }))
+        Ok(per_shard(CountPerElement))
     });
     r.computation("count", |c| {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct O {}
         let _: O = options(c)?;
-        Ok(Arc::new(|| Box::new(Count) as Box<dyn Computation>))
+        Ok(per_shard(Count))
     });
     r.computation("reduce", |c| {
         #[derive(Deserialize)]
@@ -239,9 +237,7 @@ pub(crate) fn register(r: &mut Registry) {
         }
         let o: O = options(c)?;
         let op = o.op;
-        Ok(Arc::new(move || {
-            Box::new(Reduce { op }) as Box<dyn Computation>
-        }))
+        Ok(per_shard(Reduce { op }))
     });
 }
 

@@ -3,15 +3,16 @@
 use crate::options;
 use bytes::Bytes;
 use millrace_config::KeyExtractor;
+use millrace_engine::per_shard;
 use millrace_engine::{extract_key, Computation, ComputationError, Context, Record};
 use regex::bytes::Regex;
 use serde::Deserialize;
-use std::sync::Arc;
 
 /// `split`: one record per word of the value. Words are the pieces between
 /// matches of `pattern` (default: runs of characters that are not letters,
 /// digits or `'`), lower-cased when `lowercase = true`. Each word keeps the
 /// line's key and event time.
+#[derive(Clone)]
 pub struct Split {
     pattern: Regex,
     lowercase: bool,
@@ -35,6 +36,7 @@ impl Computation for Split {
 }
 
 /// `filter`: keeps records whose value matches `regex` (or does not, with `invert`).
+#[derive(Clone)]
 pub struct Filter {
     regex: Regex,
     invert: bool,
@@ -51,6 +53,7 @@ impl Computation for Filter {
 
 /// `map`: sets the key and/or the value from the record with extractors
 /// (`key`, `value`, `json:/pointer`, `field:N`).
+#[derive(Clone)]
 pub struct Map {
     key: Option<KeyExtractor>,
     value: Option<KeyExtractor>,
@@ -93,12 +96,7 @@ pub(crate) fn register(r: &mut millrace_engine::Registry) {
             o.pattern.as_deref().unwrap_or(r"[^\p{L}\p{N}']+"),
         )?;
         let lowercase = o.lowercase;
-        Ok(Arc::new(move || {
-            Box::new(Split {
-                pattern: pattern.clone(),
-                lowercase,
-            }) as Box<dyn Computation>
-        }))
+        Ok(per_shard(Split { pattern, lowercase }))
     });
     r.computation("filter", |c| {
         #[derive(Deserialize)]
@@ -111,12 +109,7 @@ pub(crate) fn register(r: &mut millrace_engine::Registry) {
         let o: O = options(c)?;
         let re = regex(c, "regex", &o.regex)?;
         let invert = o.invert;
-        Ok(Arc::new(move || {
-            Box::new(Filter {
-                regex: re.clone(),
-                invert,
-            }) as Box<dyn Computation>
-        }))
+        Ok(per_shard(Filter { regex: re, invert }))
     });
     r.computation("map", |c| {
         #[derive(Deserialize)]
@@ -142,23 +135,19 @@ pub(crate) fn register(r: &mut millrace_engine::Registry) {
                 "map needs `key` or `value` (an extractor such as \"json:/id\")",
             ));
         }
-        Ok(Arc::new(move || {
-            Box::new(Map {
-                key: key.clone(),
-                value: value.clone(),
-            }) as Box<dyn Computation>
-        }))
+        Ok(per_shard(Map { key, value }))
     });
     r.computation("flatten", |c| {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct O {}
         let _: O = options(c)?;
-        Ok(Arc::new(|| Box::new(Flatten) as Box<dyn Computation>))
+        Ok(per_shard(Flatten))
     });
 }
 
 /// `flatten`: every record of every input, unchanged, on one stream.
+#[derive(Clone)]
 pub struct Flatten;
 
 impl Computation for Flatten {

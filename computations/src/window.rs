@@ -436,6 +436,7 @@ fn parse_tag(t: &[u8]) -> Option<(u8, i64, i64)> {
 }
 
 /// The `window` computation (and `reduce_by_key_and_window`, `cogroup`, `join`).
+#[derive(Clone)]
 pub struct Window {
     cfg: WindowConfig,
 }
@@ -746,9 +747,8 @@ impl Computation for Window {
 
 pub(crate) fn register(r: &mut millrace_engine::Registry) {
     use std::collections::BTreeMap;
-    use std::sync::Arc;
     fn make(cfg: WindowConfig) -> millrace_engine::MakeComputation {
-        Arc::new(move || Box::new(Window::new(cfg.clone())) as Box<dyn Computation>)
+        millrace_engine::per_shard(Window::new(cfg))
     }
     for kind in ["window", "reduce_by_key_and_window", "cogroup", "join"] {
         r.outputs(kind, &["late"]);

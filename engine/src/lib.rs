@@ -44,7 +44,9 @@ pub use record::{
     is_valid_event_time, now_micros, parse_event_time, Envelope, EventTime, Record, TimeDomain,
     Timer, EARLIEST_EVENT_TIME, LATEST_EVENT_TIME, MAX_TIME, MIN_TIME,
 };
-pub use registry::{ComputationFactory, MakeComputation, Registry, SinkFactory, SourceFactory};
+pub use registry::{
+    per_shard, ComputationFactory, MakeComputation, Registry, SinkFactory, SourceFactory,
+};
 pub use worker::{data_dir_of, ComponentStatus, Worker, WorkerOptions};
 
 /// The hash maps on the per-record path (keyed state, timers, channels,

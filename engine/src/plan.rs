@@ -439,8 +439,7 @@ mod tests {
         Computation, ComputationError, Context, Emitter, Record, Sink, SinkError, Source,
         SourceError, SourcePoll,
     };
-    use std::sync::Arc;
-
+    #[derive(Clone)]
     struct Nothing;
 
     impl Source for Nothing {
@@ -480,9 +479,7 @@ mod tests {
     fn plan(text: &str) -> Plan {
         let mut r = Registry::new();
         r.source("nothing", |_| Ok(Box::new(Nothing) as Box<dyn Source>));
-        r.computation("nothing", |_| {
-            Ok(Arc::new(|| Box::new(Nothing) as Box<dyn Computation>) as MakeComputation)
-        });
+        r.computation("nothing", |_| Ok(crate::per_shard(Nothing)));
         r.sink("nothing", |_| Ok(Box::new(Nothing) as Box<dyn Sink>));
         let topology = Topology::parse_str("t.toml", text).expect("topology");
         Plan::build(topology, &r).expect("plan")

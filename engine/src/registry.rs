@@ -11,6 +11,12 @@ use std::sync::Arc;
 
 /// Makes one computation instance per shard.
 pub type MakeComputation = Arc<dyn Fn() -> Box<dyn Computation> + Send + Sync>;
+
+/// The usual [`MakeComputation`]: every shard gets its own clone of
+/// `prototype` (a computation built from its component's options).
+pub fn per_shard<C: Computation + Clone + Sync>(prototype: C) -> MakeComputation {
+    Arc::new(move || Box::new(prototype.clone()))
+}
 /// Builds a source from its component table.
 pub type SourceFactory =
     Arc<dyn Fn(&Component) -> Result<Box<dyn Source>, ConfigError> + Send + Sync>;
@@ -23,8 +29,9 @@ pub type SinkFactory = Arc<dyn Fn(&Component) -> Result<Box<dyn Sink>, ConfigErr
 /// The kinds a topology may use, by `type` name.
 ///
 /// ```
-/// use millrace_engine::{Computation, ComputationError, Context, Record, Registry};
+/// use millrace_engine::{per_shard, Computation, ComputationError, Context, Record, Registry};
 ///
+/// #[derive(Clone)]
 /// struct Upper;
 /// impl Computation for Upper {
 ///     fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
@@ -34,9 +41,7 @@ pub type SinkFactory = Arc<dyn Fn(&Component) -> Result<Box<dyn Sink>, ConfigErr
 /// }
 ///
 /// let mut registry = Registry::new();
-/// registry.computation("upper", |_component| {
-///     Ok(std::sync::Arc::new(|| Box::new(Upper) as Box<dyn Computation>))
-/// });
+/// registry.computation("upper", |_component| Ok(per_shard(Upper)));
 /// assert!(registry.has_computation("upper"));
 /// ```
 #[derive(Default, Clone)]

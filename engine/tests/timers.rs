@@ -5,8 +5,8 @@
 use bytes::Bytes;
 use millrace_config::Topology;
 use millrace_engine::{
-    Computation, ComputationError, Context, Emitter, Metrics, Record, Registry, Sink, SinkError,
-    Source, SourceError, SourcePoll, TimeDomain, Timer, Worker, WorkerOptions,
+    per_shard, Computation, ComputationError, Context, Emitter, Metrics, Record, Registry, Sink,
+    SinkError, Source, SourceError, SourcePoll, TimeDomain, Timer, Worker, WorkerOptions,
 };
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -51,6 +51,7 @@ impl Source for Countdown {
 
 /// Sets one event-time timer per record at its timestamp; when it fires,
 /// emits the timer's time. A second timer with the same tag moves it.
+#[derive(Clone)]
 struct AtWatermark;
 
 impl Computation for AtWatermark {
@@ -102,9 +103,7 @@ fn event_time_timers_fire_once_in_order_when_the_watermark_passes() {
             ends: true,
         }))
     });
-    registry.computation("at_watermark", |_| {
-        Ok(Arc::new(|| Box::new(AtWatermark) as Box<dyn Computation>))
-    });
+    registry.computation("at_watermark", |_| Ok(per_shard(AtWatermark)));
     let sink_out = Arc::clone(&got);
     registry.sink("collect", move |_| {
         Ok(Box::new(Collect(Arc::clone(&sink_out))))
@@ -173,9 +172,7 @@ fn timers_set_before_a_restart_fire_after_it() {
                 ends,
             }))
         });
-        registry.computation("at_watermark", |_| {
-            Ok(Arc::new(|| Box::new(AtWatermark) as Box<dyn Computation>))
-        });
+        registry.computation("at_watermark", |_| Ok(per_shard(AtWatermark)));
         let sink_out = Arc::clone(&got);
         registry.sink("collect", move |_| {
             Ok(Box::new(Collect(Arc::clone(&sink_out))))
