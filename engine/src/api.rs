@@ -2,7 +2,7 @@
 //! [`Context`] a computation sees.
 
 use crate::record::{EventTime, Record, TimeDomain, Timer};
-use crate::shard::KeyScope;
+use crate::scope::KeyScope;
 use bytes::Bytes;
 
 /// Why a computation could not handle one record or timer.

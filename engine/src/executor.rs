@@ -26,76 +26,30 @@
 
 use crate::api::{ComputationError, Emitter, SourcePoll};
 use crate::delivery::{InChannel, OutChannel};
+use crate::error::EngineError;
 use crate::failpoint::{self, Point};
+use crate::keyed_state::KeyedState;
 use crate::keying::{locate_key, shard_of};
 use crate::layout::{self, position_key, read_u64, watermark_key};
+use crate::mapkey::FastMap;
+use crate::message::{Msg, Outlet};
 use crate::metrics::NodeMetrics;
 use crate::plan::{ChannelIdx, Maker, Plan, Sid};
 use crate::record::{
     is_valid_event_time, now_micros, Envelope, TimeDomain, Timer, EARLIEST_EVENT_TIME,
     LATEST_EVENT_TIME, MAX_TIME, MIN_TIME,
 };
-use crate::shard::{Body, Emit, KeyEnv, KeyedState, ShardRt, SourceRt, Timers};
-use crate::worker::Shared;
-use crate::EngineError;
-use crate::FastMap;
+use crate::scope::Emit;
+use crate::shard::{Body, KeyEnv, ShardRt, SourceRt};
+use crate::shared::{Handed, Shared};
+use crate::timers::Timers;
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use millrace_storage::{Batch, Cf, Store};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// A message between executors (and, in a cluster, between workers).
-pub(crate) enum Msg {
-    /// Production `seq` of channel `ch`.
-    Deliver {
-        ch: ChannelIdx,
-        seq: u64,
-        env: Envelope,
-    },
-    /// The consumer of `ch` applied everything up to `upto`.
-    Ack { ch: ChannelIdx, upto: u64 },
-    /// Shard `from`'s output watermark rose to `wm`, or it became idle
-    /// (left out of its consumers' minimum) or active again. `counted` when
-    /// it was sent by an executor of this worker (and counted as in flight).
-    Watermark {
-        from: Sid,
-        wm: i64,
-        idle: bool,
-        counted: bool,
-    },
-    /// A connection to worker `worker` was (re)established: what was sent to
-    /// it may be lost, so send it all again.
-    PeerUp { worker: usize },
-}
-
-/// Where an executor's messages go: another executor of this worker, or the
-/// transport's queue for another worker.
-#[derive(Clone)]
-pub(crate) enum Outlet {
-    Local(Sender<Vec<Msg>>),
-    Remote(tokio::sync::mpsc::UnboundedSender<Vec<Msg>>),
-    /// This worker's own slot among the remote ones: never used.
-    None,
-}
-
-impl Outlet {
-    fn send(&self, msgs: Vec<Msg>) {
-        // A closed queue means the worker is shutting down (or the transport
-        // is gone); what was not delivered stays in the outbox.
-        match self {
-            Outlet::Local(tx) => {
-                let _ = tx.send(msgs);
-            }
-            Outlet::Remote(tx) => {
-                let _ = tx.send(msgs);
-            }
-            Outlet::None => {}
-        }
-    }
-}
 
 /// Proof that the current batch is durable. Only [`Executor::commit`] makes
 /// one, and only [`flush_outgoing`] (through [`Executor::release`]) takes it:
@@ -229,7 +183,7 @@ impl Executor {
                     source
                         .open(position.as_deref())
                         .map_err(|e| EngineError::Source(node.name.clone(), e))?;
-                    self.shared.sources_live.fetch_add(1, Ordering::SeqCst);
+                    self.shared.in_flight.source_started();
                     let replay = source.replayable().then(VecDeque::new);
                     Body::Source(SourceRt {
                         source,
@@ -361,9 +315,7 @@ impl Executor {
             }
             if restored > 0 {
                 self.node_metrics[spec.node].retries.inc_by(restored);
-                self.shared
-                    .unacked
-                    .fetch_add(restored as i64, Ordering::SeqCst);
+                self.shared.in_flight.restored(restored as i64);
             }
             let mut dests: Vec<usize> = spec
                 .downstream
@@ -730,10 +682,15 @@ impl Executor {
                 // receivers drop what they already applied. They need not wait
                 // for the commit, so they go now, and the other executor
                 // works on them while this one commits.
-                self.shared
-                    .unacked
-                    .fetch_add(std::mem::take(&mut self.produced_count), Ordering::SeqCst);
-                if send_replayable(&plan, self.me, shard, &mut self.replay_out, &self.peers) {
+                let handed = Handed {
+                    produced: std::mem::take(&mut self.produced_count),
+                    ..Handed::default()
+                };
+                let (me, replay_out, peers) = (self.me, &mut self.replay_out, &self.peers);
+                let sent = self.shared.in_flight.hand_out(handed, || {
+                    send_replayable(&plan, me, shard, replay_out, peers)
+                });
+                if sent {
                     failpoint::hit(Point::SourceSent);
                 }
             }
@@ -864,11 +821,6 @@ impl Executor {
     fn release(&mut self, proof: Committed) {
         let shared = &*self.shared;
         let plan = &*self.plan;
-        // Increments before decrements, so that the worker never sees the
-        // graph empty while a commit's productions are on their way.
-        shared
-            .unacked
-            .fetch_add(std::mem::take(&mut self.produced_count), Ordering::SeqCst);
         let dest = |sid: Sid| plan.destination(self.me, sid);
         for (ch, upto) in std::mem::take(&mut self.acks) {
             let src = plan.channels[ch as usize].src;
@@ -905,21 +857,23 @@ impl Executor {
             if let Body::Source(src) = &mut shard.body {
                 if src.exhausted && !src.retired && shard.backlog == 0 {
                     src.retired = true;
-                    shared.sources_live.fetch_sub(1, Ordering::SeqCst);
+                    shared.in_flight.source_done();
                 }
             }
         }
-        shared.wm_inflight.fetch_add(wm_sent, Ordering::SeqCst);
-        flush_outgoing(&mut self.outgoing, &self.peers, &proof);
+        let handed = Handed {
+            produced: std::mem::take(&mut self.produced_count),
+            watermarks_sent: wm_sent,
+            watermarks_taken: std::mem::take(&mut self.wm_msgs_seen),
+            released: std::mem::take(&mut self.released_count),
+        };
+        let (outgoing, peers) = (&mut self.outgoing, &self.peers);
+        shared
+            .in_flight
+            .hand_out(handed, || flush_outgoing(outgoing, peers, &proof));
         if proof.with_something {
             failpoint::hit(Point::ReleaseAfter);
         }
-        shared
-            .wm_inflight
-            .fetch_sub(std::mem::take(&mut self.wm_msgs_seen), Ordering::SeqCst);
-        shared
-            .unacked
-            .fetch_sub(std::mem::take(&mut self.released_count), Ordering::SeqCst);
         // Whoever waits on the worker (`Worker::wait_for`) waits for a
         // drained graph (or a fatal error, notified where it is set), and
         // only executors drain it. Waking it after every commit cost a

@@ -15,19 +15,25 @@
 
 mod api;
 mod delivery;
+mod error;
 mod executor;
 mod failpoint;
 mod inspect;
+mod keyed_state;
 mod keying;
 pub mod layout;
 mod mapkey;
+mod message;
 mod metrics;
 pub mod net;
 mod plan;
 mod record;
 mod registry;
+mod scope;
 mod shard;
+mod shared;
 mod tap;
+mod timers;
 mod worker;
 
 pub use api::{
@@ -35,6 +41,7 @@ pub use api::{
     SourcePoll,
 };
 pub use delivery::{InChannel, Offer, OutChannel};
+pub use error::EngineError;
 pub use inspect::{inspect, state_of, StoredComponent, StoredData};
 pub use keying::{extract_key, shard_of};
 pub use layout::shard_prefix;
@@ -48,41 +55,3 @@ pub use registry::{
     per_shard, ComputationFactory, MakeComputation, Registry, SinkFactory, SourceFactory,
 };
 pub use worker::{data_dir_of, ComponentStatus, Worker, WorkerOptions};
-
-/// The hash maps on the per-record path (keyed state, timers, channels,
-/// shards). foldhash instead of the standard SipHash, which took ~10% of
-/// P2's instructions. Its seed is random per process, so colliding keys
-/// cannot be worked out ahead of time (it is not a cryptographic hash).
-pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-
-/// Why the engine stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    /// The topology is invalid.
-    #[error(transparent)]
-    Config(millrace_config::ConfigError),
-    /// RocksDB failed; restart the worker (it resumes from its last commit).
-    #[error(transparent)]
-    Storage(#[from] millrace_storage::StorageError),
-    /// A source failed; restart the worker (it resumes from the committed position).
-    #[error("source `{0}`: {1}")]
-    Source(String, SourceError),
-    /// A sink failed; restart the worker (it resumes from the committed position).
-    #[error("sink: {0}")]
-    Sink(SinkError),
-    /// Stored data is not what this version wrote.
-    #[error("corrupt data: {0}")]
-    Corrupt(String),
-    /// The data directory belongs to a different layout.
-    #[error("{0}")]
-    Layout(String),
-    /// A thread could not be started or panicked.
-    #[error("executor thread: {0}")]
-    Thread(String),
-    /// The cluster transport could not start.
-    #[error("cluster: {0}")]
-    Network(String),
-    /// An executor stopped with this error.
-    #[error("worker stopped: {0}")]
-    Fatal(String),
-}

@@ -1,4 +1,4 @@
-//! A record key as a shard's in-memory maps hold it.
+//! A record key as a shard's in-memory maps hold it, and the hash map they use.
 
 use std::borrow::Borrow;
 use std::hash::{Hash, Hasher};
@@ -76,10 +76,16 @@ impl std::fmt::Debug for MapKey {
     }
 }
 
+/// The hash maps on the per-record path (keyed state, timers, channels,
+/// shards). foldhash instead of the standard SipHash, which took ~10% of
+/// P2's instructions. Its seed is random per process, so colliding keys
+/// cannot be worked out ahead of time (it is not a cryptographic hash).
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 #[cfg(test)]
 mod tests {
+    use super::FastMap;
     use super::*;
-    use crate::FastMap;
     use proptest::prelude::*;
 
     proptest! {

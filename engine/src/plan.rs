@@ -479,7 +479,7 @@ mod tests {
     fn plan(text: &str) -> Plan {
         let mut r = Registry::new();
         r.source("nothing", |_| Ok(Box::new(Nothing) as Box<dyn Source>));
-        r.computation("nothing", |_| Ok(crate::per_shard(Nothing)));
+        r.computation("nothing", |_| Ok(crate::registry::per_shard(Nothing)));
         r.sink("nothing", |_| Ok(Box::new(Nothing) as Box<dyn Sink>));
         let topology = Topology::parse_str("t.toml", text).expect("topology");
         Plan::build(topology, &r).expect("plan")

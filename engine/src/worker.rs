@@ -1,59 +1,21 @@
 //! One worker process: opens the store, starts the executor threads, and
 //! knows when a bounded topology is finished or a drain is complete.
 
-use crate::executor::{Executor, Msg, Outlet};
+use crate::error::EngineError;
+use crate::executor::Executor;
+use crate::message::{Msg, Outlet};
 use crate::metrics::{Metrics, NodeMetrics};
 use crate::net::{Transport, TransportConfig};
 use crate::plan::Plan;
 use crate::registry::Registry;
-use crate::EngineError;
+use crate::shared::Shared;
 use millrace_config::{Durability, Role, Topology};
 use millrace_storage::{Cf, Store, StoreOptions};
 use parking_lot::{Condvar, Mutex};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-/// State the executors share with the worker.
-pub(crate) struct Shared {
-    pub metrics: Arc<Metrics>,
-    /// Productions committed and not yet acknowledged, over all shards.
-    pub unacked: AtomicI64,
-    /// Watermark messages sent and not yet processed and committed.
-    pub wm_inflight: AtomicI64,
-    /// Sources not yet exhausted (and committed as such).
-    pub sources_live: AtomicUsize,
-    /// Sources stop polling (SIGTERM).
-    pub stopping: AtomicBool,
-    /// Executors make a last commit and exit.
-    pub halt: AtomicBool,
-    pub fatal: Mutex<Option<String>>,
-    pub shard_backlog: Vec<AtomicI64>,
-    pub shard_wm: Vec<AtomicI64>,
-    pub shard_max_event: Vec<AtomicI64>,
-    pub shard_timers: Vec<AtomicI64>,
-    pub taps: crate::tap::Taps,
-    lock: Mutex<()>,
-    changed: Condvar,
-}
-
-impl Shared {
-    pub fn notify(&self) {
-        let _g = self.lock.lock();
-        self.changed.notify_all();
-    }
-
-    fn wait(&self, timeout: Duration) {
-        let mut g = self.lock.lock();
-        self.changed.wait_for(&mut g, timeout);
-    }
-
-    /// Everything produced has been applied and committed downstream.
-    pub(crate) fn drained(&self) -> bool {
-        self.unacked.load(Ordering::SeqCst) == 0 && self.wm_inflight.load(Ordering::SeqCst) == 0
-    }
-}
 
 /// How the worker runs beyond the topology file.
 #[derive(Debug, Clone, Default)]
@@ -180,9 +142,7 @@ impl Worker {
         let atomics = |v: i64| (0..n).map(|_| AtomicI64::new(v)).collect::<Vec<_>>();
         let shared = Arc::new(Shared {
             metrics: Arc::clone(&metrics),
-            unacked: AtomicI64::new(0),
-            wm_inflight: AtomicI64::new(0),
-            sources_live: AtomicUsize::new(0),
+            in_flight: Default::default(),
             stopping: AtomicBool::new(false),
             halt: AtomicBool::new(false),
             fatal: Mutex::new(None),
@@ -258,7 +218,7 @@ impl Worker {
             ex.recover()?;
             executors.push(ex);
         }
-        let recovered = shared.unacked.load(Ordering::SeqCst);
+        let recovered = shared.in_flight.unacked();
         let mut recovered_positions = Vec::new();
         for node in plan.nodes.iter().filter(|n| {
             n.role != Role::Computation && plan.shards[n.first_sid as usize].worker == me
@@ -321,7 +281,7 @@ impl Worker {
     pub fn finished(&self) -> bool {
         match &self.transport {
             Some(t) => t.finished(),
-            None => self.shared.sources_live.load(Ordering::SeqCst) == 0 && self.shared.drained(),
+            None => self.shared.in_flight.finished(),
         }
     }
 
@@ -508,7 +468,7 @@ impl Worker {
 
     /// Productions committed and not yet acknowledged, now.
     pub fn backlog(&self) -> i64 {
-        self.shared.unacked.load(Ordering::SeqCst)
+        self.shared.in_flight.unacked()
     }
 }
 

@@ -48,7 +48,7 @@ pub enum Frame {
         /// Sequence number within the channel.
         seq: u64,
         /// The record (its shape checked when decoded).
-        env: crate::Envelope,
+        env: crate::record::Envelope,
     },
     /// The consumer of `ch` applied (and committed) everything up to `upto`.
     Ack {
@@ -380,7 +380,7 @@ fn parse(kind: u8, body: Bytes) -> Result<Frame, FrameError> {
         DELIVER => {
             let ch = p.u32()?;
             let seq = p.u64()?;
-            let env = crate::Envelope::from_bytes(std::mem::take(&mut p.b))
+            let env = crate::record::Envelope::from_bytes(std::mem::take(&mut p.b))
                 .map_err(|_| p.bad("record envelope"))?;
             Ok(Frame::Deliver { ch, seq, env })
         }
@@ -443,7 +443,7 @@ mod tests {
             any::<i64>(),
             any::<i64>(),
         )
-            .prop_map(|(k, v, ts, ing)| crate::Envelope::encode(&k, &v, ts, ing));
+            .prop_map(|(k, v, ts, ing)| crate::record::Envelope::encode(&k, &v, ts, ing));
         prop_oneof![
             greeting().prop_map(Frame::Challenge),
             greeting().prop_map(Frame::Hello),

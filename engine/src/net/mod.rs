@@ -28,9 +28,9 @@
 pub mod frame;
 mod seal;
 
-use crate::executor::Msg;
+use crate::message::Msg;
 use crate::plan::{Plan, Sid};
-use crate::worker::Shared;
+use crate::shared::Shared;
 use bytes::BytesMut;
 use crossbeam_channel::Sender;
 use frame::{Frame, Greeting, Status, MAC_LEN};
