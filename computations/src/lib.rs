@@ -18,6 +18,7 @@
 //! | computations | `reduce_by_key_and_window` | a window's `sum`, `min` or `max` |
 //! | computations | `cogroup` | CoGroupByKey of two or more inputs, per window |
 //! | computations | `join` | windowed inner join of two inputs |
+//! | computations | `script` | the user's own logic, in Rhai, written in the topology: state, timers, named outputs |
 //! | sinks | `stdout` | one line per record |
 //! | sinks | `file` | one line per record, exactly once across crashes |
 //!
@@ -27,6 +28,7 @@ mod aggregate;
 mod file_source;
 mod generator;
 mod keyed;
+mod script;
 mod sinks;
 mod socket;
 mod stateless;
@@ -39,6 +41,7 @@ use serde::de::DeserializeOwned;
 pub use aggregate::{parse_aggregate, Acc};
 pub use file_source::FileSource;
 pub use generator::Generator;
+pub use script::Script;
 pub use sinks::{FileSink, OutputFormat, StdoutSink};
 pub use socket::SocketSource;
 pub use window::{Accumulation, Trigger, Window, WindowConfig, WindowSpec};
@@ -52,6 +55,7 @@ pub fn builtins() -> Registry {
     stateless::register(&mut r);
     keyed::register(&mut r);
     window::register(&mut r);
+    script::register(&mut r);
     sinks::register(&mut r);
     r
 }

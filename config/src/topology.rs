@@ -257,6 +257,21 @@ impl Options {
         })
     }
 
+    /// The topology file these options were read from.
+    pub fn file(&self) -> &Path {
+        self.locator.file()
+    }
+
+    /// 1-based line of one of these options in the topology file.
+    pub fn line_of(&self, key: &str) -> usize {
+        self.locator.line_of(&self.at, Some(key))
+    }
+
+    /// The dotted path of one of these options, e.g. `computations.tags.script`.
+    pub fn path_of(&self, key: &str) -> String {
+        format!("{}.{key}", self.at)
+    }
+
     /// An error about one of these options (or the component, with `None`).
     pub fn error(&self, key: Option<&str>, message: impl Into<String>) -> ConfigError {
         self.locator.error(&self.at, key, message)

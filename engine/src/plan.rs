@@ -218,7 +218,7 @@ impl Plan {
             index.insert(c.name.clone(), nodes.len());
             let mut ports = vec![String::new(), ERRORS_PORT.to_owned()];
             if c.role == Role::Computation {
-                ports.extend(registry.declared_outputs(&c.kind).iter().cloned());
+                ports.extend(registry.declared_outputs(&c));
             }
             nodes.push(Node {
                 name: c.name.clone(),

@@ -51,8 +51,11 @@ pub struct Registry {
     sinks: BTreeMap<String, SinkFactory>,
     /// Named outputs a computation kind produces to, besides its default
     /// output and `errors`.
-    outputs: BTreeMap<String, Vec<String>>,
+    outputs: BTreeMap<String, OutputsOf>,
 }
+
+/// The named outputs of a component of some kind, from its options.
+type OutputsOf = Arc<dyn Fn(&Component) -> Vec<String> + Send + Sync>;
 
 impl Registry {
     /// An empty registry.
@@ -95,16 +98,26 @@ impl Registry {
     /// which every component has). Only declared outputs may be read as
     /// `NAME.output`; producing to an undeclared one is a bad record.
     pub fn outputs(&mut self, kind: &str, names: &[&str]) -> &mut Self {
-        self.outputs.insert(
-            kind.to_owned(),
-            names.iter().map(|n| (*n).to_owned()).collect(),
-        );
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        self.outputs
+            .insert(kind.to_owned(), Arc::new(move |_| names.clone()));
         self
     }
 
-    /// The named outputs a kind declared.
-    pub(crate) fn declared_outputs(&self, kind: &str) -> &[String] {
-        self.outputs.get(kind).map_or(&[], Vec::as_slice)
+    /// Declares that a kind's named outputs depend on each component's
+    /// options (a script's `outputs = [...]`).
+    pub fn outputs_from(
+        &mut self,
+        kind: &str,
+        f: impl Fn(&Component) -> Vec<String> + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.outputs.insert(kind.to_owned(), Arc::new(f));
+        self
+    }
+
+    /// The named outputs a component declares through its kind.
+    pub(crate) fn declared_outputs(&self, c: &Component) -> Vec<String> {
+        self.outputs.get(&c.kind).map_or_else(Vec::new, |f| f(c))
     }
 
     /// Whether a computation kind is registered.

@@ -1,0 +1,635 @@
+//! `script`: a computation written in the topology file, in
+//! [Rhai](https://rhai.rs), a small embedded language for Rust hosts.
+//!
+//! A script defines `fn process(key, value, ts, input)`, called once per
+//! record, and may define `fn on_timer(key, tag, time, domain)`, called for
+//! each timer that fires, and `fn on_expire(key, state)`, called when a key's
+//! state expires (`state_ttl`). From them it reads and changes the current
+//! key's state, emits records, sets and deletes timers, and reads the
+//! watermark and the clock: the functions below, which the engine applies to
+//! the computation's `Context` after each call. A call that fails (a script
+//! error, the operation budget spent, an emit into the past) changes nothing:
+//! its record goes to `NAME.errors` with the message. State, productions and
+//! timers commit with the rest of the turn, exactly once.
+//!
+//! | function | does |
+//! | --- | --- |
+//! | `state()` | the current key's state (`()` when none) |
+//! | `set_state(v)`, `clear_state()` | replace or clear it (any value: numbers, strings, arrays, maps) |
+//! | `emit(key, value)`, `emit(key, value, ts)` | a record on the default output, at the input's event time or a later one |
+//! | `emit_to(output, key, value[, ts])` | on a named output declared in `outputs` |
+//! | `set_timer(tag, "event" \| "processing", time)`, `delete_timer(tag)` | one timer per key and tag |
+//! | `watermark()`, `now()`, `key()` | input low watermark, processing time (microseconds), current key |
+//!
+//! Values arrive parsed: a record value that is JSON arrives as the
+//! language's maps, arrays, numbers and strings; anything else as a string.
+//! What a script emits leaves as is when it is a string, as JSON otherwise.
+//! State is stored as a version byte and JSON. Scripts cannot read files,
+//! use the network or start processes (Rhai has no such functions, and
+//! modules are compiled out); `eval` is disabled.
+
+use bytes::Bytes;
+use millrace_config::{Component, ConfigError, HumanDuration};
+use millrace_engine::{
+    per_shard, Computation, ComputationError, Context, Record, Registry, TimeDomain, Timer,
+};
+use parking_lot::Mutex;
+use rhai::{Dynamic, Engine, EvalAltResult, Scope, AST};
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    /// The script itself (a TOML multi-line string)...
+    script: Option<String>,
+    /// ...or a file holding it, relative to the topology file.
+    script_file: Option<PathBuf>,
+    /// Named outputs the script emits to with `emit_to`.
+    #[serde(default)]
+    outputs: Vec<String>,
+    /// Operations one call may run before it is stopped (an error).
+    max_operations: Option<u64>,
+    /// A key whose state is untouched for this long, in event time, has
+    /// `on_expire` called (if defined) and its state cleared.
+    state_ttl: Option<HumanDuration>,
+}
+
+/// Default operation budget of one call.
+const DEFAULT_MAX_OPERATIONS: u64 = 1_000_000;
+
+/// First byte of a stored state: its encoding. 1: JSON; 2 (with
+/// `state_ttl`): the event time the key was last touched (i64,
+/// little-endian), then JSON.
+const STATE_JSON: u8 = 1;
+const STATE_TOUCHED_JSON: u8 = 2;
+
+/// The timer tag of the state's expiry (user tags cannot start with NUL).
+const TTL_TAG: &[u8] = b"\0ttl";
+
+/// What a compiled script needs, shared by its shards.
+struct Spec {
+    ast: AST,
+    outputs: Vec<String>,
+    max_operations: u64,
+    ttl: Option<i64>,
+    has_on_timer: bool,
+    has_on_expire: bool,
+    /// Where the script is, for error messages: `FILE:LINE` of its first line.
+    origin: (PathBuf, usize),
+}
+
+/// What one call of the script did, applied to the context afterwards.
+#[derive(Default)]
+struct Call {
+    key: String,
+    state: Dynamic,
+    state_changed: bool,
+    emits: Vec<Emitted>,
+    timers: Vec<TimerOp>,
+    watermark: i64,
+    now: i64,
+    /// Emitted records may not be older than this (the input's event time).
+    min_ts: i64,
+}
+
+struct Emitted {
+    output: Option<String>,
+    key: Bytes,
+    value: Bytes,
+    ts: i64,
+}
+
+enum TimerOp {
+    Set(String, TimeDomain, i64),
+    Delete(String),
+}
+
+type Shared = Arc<Mutex<Call>>;
+
+/// One shard's script: its own engine (whose functions reach this shard's
+/// call state) over the shared compiled script.
+pub struct Script {
+    spec: Arc<Spec>,
+    engine: Engine,
+    call: Shared,
+    scope: Scope<'static>,
+}
+
+impl Clone for Script {
+    /// A fresh engine for another shard.
+    fn clone(&self) -> Self {
+        Script::new(Arc::clone(&self.spec))
+    }
+}
+
+fn text(v: &Dynamic) -> Result<String, String> {
+    if let Some(s) = v.clone().try_cast::<rhai::ImmutableString>() {
+        return Ok(s.to_string());
+    }
+    serde_json::to_string(v).map_err(|e| format!("cannot write {} as JSON: {e}", v.type_name()))
+}
+
+fn bytes_of(v: &Dynamic) -> Result<Bytes, String> {
+    text(v).map(Bytes::from)
+}
+
+/// A record's value as the script sees it: parsed JSON, or a string.
+fn value_in(v: &[u8]) -> Dynamic {
+    match serde_json::from_slice::<serde_json::Value>(v) {
+        Ok(json) => rhai::serde::to_dynamic(json).unwrap_or(Dynamic::UNIT),
+        Err(_) => Dynamic::from(String::from_utf8_lossy(v).into_owned()),
+    }
+}
+
+/// A stored state and, with `state_ttl`, when its key was last touched.
+fn decode_state(b: &[u8]) -> Result<(Dynamic, Option<i64>), String> {
+    let (touched, json) = match b.split_first() {
+        Some((&STATE_JSON, json)) => (None, json),
+        Some((&STATE_TOUCHED_JSON, rest)) if rest.len() >= 8 => {
+            let (t, json) = rest.split_at(8);
+            let t = i64::from_le_bytes(t.try_into().map_err(|_| "stored state: touch time")?);
+            (Some(t), json)
+        }
+        _ => return Err("stored state has an unknown encoding".into()),
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| format!("stored state: {e}"))?;
+    let v = rhai::serde::to_dynamic(v).map_err(|e| format!("stored state: {e}"))?;
+    Ok((v, touched))
+}
+
+fn encode_state(v: &Dynamic, touched: Option<i64>) -> Result<Vec<u8>, String> {
+    let mut out = match touched {
+        None => vec![STATE_JSON],
+        Some(t) => {
+            let mut out = vec![STATE_TOUCHED_JSON];
+            out.extend_from_slice(&t.to_le_bytes());
+            out
+        }
+    };
+    serde_json::to_writer(&mut out, v).map_err(|e| format!("cannot store the state: {e}"))?;
+    Ok(out)
+}
+
+type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
+
+fn fail<T>(msg: impl Into<String>) -> RhaiResult<T> {
+    Err(msg.into().into())
+}
+
+/// An engine with the host functions, bounded and sandboxed.
+fn engine(call: Option<Shared>, outputs: Vec<String>, max_operations: u64) -> Engine {
+    let mut e = Engine::new();
+    e.set_max_operations(max_operations);
+    e.set_max_call_levels(64);
+    e.set_max_expr_depths(128, 64);
+    e.set_max_string_size(8 << 20);
+    e.set_max_array_size(1 << 20);
+    e.set_max_map_size(1 << 20);
+    e.disable_symbol("eval");
+    e.on_print(|s| tracing::info!(target: "millrace::script", "{s}"));
+    e.on_debug(|s, _, pos| tracing::debug!(target: "millrace::script", %pos, "{s}"));
+    let Some(call) = call else { return e };
+    let c = Arc::clone(&call);
+    e.register_fn("state", move || c.lock().state.clone());
+    let c = Arc::clone(&call);
+    e.register_fn("set_state", move |v: Dynamic| {
+        let mut g = c.lock();
+        g.state = v;
+        g.state_changed = true;
+    });
+    let c = Arc::clone(&call);
+    e.register_fn("clear_state", move || {
+        let mut g = c.lock();
+        g.state = Dynamic::UNIT;
+        g.state_changed = true;
+    });
+    let c = Arc::clone(&call);
+    e.register_fn("key", move || c.lock().key.clone());
+    let c = Arc::clone(&call);
+    e.register_fn("watermark", move || c.lock().watermark);
+    let c = Arc::clone(&call);
+    e.register_fn("now", move || c.lock().now);
+    let emit = {
+        let call = Arc::clone(&call);
+        Arc::new(
+            move |output: Option<String>,
+                  k: Dynamic,
+                  v: Dynamic,
+                  ts: Option<i64>|
+                  -> RhaiResult<()> {
+                let mut g = call.lock();
+                let ts = ts.unwrap_or(g.min_ts);
+                if ts < g.min_ts {
+                    return fail(format!(
+                        "emit at event time {ts}, before the input's ({})",
+                        g.min_ts
+                    ));
+                }
+                if let Some(o) = &output {
+                    if !outputs.contains(o) {
+                        return fail(format!(
+                            "emit_to(\"{o}\", ..): no such output; declare it in `outputs`"
+                        ));
+                    }
+                }
+                let (key, value) = (bytes_of(&k)?, bytes_of(&v)?);
+                g.emits.push(Emitted {
+                    output,
+                    key,
+                    value,
+                    ts,
+                });
+                Ok(())
+            },
+        )
+    };
+    let f = Arc::clone(&emit);
+    e.register_fn("emit", move |k: Dynamic, v: Dynamic| f(None, k, v, None));
+    let f = Arc::clone(&emit);
+    e.register_fn("emit", move |k: Dynamic, v: Dynamic, ts: i64| {
+        f(None, k, v, Some(ts))
+    });
+    let f = Arc::clone(&emit);
+    e.register_fn("emit_to", move |o: &str, k: Dynamic, v: Dynamic| {
+        f(Some(o.to_owned()), k, v, None)
+    });
+    let f = Arc::clone(&emit);
+    e.register_fn(
+        "emit_to",
+        move |o: &str, k: Dynamic, v: Dynamic, ts: i64| f(Some(o.to_owned()), k, v, Some(ts)),
+    );
+    let c = Arc::clone(&call);
+    e.register_fn(
+        "set_timer",
+        move |tag: &str, domain: &str, time: i64| -> RhaiResult<()> {
+            let d = match domain {
+                "event" => TimeDomain::EventTime,
+                "processing" => TimeDomain::ProcessingTime,
+                other => {
+                    return fail(format!(
+                        "set_timer: domain \"{other}\" is neither \"event\" nor \"processing\""
+                    ))
+                }
+            };
+            if tag.starts_with('\0') {
+                return fail("set_timer: tags starting with NUL are the engine's");
+            }
+            c.lock().timers.push(TimerOp::Set(tag.to_owned(), d, time));
+            Ok(())
+        },
+    );
+    let c = Arc::clone(&call);
+    e.register_fn("delete_timer", move |tag: &str| {
+        c.lock().timers.push(TimerOp::Delete(tag.to_owned()));
+    });
+    e
+}
+
+impl Script {
+    fn new(spec: Arc<Spec>) -> Self {
+        let call: Shared = Arc::default();
+        let engine = engine(
+            Some(Arc::clone(&call)),
+            spec.outputs.clone(),
+            spec.max_operations,
+        );
+        Script {
+            spec,
+            engine,
+            call,
+            scope: Scope::new(),
+        }
+    }
+
+    /// Where an error in the script is, for its message.
+    fn locate(&self, e: &EvalAltResult) -> String {
+        let (file, first) = &self.spec.origin;
+        match e.position().line() {
+            Some(l) => format!("{}:{}: {e}", file.display(), first + l - 1),
+            None => format!("{}: {e}", file.display()),
+        }
+    }
+
+    /// The current key's state and when it was last touched.
+    fn load(ctx: &mut Context<'_>) -> Result<(Dynamic, Option<i64>), ComputationError> {
+        match ctx.state()? {
+            None => Ok((Dynamic::UNIT, None)),
+            Some(b) => decode_state(&b).map_err(ComputationError::BadRecord),
+        }
+    }
+
+    /// Runs `f` of the script over `state`; applies what it did to `ctx`
+    /// only if it succeeded (the state stored as touched at `touched`).
+    fn run(
+        &mut self,
+        ctx: &mut Context<'_>,
+        (state, touched): (Dynamic, Option<i64>),
+        min_ts: i64,
+        f: &str,
+        args: impl rhai::FuncArgs,
+    ) -> Result<(), ComputationError> {
+        let unchanged = touched.filter(|_| !state.is_unit()).map(|_| state.clone());
+        {
+            let mut g = self.call.lock();
+            *g = Call {
+                key: String::from_utf8_lossy(ctx.key()).into_owned(),
+                state,
+                watermark: ctx.low_watermark(),
+                now: ctx.now(),
+                min_ts,
+                ..Call::default()
+            };
+        }
+        let result = self
+            .engine
+            .call_fn::<Dynamic>(&mut self.scope, &self.spec.ast, f, args);
+        self.scope.clear();
+        let call = std::mem::take(&mut *self.call.lock());
+        if let Err(e) = result {
+            return Err(ComputationError::BadRecord(self.locate(&e)));
+        }
+        self.apply(ctx, call, touched, unchanged)
+    }
+
+    /// Applies a call's effects; `unchanged` is the state before it, to be
+    /// stored again with a new touch time when the call left it as it was.
+    fn apply(
+        &self,
+        ctx: &mut Context<'_>,
+        call: Call,
+        touched: Option<i64>,
+        unchanged: Option<Dynamic>,
+    ) -> Result<(), ComputationError> {
+        let state = if call.state_changed {
+            Some(call.state)
+        } else {
+            unchanged
+        };
+        match state {
+            Some(s) if s.is_unit() => {
+                ctx.clear_state();
+                if self.spec.ttl.is_some() {
+                    ctx.delete_timer(TTL_TAG);
+                }
+            }
+            Some(s) => {
+                let bytes = encode_state(&s, touched).map_err(ComputationError::BadRecord)?;
+                ctx.set_state(bytes);
+                if let (Some(ttl), Some(t)) = (self.spec.ttl, touched) {
+                    // The state expires `ttl` of event time after its last touch.
+                    ctx.set_timer(TTL_TAG, TimeDomain::EventTime, t.saturating_add(ttl));
+                }
+            }
+            None => {}
+        }
+        for e in call.emits {
+            match &e.output {
+                None => ctx.produce(e.key, e.value, e.ts),
+                Some(o) => ctx.produce_to(o, e.key, e.value, e.ts),
+            }
+        }
+        for t in call.timers {
+            match t {
+                TimerOp::Set(tag, d, time) => ctx.set_timer(tag.into_bytes(), d, time),
+                TimerOp::Delete(tag) => ctx.delete_timer(tag.as_bytes()),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Script {
+    /// The key's state expired at event time `at`: `on_expire` sees it (its
+    /// emits are at `at` or later), then it is gone.
+    fn expire(
+        &mut self,
+        ctx: &mut Context<'_>,
+        key: &str,
+        state: Dynamic,
+        at: i64,
+    ) -> Result<(), ComputationError> {
+        if self.spec.has_on_expire {
+            let args = (key.to_owned(), state.clone());
+            self.run(ctx, (state, None), at, "on_expire", args)?;
+        }
+        ctx.clear_state();
+        ctx.delete_timer(TTL_TAG);
+        Ok(())
+    }
+}
+
+impl Computation for Script {
+    fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
+        let key = String::from_utf8_lossy(&r.key).into_owned();
+        let value = value_in(&r.value);
+        let input = ctx.input().to_owned();
+        let (mut state, mut touched) = Self::load(ctx)?;
+        if let (Some(ttl), Some(t)) = (self.spec.ttl, touched) {
+            // Untouched for `ttl` of event time before this record: the old
+            // state expired first, whether or not the watermark has fired
+            // its timer yet (so the output does not depend on batching).
+            let expiry = t.saturating_add(ttl);
+            if r.timestamp >= expiry && !state.is_unit() {
+                self.expire(ctx, &key, state, expiry)?;
+                (state, touched) = (Dynamic::UNIT, None);
+            }
+        }
+        let touched = self
+            .spec
+            .ttl
+            .map(|_| touched.map_or(r.timestamp, |t| t.max(r.timestamp)));
+        let args = (key, value, r.timestamp, input);
+        self.run(ctx, (state, touched), r.timestamp, "process", args)
+    }
+
+    fn process_timer(&mut self, ctx: &mut Context<'_>, t: Timer) -> Result<(), ComputationError> {
+        let key = String::from_utf8_lossy(ctx.key()).into_owned();
+        if &t.tag[..] == TTL_TAG {
+            let (state, _) = Self::load(ctx)?;
+            if !state.is_unit() {
+                self.expire(ctx, &key, state, t.time)?;
+            }
+            return Ok(());
+        }
+        if !self.spec.has_on_timer {
+            return Ok(());
+        }
+        let tag = String::from_utf8_lossy(&t.tag).into_owned();
+        let domain = match t.domain {
+            TimeDomain::EventTime => "event",
+            TimeDomain::ProcessingTime => "processing",
+        };
+        // Emits from an event-time timer are at its time or later.
+        let min_ts = match t.domain {
+            TimeDomain::EventTime => t.time,
+            TimeDomain::ProcessingTime => ctx.low_watermark(),
+        };
+        let state = Self::load(ctx)?;
+        self.run(
+            ctx,
+            state,
+            min_ts,
+            "on_timer",
+            (key, tag, t.time, domain.to_owned()),
+        )
+    }
+}
+
+/// Compiles the component's script, or says where it is wrong.
+fn compile(c: &Component, o: &Options) -> Result<Spec, ConfigError> {
+    let invalid = |file: PathBuf, line: usize, key: &str, message: String| ConfigError::Invalid {
+        file,
+        line,
+        key: c.options.path_of(key),
+        message,
+    };
+    let (source, origin, key) = match (&o.script, &o.script_file) {
+        (Some(s), None) => {
+            // A multi-line string starts on the line after `script = """`.
+            let first = c.options.line_of("script") + usize::from(!s.is_empty());
+            (s.clone(), (c.options.file().to_path_buf(), first), "script")
+        }
+        (None, Some(f)) => {
+            let path = c
+                .options
+                .file()
+                .parent()
+                .map_or_else(|| f.clone(), |d| d.join(f));
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                c.options.error(
+                    Some("script_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            (text, (path, 1), "script_file")
+        }
+        _ => {
+            return Err(c.options.error(
+                None,
+                "a script needs `script` (the code) or `script_file` (a file of it), not both",
+            ))
+        }
+    };
+    let ast = engine(None, Vec::new(), 0).compile(&source).map_err(|e| {
+        let line = e.position().line().map_or(origin.1, |l| origin.1 + l - 1);
+        invalid(origin.0.clone(), line, key, format!("{}", e.err_type()))
+    })?;
+    let params = |name: &str| {
+        ast.iter_functions()
+            .find(|f| f.name == name)
+            .map(|f| f.params.len())
+    };
+    match params("process") {
+        Some(4) => {}
+        Some(n) => {
+            return Err(c.options.error(
+                Some(key),
+                format!("`fn process` takes 4 parameters (key, value, ts, input), not {n}"),
+            ))
+        }
+        None => {
+            return Err(c.options.error(
+                Some(key),
+                "the script defines no `fn process(key, value, ts, input)`",
+            ))
+        }
+    }
+    for (name, want, what) in [
+        ("on_timer", 4, "(key, tag, time, domain)"),
+        ("on_expire", 2, "(key, state)"),
+    ] {
+        if let Some(n) = params(name) {
+            if n != want {
+                return Err(c.options.error(
+                    Some(key),
+                    format!("`fn {name}` takes {want} parameters {what}, not {n}"),
+                ));
+            }
+        }
+    }
+    if params("on_expire").is_some() && o.state_ttl.is_none() {
+        return Err(c.options.error(
+            Some(key),
+            "`fn on_expire` is called only with `state_ttl` set",
+        ));
+    }
+    Ok(Spec {
+        has_on_timer: params("on_timer").is_some(),
+        has_on_expire: params("on_expire").is_some(),
+        ast,
+        outputs: o.outputs.clone(),
+        max_operations: o.max_operations.unwrap_or(DEFAULT_MAX_OPERATIONS),
+        ttl: o
+            .state_ttl
+            .map(|d| i64::try_from(d.0.as_micros()).unwrap_or(i64::MAX)),
+        origin,
+    })
+}
+
+pub(crate) fn register(r: &mut Registry) {
+    r.outputs_from("script", |c| {
+        c.options
+            .table()
+            .get("outputs")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    r.computation("script", |c| {
+        let o: Options = crate::options(c)?;
+        for name in &o.outputs {
+            if name.is_empty() || name == "errors" {
+                return Err(c.options.error(
+                    Some("outputs"),
+                    format!("`{name}` cannot be a named output"),
+                ));
+            }
+        }
+        if o.max_operations == Some(0) {
+            return Err(c
+                .options
+                .error(Some("max_operations"), "must be at least 1"));
+        }
+        let spec = compile(c, &o)?;
+        Ok(per_shard(Script::new(Arc::new(spec))))
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_survives_its_stored_form() {
+        for json in [r#"{"a":[1,2.5,"x",null],"b":{"c":true}}"#, "7", r#""s""#] {
+            let v =
+                rhai::serde::to_dynamic(serde_json::from_str::<serde_json::Value>(json).unwrap())
+                    .unwrap();
+            for touched in [None, Some(-5)] {
+                let (back, t) = decode_state(&encode_state(&v, touched).unwrap()).unwrap();
+                assert_eq!(serde_json::to_string(&back).unwrap(), json.replace(' ', ""));
+                assert_eq!(t, touched);
+            }
+        }
+        assert!(decode_state(b"\x09{}").is_err());
+    }
+
+    #[test]
+    fn values_arrive_as_json_or_text() {
+        assert_eq!(value_in(b"12").as_int(), Ok(12));
+        assert_eq!(
+            value_in(b"hello world").into_string().unwrap(),
+            "hello world"
+        );
+        assert!(value_in(br#"{"k":1}"#).is_map());
+        assert_eq!(text(&Dynamic::from("a")).unwrap(), "a");
+        assert_eq!(text(&Dynamic::from(3_i64)).unwrap(), "3");
+    }
+}
