@@ -36,6 +36,9 @@
 //!   windows in which a thread got less than 80% of its best window's work
 //!   done. Where the host takes the CPUs away for a while, no engine meets a
 //!   millisecond latency goal in those windows.
+//! - script: the running count as a `script` computation (and a stateless
+//!   scripted map/filter) against the built-in `count` in the same run
+//!   (`MILLRACE_BENCH_SCRIPT_RECORDS`, default the record count).
 //! - cluster: p1 on one worker and on two workers (two `Worker`s in this
 //!   process, talking over TCP on 127.0.0.1, as two processes would), with the
 //!   share of records that crossed the network
@@ -414,6 +417,40 @@ aggregate = "count"
             two.elapsed.as_secs_f64(),
             two.records_per_sec / one.records_per_sec,
             100.0 * crossed as f64 / n as f64
+        );
+    }
+
+    if which == "all" || which == "script" {
+        // The same running count written as a script, and a stateless
+        // scripted map, against the built-in count in the same run.
+        let n = env_u64("MILLRACE_BENCH_SCRIPT_RECORDS", records);
+        let builtin = run_topology(&running_count(n, keys, 16), n, None);
+        let scripted_count = running_count(n, keys, 16).replace(
+            "type = \"count\"\ninputs = [\"gen\"]",
+            "type = \"script\"\ninputs = [\"gen\"]\nscript = \"\"\"\nfn process(key, value, ts, input) {\n    let n = (state() ?? 0) + 1;\n    set_state(n);\n    emit(key, n);\n}\n\"\"\"",
+        );
+        let scripted = run_topology(&scripted_count, n, None);
+        let scripted_map = running_count(n, keys, 16).replace(
+            "type = \"count\"\ninputs = [\"gen\"]",
+            "type = \"script\"\ninputs = [\"gen\"]\nscript = \"\"\"\nfn process(key, value, ts, input) {\n    if value % 2 == 0 { emit(key, value * 10); }\n}\n\"\"\"",
+        );
+        let map = run_topology(&scripted_map, n, None);
+        println!(
+            "script    built-in count                              {:>12.0} records/s  ({:.1}s)",
+            builtin.records_per_sec,
+            builtin.elapsed.as_secs_f64()
+        );
+        println!(
+            "script    scripted running count                      {:>12.0} records/s  ({:.1}s)  ratio to built-in {:.2}",
+            scripted.records_per_sec,
+            scripted.elapsed.as_secs_f64(),
+            scripted.records_per_sec / builtin.records_per_sec
+        );
+        println!(
+            "script    scripted map + filter (stateless)           {:>12.0} records/s  ({:.1}s)  ratio to built-in count {:.2}",
+            map.records_per_sec,
+            map.elapsed.as_secs_f64(),
+            map.records_per_sec / builtin.records_per_sec
         );
     }
 

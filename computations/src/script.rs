@@ -61,9 +61,11 @@ const DEFAULT_MAX_OPERATIONS: u64 = 1_000_000;
 
 /// First byte of a stored state: its encoding. 1: JSON; 2 (with
 /// `state_ttl`): the event time the key was last touched (i64,
-/// little-endian), then JSON.
+/// little-endian), then JSON; 3: an integer (i64, little-endian), the
+/// commonest state, without JSON.
 const STATE_JSON: u8 = 1;
 const STATE_TOUCHED_JSON: u8 = 2;
+const STATE_INT: u8 = 3;
 
 /// The timer tag of the state's expiry (user tags cannot start with NUL).
 const TTL_TAG: &[u8] = b"\0ttl";
@@ -115,6 +117,9 @@ pub struct Script {
     engine: Engine,
     call: Shared,
     scope: Scope<'static>,
+    /// The name of the input the last record came on (shared, not copied,
+    /// while it stays the same).
+    input: rhai::ImmutableString,
 }
 
 impl Clone for Script {
@@ -137,6 +142,15 @@ fn bytes_of(v: &Dynamic) -> Result<Bytes, String> {
 
 /// A record's value as the script sees it: parsed JSON, or a string.
 fn value_in(v: &[u8]) -> Dynamic {
+    // The common case first: a plain integer (what `count` emits).
+    if !v.is_empty() && v.len() <= 18 && v.iter().all(u8::is_ascii_digit) {
+        if let Some(n) = std::str::from_utf8(v)
+            .ok()
+            .and_then(|t| t.parse::<i64>().ok())
+        {
+            return Dynamic::from(n);
+        }
+    }
     match serde_json::from_slice::<serde_json::Value>(v) {
         Ok(json) => rhai::serde::to_dynamic(json).unwrap_or(Dynamic::UNIT),
         Err(_) => Dynamic::from(String::from_utf8_lossy(v).into_owned()),
@@ -146,6 +160,10 @@ fn value_in(v: &[u8]) -> Dynamic {
 /// A stored state and, with `state_ttl`, when its key was last touched.
 fn decode_state(b: &[u8]) -> Result<(Dynamic, Option<i64>), String> {
     let (touched, json) = match b.split_first() {
+        Some((&STATE_INT, n)) => {
+            let n = i64::from_le_bytes(n.try_into().map_err(|_| "stored state: integer")?);
+            return Ok((Dynamic::from(n), None));
+        }
         Some((&STATE_JSON, json)) => (None, json),
         Some((&STATE_TOUCHED_JSON, rest)) if rest.len() >= 8 => {
             let (t, json) = rest.split_at(8);
@@ -161,6 +179,11 @@ fn decode_state(b: &[u8]) -> Result<(Dynamic, Option<i64>), String> {
 }
 
 fn encode_state(v: &Dynamic, touched: Option<i64>) -> Result<Vec<u8>, String> {
+    if let (None, Ok(n)) = (touched, v.as_int()) {
+        let mut out = vec![STATE_INT];
+        out.extend_from_slice(&n.to_le_bytes());
+        return Ok(out);
+    }
     let mut out = match touched {
         None => vec![STATE_JSON],
         Some(t) => {
@@ -301,6 +324,7 @@ impl Script {
             engine,
             call,
             scope: Scope::new(),
+            input: rhai::ImmutableString::new(),
         }
     }
 
@@ -425,7 +449,10 @@ impl Computation for Script {
     fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
         let key = String::from_utf8_lossy(&r.key).into_owned();
         let value = value_in(&r.value);
-        let input = ctx.input().to_owned();
+        if *self.input != *ctx.input() {
+            self.input = ctx.input().into();
+        }
+        let input = self.input.clone();
         let (mut state, mut touched) = Self::load(ctx)?;
         if let (Some(ttl), Some(t)) = (self.spec.ttl, touched) {
             // Untouched for `ttl` of event time before this record: the old
@@ -608,7 +635,12 @@ mod tests {
 
     #[test]
     fn state_survives_its_stored_form() {
-        for json in [r#"{"a":[1,2.5,"x",null],"b":{"c":true}}"#, "7", r#""s""#] {
+        for json in [
+            r#"{"a":[1,2.5,"x",null],"b":{"c":true}}"#,
+            "7",
+            "-7",
+            r#""s""#,
+        ] {
             let v =
                 rhai::serde::to_dynamic(serde_json::from_str::<serde_json::Value>(json).unwrap())
                     .unwrap();
