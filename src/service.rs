@@ -153,10 +153,22 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
         }
     };
     state.set_draining();
-    let worker = Arc::try_unwrap(worker)
-        .map_err(|_| anyhow::anyhow!("the HTTP server still holds the worker"));
+    // The HTTP server's tasks stop with the runtime; a request that was
+    // being answered may still hold the worker for a moment (a /metrics
+    // scrape refreshes gauges on a blocking thread): wait for it to let go.
     runtime.shutdown_timeout(Duration::from_secs(1));
-    let worker = worker?;
+    let mut worker = worker;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let worker = loop {
+        match Arc::try_unwrap(worker) {
+            Ok(w) => break w,
+            Err(still_held) if std::time::Instant::now() < deadline => {
+                worker = still_held;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => anyhow::bail!("the HTTP server still holds the worker after 5 s"),
+        }
+    };
     let shutdown = worker.shutdown();
     outcome.context("the worker stopped")?;
     shutdown.context("the last commit failed")?;

@@ -51,6 +51,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How far the current turn has got.
+struct Turn {
+    started: Instant,
+    /// How long it may run.
+    budget: Duration,
+    out_of_time: bool,
+    /// Records taken in (deliveries applied, records polled).
+    processed: usize,
+}
+
 /// Proof that the current batch is durable. Only [`Executor::commit`] makes
 /// one, and only [`flush_outgoing`] (through [`Executor::release`]) takes it:
 /// acknowledgements, productions of computations and watermarks cannot
@@ -480,7 +490,57 @@ impl Executor {
     /// Steps 2-4: dedup, process, poll sources, fire timers.
     fn process(&mut self, batch: &mut Batch<'_>, halting: bool) -> Result<usize, EngineError> {
         let plan = Arc::clone(&self.plan);
-        let node_metrics = Arc::clone(&self.node_metrics);
+        self.delete_released(&plan, batch);
+        let engine = &plan.topology.engine;
+        let stopping = self.shared.stopping.load(Ordering::SeqCst) || halting;
+        // A turn ends once it has run for `commit_interval` (or, when commits
+        // are slower than that, as long as a commit takes: an fsync then covers
+        // as much work as it waits for). What is left waits for the next turn,
+        // so that no record waits long for its checkpoint. The first shard
+        // served rotates, so that none starves.
+        let mut turn = Turn {
+            started: Instant::now(),
+            budget: engine.commit_interval.max(self.commit_time),
+            out_of_time: false,
+            processed: 0,
+        };
+        let n = self.shards.len();
+        self.first_shard = (self.first_shard + 1) % n.max(1);
+        // Sources go last: what they read waits only for this turn's commit.
+        let mut order = std::mem::take(&mut self.order);
+        order.clear();
+        order.extend((0..n).map(|k| (self.first_shard + k) % n));
+        order.sort_by_key(|&i| matches!(self.shards[i].body, Body::Source(_)));
+        for &i in &order {
+            let mut budget = engine.batch_size;
+            // Event-time timers the watermark has passed fire before the
+            // records that came after that watermark, whatever the turns.
+            self.fire_due_timers(i, &plan, false, batch)?;
+            // Deliveries (not while halting: they stay unacknowledged and come again).
+            if !halting {
+                self.apply_deliveries(i, &plan, batch, &mut budget, &mut turn)?;
+            }
+            if !stopping {
+                self.poll_source(i, &plan, budget, &mut turn)?;
+            }
+            // Timers again (records may have set some in the past), and
+            // processing-time ones.
+            self.fire_due_timers(i, &plan, true, batch)?;
+            self.route_polled(i, &plan, batch);
+            self.advance_watermark(i, &plan, stopping);
+            self.shards[i].checkpoint(
+                batch,
+                &plan.channels,
+                engine.durability == millrace_config::Durability::Machine,
+            )?;
+        }
+        self.order = order;
+        Ok(turn.processed)
+    }
+
+    /// Deletes from the outbox what acknowledgements released since the last
+    /// turn: one delete each, or one range delete from `RANGE_DELETE_MIN` on.
+    fn delete_released(&mut self, plan: &Plan, batch: &mut Batch<'_>) {
         for (ch, first, last) in self.released.drain(..) {
             let c = &plan.channels[ch as usize];
             if last - first + 1 < RANGE_DELETE_MIN {
@@ -494,180 +554,97 @@ impl Executor {
                 batch.delete_range(Cf::Outbox, &c.outbox_key(first), &c.outbox_key(last + 1));
             }
         }
+    }
+
+    /// Steps 2 and 3 for shard `i`: takes its pending deliveries in order,
+    /// drops duplicates (acknowledging them again) and gaps, and runs the
+    /// computation (or the sink) on the rest; routes what each produced.
+    fn apply_deliveries(
+        &mut self,
+        i: usize,
+        plan: &Plan,
+        batch: &mut Batch<'_>,
+        budget: &mut usize,
+        turn: &mut Turn,
+    ) -> Result<(), EngineError> {
         let engine = &plan.topology.engine;
-        let stopping = self.shared.stopping.load(Ordering::SeqCst) || halting;
-        let mut processed = 0;
-        // A turn ends once it has run for `commit_interval` (or, when commits
-        // are slower than that, as long as a commit takes: an fsync then covers
-        // as much work as it waits for). What is left waits for the next turn,
-        // so that no record waits long for its checkpoint. The first shard
-        // served rotates, so that none starves.
-        let turn_budget = engine.commit_interval.max(self.commit_time);
-        let turn_started = Instant::now();
-        let mut out_of_time = false;
-        let n = self.shards.len();
-        self.first_shard = (self.first_shard + 1) % n.max(1);
-        // Sources go last: what they read waits only for this turn's commit.
-        let mut order = std::mem::take(&mut self.order);
-        order.clear();
-        order.extend((0..n).map(|k| (self.first_shard + k) % n));
-        order.sort_by_key(|&i| matches!(self.shards[i].body, Body::Source(_)));
-        for &i in &order {
-            let node = &plan.nodes[self.shards[i].node];
-            let metrics = &node_metrics[self.shards[i].node];
-            let mut budget = engine.batch_size;
-            // Event-time timers the watermark has passed fire before the
-            // records that came after that watermark, whatever the turns.
-            self.fire_due_timers(i, &plan, false, batch)?;
-            // Deliveries (not while halting: they stay unacknowledged and come again).
-            while !halting
-                && !out_of_time
-                && budget > 0
-                && self.shards[i].backlog < engine.max_backlog
-            {
-                if processed % 64 == 63 && turn_started.elapsed() >= turn_budget {
-                    out_of_time = true;
-                    break;
-                }
-                let Some((ch, seq, env)) = self.shards[i].pending.pop_front() else {
-                    break;
-                };
-                let shard = &mut self.shards[i];
-                let Some(input) = shard.inputs.get_mut(&ch) else {
+        let node_metrics = Arc::clone(&self.node_metrics);
+        let node = &plan.nodes[self.shards[i].node];
+        let metrics = &node_metrics[self.shards[i].node];
+        while !turn.out_of_time && *budget > 0 && self.shards[i].backlog < engine.max_backlog {
+            if turn.processed % 64 == 63 && turn.started.elapsed() >= turn.budget {
+                turn.out_of_time = true;
+                break;
+            }
+            let Some((ch, seq, env)) = self.shards[i].pending.pop_front() else {
+                break;
+            };
+            let shard = &mut self.shards[i];
+            let Some(input) = shard.inputs.get_mut(&ch) else {
+                continue;
+            };
+            match input.offer(seq) {
+                crate::delivery::Offer::Duplicate => {
+                    metrics.duplicates.inc();
+                    let applied = input.applied();
+                    let a = self.acks.entry(ch).or_insert(0);
+                    *a = (*a).max(applied);
                     continue;
-                };
-                match input.offer(seq) {
-                    crate::delivery::Offer::Duplicate => {
-                        metrics.duplicates.inc();
-                        let applied = input.applied();
-                        let a = self.acks.entry(ch).or_insert(0);
-                        *a = (*a).max(applied);
-                        continue;
-                    }
-                    crate::delivery::Offer::Gap => {
-                        metrics.gaps.inc();
-                        continue;
-                    }
-                    crate::delivery::Offer::Apply => {}
                 }
-                self.acks.insert(ch, seq);
-                shard.applied_dirty.insert(ch);
-                budget -= 1;
-                processed += 1;
-                metrics.records_in.inc();
-                let record = env.record();
-                if record.timestamp < shard.input_wm {
-                    metrics.late_records.inc();
+                crate::delivery::Offer::Gap => {
+                    metrics.gaps.inc();
+                    continue;
                 }
-                shard.max_event = shard.max_event.max(record.timestamp);
-                match &mut shard.body {
-                    Body::Sink { sink, written } => {
-                        sink.write(&record).map_err(EngineError::Sink)?;
-                        *written = true;
-                        let lat = (now_micros() - env.ingest()).max(0) as f64 / 1e6;
-                        metrics.e2e_latency.observe(lat);
-                    }
-                    Body::Compute(_) => {
-                        let key = record.key.clone();
-                        let at = KeyEnv {
-                            store: &self.store,
-                            emits: &mut self.emits,
-                            ports: &node.ports,
-                            ingest: env.ingest(),
-                            input: &plan.edges[plan.channels[ch as usize].edge].stream,
-                        };
-                        match shard.with_key(at, &key, |comp, ctx| comp.process_record(ctx, record))
-                        {
-                            Some(Err(ComputationError::BadRecord(why))) => {
-                                bad_record(metrics, &node.name, &key, &why);
-                                // The record went to the computation; the
-                                // envelope still holds it for the errors output.
-                                let bad = env.record();
-                                self.emits.push(Emit {
-                                    port: 1,
-                                    key: bad.key,
-                                    value: bad.value,
-                                    ts: bad.timestamp,
-                                    ingest: env.ingest(),
-                                });
-                            }
-                            Some(Err(ComputationError::Storage(e))) => return Err(e.into()),
-                            Some(Ok(())) | None => {}
-                        }
-                    }
-                    Body::Source(_) => {}
-                }
-                route(
-                    &plan,
-                    shard,
-                    &mut self.emits,
-                    batch,
-                    metrics,
-                    &mut self.produced_count,
-                    &self.shared.taps,
-                );
+                crate::delivery::Offer::Apply => {}
             }
-
-            // Sources.
-            let shard = &mut self.shards[i];
-            if let Body::Source(src) = &mut shard.body {
-                let now = Instant::now();
-                let room = engine.max_backlog.saturating_sub(shard.backlog).min(budget);
-                if !src.exhausted && !stopping && !out_of_time && room > 0 && now >= src.idle_until
-                {
-                    let mut polled = Vec::new();
-                    let poll = src
-                        .source
-                        .poll(&mut Emitter { out: &mut polled }, room)
-                        .map_err(|e| EngineError::Source(node.name.clone(), e))?;
-                    let ingest = now_micros();
-                    if !polled.is_empty() {
-                        src.position_dirty = true;
-                        src.last_data = now;
-                        src.idle_pause = SOURCE_IDLE_PAUSE.0;
-                        processed += polled.len();
-                        metrics.records_in.inc_by(polled.len() as u64);
-                    }
-                    for (key, value, ts) in polled {
-                        // An event time out of range goes to the errors
-                        // output in `route`; it never moves the watermark.
-                        if is_valid_event_time(ts) {
-                            shard.max_event = shard.max_event.max(ts);
+            self.acks.insert(ch, seq);
+            shard.applied_dirty.insert(ch);
+            *budget -= 1;
+            turn.processed += 1;
+            metrics.records_in.inc();
+            let record = env.record();
+            if record.timestamp < shard.input_wm {
+                metrics.late_records.inc();
+            }
+            shard.max_event = shard.max_event.max(record.timestamp);
+            match &mut shard.body {
+                Body::Sink { sink, written } => {
+                    sink.write(&record).map_err(EngineError::Sink)?;
+                    *written = true;
+                    let lat = (now_micros() - env.ingest()).max(0) as f64 / 1e6;
+                    metrics.e2e_latency.observe(lat);
+                }
+                Body::Compute(_) => {
+                    let key = record.key.clone();
+                    let at = KeyEnv {
+                        store: &self.store,
+                        emits: &mut self.emits,
+                        ports: &node.ports,
+                        ingest: env.ingest(),
+                        input: &plan.edges[plan.channels[ch as usize].edge].stream,
+                    };
+                    match shard.with_key(at, &key, |comp, ctx| comp.process_record(ctx, record)) {
+                        Some(Err(ComputationError::BadRecord(why))) => {
+                            bad_record(metrics, &node.name, &key, &why);
+                            // The record went to the computation; the
+                            // envelope still holds it for the errors output.
+                            let bad = env.record();
+                            self.emits.push(Emit {
+                                port: 1,
+                                key: bad.key,
+                                value: bad.value,
+                                ts: bad.timestamp,
+                                ingest: env.ingest(),
+                            });
                         }
-                        self.emits.push(Emit {
-                            port: 0,
-                            key,
-                            value,
-                            ts,
-                            ingest,
-                        });
-                    }
-                    match poll {
-                        SourcePoll::Ready => {}
-                        SourcePoll::Idle => {
-                            // Pauses double while polls find nothing, and
-                            // start again from the shortest after any data.
-                            src.idle_until = now + src.idle_pause;
-                            src.idle_pause = (src.idle_pause * 2).min(SOURCE_IDLE_PAUSE.1);
-                        }
-                        SourcePoll::Exhausted => src.exhausted = true,
+                        Some(Err(ComputationError::Storage(e))) => return Err(e.into()),
+                        Some(Ok(())) | None => {}
                     }
                 }
+                Body::Source(_) => {}
             }
-
-            // Timers: event-time ones the watermark passed (again: records
-            // may have set some in the past) and processing-time ones.
-            self.fire_due_timers(i, &plan, true, batch)?;
-            let shard = &mut self.shards[i];
-            if shard.discarded > 0 {
-                metrics
-                    .discarded_records
-                    .inc_by(std::mem::take(&mut shard.discarded));
-            }
-
-            // What the sources polled and the timers emitted.
             route(
-                &plan,
+                plan,
                 shard,
                 &mut self.emits,
                 batch,
@@ -675,64 +652,145 @@ impl Executor {
                 &mut self.produced_count,
                 &self.shared.taps,
             );
-            shard.note_replay_point();
-            if !shard.uses_outbox() {
-                // A replayable source's productions are not in the batch: after
-                // a crash it replays them with the same sequence numbers, and
-                // receivers drop what they already applied. They need not wait
-                // for the commit, so they go now, and the other executor
-                // works on them while this one commits.
-                let handed = Handed {
-                    produced: std::mem::take(&mut self.produced_count),
-                    ..Handed::default()
-                };
-                let (me, replay_out, peers) = (self.me, &mut self.replay_out, &self.peers);
-                let sent = self.shared.in_flight.hand_out(handed, || {
-                    send_replayable(&plan, me, shard, replay_out, peers)
-                });
-                if sent {
-                    failpoint::hit(Point::SourceSent);
-                }
-            }
-
-            // Watermark.
-            let source_wm = match &shard.body {
-                Body::Source(src) if src.exhausted => Some((MAX_TIME, false)),
-                Body::Source(src) => {
-                    let from_data = shard.max_event.saturating_sub(node.watermark.out_of_order);
-                    // After `idle_after` without data a source is idle: its
-                    // consumers leave it out of their minimum (as Flink's
-                    // `withIdleness`), and its own watermark follows the
-                    // clock, in whole steps so that it is sent and persisted
-                    // once a step, not on every turn. Not while draining:
-                    // then nothing new comes in, and a watermark that kept
-                    // moving would keep the drain from ever finding the
-                    // graph quiet.
-                    let idle = !stopping
-                        && node
-                            .watermark
-                            .idle_after
-                            .is_some_and(|d| src.last_data.elapsed() >= d);
-                    Some(if idle {
-                        let clock = now_micros().saturating_sub(node.watermark.out_of_order);
-                        let step = IDLE_WATERMARK_STEP.as_micros() as i64;
-                        let quiet = shard.backlog == 0;
-                        (from_data.max(clock.div_euclid(step) * step), quiet)
-                    } else {
-                        (from_data, false)
-                    })
-                }
-                _ => None,
-            };
-            shard.recompute_output_wm(source_wm);
-            shard.checkpoint(
-                batch,
-                &plan.channels,
-                engine.durability == millrace_config::Durability::Machine,
-            )?;
         }
-        self.order = order;
-        Ok(processed)
+        Ok(())
+    }
+
+    /// Step 3 for a source shard: polls it for as many records as its room
+    /// allows (backlog and batch), unless it is exhausted or resting after
+    /// a poll that found nothing.
+    fn poll_source(
+        &mut self,
+        i: usize,
+        plan: &Plan,
+        budget: usize,
+        turn: &mut Turn,
+    ) -> Result<(), EngineError> {
+        let engine = &plan.topology.engine;
+        let shard = &mut self.shards[i];
+        let node = &plan.nodes[shard.node];
+        let metrics = &self.node_metrics[shard.node];
+        let Body::Source(src) = &mut shard.body else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let room = engine.max_backlog.saturating_sub(shard.backlog).min(budget);
+        if src.exhausted || turn.out_of_time || room == 0 || now < src.idle_until {
+            return Ok(());
+        }
+        let mut polled = Vec::new();
+        let poll = src
+            .source
+            .poll(&mut Emitter { out: &mut polled }, room)
+            .map_err(|e| EngineError::Source(node.name.clone(), e))?;
+        let ingest = now_micros();
+        if !polled.is_empty() {
+            src.position_dirty = true;
+            src.last_data = now;
+            src.idle_pause = SOURCE_IDLE_PAUSE.0;
+            turn.processed += polled.len();
+            metrics.records_in.inc_by(polled.len() as u64);
+        }
+        for (key, value, ts) in polled {
+            // An event time out of range goes to the errors output in
+            // `route`; it never moves the watermark.
+            if is_valid_event_time(ts) {
+                shard.max_event = shard.max_event.max(ts);
+            }
+            self.emits.push(Emit {
+                port: 0,
+                key,
+                value,
+                ts,
+                ingest,
+            });
+        }
+        match poll {
+            SourcePoll::Ready => {}
+            SourcePoll::Idle => {
+                // Pauses double while polls find nothing, and start again
+                // from the shortest after any data.
+                src.idle_until = now + src.idle_pause;
+                src.idle_pause = (src.idle_pause * 2).min(SOURCE_IDLE_PAUSE.1);
+            }
+            SourcePoll::Exhausted => src.exhausted = true,
+        }
+        Ok(())
+    }
+
+    /// Routes what shard `i`'s source polled; a replayable source's
+    /// productions then leave at once, on their own path.
+    fn route_polled(&mut self, i: usize, plan: &Plan, batch: &mut Batch<'_>) {
+        let shard = &mut self.shards[i];
+        let metrics = &self.node_metrics[shard.node];
+        if shard.discarded > 0 {
+            metrics
+                .discarded_records
+                .inc_by(std::mem::take(&mut shard.discarded));
+        }
+        route(
+            plan,
+            shard,
+            &mut self.emits,
+            batch,
+            metrics,
+            &mut self.produced_count,
+            &self.shared.taps,
+        );
+        shard.note_replay_point();
+        if !shard.uses_outbox() {
+            // A replayable source's productions are not in the batch: after
+            // a crash it replays them with the same sequence numbers, and
+            // receivers drop what they already applied. They need not wait
+            // for the commit, so they go now, and the other executor works
+            // on them while this one commits.
+            let handed = Handed {
+                produced: std::mem::take(&mut self.produced_count),
+                ..Handed::default()
+            };
+            let (me, replay_out, peers) = (self.me, &mut self.replay_out, &self.peers);
+            let sent = self.shared.in_flight.hand_out(handed, || {
+                send_replayable(plan, me, shard, replay_out, peers)
+            });
+            if sent {
+                failpoint::hit(Point::SourceSent);
+            }
+        }
+    }
+
+    /// A source shard's own watermark (from its data, or, idle, from the
+    /// clock), then every shard's output watermark and idleness.
+    fn advance_watermark(&mut self, i: usize, plan: &Plan, stopping: bool) {
+        let shard = &mut self.shards[i];
+        let node = &plan.nodes[shard.node];
+        let source_wm = match &shard.body {
+            Body::Source(src) if src.exhausted => Some((MAX_TIME, false)),
+            Body::Source(src) => {
+                let from_data = shard.max_event.saturating_sub(node.watermark.out_of_order);
+                // After `idle_after` without data a source is idle: its
+                // consumers leave it out of their minimum (as Flink's
+                // `withIdleness`), and its own watermark follows the clock,
+                // in whole steps so that it is sent and persisted once a
+                // step, not on every turn. Not while draining: then nothing
+                // new comes in, and a watermark that kept moving would keep
+                // the drain from ever finding the graph quiet.
+                let idle = !stopping
+                    && node
+                        .watermark
+                        .idle_after
+                        .is_some_and(|d| src.last_data.elapsed() >= d);
+                Some(if idle {
+                    let clock = now_micros().saturating_sub(node.watermark.out_of_order);
+                    let step = IDLE_WATERMARK_STEP.as_micros() as i64;
+                    let quiet = shard.backlog == 0;
+                    (from_data.max(clock.div_euclid(step) * step), quiet)
+                } else {
+                    (from_data, false)
+                })
+            }
+            _ => None,
+        };
+        shard.recompute_output_wm(source_wm);
     }
 
     /// Step 4: fires the event-time timers of shard `i` that its input
