@@ -53,8 +53,20 @@ fn input(name: &str) -> String {
 fn hashtag_autocompletion_gives_the_top_three_tags_per_prefix() {
     let s = Scratch::new();
     run_example(&s, "hashtags");
-    // The model: count each tag, then for every prefix the three most
-    // frequent tags, ties in tag order.
+    let want = top3_model();
+    let emitted = pairs(&s.path("out/top3.txt"));
+    let mut last: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (prefix, list) in emitted {
+        let list: Vec<String> = serde_json::from_str(&list).expect("a JSON list");
+        assert!(!list.is_empty() && list.len() <= 3, "{prefix}: {list:?}");
+        last.insert(prefix, list);
+    }
+    assert_eq!(last, want);
+}
+
+/// The model of hashtag autocompletion: count each tag, then for every
+/// prefix the three most frequent tags, ties in tag order.
+fn top3_model() -> BTreeMap<String, Vec<String>> {
     let mut counts: BTreeMap<String, i64> = BTreeMap::new();
     for line in input("tweets.txt").lines() {
         for w in line.split(' ').skip(1) {
@@ -73,14 +85,50 @@ fn hashtag_autocompletion_gives_the_top_three_tags_per_prefix() {
             want.insert(tag[..n].to_owned(), top.into_iter().cloned().collect());
         }
     }
-    let emitted = pairs(&s.path("out/top3.txt"));
+    want
+}
+
+#[test]
+fn top_per_key_keeps_its_elements_ranked_by_a_score() {
+    // The same pipeline with the built-in top instead of the third script.
+    let s = Scratch::new();
+    let root = std::env::current_dir().expect("cwd");
+    let example = std::fs::read_to_string(root.join("examples/hashtags.toml")).expect("example");
+    let cut = example.find("[computations.top3]").expect("top3");
+    let sink = example.find("[sinks.out]").expect("sink");
+    let text = format!(
+        "{}[computations.top3]\ntype = \"top_per_key\"\ninputs = [\"prefixes\"]\nn = 3\nby = \"json:/count\"\nid = \"json:/tag\"\n\n{}",
+        &example[..cut],
+        &example[sink..]
+    )
+    .replace("target/hashtags", &s.path("out").display().to_string())
+    .replace(
+        "examples/scripts",
+        &root.join("examples/scripts").display().to_string(),
+    );
+    let out = run_to_end(&s.write("top.toml", &text), T);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut last: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (prefix, list) in emitted {
-        let list: Vec<String> = serde_json::from_str(&list).expect("a JSON list");
-        assert!(!list.is_empty() && list.len() <= 3, "{prefix}: {list:?}");
-        last.insert(prefix, list);
+    for (prefix, list) in pairs(&s.path("out/top3.txt")) {
+        let list: Vec<serde_json::Value> = serde_json::from_str(&list).expect("JSON list");
+        assert!(list.len() <= 3);
+        // Elements are kept whole: {"tag": .., "count": ..}.
+        let tags = list
+            .iter()
+            .map(|e| {
+                e["tag"]
+                    .as_str()
+                    .expect("an element with its tag")
+                    .to_owned()
+            })
+            .collect();
+        last.insert(prefix, tags);
     }
-    assert_eq!(last, want);
+    assert_eq!(last, top3_model());
 }
 
 #[test]

@@ -2,8 +2,9 @@
 //! current aggregate of the key, as decimal text, in RocksDB.
 
 use crate::options;
+use millrace_config::KeyExtractor;
 use millrace_engine::per_shard;
-use millrace_engine::{Computation, ComputationError, Context, Record, Registry};
+use millrace_engine::{extract_key, Computation, ComputationError, Context, Record, Registry};
 use serde::Deserialize;
 
 /// `count`: the running count per key (the streaming word count's mapWithState).
@@ -157,6 +158,73 @@ impl Computation for Combine {
     }
 }
 
+/// `top_per_key` with `by`: the N elements with the largest scores per key
+/// (Beam's `Top.largestPerKey`), keeping the elements themselves. The score
+/// is read from each element with `by` (`json:/count`, `field:N`); with
+/// `id`, an element replaces the one with the same identity (a running
+/// count updating its tag). Order: score descending, then the element's
+/// text ascending, so ties are broken the same way every time. Emits the
+/// elements (a JSON array; JSON elements as they are, others as strings)
+/// whenever they change.
+#[derive(Clone)]
+pub struct TopBy {
+    n: usize,
+    by: KeyExtractor,
+    id: Option<KeyExtractor>,
+}
+
+impl Computation for TopBy {
+    fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
+        let bad = |what: String| ComputationError::BadRecord(what);
+        let score_text =
+            extract_key(&self.by, &r.key, &r.value).map_err(|e| bad(format!("by: {e}")))?;
+        let score: f64 = std::str::from_utf8(&score_text)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .filter(|f: &f64| f.is_finite())
+            .ok_or_else(|| {
+                bad(format!(
+                    "by: `{}` is not a number",
+                    String::from_utf8_lossy(&score_text)
+                ))
+            })?;
+        let element = String::from_utf8_lossy(&r.value).into_owned();
+        let id = match &self.id {
+            Some(x) => Some(
+                extract_key(x, &r.key, &r.value)
+                    .map_err(|e| bad(format!("id: {e}")))?
+                    .to_vec(),
+            ),
+            None => None,
+        };
+        // State: [[score, element, id or null], ...], best first.
+        let mut top: Vec<(f64, String, Option<Vec<u8>>)> = match ctx.state()? {
+            None => Vec::new(),
+            Some(b) => serde_json::from_slice(&b)
+                .map_err(|e| bad(format!("stored top elements are not readable: {e}")))?,
+        };
+        let before: Vec<String> = top.iter().map(|(_, e, _)| e.clone()).collect();
+        if id.is_some() {
+            top.retain(|(_, _, i)| *i != id);
+        }
+        top.push((score, element, id));
+        top.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        top.truncate(self.n);
+        let after: Vec<String> = top.iter().map(|(_, e, _)| e.clone()).collect();
+        ctx.set_state(serde_json::to_vec(&top).map_err(|e| bad(e.to_string()))?);
+        if after != before {
+            let out: Vec<serde_json::Value> = after
+                .iter()
+                .map(|e| {
+                    serde_json::from_str(e).unwrap_or_else(|_| serde_json::Value::from(e.as_str()))
+                })
+                .collect();
+            ctx.produce(r.key, serde_json::Value::from(out).to_string(), r.timestamp);
+        }
+        Ok(())
+    }
+}
+
 /// `count_per_element`: how often each distinct value has been seen (Beam's
 /// Count.perElement), per key; emits `(value, count)` for every record. Key
 /// the input by `value` to count over the whole stream.
@@ -201,10 +269,28 @@ pub(crate) fn register(r: &mut Registry) {
         #[serde(deny_unknown_fields)]
         struct O {
             n: usize,
+            by: Option<String>,
+            id: Option<String>,
         }
         let o: O = options(c)?;
         if o.n == 0 {
             return Err(c.options.error(Some("n"), "must be at least 1"));
+        }
+        let extractor = |key: &str, text: &str| {
+            KeyExtractor::parse(text, None).map_err(|m| c.options.error(Some(key), m))
+        };
+        match (&o.by, &o.id) {
+            (Some(by), id) => {
+                return Ok(per_shard(TopBy {
+                    n: o.n,
+                    by: extractor("by", by)?,
+                    id: id.as_deref().map(|i| extractor("id", i)).transpose()?,
+                }))
+            }
+            (None, Some(_)) => {
+                return Err(c.options.error(Some("id"), "`id` needs `by` (the score)"))
+            }
+            (None, None) => {}
         }
         let empty = crate::aggregate::Acc::Top {
             n: o.n,
