@@ -1,4 +1,5 @@
-//! `/metrics`, `/healthz`, `/status` and `/tap` over a minimal HTTP/1.1 server.
+//! `/` (the status page), `/metrics`, `/healthz`, `/status` and `/tap` over
+//! a minimal HTTP/1.1 server.
 //!
 //! The server starts before recovery, so `/healthz` answers 503 while the
 //! worker rebuilds its shards, 200 while it runs, and 503 again while it drains.
@@ -37,12 +38,22 @@ pub struct HttpState {
     rates: Mutex<Rates>,
 }
 
-/// Records in/out per second per component, between the last two samples.
+/// Records in/out per second per component, between the last two samples,
+/// and the last [`HISTORY`] samples of records in per second (for the
+/// status page's charts; bounded).
 #[derive(Default)]
 struct Rates {
     last: Option<(Instant, Vec<(u64, u64)>)>,
     per_second: Vec<(f64, f64)>,
+    history: std::collections::VecDeque<Vec<f64>>,
 }
+
+/// Samples of the rates kept (one a second: five minutes).
+const HISTORY: usize = 300;
+
+/// The status page: self-contained (no external requests), it polls
+/// `/status` and draws the graph.
+const STATUS_PAGE: &str = include_str!("status.html");
 
 /// Who may read what.
 #[derive(Default, Clone)]
@@ -59,7 +70,8 @@ impl Auth {
         let Some(token) = &self.token else {
             return true;
         };
-        if path == "/healthz" || (path == "/metrics" && !self.metrics) {
+        // The status page itself is static; the data it reads is guarded.
+        if path == "/" || path == "/healthz" || (path == "/metrics" && !self.metrics) {
             return true;
         }
         head.lines().any(|l| {
@@ -121,8 +133,18 @@ impl HttpState {
             g.per_second = counts
                 .iter()
                 .zip(before)
-                .map(|(a, b)| ((a.0 - b.0) as f64 / dt, (a.1 - b.1) as f64 / dt))
+                .map(|(a, b)| {
+                    (
+                        a.0.saturating_sub(b.0) as f64 / dt,
+                        a.1.saturating_sub(b.1) as f64 / dt,
+                    )
+                })
                 .collect();
+            let sample = g.per_second.iter().map(|r| r.0).collect();
+            if g.history.len() == HISTORY {
+                g.history.pop_front();
+            }
+            g.history.push_back(sample);
         }
         g.last = Some((now, counts));
     }
@@ -234,6 +256,7 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
             let body = state.metrics.render();
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
         }
+        "/" => respond(&mut stream, 200, "text/html; charset=utf-8", STATUS_PAGE).await,
         "/healthz" => {
             let (code, body) = match state.health.load(Ordering::SeqCst) {
                 RECOVERING => (503, "recovering\n"),
@@ -252,7 +275,10 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
                 )
                 .await;
             };
-            let rates = state.rates.lock().per_second.clone();
+            let (rates, history) = {
+                let g = state.rates.lock();
+                (g.per_second.clone(), g.history.clone())
+            };
             let components: Vec<serde_json::Value> = w
                 .status()
                 .into_iter()
@@ -262,6 +288,12 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
                     let (rin, rout) = rates.get(i).copied().unwrap_or_default();
                     v["records_in_per_second"] = rin.into();
                     v["records_out_per_second"] = rout.into();
+                    // Records in per second, oldest first, one a second.
+                    v["history"] = history
+                        .iter()
+                        .map(|s| s.get(i).copied().unwrap_or(0.0))
+                        .collect::<Vec<f64>>()
+                        .into();
                     v
                 })
                 .collect();
@@ -311,7 +343,7 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
                 &mut stream,
                 404,
                 "text/plain",
-                "not found: try /metrics, /healthz, /status or /tap?component=NAME\n",
+                "not found: try /, /metrics, /healthz, /status or /tap?component=NAME\n",
             )
             .await
         }

@@ -109,3 +109,66 @@ fn a_token_guards_status_and_tap_but_not_metrics() {
     term(&child);
     assert!(wait_exit(&mut child, T).success());
 }
+
+#[test]
+fn the_status_page_and_the_figures_it_draws() {
+    let s = Scratch::new();
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut child = spawn(&running(&s, "http_token = \"page-token\""), &http);
+    assert!(wait_until(T, || http_get(&http, "/healthz")
+        .is_some_and(|(c, _)| c == 200)));
+    // The page is static and self-contained: no token, no other host.
+    let (code, page) = http_get(&http, "/").expect("the page");
+    assert_eq!(code, 200);
+    assert!(
+        page.starts_with("<!doctype html>"),
+        "{}",
+        &page[..40.min(page.len())]
+    );
+    assert!(page.contains("fetch(\"/status\""));
+    for external in [
+        "<script src",
+        "<link",
+        "@import",
+        "fetch(\"http",
+        "url(http",
+    ] {
+        assert!(
+            !page.contains(external),
+            "the page loads nothing from elsewhere: {external}"
+        );
+    }
+    // What it draws: per component rates, backlog, watermark, late and bad
+    // records, and a bounded history of the rate (one sample a second).
+    let status = |headers: &str| -> Option<serde_json::Value> {
+        let mut c = TcpStream::connect(&http).ok()?;
+        write!(c, "GET /status HTTP/1.1\r\nHost: x\r\n{headers}\r\n").ok()?;
+        let mut body = String::new();
+        c.read_to_string(&mut body).ok()?;
+        serde_json::from_str(body.split_once("\r\n\r\n")?.1).ok()
+    };
+    let auth = "Authorization: Bearer page-token\r\n";
+    assert!(status("").is_none(), "/status needs the token");
+    assert!(wait_until(T, || {
+        status(auth).is_some_and(|v| {
+            v["components"][0]["history"]
+                .as_array()
+                .is_some_and(|h| h.len() >= 2)
+        })
+    }));
+    let v = status(auth).expect("status");
+    let gen = &v["components"][0];
+    assert_eq!(gen["name"], "gen");
+    for field in [
+        "records_in_per_second",
+        "backlog",
+        "low_watermark",
+        "late_records",
+        "bad_records",
+    ] {
+        assert!(!gen[field].is_null(), "{field} in {gen}");
+    }
+    assert!(gen["history"].as_array().expect("history").len() <= 300);
+    term(&child);
+    assert!(wait_exit(&mut child, T).success());
+}

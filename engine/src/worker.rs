@@ -74,6 +74,10 @@ pub struct ComponentStatus {
     pub records_in: u64,
     /// Records produced so far.
     pub records_out: u64,
+    /// Records that arrived behind the watermark.
+    pub late_records: u64,
+    /// Records routed to its `errors` output.
+    pub bad_records: u64,
 }
 
 /// A running worker.
@@ -433,6 +437,8 @@ impl Worker {
                         .sum(),
                     records_in: m.records_in.get(),
                     records_out: m.records_out.get(),
+                    late_records: m.late_records.get(),
+                    bad_records: m.bad_records.get(),
                 }
             })
             .collect()
