@@ -16,58 +16,9 @@ use support::*;
 
 const T: Duration = Duration::from_secs(60);
 
-/// Adds one input file atomically (hidden name, then rename).
-fn add(dir: &Path, name: &str, body: &str) {
-    let tmp = dir.join(format!(".{name}"));
-    std::fs::write(&tmp, body).expect("write");
-    std::fs::rename(&tmp, dir.join(name)).expect("rename");
-}
-
-/// `file` (watched, `key,seconds,value`) -> `map` -> `window` -> sinks for
-/// the window's output and its `late` output.
+/// The event-time pipeline with its source's watermark `out_of_order = 0s`.
 fn topology(s: &Scratch, engine: &str, window: &str, extra: &str) -> std::path::PathBuf {
-    std::fs::create_dir_all(s.path("in")).expect("mkdir");
-    s.write(
-        "w.toml",
-        &format!(
-            r#"
-[service]
-data_dir = "{{dir}}/data"
-[engine]
-shards = 2
-{engine}
-[sources.events]
-type = "file"
-path = "{{dir}}/in"
-watch = true
-timestamp = "field:1"
-delimiter = ","
-timestamp_unit = "s"
-watermark = {{ out_of_order = "0s" }}
-[computations.keyed]
-type = "map"
-inputs = ["events"]
-key = "field:0"
-value = "field:2"
-delimiter = ","
-[computations.w]
-type = "window"
-inputs = ["keyed"]
-window = {window}
-{extra}
-[sinks.out]
-type = "file"
-inputs = ["w"]
-path = "{{dir}}/out.txt"
-format = "text"
-[sinks.late]
-type = "file"
-inputs = ["w.late"]
-path = "{{dir}}/late.txt"
-format = "text"
-"#
-        ),
-    )
+    window_topology(s, engine, window, extra, r#"{ out_of_order = "0s" }"#)
 }
 
 /// One pane as `key [start,end) value timing #index` (times in ms), with

@@ -23,62 +23,12 @@ fn panes(p: &std::path::Path) -> Vec<(String, Value)> {
         .collect()
 }
 
-/// Adds one input file atomically (hidden name, then rename).
-fn add(dir: &std::path::Path, name: &str, body: &str) {
-    let tmp = dir.join(format!(".{name}"));
-    std::fs::write(&tmp, body).expect("write");
-    std::fs::rename(&tmp, dir.join(name)).expect("rename");
-}
-
-fn window_topology(s: &Scratch, window: &str, extra: &str, watermark: &str) -> std::path::PathBuf {
-    std::fs::create_dir_all(s.path("in")).expect("mkdir");
-    s.write(
-        "w.toml",
-        &format!(
-            r#"
-[service]
-data_dir = "{{dir}}/data"
-[engine]
-shards = 2
-[sources.events]
-type = "file"
-path = "{{dir}}/in"
-watch = true
-timestamp = "field:1"
-delimiter = ","
-timestamp_unit = "s"
-watermark = {watermark}
-[computations.keyed]
-type = "map"
-inputs = ["events"]
-key = "field:0"
-value = "field:2"
-delimiter = ","
-[computations.w]
-type = "window"
-inputs = ["keyed"]
-window = {window}
-{extra}
-[sinks.out]
-type = "file"
-inputs = ["w"]
-path = "{{dir}}/out.txt"
-format = "text"
-[sinks.late]
-type = "file"
-inputs = ["w.late"]
-path = "{{dir}}/late.txt"
-format = "text"
-"#
-        ),
-    )
-}
-
 /// Panes [7], then [3, 4] (late), then [8] (late, at expiry) of window [0s, 10s) of key `a`.
 fn run_three_panes(accumulation: &str) -> Vec<Value> {
     let s = Scratch::new();
     let topo = window_topology(
         &s,
+        "",
         r#"{ kind = "fixed", size = "10s" }"#,
         &format!(
             "aggregate = \"sum\"\nallowed_lateness = \"30s\"\naccumulation = \"{accumulation}\"\ntrigger = {{ late = {{ count = 2 }} }}"
@@ -180,6 +130,7 @@ fn an_early_pane_fires_at_its_count_and_the_rest_on_time() {
     let s = Scratch::new();
     let topo = window_topology(
         &s,
+        "",
         r#"{ kind = "fixed", size = "10s" }"#,
         "aggregate = \"sum\"\ntrigger = { early_count = 2 }",
         r#"{ out_of_order = "0s" }"#,
@@ -218,6 +169,7 @@ fn out_of_order_sessions_merge() {
     let s = Scratch::new();
     let topo = window_topology(
         &s,
+        "",
         r#"{ kind = "session", gap = "5s" }"#,
         "aggregate = \"collect\"",
         r#"{ out_of_order = "60s" }"#,
@@ -257,6 +209,7 @@ fn a_window_fed_by_an_idle_source_still_fires() {
     let s = Scratch::new();
     let topo = window_topology(
         &s,
+        "",
         r#"{ kind = "fixed", size = "10s" }"#,
         "aggregate = \"count\"",
         r#"{ out_of_order = "1h", idle_after = "300ms" }"#,

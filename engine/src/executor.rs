@@ -538,6 +538,20 @@ impl Executor {
         Ok(turn.processed)
     }
 
+    /// Routes what shard `i` emitted since the last call (see [`route`]).
+    fn route_emitted(&mut self, i: usize, plan: &Plan, batch: &mut Batch<'_>) {
+        let shard = &mut self.shards[i];
+        route(
+            plan,
+            shard,
+            &mut self.emits,
+            batch,
+            &self.node_metrics[shard.node],
+            &mut self.produced_count,
+            &self.shared.taps,
+        );
+    }
+
     /// Deletes from the outbox what acknowledgements released since the last
     /// turn: one delete each, or one range delete from `RANGE_DELETE_MIN` on.
     fn delete_released(&mut self, plan: &Plan, batch: &mut Batch<'_>) {
@@ -643,15 +657,7 @@ impl Executor {
                 }
                 Body::Source(_) => {}
             }
-            route(
-                plan,
-                shard,
-                &mut self.emits,
-                batch,
-                metrics,
-                &mut self.produced_count,
-                &self.shared.taps,
-            );
+            self.route_emitted(i, plan, batch);
         }
         Ok(())
     }
@@ -728,15 +734,8 @@ impl Executor {
                 .discarded_records
                 .inc_by(std::mem::take(&mut shard.discarded));
         }
-        route(
-            plan,
-            shard,
-            &mut self.emits,
-            batch,
-            metrics,
-            &mut self.produced_count,
-            &self.shared.taps,
-        );
+        self.route_emitted(i, plan, batch);
+        let shard = &mut self.shards[i];
         shard.note_replay_point();
         if !shard.uses_outbox() {
             // A replayable source's productions are not in the batch: after
@@ -843,15 +842,7 @@ impl Executor {
             }
         }
         if fired {
-            route(
-                plan,
-                shard,
-                &mut self.emits,
-                batch,
-                metrics,
-                &mut self.produced_count,
-                &self.shared.taps,
-            );
+            self.route_emitted(i, plan, batch);
         }
         Ok(())
     }

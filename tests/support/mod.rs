@@ -424,3 +424,65 @@ pub fn generator_key_counts(count: u64, keys: u64, seed: u64) -> BTreeMap<String
     }
     want
 }
+
+/// Adds one input file to a watched directory atomically (hidden name, then
+/// rename).
+pub fn add(dir: &Path, name: &str, body: &str) {
+    let tmp = dir.join(format!(".{name}"));
+    std::fs::write(&tmp, body).expect("write");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename");
+}
+
+/// A watched `file` source of `key,seconds,value` lines -> `map` (key and
+/// value) -> `window` `w` -> file sinks `out.txt` (panes) and `late.txt`
+/// (`w.late`), with `engine` and the window's options added.
+pub fn window_topology(
+    s: &Scratch,
+    engine: &str,
+    window: &str,
+    extra: &str,
+    watermark: &str,
+) -> PathBuf {
+    std::fs::create_dir_all(s.path("in")).expect("mkdir");
+    s.write(
+        "w.toml",
+        &format!(
+            r#"
+[service]
+data_dir = "{{dir}}/data"
+[engine]
+shards = 2
+{engine}
+[sources.events]
+type = "file"
+path = "{{dir}}/in"
+watch = true
+timestamp = "field:1"
+delimiter = ","
+timestamp_unit = "s"
+watermark = {watermark}
+[computations.keyed]
+type = "map"
+inputs = ["events"]
+key = "field:0"
+value = "field:2"
+delimiter = ","
+[computations.w]
+type = "window"
+inputs = ["keyed"]
+window = {window}
+{extra}
+[sinks.out]
+type = "file"
+inputs = ["w"]
+path = "{{dir}}/out.txt"
+format = "text"
+[sinks.late]
+type = "file"
+inputs = ["w.late"]
+path = "{{dir}}/late.txt"
+format = "text"
+"#
+        ),
+    )
+}
