@@ -15,29 +15,7 @@ const KILLS: usize = 6;
 #[test]
 fn sigkill_at_random_moments_loses_and_repeats_nothing() {
     let s = Scratch::new();
-    let topo = s.write(
-        "crash.toml",
-        &format!(
-            r#"
-[service]
-data_dir = "{{dir}}/data"
-[engine]
-shards = 8
-[sources.gen]
-type = "generator"
-count = {RECORDS}
-keys = {KEYS}
-seed = 11
-[computations.counts]
-type = "count"
-inputs = ["gen"]
-[sinks.out]
-type = "file"
-inputs = ["counts"]
-path = "{{dir}}/out.jsonl"
-"#
-        ),
-    );
+    let topo = count_pipeline(&s, "shards = 8", (RECORDS, KEYS, 11), "type = \"count\"");
     let out = s.path("out.jsonl");
     let mut rng = Rng::from_env();
     // Roughly 60 bytes per output line.

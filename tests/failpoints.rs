@@ -16,31 +16,11 @@ const KEYS: u64 = 300;
 const SEED: u64 = 7;
 
 fn topology(s: &Scratch, durability: &str) -> std::path::PathBuf {
-    s.write(
-        "fp.toml",
-        &format!(
-            r#"
-[service]
-data_dir = "{{dir}}/data"
-[engine]
-shards = 4
-threads = 2
-batch_size = 512
-durability = "{durability}"
-[sources.gen]
-type = "generator"
-count = {RECORDS}
-keys = {KEYS}
-seed = {SEED}
-[computations.counts]
-type = "count"
-inputs = ["gen"]
-[sinks.out]
-type = "file"
-inputs = ["counts"]
-path = "{{dir}}/out.jsonl"
-"#
-        ),
+    count_pipeline(
+        s,
+        &format!("shards = 4\nthreads = 2\nbatch_size = 512\ndurability = \"{durability}\""),
+        (RECORDS, KEYS, SEED),
+        "type = \"count\"",
     )
 }
 

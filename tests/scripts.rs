@@ -214,35 +214,18 @@ fn sessions_closed_by_event_time_timers() {
 fn a_scripted_count_is_exact_across_sigkills() {
     let s = Scratch::new();
     let (records, keys, seed) = (200_000, 300, 9);
-    let topo = s.write(
-        "count.toml",
-        &format!(
-            r#"
-[service]
-data_dir = "{{dir}}/data"
-[engine]
-shards = 4
-[sources.gen]
-type = "generator"
-count = {records}
-keys = {keys}
-seed = {seed}
-[computations.counts]
-type = "script"
-inputs = ["gen"]
+    let topo = count_pipeline(
+        &s,
+        "shards = 4",
+        (records, keys, seed),
+        r#"type = "script"
 script = """
-fn process(key, value, ts, input) {{
+fn process(key, value, ts, input) {
     let n = (state() ?? 0) + 1;
     set_state(n);
     emit(key, n);
-}}
-"""
-[sinks.out]
-type = "file"
-inputs = ["counts"]
-path = "{{dir}}/out.jsonl"
-"#
-        ),
+}
+""""#,
     );
     let out = s.path("out.jsonl");
     let mut rng = Rng::from_env();

@@ -308,29 +308,7 @@ path = "{dir}/out.jsonl"
 
 /// generator (`count` records over 500 keys) -> count -> file sink.
 fn counting(s: &Scratch, count: u64) -> std::path::PathBuf {
-    s.write(
-        "drain.toml",
-        &format!(
-            r#"
-[service]
-data_dir = "{{dir}}/data"
-[engine]
-shards = 4
-[sources.gen]
-type = "generator"
-count = {count}
-keys = 500
-seed = 4
-[computations.counts]
-type = "count"
-inputs = ["gen"]
-[sinks.out]
-type = "file"
-inputs = ["counts"]
-path = "{{dir}}/out.jsonl"
-"#
-        ),
-    )
+    count_pipeline(s, "shards = 4", (count, 500, 4), "type = \"count\"")
 }
 
 /// Productions left in each component's outbox, from `millrace inspect`.

@@ -486,3 +486,38 @@ format = "text"
         ),
     )
 }
+
+/// `generator` (`records` over `keys` keys with `seed`) -> `counts` ->
+/// file sink `out.jsonl`: the pipeline the crash tests check against
+/// [`generator_key_counts`]. `engine` goes into `[engine]`; `counts` is the
+/// counting component's body (`type = "count"` for the built-in).
+pub fn count_pipeline(
+    s: &Scratch,
+    engine: &str,
+    (records, keys, seed): (u64, u64, u64),
+    counts: &str,
+) -> PathBuf {
+    s.write(
+        "count.toml",
+        &format!(
+            r#"
+[service]
+data_dir = "{{dir}}/data"
+[engine]
+{engine}
+[sources.gen]
+type = "generator"
+count = {records}
+keys = {keys}
+seed = {seed}
+[computations.counts]
+inputs = ["gen"]
+{counts}
+[sinks.out]
+type = "file"
+inputs = ["counts"]
+path = "{{dir}}/out.jsonl"
+"#
+        ),
+    )
+}
