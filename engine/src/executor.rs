@@ -490,6 +490,8 @@ impl Executor {
     /// Steps 2-4: dedup, process, poll sources, fire timers.
     fn process(&mut self, batch: &mut Batch<'_>, halting: bool) -> Result<usize, EngineError> {
         let plan = Arc::clone(&self.plan);
+        #[cfg(test)]
+        self.shared.record(crate::shared::Step::Turn(self.id));
         self.delete_released(&plan, batch);
         let engine = &plan.topology.engine;
         let stopping = self.shared.stopping.load(Ordering::SeqCst) || halting;
@@ -748,8 +750,15 @@ impl Executor {
                 ..Handed::default()
             };
             let (me, replay_out, peers) = (self.me, &mut self.replay_out, &self.peers);
+            #[cfg(test)]
+            let shared = Arc::clone(&self.shared);
+            #[cfg(test)]
+            let id = self.id;
             let sent = self.shared.in_flight.hand_out(handed, || {
-                send_replayable(plan, me, shard, replay_out, peers)
+                send_replayable(plan, me, shard, replay_out, peers, |_q| {
+                    #[cfg(test)]
+                    shared.record(sent_step(id, true, _q));
+                })
             });
             if sent {
                 failpoint::hit(Point::SourceSent);
@@ -863,6 +872,8 @@ impl Executor {
                 .observe(took.as_secs_f64());
             self.shared.metrics.commit_records.observe(processed as f64);
         }
+        #[cfg(test)]
+        self.shared.record(crate::shared::Step::Committed(self.id));
         Ok(Committed { with_something })
     }
 
@@ -916,6 +927,8 @@ impl Executor {
             watermarks_taken: std::mem::take(&mut self.wm_msgs_seen),
             released: std::mem::take(&mut self.released_count),
         };
+        #[cfg(test)]
+        shared.record(sent_step(self.id, false, &self.outgoing));
         let (outgoing, peers) = (&mut self.outgoing, &self.peers);
         shared
             .in_flight
@@ -957,9 +970,11 @@ fn send_replayable(
     shard: &mut ShardRt,
     scratch: &mut [Vec<Msg>],
     peers: &[Outlet],
+    observe: impl FnOnce(&[Vec<Msg>]),
 ) -> bool {
     debug_assert!(!shard.uses_outbox(), "only a replayable source sends early");
     queue_sends(plan, me, shard, scratch);
+    observe(scratch);
     let mut sent = false;
     for (q, peer) in scratch.iter_mut().zip(peers) {
         if !q.is_empty() {
@@ -990,6 +1005,19 @@ fn queue_sends(plan: &Plan, me: usize, shard: &mut ShardRt, outgoing: &mut [Vec<
                 },
             );
         }
+    }
+}
+
+/// What executor `exec` is about to hand out, for the commit-order tests.
+#[cfg(test)]
+fn sent_step(exec: usize, early: bool, queues: &[Vec<Msg>]) -> crate::shared::Step {
+    let count = |f: fn(&Msg) -> bool| queues.iter().flatten().filter(|m| f(m)).count();
+    crate::shared::Step::Sent {
+        exec,
+        early,
+        acks: count(|m| matches!(m, Msg::Ack { .. })),
+        deliveries: count(|m| matches!(m, Msg::Deliver { .. })),
+        watermarks: count(|m| matches!(m, Msg::Watermark { .. })),
     }
 }
 

@@ -14,6 +14,8 @@
 //! rise. RocksDB is only called from executor threads.
 
 mod api;
+#[cfg(test)]
+mod commit_order_tests;
 mod delivery;
 mod error;
 mod executor;

@@ -9,6 +9,26 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// One thing an executor did, in order, for the in-process tests of the
+/// commit order (recorded only in test builds, and only when asked).
+#[cfg(test)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Executor `.0` started a turn.
+    Turn(usize),
+    /// Executor `.0`'s commit of the turn returned.
+    Committed(usize),
+    /// Executor `exec` handed messages out.
+    Sent {
+        exec: usize,
+        /// Through the replayable source's early path (before the commit).
+        early: bool,
+        acks: usize,
+        deliveries: usize,
+        watermarks: usize,
+    },
+}
+
 /// What is still on its way through one worker's graph: productions not yet
 /// acknowledged, watermark messages between its executors not yet taken in,
 /// and sources not yet exhausted. The graph is drained when the first two
@@ -100,6 +120,9 @@ pub(crate) struct Shared {
     pub taps: crate::tap::Taps,
     pub(crate) lock: Mutex<()>,
     pub(crate) changed: Condvar,
+    /// Where executors record what they do, when a test asks.
+    #[cfg(test)]
+    pub(crate) recorder: Option<Arc<Mutex<Vec<Step>>>>,
 }
 
 impl Shared {
@@ -116,5 +139,13 @@ impl Shared {
     /// Everything produced has been applied and committed downstream.
     pub(crate) fn drained(&self) -> bool {
         self.in_flight.drained()
+    }
+
+    /// Records a step, when a test asked for them.
+    #[cfg(test)]
+    pub(crate) fn record(&self, step: Step) {
+        if let Some(r) = &self.recorder {
+            r.lock().push(step);
+        }
     }
 }

@@ -27,6 +27,9 @@ pub struct WorkerOptions {
     /// Address to listen on for other workers, when it differs from the
     /// worker's `address` (behind a proxy or NAT).
     pub listen: Option<String>,
+    /// In the engine's own tests: where executors record their steps.
+    #[cfg(test)]
+    pub(crate) recorder: Option<Arc<Mutex<Vec<crate::shared::Step>>>>,
 }
 
 /// Where a worker of `topology` keeps its data: `data_dir` if given, else its
@@ -157,6 +160,8 @@ impl Worker {
             taps: crate::tap::Taps::new(plan.nodes.len()),
             lock: Mutex::new(()),
             changed: Condvar::new(),
+            #[cfg(test)]
+            recorder: opts.recorder.clone(),
         });
         let node_metrics: Vec<NodeMetrics> = plan
             .nodes
