@@ -297,7 +297,7 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
                     v
                 })
                 .collect();
-            let body = serde_json::json!({
+            let mut body = serde_json::json!({
                 "uptime_seconds": w.uptime().as_secs_f64(),
                 "backlog": w.backlog(),
                 "components": components,
@@ -306,8 +306,11 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
                     .into_iter()
                     .map(|(id, up)| serde_json::json!({ "worker": id, "connected": up }))
                     .collect::<Vec<_>>(),
-            })
-            .to_string();
+            });
+            if query.split('&').any(|kv| kv == "cluster=1") {
+                cluster_view(&w, &state.auth, &mut body).await;
+            }
+            let body = body.to_string();
             respond(&mut stream, 200, "application/json", &body).await
         }
         "/tap" => {
@@ -348,6 +351,137 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
             .await
         }
     }
+}
+
+/// Adds the other workers' figures to this worker's `/status` (`body`):
+/// `workers` (each with whether its HTTP answered and whether this worker
+/// is connected to it) and, per component, its figures summed over the
+/// workers that answered (the lowest watermark). Other workers are asked
+/// at the `http` address their `[[cluster.workers]]` entry gives.
+async fn cluster_view(w: &Worker, auth: &Auth, body: &mut serde_json::Value) {
+    let Some(cluster) = &w.plan().topology.cluster else {
+        return;
+    };
+    let connected: std::collections::HashMap<String, bool> = w.peers().into_iter().collect();
+    let me = w.index();
+    let asks = cluster.workers.iter().enumerate().map(|(i, c)| {
+        let addr = c.http.clone();
+        let token = auth.token.clone();
+        async move {
+            if i == me {
+                return None;
+            }
+            let addr = addr?;
+            tokio::time::timeout(PEER_STATUS_TIMEOUT, peer_status(&addr, token.as_deref()))
+                .await
+                .ok()
+                .flatten()
+        }
+    });
+    let answers = futures_join(asks).await;
+    let mut workers = Vec::new();
+    for (i, (c, answer)) in cluster.workers.iter().zip(&answers).enumerate() {
+        workers.push(serde_json::json!({
+            "worker": c.id,
+            "http": c.http,
+            "this": i == me,
+            "reachable": i == me || answer.is_some(),
+            "connected": i == me || connected.get(&c.id).copied().unwrap_or(false),
+        }));
+    }
+    if let Some(components) = body["components"].as_array_mut() {
+        for peer in answers.iter().flatten() {
+            let Some(theirs) = peer["components"].as_array() else {
+                continue;
+            };
+            for (mine, their) in components.iter_mut().zip(theirs) {
+                if mine["name"] != their["name"] {
+                    continue;
+                }
+                for field in [
+                    "records_in_per_second",
+                    "records_out_per_second",
+                    "backlog",
+                    "timers",
+                    "records_in",
+                    "records_out",
+                    "late_records",
+                    "bad_records",
+                    "local_shards",
+                ] {
+                    let sum =
+                        mine[field].as_f64().unwrap_or(0.0) + their[field].as_f64().unwrap_or(0.0);
+                    mine[field] = if mine[field].is_f64() || their[field].is_f64() {
+                        sum.into()
+                    } else {
+                        (sum as i64).into()
+                    };
+                }
+                let low = [&mine["low_watermark"], &their["low_watermark"]]
+                    .into_iter()
+                    .filter_map(serde_json::Value::as_i64)
+                    .min();
+                let high = [&mine["max_event_time"], &their["max_event_time"]]
+                    .into_iter()
+                    .filter_map(serde_json::Value::as_i64)
+                    .max();
+                mine["low_watermark"] = low.into();
+                mine["max_event_time"] = high.into();
+                if let (Some(a), Some(b)) =
+                    (mine["history"].as_array(), their["history"].as_array())
+                {
+                    let n = a.len().min(b.len());
+                    let summed: Vec<f64> = a[a.len() - n..]
+                        .iter()
+                        .zip(&b[b.len() - n..])
+                        .map(|(x, y)| x.as_f64().unwrap_or(0.0) + y.as_f64().unwrap_or(0.0))
+                        .collect();
+                    mine["history"] = summed.into();
+                }
+            }
+        }
+    }
+    body["workers"] = workers.into();
+}
+
+/// How long the status page's cluster view waits for another worker.
+const PEER_STATUS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Runs the futures at once and collects their outputs in order.
+async fn futures_join<F>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        match h.await {
+            Ok(v) => out.push(v),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+    out
+}
+
+/// Another worker's own `/status`, or `None` if it does not answer well.
+async fn peer_status(addr: &str, token: Option<&str>) -> Option<serde_json::Value> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    s.write_all(
+        format!("GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\r\n")
+            .as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut buf = Vec::new();
+    s.take(16 << 20).read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8(buf).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    serde_json::from_str(body).ok()
 }
 
 async fn respond(

@@ -529,3 +529,60 @@ fn a_forged_frame_injected_into_a_live_connection_is_refused_and_counted() {
     wait_all_exit(&mut workers, Duration::from_secs(120));
     check_output(&s, records, keys);
 }
+
+#[test]
+fn the_status_page_sums_each_component_over_the_workers() {
+    let s = Scratch::new();
+    let net = ClusterNet::new(2);
+    let topo = topology(&s, &net, (1_000_000, 100, Some(2_000)), "");
+    let mut workers: Vec<Running> = (0..2).map(|i| net.spawn(&topo, i, false, &[])).collect();
+    let status = |i: usize, q: &str| -> Option<serde_json::Value> {
+        let (code, body) = http_get(&net.http[i], &format!("/status{q}"))?;
+        (code == 200)
+            .then(|| serde_json::from_str(&body).ok())
+            .flatten()
+    };
+    let counts = |v: &serde_json::Value| -> serde_json::Value {
+        v["components"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == "counts").cloned())
+            .unwrap_or_default()
+    };
+    assert!(wait_until(Duration::from_secs(60), || {
+        (0..2).all(|i| status(i, "").is_some_and(|v| counts(&v)["records_in"].as_u64() > Some(0)))
+    }));
+    // Worker 0's cluster view: both workers, and the counts component's
+    // six shards summed over them (three on each).
+    let view = status(0, "?cluster=1").expect("cluster view");
+    let listed: Vec<(String, bool)> = view["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| {
+            (
+                w["worker"].as_str().unwrap_or("?").to_owned(),
+                w["reachable"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(listed, [("w0".to_owned(), true), ("w1".to_owned(), true)]);
+    assert_eq!(counts(&status(0, "").expect("own"))["local_shards"], 3);
+    assert_eq!(counts(&view)["local_shards"], 6);
+    let (own, all) = (
+        counts(&status(0, "").expect("own"))["records_in"]
+            .as_u64()
+            .expect("n"),
+        counts(&view)["records_in"].as_u64().expect("n"),
+    );
+    assert!(
+        all > own,
+        "the sum over workers ({all}) is more than one worker's ({own})"
+    );
+    // A worker that is down is listed as unreachable, its figures left out.
+    kill9(&mut workers[1]);
+    assert!(wait_until(Duration::from_secs(30), || {
+        status(0, "?cluster=1").is_some_and(|v| {
+            v["workers"][1]["reachable"] == false && counts(&v)["local_shards"] == 3
+        })
+    }));
+}

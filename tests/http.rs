@@ -125,7 +125,7 @@ fn the_status_page_and_the_figures_it_draws() {
         "{}",
         &page[..40.min(page.len())]
     );
-    assert!(page.contains("fetch(\"/status\""));
+    assert!(page.contains("fetch(\"/status?cluster=1\""));
     for external in [
         "<script src",
         "<link",

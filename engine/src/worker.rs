@@ -65,6 +65,8 @@ pub struct ComponentStatus {
     pub inputs: Vec<String>,
     /// Shards.
     pub shards: u32,
+    /// How many of them this worker runs (the figures below are theirs).
+    pub local_shards: u32,
     /// Lowest output watermark over its shards (microseconds; null before any).
     pub low_watermark: Option<i64>,
     /// Newest event time it has seen (microseconds; null before any).
@@ -95,6 +97,8 @@ pub struct Worker {
     recovered_positions: Vec<(String, String)>,
     /// The links to the other workers of a cluster.
     transport: Option<Transport>,
+    /// This worker's index in the cluster (0 alone).
+    me: usize,
 }
 
 impl Worker {
@@ -279,6 +283,7 @@ impl Worker {
             recovered,
             recovered_positions,
             transport,
+            me,
         })
     }
 
@@ -401,14 +406,18 @@ impl Worker {
             .iter()
             .zip(&self.node_metrics)
             .map(|(n, m)| {
-                let sids = n.first_sid as usize..(n.first_sid + n.shards) as usize;
+                // This worker's own shards of the component (all, alone).
+                let sids: Vec<usize> = (n.first_sid..n.first_sid + n.shards)
+                    .map(|i| i as usize)
+                    .filter(|&i| self.plan.shards[i].worker == self.me)
+                    .collect();
                 let wm = sids
-                    .clone()
-                    .map(|i| s.shard_wm[i].load(Ordering::Relaxed))
+                    .iter()
+                    .map(|&i| s.shard_wm[i].load(Ordering::Relaxed))
                     .min();
                 let max_event = sids
-                    .clone()
-                    .map(|i| s.shard_max_event[i].load(Ordering::Relaxed))
+                    .iter()
+                    .map(|&i| s.shard_max_event[i].load(Ordering::Relaxed))
                     .max();
                 ComponentStatus {
                     name: n.name.clone(),
@@ -434,12 +443,14 @@ impl Worker {
                     low_watermark: wm.filter(|w| *w != i64::MIN),
                     max_event_time: max_event.filter(|w| *w != i64::MIN),
                     backlog: sids
-                        .clone()
-                        .map(|i| s.shard_backlog[i].load(Ordering::Relaxed))
+                        .iter()
+                        .map(|&i| s.shard_backlog[i].load(Ordering::Relaxed))
                         .sum(),
                     timers: sids
-                        .map(|i| s.shard_timers[i].load(Ordering::Relaxed))
+                        .iter()
+                        .map(|&i| s.shard_timers[i].load(Ordering::Relaxed))
                         .sum(),
+                    local_shards: sids.len() as u32,
                     records_in: m.records_in.get(),
                     records_out: m.records_out.get(),
                     late_records: m.late_records.get(),
@@ -460,6 +471,11 @@ impl Worker {
     /// The plan this worker runs.
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// This worker's index among `[[cluster.workers]]` (0 alone).
+    pub fn index(&self) -> usize {
+        self.me
     }
 
     /// How long ago the worker started.

@@ -351,9 +351,9 @@ impl ClusterNet {
     /// The `[cluster]` table.
     pub fn toml(&self, secret: &str) -> String {
         let mut t = format!("[cluster]\nsecret = \"{secret}-0123456789\"\n");
-        for (id, a) in self.ids.iter().zip(&self.addresses) {
+        for ((id, a), h) in self.ids.iter().zip(&self.addresses).zip(&self.http) {
             t.push_str(&format!(
-                "[[cluster.workers]]\nid = \"{id}\"\naddress = \"{a}\"\n"
+                "[[cluster.workers]]\nid = \"{id}\"\naddress = \"{a}\"\nhttp = \"{h}\"\n"
             ));
         }
         t
