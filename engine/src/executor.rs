@@ -29,16 +29,15 @@ use crate::delivery::{InChannel, OutChannel};
 use crate::error::EngineError;
 use crate::failpoint::{self, Point};
 use crate::keyed_state::KeyedState;
-use crate::keying::{locate_key, shard_of};
 use crate::layout::{self, position_key, read_u64, watermark_key};
 use crate::mapkey::FastMap;
 use crate::message::{Msg, Outlet};
 use crate::metrics::NodeMetrics;
 use crate::plan::{ChannelIdx, Maker, Plan, Sid};
 use crate::record::{
-    is_valid_event_time, now_micros, Envelope, TimeDomain, Timer, EARLIEST_EVENT_TIME,
-    LATEST_EVENT_TIME, MAX_TIME, MIN_TIME,
+    is_valid_event_time, now_micros, Envelope, TimeDomain, Timer, MAX_TIME, MIN_TIME,
 };
+use crate::router::{bad_record, route};
 use crate::scope::Emit;
 use crate::shard::{Body, KeyEnv, ShardRt, SourceRt};
 use crate::shared::{Handed, Shared};
@@ -1065,157 +1064,4 @@ fn restore_timers(
         tracing::warn!(component, malformed, "skipped malformed state keys");
     }
     Ok(())
-}
-
-fn bad_record(metrics: &NodeMetrics, component: &str, key: &[u8], why: &str) {
-    metrics.bad_records.inc();
-    tracing::warn!(
-        component,
-        key = %String::from_utf8_lossy(key),
-        error = why,
-        output = %format_args!("{component}.errors"),
-        "bad record routed to the errors output of the component that had it"
-    );
-}
-
-/// Routes what a shard emitted: applies each consumer's key extractor, picks
-/// the consumer shard and channel, numbers the production and puts it in the
-/// outbox (in the batch being built).
-fn route(
-    plan: &Plan,
-    shard: &mut ShardRt,
-    emits: &mut Vec<Emit>,
-    batch: &mut Batch<'_>,
-    metrics: &NodeMetrics,
-    produced: &mut i64,
-    taps: &crate::tap::Taps,
-) {
-    if emits.is_empty() {
-        return;
-    }
-    if taps.is_active(shard.node) {
-        for e in emits.iter() {
-            taps.publish(shard.node, || {
-                let mut line = serde_json::json!({
-                    "key": String::from_utf8_lossy(&e.key),
-                    "value": String::from_utf8_lossy(&e.value),
-                    "ts": e.ts,
-                })
-                .to_string()
-                .into_bytes();
-                line.push(b'\n');
-                line
-            });
-        }
-    }
-    let node = &plan.nodes[shard.node];
-    let src_shard = plan.shards[shard.sid as usize].shard;
-    let persist = shard.uses_outbox();
-    let max_record = plan.topology.engine.max_record_bytes;
-    let mut i = 0;
-    while i < emits.len() {
-        let emit = &emits[i];
-        i += 1;
-        metrics.records_out.inc();
-        if !is_valid_event_time(emit.ts) {
-            // Not routed anywhere with that time: it would move watermarks
-            // to the end of time. The errors output gets it at the nearest
-            // valid time.
-            let why = format!("event time {} us is outside years 1 to 9999", emit.ts);
-            bad_record(metrics, &node.name, &emit.key, &why);
-            let ts = emit.ts.clamp(EARLIEST_EVENT_TIME, LATEST_EVENT_TIME);
-            if emit.port == 1 {
-                emits[i - 1].ts = ts;
-            } else {
-                let again = Emit {
-                    port: 1,
-                    key: emit.key.clone(),
-                    value: emit.value.clone(),
-                    ts,
-                    ingest: emit.ingest,
-                };
-                emits.push(again);
-                continue;
-            }
-        }
-        let emit = &emits[i - 1];
-        let size = emit.key.len() + emit.value.len();
-        if size > max_record {
-            // Refused here, once: a record that cannot cross to another
-            // worker must not be retried forever. The errors output gets
-            // as much of it as the limit allows (so it is not refused again).
-            let why = format!(
-                "the record has {size} bytes, more than engine.max_record_bytes ({max_record})"
-            );
-            bad_record(metrics, &node.name, &emit.key, &why);
-            let key = emit.key.slice(..emit.key.len().min(max_record));
-            let keep = (max_record - key.len()).min(emit.value.len());
-            let again = Emit {
-                port: 1,
-                key,
-                value: emit.value.slice(..keep),
-                ts: emit.ts,
-                ingest: emit.ingest,
-            };
-            emits.push(again);
-            continue;
-        }
-        let Some(edges) = node.out_edges.get(emit.port) else {
-            if emit.port == usize::MAX {
-                bad_record(
-                    metrics,
-                    &node.name,
-                    &emit.key,
-                    "produced to an output the kind does not declare",
-                );
-            }
-            continue;
-        };
-        let mut failed: Option<String> = None;
-        for &e in edges {
-            let edge = &plan.edges[e];
-            // The key is only read here (to pick the shard and to encode
-            // the envelope), so it is located, not cloned.
-            let located = match locate_key(&edge.key, &emit.value) {
-                Ok(k) => k,
-                Err(why) => {
-                    failed = Some(format!(
-                        "the key extractor of consumer `{}`: {why}",
-                        plan.nodes[edge.to].name
-                    ));
-                    continue;
-                }
-            };
-            let key = located.bytes(&emit.key, &emit.value);
-            let dst_shard = shard_of(key, plan.nodes[edge.to].shards);
-            let ch = plan.channel(e, src_shard, dst_shard);
-            let env = Envelope::encode(key, &emit.value, emit.ts, emit.ingest);
-            let out = shard.outs.entry(ch).or_insert_with(|| OutChannel::new(1));
-            if persist {
-                let seq = out.push(env.clone());
-                let c = &plan.channels[ch as usize];
-                batch.put(Cf::Outbox, &c.outbox_key(seq), &env.0);
-            } else {
-                // Kept in memory only (a replayable source): no clone.
-                out.push(env);
-            }
-            *produced += 1;
-            shard.track_unacked(emit.ts);
-        }
-        if let Some(why) = failed {
-            let emit = &emits[i - 1];
-            bad_record(metrics, &node.name, &emit.key, &why);
-            if emit.port != 1 {
-                let again = Emit {
-                    port: 1,
-                    key: emit.key.clone(),
-                    value: emit.value.clone(),
-                    ts: emit.ts,
-                    ingest: emit.ingest,
-                };
-                emits.push(again);
-            }
-        }
-    }
-    emits.clear();
 }

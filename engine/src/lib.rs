@@ -31,6 +31,7 @@ pub mod net;
 mod plan;
 mod record;
 mod registry;
+mod router;
 mod scope;
 mod shard;
 mod shared;
