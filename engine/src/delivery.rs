@@ -224,6 +224,62 @@ mod tests {
         Envelope::encode(b"k", &i.to_le_bytes(), i as i64, 0)
     }
 
+    fn sent(out: &mut OutChannel) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        out.sendable(100, usize::MAX, |seq, _| seqs.push(seq));
+        seqs
+    }
+
+    #[test]
+    fn restored_productions_are_unacknowledged_and_unsent() {
+        let mut out = OutChannel::new(10);
+        out.restore(5, env(5));
+        out.restore(6, env(6));
+        assert_eq!(
+            out.acked(),
+            4,
+            "everything before the oldest restored is acknowledged"
+        );
+        assert_eq!(sent(&mut out), [5, 6], "restored productions go out again");
+        // Nothing was in flight before the sends: no retry is due yet.
+        let now = Instant::now();
+        let (first, max) = (Duration::from_secs(1), Duration::from_secs(8));
+        assert_eq!(out.retry_due(now, first, max), 0);
+        assert_eq!(out.retry_due(now + first, first, max), 2);
+    }
+
+    #[test]
+    fn an_ack_past_what_was_numbered_acknowledges_only_what_was() {
+        let mut out = OutChannel::new(1);
+        out.push(env(1));
+        out.push(env(2));
+        assert_eq!(sent(&mut out), [1, 2]);
+        assert_eq!(out.ack(10, |_, _| {}), 2);
+        assert_eq!(out.acked(), 2);
+        assert_eq!(out.push(env(3)), 3);
+        assert_eq!(sent(&mut out), [3]);
+    }
+
+    #[test]
+    fn a_repeated_ack_does_not_reset_the_retry_backoff() {
+        let mut out = OutChannel::new(1);
+        for i in 1..=3 {
+            out.push(env(i));
+        }
+        assert_eq!(sent(&mut out), [1, 2, 3]);
+        out.ack(1, |_, _| {});
+        let now = Instant::now();
+        let (first, max) = (Duration::from_secs(1), Duration::from_secs(8));
+        assert_eq!(out.retry_due(now, first, max), 0, "the wait starts");
+        // The same acknowledgement again is no progress.
+        out.ack(1, |_, _| {});
+        assert_eq!(
+            out.retry_due(now + first, first, max),
+            2,
+            "2 and 3 are sent again"
+        );
+    }
+
     #[derive(Debug, Clone)]
     enum Step {
         Produce(u8),
