@@ -111,12 +111,21 @@ pub(crate) fn route(
         }
         let Some(edges) = node.out_edges.get(emit.port) else {
             if emit.port == usize::MAX {
+                // Not a silent drop: the record goes to the errors output.
                 bad_record(
                     metrics,
                     &node.name,
                     &emit.key,
                     "produced to an output the kind does not declare",
                 );
+                let again = Emit {
+                    port: 1,
+                    key: emit.key.clone(),
+                    value: emit.value.clone(),
+                    ts: emit.ts,
+                    ingest: emit.ingest,
+                };
+                emits.push(again);
             }
             continue;
         };
