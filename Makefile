@@ -5,7 +5,8 @@ export ROCKSDB_INCLUDE_DIR ?= /usr/include
 export SNAPPY_LIB_DIR ?= /usr/lib/x86_64-linux-gnu
 export ROCKSDB_STATIC ?= 1
 
-APT_PACKAGES := librocksdb-dev libclang-dev prometheus
+# chromium: the status page is tested in a real (headless) browser.
+APT_PACKAGES := librocksdb-dev libclang-dev prometheus chromium
 
 .PHONY: setup build run test bench bench-quick lint fuzz
 
