@@ -261,6 +261,18 @@ mod tests {
     }
 
     #[test]
+    fn one_record_may_always_go_whatever_the_byte_limit() {
+        let mut out = OutChannel::new(1);
+        out.push(env(1));
+        out.push(env(2));
+        let mut seqs = Vec::new();
+        out.sendable(100, 0, |seq, _| seqs.push(seq));
+        assert_eq!(seqs, [1], "the first goes; the limit holds the second");
+        out.sendable(100, 0, |seq, _| seqs.push(seq));
+        assert_eq!(seqs, [1], "nothing more while one is in flight");
+    }
+
+    #[test]
     fn a_repeated_ack_does_not_reset_the_retry_backoff() {
         let mut out = OutChannel::new(1);
         for i in 1..=3 {
