@@ -359,3 +359,51 @@ format = "text"
         "errors name the topology file: {log}"
     );
 }
+
+#[test]
+fn hashtag_autocompletion_in_sliding_windows() {
+    let s = Scratch::new();
+    run_example(&s, "hashtags_windowed");
+    // The model: windows of 4 s every 2 s (start a multiple of 2 with
+    // start <= t < start + 4); per window the tag counts; per prefix and
+    // window the three most frequent tags, ties in tag order.
+    let mut per_window: BTreeMap<i64, BTreeMap<String, i64>> = BTreeMap::new();
+    for line in input("tweets.txt").lines() {
+        let mut words = line.split(' ');
+        let t: i64 = words.next().expect("ts").parse().expect("number");
+        for w in words.filter(|w| w.starts_with('#') && w.len() > 1) {
+            for start in [t.div_euclid(2) * 2 - 2, t.div_euclid(2) * 2] {
+                *per_window
+                    .entry(start)
+                    .or_default()
+                    .entry(w.to_lowercase())
+                    .or_insert(0) += 1;
+            }
+        }
+    }
+    let mut want: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (start, counts) in &per_window {
+        for tag in counts.keys() {
+            for n in 2..=tag.len() {
+                let mut top: Vec<&String> =
+                    counts.keys().filter(|t| t.starts_with(&tag[..n])).collect();
+                top.sort_by(|a, b| counts[*b].cmp(&counts[*a]).then(a.cmp(b)));
+                top.truncate(3);
+                want.insert(
+                    format!("{}@{start}", &tag[..n]),
+                    top.into_iter().cloned().collect(),
+                );
+            }
+        }
+    }
+    let mut last: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (key, list) in pairs(&s.path("out/top3.txt")) {
+        let list: Vec<serde_json::Value> = serde_json::from_str(&list).expect("JSON list");
+        let tags = list
+            .iter()
+            .map(|e| e["tag"].as_str().expect("tag").to_owned())
+            .collect();
+        last.insert(key, tags);
+    }
+    assert_eq!(last, want);
+}
