@@ -167,13 +167,9 @@ pub async fn serve(addr: &str, state: Arc<HttpState>) -> std::io::Result<SocketA
             let state = Arc::clone(&state);
             tokio::spawn(async move {
                 let Ok(_permit) = Arc::clone(&state.connections).try_acquire_owned() else {
-                    state
-                        .metrics
-                        .http_refused
-                        .with_label_values(&["busy"])
-                        .inc();
                     let mut stream = stream;
-                    let _ = respond(&mut stream, 503, "text/plain", "too many connections\n").await;
+                    let _ =
+                        refuse(&mut stream, &state, "busy", 503, "too many connections\n").await;
                     return;
                 };
                 if let Err(e) = handle(stream, state).await {
@@ -206,15 +202,11 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
     let mut buf = vec![0u8; 8192];
     let n = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut buf)).await {
         Err(_) => {
-            state
-                .metrics
-                .http_refused
-                .with_label_values(&["timeout"])
-                .inc();
-            return respond(
+            return refuse(
                 &mut stream,
+                &state,
+                "timeout",
                 408,
-                "text/plain",
                 "request head took too long\n",
             )
             .await;
@@ -235,18 +227,8 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if !state.auth.allows(path, &head) {
-        state
-            .metrics
-            .http_refused
-            .with_label_values(&["token"])
-            .inc();
-        return respond(
-            &mut stream,
-            401,
-            "text/plain",
-            "this endpoint needs `Authorization: Bearer TOKEN` ([service] http_token)\n",
-        )
-        .await;
+        let why = "this endpoint needs `Authorization: Bearer TOKEN` ([service] http_token)\n";
+        return refuse(&mut stream, &state, "token", 401, why).await;
     }
     match path {
         "/metrics" => {
@@ -378,7 +360,12 @@ async fn cluster_view(w: &Worker, auth: &Auth, body: &mut serde_json::Value) {
                 .flatten()
         }
     });
-    let answers = futures_join(asks).await;
+    // All asked at once; answers in the workers' order.
+    let pending: Vec<_> = asks.map(tokio::spawn).collect();
+    let mut answers = Vec::with_capacity(pending.len());
+    for p in pending {
+        answers.push(p.await.ok().flatten());
+    }
     let mut workers = Vec::new();
     for (i, (c, answer)) in cluster.workers.iter().zip(&answers).enumerate() {
         workers.push(serde_json::json!({
@@ -447,23 +434,6 @@ async fn cluster_view(w: &Worker, auth: &Auth, body: &mut serde_json::Value) {
 /// How long the status page's cluster view waits for another worker.
 const PEER_STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Runs the futures at once and collects their outputs in order.
-async fn futures_join<F>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = fs.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        match h.await {
-            Ok(v) => out.push(v),
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        }
-    }
-    out
-}
-
 /// Another worker's own `/status`, or `None` if it does not answer well.
 async fn peer_status(addr: &str, token: Option<&str>) -> Option<serde_json::Value> {
     let mut s = TcpStream::connect(addr).await.ok()?;
@@ -482,6 +452,22 @@ async fn peer_status(addr: &str, token: Option<&str>) -> Option<serde_json::Valu
         return None;
     }
     serde_json::from_str(body).ok()
+}
+
+/// Answers `code` with `body` and counts the refusal under `reason`.
+async fn refuse(
+    stream: &mut TcpStream,
+    state: &HttpState,
+    reason: &str,
+    code: u16,
+    body: &str,
+) -> std::io::Result<()> {
+    state
+        .metrics
+        .http_refused
+        .with_label_values(&[reason])
+        .inc();
+    respond(stream, code, "text/plain", body).await
 }
 
 async fn respond(

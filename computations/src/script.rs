@@ -85,7 +85,7 @@ struct Spec {
 /// What one call of the script did, applied to the context afterwards.
 #[derive(Default)]
 struct Call {
-    key: String,
+    key: rhai::ImmutableString,
     state: Dynamic,
     state_changed: bool,
     emits: Vec<Emitted>,
@@ -345,21 +345,22 @@ impl Script {
         }
     }
 
-    /// Runs `f` of the script over `state`; applies what it did to `ctx`
-    /// only if it succeeded (the state stored as touched at `touched`).
+    /// Runs `f` of the script over `state` for `key`; applies what it did
+    /// to `ctx` only if it succeeded (the state stored as touched at
+    /// `touched`).
     fn run(
         &mut self,
         ctx: &mut Context<'_>,
+        key: &rhai::ImmutableString,
         (state, touched): (Dynamic, Option<i64>),
         min_ts: i64,
         f: &str,
         args: impl rhai::FuncArgs,
     ) -> Result<(), ComputationError> {
-        let unchanged = touched.filter(|_| !state.is_unit()).map(|_| state.clone());
         {
             let mut g = self.call.lock();
             *g = Call {
-                key: String::from_utf8_lossy(ctx.key()).into_owned(),
+                key: key.clone(),
                 state,
                 watermark: ctx.low_watermark(),
                 now: ctx.now(),
@@ -375,24 +376,19 @@ impl Script {
         if let Err(e) = result {
             return Err(ComputationError::BadRecord(self.locate(&e)));
         }
-        self.apply(ctx, call, touched, unchanged)
+        self.apply(ctx, call, touched)
     }
 
-    /// Applies a call's effects; `unchanged` is the state before it, to be
-    /// stored again with a new touch time when the call left it as it was.
+    /// Applies a call's effects. With `state_ttl` a state the call left as
+    /// it was is stored again, with its new touch time.
     fn apply(
         &self,
         ctx: &mut Context<'_>,
         call: Call,
         touched: Option<i64>,
-        unchanged: Option<Dynamic>,
     ) -> Result<(), ComputationError> {
-        let state = if call.state_changed {
-            Some(call.state)
-        } else {
-            unchanged
-        };
-        match state {
+        let store = call.state_changed || (touched.is_some() && !call.state.is_unit());
+        match store.then_some(call.state) {
             Some(s) if s.is_unit() => {
                 ctx.clear_state();
                 if self.spec.ttl.is_some() {
@@ -423,21 +419,19 @@ impl Script {
         }
         Ok(())
     }
-}
 
-impl Script {
     /// The key's state expired at event time `at`: `on_expire` sees it (its
     /// emits are at `at` or later), then it is gone.
     fn expire(
         &mut self,
         ctx: &mut Context<'_>,
-        key: &str,
+        key: &rhai::ImmutableString,
         state: Dynamic,
         at: i64,
     ) -> Result<(), ComputationError> {
         if self.spec.has_on_expire {
-            let args = (key.to_owned(), state.clone());
-            self.run(ctx, (state, None), at, "on_expire", args)?;
+            let args = (key.clone(), state.clone());
+            self.run(ctx, key, (state, None), at, "on_expire", args)?;
         }
         ctx.clear_state();
         ctx.delete_timer(TTL_TAG);
@@ -447,7 +441,7 @@ impl Script {
 
 impl Computation for Script {
     fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
-        let key = String::from_utf8_lossy(&r.key).into_owned();
+        let key: rhai::ImmutableString = String::from_utf8_lossy(&r.key).into_owned().into();
         let value = value_in(&r.value);
         if *self.input != *ctx.input() {
             self.input = ctx.input().into();
@@ -468,12 +462,12 @@ impl Computation for Script {
             .spec
             .ttl
             .map(|_| touched.map_or(r.timestamp, |t| t.max(r.timestamp)));
-        let args = (key, value, r.timestamp, input);
-        self.run(ctx, (state, touched), r.timestamp, "process", args)
+        let args = (key.clone(), value, r.timestamp, input);
+        self.run(ctx, &key, (state, touched), r.timestamp, "process", args)
     }
 
     fn process_timer(&mut self, ctx: &mut Context<'_>, t: Timer) -> Result<(), ComputationError> {
-        let key = String::from_utf8_lossy(ctx.key()).into_owned();
+        let key: rhai::ImmutableString = String::from_utf8_lossy(ctx.key()).into_owned().into();
         if &t.tag[..] == TTL_TAG {
             let (state, _) = Self::load(ctx)?;
             if !state.is_unit() {
@@ -495,13 +489,8 @@ impl Computation for Script {
             TimeDomain::ProcessingTime => ctx.low_watermark(),
         };
         let state = Self::load(ctx)?;
-        self.run(
-            ctx,
-            state,
-            min_ts,
-            "on_timer",
-            (key, tag, t.time, domain.to_owned()),
-        )
+        let args = (key.clone(), tag, t.time, domain.to_owned());
+        self.run(ctx, &key, state, min_ts, "on_timer", args)
     }
 }
 

@@ -564,23 +564,23 @@ pub const MAX_RECORD_BYTES: usize = 15 << 20;
 pub const MAX_THREADS: usize = 256;
 
 fn engine_config(raw: RawEngine, locator: &Locator) -> Result<EngineConfig, ConfigError> {
-    let positive = |v: Option<usize>, key: &str, default: usize| match v {
+    // At least 1 and at most `max`, or `default` when not given.
+    let within = |v: Option<usize>, key: &str, default: usize, max: usize| match v {
         Some(0) => Err(locator.error("engine", Some(key), "must be at least 1")),
+        Some(n) if n > max => {
+            Err(locator.error("engine", Some(key), format!("must be at most {max}")))
+        }
         Some(n) => Ok(n),
         None => Ok(default),
     };
-    let shards = match raw.shards {
-        Some(0) => return Err(locator.error("engine", Some("shards"), "must be at least 1")),
-        Some(n) if n > MAX_SHARDS => {
-            return Err(locator.error(
-                "engine",
-                Some("shards"),
-                format!("must be at most {MAX_SHARDS}"),
-            ))
-        }
-        Some(n) => n,
-        None => 16,
-    };
+    let positive =
+        |v: Option<usize>, key: &str, default: usize| within(v, key, default, usize::MAX);
+    let shards = within(
+        raw.shards.map(|n| n as usize),
+        "shards",
+        16,
+        MAX_SHARDS as usize,
+    )? as u32;
     let threads_default = std::thread::available_parallelism().map_or(2, |n| n.get());
     let durability = raw.durability.unwrap_or(Durability::Process);
     Ok(EngineConfig {
@@ -589,31 +589,18 @@ fn engine_config(raw: RawEngine, locator: &Locator) -> Result<EngineConfig, Conf
             .commit_interval
             .map_or(default_commit_interval(durability), |d| d.0),
         durability,
-        threads: match positive(raw.threads, "threads", threads_default)? {
-            n if n > MAX_THREADS => {
-                return Err(locator.error(
-                    "engine",
-                    Some("threads"),
-                    format!("must be at most {MAX_THREADS}"),
-                ))
-            }
-            n => n,
-        },
+        threads: within(raw.threads, "threads", threads_default, MAX_THREADS)?,
         batch_size: positive(raw.batch_size, "batch_size", 4096)?,
         channel_window: positive(raw.channel_window, "channel_window", 1024)?,
         max_backlog: positive(raw.max_backlog, "max_backlog", 16_384)?,
         state_cache_keys: raw.state_cache_keys.unwrap_or(1_000_000),
         channel_window_bytes: positive(raw.channel_window_bytes, "channel_window_bytes", 1 << 20)?,
-        max_record_bytes: match positive(raw.max_record_bytes, "max_record_bytes", 8 << 20)? {
-            n if n > MAX_RECORD_BYTES => {
-                return Err(locator.error(
-                    "engine",
-                    Some("max_record_bytes"),
-                    format!("must be at most {MAX_RECORD_BYTES} (what one cluster frame carries)"),
-                ))
-            }
-            n => n,
-        },
+        max_record_bytes: within(
+            raw.max_record_bytes,
+            "max_record_bytes",
+            8 << 20,
+            MAX_RECORD_BYTES,
+        )?,
     })
 }
 

@@ -33,7 +33,7 @@ use crate::layout::{self, position_key, read_u64, watermark_key};
 use crate::mapkey::FastMap;
 use crate::message::{Msg, Outlet};
 use crate::metrics::NodeMetrics;
-use crate::plan::{ChannelIdx, Maker, Plan, Sid};
+use crate::plan::{ChannelIdx, Maker, Plan, Sid, ERRORS_PORT_INDEX};
 use crate::record::{
     is_valid_event_time, now_micros, Envelope, TimeDomain, Timer, MAX_TIME, MIN_TIME,
 };
@@ -645,7 +645,7 @@ impl Executor {
                             // envelope still holds it for the errors output.
                             let bad = env.record();
                             self.emits.push(Emit {
-                                port: 1,
+                                port: ERRORS_PORT_INDEX,
                                 key: bad.key,
                                 value: bad.value,
                                 ts: bad.timestamp,
@@ -940,7 +940,7 @@ impl Executor {
         // only executors drain it. Waking it after every commit cost a
         // futex wake and a context switch per turn: P3 at 100k records/s
         // commits ~50k times a second.
-        if shared.drained() {
+        if shared.in_flight.drained() {
             shared.notify();
         }
     }

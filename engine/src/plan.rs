@@ -21,6 +21,8 @@ pub type ChannelIdx = u32;
 
 /// The name of the output that carries records a component could not handle.
 pub const ERRORS_PORT: &str = "errors";
+/// Its index among a node's ports (0 is the default output).
+pub(crate) const ERRORS_PORT_INDEX: usize = 1;
 
 /// How a source's low watermark follows the event times it reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,7 @@
 use crate::delivery::OutChannel;
 use crate::keying::{locate_key, shard_of};
 use crate::metrics::NodeMetrics;
-use crate::plan::Plan;
+use crate::plan::{Plan, ERRORS_PORT_INDEX};
 use crate::record::{is_valid_event_time, Envelope, EARLIEST_EVENT_TIME, LATEST_EVENT_TIME};
 use crate::scope::Emit;
 use crate::shard::ShardRt;
@@ -25,6 +25,15 @@ pub(crate) fn bad_record(metrics: &NodeMetrics, component: &str, key: &[u8], why
         output = %format_args!("{component}.errors"),
         "bad record routed to the errors output of the component that had it"
     );
+}
+
+/// `emit` again, on the errors output, at event time `ts`.
+fn errors_record(emit: &Emit, ts: i64) -> Emit {
+    Emit {
+        port: ERRORS_PORT_INDEX,
+        ts,
+        ..emit.clone()
+    }
 }
 
 /// Routes what a shard emitted: applies each consumer's key extractor, picks
@@ -61,6 +70,14 @@ pub(crate) fn route(
     let src_shard = plan.shards[shard.sid as usize].shard;
     let persist = shard.uses_outbox();
     let max_record = plan.topology.engine.max_record_bytes;
+    // What cannot go where it was produced goes to the errors output, once:
+    // an errors record that would fail the same way is not sent again.
+    let to_errors = |emits: &mut Vec<Emit>, at: usize, why: &str, errors: Emit| {
+        bad_record(metrics, &node.name, &emits[at].key, why);
+        if emits[at].port != ERRORS_PORT_INDEX {
+            emits.push(errors);
+        }
+    };
     let mut i = 0;
     while i < emits.len() {
         let emit = &emits[i];
@@ -71,21 +88,13 @@ pub(crate) fn route(
             // to the end of time. The errors output gets it at the nearest
             // valid time.
             let why = format!("event time {} us is outside years 1 to 9999", emit.ts);
-            bad_record(metrics, &node.name, &emit.key, &why);
             let ts = emit.ts.clamp(EARLIEST_EVENT_TIME, LATEST_EVENT_TIME);
-            if emit.port == 1 {
-                emits[i - 1].ts = ts;
-            } else {
-                let again = Emit {
-                    port: 1,
-                    key: emit.key.clone(),
-                    value: emit.value.clone(),
-                    ts,
-                    ingest: emit.ingest,
-                };
-                emits.push(again);
+            let errors = errors_record(emit, ts);
+            to_errors(emits, i - 1, &why, errors);
+            if emits[i - 1].port != ERRORS_PORT_INDEX {
                 continue;
             }
+            emits[i - 1].ts = ts;
         }
         let emit = &emits[i - 1];
         let size = emit.key.len() + emit.value.len();
@@ -96,36 +105,25 @@ pub(crate) fn route(
             let why = format!(
                 "the record has {size} bytes, more than engine.max_record_bytes ({max_record})"
             );
-            bad_record(metrics, &node.name, &emit.key, &why);
             let key = emit.key.slice(..emit.key.len().min(max_record));
             let keep = (max_record - key.len()).min(emit.value.len());
-            let again = Emit {
-                port: 1,
+            let errors = Emit {
                 key,
                 value: emit.value.slice(..keep),
-                ts: emit.ts,
-                ingest: emit.ingest,
+                ..errors_record(emit, emit.ts)
             };
-            emits.push(again);
+            // Cut to the limit, the copy always routes (even from an
+            // errors record).
+            bad_record(metrics, &node.name, &emit.key, &why);
+            emits.push(errors);
             continue;
         }
         let Some(edges) = node.out_edges.get(emit.port) else {
             if emit.port == usize::MAX {
                 // Not a silent drop: the record goes to the errors output.
-                bad_record(
-                    metrics,
-                    &node.name,
-                    &emit.key,
-                    "produced to an output the kind does not declare",
-                );
-                let again = Emit {
-                    port: 1,
-                    key: emit.key.clone(),
-                    value: emit.value.clone(),
-                    ts: emit.ts,
-                    ingest: emit.ingest,
-                };
-                emits.push(again);
+                let errors = errors_record(emit, emit.ts);
+                let why = "produced to an output the kind does not declare";
+                to_errors(emits, i - 1, why, errors);
             }
             continue;
         };
@@ -161,18 +159,8 @@ pub(crate) fn route(
             shard.track_unacked(emit.ts);
         }
         if let Some(why) = failed {
-            let emit = &emits[i - 1];
-            bad_record(metrics, &node.name, &emit.key, &why);
-            if emit.port != 1 {
-                let again = Emit {
-                    port: 1,
-                    key: emit.key.clone(),
-                    value: emit.value.clone(),
-                    ts: emit.ts,
-                    ingest: emit.ingest,
-                };
-                emits.push(again);
-            }
+            let errors = errors_record(emit, emit.ts);
+            to_errors(emits, i - 1, &why, errors);
         }
     }
     emits.clear();

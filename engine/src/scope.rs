@@ -9,6 +9,7 @@ use bytes::Bytes;
 use millrace_storage::{StorageError, Store};
 
 /// A record a shard produced and has not routed yet.
+#[derive(Clone)]
 pub(crate) struct Emit {
     /// Output port index, or `usize::MAX` for an output nobody reads.
     pub port: usize,

@@ -136,11 +136,6 @@ impl Shared {
         self.changed.wait_for(&mut g, timeout);
     }
 
-    /// Everything produced has been applied and committed downstream.
-    pub(crate) fn drained(&self) -> bool {
-        self.in_flight.drained()
-    }
-
     /// Records a step, when a test asked for them.
     #[cfg(test)]
     pub(crate) fn record(&self, step: Step) {

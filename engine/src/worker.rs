@@ -320,7 +320,7 @@ impl Worker {
         // time a few heartbeats to say so.
         let since = Instant::now();
         self.wait_for(timeout, || {
-            self.shared.drained()
+            self.shared.in_flight.drained()
                 && self.transport.as_ref().is_none_or(|t| {
                     since.elapsed() >= crate::net::STATUS_SETTLE && t.peers_drained()
                 })

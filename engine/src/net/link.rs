@@ -143,7 +143,7 @@ async fn run(
                 let done = net.local_done();
                 let finished = net.all_done();
                 let stopping = net.shared.stopping.load(Ordering::SeqCst);
-                let drained = stopping && net.shared.drained();
+                let drained = stopping && net.shared.in_flight.drained();
                 Frame::Status(Status { done, finished, stopping, drained }).encode(&mut wire);
                 if finished {
                     // Written below. Should the write fail, the peer learns it
