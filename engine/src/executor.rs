@@ -218,7 +218,7 @@ impl Executor {
             let mut inputs = FastMap::default();
             for &ch in &spec.in_channels {
                 let applied = store
-                    .get(Cf::Channels, &plan.channels[ch as usize].applied_key)?
+                    .get(Cf::Channels, &plan.applied_seq_key(ch))?
                     .as_deref()
                     .and_then(read_u64)
                     .unwrap_or(0);
@@ -290,16 +290,16 @@ impl Executor {
                 let dst_shards = plan.nodes[plan.edges[e].to].shards;
                 for d in 0..dst_shards {
                     let ch = plan.channel(e, spec.shard, d);
-                    let c = &plan.channels[ch as usize];
                     let next = store
-                        .get(Cf::Channels, &c.next_key)?
+                        .get(Cf::Channels, &plan.next_seq_key(ch))?
                         .as_deref()
                         .and_then(read_u64)
                         .unwrap_or(1);
                     let mut out = OutChannel::new(next);
                     let mut bad = None;
-                    store.for_each_prefix(Cf::Outbox, &c.outbox_prefix, |k, v| {
-                        let seq = layout::parse_outbox_seq(&k[c.outbox_prefix.len()..]);
+                    let prefix = plan.outbox_prefix(ch);
+                    store.for_each_prefix(Cf::Outbox, &prefix, |k, v| {
+                        let seq = layout::parse_outbox_seq(&k[prefix.len()..]);
                         match (seq, Envelope::from_bytes(Bytes::copy_from_slice(v))) {
                             (Ok(seq), Ok(env)) if seq < next => {
                                 shard.track_unacked(env.timestamp());
@@ -431,11 +431,31 @@ impl Executor {
                     };
                     let (mut first, mut last) = (None, 0);
                     let stamps = &mut self.released_ts;
-                    let n = out.ack(upto, |seq, env| {
+                    let n = match out.ack(upto, |seq, env| {
                         first.get_or_insert(seq);
                         last = seq;
                         stamps.push(env.timestamp());
-                    });
+                    }) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            // Nothing past what was produced was applied by
+                            // anyone: a forged or confused frame.
+                            let worker = plan.shards[c.dst as usize].worker;
+                            let peer = plan
+                                .topology
+                                .cluster
+                                .as_ref()
+                                .and_then(|cl| cl.workers.get(worker))
+                                .map_or("local", |w| w.id.as_str());
+                            self.shared
+                                .metrics
+                                .net_bad_frames
+                                .with_label_values(&[peer])
+                                .inc();
+                            tracing::warn!(channel = ch, peer, "refused: {e}");
+                            continue;
+                        }
+                    };
                     for ts in stamps.drain(..) {
                         shard.untrack_unacked(ts);
                     }
@@ -531,7 +551,7 @@ impl Executor {
             self.advance_watermark(i, &plan, stopping);
             self.shards[i].checkpoint(
                 batch,
-                &plan.channels,
+                &plan,
                 engine.durability == millrace_config::Durability::Machine,
             )?;
         }
@@ -557,16 +577,20 @@ impl Executor {
     /// turn: one delete each, or one range delete from `RANGE_DELETE_MIN` on.
     fn delete_released(&mut self, plan: &Plan, batch: &mut Batch<'_>) {
         for (ch, first, last) in self.released.drain(..) {
-            let c = &plan.channels[ch as usize];
+            let prefix = plan.outbox_prefix(ch);
             if last - first + 1 < RANGE_DELETE_MIN {
-                let mut key = c.outbox_key(first);
-                let at = c.outbox_prefix.len();
+                let mut key = layout::outbox_key(&prefix, first);
+                let at = prefix.len();
                 for seq in first..=last {
                     key[at..].copy_from_slice(&seq.to_be_bytes());
                     batch.delete(Cf::Outbox, &key);
                 }
             } else {
-                batch.delete_range(Cf::Outbox, &c.outbox_key(first), &c.outbox_key(last + 1));
+                batch.delete_range(
+                    Cf::Outbox,
+                    &layout::outbox_key(&prefix, first),
+                    &layout::outbox_key(&prefix, last + 1),
+                );
             }
         }
     }

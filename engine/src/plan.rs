@@ -106,7 +106,12 @@ pub struct ShardSpec {
     pub downstream: Vec<(usize, usize)>,
 }
 
-/// One producer shard -> consumer shard pair of an edge.
+/// One producer shard -> consumer shard pair of an edge. Every producer
+/// shard of an edge may send to every consumer shard, so there are
+/// `producers x consumers` of them: each is kept to three numbers, and its
+/// storage keys are built when asked for ([`Plan::outbox_prefix`] and the
+/// like), so that a plan's memory stays small at the largest shard counts.
+#[derive(Debug, Clone, Copy)]
 pub struct ChannelSpec {
     /// Its edge.
     pub edge: usize,
@@ -114,19 +119,6 @@ pub struct ChannelSpec {
     pub src: Sid,
     /// Consumer shard.
     pub dst: Sid,
-    /// Key prefix of its outbox entries (producer prefix, edge name, consumer shard).
-    pub outbox_prefix: Vec<u8>,
-    /// Channels-CF key of the producer's next sequence number.
-    pub next_key: Vec<u8>,
-    /// Channels-CF key of the consumer's applied sequence number.
-    pub applied_key: Vec<u8>,
-}
-
-impl ChannelSpec {
-    /// The outbox key of production `seq` of this channel.
-    pub fn outbox_key(&self, seq: u64) -> Vec<u8> {
-        layout::outbox_key(&self.outbox_prefix, seq)
-    }
 }
 
 /// The whole physical plan of one worker.
@@ -307,33 +299,20 @@ impl Plan {
                         channels.len() as u32,
                         edge.channel_base + s * dst_node.shards + d
                     );
-                    channels.push(ChannelSpec {
-                        edge: e,
-                        src,
-                        dst,
-                        outbox_prefix: layout::outbox_prefix(
-                            &shards[src as usize].prefix,
-                            &edge.name,
-                            d,
-                        ),
-                        next_key: layout::next_seq_key(&shards[src as usize].prefix, &edge.name, d),
-                        applied_key: layout::applied_seq_key(
-                            &shards[dst as usize].prefix,
-                            &edge.name,
-                            s,
-                        ),
-                    });
+                    channels.push(ChannelSpec { edge: e, src, dst });
                     let ch = channels.len() as ChannelIdx - 1;
                     shards[dst as usize].in_channels.push(ch);
-                    if !shards[dst as usize].upstream.contains(&src) {
-                        shards[dst as usize].upstream.push(src);
-                    }
+                    shards[dst as usize].upstream.push(src);
                     let at = (shards[dst as usize].worker, shards[dst as usize].executor);
-                    if !shards[src as usize].downstream.contains(&at) {
-                        shards[src as usize].downstream.push(at);
-                    }
+                    shards[src as usize].downstream.push(at);
                 }
             }
+        }
+        for shard in &mut shards {
+            shard.upstream.sort_unstable();
+            shard.upstream.dedup();
+            shard.downstream.sort_unstable();
+            shard.downstream.dedup();
         }
         Ok(Plan {
             topology,
@@ -388,6 +367,41 @@ impl Plan {
     pub fn channel(&self, edge: usize, src_shard: u32, dst_shard: u32) -> ChannelIdx {
         let e = &self.edges[edge];
         e.channel_base + src_shard * self.nodes[e.to].shards + dst_shard
+    }
+
+    /// The outbox key prefix of channel `ch`'s productions.
+    pub fn outbox_prefix(&self, ch: ChannelIdx) -> Vec<u8> {
+        let c = &self.channels[ch as usize];
+        layout::outbox_prefix(
+            &self.shards[c.src as usize].prefix,
+            &self.edges[c.edge].name,
+            self.shards[c.dst as usize].shard,
+        )
+    }
+
+    /// The outbox key of production `seq` of channel `ch`.
+    pub fn outbox_key(&self, ch: ChannelIdx, seq: u64) -> Vec<u8> {
+        layout::outbox_key(&self.outbox_prefix(ch), seq)
+    }
+
+    /// The channels-CF key of channel `ch`'s producer's next sequence number.
+    pub fn next_seq_key(&self, ch: ChannelIdx) -> Vec<u8> {
+        let c = &self.channels[ch as usize];
+        layout::next_seq_key(
+            &self.shards[c.src as usize].prefix,
+            &self.edges[c.edge].name,
+            self.shards[c.dst as usize].shard,
+        )
+    }
+
+    /// The channels-CF key of channel `ch`'s consumer's applied sequence number.
+    pub fn applied_seq_key(&self, ch: ChannelIdx) -> Vec<u8> {
+        let c = &self.channels[ch as usize];
+        layout::applied_seq_key(
+            &self.shards[c.dst as usize].prefix,
+            &self.edges[c.edge].name,
+            self.shards[c.src as usize].shard,
+        )
     }
 
     /// A one-line summary, as `millrace validate` prints it.
@@ -571,5 +585,30 @@ address = "127.0.0.1:2"
                 vec![vec!["count", "count"], vec!["count", "count"]],
             ]
         );
+    }
+
+    #[test]
+    fn channels_hold_three_numbers_and_their_keys_are_built_on_demand() {
+        // A plan has producers x consumers channels per edge (a million at
+        // 1,024 shards): each must stay a few numbers, not owned keys.
+        assert!(std::mem::size_of::<ChannelSpec>() <= 16);
+        let p = gen_to_count("", 3);
+        let ch = p.channel(0, 0, 2);
+        let c = p.channels[ch as usize];
+        assert_eq!((c.src, c.dst), (0, 3));
+        let (src, dst) = (&p.shards[0].prefix, &p.shards[3].prefix);
+        assert_eq!(
+            p.outbox_prefix(ch),
+            layout::outbox_prefix(src, "gen->count", 2)
+        );
+        assert_eq!(
+            p.next_seq_key(ch),
+            layout::next_seq_key(src, "gen->count", 2)
+        );
+        assert_eq!(
+            p.applied_seq_key(ch),
+            layout::applied_seq_key(dst, "gen->count", 0)
+        );
+        assert_eq!(p.shards[3].upstream, vec![0], "one producer, listed once");
     }
 }

@@ -149,8 +149,7 @@ pub(crate) fn route(
             let out = shard.outs.entry(ch).or_insert_with(|| OutChannel::new(1));
             if persist {
                 let seq = out.push(env.clone());
-                let c = &plan.channels[ch as usize];
-                batch.put(Cf::Outbox, &c.outbox_key(seq), &env.0);
+                batch.put(Cf::Outbox, &plan.outbox_key(ch, seq), &env.0);
             } else {
                 // Kept in memory only (a replayable source): no clone.
                 out.push(env);

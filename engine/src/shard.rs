@@ -211,7 +211,7 @@ impl ShardRt {
     pub fn checkpoint(
         &mut self,
         batch: &mut Batch<'_>,
-        channels: &[crate::plan::ChannelSpec],
+        plan: &crate::plan::Plan,
         sync_sinks: bool,
     ) -> Result<(), crate::error::EngineError> {
         let (prefix, mut key) = (&self.prefix, Vec::new());
@@ -224,7 +224,7 @@ impl ShardRt {
             if let Some(i) = self.inputs.get(&ch) {
                 batch.put(
                     Cf::Channels,
-                    &channels[ch as usize].applied_key,
+                    &plan.applied_seq_key(ch),
                     &i.applied().to_be_bytes(),
                 );
             }
@@ -250,11 +250,7 @@ impl ShardRt {
             if let Some((position, seqs)) = ready {
                 batch.put(Cf::Meta, &position_key(&self.prefix), &position);
                 for (ch, next) in seqs {
-                    batch.put(
-                        Cf::Channels,
-                        &channels[ch as usize].next_key,
-                        &next.to_be_bytes(),
-                    );
+                    batch.put(Cf::Channels, &plan.next_seq_key(ch), &next.to_be_bytes());
                 }
             }
         } else {
@@ -262,7 +258,7 @@ impl ShardRt {
                 if out.take_dirty() {
                     batch.put(
                         Cf::Channels,
-                        &channels[*ch as usize].next_key,
+                        &plan.next_seq_key(*ch),
                         &out.next_seq().to_be_bytes(),
                     );
                 }
