@@ -155,7 +155,7 @@ impl Context<'_> {
 
     /// Processing time, microseconds since the epoch.
     pub fn now(&self) -> i64 {
-        crate::record::now_micros()
+        self.scope.clock.now()
     }
 }
 

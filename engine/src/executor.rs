@@ -38,14 +38,14 @@ use crate::record::{
     is_valid_event_time, now_micros, Envelope, TimeDomain, Timer, MAX_TIME, MIN_TIME,
 };
 use crate::router::{bad_record, route};
-use crate::scope::Emit;
+use crate::scope::{Clock, Emit};
 use crate::shard::{Body, KeyEnv, ShardRt, SourceRt};
 use crate::shared::{Handed, Shared};
 use crate::timers::Timers;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use millrace_storage::{Batch, Cf, Store};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -247,34 +247,19 @@ impl Executor {
                 .and_then(read_u64)
                 .map_or(MIN_TIME, |v| v as i64);
             let follows_state = matches!(&body, Body::Compute(c) if c.timers_follow_state());
-            let mut shard = ShardRt {
-                sid,
-                node: spec.node,
-                prefix: spec.prefix.clone(),
-                body,
-                inputs,
-                applied_dirty: BTreeSet::new(),
-                outs: FastMap::default(),
-                pending: VecDeque::new(),
-                state: KeyedState::new(
-                    plan.topology.engine.state_cache_keys / node.shards.max(1) as usize,
-                ),
-                timers: if follows_state {
-                    Timers::volatile()
-                } else {
-                    Timers::load(store, &spec.prefix)?
-                },
-                upstream_idle: vec![false; upstream_wm.len()],
-                upstream_wm,
-                input_wm: MIN_TIME,
-                output_wm,
-                output_idle: false,
-                wm_changed: false,
-                unacked_ts: BTreeMap::new(),
-                backlog: 0,
-                max_event: MIN_TIME,
-                discarded: 0,
+            let state = KeyedState::new(
+                plan.topology.engine.state_cache_keys / node.shards.max(1) as usize,
+            );
+            let timers = if follows_state {
+                Timers::volatile()
+            } else {
+                Timers::load(store, &spec.prefix)?
             };
+            let mut shard = ShardRt::new(sid, spec.node, spec.prefix.clone(), body, state, timers);
+            shard.inputs = inputs;
+            shard.upstream_idle = vec![false; upstream_wm.len()];
+            shard.upstream_wm = upstream_wm;
+            shard.output_wm = output_wm;
             shard.recompute_input_wm();
             if follows_state {
                 restore_timers(
@@ -431,31 +416,11 @@ impl Executor {
                     };
                     let (mut first, mut last) = (None, 0);
                     let stamps = &mut self.released_ts;
-                    let n = match out.ack(upto, |seq, env| {
+                    let n = out.ack(upto, |seq, env| {
                         first.get_or_insert(seq);
                         last = seq;
                         stamps.push(env.timestamp());
-                    }) {
-                        Ok(n) => n,
-                        Err(e) => {
-                            // Nothing past what was produced was applied by
-                            // anyone: a forged or confused frame.
-                            let worker = plan.shards[c.dst as usize].worker;
-                            let peer = plan
-                                .topology
-                                .cluster
-                                .as_ref()
-                                .and_then(|cl| cl.workers.get(worker))
-                                .map_or("local", |w| w.id.as_str());
-                            self.shared
-                                .metrics
-                                .net_bad_frames
-                                .with_label_values(&[peer])
-                                .inc();
-                            tracing::warn!(channel = ch, peer, "refused: {e}");
-                            continue;
-                        }
-                    };
+                    });
                     for ts in stamps.drain(..) {
                         shard.untrack_unacked(ts);
                     }
@@ -661,6 +626,7 @@ impl Executor {
                         ports: &node.ports,
                         ingest: env.ingest(),
                         input: &plan.edges[plan.channels[ch as usize].edge].stream,
+                        clock: Clock::System,
                     };
                     match shard.with_key(at, &key, |comp, ctx| comp.process_record(ctx, record)) {
                         Some(Err(ComputationError::BadRecord(why))) => {
@@ -859,6 +825,7 @@ impl Executor {
                     ports: &node.ports,
                     ingest: now,
                     input: "",
+                    clock: Clock::System,
                 };
                 // The computation sees the key and tag as `Bytes`.
                 let key = Bytes::copy_from_slice(key.as_bytes());
@@ -1046,7 +1013,7 @@ fn sent_step(exec: usize, early: bool, queues: &[Vec<Msg>]) -> crate::shared::St
 
 /// Rebuilds the in-memory timers of a shard whose computation derives them
 /// from its state: one `restore_timers` call per key with committed state.
-fn restore_timers(
+pub(crate) fn restore_timers(
     store: &Store,
     shard: &mut ShardRt,
     metrics: &NodeMetrics,
@@ -1068,6 +1035,7 @@ fn restore_timers(
             ports,
             ingest: now_micros(),
             input: "",
+            clock: Clock::System,
         };
         match shard.with_key(at, &key, |comp, ctx| comp.restore_timers(ctx, state)) {
             Some(Err(ComputationError::BadRecord(why))) => {

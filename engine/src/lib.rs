@@ -36,6 +36,7 @@ mod scope;
 mod shard;
 mod shared;
 mod tap;
+pub mod testing;
 mod timers;
 mod worker;
 

@@ -34,6 +34,26 @@ pub(crate) struct KeyScope<'a> {
     pub input: &'a str,
     /// Records the computation dropped by design since the last count.
     pub discarded: &'a mut u64,
+    pub clock: Clock,
+}
+
+/// Where a context's processing time comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Clock {
+    /// The system clock (a running worker).
+    System,
+    /// A time the caller sets (the test harness).
+    Fixed(i64),
+}
+
+impl Clock {
+    /// Processing time, microseconds since the epoch.
+    pub fn now(self) -> i64 {
+        match self {
+            Clock::System => crate::record::now_micros(),
+            Clock::Fixed(t) => t,
+        }
+    }
 }
 
 impl KeyScope<'_> {

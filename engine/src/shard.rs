@@ -9,7 +9,7 @@ use crate::layout::{position_key, read_u64, watermark_key, write_state_key};
 use crate::mapkey::FastMap;
 use crate::plan::{ChannelIdx, NodeIdx, Sid};
 use crate::record::{Envelope, EventTime, MIN_TIME};
-use crate::scope::{Emit, KeyScope};
+use crate::scope::{Clock, Emit, KeyScope};
 use crate::timers::Timers;
 use bytes::Bytes;
 use millrace_storage::{Batch, Cf, Store};
@@ -75,9 +75,44 @@ pub(crate) struct KeyEnv<'a> {
     pub ports: &'a [String],
     pub ingest: i64,
     pub input: &'a str,
+    pub clock: Clock,
 }
 
 impl ShardRt {
+    /// A shard with no channels yet and every watermark at the start of
+    /// time; the executor's recovery fills in what its store holds.
+    pub fn new(
+        sid: Sid,
+        node: NodeIdx,
+        prefix: Vec<u8>,
+        body: Body,
+        state: KeyedState,
+        timers: Timers,
+    ) -> ShardRt {
+        ShardRt {
+            sid,
+            node,
+            prefix,
+            body,
+            inputs: FastMap::default(),
+            applied_dirty: BTreeSet::new(),
+            outs: FastMap::default(),
+            pending: VecDeque::new(),
+            state,
+            timers,
+            upstream_wm: Vec::new(),
+            upstream_idle: Vec::new(),
+            input_wm: MIN_TIME,
+            output_wm: MIN_TIME,
+            output_idle: false,
+            wm_changed: false,
+            unacked_ts: BTreeMap::new(),
+            backlog: 0,
+            max_event: MIN_TIME,
+            discarded: 0,
+        }
+    }
+
     /// Runs `f` with this shard's computation and a context scoped to `key`;
     /// `None` if the shard is not a computation.
     pub fn with_key<R>(
@@ -102,6 +137,7 @@ impl ShardRt {
                 ingest: env.ingest,
                 input: env.input,
                 discarded: &mut self.discarded,
+                clock: env.clock,
             },
         };
         Some(f(comp.as_mut(), &mut ctx))

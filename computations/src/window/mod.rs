@@ -14,6 +14,8 @@
 //! `NAME.late` (and are counted in `millrace_late_records_total`).
 
 mod config;
+#[cfg(test)]
+mod edge_tests;
 mod pane;
 
 pub use config::{Accumulation, Output, Trigger, WindowConfig, WindowSpec};
