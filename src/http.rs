@@ -240,12 +240,22 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
         }
         "/" => respond(&mut stream, 200, "text/html; charset=utf-8", STATUS_PAGE).await,
         "/healthz" => {
+            let problems = millrace_engine::health::problems();
             let (code, body) = match state.health.load(Ordering::SeqCst) {
-                RECOVERING => (503, "recovering\n"),
-                RUNNING => (200, "ok\n"),
-                _ => (503, "draining\n"),
+                RECOVERING => (503, "recovering\n".to_owned()),
+                RUNNING if problems.is_empty() => (200, "ok\n".to_owned()),
+                // Running, but a connector cannot reach what it needs (and
+                // retries): not healthy, and saying why.
+                RUNNING => (
+                    503,
+                    problems
+                        .iter()
+                        .map(|(what, why)| format!("degraded: {what}: {why}\n"))
+                        .collect(),
+                ),
+                _ => (503, "draining\n".to_owned()),
             };
-            respond(&mut stream, code, "text/plain", body).await
+            respond(&mut stream, code, "text/plain", &body).await
         }
         "/status" => {
             let Some(w) = state.worker() else {

@@ -8,7 +8,7 @@
 //! record is the file's name; its event time is when it was read.
 
 use crate::options;
-use millrace_config::KeyExtractor;
+use millrace_config::{Component, ConfigError, KeyExtractor};
 use millrace_engine::{
     extract_key, now_micros, parse_event_time, Emitter, Registry, Source, SourceError, SourcePoll,
 };
@@ -38,7 +38,16 @@ pub struct EventTimeField {
 }
 
 impl EventTimeField {
-    fn of(&self, line: &[u8]) -> Option<i64> {
+    /// Reads the event time with `extractor`, in units of `micros_per_unit` microseconds.
+    pub fn new(extractor: KeyExtractor, micros_per_unit: i64) -> Self {
+        EventTimeField {
+            extractor,
+            micros_per_unit,
+        }
+    }
+
+    /// The event time in `line`, if it has one.
+    pub(crate) fn of(&self, line: &[u8]) -> Option<i64> {
         let v = bytes::Bytes::copy_from_slice(line);
         let field = extract_key(&self.extractor, &v, &v).ok()?;
         parse_event_time(std::str::from_utf8(&field).ok()?, self.micros_per_unit).ok()
@@ -248,6 +257,19 @@ impl Source for FileSource {
     }
 }
 
+/// Microseconds per unit of `timestamp_unit` (`s`, `ms` by default, `us`).
+pub(crate) fn micros_per_unit(c: &Component, unit: Option<&str>) -> Result<i64, ConfigError> {
+    match unit.unwrap_or("ms") {
+        "s" => Ok(1_000_000),
+        "ms" => Ok(1_000),
+        "us" => Ok(1),
+        other => Err(c.options.error(
+            Some("timestamp_unit"),
+            format!("unknown unit `{other}` (use s, ms or us)"),
+        )),
+    }
+}
+
 pub(crate) fn register(r: &mut Registry) {
     r.source("file", |c| {
         let o: Options = options(c)?;
@@ -255,21 +277,8 @@ pub(crate) fn register(r: &mut Registry) {
         if let Some(t) = &o.timestamp {
             let extractor = KeyExtractor::parse(t, o.delimiter.clone())
                 .map_err(|m| c.options.error(Some("timestamp"), m))?;
-            let micros_per_unit = match o.timestamp_unit.as_deref().unwrap_or("ms") {
-                "s" => 1_000_000,
-                "ms" => 1_000,
-                "us" => 1,
-                other => {
-                    return Err(c.options.error(
-                        Some("timestamp_unit"),
-                        format!("unknown unit `{other}` (use s, ms or us)"),
-                    ))
-                }
-            };
-            source = source.with_event_time(EventTimeField {
-                extractor,
-                micros_per_unit,
-            });
+            let micros_per_unit = micros_per_unit(c, o.timestamp_unit.as_deref())?;
+            source = source.with_event_time(EventTimeField::new(extractor, micros_per_unit));
         } else if o.delimiter.is_some() || o.timestamp_unit.is_some() {
             return Err(c.options.error(
                 Some("timestamp"),

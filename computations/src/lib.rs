@@ -27,6 +27,7 @@
 mod aggregate;
 mod file_source;
 mod generator;
+mod kafka;
 mod keyed;
 mod script;
 mod sinks;
@@ -57,6 +58,7 @@ pub fn builtins() -> Registry {
     window::register(&mut r);
     script::register(&mut r);
     sinks::register(&mut r);
+    kafka::register(&mut r);
     r
 }
 

@@ -184,17 +184,38 @@ pub enum SourceError {
     /// The committed position cannot be understood (a changed topology?).
     #[error("cannot resume from the committed position: {0}")]
     Position(String),
+    /// The source cannot start as configured (its shard's part is empty, say).
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// Collects what a source reads in one poll.
 pub struct Emitter<'a> {
     pub(crate) out: &'a mut Vec<(Bytes, Bytes, EventTime)>,
+    /// Records that could not be decoded, with why: they go to the source's
+    /// `errors` output.
+    pub(crate) bad: Vec<(Bytes, Bytes, String)>,
 }
 
 impl<'a> Emitter<'a> {
     /// An emitter that appends to `out` (the engine makes one per poll; tests may too).
     pub fn new(out: &'a mut Vec<(Bytes, Bytes, EventTime)>) -> Self {
-        Emitter { out }
+        Emitter {
+            out,
+            bad: Vec::new(),
+        }
+    }
+
+    /// Hands over a record the source read but cannot decode (no event
+    /// time, say): it goes, as read, to the source's `NAME.errors` output,
+    /// is counted in `millrace_bad_records_total` and logged with `why`.
+    pub fn emit_bad(&mut self, key: impl Into<Bytes>, value: impl Into<Bytes>, why: String) {
+        self.bad.push((key.into(), value.into(), why));
+    }
+
+    /// The records handed to [`Emitter::emit_bad`] so far.
+    pub fn bad(&self) -> &[(Bytes, Bytes, String)] {
+        &self.bad
     }
 
     /// Emits one record.
@@ -235,6 +256,36 @@ pub trait Source: Send + 'static {
     fn replayable(&self) -> bool {
         false
     }
+
+    /// Tells the source which shard of its component it is, before
+    /// [`Source::open`] (and once at `validate`, as shard 0). A source whose
+    /// input can be split (a Kafka topic's partitions) takes its part;
+    /// others refuse more than one shard, as this default does.
+    fn assign(&mut self, shard: &SourceShard) -> Result<(), String> {
+        if shard.count > 1 {
+            return Err("this source kind cannot be split into shards".to_owned());
+        }
+        Ok(())
+    }
+
+    /// The source's own watermark, when it knows better than the newest
+    /// event time it emitted: a Kafka source's is the minimum over its
+    /// partitions, leaving out those idle for `idle_after`. The engine then
+    /// subtracts `out_of_order` from it; `None` uses the newest event time.
+    fn watermark(&self) -> Option<EventTime> {
+        None
+    }
+}
+
+/// Which shard of its component a source shard is, and its watermark settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceShard {
+    /// This shard's number, from 0.
+    pub index: u32,
+    /// The component's shard count (`shards` in its table; 1 by default).
+    pub count: u32,
+    /// The component's `watermark.idle_after`.
+    pub idle_after: Option<std::time::Duration>,
 }
 
 /// Why a sink failed. The worker stops; after a restart the sink resumes from
@@ -261,4 +312,37 @@ pub trait Sink: Send + 'static {
     /// Makes every write so far durable (`sync`: to the disk, not only the OS)
     /// and returns the position to commit with them.
     fn flush(&mut self, sync: bool) -> Result<Vec<u8>, SinkError>;
+
+    /// Called before [`Sink::open`] with the shard's epoch: 1 on the first
+    /// start of its data directory, higher at every later start. A sink that
+    /// cannot cut back what it wrote (Kafka) learns from it whether anything
+    /// can have been written before its first commit.
+    fn set_epoch(&mut self, _epoch: u64) {}
+
+    /// Writes one record with its production id, which is the same every
+    /// time the record is delivered again. A sink that cannot cut back what
+    /// it wrote stores the id with the record, and skips at restart what it
+    /// finds already written. By default, [`Sink::write`].
+    fn write_delivered(&mut self, record: &Record, _id: &DeliveryId<'_>) -> Result<(), SinkError> {
+        self.write(record)
+    }
+}
+
+/// What identifies one delivery to a sink across restarts: the input it came
+/// on (the edge `producer[.output]->consumer`), the producer's shard and the
+/// channel's sequence number. Displayed as `edge/shard/seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryId<'a> {
+    /// The edge's name.
+    pub edge: &'a str,
+    /// The producer's shard.
+    pub producer_shard: u32,
+    /// The production's sequence number on its channel.
+    pub seq: u64,
+}
+
+impl std::fmt::Display for DeliveryId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.edge, self.producer_shard, self.seq)
+    }
 }

@@ -24,7 +24,7 @@
 //! steps on purpose (`failpoint.rs`). All RocksDB calls happen on this
 //! thread, never on an async runtime.
 
-use crate::api::{ComputationError, Emitter, SourcePoll};
+use crate::api::{ComputationError, DeliveryId, Emitter, SourceError, SourcePoll, SourceShard};
 use crate::delivery::{InChannel, OutChannel};
 use crate::error::EngineError;
 use crate::failpoint::{self, Point};
@@ -189,6 +189,14 @@ impl Executor {
             let body = match &node.maker {
                 Maker::Source(f, c) => {
                     let mut source = f(c).map_err(EngineError::Config)?;
+                    let part = SourceShard {
+                        index: spec.shard,
+                        count: node.shards,
+                        idle_after: node.watermark.idle_after,
+                    };
+                    source.assign(&part).map_err(|why| {
+                        EngineError::Source(node.name.clone(), SourceError::Setup(why))
+                    })?;
                     source
                         .open(position.as_deref())
                         .map_err(|e| EngineError::Source(node.name.clone(), e))?;
@@ -208,6 +216,13 @@ impl Executor {
                 Maker::Computation(make) => Body::Compute(make()),
                 Maker::Sink(f, c) => {
                     let mut sink = f(c).map_err(EngineError::Config)?;
+                    // Raised (durably) by the worker before its executors start.
+                    let epoch = store
+                        .get(Cf::Meta, &layout::epoch_key(&spec.prefix))?
+                        .as_deref()
+                        .and_then(read_u64)
+                        .unwrap_or(1);
+                    sink.set_epoch(epoch);
                     sink.open(position.as_deref()).map_err(EngineError::Sink)?;
                     Body::Sink {
                         sink,
@@ -613,7 +628,14 @@ impl Executor {
             shard.max_event = shard.max_event.max(record.timestamp);
             match &mut shard.body {
                 Body::Sink { sink, written } => {
-                    sink.write(&record).map_err(EngineError::Sink)?;
+                    let c = &plan.channels[ch as usize];
+                    let id = DeliveryId {
+                        edge: &plan.edges[c.edge].name,
+                        producer_shard: plan.shards[c.src as usize].shard,
+                        seq,
+                    };
+                    sink.write_delivered(&record, &id)
+                        .map_err(EngineError::Sink)?;
                     *written = true;
                     let lat = (now_micros() - env.ingest()).max(0) as f64 / 1e6;
                     metrics.e2e_latency.observe(lat);
@@ -676,11 +698,25 @@ impl Executor {
             return Ok(());
         }
         let mut polled = Vec::new();
+        let mut emitter = Emitter::new(&mut polled);
         let poll = src
             .source
-            .poll(&mut Emitter { out: &mut polled }, room)
+            .poll(&mut emitter, room)
             .map_err(|e| EngineError::Source(node.name.clone(), e))?;
+        let bad = std::mem::take(&mut emitter.bad);
         let ingest = now_micros();
+        for (key, value, why) in bad {
+            // Read but not decodable: to the errors output, as read.
+            bad_record(metrics, &node.name, &key, &why);
+            src.position_dirty = true;
+            self.emits.push(Emit {
+                port: ERRORS_PORT_INDEX,
+                key,
+                value,
+                ts: now_micros(),
+                ingest,
+            });
+        }
         if !polled.is_empty() {
             src.position_dirty = true;
             src.last_data = now;
@@ -763,7 +799,8 @@ impl Executor {
         let source_wm = match &shard.body {
             Body::Source(src) if src.exhausted => Some((MAX_TIME, false)),
             Body::Source(src) => {
-                let from_data = shard.max_event.saturating_sub(node.watermark.out_of_order);
+                let newest = src.source.watermark().unwrap_or(shard.max_event);
+                let from_data = newest.saturating_sub(node.watermark.out_of_order);
                 // After `idle_after` without data a source is idle: its
                 // consumers leave it out of their minimum (as Flink's
                 // `withIdleness`), and its own watermark follows the clock,

@@ -20,6 +20,7 @@ mod delivery;
 mod error;
 mod executor;
 mod failpoint;
+pub mod health;
 mod inspect;
 mod keyed_state;
 mod keying;
@@ -41,8 +42,8 @@ mod timers;
 mod worker;
 
 pub use api::{
-    Computation, ComputationError, Context, Emitter, Sink, SinkError, Source, SourceError,
-    SourcePoll,
+    Computation, ComputationError, Context, DeliveryId, Emitter, Sink, SinkError, Source,
+    SourceError, SourcePoll, SourceShard,
 };
 pub use delivery::{InChannel, Offer, OutChannel};
 pub use error::EngineError;

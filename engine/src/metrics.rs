@@ -258,7 +258,16 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let enc = prometheus::TextEncoder::new();
-        let _ = prometheus::Encoder::encode(&enc, &self.registry.gather(), &mut buf);
+        // The worker's own metrics, then those connectors register in the
+        // process-wide default registry (Kafka's, by partition).
+        let mut families = self.registry.gather();
+        families.extend(
+            prometheus::default_registry()
+                .gather()
+                .into_iter()
+                .filter(|f| f.get_name().starts_with("millrace_")),
+        );
+        let _ = prometheus::Encoder::encode(&enc, &families, &mut buf);
         String::from_utf8_lossy(&buf).into_owned()
     }
 }

@@ -6,9 +6,10 @@
 //! so a restart with the same topology finds its data whatever the order of
 //! the file.
 
+use crate::api::SourceShard;
 use crate::layout::{self, shard_prefix};
 use crate::registry::{MakeComputation, Registry, SinkFactory, SourceFactory};
-use millrace_config::{Component, ConfigError, KeyExtractor, Role, Topology};
+use millrace_config::{Component, ConfigError, KeyExtractor, Role, Topology, MAX_SHARDS};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -36,7 +37,7 @@ pub struct SourceWatermark {
 /// What instantiates a node's shards.
 #[derive(Clone)]
 pub enum Maker {
-    /// A source (one shard).
+    /// A source (one shard, or `shards` of them).
     Source(SourceFactory, Box<Component>),
     /// A computation (one instance per shard).
     Computation(MakeComputation),
@@ -189,11 +190,21 @@ impl Plan {
                     if let Some(v) = c.options.take("watermark") {
                         watermark = source_watermark(&c, v)?;
                     }
+                    let shards = match c.options.take("shards") {
+                        None => 1,
+                        Some(v) => source_shards(&c, v)?,
+                    };
                     let f = registry
                         .source_factory(&c.kind)
                         .ok_or_else(|| kind_error(&topology, &c, registry))?;
-                    f(&c)?;
-                    (Maker::Source(f.clone(), Box::new(c.clone())), 1)
+                    f(&c)?
+                        .assign(&SourceShard {
+                            index: 0,
+                            count: shards,
+                            idle_after: watermark.idle_after,
+                        })
+                        .map_err(|why| c.options.error(Some("shards"), why))?;
+                    (Maker::Source(f.clone(), Box::new(c.clone())), shards)
                 }
                 Role::Computation => {
                     let f = registry
@@ -431,6 +442,17 @@ fn kind_error(topology: &Topology, c: &Component, registry: &Registry) -> Config
             registry.kinds(section).join(", ")
         ),
     )
+}
+
+/// A source's `shards`: how many shards read its input, 1 to [`MAX_SHARDS`].
+fn source_shards(c: &Component, v: toml::Value) -> Result<u32, ConfigError> {
+    match v.as_integer() {
+        Some(n) if (1..=i64::from(MAX_SHARDS)).contains(&n) => Ok(n as u32),
+        _ => Err(c.options.error(
+            Some("shards"),
+            format!("`shards` must be a whole number from 1 to {MAX_SHARDS}"),
+        )),
+    }
 }
 
 fn source_watermark(c: &Component, v: toml::Value) -> Result<SourceWatermark, ConfigError> {

@@ -1,0 +1,124 @@
+//! `kafka`: a source reading a topic's partitions and a sink writing to a
+//! topic, both exactly once, through librdkafka (the `rdkafka` crate).
+//!
+//! **Source.** The engine, not a consumer group, decides who reads what: the
+//! component's `shards` source shards take the topic's partitions round-robin
+//! (partition `i` of the sorted list to shard `i % shards`) and `assign()`
+//! them. The position committed with each batch of productions is the next
+//! offset of every partition, so a restart resumes exactly where committed
+//! productions end. Records of several partitions interleave in an order that
+//! a second read would not repeat, so the source is not replayable: its
+//! productions go through the outbox, committed with the offsets. A shard's
+//! watermark is the minimum over its partitions of the newest event time
+//! read, leaving out partitions idle for `watermark.idle_after`.
+//!
+//! **Sink.** Each record carries its production id (`edge/shard/seq`, the
+//! same at every re-delivery) in the header `millrace-id`; the producer is
+//! idempotent (`acks=all`); the committed position is the end offset of what
+//! was acknowledged in each partition. At a restart, the sink reads the topic
+//! from that position to its end and skips re-deliveries of the ids it finds
+//! there, so a crash between a produce and its commit leaves no duplicate.
+//!
+//! Both retry an unreachable broker with backoff (librdkafka reconnects; the
+//! source also retries its set-up), report it on `/healthz`, and count it.
+
+mod metrics;
+mod sink;
+mod source;
+
+use millrace_config::{Component, ConfigError};
+use rdkafka::config::ClientConfig;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// The header holding a record's production id.
+pub const ID_HEADER: &str = "millrace-id";
+
+/// Settings every Kafka client takes (each kind's options hold these three).
+#[derive(Debug, Clone)]
+struct ClientOptions {
+    /// `host:port` of one or more brokers.
+    brokers: Brokers,
+    /// Sent to the broker (default `millrace-COMPONENT`).
+    client_id: Option<String>,
+    /// Any librdkafka setting, passed through (security, timeouts, ...).
+    properties: BTreeMap<String, PropertyValue>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Brokers {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum PropertyValue {
+    Text(String),
+    Int(i64),
+    Bool(bool),
+    Float(f64),
+}
+
+impl PropertyValue {
+    fn text(&self) -> String {
+        match self {
+            PropertyValue::Text(s) => s.clone(),
+            PropertyValue::Int(i) => i.to_string(),
+            PropertyValue::Bool(b) => b.to_string(),
+            PropertyValue::Float(f) => f.to_string(),
+        }
+    }
+}
+
+impl ClientOptions {
+    /// The librdkafka configuration: millrace's settings, then the user's
+    /// `properties` (which win, except those millrace's guarantees rest on).
+    fn config(
+        &self,
+        c: &Component,
+        ours: &[(&str, &str)],
+        fixed: &[(&str, &str)],
+    ) -> Result<ClientConfig, ConfigError> {
+        let brokers = match &self.brokers {
+            Brokers::One(b) => b.clone(),
+            Brokers::Many(v) => v.join(","),
+        };
+        if brokers.trim().is_empty() {
+            return Err(c.options.error(Some("brokers"), "no broker given"));
+        }
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", brokers);
+        cfg.set(
+            "client.id",
+            self.client_id
+                .clone()
+                .unwrap_or_else(|| format!("millrace-{}", c.name)),
+        );
+        for (k, v) in ours {
+            cfg.set(*k, *v);
+        }
+        for (k, v) in &self.properties {
+            if let Some((_, must)) = fixed.iter().find(|(f, _)| f == k) {
+                if v.text() != *must {
+                    return Err(c.options.error(
+                        Some("properties"),
+                        format!("`{k}` must stay `{must}`: millrace's exactly-once guarantee rests on it"),
+                    ));
+                }
+            }
+            cfg.set(k, v.text());
+        }
+        for (k, v) in fixed {
+            cfg.set(*k, *v);
+        }
+        Ok(cfg)
+    }
+}
+
+/// Registers the `kafka` source and sink.
+pub(crate) fn register(r: &mut millrace_engine::Registry) {
+    source::register(r);
+    sink::register(r);
+}

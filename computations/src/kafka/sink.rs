@@ -1,0 +1,425 @@
+//! The `kafka` sink (see the module documentation of `kafka`).
+
+use super::metrics::metrics;
+use super::{Brokers, ClientOptions, PropertyValue, ID_HEADER};
+use crate::sinks::OutputFormat;
+use millrace_config::{Component, ConfigError, HumanDuration};
+use millrace_engine::{health, DeliveryId, Record, Registry, Sink, SinkError};
+use parking_lot::Mutex;
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    brokers: Brokers,
+    client_id: Option<String>,
+    #[serde(default)]
+    properties: BTreeMap<String, PropertyValue>,
+    topic: String,
+    /// `raw` (the record's value, the default) or `jsonl` (`{"key","value","ts"}`).
+    #[serde(default = "raw")]
+    format: Format,
+    /// How long a flush (every commit) and the read-back at a restart may
+    /// wait for the broker before the worker stops (and is restarted).
+    timeout: Option<HumanDuration>,
+}
+
+fn raw() -> Format {
+    Format::Raw
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Format {
+    Raw,
+    Jsonl,
+}
+
+/// Delivery reports: the end offset acknowledged in each partition, and the
+/// first failure since the last flush.
+struct SinkContext {
+    component: String,
+    acked: Mutex<BTreeMap<i32, i64>>,
+    failed: Mutex<Option<String>>,
+}
+
+impl ClientContext for SinkContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        metrics()
+            .errors
+            .with_label_values(&[&self.component, "connect"])
+            .inc();
+        tracing::warn!(component = %self.component, %error, reason, "kafka sink: client error (librdkafka retries)");
+        health::report(&health_name(&self.component), format!("{error}: {reason}"));
+    }
+}
+
+impl ProducerContext for SinkContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let m = metrics();
+        match result {
+            Ok(msg) => {
+                let p = msg.partition();
+                let mut acked = self.acked.lock();
+                let end = acked.entry(p).or_insert(0);
+                *end = (*end).max(msg.offset() + 1);
+                let label = p.to_string();
+                m.records_out
+                    .with_label_values(&[&self.component, &label])
+                    .inc();
+                let bytes = msg.key().map_or(0, <[u8]>::len) + msg.payload().map_or(0, <[u8]>::len);
+                m.bytes_out
+                    .with_label_values(&[&self.component, &label])
+                    .inc_by(bytes as u64);
+            }
+            Err((e, _)) => {
+                m.errors
+                    .with_label_values(&[&self.component, "produce"])
+                    .inc();
+                self.failed.lock().get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+}
+
+fn health_name(component: &str) -> String {
+    format!("kafka sink `{component}`")
+}
+
+fn error(what: impl Into<String>, e: impl std::fmt::Display) -> SinkError {
+    SinkError {
+        what: what.into(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// The Kafka sink (its one shard).
+pub struct KafkaSink {
+    component: String,
+    topic: String,
+    producer_config: ClientConfig,
+    reader_config: ClientConfig,
+    format: Format,
+    timeout: Duration,
+    epoch: u64,
+    producer: Option<BaseProducer<SinkContext>>,
+    /// End offsets of what the last commit covers, by partition.
+    committed: BTreeMap<i32, i64>,
+    /// Production ids found in the topic past the committed position.
+    seen: HashSet<Vec<u8>>,
+    value: Vec<u8>,
+}
+
+impl KafkaSink {
+    /// Reads the topic from the committed position (from the start of the
+    /// partitions it does not cover) to its end, and keeps the ids there.
+    fn read_back(&mut self) -> Result<(), String> {
+        let reader: BaseConsumer = self
+            .reader_config
+            .create()
+            .map_err(|e| format!("creating the read-back consumer: {e}"))?;
+        let md = reader
+            .fetch_metadata(Some(&self.topic), self.timeout)
+            .map_err(|e| format!("reading metadata of topic `{}`: {e}", self.topic))?;
+        let Some(topic) = md.topics().iter().find(|t| t.name() == self.topic) else {
+            return Err(format!(
+                "topic `{}` not in the broker's metadata",
+                self.topic
+            ));
+        };
+        if let Some(e) = topic.error() {
+            return Err(format!("topic `{}`: {e:?}", self.topic));
+        }
+        // Each partition is read to its end as the fetches report it (an
+        // end-of-partition event), not to an end listed beforehand.
+        let mut tpl = TopicPartitionList::new();
+        let mut pending = std::collections::BTreeSet::new();
+        for p in topic.partitions().iter().map(|p| p.id()) {
+            let from = match self.committed.get(&p) {
+                Some(&o) => Offset::Offset(o),
+                None => Offset::Beginning,
+            };
+            tpl.add_partition_offset(&self.topic, p, from)
+                .map_err(|e| e.to_string())?;
+            pending.insert(p);
+        }
+        reader
+            .assign(&tpl)
+            .map_err(|e| format!("assigning the read-back: {e}"))?;
+        let deadline = Instant::now() + self.timeout;
+        let mut read = 0u64;
+        while !pending.is_empty() {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "reading back what the topic holds past the committed position took over {:?} \
+                     ({read} records read, partitions {pending:?} unfinished)",
+                    self.timeout,
+                ));
+            }
+            match reader.poll(Duration::from_millis(100)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    pending.remove(&p);
+                }
+                Some(Err(e)) => return Err(format!("reading back: {e}")),
+                Some(Ok(msg)) => {
+                    read += 1;
+                    if let Some(id) = msg
+                        .headers()
+                        .and_then(|h| h.iter().find(|h| h.key == ID_HEADER))
+                        .and_then(|h| h.value)
+                    {
+                        self.seen.insert(id.to_vec());
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            component = %self.component,
+            read,
+            ids = self.seen.len(),
+            "kafka sink: read back what the topic holds past the committed position"
+        );
+        Ok(())
+    }
+
+    fn producer(&self) -> Result<&BaseProducer<SinkContext>, SinkError> {
+        self.producer
+            .as_ref()
+            .ok_or_else(|| error(format!("kafka sink `{}`", self.component), "not open"))
+    }
+}
+
+impl Sink for KafkaSink {
+    fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
+    fn open(&mut self, position: Option<&[u8]>) -> Result<(), SinkError> {
+        let what = format!("kafka sink `{}`", self.component);
+        self.committed = match position {
+            Some(p) => parse_position(p).map_err(|e| error(&what, e))?,
+            None => BTreeMap::new(),
+        };
+        let producer: BaseProducer<SinkContext> = self
+            .producer_config
+            .create_with_context(SinkContext {
+                component: self.component.clone(),
+                acked: Mutex::new(BTreeMap::new()),
+                failed: Mutex::new(None),
+            })
+            .map_err(|e| error(&what, format!("creating the producer: {e}")))?;
+        self.producer = Some(producer);
+        // Nothing can have been written before the first commit of a first
+        // start; after any other start, what the topic holds past the
+        // committed position may be re-delivered, so it is read back.
+        if position.is_some() || self.epoch > 1 {
+            let mut backoff = Duration::from_millis(500);
+            let deadline = Instant::now() + self.timeout;
+            loop {
+                match self.read_back() {
+                    Ok(()) => break,
+                    Err(why) if Instant::now() + backoff < deadline => {
+                        metrics()
+                            .retries
+                            .with_label_values(&[&self.component])
+                            .inc();
+                        health::report(&health_name(&self.component), why.clone());
+                        tracing::warn!(component = %self.component, retry_in = ?backoff, "kafka sink: {why}; retrying");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                    Err(why) => {
+                        health::report(&health_name(&self.component), why.clone());
+                        return Err(error(&what, why));
+                    }
+                }
+            }
+            health::clear(&health_name(&self.component));
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, record: &Record) -> Result<(), SinkError> {
+        self.produce(record, None)
+    }
+
+    fn write_delivered(&mut self, record: &Record, id: &DeliveryId<'_>) -> Result<(), SinkError> {
+        let id = id.to_string();
+        if !self.seen.is_empty() && self.seen.remove(id.as_bytes()) {
+            metrics()
+                .duplicates_skipped
+                .with_label_values(&[&self.component])
+                .inc();
+            return Ok(());
+        }
+        self.produce(record, Some(&id))
+    }
+
+    fn flush(&mut self, _sync: bool) -> Result<Vec<u8>, SinkError> {
+        let what = format!("kafka sink `{}`", self.component);
+        let timeout = self.timeout;
+        let producer = self.producer()?;
+        if let Err(e) = producer.flush(timeout) {
+            health::report(&health_name(&self.component), e.to_string());
+            return Err(error(
+                &what,
+                format!("waiting for the broker's acknowledgements: {e}"),
+            ));
+        }
+        let ctx = producer.context();
+        if let Some(why) = ctx.failed.lock().take() {
+            return Err(error(
+                &what,
+                format!("a record was not acknowledged: {why}"),
+            ));
+        }
+        let acked = std::mem::take(&mut *ctx.acked.lock());
+        for (p, end) in acked {
+            let e = self.committed.entry(p).or_insert(0);
+            *e = (*e).max(end);
+        }
+        health::clear(&health_name(&self.component));
+        Ok(format_position(&self.committed).into_bytes())
+    }
+}
+
+impl KafkaSink {
+    fn produce(&mut self, record: &Record, id: Option<&str>) -> Result<(), SinkError> {
+        let what = format!("kafka sink `{}`", self.component);
+        self.value.clear();
+        let value: &[u8] = match self.format {
+            Format::Raw => &record.value,
+            Format::Jsonl => {
+                OutputFormat::Jsonl.write_line(record, &mut self.value);
+                self.value.pop(); // the line's newline
+                &self.value
+            }
+        };
+        let headers = id.map(|id| {
+            OwnedHeaders::new().insert(Header {
+                key: ID_HEADER,
+                value: Some(id.as_bytes()),
+            })
+        });
+        let producer = self
+            .producer
+            .as_ref()
+            .ok_or_else(|| error(&what, "not open"))?;
+        let mut rec = BaseRecord::to(&self.topic)
+            .key(&record.key[..])
+            .payload(value);
+        if record.timestamp >= 0 {
+            rec = rec.timestamp(record.timestamp / 1000);
+        }
+        if let Some(h) = headers {
+            rec = rec.headers(h);
+        }
+        loop {
+            match producer.send(rec) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // The local queue is full: serve delivery reports, retry.
+                    producer.poll(Duration::from_millis(50));
+                    rec = back;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                    // It can never be written: say so and go on, rather than
+                    // stop the worker at this record at every restart.
+                    metrics()
+                        .errors
+                        .with_label_values(&[&self.component, "too_large"])
+                        .inc();
+                    tracing::error!(
+                        component = %self.component,
+                        key = %String::from_utf8_lossy(&record.key),
+                        bytes = value.len(),
+                        "kafka sink: record larger than the producer's message.max.bytes; not written"
+                    );
+                    return Ok(());
+                }
+                Err((e, _)) => {
+                    metrics()
+                        .errors
+                        .with_label_values(&[&self.component, "produce"])
+                        .inc();
+                    return Err(error(&what, format!("producing: {e}")));
+                }
+            }
+        }
+    }
+}
+
+/// `v1 P:END,P:END`: the end offset of what the last commit covers.
+fn format_position(ends: &BTreeMap<i32, i64>) -> String {
+    let parts: Vec<String> = ends.iter().map(|(p, o)| format!("{p}:{o}")).collect();
+    format!("v1 {}", parts.join(","))
+}
+
+fn parse_position(p: &[u8]) -> Result<BTreeMap<i32, i64>, String> {
+    super::source::parse_position(p)
+}
+
+fn build(c: &Component) -> Result<KafkaSink, ConfigError> {
+    let o: Options = c.options.parse()?;
+    if o.topic.is_empty() {
+        return Err(c.options.error(Some("topic"), "no topic given"));
+    }
+    let client = ClientOptions {
+        brokers: o.brokers,
+        client_id: o.client_id,
+        properties: o.properties,
+    };
+    let producer_config = client.config(
+        c,
+        // Java's partitioner, so that keys land where other clients put them.
+        &[("partitioner", "murmur2_random"), ("linger.ms", "1")],
+        &[("enable.idempotence", "true"), ("acks", "all")],
+    )?;
+    let mut reader = client.clone();
+    reader.properties.clear();
+    for (k, v) in &client.properties {
+        // Connection and security settings apply to the reader too.
+        if k.starts_with("security.") || k.starts_with("ssl.") || k.starts_with("sasl.") {
+            reader.properties.insert(k.clone(), v.clone());
+        }
+    }
+    let reader_config = reader.config(
+        c,
+        &[("group.id", &format!("millrace-{}-read-back", c.name))],
+        &[
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "true"),
+            // Everything written, committed in a transaction or not.
+            ("isolation.level", "read_uncommitted"),
+        ],
+    )?;
+    Ok(KafkaSink {
+        component: c.name.clone(),
+        topic: o.topic,
+        producer_config,
+        reader_config,
+        format: o.format,
+        timeout: o.timeout.map_or(Duration::from_secs(30), |d| d.0),
+        epoch: 1,
+        producer: None,
+        committed: BTreeMap::new(),
+        seen: HashSet::new(),
+        value: Vec::new(),
+    })
+}
+
+pub(super) fn register(r: &mut Registry) {
+    r.sink("kafka", |c| Ok(Box::new(build(c)?)));
+}

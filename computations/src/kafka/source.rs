@@ -1,0 +1,533 @@
+//! The `kafka` source (see the module documentation of `kafka`).
+
+use super::metrics::metrics;
+use super::{Brokers, ClientOptions, PropertyValue};
+use crate::file_source::EventTimeField;
+use millrace_config::{Component, ConfigError, KeyExtractor};
+use millrace_engine::{
+    health, Emitter, EventTime, Registry, Source, SourceError, SourcePoll, SourceShard, MIN_TIME,
+};
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// How long one set-up request to the broker may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Retries of the set-up start after this and double up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    brokers: Brokers,
+    client_id: Option<String>,
+    #[serde(default)]
+    properties: BTreeMap<String, PropertyValue>,
+    topic: String,
+    /// The partitions to read (all by default).
+    partitions: Option<Vec<i32>>,
+    /// Where a fresh data directory starts.
+    #[serde(default)]
+    start: Start,
+    /// `kafka` (the record's Kafka timestamp, the default), or an extractor
+    /// of the value: `json:/ptr` or `field:N` (with `delimiter`).
+    timestamp: Option<String>,
+    delimiter: Option<String>,
+    /// Unit of an extracted event time: `s`, `ms` (default) or `us`.
+    timestamp_unit: Option<String>,
+    /// A consumer group to commit offsets to, for lag monitoring only.
+    group_id: Option<String>,
+}
+
+/// Where a partition with no committed position starts.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(untagged)]
+enum Start {
+    /// `"earliest"` (the default) or `"latest"`.
+    Named(Named),
+    /// `{ timestamp_ms = N }`: the first record at or after it.
+    Timestamp { timestamp_ms: i64 },
+    /// `{ offsets = { "0" = 42, ... } }`; partitions not named start earliest.
+    Offsets { offsets: BTreeMap<String, i64> },
+    #[default]
+    #[serde(skip)]
+    Earliest,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Named {
+    Earliest,
+    Latest,
+}
+
+/// The consumer's context: librdkafka's statistics give the lag; its
+/// errors are counted and shown on `/healthz`.
+struct SourceContext {
+    component: String,
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, stats: Statistics) {
+        let m = metrics();
+        for topic in stats.topics.values() {
+            for p in topic.partitions.values() {
+                if p.partition >= 0 && p.consumer_lag >= 0 {
+                    m.lag
+                        .with_label_values(&[&self.component, &p.partition.to_string()])
+                        .set(p.consumer_lag);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        metrics()
+            .errors
+            .with_label_values(&[&self.component, "connect"])
+            .inc();
+        tracing::warn!(component = %self.component, %error, reason, "kafka source: client error (librdkafka retries)");
+        health::report(&health_name(&self.component), format!("{error}: {reason}"));
+    }
+}
+
+impl ConsumerContext for SourceContext {}
+
+fn health_name(component: &str) -> String {
+    format!("kafka source `{component}`")
+}
+
+/// One partition this shard reads.
+#[derive(Debug)]
+struct Part {
+    id: i32,
+    /// The offset of the next record to read.
+    next: i64,
+    /// The newest event time read from it.
+    newest: EventTime,
+    /// When it last gave a record (or was assigned).
+    last_data: Instant,
+}
+
+/// The Kafka source (one shard of it).
+pub struct KafkaSource {
+    component: String,
+    config: ClientConfig,
+    topic: String,
+    only: Option<Vec<i32>>,
+    start: Start,
+    event_time: Option<EventTimeField>,
+    group: bool,
+    shard: SourceShard,
+    /// Next offsets from the committed position, by partition.
+    resume: BTreeMap<i32, i64>,
+    consumer: Option<BaseConsumer<SourceContext>>,
+    parts: Vec<Part>,
+    retry_at: Instant,
+    backoff: Duration,
+    committed_to_group: Instant,
+}
+
+impl KafkaSource {
+    /// Creates the consumer, finds this shard's partitions and assigns them
+    /// at their committed (or starting) offsets.
+    fn connect(&mut self) -> Result<(), String> {
+        let consumer: BaseConsumer<SourceContext> = self
+            .config
+            .create_with_context(SourceContext {
+                component: self.component.clone(),
+            })
+            .map_err(|e| format!("creating the consumer: {e}"))?;
+        let md = consumer
+            .fetch_metadata(Some(&self.topic), REQUEST_TIMEOUT)
+            .map_err(|e| format!("reading metadata of topic `{}`: {e}", self.topic))?;
+        let topic = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == self.topic)
+            .ok_or_else(|| format!("topic `{}` not in the broker's metadata", self.topic))?;
+        if let Some(e) = topic.error() {
+            return Err(format!("topic `{}`: {:?}", self.topic, e));
+        }
+        let mut all: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
+        all.sort_unstable();
+        if all.is_empty() {
+            return Err(format!("topic `{}` has no partitions (yet)", self.topic));
+        }
+        if let Some(only) = &self.only {
+            if let Some(missing) = only.iter().find(|p| !all.contains(p)) {
+                return Err(format!(
+                    "partition {missing} of topic `{}` does not exist (it has {})",
+                    self.topic,
+                    all.len()
+                ));
+            }
+            all.retain(|p| only.contains(p));
+        }
+        let mine: Vec<i32> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i as u32 % self.shard.count == self.shard.index)
+            .map(|(_, p)| *p)
+            .collect();
+        let mut tpl = TopicPartitionList::new();
+        let mut parts = Vec::new();
+        for &p in &mine {
+            let next = match self.resume.get(&p) {
+                Some(&o) => o,
+                None => self.start_offset(&consumer, p)?,
+            };
+            tpl.add_partition_offset(&self.topic, p, Offset::Offset(next))
+                .map_err(|e| format!("assigning partition {p}: {e}"))?;
+            parts.push(Part {
+                id: p,
+                next,
+                newest: MIN_TIME,
+                last_data: Instant::now(),
+            });
+        }
+        consumer
+            .assign(&tpl)
+            .map_err(|e| format!("assigning partitions {mine:?}: {e}"))?;
+        tracing::info!(
+            component = %self.component,
+            shard = self.shard.index,
+            partitions = ?parts.iter().map(|p| (p.id, p.next)).collect::<Vec<_>>(),
+            "kafka source: reading (partition, next offset)"
+        );
+        self.parts = parts;
+        self.consumer = Some(consumer);
+        Ok(())
+    }
+
+    /// The concrete offset a partition without a committed position starts at.
+    fn start_offset(&self, consumer: &BaseConsumer<SourceContext>, p: i32) -> Result<i64, String> {
+        let bounds = || {
+            consumer
+                .fetch_watermarks(&self.topic, p, REQUEST_TIMEOUT)
+                .map_err(|e| format!("reading the offsets of partition {p}: {e}"))
+        };
+        match &self.start {
+            Start::Earliest | Start::Named(Named::Earliest) => Ok(bounds()?.0),
+            Start::Named(Named::Latest) => Ok(bounds()?.1),
+            Start::Offsets { offsets } => match offsets.get(&p.to_string()) {
+                Some(&o) => Ok(o),
+                None => Ok(bounds()?.0),
+            },
+            Start::Timestamp { timestamp_ms } => {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&self.topic, p, Offset::Offset(*timestamp_ms))
+                    .map_err(|e| e.to_string())?;
+                let found = consumer
+                    .offsets_for_times(tpl, REQUEST_TIMEOUT)
+                    .map_err(|e| {
+                        format!("finding offsets for a timestamp in partition {p}: {e}")
+                    })?;
+                match found.find_partition(&self.topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => Ok(o),
+                    // No record at or after the time: start at the end.
+                    _ => Ok(bounds()?.1),
+                }
+            }
+        }
+    }
+
+    /// Commits the offsets read to the consumer group, for lag monitoring
+    /// only (millrace's own position is what it resumes from).
+    fn commit_to_group(&mut self) {
+        let (Some(consumer), true) = (&self.consumer, self.group) else {
+            return;
+        };
+        if self.committed_to_group.elapsed() < Duration::from_secs(5) {
+            return;
+        }
+        self.committed_to_group = Instant::now();
+        let mut tpl = TopicPartitionList::new();
+        for p in &self.parts {
+            let _ = tpl.add_partition_offset(&self.topic, p.id, Offset::Offset(p.next));
+        }
+        if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
+            tracing::debug!(component = %self.component, %e, "kafka source: group offset commit failed");
+        }
+    }
+}
+
+impl Source for KafkaSource {
+    fn assign(&mut self, shard: &SourceShard) -> Result<(), String> {
+        self.shard = shard.clone();
+        Ok(())
+    }
+
+    fn open(&mut self, position: Option<&[u8]>) -> Result<(), SourceError> {
+        if let Some(p) = position {
+            self.resume = parse_position(p).map_err(SourceError::Position)?;
+        }
+        // A broker that is down is not fatal: `poll` retries with backoff.
+        if let Err(why) = self.connect() {
+            self.fail(why);
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Emitter<'_>, max: usize) -> Result<SourcePoll, SourceError> {
+        if self.consumer.is_none() {
+            if Instant::now() < self.retry_at {
+                return Ok(SourcePoll::Idle);
+            }
+            metrics()
+                .retries
+                .with_label_values(&[&self.component])
+                .inc();
+            if let Err(why) = self.connect() {
+                self.fail(why);
+                return Ok(SourcePoll::Idle);
+            }
+            self.backoff = FIRST_BACKOFF;
+            health::clear(&health_name(&self.component));
+        }
+        let Some(consumer) = &self.consumer else {
+            return Ok(SourcePoll::Idle);
+        };
+        let m = metrics();
+        let mut got = 0;
+        while got < max {
+            let msg = match consumer.poll(Duration::ZERO) {
+                None => break,
+                Some(Err(e)) => {
+                    m.errors
+                        .with_label_values(&[&self.component, "consume"])
+                        .inc();
+                    tracing::warn!(component = %self.component, %e, "kafka source: fetch error (retried)");
+                    break;
+                }
+                Some(Ok(msg)) => msg,
+            };
+            let Some(part) = self.parts.iter_mut().find(|p| p.id == msg.partition()) else {
+                continue;
+            };
+            if msg.offset() < part.next {
+                continue; // already read (and committed) before
+            }
+            part.next = msg.offset() + 1;
+            part.last_data = Instant::now();
+            let key = msg.key().unwrap_or_default().to_vec();
+            let value = msg.payload().unwrap_or_default().to_vec();
+            let label = part.id.to_string();
+            m.records_in
+                .with_label_values(&[&self.component, &label])
+                .inc();
+            m.bytes_in
+                .with_label_values(&[&self.component, &label])
+                .inc_by((key.len() + value.len()) as u64);
+            got += 1;
+            let ts = match &self.event_time {
+                None => msg
+                    .timestamp()
+                    .to_millis()
+                    .map(|ms| ms.saturating_mul(1000)),
+                Some(f) => f.of(&value),
+            };
+            match ts {
+                Some(ts) => {
+                    part.newest = part.newest.max(ts);
+                    out.emit(key, value, ts);
+                }
+                None => {
+                    m.errors
+                        .with_label_values(&[&self.component, "decode"])
+                        .inc();
+                    let why = match &self.event_time {
+                        None => "the Kafka record has no timestamp".to_owned(),
+                        Some(_) => "no event time in the value where `timestamp` says".to_owned(),
+                    };
+                    out.emit_bad(
+                        key,
+                        value,
+                        format!("partition {} offset {}: {why}", part.id, msg.offset()),
+                    );
+                }
+            }
+        }
+        if got > 0 {
+            health::clear(&health_name(&self.component));
+        }
+        self.commit_to_group();
+        Ok(if got > 0 {
+            SourcePoll::Ready
+        } else {
+            SourcePoll::Idle
+        })
+    }
+
+    fn position(&self) -> Vec<u8> {
+        // Partitions assigned now, and those of the committed position not
+        // (yet) assigned, so that a failed connect loses nothing.
+        let mut next = self.resume.clone();
+        for p in &self.parts {
+            next.insert(p.id, p.next);
+        }
+        format_position(&next).into_bytes()
+    }
+
+    fn watermark(&self) -> Option<EventTime> {
+        let idle_after = self.shard.idle_after;
+        self.parts
+            .iter()
+            .filter(|p| idle_after.is_none_or(|d| p.last_data.elapsed() < d))
+            .map(|p| p.newest)
+            .min()
+    }
+}
+
+impl KafkaSource {
+    fn fail(&mut self, why: String) {
+        self.consumer = None;
+        self.parts.clear();
+        metrics()
+            .errors
+            .with_label_values(&[&self.component, "connect"])
+            .inc();
+        tracing::warn!(
+            component = %self.component,
+            retry_in = ?self.backoff,
+            "kafka source: {why}; retrying"
+        );
+        health::report(&health_name(&self.component), why);
+        self.retry_at = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// `v1 P:OFFSET,P:OFFSET`: the next offset of each partition.
+fn format_position(next: &BTreeMap<i32, i64>) -> String {
+    let parts: Vec<String> = next.iter().map(|(p, o)| format!("{p}:{o}")).collect();
+    format!("v1 {}", parts.join(","))
+}
+
+pub(super) fn parse_position(p: &[u8]) -> Result<BTreeMap<i32, i64>, String> {
+    let text = std::str::from_utf8(p).map_err(|_| "not UTF-8".to_owned())?;
+    let rest = text
+        .strip_prefix("v1 ")
+        .ok_or_else(|| format!("`{text}` is not a Kafka source position"))?;
+    let mut next = BTreeMap::new();
+    for item in rest.split(',').filter(|s| !s.is_empty()) {
+        let (p, o) = item
+            .split_once(':')
+            .ok_or_else(|| format!("`{item}` is not PARTITION:OFFSET"))?;
+        let p: i32 = p
+            .parse()
+            .map_err(|_| format!("bad partition in `{item}`"))?;
+        let o: i64 = o.parse().map_err(|_| format!("bad offset in `{item}`"))?;
+        next.insert(p, o);
+    }
+    Ok(next)
+}
+
+fn build(c: &Component) -> Result<KafkaSource, ConfigError> {
+    let o: Options = c.options.parse()?;
+    let client = ClientOptions {
+        brokers: o.brokers,
+        client_id: o.client_id,
+        properties: o.properties,
+    };
+    let group_id = o
+        .group_id
+        .clone()
+        .unwrap_or_else(|| format!("millrace-{}", c.name));
+    let config = client.config(
+        c,
+        &[
+            ("group.id", &group_id),
+            ("statistics.interval.ms", "1000"),
+            ("isolation.level", "read_committed"),
+        ],
+        &[
+            // millrace's own position decides where to read, not the group's.
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("enable.partition.eof", "false"),
+        ],
+    )?;
+    if o.topic.is_empty() {
+        return Err(c.options.error(Some("topic"), "no topic given"));
+    }
+    let event_time = match o.timestamp.as_deref() {
+        None | Some("kafka") => {
+            if o.delimiter.is_some() || o.timestamp_unit.is_some() {
+                return Err(c.options.error(
+                    Some("timestamp"),
+                    "`delimiter` and `timestamp_unit` need a `timestamp` extractor",
+                ));
+            }
+            None
+        }
+        Some(t) => {
+            let extractor = KeyExtractor::parse(t, o.delimiter.clone())
+                .map_err(|m| c.options.error(Some("timestamp"), m))?;
+            Some(EventTimeField::new(
+                extractor,
+                crate::file_source::micros_per_unit(c, o.timestamp_unit.as_deref())?,
+            ))
+        }
+    };
+    if let Start::Offsets { offsets } = &o.start {
+        if let Some((k, v)) = offsets
+            .iter()
+            .find(|(k, v)| k.parse::<i32>().is_err() || **v < 0)
+        {
+            return Err(c.options.error(
+                Some("start"),
+                format!("`{k} = {v}`: offsets are PARTITION = OFFSET, both whole numbers from 0"),
+            ));
+        }
+    }
+    Ok(KafkaSource {
+        component: c.name.clone(),
+        config,
+        topic: o.topic,
+        only: o.partitions,
+        start: o.start,
+        event_time,
+        group: o.group_id.is_some(),
+        shard: SourceShard {
+            index: 0,
+            count: 1,
+            idle_after: None,
+        },
+        resume: BTreeMap::new(),
+        consumer: None,
+        parts: Vec::new(),
+        retry_at: Instant::now(),
+        backoff: FIRST_BACKOFF,
+        committed_to_group: Instant::now(),
+    })
+}
+
+pub(super) fn register(r: &mut Registry) {
+    r.source("kafka", |c| Ok(Box::new(build(c)?)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_round_trip_and_bad_ones_are_refused() {
+        let next = BTreeMap::from([(0, 17), (3, 0), (12, 9_000_000_000)]);
+        let text = format_position(&next);
+        assert_eq!(text, "v1 0:17,3:0,12:9000000000");
+        assert_eq!(parse_position(text.as_bytes()), Ok(next));
+        assert_eq!(parse_position(b"v1 "), Ok(BTreeMap::new()));
+        for bad in [&b"0:17"[..], b"v1 0-17", b"v1 x:1", b"v1 0:y", b"\xff"] {
+            assert!(parse_position(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! The Kafka source and sink against a real Kafka-protocol broker (Tansu,
+//! started here on 127.0.0.1): exactly once across SIGKILLs, per-partition
+//! watermarks with idle partitions, undecodable records to `NAME.errors`,
+//! and an unreachable broker reported on `/healthz` and survived.
+
+#[path = "support/kafka.rs"]
+mod kafka_support;
+mod support;
+
+use kafka_support::Broker;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use support::*;
+
+/// `count` words over 40 keys, spread over partitions round-robin.
+fn words(count: usize, offset: usize) -> Vec<(i32, (String, String, i64))> {
+    (0..count)
+        .map(|i| {
+            let n = i + offset;
+            let key = format!("w{}", (n * 7919) % 40);
+            let ts = 1_700_000_000_000 + n as i64;
+            ((n % 3) as i32, (key.clone(), key, ts))
+        })
+        .collect()
+}
+
+fn produce(b: &Broker, topic: &str, recs: &[(i32, (String, String, i64))]) {
+    let mut by_partition: BTreeMap<i32, Vec<(String, String, i64)>> = BTreeMap::new();
+    for (p, r) in recs {
+        by_partition.entry(*p).or_default().push(r.clone());
+    }
+    for (p, rs) in by_partition {
+        b.produce(topic, p, &rs);
+    }
+}
+
+/// Checks the running counts in `topic`: per key, 1, 2, ..., n once each,
+/// in order, every record with its production id; returns n per key.
+fn running_counts(b: &Broker, topic: &str) -> BTreeMap<String, u64> {
+    let read = b.read_all(topic);
+    let mut ids = std::collections::HashSet::new();
+    for r in &read {
+        let id =
+            r.id.clone()
+                .unwrap_or_else(|| panic!("no production id on {r:?}"));
+        assert!(
+            ids.insert(id.clone()),
+            "production id {id} twice in {topic}"
+        );
+    }
+    let pairs: Vec<(String, String)> = read.into_iter().map(|r| (r.key, r.value)).collect();
+    assert_running_counts(&pairs)
+}
+
+fn expected(recs: &[(i32, (String, String, i64))]) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for (_, (k, _, _)) in recs {
+        *m.entry(k.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+fn count_topology(s: &Scratch, broker: &str, http: &str) -> std::path::PathBuf {
+    s.write(
+        "kafka.toml",
+        &format!(
+            r#"
+[service]
+data_dir = "{{dir}}/data"
+http = "{http}"
+
+[engine]
+shards = 4
+
+[sources.words]
+type = "kafka"
+brokers = "{broker}"
+topic = "words"
+shards = 2
+timestamp = "json:/t"
+watermark = {{ idle_after = "300ms" }}
+
+[computations.counts]
+type = "count"
+inputs = [{{ from = "words", key = "json:/w" }}]
+
+[sinks.out]
+type = "kafka"
+inputs = ["counts"]
+brokers = "{broker}"
+topic = "counts"
+
+[sinks.bad]
+type = "file"
+inputs = ["words.errors"]
+path = "{{dir}}/bad.jsonl"
+"#
+        ),
+    )
+}
+
+/// JSON values with the event time in `t`.
+fn as_json(recs: &[(i32, (String, String, i64))]) -> Vec<(i32, (String, String, i64))> {
+    recs.iter()
+        .map(|(p, (k, v, ts))| (*p, (k.clone(), format!(r#"{{"w":"{v}","t":{ts}}}"#), *ts)))
+        .collect()
+}
+
+#[test]
+fn kafka_in_and_out_is_exact_across_sigkills() {
+    let broker = Broker::start();
+    broker.create_topic("words", 3);
+    broker.create_topic("counts", 2);
+    let s = Scratch::new();
+    let http = format!("127.0.0.1:{}", free_port());
+    let topo = count_topology(&s, &broker.address(), &http);
+    let first = words(3000, 0);
+    produce(&broker, "words", &as_json(&first));
+    // Two undecodable records (no event time): to `words.errors`.
+    broker.produce(
+        "words",
+        0,
+        &[
+            ("bad1".into(), "no time here".into(), 1),
+            ("bad2".into(), r#"{"t":"soon"}"#.into(), 2),
+        ],
+    );
+    let mut all = first.clone();
+    let mut rng = Rng::from_env();
+    let mut w = spawn(&topo, &http);
+    // Kill it at random moments while it works, adding input in between.
+    let kills: usize = std::env::var("KAFKA_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    for round in 0..kills {
+        std::thread::sleep(Duration::from_millis(300 + rng.below(700)));
+        kill9(&mut w);
+        let more = words(500, 3000 + round * 500);
+        produce(&broker, "words", &as_json(&more));
+        all.extend(more);
+        w = spawn(&topo, &http);
+    }
+    let want = expected(&all);
+    let done = wait_until(Duration::from_secs(60), || {
+        if let Ok(Some(status)) = w.try_wait() {
+            panic!("the worker exited: {status}");
+        }
+        running_counts(&broker, "counts").values().sum::<u64>() >= all.len() as u64
+    });
+    let got = running_counts(&broker, "counts");
+    if !done {
+        let short: Vec<_> = want
+            .iter()
+            .filter(|(k, n)| got.get(*k) != Some(n))
+            .map(|(k, n)| (k, *n, got.get(k).copied().unwrap_or(0)))
+            .collect();
+        let m = http_get(&http, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        let m: Vec<&str> = m
+            .lines()
+            .filter(|l| l.contains("records_in") || l.contains("kafka") || l.contains("backlog"))
+            .filter(|l| !l.starts_with('#'))
+            .collect();
+        panic!(
+            "not all counts arrived: {} of {}; (key, want, got): {short:?}\n{m:#?}",
+            got.values().sum::<u64>(),
+            all.len()
+        );
+    }
+    assert_eq!(got, want, "per-word totals after 4 SIGKILLs");
+    assert_eq!(
+        metric(&http, r#"millrace_sequence_gaps_total{component="counts"}"#),
+        Some(0.0),
+        "no sequence gaps"
+    );
+    let bad = lines(&s.path("bad.jsonl"));
+    assert_eq!(
+        bad.len(),
+        2,
+        "the two undecodable records, once each: {bad:?}"
+    );
+    assert!(
+        metric(
+            &http,
+            r#"millrace_kafka_records_in_total{component="words",partition="0"}"#
+        )
+        .is_some_and(|n| n > 0.0),
+        "per-partition records-in metric"
+    );
+    term(&w);
+    assert!(wait_exit(&mut w, Duration::from_secs(20)).success());
+}
+
+/// Runs the count topology with `MILLRACE_FAILPOINT=POINT:N` until it dies there.
+fn crash_at(topo: &std::path::Path, http: &str, point: &str, n: u64) {
+    let mut child = Running(
+        millrace()
+            .args(["run", topo.to_str().expect("utf-8"), "--http", http])
+            .env("MILLRACE_FAILPOINT", format!("{point}:{n}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert!(!status.success(), "{point}:{n}: the worker did not crash");
+}
+
+#[test]
+fn a_crash_between_produce_and_commit_leaves_no_duplicate_in_the_topic() {
+    let broker = Broker::start();
+    broker.create_topic("words", 3);
+    broker.create_topic("counts", 2);
+    let s = Scratch::new();
+    let http = format!("127.0.0.1:{}", free_port());
+    let topo = count_topology(&s, &broker.address(), &http);
+    let recs = words(2000, 0);
+    produce(&broker, "words", &as_json(&recs));
+    // Crash after the sink's records reached the broker, before the commit
+    // that records them (its first: nothing of the sink is committed), then
+    // again in the run that read them back, with more input.
+    crash_at(&topo, &http, "sink.flushed", 1);
+    let after_first = broker.read_all("counts").len();
+    assert!(after_first > 0, "the crashed run had produced to the topic");
+    let more = words(500, 2000);
+    produce(&broker, "words", &as_json(&more));
+    crash_at(&topo, &http, "sink.flushed", 1);
+    let recs: Vec<_> = recs.into_iter().chain(more).collect();
+    let mut w = spawn(&topo, &http);
+    let want = expected(&recs);
+    let done = wait_until(Duration::from_secs(60), || {
+        running_counts(&broker, "counts").values().sum::<u64>() >= recs.len() as u64
+    });
+    assert!(done, "not all counts arrived");
+    assert_eq!(running_counts(&broker, "counts"), want);
+    assert!(
+        metric(
+            &http,
+            r#"millrace_kafka_duplicates_skipped_total{component="out"}"#
+        )
+        .is_some_and(|n| n > 0.0),
+        "the restart found re-deliveries already in the topic and skipped them"
+    );
+    term(&w);
+    assert!(wait_exit(&mut w, Duration::from_secs(20)).success());
+}
+
+#[test]
+fn an_unreachable_broker_is_reported_retried_and_caught_up_with() {
+    let port = free_port();
+    let s = Scratch::new();
+    let http = format!("127.0.0.1:{}", free_port());
+    let broker_addr = format!("127.0.0.1:{port}");
+    let topo = s.write(
+        "late_broker.toml",
+        &format!(
+            r#"
+[service]
+data_dir = "{{dir}}/data"
+http = "{http}"
+
+[sources.words]
+type = "kafka"
+brokers = "{broker_addr}"
+topic = "words"
+
+[computations.counts]
+type = "count"
+inputs = [{{ from = "words", key = "value" }}]
+
+[sinks.out]
+type = "file"
+inputs = ["counts"]
+path = "{{dir}}/out.jsonl"
+"#
+        ),
+    );
+    let mut w = spawn(&topo, &http);
+    // No broker: the worker runs, retries, and says so on /healthz.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            http_get(&http, "/healthz")
+                .is_some_and(|(code, body)| code == 503 && body.contains("kafka source `words`"))
+        }),
+        "/healthz did not report the unreachable broker: {:?}",
+        http_get(&http, "/healthz")
+    );
+    assert!(
+        metric(
+            &http,
+            r#"millrace_kafka_errors_total{component="words",kind="connect"}"#
+        )
+        .is_some_and(|n| n > 0.0),
+        "connection errors are counted"
+    );
+    assert!(
+        w.try_wait().expect("try_wait").is_none(),
+        "the worker kept running"
+    );
+    // The broker comes up; the source connects and reads everything.
+    let broker = Broker::start_on(port);
+    broker.create_topic("words", 3);
+    let recs = words(300, 0);
+    produce(&broker, "words", &recs);
+    let out = s.path("out.jsonl");
+    assert!(
+        wait_until(Duration::from_secs(60), || read_jsonl(&out).len()
+            >= recs.len()),
+        "the source did not catch up once the broker was there: {} of {}",
+        read_jsonl(&out).len(),
+        recs.len()
+    );
+    let counts = assert_running_counts(&read_jsonl(&out));
+    assert_eq!(counts, expected(&recs));
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            http_get(&http, "/healthz").is_some_and(|(code, _)| code == 200)
+        }),
+        "/healthz is ok again"
+    );
+    term(&w);
+    assert!(wait_exit(&mut w, Duration::from_secs(20)).success());
+}
