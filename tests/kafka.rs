@@ -323,3 +323,135 @@ path = "{{dir}}/out.jsonl"
     term(&w);
     assert!(wait_exit(&mut w, Duration::from_secs(20)).success());
 }
+
+/// A fixed 10 s window counting per key over a Kafka topic whose Kafka
+/// timestamps are the event times; panes to `out.txt`, late records to `late.txt`.
+fn window_over_kafka(s: &Scratch, broker: &str, idle_after: &str) -> std::path::PathBuf {
+    s.write(
+        "kw.toml",
+        &format!(
+            r#"
+[service]
+data_dir = "{{dir}}/data"
+[engine]
+shards = 2
+[sources.events]
+type = "kafka"
+brokers = "{broker}"
+topic = "events"
+watermark = {{ idle_after = "{idle_after}" }}
+[computations.w]
+type = "window"
+inputs = [{{ from = "events", key = "key" }}]
+window = {{ kind = "fixed", size = "10s" }}
+[sinks.out]
+type = "file"
+inputs = ["w"]
+path = "{{dir}}/out.txt"
+format = "text"
+[sinks.late]
+type = "file"
+inputs = ["w.late"]
+path = "{{dir}}/late.txt"
+format = "text"
+"#
+        ),
+    )
+}
+
+/// `(key, "start-end:count")` of the on-time panes written so far.
+fn on_time_panes(p: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = lines(p)
+        .iter()
+        .map(|l| {
+            let (key, json) = l.split_once('\t').expect("key<TAB>pane");
+            let j: serde_json::Value = serde_json::from_str(json).expect("pane JSON");
+            assert_eq!(j["pane"]["timing"], "on_time", "{l}");
+            format!(
+                "{key} {}-{}:{}",
+                j["window"]["start"].as_i64().expect("start") / 1_000_000 - 1000,
+                j["window"]["end"].as_i64().expect("end") / 1_000_000 - 1000,
+                j["value"]
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// A record of `key` at 1,000 s + `seconds` (a Kafka timestamp of 0 would
+/// mean "none", and the producer would use the clock).
+fn at(key: &str, seconds: i64) -> (String, String, i64) {
+    (key.to_owned(), "x".to_owned(), (1000 + seconds) * 1000)
+}
+
+#[test]
+fn the_watermark_is_the_minimum_over_partitions_and_idle_ones_stop_holding_it() {
+    let broker = Broker::start();
+    broker.create_topic("events", 2);
+    let s = Scratch::new();
+    let topo = window_over_kafka(&s, &broker.address(), "20s");
+    let mut w = spawn(&topo, "off");
+    // Partition 1 starts at 0 s; partition 0 then runs ahead to 35 s.
+    broker.produce("events", 1, &[at("b", 0)]);
+    let p0: Vec<_> = (0..36).map(|t| at("a", t)).collect();
+    broker.produce("events", 0, &p0);
+    // Partition 1 catches up: not late, since it held the watermark back.
+    let p1: Vec<_> = (1..36).map(|t| at("b", t)).collect();
+    broker.produce("events", 1, &p1);
+    let want: Vec<String> = ["a", "b"]
+        .iter()
+        .flat_map(|k| (0..3).map(move |i| format!("{k} {}-{}:10", i * 10, i * 10 + 10)))
+        .collect();
+    let out = s.path("out.txt");
+    assert!(
+        wait_until(Duration::from_secs(30), || on_time_panes(&out).len()
+            >= want.len()),
+        "panes: {:?}",
+        on_time_panes(&out)
+    );
+    assert_eq!(on_time_panes(&out), want);
+    assert_eq!(
+        lines(&s.path("late.txt")),
+        Vec::<String>::new(),
+        "nothing late"
+    );
+    drop(w.0.kill());
+    let _ = w.wait();
+
+    // A partition that never gets data stops holding the watermark after
+    // `idle_after`: the other partition's windows fire.
+    let broker = Broker::start();
+    broker.create_topic("events", 2);
+    let s = Scratch::new();
+    let topo = window_over_kafka(&s, &broker.address(), "1s");
+    let mut w = spawn(&topo, "off");
+    // Partition 0 gets a record every 100 ms, so the source as a whole is
+    // never idle: only partition 1's own idleness can free the watermark.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let feeder = {
+        let (stop, address) = (stop.clone(), broker.port);
+        std::thread::spawn(move || {
+            let b = kafka_support::Client::new(address);
+            for t in 0..300 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                b.produce("events", 0, &[at("a", t)]);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let out = s.path("out.txt");
+    let fired = wait_until(Duration::from_secs(30), || on_time_panes(&out).len() >= 2);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    feeder.join().expect("feeder");
+    assert!(
+        fired,
+        "an idle partition held the watermark: {:?}",
+        on_time_panes(&out)
+    );
+    assert_eq!(on_time_panes(&out)[..2], ["a 0-10:10", "a 10-20:10"]);
+    term(&w);
+    assert!(wait_exit(&mut w, Duration::from_secs(20)).success());
+}

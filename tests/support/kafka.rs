@@ -106,9 +106,31 @@ impl Broker {
         );
     }
 
-    fn client(&self) -> ClientConfig {
+    /// Produces `(key, value, timestamp ms)` records to `partition`, waiting
+    /// for every acknowledgement.
+    pub fn produce(&self, topic: &str, partition: i32, records: &[(String, String, i64)]) {
+        Client::new(self.port).produce(topic, partition, records)
+    }
+
+    /// Every record of `topic` (see [`Client::read_all`]).
+    pub fn read_all(&self, topic: &str) -> Vec<Read> {
+        Client::new(self.port).read_all(topic)
+    }
+}
+
+/// A client of the broker on `port` (for other threads of a test).
+pub struct Client {
+    port: u16,
+}
+
+impl Client {
+    pub fn new(port: u16) -> Client {
+        Client { port }
+    }
+
+    fn config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", self.address());
+        c.set("bootstrap.servers", format!("127.0.0.1:{}", self.port));
         c
     }
 
@@ -116,7 +138,7 @@ impl Broker {
     /// for every acknowledgement.
     pub fn produce(&self, topic: &str, partition: i32, records: &[(String, String, i64)]) {
         let p: BaseProducer = self
-            .client()
+            .config()
             .set("enable.idempotence", "true")
             .create()
             .expect("test producer");
@@ -146,7 +168,7 @@ impl Broker {
     /// relied on).
     pub fn read_all(&self, topic: &str) -> Vec<Read> {
         let c: BaseConsumer = self
-            .client()
+            .config()
             .set("group.id", "millrace-tests-reader")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
