@@ -113,6 +113,10 @@ impl ClientOptions {
         for (k, v) in fixed {
             cfg.set(*k, *v);
         }
+        // librdkafka checks every name and value here (an unknown setting,
+        // or TLS, which this build does not have), without connecting.
+        cfg.create_native_config()
+            .map_err(|e| c.options.error(Some("properties"), e.to_string()))?;
         Ok(cfg)
     }
 }
@@ -121,4 +125,47 @@ impl ClientOptions {
 pub(crate) fn register(r: &mut millrace_engine::Registry) {
     source::register(r);
     sink::register(r);
+}
+
+#[cfg(test)]
+mod tests {
+    use millrace_config::Topology;
+
+    fn validate(extra: &str) -> Result<(), String> {
+        let t = Topology::parse_str(
+            "k.toml",
+            &format!(
+                r#"
+[sources.k]
+type = "kafka"
+brokers = "127.0.0.1:9"
+topic = "t"
+{extra}
+[sinks.out]
+type = "stdout"
+inputs = ["k"]
+"#
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        millrace_engine::Plan::build(t, &crate::builtins())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn settings_are_checked_at_validate() {
+        assert_eq!(validate(""), Ok(()));
+        let e = validate(r#"properties = { "no.such.setting" = 1 }"#).unwrap_err();
+        assert!(e.contains("no.such.setting"), "{e}");
+        let e = validate(r#"properties = { "security.protocol" = "ssl" }"#).unwrap_err();
+        assert!(e.contains("security.protocol"), "{e}");
+        let e = validate(r#"properties = { "enable.auto.commit" = true }"#).unwrap_err();
+        assert!(e.contains("must stay `false`"), "{e}");
+        let e = validate(r#"start = "yesterday""#).unwrap_err();
+        assert!(e.contains("start"), "{e}");
+        let e = validate("shards = 0").unwrap_err();
+        assert!(e.contains("shards"), "{e}");
+        assert_eq!(validate("shards = 4"), Ok(()));
+    }
 }

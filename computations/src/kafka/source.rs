@@ -34,9 +34,8 @@ struct Options {
     topic: String,
     /// The partitions to read (all by default).
     partitions: Option<Vec<i32>>,
-    /// Where a fresh data directory starts.
-    #[serde(default)]
-    start: Start,
+    /// Where a fresh data directory starts (see [`parse_start`]).
+    start: Option<toml::Value>,
     /// `kafka` (the record's Kafka timestamp, the default), or an extractor
     /// of the value: `json:/ptr` or `field:N` (with `delimiter`).
     timestamp: Option<String>,
@@ -48,25 +47,61 @@ struct Options {
 }
 
 /// Where a partition with no committed position starts.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 enum Start {
-    /// `"earliest"` (the default) or `"latest"`.
-    Named(Named),
-    /// `{ timestamp_ms = N }`: the first record at or after it.
-    Timestamp { timestamp_ms: i64 },
-    /// `{ offsets = { "0" = 42, ... } }`; partitions not named start earliest.
-    Offsets { offsets: BTreeMap<String, i64> },
-    #[default]
-    #[serde(skip)]
-    Earliest,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-enum Named {
     Earliest,
     Latest,
+    /// The first record at or after this time (ms since the epoch).
+    Timestamp(i64),
+    /// Explicit next offsets; partitions not named start earliest.
+    Offsets(BTreeMap<i32, i64>),
+}
+
+/// `start`: `"earliest"` (the default), `"latest"`,
+/// `{ timestamp_ms = N }` or `{ offsets = { "0" = 42, ... } }`.
+fn parse_start(c: &Component, v: Option<toml::Value>) -> Result<Start, ConfigError> {
+    let bad = |what: String| {
+        c.options.error(
+            Some("start"),
+            format!(
+                "{what}: use \"earliest\", \"latest\", {{ timestamp_ms = N }} \
+                 or {{ offsets = {{ \"PARTITION\" = OFFSET, ... }} }}"
+            ),
+        )
+    };
+    let Some(v) = v else {
+        return Ok(Start::Earliest);
+    };
+    match v {
+        toml::Value::String(s) if s == "earliest" => Ok(Start::Earliest),
+        toml::Value::String(s) if s == "latest" => Ok(Start::Latest),
+        toml::Value::Table(t) if t.len() == 1 => {
+            if let Some(ts) = t.get("timestamp_ms") {
+                return ts
+                    .as_integer()
+                    .filter(|ms| *ms >= 0)
+                    .map(Start::Timestamp)
+                    .ok_or_else(|| bad(format!("`timestamp_ms = {ts}` is not a time in ms")));
+            }
+            let Some(toml::Value::Table(o)) = t.get("offsets") else {
+                return Err(bad(format!(
+                    "`{}` is not a way to start",
+                    toml::Value::Table(t.clone())
+                )));
+            };
+            let mut offsets = BTreeMap::new();
+            for (p, off) in o {
+                match (p.parse::<i32>(), off.as_integer()) {
+                    (Ok(p), Some(off)) if p >= 0 && off >= 0 => {
+                        offsets.insert(p, off);
+                    }
+                    _ => return Err(bad(format!("`{p} = {off}` is not PARTITION = OFFSET"))),
+                }
+            }
+            Ok(Start::Offsets(offsets))
+        }
+        other => Err(bad(format!("`{other}` is not a way to start"))),
+    }
 }
 
 /// The consumer's context: librdkafka's statistics give the lag; its
@@ -216,13 +251,13 @@ impl KafkaSource {
                 .map_err(|e| format!("reading the offsets of partition {p}: {e}"))
         };
         match &self.start {
-            Start::Earliest | Start::Named(Named::Earliest) => Ok(bounds()?.0),
-            Start::Named(Named::Latest) => Ok(bounds()?.1),
-            Start::Offsets { offsets } => match offsets.get(&p.to_string()) {
+            Start::Earliest => Ok(bounds()?.0),
+            Start::Latest => Ok(bounds()?.1),
+            Start::Offsets(offsets) => match offsets.get(&p) {
                 Some(&o) => Ok(o),
                 None => Ok(bounds()?.0),
             },
-            Start::Timestamp { timestamp_ms } => {
+            Start::Timestamp(timestamp_ms) => {
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition_offset(&self.topic, p, Offset::Offset(*timestamp_ms))
                     .map_err(|e| e.to_string())?;
@@ -478,23 +513,13 @@ fn build(c: &Component) -> Result<KafkaSource, ConfigError> {
             ))
         }
     };
-    if let Start::Offsets { offsets } = &o.start {
-        if let Some((k, v)) = offsets
-            .iter()
-            .find(|(k, v)| k.parse::<i32>().is_err() || **v < 0)
-        {
-            return Err(c.options.error(
-                Some("start"),
-                format!("`{k} = {v}`: offsets are PARTITION = OFFSET, both whole numbers from 0"),
-            ));
-        }
-    }
+    let start = parse_start(c, o.start)?;
     Ok(KafkaSource {
         component: c.name.clone(),
         config,
         topic: o.topic,
         only: o.partitions,
-        start: o.start,
+        start,
         event_time,
         group: o.group_id.is_some(),
         shard: SourceShard {
