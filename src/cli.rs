@@ -42,6 +42,29 @@ enum Command {
         /// (what is not delivered stays in the outbox for the next start).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         drain_timeout: std::time::Duration,
+        /// Load this savepoint (`file:///DIR` or a path) into the (new, empty)
+        /// data directory first; any worker list may load it.
+        #[arg(long)]
+        from_savepoint: Option<String>,
+        /// With --from-savepoint: drop the state of components the topology
+        /// no longer has, instead of refusing to start.
+        #[arg(long, requires = "from_savepoint")]
+        allow_non_restored_state: bool,
+    },
+    /// Export a stopped worker's shards to a savepoint (stop every worker of
+    /// the deployment first; run this once per worker; the last completes it).
+    Savepoint {
+        /// The topology file the data was written with.
+        file: PathBuf,
+        /// Where: `file:///DIR` (or a path).
+        #[arg(long)]
+        to: String,
+        /// Which `[[cluster.workers]]` entry's data to export.
+        #[arg(long)]
+        worker: Option<String>,
+        /// Overrides the worker's data directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// Check a topology file without running it.
     Validate {
@@ -112,6 +135,8 @@ pub fn cli_main(registry: Registry) -> ExitCode {
             worker,
             listen,
             drain_timeout,
+            from_savepoint,
+            allow_non_restored_state,
         } => service::run(
             &file,
             &registry,
@@ -121,7 +146,21 @@ pub fn cli_main(registry: Registry) -> ExitCode {
                 worker,
                 listen,
                 drain_timeout,
+                from_savepoint,
+                allow_non_restored_state,
             },
+        ),
+        Command::Savepoint {
+            file,
+            to,
+            worker,
+            data_dir,
+        } => crate::savepoints::export(
+            &file,
+            &registry,
+            &to,
+            worker.as_deref(),
+            data_dir.as_deref(),
         ),
     };
     match result {

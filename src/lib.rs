@@ -15,6 +15,7 @@
 mod cli;
 mod http;
 mod operator;
+mod savepoints;
 mod service;
 
 pub use cli::cli_main;

@@ -36,6 +36,10 @@ pub struct RunOptions {
     pub listen: Option<String>,
     /// Longest a drain may take.
     pub drain_timeout: Duration,
+    /// A savepoint to load into the new data directory first.
+    pub from_savepoint: Option<String>,
+    /// Drop the savepoint's state of components the topology no longer has.
+    pub allow_non_restored_state: bool,
 }
 
 /// Runs `file` until a signal, a fatal error, or the end of bounded input.
@@ -46,6 +50,8 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
         worker: worker_id,
         listen,
         drain_timeout,
+        from_savepoint,
+        allow_non_restored_state,
     } = opts;
     let topology = Topology::load(file)?;
     let worker_http = topology.cluster.as_ref().and_then(|c| {
@@ -95,6 +101,16 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
         None => None,
     };
 
+    if let Some(from) = &from_savepoint {
+        crate::savepoints::load(
+            &topology,
+            registry,
+            from,
+            worker_id.as_deref(),
+            &data_dir,
+            allow_non_restored_state,
+        )?;
+    }
     let worker = Worker::start(
         topology,
         registry,

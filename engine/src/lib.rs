@@ -33,6 +33,7 @@ mod plan;
 mod record;
 mod registry;
 mod router;
+pub mod savepoint;
 mod scope;
 mod shard;
 mod shared;

@@ -1,0 +1,608 @@
+//! Savepoints: the committed data of every shard of a deployment, exported
+//! from stopped workers and loaded into new data directories under another
+//! worker list (rescaling) or on other machines.
+//!
+//! Every key the engine writes for a shard starts with the shard's prefix
+//! (see `layout.rs`), and what one shard committed is consistent by itself:
+//! its state, timers, outbox, positions and the sequence numbers of its
+//! channels went into the same commits. Shards keep their number across a
+//! savepoint (as Flink's key groups: `engine.shards` cannot change), so a
+//! channel's producer and consumer find each other's sequence numbers again
+//! wherever they run, and the exactly-once protocol resends and drops
+//! duplicates as after any restart. The workers must all be stopped before
+//! the first export, so that no shard moves on while another is copied.
+//!
+//! A savepoint is a directory (or object-store prefix):
+//!
+//! | path | what |
+//! | --- | --- |
+//! | `shards/COMPONENT/SHARD.bin` | one shard's keys and values, every column family |
+//! | `parts/WORKER.json` | what one worker exported, with sizes and SHA-256 sums |
+//! | `manifest.json` | the whole savepoint; written last, by the worker whose export completes it |
+//!
+//! A savepoint without `manifest.json` is incomplete and is refused.
+
+use crate::layout::{parse_state_key, shard_prefix};
+use crate::plan::Plan;
+use millrace_config::Role;
+use millrace_storage::{Cf, Store, StoreOptions};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Why a savepoint could not be taken or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SavepointError {
+    /// Reading or writing the savepoint's storage failed.
+    #[error("savepoint storage: {0}")]
+    Io(String),
+    /// The data directory cannot be exported or loaded into.
+    #[error("{0}")]
+    DataDir(String),
+    /// The savepoint is incomplete, damaged, or does not fit the topology.
+    #[error("{0}")]
+    Refused(String),
+    /// RocksDB failed.
+    #[error(transparent)]
+    Storage(#[from] millrace_storage::StorageError),
+}
+
+/// Where savepoints are kept: a local directory, or an object store.
+pub trait SavepointStore: Send + Sync {
+    /// Writes `path`, replacing it.
+    fn put(&self, path: &str, bytes: Vec<u8>) -> Result<(), SavepointError>;
+    /// Writes `path` only if it does not exist; false if it did.
+    fn put_new(&self, path: &str, bytes: Vec<u8>) -> Result<bool, SavepointError>;
+    /// Reads `path`; `None` if it does not exist.
+    fn get(&self, path: &str) -> Result<Option<Vec<u8>>, SavepointError>;
+    /// The paths under `prefix` (a directory, ending in `/`).
+    fn list(&self, prefix: &str) -> Result<Vec<String>, SavepointError>;
+    /// Where it is, for messages.
+    fn describe(&self) -> String;
+}
+
+/// A savepoint in a local directory (`file:///...` or a plain path).
+pub struct DirStore {
+    root: PathBuf,
+}
+
+impl DirStore {
+    /// A savepoint directory at `root` (created on the first write).
+    pub fn new(root: impl Into<PathBuf>) -> DirStore {
+        DirStore { root: root.into() }
+    }
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> SavepointError {
+    move |e| SavepointError::Io(format!("{what}: {e}"))
+}
+
+impl SavepointStore for DirStore {
+    fn put(&self, path: &str, bytes: Vec<u8>) -> Result<(), SavepointError> {
+        let p = self.root.join(path);
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        }
+        // Written whole under another name, then renamed: a reader never
+        // sees half a file.
+        let tmp = p.with_extension("partial");
+        std::fs::write(&tmp, &bytes).map_err(io(format!("writing {}", tmp.display())))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io(format!("syncing {}", tmp.display())))?;
+        std::fs::rename(&tmp, &p).map_err(io(format!("renaming to {}", p.display())))
+    }
+
+    fn put_new(&self, path: &str, bytes: Vec<u8>) -> Result<bool, SavepointError> {
+        if self.root.join(path).exists() {
+            return Ok(false);
+        }
+        self.put(path, bytes)?;
+        Ok(true)
+    }
+
+    fn get(&self, path: &str) -> Result<Option<Vec<u8>>, SavepointError> {
+        let p = self.root.join(path);
+        match std::fs::read(&p) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(SavepointError::Io(format!("reading {}: {e}", p.display()))),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, SavepointError> {
+        let dir = self.root.join(prefix);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(SavepointError::Io(format!(
+                    "listing {}: {e}",
+                    dir.display()
+                )))
+            }
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.map_err(io(format!("listing {}", dir.display())))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".partial") {
+                out.push(format!("{prefix}{name}"));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+}
+
+/// One component as the savepoint knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedComponent {
+    /// Its name.
+    pub name: String,
+    /// Its `type`.
+    pub kind: String,
+    /// `source`, `computation` or `sink`.
+    pub role: String,
+    /// Its shard count.
+    pub shards: u32,
+}
+
+/// One shard's file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedShard {
+    /// Its component.
+    pub component: String,
+    /// Its number.
+    pub shard: u32,
+    /// Path of its file in the savepoint.
+    pub file: String,
+    /// The file's length.
+    pub bytes: u64,
+    /// The file's SHA-256, hex.
+    pub sha256: String,
+    /// Keys in it.
+    pub keys: u64,
+}
+
+/// What one worker exported (`parts/WORKER.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    /// The worker's id (`local` without a cluster).
+    pub worker: String,
+    /// Its shards.
+    pub shards: Vec<SavedShard>,
+}
+
+/// The whole savepoint (`manifest.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The savepoint format (1).
+    pub format: u32,
+    /// The fingerprint of the topology it was taken with (hex).
+    pub fingerprint: String,
+    /// `engine.shards`: a savepoint loads only into the same count.
+    pub engine_shards: u32,
+    /// The workers it was taken from.
+    pub workers: Vec<String>,
+    /// The components, with kind and shard count.
+    pub components: Vec<SavedComponent>,
+    /// Every shard's file.
+    pub shards: Vec<SavedShard>,
+}
+
+const MAGIC: &[u8; 8] = b"MRSHARD1";
+const FORMAT: u32 = 1;
+/// The column family tags in a shard file.
+const CF_TAGS: [(Cf, u8); 5] = [
+    (Cf::State, b's'),
+    (Cf::Timers, b't'),
+    (Cf::Outbox, b'o'),
+    (Cf::Channels, b'c'),
+    (Cf::Meta, b'm'),
+];
+
+fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Source => "source",
+        Role::Computation => "computation",
+        Role::Sink => "sink",
+    }
+}
+
+fn worker_ids(plan: &Plan) -> Vec<String> {
+    match &plan.topology.cluster {
+        Some(c) => c.workers.iter().map(|w| w.id.clone()).collect(),
+        None => vec!["local".to_owned()],
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn push_entry(out: &mut Vec<u8>, tag: u8, key: &[u8], value: &[u8]) {
+    out.push(tag);
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    out.extend_from_slice(value);
+}
+
+/// Every key of the shard with `prefix`, as a shard file; and how many.
+fn shard_file(store: &Store, prefix: &[u8]) -> Result<(Vec<u8>, u64), SavepointError> {
+    let mut out = MAGIC.to_vec();
+    let mut keys = 0u64;
+    // State through its decoder (deleted keys are not copied); the rest raw.
+    store.for_each_state(prefix, |k, v| {
+        push_entry(&mut out, b's', k, v);
+        keys += 1;
+        true
+    })?;
+    for (cf, tag) in CF_TAGS.into_iter().skip(1) {
+        store.for_each_prefix(cf, prefix, |k, v| {
+            push_entry(&mut out, tag, k, v);
+            keys += 1;
+            true
+        })?;
+    }
+    Ok((out, keys))
+}
+
+/// What a shard file holds, checked entry by entry.
+/// One key of a shard file: its column family, key and value.
+type Entry = (Cf, Vec<u8>, Vec<u8>);
+
+fn parse_shard_file(bytes: &[u8], prefix: &[u8]) -> Result<Vec<Entry>, String> {
+    let rest = bytes
+        .strip_prefix(&MAGIC[..])
+        .ok_or("it does not start as a shard file")?;
+    let mut at = 0;
+    let mut out = Vec::new();
+    let take = |at: &mut usize, n: usize| -> Result<&[u8], String> {
+        let s = rest
+            .get(*at..*at + n)
+            .ok_or_else(|| format!("cut short at byte {}", *at + MAGIC.len()))?;
+        *at += n;
+        Ok(s)
+    };
+    while at < rest.len() {
+        let tag = take(&mut at, 1)?[0];
+        let cf = CF_TAGS
+            .iter()
+            .find(|(_, t)| *t == tag)
+            .map(|(cf, _)| *cf)
+            .ok_or_else(|| format!("unknown column family tag {tag}"))?;
+        let len = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        let klen = len(take(&mut at, 4)?);
+        let key = take(&mut at, klen)?.to_vec();
+        let vlen = len(take(&mut at, 4)?);
+        let value = take(&mut at, vlen)?.to_vec();
+        if !key.starts_with(prefix) {
+            return Err("it holds a key of another shard".to_owned());
+        }
+        out.push((cf, key, value));
+    }
+    Ok(out)
+}
+
+/// What an export did.
+#[derive(Debug)]
+pub struct ExportReport {
+    /// Shards exported.
+    pub shards: usize,
+    /// Keys exported.
+    pub keys: u64,
+    /// Whether this export completed the savepoint (wrote the manifest).
+    pub complete: bool,
+    /// Workers whose parts are still missing.
+    pub missing: Vec<String>,
+}
+
+/// Exports the shards worker `me` owns under `plan` (the topology its data
+/// was written with) from its stopped data directory `data_dir` to `to`;
+/// writes the manifest if that completes the savepoint.
+pub fn export(
+    data_dir: &Path,
+    plan: &Plan,
+    me: usize,
+    to: &dyn SavepointStore,
+) -> Result<ExportReport, SavepointError> {
+    let holds_data = std::fs::read_dir(data_dir)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    if !holds_data {
+        return Err(SavepointError::DataDir(format!(
+            "{} holds no data: nothing to export",
+            data_dir.display()
+        )));
+    }
+    // Opened for writing, so that a worker still running on it (holding
+    // RocksDB's lock) is found: every worker must be stopped first.
+    let store = Store::open(data_dir, &StoreOptions::default()).map_err(|e| {
+        SavepointError::DataDir(format!(
+            "cannot open {} ({e}); is a worker still running on it? Stop every worker \
+             (SIGTERM) before exporting any",
+            data_dir.display()
+        ))
+    })?;
+    let read_u32 =
+        |v: Option<Vec<u8>>| v.and_then(|b| b.as_slice().try_into().ok().map(u32::from_be_bytes));
+    let had = read_u32(store.get(Cf::Meta, &crate::layout::shards_key())?);
+    if had != Some(plan.topology.engine.shards) {
+        return Err(SavepointError::DataDir(format!(
+            "{} was written with engine.shards = {had:?}, the topology says {}: export with \
+             the topology the data was written with",
+            data_dir.display(),
+            plan.topology.engine.shards
+        )));
+    }
+    let layout = store.get(Cf::Meta, &crate::layout::cluster_key())?;
+    let want = [
+        (plan.workers as u32).to_be_bytes(),
+        (me as u32).to_be_bytes(),
+    ]
+    .concat();
+    if layout.as_deref() != Some(&want[..]) {
+        return Err(SavepointError::DataDir(format!(
+            "{} does not hold worker {me} of {}'s shards: export with the topology and \
+             --worker the data was written with",
+            data_dir.display(),
+            plan.workers
+        )));
+    }
+    let ids = worker_ids(plan);
+    let mut part = Part {
+        worker: ids[me].clone(),
+        shards: Vec::new(),
+    };
+    let mut keys = 0;
+    for spec in plan.shards.iter().filter(|s| s.worker == me) {
+        let node = &plan.nodes[spec.node];
+        let (bytes, n) = shard_file(&store, &spec.prefix)?;
+        let file = format!("shards/{}/{}.bin", node.name, spec.shard);
+        let saved = SavedShard {
+            component: node.name.clone(),
+            shard: spec.shard,
+            file: file.clone(),
+            bytes: bytes.len() as u64,
+            sha256: hex(&Sha256::digest(&bytes)),
+            keys: n,
+        };
+        to.put(&file, bytes)?;
+        keys += n;
+        part.shards.push(saved);
+    }
+    let shards = part.shards.len();
+    let json = serde_json::to_vec_pretty(&part).map_err(|e| SavepointError::Io(e.to_string()))?;
+    to.put(&format!("parts/{}.json", part.worker), json)?;
+    // The worker whose part completes the savepoint writes its manifest.
+    let mut parts = Vec::new();
+    let mut missing = Vec::new();
+    for id in &ids {
+        match to.get(&format!("parts/{id}.json"))? {
+            Some(b) => parts.push(serde_json::from_slice::<Part>(&b).map_err(|e| {
+                SavepointError::Refused(format!("parts/{id}.json is not readable: {e}"))
+            })?),
+            None => missing.push(id.clone()),
+        }
+    }
+    let complete = missing.is_empty();
+    if complete {
+        let manifest = Manifest {
+            format: FORMAT,
+            fingerprint: format!("{:016x}", plan.fingerprint()),
+            engine_shards: plan.topology.engine.shards,
+            workers: ids,
+            components: plan
+                .nodes
+                .iter()
+                .map(|n| SavedComponent {
+                    name: n.name.clone(),
+                    kind: n.kind.clone(),
+                    role: role_name(n.role).to_owned(),
+                    shards: n.shards,
+                })
+                .collect(),
+            shards: parts.into_iter().flat_map(|p| p.shards).collect(),
+        };
+        let json =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| SavepointError::Io(e.to_string()))?;
+        to.put("manifest.json", json)?;
+    }
+    Ok(ExportReport {
+        shards,
+        keys,
+        complete,
+        missing,
+    })
+}
+
+/// What a load did.
+#[derive(Debug)]
+pub struct ImportReport {
+    /// Shards loaded.
+    pub shards: usize,
+    /// Keys loaded.
+    pub keys: u64,
+    /// Components of the topology the savepoint did not have (they start empty).
+    pub new_components: Vec<String>,
+    /// Components of the savepoint the topology does not have (dropped, as allowed).
+    pub dropped_components: Vec<String>,
+}
+
+/// Reads and checks a savepoint's manifest against `plan`.
+pub fn check(
+    from: &dyn SavepointStore,
+    plan: &Plan,
+    allow_non_restored_state: bool,
+) -> Result<(Manifest, Vec<String>, Vec<String>), SavepointError> {
+    let Some(bytes) = from.get("manifest.json")? else {
+        return Err(SavepointError::Refused(format!(
+            "{} has no manifest.json: it is not a complete savepoint (an export was cut \
+             short, or some worker has not exported yet)",
+            from.describe()
+        )));
+    };
+    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
+        SavepointError::Refused(format!(
+            "{}/manifest.json is not readable: {e}",
+            from.describe()
+        ))
+    })?;
+    if m.format != FORMAT {
+        return Err(SavepointError::Refused(format!(
+            "the savepoint has format {}; this millrace reads format {FORMAT}",
+            m.format
+        )));
+    }
+    if m.engine_shards != plan.topology.engine.shards {
+        return Err(SavepointError::Refused(format!(
+            "the savepoint was taken with engine.shards = {}; this topology says {}. Shards \
+             are fixed across savepoints (keys are spread by the shard count): use {}",
+            m.engine_shards, plan.topology.engine.shards, m.engine_shards
+        )));
+    }
+    let mut dropped = Vec::new();
+    for c in &m.components {
+        match plan.nodes.iter().find(|n| n.name == c.name) {
+            None => dropped.push(c.name.clone()),
+            Some(n) if n.kind != c.kind || role_name(n.role) != c.role => {
+                return Err(SavepointError::Refused(format!(
+                    "component `{}` was a {} of type `{}` in the savepoint and is a {} of type \
+                     `{}` now: its state cannot be read by another kind (rename it to start \
+                     it empty)",
+                    c.name,
+                    c.role,
+                    c.kind,
+                    role_name(n.role),
+                    n.kind
+                )))
+            }
+            Some(n) if n.shards != c.shards => {
+                return Err(SavepointError::Refused(format!(
+                    "component `{}` had {} shards in the savepoint and has {} now",
+                    c.name, c.shards, n.shards
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    if !dropped.is_empty() && !allow_non_restored_state {
+        return Err(SavepointError::Refused(format!(
+            "the savepoint holds state of components the topology no longer has ({}); \
+             start with --allow-non-restored-state to drop it",
+            dropped.join(", ")
+        )));
+    }
+    let new: Vec<String> = plan
+        .nodes
+        .iter()
+        .filter(|n| !m.components.iter().any(|c| c.name == n.name))
+        .map(|n| n.name.clone())
+        .collect();
+    Ok((m, new, dropped))
+}
+
+/// Loads, into the new data directory `data_dir`, the shards worker `me`
+/// owns under `plan`, from the savepoint `from`. The directory must not hold
+/// anything; it appears only once every shard is loaded.
+pub fn import(
+    data_dir: &Path,
+    plan: &Plan,
+    me: usize,
+    from: &dyn SavepointStore,
+    allow_non_restored_state: bool,
+) -> Result<ImportReport, SavepointError> {
+    if std::fs::read_dir(data_dir).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(SavepointError::DataDir(format!(
+            "{} already holds data: a savepoint is loaded only into an empty data directory \
+             (start without --from-savepoint to go on from what it holds)",
+            data_dir.display()
+        )));
+    }
+    let (m, new_components, dropped_components) = check(from, plan, allow_non_restored_state)?;
+    let by_shard: BTreeMap<(&str, u32), &SavedShard> = m
+        .shards
+        .iter()
+        .map(|s| ((s.component.as_str(), s.shard), s))
+        .collect();
+    // Loaded beside the data directory and renamed into place at the end,
+    // so that a load cut short never looks like a data directory.
+    let staging = data_dir.with_extension("loading");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(io(format!(
+            "removing the unfinished load {}",
+            staging.display()
+        )))?;
+    }
+    let store = Store::open(&staging, &StoreOptions::default())?;
+    let (mut shards, mut keys) = (0, 0u64);
+    let saved_components: BTreeSet<&str> = m.components.iter().map(|c| c.name.as_str()).collect();
+    for spec in plan.shards.iter().filter(|s| s.worker == me) {
+        let node = &plan.nodes[spec.node];
+        if !saved_components.contains(node.name.as_str()) {
+            continue; // a new component: starts empty
+        }
+        let Some(saved) = by_shard.get(&(node.name.as_str(), spec.shard)) else {
+            return Err(SavepointError::Refused(format!(
+                "the manifest lists component `{}` but not its shard {}",
+                node.name, spec.shard
+            )));
+        };
+        let bytes = from.get(&saved.file)?.ok_or_else(|| {
+            SavepointError::Refused(format!("{} is missing from the savepoint", saved.file))
+        })?;
+        let sum = hex(&Sha256::digest(&bytes));
+        if bytes.len() as u64 != saved.bytes || sum != saved.sha256 {
+            return Err(SavepointError::Refused(format!(
+                "{} does not match the manifest ({} bytes, SHA-256 {sum}; the manifest says \
+                 {} bytes, {}): the savepoint is damaged",
+                saved.file,
+                bytes.len(),
+                saved.bytes,
+                saved.sha256
+            )));
+        }
+        let prefix = shard_prefix(&node.name, spec.shard);
+        let entries = parse_shard_file(&bytes, &prefix)
+            .map_err(|why| SavepointError::Refused(format!("{} is damaged: {why}", saved.file)))?;
+        for chunk in entries.chunks(10_000) {
+            let mut b = store.batch();
+            for (cf, k, v) in chunk {
+                match cf {
+                    Cf::State => {
+                        // Checked like any state key, then stored in its slot.
+                        parse_state_key(&k[prefix.len()..]).map_err(|e| {
+                            SavepointError::Refused(format!("{}: bad state key: {e}", saved.file))
+                        })?;
+                        b.put_state(k, Some(v));
+                    }
+                    cf => b.put(*cf, k, v),
+                }
+            }
+            store.commit(b)?;
+        }
+        shards += 1;
+        keys += entries.len() as u64;
+    }
+    drop(store);
+    if data_dir.exists() {
+        std::fs::remove_dir(data_dir).map_err(io(format!("replacing {}", data_dir.display())))?;
+    }
+    std::fs::rename(&staging, data_dir).map_err(io(format!(
+        "moving the loaded data to {}",
+        data_dir.display()
+    )))?;
+    Ok(ImportReport {
+        shards,
+        keys,
+        new_components,
+        dropped_components,
+    })
+}

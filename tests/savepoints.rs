@@ -1,0 +1,265 @@
+//! Savepoints through the binary: stop a deployment mid-stream, export it,
+//! and go on from the savepoint with more workers, then fewer, with exactly
+//! the output an uninterrupted run gives (checked against the generator's
+//! key function); and every refusal a damaged or unfitting savepoint gets.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use support::*;
+
+const RECORDS: u64 = 60_000;
+const KEYS: u64 = 97;
+const SEED: u64 = 5;
+
+/// generator (at `rate` records/s; 0: as fast as it goes) -> running
+/// count -> file, on the workers of `cluster` (empty: one worker).
+fn topology(s: &Scratch, name: &str, cluster: &str, rate: u64, counts: &str) -> PathBuf {
+    let rate = if rate == 0 {
+        String::new()
+    } else {
+        format!("rate = {rate}")
+    };
+    s.write(
+        name,
+        &format!(
+            r#"
+[service]
+data_dir = "{{dir}}/{name}.data"
+[engine]
+shards = 6
+[sources.gen]
+type = "generator"
+count = {RECORDS}
+keys = {KEYS}
+seed = {SEED}
+{rate}
+[computations.counts]
+inputs = ["gen"]
+{counts}
+[sinks.out]
+type = "file"
+inputs = ["counts"]
+path = "{{dir}}/out.jsonl"
+{cluster}
+"#
+        ),
+    )
+}
+
+fn savepoint(topo: &Path, to: &str, worker: Option<&str>) -> std::process::Output {
+    let mut c = millrace();
+    c.args(["savepoint", topo.to_str().expect("utf-8"), "--to", to]);
+    if let Some(w) = worker {
+        c.args(["--worker", w]);
+    }
+    c.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run millrace savepoint")
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Starts every worker of `net` from `from`.
+fn start_from(net: &ClusterNet, topo: &Path, from: &str) -> Vec<Running> {
+    (0..net.ids.len())
+        .map(|i| {
+            let mut c = millrace();
+            c.args([
+                "run",
+                topo.to_str().expect("utf-8"),
+                "--worker",
+                &net.ids[i],
+                "--http",
+                &net.http[i],
+                "--from-savepoint",
+                from,
+            ]);
+            Running(
+                c.stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .expect("spawn"),
+            )
+        })
+        .collect()
+}
+
+fn stop_mid_stream(out: &Path, workers: &mut [Running], at_least: usize) {
+    let reached = wait_until(Duration::from_secs(60), || {
+        for w in workers.iter_mut() {
+            if let Ok(Some(status)) = w.try_wait() {
+                panic!("a worker exited early: {status}");
+            }
+        }
+        lines(out).len() >= at_least
+    });
+    assert!(reached, "output did not reach {at_least} lines");
+    for w in workers.iter() {
+        term(w);
+    }
+    for w in workers.iter_mut() {
+        assert!(
+            wait_exit(w, Duration::from_secs(30)).success(),
+            "drained and exited"
+        );
+    }
+}
+
+#[test]
+fn a_deployment_moves_from_one_worker_to_three_to_two_through_savepoints() {
+    let s = Scratch::new();
+    let out = s.path("out.jsonl");
+    let count = r#"type = "count""#;
+    // One worker, stopped a third of the way.
+    let one = topology(&s, "one.toml", "", 20_000, count);
+    let mut w = spawn(&one, "off");
+    stop_mid_stream(&out, std::slice::from_mut(&mut w), 15_000);
+    let sp1 = format!("file://{}", s.path("sp1").display());
+    let o = savepoint(&one, &sp1, None);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("savepoint complete"), "{}", text(&o));
+    let done_at_stop = lines(&out).len();
+    assert!(done_at_stop < RECORDS as usize, "stopped mid-stream");
+
+    // Three workers from it, stopped again mid-stream.
+    let net3 = ClusterNet::new(3);
+    let three = topology(&s, "three.toml", &net3.toml("savepoints"), 20_000, count);
+    let mut ws = start_from(&net3, &three, &sp1);
+    stop_mid_stream(&out, &mut ws, done_at_stop + 15_000);
+    assert!(
+        lines(&out).len() < RECORDS as usize,
+        "stopped mid-stream again"
+    );
+    let sp2 = format!("file://{}", s.path("sp2").display());
+    for (i, id) in net3.ids.iter().enumerate() {
+        let o = savepoint(&three, &sp2, Some(id));
+        assert!(o.status.success(), "{}", text(&o));
+        // Only the last worker's export completes the savepoint.
+        assert_eq!(
+            text(&o).contains("savepoint complete"),
+            i == 2,
+            "worker {id}: {}",
+            text(&o)
+        );
+    }
+
+    // Two workers from that one, to the end of the stream.
+    let net2 = ClusterNet::new(2);
+    let two = topology(&s, "two.toml", &net2.toml("savepoints"), 0, count);
+    let mut ws = start_from(&net2, &two, &sp2);
+    for w in ws.iter_mut() {
+        assert!(wait_exit(w, Duration::from_secs(90)).success());
+    }
+    let counts = assert_running_counts(&read_jsonl(&out));
+    assert_eq!(
+        counts,
+        generator_key_counts(RECORDS, KEYS, SEED),
+        "every record counted once across two savepoints and three worker lists"
+    );
+}
+
+#[test]
+fn unfitting_or_damaged_savepoints_are_refused() {
+    let s = Scratch::new();
+    let count = r#"type = "count""#;
+    let topo = topology(&s, "t.toml", "", 0, count);
+    let mut w = spawn(&topo, "off");
+    assert!(wait_exit(&mut w, Duration::from_secs(60)).success());
+    let sp = s.path("sp");
+    let url = format!("file://{}", sp.display());
+    let o = savepoint(&topo, &url, None);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let run = |topo: &Path, data: &str, extra: &[&str]| {
+        let mut c = millrace();
+        c.args([
+            "run",
+            topo.to_str().expect("utf-8"),
+            "--http",
+            "off",
+            "--data-dir",
+            s.path(data).to_str().expect("utf-8"),
+            "--from-savepoint",
+            &url,
+        ]);
+        c.args(extra);
+        let o = c
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run");
+        (o.status.success(), text(&o))
+    };
+    // Into a data directory that holds data.
+    let (ok, why) = run(&topo, "t.toml.data", &[]);
+    assert!(!ok && why.contains("already holds data"), "{why}");
+    // Another shard count.
+    let six_to_four = s.write(
+        "four.toml",
+        &std::fs::read_to_string(&topo)
+            .expect("read")
+            .replace("shards = 6", "shards = 4"),
+    );
+    let (ok, why) = run(&six_to_four, "d1", &[]);
+    assert!(!ok && why.contains("engine.shards = 6"), "{why}");
+    // Another kind under the same name.
+    let reduce = topology(&s, "reduce.toml", "", 0, "type = \"reduce\"\nop = \"sum\"");
+    let (ok, why) = run(&reduce, "d2", &[]);
+    assert!(
+        !ok && why.contains("cannot be read by another kind"),
+        "{why}"
+    );
+    // A component the topology no longer has: refused, unless asked.
+    let renamed = s.write(
+        "renamed.toml",
+        &std::fs::read_to_string(&topo)
+            .expect("read")
+            .replace("[computations.counts]", "[computations.tally]")
+            .replace("inputs = [\"counts\"]", "inputs = [\"tally\"]"),
+    );
+    let (ok, why) = run(&renamed, "d3", &[]);
+    assert!(!ok && why.contains("--allow-non-restored-state"), "{why}");
+    let (ok, why) = run(&renamed, "d4", &["--allow-non-restored-state"]);
+    assert!(ok, "{why}");
+    // A damaged shard file.
+    let shard = sp.join("shards/counts/0.bin");
+    let mut bytes = std::fs::read(&shard).expect("shard file");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&shard, &bytes).expect("write");
+    let (ok, why) = run(&topo, "d5", &[]);
+    assert!(!ok && why.contains("does not match the manifest"), "{why}");
+    assert!(
+        !s.path("d5").exists(),
+        "a refused load leaves no data directory"
+    );
+    // No manifest: an incomplete savepoint.
+    std::fs::remove_file(sp.join("manifest.json")).expect("rm");
+    let (ok, why) = run(&topo, "d6", &[]);
+    assert!(!ok && why.contains("not a complete savepoint"), "{why}");
+    // Exporting while a worker runs on the data directory.
+    let slow = topology(&s, "slow.toml", "", 100, count);
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut w = spawn(&slow, &http);
+    assert!(wait_until(Duration::from_secs(30), || {
+        http_get(&http, "/healthz").is_some_and(|(code, _)| code == 200)
+    }));
+    let o = savepoint(&slow, &format!("file://{}", s.path("sp3").display()), None);
+    assert!(
+        !o.status.success() && text(&o).contains("still running"),
+        "{}",
+        text(&o)
+    );
+    term(&w);
+    assert!(wait_exit(&mut w, Duration::from_secs(30)).success());
+}
