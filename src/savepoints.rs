@@ -4,12 +4,21 @@
 
 use anyhow::{bail, Context as _, Result};
 use millrace_config::Topology;
-use millrace_engine::savepoint::{self, DirStore, SavepointStore};
+use millrace_engine::savepoint::{self, DirStore, SavepointError, SavepointStore};
 use millrace_engine::{Plan, Registry};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStoreExt;
 use std::path::Path;
 
-/// The store a savepoint URL names: `file:///abs/dir` (or a plain path).
+/// The store a savepoint URL names: `file:///abs/dir` (or a plain path), or
+/// `s3://bucket/prefix` (endpoint and credentials from the usual `AWS_*`
+/// variables: `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`).
 pub fn open(url: &str) -> Result<Box<dyn SavepointStore>> {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        return Ok(Box::new(S3Store::new(url, rest)?));
+    }
     if let Some(path) = url.strip_prefix("file://") {
         if !path.starts_with('/') {
             bail!("`{url}`: a file URL needs an absolute path (file:///dir)");
@@ -17,7 +26,7 @@ pub fn open(url: &str) -> Result<Box<dyn SavepointStore>> {
         return Ok(Box::new(DirStore::new(path)));
     }
     if let Some((scheme, _)) = url.split_once("://") {
-        bail!("`{url}`: savepoints go to file:///DIR (or a path); `{scheme}://` is not supported");
+        bail!("`{url}`: savepoints go to file:///DIR (or a path) or s3://BUCKET/PREFIX; `{scheme}://` is not supported");
     }
     Ok(Box::new(DirStore::new(url)))
 }
@@ -91,4 +100,88 @@ pub fn load(
         "savepoint loaded"
     );
     Ok(())
+}
+
+/// A savepoint in an S3-compatible object store, through `object_store`.
+/// Calls are made from a small runtime of its own: savepoints are taken and
+/// loaded outside the worker's loop.
+struct S3Store {
+    url: String,
+    store: AmazonS3,
+    prefix: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl S3Store {
+    fn new(url: &str, rest: &str) -> Result<S3Store> {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            bail!("`{url}`: no bucket (s3://BUCKET/PREFIX)");
+        }
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let endpoint = std::env::var("AWS_ENDPOINT_URL")
+            .or_else(|_| std::env::var("AWS_ENDPOINT"))
+            .ok();
+        if let Some(e) = &endpoint {
+            b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+        }
+        if std::env::var_os("AWS_REGION").is_none()
+            && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+        {
+            b = b.with_region("us-east-1");
+        }
+        let store = b
+            .build()
+            .with_context(|| format!("`{url}`: setting up the S3 client"))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the S3 client's runtime")?;
+        Ok(S3Store {
+            url: url.to_owned(),
+            store,
+            prefix: prefix.trim_matches('/').to_owned(),
+            runtime,
+        })
+    }
+
+    fn key(&self, path: &str) -> ObjectPath {
+        if self.prefix.is_empty() {
+            ObjectPath::from(path)
+        } else {
+            ObjectPath::from(format!("{}/{path}", self.prefix))
+        }
+    }
+
+    fn err(&self, what: &str, path: &str, e: object_store::Error) -> SavepointError {
+        SavepointError::Io(format!("{what} {}/{path}: {e}", self.url))
+    }
+}
+
+impl SavepointStore for S3Store {
+    fn put(&self, path: &str, bytes: Vec<u8>) -> Result<(), SavepointError> {
+        self.runtime
+            .block_on(self.store.put(&self.key(path), bytes.into()))
+            .map(|_| ())
+            .map_err(|e| self.err("writing", path, e))
+    }
+
+    fn get(&self, path: &str) -> Result<Option<Vec<u8>>, SavepointError> {
+        let key = self.key(path);
+        self.runtime.block_on(async {
+            match self.store.get(&key).await {
+                Ok(r) => r
+                    .bytes()
+                    .await
+                    .map(|b| Some(b.to_vec()))
+                    .map_err(|e| self.err("reading", path, e)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.err("reading", path, e)),
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.url.clone()
+    }
 }

@@ -263,3 +263,143 @@ fn unfitting_or_damaged_savepoints_are_refused() {
     term(&w);
     assert!(wait_exit(&mut w, Duration::from_secs(30)).success());
 }
+
+/// SeaweedFS (`make setup` puts it in `target/tools/weed`) serving S3 on
+/// 127.0.0.1 with one bucket and one user; killed when dropped.
+struct S3 {
+    endpoint: String,
+    _process: Running,
+    _dir: tempfile::TempDir,
+}
+
+const S3_KEY: &str = "millrace-test-key";
+const S3_SECRET: &str = "millrace-test-secret";
+
+impl S3 {
+    fn start(bucket: &str) -> S3 {
+        let weed = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/weed");
+        assert!(
+            weed.exists(),
+            "the S3-compatible store is missing at {}: run `make setup` (it fetches SeaweedFS)",
+            weed.display()
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = |_| free_port().to_string();
+        let (s3, master, filer, volume, admin) = (port(0), port(1), port(2), port(3), port(4));
+        let child = std::process::Command::new(&weed)
+            .args([
+                "mini",
+                &format!("-dir={}", dir.path().display()),
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                &format!("-s3.port={s3}"),
+                &format!("-master.port={master}"),
+                &format!("-filer.port={filer}"),
+                &format!("-volume.port={volume}"),
+                &format!("-admin.port={admin}"),
+                "-webdav=false",
+                "-admin.ui=false",
+            ])
+            .env("AWS_ACCESS_KEY_ID", S3_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+            .env("S3_BUCKET", bucket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start SeaweedFS");
+        let endpoint = format!("http://127.0.0.1:{s3}");
+        let s = S3 {
+            endpoint,
+            _process: Running(child),
+            _dir: dir,
+        };
+        // Ready once the bucket answers a listing.
+        let ready = wait_until(Duration::from_secs(60), || {
+            http_get(&format!("127.0.0.1:{s3}"), &format!("/{bucket}"))
+                .is_some_and(|(code, _)| code == 200 || code == 403)
+        });
+        assert!(ready, "SeaweedFS did not serve S3 on {s3} within 60 s");
+        s
+    }
+
+    fn env(&self) -> [(&'static str, String); 3] {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", S3_KEY.to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET.to_owned()),
+        ]
+    }
+}
+
+#[test]
+fn a_savepoint_in_an_s3_store_rescales_one_worker_to_two() {
+    let s3 = S3::start("savepoints");
+    let s = Scratch::new();
+    let out = s.path("out.jsonl");
+    let count = r#"type = "count""#;
+    let one = topology(&s, "one.toml", "", 20_000, count);
+    let mut w = spawn(&one, "off");
+    stop_mid_stream(&out, std::slice::from_mut(&mut w), 15_000);
+    let url = "s3://savepoints/deployments/a";
+    let o = millrace()
+        .args(["savepoint", one.to_str().expect("utf-8"), "--to", url])
+        .envs(s3.env())
+        .output()
+        .expect("savepoint");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("savepoint complete"), "{}", text(&o));
+
+    let net = ClusterNet::new(2);
+    let two = topology(&s, "two.toml", &net.toml("savepoints"), 0, count);
+    let mut ws: Vec<Running> = (0..2)
+        .map(|i| {
+            Running(
+                millrace()
+                    .args([
+                        "run",
+                        two.to_str().expect("utf-8"),
+                        "--worker",
+                        &net.ids[i],
+                        "--http",
+                        &net.http[i],
+                        "--from-savepoint",
+                        url,
+                    ])
+                    .envs(s3.env())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .expect("spawn"),
+            )
+        })
+        .collect();
+    for w in ws.iter_mut() {
+        assert!(wait_exit(w, Duration::from_secs(90)).success());
+    }
+    assert_eq!(
+        assert_running_counts(&read_jsonl(&out)),
+        generator_key_counts(RECORDS, KEYS, SEED)
+    );
+    // A prefix without a manifest is not a savepoint.
+    let o = millrace()
+        .args([
+            "run",
+            two.to_str().expect("utf-8"),
+            "--worker",
+            "w0",
+            "--data-dir",
+            s.path("fresh").to_str().expect("utf-8"),
+            "--http",
+            "off",
+            "--from-savepoint",
+            "s3://savepoints/deployments/none",
+        ])
+        .envs(s3.env())
+        .output()
+        .expect("run");
+    assert!(
+        !o.status.success() && text(&o).contains("not a complete savepoint"),
+        "{}",
+        text(&o)
+    );
+}

@@ -52,12 +52,8 @@ pub enum SavepointError {
 pub trait SavepointStore: Send + Sync {
     /// Writes `path`, replacing it.
     fn put(&self, path: &str, bytes: Vec<u8>) -> Result<(), SavepointError>;
-    /// Writes `path` only if it does not exist; false if it did.
-    fn put_new(&self, path: &str, bytes: Vec<u8>) -> Result<bool, SavepointError>;
     /// Reads `path`; `None` if it does not exist.
     fn get(&self, path: &str) -> Result<Option<Vec<u8>>, SavepointError>;
-    /// The paths under `prefix` (a directory, ending in `/`).
-    fn list(&self, prefix: &str) -> Result<Vec<String>, SavepointError>;
     /// Where it is, for messages.
     fn describe(&self) -> String;
 }
@@ -94,14 +90,6 @@ impl SavepointStore for DirStore {
         std::fs::rename(&tmp, &p).map_err(io(format!("renaming to {}", p.display())))
     }
 
-    fn put_new(&self, path: &str, bytes: Vec<u8>) -> Result<bool, SavepointError> {
-        if self.root.join(path).exists() {
-            return Ok(false);
-        }
-        self.put(path, bytes)?;
-        Ok(true)
-    }
-
     fn get(&self, path: &str) -> Result<Option<Vec<u8>>, SavepointError> {
         let p = self.root.join(path);
         match std::fs::read(&p) {
@@ -109,30 +97,6 @@ impl SavepointStore for DirStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(SavepointError::Io(format!("reading {}: {e}", p.display()))),
         }
-    }
-
-    fn list(&self, prefix: &str) -> Result<Vec<String>, SavepointError> {
-        let dir = self.root.join(prefix);
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(SavepointError::Io(format!(
-                    "listing {}: {e}",
-                    dir.display()
-                )))
-            }
-        };
-        let mut out = Vec::new();
-        for e in entries {
-            let e = e.map_err(io(format!("listing {}", dir.display())))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !name.ends_with(".partial") {
-                out.push(format!("{prefix}{name}"));
-            }
-        }
-        out.sort();
-        Ok(out)
     }
 
     fn describe(&self) -> String {
