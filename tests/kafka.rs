@@ -455,3 +455,40 @@ fn the_watermark_is_the_minimum_over_partitions_and_idle_ones_stop_holding_it() 
     term(&w);
     assert!(wait_exit(&mut w, Duration::from_secs(20)).success());
 }
+
+#[test]
+fn cut_connections_to_the_broker_lose_and_repeat_nothing() {
+    // Clients reach the broker only through a proxy that cuts connections.
+    let (real, front) = (free_port(), free_port());
+    let broker = Broker::start_advertising(real, front);
+    let proxy =
+        support::proxy::Proxy::start(&format!("127.0.0.1:{front}"), &format!("127.0.0.1:{real}"));
+    broker.create_topic("words", 3);
+    broker.create_topic("counts", 2);
+    let s = Scratch::new();
+    let http = format!("127.0.0.1:{}", free_port());
+    let topo = count_topology(&s, &format!("127.0.0.1:{front}"), &http);
+    let mut all = words(2000, 0);
+    produce(&broker, "words", &as_json(&all));
+    let mut w = spawn(&topo, &http);
+    let mut rng = Rng::from_env();
+    let mut cuts = 0;
+    for round in 0..6 {
+        std::thread::sleep(Duration::from_millis(100 + rng.below(300)));
+        cuts += proxy.cut();
+        let more = words(300, 2000 + round * 300);
+        produce(&broker, "words", &as_json(&more));
+        all.extend(more);
+    }
+    assert!(cuts > 0, "the proxy cut live connections");
+    let done = wait_until(Duration::from_secs(90), || {
+        if let Ok(Some(status)) = w.try_wait() {
+            panic!("the worker exited: {status}");
+        }
+        running_counts(&broker, "counts").values().sum::<u64>() >= all.len() as u64
+    });
+    assert!(done, "not all counts arrived after {cuts} cuts");
+    assert_eq!(running_counts(&broker, "counts"), expected(&all));
+    term(&w);
+    assert!(wait_exit(&mut w, Duration::from_secs(20)).success());
+}

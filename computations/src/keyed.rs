@@ -2,6 +2,8 @@
 //! current aggregate of the key, as decimal text, in RocksDB.
 
 use crate::options;
+use crate::ttl::with_state_ttl;
+use millrace_config::HumanDuration;
 use millrace_config::KeyExtractor;
 use millrace_engine::per_shard;
 use millrace_engine::{extract_key, Computation, ComputationError, Context, Record, Registry};
@@ -255,14 +257,18 @@ pub(crate) fn register(r: &mut Registry) {
         #[serde(deny_unknown_fields)]
         struct O {
             aggregate: String,
+            state_ttl: Option<HumanDuration>,
         }
         let o: O = options(c)?;
         let empty = crate::aggregate::parse_aggregate(&o.aggregate)
             .map_err(|m| c.options.error(Some("aggregate"), m))?;
-        Ok(per_shard(Combine {
-            empty,
-            on_change: false,
-        }))
+        Ok(with_state_ttl(
+            per_shard(Combine {
+                empty,
+                on_change: false,
+            }),
+            o.state_ttl,
+        ))
     });
     r.computation("top_per_key", |c| {
         #[derive(Deserialize)]
@@ -271,6 +277,7 @@ pub(crate) fn register(r: &mut Registry) {
             n: usize,
             by: Option<String>,
             id: Option<String>,
+            state_ttl: Option<HumanDuration>,
         }
         let o: O = options(c)?;
         if o.n == 0 {
@@ -281,11 +288,14 @@ pub(crate) fn register(r: &mut Registry) {
         };
         match (&o.by, &o.id) {
             (Some(by), id) => {
-                return Ok(per_shard(TopBy {
-                    n: o.n,
-                    by: extractor("by", by)?,
-                    id: id.as_deref().map(|i| extractor("id", i)).transpose()?,
-                }))
+                return Ok(with_state_ttl(
+                    per_shard(TopBy {
+                        n: o.n,
+                        by: extractor("by", by)?,
+                        id: id.as_deref().map(|i| extractor("id", i)).transpose()?,
+                    }),
+                    o.state_ttl,
+                ))
             }
             (None, Some(_)) => {
                 return Err(c.options.error(Some("id"), "`id` needs `by` (the score)"))
@@ -296,34 +306,42 @@ pub(crate) fn register(r: &mut Registry) {
             n: o.n,
             items: Vec::new(),
         };
-        Ok(per_shard(Combine {
-            empty,
-            on_change: true,
-        }))
+        Ok(with_state_ttl(
+            per_shard(Combine {
+                empty,
+                on_change: true,
+            }),
+            o.state_ttl,
+        ))
     });
     r.computation("count_per_element", |c| {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
-        struct O {}
-        let _: O = options(c)?;
-        Ok(per_shard(CountPerElement))
+        struct O {
+            state_ttl: Option<HumanDuration>,
+        }
+        let o: O = options(c)?;
+        Ok(with_state_ttl(per_shard(CountPerElement), o.state_ttl))
     });
     r.computation("count", |c| {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
-        struct O {}
-        let _: O = options(c)?;
-        Ok(per_shard(Count))
+        struct O {
+            state_ttl: Option<HumanDuration>,
+        }
+        let o: O = options(c)?;
+        Ok(with_state_ttl(per_shard(Count), o.state_ttl))
     });
     r.computation("reduce", |c| {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct O {
             op: ReduceOp,
+            state_ttl: Option<HumanDuration>,
         }
         let o: O = options(c)?;
         let op = o.op;
-        Ok(per_shard(Reduce { op }))
+        Ok(with_state_ttl(per_shard(Reduce { op }), o.state_ttl))
     });
 }
 

@@ -33,6 +33,7 @@ mod script;
 mod sinks;
 mod socket;
 mod stateless;
+mod ttl;
 mod window;
 
 use millrace_config::{Component, ConfigError};

@@ -130,6 +130,11 @@ impl Context<'_> {
         self.scope.set_timer(tag.into(), domain, time);
     }
 
+    /// When the timer `tag` of the current key will fire, if it is set.
+    pub fn timer(&self, tag: &[u8]) -> Option<(TimeDomain, EventTime)> {
+        self.scope.timer(tag)
+    }
+
     /// Deletes the timer `tag` of the current key, if set.
     pub fn delete_timer(&mut self, tag: &[u8]) {
         self.scope.delete_timer(tag);

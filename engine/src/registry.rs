@@ -129,7 +129,8 @@ impl Registry {
         self.sources.get(kind)
     }
 
-    pub(crate) fn computation_factory(&self, kind: &str) -> Option<&ComputationFactory> {
+    /// The factory of the computation kind `kind`, if registered.
+    pub fn computation_factory(&self, kind: &str) -> Option<&ComputationFactory> {
         self.computations.get(kind)
     }
 

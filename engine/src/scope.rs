@@ -95,6 +95,10 @@ impl KeyScope<'_> {
         self.timers.set(self.prefix, self.key, &tag, d, t);
     }
 
+    pub fn timer(&self, tag: &[u8]) -> Option<(TimeDomain, EventTime)> {
+        self.timers.get(self.key, tag)
+    }
+
     pub fn delete_timer(&mut self, tag: &[u8]) {
         self.timers.delete(self.prefix, self.key, tag);
     }

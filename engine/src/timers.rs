@@ -103,6 +103,13 @@ impl Timers {
         self.schedule(d, t, id.0, id.1);
     }
 
+    /// When the timer `tag` of `key` is set to fire, if it is.
+    pub fn get(&self, key: &[u8], tag: &[u8]) -> Option<(TimeDomain, EventTime)> {
+        self.by_key
+            .get(&(MapKey::new(key), MapKey::new(tag)))
+            .copied()
+    }
+
     pub fn delete(&mut self, prefix: &[u8], key: &[u8], tag: &[u8]) {
         let id = (MapKey::new(key), MapKey::new(tag));
         if let Some((d, t)) = self.by_key.remove(&id) {

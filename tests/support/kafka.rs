@@ -47,6 +47,12 @@ impl Broker {
 
     /// Starts a broker on `port`.
     pub fn start_on(port: u16) -> Broker {
+        Broker::start_advertising(port, port)
+    }
+
+    /// Starts a broker listening on `port` that tells clients to connect to
+    /// `advertised` (a proxy in front of it).
+    pub fn start_advertising(port: u16, advertised: u16) -> Broker {
         let tansu = tansu_path();
         assert!(
             tansu.exists(),
@@ -54,13 +60,14 @@ impl Broker {
             tansu.display()
         );
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised_url = format!("tcp://127.0.0.1:{advertised}");
         let child = Command::new(&tansu)
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised_url,
                 "--storage-engine",
                 "memory://tansu/",
             ])
