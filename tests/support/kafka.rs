@@ -1,5 +1,5 @@
 //! A real Kafka-protocol broker for tests: Tansu (a static binary that
-//! `make setup` fetches into `target/tools/tansu`), started on 127.0.0.1
+//! `make test-servers` fetches into `target/tools/tansu`), started on 127.0.0.1
 //! with in-memory storage, and a small client to fill and read topics.
 #![allow(dead_code)]
 
@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Where `make setup` puts the broker (or `MILLRACE_TANSU`).
+/// Where `make test-servers` puts the broker (or `MILLRACE_TANSU`).
 pub fn tansu_path() -> PathBuf {
     std::env::var_os("MILLRACE_TANSU").map_or_else(
         || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/tansu"),
@@ -56,7 +56,7 @@ impl Broker {
         let tansu = tansu_path();
         assert!(
             tansu.exists(),
-            "the Kafka-protocol broker is missing at {}: run `make setup` (it fetches Tansu)",
+            "the Kafka-protocol broker is missing at {}: run `make test-servers` (it fetches Tansu)",
             tansu.display()
         );
         let url = format!("tcp://127.0.0.1:{port}");
