@@ -106,14 +106,39 @@ fn as_json(recs: &[(i32, (String, String, i64))]) -> Vec<(i32, (String, String, 
         .collect()
 }
 
-#[test]
-fn kafka_in_and_out_is_exact_across_sigkills() {
-    let broker = Broker::start();
+/// Topics `words` (3 partitions) and `counts` (2) on `broker`, and the
+/// count topology over them, its clients going to `address`.
+fn count_setup(broker: &Broker, address: &str) -> (Scratch, String, std::path::PathBuf) {
     broker.create_topic("words", 3);
     broker.create_topic("counts", 2);
     let s = Scratch::new();
     let http = format!("127.0.0.1:{}", free_port());
-    let topo = count_topology(&s, &broker.address(), &http);
+    let topo = count_topology(&s, address, &http);
+    (s, http, topo)
+}
+
+/// Waits (at most `secs`) until `counts` holds `n` running counts, failing
+/// at once if the worker exits; returns the checked counts per key.
+fn complete_counts(broker: &Broker, w: &mut Running, n: usize, secs: u64) -> BTreeMap<String, u64> {
+    let done = wait_until(Duration::from_secs(secs), || {
+        if let Ok(Some(status)) = w.try_wait() {
+            panic!("the worker exited: {status}");
+        }
+        running_counts(broker, "counts").values().sum::<u64>() >= n as u64
+    });
+    let got = running_counts(broker, "counts");
+    assert!(
+        done,
+        "not all counts arrived: {} of {n}",
+        got.values().sum::<u64>()
+    );
+    got
+}
+
+#[test]
+fn kafka_in_and_out_is_exact_across_sigkills() {
+    let broker = Broker::start();
+    let (s, http, topo) = count_setup(&broker, &broker.address());
     let first = words(3000, 0);
     produce(&broker, "words", &as_json(&first));
     // Two undecodable records (no event time): to `words.errors`.
@@ -142,33 +167,7 @@ fn kafka_in_and_out_is_exact_across_sigkills() {
         w = spawn(&topo, &http);
     }
     let want = expected(&all);
-    let done = wait_until(Duration::from_secs(60), || {
-        if let Ok(Some(status)) = w.try_wait() {
-            panic!("the worker exited: {status}");
-        }
-        running_counts(&broker, "counts").values().sum::<u64>() >= all.len() as u64
-    });
-    let got = running_counts(&broker, "counts");
-    if !done {
-        let short: Vec<_> = want
-            .iter()
-            .filter(|(k, n)| got.get(*k) != Some(n))
-            .map(|(k, n)| (k, *n, got.get(k).copied().unwrap_or(0)))
-            .collect();
-        let m = http_get(&http, "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default();
-        let m: Vec<&str> = m
-            .lines()
-            .filter(|l| l.contains("records_in") || l.contains("kafka") || l.contains("backlog"))
-            .filter(|l| !l.starts_with('#'))
-            .collect();
-        panic!(
-            "not all counts arrived: {} of {}; (key, want, got): {short:?}\n{m:#?}",
-            got.values().sum::<u64>(),
-            all.len()
-        );
-    }
+    let got = complete_counts(&broker, &mut w, all.len(), 60);
     assert_eq!(got, want, "per-word totals after 4 SIGKILLs");
     assert_eq!(
         metric(&http, r#"millrace_sequence_gaps_total{component="counts"}"#),
@@ -211,11 +210,7 @@ fn crash_at(topo: &std::path::Path, http: &str, point: &str, n: u64) {
 #[test]
 fn a_crash_between_produce_and_commit_leaves_no_duplicate_in_the_topic() {
     let broker = Broker::start();
-    broker.create_topic("words", 3);
-    broker.create_topic("counts", 2);
-    let s = Scratch::new();
-    let http = format!("127.0.0.1:{}", free_port());
-    let topo = count_topology(&s, &broker.address(), &http);
+    let (_s, http, topo) = count_setup(&broker, &broker.address());
     let recs = words(2000, 0);
     produce(&broker, "words", &as_json(&recs));
     // Crash after the sink's records reached the broker, before the commit
@@ -229,12 +224,10 @@ fn a_crash_between_produce_and_commit_leaves_no_duplicate_in_the_topic() {
     crash_at(&topo, &http, "sink.flushed", 1);
     let recs: Vec<_> = recs.into_iter().chain(more).collect();
     let mut w = spawn(&topo, &http);
-    let want = expected(&recs);
-    let done = wait_until(Duration::from_secs(60), || {
-        running_counts(&broker, "counts").values().sum::<u64>() >= recs.len() as u64
-    });
-    assert!(done, "not all counts arrived");
-    assert_eq!(running_counts(&broker, "counts"), want);
+    assert_eq!(
+        complete_counts(&broker, &mut w, recs.len(), 60),
+        expected(&recs)
+    );
     assert!(
         metric(
             &http,
@@ -463,11 +456,7 @@ fn cut_connections_to_the_broker_lose_and_repeat_nothing() {
     let broker = Broker::start_advertising(real, front);
     let proxy =
         support::proxy::Proxy::start(&format!("127.0.0.1:{front}"), &format!("127.0.0.1:{real}"));
-    broker.create_topic("words", 3);
-    broker.create_topic("counts", 2);
-    let s = Scratch::new();
-    let http = format!("127.0.0.1:{}", free_port());
-    let topo = count_topology(&s, &format!("127.0.0.1:{front}"), &http);
+    let (_s, http, topo) = count_setup(&broker, &format!("127.0.0.1:{front}"));
     let mut all = words(2000, 0);
     produce(&broker, "words", &as_json(&all));
     let mut w = spawn(&topo, &http);
@@ -481,14 +470,11 @@ fn cut_connections_to_the_broker_lose_and_repeat_nothing() {
         all.extend(more);
     }
     assert!(cuts > 0, "the proxy cut live connections");
-    let done = wait_until(Duration::from_secs(90), || {
-        if let Ok(Some(status)) = w.try_wait() {
-            panic!("the worker exited: {status}");
-        }
-        running_counts(&broker, "counts").values().sum::<u64>() >= all.len() as u64
-    });
-    assert!(done, "not all counts arrived after {cuts} cuts");
-    assert_eq!(running_counts(&broker, "counts"), expected(&all));
+    assert_eq!(
+        complete_counts(&broker, &mut w, all.len(), 90),
+        expected(&all),
+        "after {cuts} cuts"
+    );
     term(&w);
     assert!(wait_exit(&mut w, Duration::from_secs(20)).success());
 }

@@ -69,27 +69,16 @@ fn text(o: &std::process::Output) -> String {
     )
 }
 
-/// Starts every worker of `net` from `from`.
-fn start_from(net: &ClusterNet, topo: &Path, from: &str) -> Vec<Running> {
+/// Starts every worker of `net` from the savepoint `from`, with `env`.
+fn start_from(net: &ClusterNet, topo: &Path, from: &str, env: &[(&str, String)]) -> Vec<Running> {
     (0..net.ids.len())
         .map(|i| {
-            let mut c = millrace();
-            c.args([
-                "run",
-                topo.to_str().expect("utf-8"),
-                "--worker",
-                &net.ids[i],
-                "--http",
-                &net.http[i],
-                "--from-savepoint",
-                from,
-            ]);
-            Running(
-                c.stdout(Stdio::null())
-                    .stderr(Stdio::inherit())
-                    .spawn()
-                    .expect("spawn"),
-            )
+            let mut c = net.command(topo, i);
+            c.args(["--from-savepoint", from])
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit());
+            Running(c.spawn().expect("spawn"))
         })
         .collect()
 }
@@ -134,7 +123,7 @@ fn a_deployment_moves_from_one_worker_to_three_to_two_through_savepoints() {
     // Three workers from it, stopped again mid-stream.
     let net3 = ClusterNet::new(3);
     let three = topology(&s, "three.toml", &net3.toml("savepoints"), 20_000, count);
-    let mut ws = start_from(&net3, &three, &sp1);
+    let mut ws = start_from(&net3, &three, &sp1, &[]);
     stop_mid_stream(&out, &mut ws, done_at_stop + 15_000);
     assert!(
         lines(&out).len() < RECORDS as usize,
@@ -156,7 +145,7 @@ fn a_deployment_moves_from_one_worker_to_three_to_two_through_savepoints() {
     // Two workers from that one, to the end of the stream.
     let net2 = ClusterNet::new(2);
     let two = topology(&s, "two.toml", &net2.toml("savepoints"), 0, count);
-    let mut ws = start_from(&net2, &two, &sp2);
+    let mut ws = start_from(&net2, &two, &sp2, &[]);
     for w in ws.iter_mut() {
         assert!(wait_exit(w, Duration::from_secs(90)).success());
     }
@@ -351,28 +340,7 @@ fn a_savepoint_in_an_s3_store_rescales_one_worker_to_two() {
 
     let net = ClusterNet::new(2);
     let two = topology(&s, "two.toml", &net.toml("savepoints"), 0, count);
-    let mut ws: Vec<Running> = (0..2)
-        .map(|i| {
-            Running(
-                millrace()
-                    .args([
-                        "run",
-                        two.to_str().expect("utf-8"),
-                        "--worker",
-                        &net.ids[i],
-                        "--http",
-                        &net.http[i],
-                        "--from-savepoint",
-                        url,
-                    ])
-                    .envs(s3.env())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::inherit())
-                    .spawn()
-                    .expect("spawn"),
-            )
-        })
-        .collect();
+    let mut ws = start_from(&net, &two, url, &s3.env());
     for w in ws.iter_mut() {
         assert!(wait_exit(w, Duration::from_secs(90)).success());
     }

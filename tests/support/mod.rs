@@ -368,15 +368,8 @@ impl ClusterNet {
             .collect()
     }
 
-    /// Starts worker `i`. With `behind_proxy` it listens on its listen
-    /// address (the proxy owns its address); `env` is added to its environment.
-    pub fn spawn(
-        &self,
-        topology: &Path,
-        i: usize,
-        behind_proxy: bool,
-        env: &[(&str, &str)],
-    ) -> Running {
+    /// `millrace run TOPOLOGY --worker ID --http HTTP` for worker `i`.
+    pub fn command(&self, topology: &Path, i: usize) -> Command {
         let mut c = millrace();
         c.args([
             "run",
@@ -386,6 +379,19 @@ impl ClusterNet {
             "--http",
             &self.http[i],
         ]);
+        c
+    }
+
+    /// Starts worker `i`. With `behind_proxy` it listens on its listen
+    /// address (the proxy owns its address); `env` is added to its environment.
+    pub fn spawn(
+        &self,
+        topology: &Path,
+        i: usize,
+        behind_proxy: bool,
+        env: &[(&str, &str)],
+    ) -> Running {
+        let mut c = self.command(topology, i);
         if behind_proxy {
             c.args(["--listen", &self.listen[i]]);
         }
