@@ -231,7 +231,7 @@ impl Executor {
                 }
             };
             let mut inputs = FastMap::default();
-            for &ch in &spec.in_channels {
+            for ch in plan.in_channels(sid) {
                 let applied = store
                     .get(Cf::Channels, &plan.applied_seq_key(ch))?
                     .as_deref()
@@ -239,8 +239,8 @@ impl Executor {
                     .unwrap_or(0);
                 inputs.insert(ch, InChannel::new(applied));
             }
-            let upstream_wm = spec
-                .upstream
+            let upstream_wm = plan
+                .upstream(sid)
                 .iter()
                 .map(|u| {
                     Ok(store
@@ -250,7 +250,7 @@ impl Executor {
                         .map_or(MIN_TIME, |v| v as i64))
                 })
                 .collect::<Result<Vec<_>, EngineError>>()?;
-            for (pos, u) in spec.upstream.iter().enumerate() {
+            for (pos, u) in plan.upstream(sid).iter().enumerate() {
                 self.wm_subscribers
                     .entry(*u)
                     .or_default()
@@ -326,8 +326,8 @@ impl Executor {
                 self.node_metrics[spec.node].retries.inc_by(restored);
                 self.shared.in_flight.restored(restored as i64);
             }
-            let mut dests: Vec<usize> = spec
-                .downstream
+            let mut dests: Vec<usize> = plan
+                .downstream(sid)
                 .iter()
                 .map(|&(w, exec)| plan.destination_of(self.me, w, exec))
                 .collect();
@@ -415,13 +415,13 @@ impl Executor {
         for msg in msgs {
             match msg {
                 Msg::Deliver { ch, seq, env } => {
-                    let dst = plan.channels[ch as usize].dst;
+                    let dst = plan.chan(ch).dst;
                     if let Some(&i) = self.local.get(&dst) {
                         self.shards[i].pending.push_back((ch, seq, env));
                     }
                 }
                 Msg::Ack { ch, upto } => {
-                    let c = &plan.channels[ch as usize];
+                    let c = plan.chan(ch);
                     let Some(&i) = self.local.get(&c.src) else {
                         continue;
                     };
@@ -448,21 +448,17 @@ impl Executor {
                     let on = |sid: Sid| plan.shards[sid as usize].worker == worker;
                     for shard in &mut self.shards {
                         for (&ch, out) in shard.outs.iter_mut() {
-                            if on(plan.channels[ch as usize].dst) {
+                            if on(plan.chan(ch).dst) {
                                 out.rewind();
                             }
                         }
                         for (&ch, input) in &shard.inputs {
-                            if on(plan.channels[ch as usize].src) {
+                            if on(plan.chan(ch).src) {
                                 let a = self.acks.entry(ch).or_insert(0);
                                 *a = (*a).max(input.applied());
                             }
                         }
-                        if plan.shards[shard.sid as usize]
-                            .downstream
-                            .iter()
-                            .any(|(w, _)| *w == worker)
-                        {
+                        if plan.downstream(shard.sid).iter().any(|(w, _)| *w == worker) {
                             shard.wm_changed = true;
                         }
                     }
@@ -628,7 +624,7 @@ impl Executor {
             shard.max_event = shard.max_event.max(record.timestamp);
             match &mut shard.body {
                 Body::Sink { sink, written } => {
-                    let c = &plan.channels[ch as usize];
+                    let c = plan.chan(ch);
                     let id = DeliveryId {
                         edge: &plan.edges[c.edge].name,
                         producer_shard: plan.shards[c.src as usize].shard,
@@ -647,7 +643,7 @@ impl Executor {
                         emits: &mut self.emits,
                         ports: &node.ports,
                         ingest: env.ingest(),
-                        input: &plan.edges[plan.channels[ch as usize].edge].stream,
+                        input: &plan.edges[plan.chan(ch).edge].stream,
                         clock: Clock::System,
                     };
                     match shard.with_key(at, &key, |comp, ctx| comp.process_record(ctx, record)) {
@@ -910,7 +906,7 @@ impl Executor {
         let plan = &*self.plan;
         let dest = |sid: Sid| plan.destination(self.me, sid);
         for (ch, upto) in std::mem::take(&mut self.acks) {
-            let src = plan.channels[ch as usize].src;
+            let src = plan.chan(ch).src;
             self.outgoing[dest(src)].push(Msg::Ack { ch, upto });
         }
         let mut wm_sent = 0;
@@ -1019,7 +1015,7 @@ fn queue_sends(plan: &Plan, me: usize, shard: &mut ShardRt, outgoing: &mut [Vec<
     let engine = &plan.topology.engine;
     for (&ch, out) in shard.outs.iter_mut() {
         if out.has_unsent() {
-            let q = &mut outgoing[plan.destination(me, plan.channels[ch as usize].dst)];
+            let q = &mut outgoing[plan.destination(me, plan.chan(ch).dst)];
             out.sendable(
                 engine.channel_window,
                 engine.channel_window_bytes,

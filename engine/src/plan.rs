@@ -17,7 +17,7 @@ use std::time::Duration;
 pub type NodeIdx = usize;
 /// Global index of a shard in [`Plan::shards`].
 pub type Sid = u32;
-/// Global index of a channel in [`Plan::channels`].
+/// Global number of a channel (see [`Plan::channel_spec`]).
 pub type ChannelIdx = u32;
 
 /// The name of the output that carries records a component could not handle.
@@ -65,6 +65,10 @@ pub struct Node {
     pub in_edges: Vec<usize>,
     /// Makes its shards' code.
     pub maker: Maker,
+    /// Shards whose watermarks bound its shards' input watermark.
+    pub upstream: Vec<Sid>,
+    /// `(worker, executor)` pairs that host a consumer of its outputs.
+    pub downstream: Vec<(usize, usize)>,
     /// For sources.
     pub watermark: SourceWatermark,
 }
@@ -99,12 +103,6 @@ pub struct ShardSpec {
     pub executor: usize,
     /// Storage key prefix `(component, shard)`.
     pub prefix: Vec<u8>,
-    /// Channels arriving at this shard.
-    pub in_channels: Vec<ChannelIdx>,
-    /// Shards whose watermarks bound this one's input watermark.
-    pub upstream: Vec<Sid>,
-    /// `(worker, executor)` pairs that host a consumer of this shard's outputs.
-    pub downstream: Vec<(usize, usize)>,
 }
 
 /// One producer shard -> consumer shard pair of an edge. Every producer
@@ -132,8 +130,8 @@ pub struct Plan {
     pub edges: Vec<Edge>,
     /// Shards, by sid.
     pub shards: Vec<ShardSpec>,
-    /// Channels, by index.
-    pub channels: Vec<ChannelSpec>,
+    /// How many channels there are (numbered `0..channel_count`; see [`Plan::channel_spec`]).
+    pub channel_count: ChannelIdx,
     /// Executor threads.
     pub threads: usize,
     /// Workers sharing the shards (1 without a cluster).
@@ -236,6 +234,8 @@ impl Plan {
                 in_edges: Vec::new(),
                 maker,
                 watermark,
+                upstream: Vec::new(),
+                downstream: Vec::new(),
             });
             next_sid += shards;
         }
@@ -293,44 +293,34 @@ impl Plan {
                     worker: sid as usize % workers,
                     executor: 0,
                     prefix: shard_prefix(&node.name, s),
-                    in_channels: Vec::new(),
-                    upstream: Vec::new(),
-                    downstream: Vec::new(),
                 });
             }
         }
         assign_executors(&mut shards, &nodes, workers, threads);
-        let mut channels = Vec::with_capacity(next_channel as usize);
-        for (e, edge) in edges.iter().enumerate() {
-            let (src_node, dst_node) = (&nodes[edge.from], &nodes[edge.to]);
-            for s in 0..src_node.shards {
-                for d in 0..dst_node.shards {
-                    let (src, dst) = (src_node.first_sid + s, dst_node.first_sid + d);
-                    debug_assert_eq!(
-                        channels.len() as u32,
-                        edge.channel_base + s * dst_node.shards + d
-                    );
-                    channels.push(ChannelSpec { edge: e, src, dst });
-                    let ch = channels.len() as ChannelIdx - 1;
-                    shards[dst as usize].in_channels.push(ch);
-                    shards[dst as usize].upstream.push(src);
-                    let at = (shards[dst as usize].worker, shards[dst as usize].executor);
-                    shards[src as usize].downstream.push(at);
-                }
-            }
+        // What feeds each node and where its consumers run: the same for
+        // every shard of a node, so kept once per node (the plan's size is
+        // linear in components and shards; channels are numbered, not stored).
+        for edge in &edges {
+            let (src, dst) = (&nodes[edge.from], &nodes[edge.to]);
+            let producers: Vec<Sid> = (src.first_sid..src.first_sid + src.shards).collect();
+            let hosts: Vec<(usize, usize)> = (dst.first_sid..dst.first_sid + dst.shards)
+                .map(|sid| (shards[sid as usize].worker, shards[sid as usize].executor))
+                .collect();
+            nodes[edge.to].upstream.extend(producers);
+            nodes[edge.from].downstream.extend(hosts);
         }
-        for shard in &mut shards {
-            shard.upstream.sort_unstable();
-            shard.upstream.dedup();
-            shard.downstream.sort_unstable();
-            shard.downstream.dedup();
+        for node in &mut nodes {
+            node.upstream.sort_unstable();
+            node.upstream.dedup();
+            node.downstream.sort_unstable();
+            node.downstream.dedup();
         }
         Ok(Plan {
             topology,
             nodes,
             edges,
             shards,
-            channels,
+            channel_count: next_channel,
             threads,
             workers,
         })
@@ -380,9 +370,66 @@ impl Plan {
         e.channel_base + src_shard * self.nodes[e.to].shards + dst_shard
     }
 
+    /// Channel `ch`: its edge, producer and consumer shard, worked out from
+    /// its number (channels of an edge are numbered producer-major from the
+    /// edge's `channel_base`); `None` past the last channel.
+    pub fn channel_spec(&self, ch: ChannelIdx) -> Option<ChannelSpec> {
+        if ch >= self.channel_count {
+            return None;
+        }
+        let e = self
+            .edges
+            .partition_point(|e| e.channel_base <= ch)
+            .checked_sub(1)?;
+        let edge = &self.edges[e];
+        let (src, dst) = (&self.nodes[edge.from], &self.nodes[edge.to]);
+        let at = ch - edge.channel_base;
+        if at >= src.shards * dst.shards {
+            return None;
+        }
+        Some(ChannelSpec {
+            edge: e,
+            src: src.first_sid + at / dst.shards,
+            dst: dst.first_sid + at % dst.shards,
+        })
+    }
+
+    /// Channel `ch`, which the caller knows exists (an index the plan made).
+    pub fn chan(&self, ch: ChannelIdx) -> ChannelSpec {
+        self.channel_spec(ch).unwrap_or_else(|| {
+            panic!(
+                "channel {ch} is past the plan's {} channels",
+                self.channel_count
+            )
+        })
+    }
+
+    /// The channels arriving at shard `sid`, in edge and producer order.
+    pub fn in_channels(&self, sid: Sid) -> Vec<ChannelIdx> {
+        let spec = &self.shards[sid as usize];
+        let node = &self.nodes[spec.node];
+        node.in_edges
+            .iter()
+            .flat_map(|&e| {
+                let producers = self.nodes[self.edges[e].from].shards;
+                (0..producers).map(move |s| self.channel(e, s, spec.shard))
+            })
+            .collect()
+    }
+
+    /// Shards whose watermarks bound shard `sid`'s input watermark.
+    pub fn upstream(&self, sid: Sid) -> &[Sid] {
+        &self.nodes[self.shards[sid as usize].node].upstream
+    }
+
+    /// `(worker, executor)` pairs that host a consumer of shard `sid`'s outputs.
+    pub fn downstream(&self, sid: Sid) -> &[(usize, usize)] {
+        &self.nodes[self.shards[sid as usize].node].downstream
+    }
+
     /// The outbox key prefix of channel `ch`'s productions.
     pub fn outbox_prefix(&self, ch: ChannelIdx) -> Vec<u8> {
-        let c = &self.channels[ch as usize];
+        let c = self.chan(ch);
         layout::outbox_prefix(
             &self.shards[c.src as usize].prefix,
             &self.edges[c.edge].name,
@@ -397,7 +444,7 @@ impl Plan {
 
     /// The channels-CF key of channel `ch`'s producer's next sequence number.
     pub fn next_seq_key(&self, ch: ChannelIdx) -> Vec<u8> {
-        let c = &self.channels[ch as usize];
+        let c = self.chan(ch);
         layout::next_seq_key(
             &self.shards[c.src as usize].prefix,
             &self.edges[c.edge].name,
@@ -407,7 +454,7 @@ impl Plan {
 
     /// The channels-CF key of channel `ch`'s consumer's applied sequence number.
     pub fn applied_seq_key(&self, ch: ChannelIdx) -> Vec<u8> {
-        let c = &self.channels[ch as usize];
+        let c = self.chan(ch);
         layout::applied_seq_key(
             &self.shards[c.dst as usize].prefix,
             &self.edges[c.edge].name,
@@ -610,27 +657,57 @@ address = "127.0.0.1:2"
     }
 
     #[test]
-    fn channels_hold_three_numbers_and_their_keys_are_built_on_demand() {
+    fn channels_are_numbered_not_stored_and_their_keys_are_built_on_demand() {
         // A plan has producers x consumers channels per edge (a million at
-        // 1,024 shards): each must stay a few numbers, not owned keys.
-        assert!(std::mem::size_of::<ChannelSpec>() <= 16);
-        let p = gen_to_count("", 3);
+        // 1,024 shards): none is stored, each is worked out from its number.
+        let p = plan(
+            r#"
+[engine]
+shards = 3
+[sources.gen]
+type = "nothing"
+[computations.a]
+type = "nothing"
+inputs = ["gen"]
+[computations.b]
+type = "nothing"
+inputs = ["a", "gen"]
+"#,
+        );
+        assert_eq!(p.channel_count, 3 + 9 + 3);
+        let mut seen = std::collections::BTreeSet::new();
+        for (e, edge) in p.edges.iter().enumerate() {
+            let (from, to) = (&p.nodes[edge.from], &p.nodes[edge.to]);
+            for s in 0..from.shards {
+                for d in 0..to.shards {
+                    let ch = p.channel(e, s, d);
+                    let c = p.channel_spec(ch).expect("a channel");
+                    assert_eq!(
+                        (c.edge, c.src, c.dst),
+                        (e, from.first_sid + s, to.first_sid + d)
+                    );
+                    assert!(p.in_channels(c.dst).contains(&ch));
+                    seen.insert(ch);
+                }
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            p.channel_count as usize,
+            "every number is one channel"
+        );
+        assert!(p.channel_spec(p.channel_count).is_none());
+        // b's shards hear from a's 3 shards and gen's 1.
+        let b0 = p.nodes[2].first_sid;
+        assert_eq!(p.in_channels(b0).len(), 4);
+        assert_eq!(p.upstream(b0), &[0, 1, 2, 3]);
         let ch = p.channel(0, 0, 2);
-        let c = p.channels[ch as usize];
-        assert_eq!((c.src, c.dst), (0, 3));
         let (src, dst) = (&p.shards[0].prefix, &p.shards[3].prefix);
-        assert_eq!(
-            p.outbox_prefix(ch),
-            layout::outbox_prefix(src, "gen->count", 2)
-        );
-        assert_eq!(
-            p.next_seq_key(ch),
-            layout::next_seq_key(src, "gen->count", 2)
-        );
+        assert_eq!(p.outbox_prefix(ch), layout::outbox_prefix(src, "gen->a", 2));
+        assert_eq!(p.next_seq_key(ch), layout::next_seq_key(src, "gen->a", 2));
         assert_eq!(
             p.applied_seq_key(ch),
-            layout::applied_seq_key(dst, "gen->count", 0)
+            layout::applied_seq_key(dst, "gen->a", 0)
         );
-        assert_eq!(p.shards[3].upstream, vec![0], "one producer, listed once");
     }
 }

@@ -256,7 +256,7 @@ async fn read_loop(
                     }
                 }
                 Frame::Deliver { ch, seq, env } => {
-                    let Some(c) = plan.channels.get(ch as usize) else {
+                    let Some(c) = plan.channel_spec(ch) else {
                         break 'conn bad(format!("delivery on unknown channel {ch}"));
                     };
                     if !on(c.dst, net.me) || !on(c.src, w) {
@@ -272,7 +272,7 @@ async fn read_loop(
                     });
                 }
                 Frame::Ack { ch, upto } => {
-                    let Some(c) = plan.channels.get(ch as usize) else {
+                    let Some(c) = plan.channel_spec(ch) else {
                         break 'conn bad(format!("ack on unknown channel {ch}"));
                     };
                     if !on(c.src, net.me) || !on(c.dst, w) {
@@ -287,7 +287,7 @@ async fn read_loop(
                         ));
                     }
                     let mut told = Vec::new();
-                    for &(worker, exec) in &plan.shards[from as usize].downstream {
+                    for &(worker, exec) in plan.downstream(from) {
                         if worker == net.me && !told.contains(&exec) {
                             told.push(exec);
                             batches[exec].push(Msg::Watermark {
