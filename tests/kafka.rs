@@ -417,7 +417,7 @@ fn the_watermark_is_the_minimum_over_partitions_and_idle_ones_stop_holding_it() 
     let broker = Broker::start();
     broker.create_topic("events", 2);
     let s = Scratch::new();
-    let topo = window_over_kafka(&s, &broker.address(), "1s");
+    let topo = window_over_kafka(&s, &broker.address(), "2s");
     let mut w = spawn(&topo, "off");
     // Partition 0 gets a record every 100 ms, so the source as a whole is
     // never idle: only partition 1's own idleness can free the watermark.
@@ -425,12 +425,14 @@ fn the_watermark_is_the_minimum_over_partitions_and_idle_ones_stop_holding_it() 
     let feeder = {
         let (stop, address) = (stop.clone(), broker.port);
         std::thread::spawn(move || {
-            let b = kafka_support::Client::new(address);
-            for t in 0..300 {
+            // One producer for the whole feed, so that records keep coming
+            // every 100 ms however busy the machine is.
+            let p = kafka_support::Client::new(address).producer();
+            for t in 0..600 {
                 if stop.load(std::sync::atomic::Ordering::SeqCst) {
                     break;
                 }
-                b.produce("events", 0, &[at("a", t)]);
+                kafka_support::send(&p, "events", 0, &at("a", t));
                 std::thread::sleep(Duration::from_millis(100));
             }
         })

@@ -24,28 +24,23 @@
 //! steps on purpose (`failpoint.rs`). All RocksDB calls happen on this
 //! thread, never on an async runtime.
 
-use crate::api::{ComputationError, DeliveryId, Emitter, SourceError, SourcePoll, SourceShard};
-use crate::delivery::{InChannel, OutChannel};
+use crate::api::{ComputationError, DeliveryId, Emitter, SourcePoll};
 use crate::error::EngineError;
 use crate::failpoint::{self, Point};
-use crate::keyed_state::KeyedState;
-use crate::layout::{self, position_key, read_u64, watermark_key};
+use crate::layout;
 use crate::mapkey::FastMap;
 use crate::message::{Msg, Outlet};
 use crate::metrics::NodeMetrics;
-use crate::plan::{ChannelIdx, Maker, Plan, Sid, ERRORS_PORT_INDEX};
-use crate::record::{
-    is_valid_event_time, now_micros, Envelope, TimeDomain, Timer, MAX_TIME, MIN_TIME,
-};
+use crate::plan::{ChannelIdx, Plan, Sid, ERRORS_PORT_INDEX};
+use crate::record::{is_valid_event_time, now_micros, TimeDomain, Timer, MAX_TIME};
 use crate::router::{bad_record, route};
 use crate::scope::{Clock, Emit};
-use crate::shard::{Body, KeyEnv, ShardRt, SourceRt};
+use crate::shard::{Body, KeyEnv, ShardRt};
 use crate::shared::{Handed, Shared};
-use crate::timers::Timers;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use millrace_storage::{Batch, Cf, Store};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,7 +86,7 @@ const IDLE_WATERMARK_STEP: Duration = Duration::from_secs(1);
 const IDLE_WAIT: Duration = Duration::from_millis(20);
 /// How long a source that had nothing is left alone: doubling from the first
 /// to the last while it stays idle, back to the first when data comes.
-const SOURCE_IDLE_PAUSE: (Duration, Duration) =
+pub(crate) const SOURCE_IDLE_PAUSE: (Duration, Duration) =
     (Duration::from_micros(200), Duration::from_millis(20));
 
 pub(crate) struct Executor {
@@ -184,147 +179,18 @@ impl Executor {
                 continue;
             }
             let sid = sid as Sid;
-            let node = &plan.nodes[spec.node];
-            let position = store.get(Cf::Meta, &position_key(&spec.prefix))?;
-            let body = match &node.maker {
-                Maker::Source(f, c) => {
-                    let mut source = f(c).map_err(EngineError::Config)?;
-                    let part = SourceShard {
-                        index: spec.shard,
-                        count: node.shards,
-                        idle_after: node.watermark.idle_after,
-                    };
-                    source.assign(&part).map_err(|why| {
-                        EngineError::Source(node.name.clone(), SourceError::Setup(why))
-                    })?;
-                    source
-                        .open(position.as_deref())
-                        .map_err(|e| EngineError::Source(node.name.clone(), e))?;
-                    self.shared.in_flight.source_started();
-                    let replay = source.replayable().then(VecDeque::new);
-                    Body::Source(SourceRt {
-                        source,
-                        exhausted: false,
-                        retired: false,
-                        idle_until: Instant::now(),
-                        idle_pause: SOURCE_IDLE_PAUSE.0,
-                        last_data: Instant::now(),
-                        position_dirty: false,
-                        replay,
-                    })
-                }
-                Maker::Computation(make) => Body::Compute(make()),
-                Maker::Sink(f, c) => {
-                    let mut sink = f(c).map_err(EngineError::Config)?;
-                    // Raised (durably) by the worker before its executors start.
-                    let epoch = store
-                        .get(Cf::Meta, &layout::epoch_key(&spec.prefix))?
-                        .as_deref()
-                        .and_then(read_u64)
-                        .unwrap_or(1);
-                    sink.set_epoch(epoch);
-                    sink.open(position.as_deref()).map_err(EngineError::Sink)?;
-                    Body::Sink {
-                        sink,
-                        written: false,
-                    }
-                }
-            };
-            let mut inputs = FastMap::default();
-            for ch in plan.in_channels(sid) {
-                let applied = store
-                    .get(Cf::Channels, &plan.applied_seq_key(ch))?
-                    .as_deref()
-                    .and_then(read_u64)
-                    .unwrap_or(0);
-                inputs.insert(ch, InChannel::new(applied));
-            }
-            let upstream_wm = plan
-                .upstream(sid)
-                .iter()
-                .map(|u| {
-                    Ok(store
-                        .get(Cf::Meta, &watermark_key(&plan.shards[*u as usize].prefix))?
-                        .as_deref()
-                        .and_then(read_u64)
-                        .map_or(MIN_TIME, |v| v as i64))
-                })
-                .collect::<Result<Vec<_>, EngineError>>()?;
+            let shard = ShardRt::recover(
+                &plan,
+                sid,
+                store,
+                &self.node_metrics[spec.node],
+                &self.shared.in_flight,
+            )?;
             for (pos, u) in plan.upstream(sid).iter().enumerate() {
                 self.wm_subscribers
                     .entry(*u)
                     .or_default()
                     .push((self.shards.len(), pos));
-            }
-            let output_wm = store
-                .get(Cf::Meta, &watermark_key(&spec.prefix))?
-                .as_deref()
-                .and_then(read_u64)
-                .map_or(MIN_TIME, |v| v as i64);
-            let follows_state = matches!(&body, Body::Compute(c) if c.timers_follow_state());
-            let state = KeyedState::new(
-                plan.topology.engine.state_cache_keys / node.shards.max(1) as usize,
-            );
-            let timers = if follows_state {
-                Timers::volatile()
-            } else {
-                Timers::load(store, &spec.prefix)?
-            };
-            let mut shard = ShardRt::new(sid, spec.node, spec.prefix.clone(), body, state, timers);
-            shard.inputs = inputs;
-            shard.upstream_idle = vec![false; upstream_wm.len()];
-            shard.upstream_wm = upstream_wm;
-            shard.output_wm = output_wm;
-            shard.recompute_input_wm();
-            if follows_state {
-                restore_timers(
-                    store,
-                    &mut shard,
-                    &self.node_metrics[spec.node],
-                    &node.name,
-                    &node.ports,
-                )?;
-            }
-            let mut restored = 0u64;
-            for &e in node.out_edges.iter().flatten() {
-                let dst_shards = plan.nodes[plan.edges[e].to].shards;
-                for d in 0..dst_shards {
-                    let ch = plan.channel(e, spec.shard, d);
-                    let next = store
-                        .get(Cf::Channels, &plan.next_seq_key(ch))?
-                        .as_deref()
-                        .and_then(read_u64)
-                        .unwrap_or(1);
-                    let mut out = OutChannel::new(next);
-                    let mut bad = None;
-                    let prefix = plan.outbox_prefix(ch);
-                    store.for_each_prefix(Cf::Outbox, &prefix, |k, v| {
-                        let seq = layout::parse_outbox_seq(&k[prefix.len()..]);
-                        match (seq, Envelope::from_bytes(Bytes::copy_from_slice(v))) {
-                            (Ok(seq), Ok(env)) if seq < next => {
-                                shard.track_unacked(env.timestamp());
-                                out.restore(seq, env);
-                                restored += 1;
-                                true
-                            }
-                            _ => {
-                                bad = Some(k.to_vec());
-                                false
-                            }
-                        }
-                    })?;
-                    if let Some(k) = bad {
-                        return Err(EngineError::Corrupt(format!(
-                            "outbox entry {k:?} of {} is malformed",
-                            node.name
-                        )));
-                    }
-                    shard.outs.insert(ch, out);
-                }
-            }
-            if restored > 0 {
-                self.node_metrics[spec.node].retries.inc_by(restored);
-                self.shared.in_flight.restored(restored as i64);
             }
             let mut dests: Vec<usize> = plan
                 .downstream(sid)
@@ -1042,51 +908,4 @@ fn sent_step(exec: usize, early: bool, queues: &[Vec<Msg>]) -> crate::shared::St
         deliveries: count(|m| matches!(m, Msg::Deliver { .. })),
         watermarks: count(|m| matches!(m, Msg::Watermark { .. })),
     }
-}
-
-/// Rebuilds the in-memory timers of a shard whose computation derives them
-/// from its state: one `restore_timers` call per key with committed state.
-pub(crate) fn restore_timers(
-    store: &Store,
-    shard: &mut ShardRt,
-    metrics: &NodeMetrics,
-    component: &str,
-    ports: &[String],
-) -> Result<(), EngineError> {
-    let prefix = shard.prefix.clone();
-    let (mut malformed, mut failed) = (0usize, None);
-    let mut emits = Vec::new();
-    store.for_each_state(&prefix, |k, state| {
-        let Ok(key) = layout::parse_state_key(&k[prefix.len()..]) else {
-            malformed += 1;
-            return true;
-        };
-        let key = Bytes::from(key);
-        let at = KeyEnv {
-            store,
-            emits: &mut emits,
-            ports,
-            ingest: now_micros(),
-            input: "",
-            clock: Clock::System,
-        };
-        match shard.with_key(at, &key, |comp, ctx| comp.restore_timers(ctx, state)) {
-            Some(Err(ComputationError::BadRecord(why))) => {
-                bad_record(metrics, component, &key, &why)
-            }
-            Some(Err(ComputationError::Storage(e))) => failed = Some(e),
-            Some(Ok(())) | None => {}
-        }
-        // Restoring sets timers only; anything else is not kept.
-        emits.clear();
-        shard.state.discard_changes();
-        failed.is_none()
-    })?;
-    if let Some(e) = failed {
-        return Err(e.into());
-    }
-    if malformed > 0 {
-        tracing::warn!(component, malformed, "skipped malformed state keys");
-    }
-    Ok(())
 }

@@ -31,6 +31,7 @@ mod metrics;
 pub mod net;
 mod plan;
 mod record;
+mod recovery;
 mod registry;
 mod router;
 pub mod savepoint;

@@ -39,12 +39,12 @@
 
 use crate::api::{Computation, ComputationError};
 use crate::error::EngineError;
-use crate::executor::restore_timers;
 use crate::keyed_state::KeyedState;
 use crate::layout::shard_prefix;
 use crate::metrics::{Metrics, NodeMetrics};
 use crate::plan::ERRORS_PORT;
 use crate::record::{EventTime, Record, TimeDomain, Timer, MIN_TIME};
+use crate::recovery::restore_timers;
 use crate::scope::{Clock, Emit};
 use crate::shard::{Body, KeyEnv, ShardRt};
 use crate::timers::Timers;

@@ -141,29 +141,20 @@ impl Client {
         c
     }
 
+    /// An idempotent producer to the broker.
+    pub fn producer(&self) -> BaseProducer {
+        self.config()
+            .set("enable.idempotence", "true")
+            .create()
+            .expect("test producer")
+    }
+
     /// Produces `(key, value, timestamp ms)` records to `partition`, waiting
     /// for every acknowledgement.
     pub fn produce(&self, topic: &str, partition: i32, records: &[(String, String, i64)]) {
-        let p: BaseProducer = self
-            .config()
-            .set("enable.idempotence", "true")
-            .create()
-            .expect("test producer");
-        for (k, v, ts) in records {
-            let mut rec = BaseRecord::to(topic)
-                .key(k.as_bytes())
-                .payload(v.as_bytes())
-                .partition(partition)
-                .timestamp(*ts);
-            loop {
-                match p.send(rec) {
-                    Ok(()) => break,
-                    Err((_, back)) => {
-                        p.poll(Duration::from_millis(20));
-                        rec = back;
-                    }
-                }
-            }
+        let p = self.producer();
+        for r in records {
+            queue(&p, topic, partition, r);
         }
         p.flush(Duration::from_secs(30))
             .expect("test producer flush");
@@ -222,4 +213,29 @@ impl Client {
         out.sort_by_key(|r| (r.partition, r.offset));
         out
     }
+}
+
+/// Queues one `(key, value, timestamp ms)` record on `p`.
+fn queue(p: &BaseProducer, topic: &str, partition: i32, (k, v, ts): &(String, String, i64)) {
+    let mut rec = BaseRecord::to(topic)
+        .key(k.as_bytes())
+        .payload(v.as_bytes())
+        .partition(partition)
+        .timestamp(*ts);
+    loop {
+        match p.send(rec) {
+            Ok(()) => return,
+            Err((_, back)) => {
+                p.poll(Duration::from_millis(20));
+                rec = back;
+            }
+        }
+    }
+}
+
+/// Sends one record on `p` and waits for its acknowledgement.
+pub fn send(p: &BaseProducer, topic: &str, partition: i32, record: &(String, String, i64)) {
+    queue(p, topic, partition, record);
+    p.flush(Duration::from_secs(30))
+        .expect("test producer flush");
 }
