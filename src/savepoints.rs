@@ -56,14 +56,17 @@ pub fn export(
     let dir = millrace_engine::data_dir_of(&topology, worker, data_dir);
     let plan = Plan::build(topology, registry).context("checking component options")?;
     let store = open(to)?;
+    let started = std::time::Instant::now();
     let r = savepoint::export(&dir, &plan, me, &*store)
         .with_context(|| format!("exporting {} to {to}", dir.display()))?;
     println!(
-        "exported {} shards ({} keys) of {} to {}",
+        "exported {} shards ({} keys, {} bytes) of {} to {} in {:.3} s",
         r.shards,
         r.keys,
+        r.bytes,
         dir.display(),
-        store.describe()
+        store.describe(),
+        started.elapsed().as_secs_f64()
     );
     if r.complete {
         println!("savepoint complete: manifest.json written");
@@ -88,6 +91,7 @@ pub fn load(
     let me = worker_index(topology, worker)?;
     let plan = Plan::build(topology.clone(), registry).context("checking component options")?;
     let store = open(from)?;
+    let started = std::time::Instant::now();
     let r = savepoint::import(data_dir, &plan, me, &*store, allow_non_restored_state)
         .with_context(|| format!("loading savepoint {from} into {}", data_dir.display()))?;
     tracing::info!(
@@ -95,6 +99,8 @@ pub fn load(
         data_dir = %data_dir.display(),
         shards = r.shards,
         keys = r.keys,
+        bytes = r.bytes,
+        seconds = started.elapsed().as_secs_f64(),
         new_components = ?r.new_components,
         dropped_components = ?r.dropped_components,
         "savepoint loaded"

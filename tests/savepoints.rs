@@ -105,59 +105,6 @@ fn stop_mid_stream(out: &Path, workers: &mut [Running], at_least: usize) {
 }
 
 #[test]
-fn a_deployment_moves_from_one_worker_to_three_to_two_through_savepoints() {
-    let s = Scratch::new();
-    let out = s.path("out.jsonl");
-    let count = r#"type = "count""#;
-    // One worker, stopped a third of the way.
-    let one = topology(&s, "one.toml", "", 20_000, count);
-    let mut w = spawn(&one, "off");
-    stop_mid_stream(&out, std::slice::from_mut(&mut w), 15_000);
-    let sp1 = format!("file://{}", s.path("sp1").display());
-    let o = savepoint(&one, &sp1, None);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("savepoint complete"), "{}", text(&o));
-    let done_at_stop = lines(&out).len();
-    assert!(done_at_stop < RECORDS as usize, "stopped mid-stream");
-
-    // Three workers from it, stopped again mid-stream.
-    let net3 = ClusterNet::new(3);
-    let three = topology(&s, "three.toml", &net3.toml("savepoints"), 20_000, count);
-    let mut ws = start_from(&net3, &three, &sp1, &[]);
-    stop_mid_stream(&out, &mut ws, done_at_stop + 15_000);
-    assert!(
-        lines(&out).len() < RECORDS as usize,
-        "stopped mid-stream again"
-    );
-    let sp2 = format!("file://{}", s.path("sp2").display());
-    for (i, id) in net3.ids.iter().enumerate() {
-        let o = savepoint(&three, &sp2, Some(id));
-        assert!(o.status.success(), "{}", text(&o));
-        // Only the last worker's export completes the savepoint.
-        assert_eq!(
-            text(&o).contains("savepoint complete"),
-            i == 2,
-            "worker {id}: {}",
-            text(&o)
-        );
-    }
-
-    // Two workers from that one, to the end of the stream.
-    let net2 = ClusterNet::new(2);
-    let two = topology(&s, "two.toml", &net2.toml("savepoints"), 0, count);
-    let mut ws = start_from(&net2, &two, &sp2, &[]);
-    for w in ws.iter_mut() {
-        assert!(wait_exit(w, Duration::from_secs(90)).success());
-    }
-    let counts = assert_running_counts(&read_jsonl(&out));
-    assert_eq!(
-        counts,
-        generator_key_counts(RECORDS, KEYS, SEED),
-        "every record counted once across two savepoints and three worker lists"
-    );
-}
-
-#[test]
 fn unfitting_or_damaged_savepoints_are_refused() {
     let s = Scratch::new();
     let count = r#"type = "count""#;
@@ -320,54 +267,129 @@ impl S3 {
     }
 }
 
+/// `millrace savepoint` for every worker of `net` to `to`, with `env`;
+/// checks that only the last export completes the savepoint.
+fn export_all(net: &ClusterNet, topo: &Path, to: &str, env: &[(&str, String)]) {
+    for (i, id) in net.ids.iter().enumerate() {
+        let o = millrace()
+            .args([
+                "savepoint",
+                topo.to_str().expect("utf-8"),
+                "--to",
+                to,
+                "--worker",
+                id,
+            ])
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("millrace savepoint");
+        assert!(o.status.success(), "{}", text(&o));
+        assert_eq!(
+            text(&o).contains("savepoint complete"),
+            i + 1 == net.ids.len(),
+            "worker {id}: {}",
+            text(&o)
+        );
+    }
+}
+
 #[test]
-fn a_savepoint_in_an_s3_store_rescales_one_worker_to_two() {
+fn three_workers_to_s3_to_two_to_a_directory_to_four_exactly_once() {
     let s3 = S3::start("savepoints");
+    let env = s3.env();
     let s = Scratch::new();
     let out = s.path("out.jsonl");
     let count = r#"type = "count""#;
-    let one = topology(&s, "one.toml", "", 20_000, count);
-    let mut w = spawn(&one, "off");
-    stop_mid_stream(&out, std::slice::from_mut(&mut w), 15_000);
-    let url = "s3://savepoints/deployments/a";
-    let o = millrace()
-        .args(["savepoint", one.to_str().expect("utf-8"), "--to", url])
-        .envs(s3.env())
-        .output()
-        .expect("savepoint");
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("savepoint complete"), "{}", text(&o));
 
-    let net = ClusterNet::new(2);
-    let two = topology(&s, "two.toml", &net.toml("savepoints"), 0, count);
-    let mut ws = start_from(&net, &two, url, &s3.env());
+    // 3 workers from scratch, stopped a quarter of the way; saved to S3.
+    let net3 = ClusterNet::new(3);
+    let three = topology(&s, "three.toml", &net3.toml("savepoints"), 20_000, count);
+    let mut ws: Vec<Running> = (0..3)
+        .map(|i| {
+            Running(
+                net3.command(&three, i)
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("spawn"),
+            )
+        })
+        .collect();
+    stop_mid_stream(&out, &mut ws, 15_000);
+    let at_first = lines(&out).len();
+    assert!(at_first < RECORDS as usize, "stopped mid-stream");
+    let in_s3 = "s3://savepoints/deployments/counts-1";
+    export_all(&net3, &three, in_s3, &env);
+
+    // 2 workers from S3, stopped again; saved to a directory.
+    let net2 = ClusterNet::new(2);
+    let two = topology(&s, "two.toml", &net2.toml("savepoints"), 20_000, count);
+    let mut ws = start_from(&net2, &two, in_s3, &env);
+    stop_mid_stream(&out, &mut ws, at_first + 15_000);
+    assert!(
+        lines(&out).len() < RECORDS as usize,
+        "stopped mid-stream again"
+    );
+    let in_dir = format!("file://{}", s.path("sp-dir").display());
+
+    // An export killed after its first shard file leaves no savepoint: no
+    // part, no manifest, and a load from it is refused.
+    let killed = millrace()
+        .args([
+            "savepoint",
+            two.to_str().expect("utf-8"),
+            "--to",
+            &in_dir,
+            "--worker",
+            "w0",
+        ])
+        .env("MILLRACE_FAILPOINT", "savepoint.shard:1")
+        .output()
+        .expect("millrace savepoint");
+    assert!(
+        !killed.status.success(),
+        "the export was to die: {}",
+        text(&killed)
+    );
+    assert!(s.path("sp-dir/shards").exists() && !s.path("sp-dir/parts/w0.json").exists());
+    let net4 = ClusterNet::new(4);
+    let four = topology(&s, "four.toml", &net4.toml("savepoints"), 0, count);
+    let refused = net4
+        .command(&four, 0)
+        .args(["--from-savepoint", &in_dir])
+        .output()
+        .expect("run");
+    assert!(
+        !refused.status.success() && text(&refused).contains("not a complete savepoint"),
+        "{}",
+        text(&refused)
+    );
+    // The deployment still runs from its own data directories, as before.
+    let mut ws: Vec<Running> = (0..2)
+        .map(|i| {
+            Running(
+                net2.command(&two, i)
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("spawn"),
+            )
+        })
+        .collect();
+    let before = lines(&out).len();
+    stop_mid_stream(&out, &mut ws, before + 5_000);
+    assert!(
+        lines(&out).len() < RECORDS as usize,
+        "stopped mid-stream a third time"
+    );
+    export_all(&net2, &two, &in_dir, &[]);
+
+    // 4 workers from the directory, to the end of the stream.
+    let mut ws = start_from(&net4, &four, &in_dir, &[]);
     for w in ws.iter_mut() {
         assert!(wait_exit(w, Duration::from_secs(90)).success());
     }
     assert_eq!(
         assert_running_counts(&read_jsonl(&out)),
-        generator_key_counts(RECORDS, KEYS, SEED)
-    );
-    // A prefix without a manifest is not a savepoint.
-    let o = millrace()
-        .args([
-            "run",
-            two.to_str().expect("utf-8"),
-            "--worker",
-            "w0",
-            "--data-dir",
-            s.path("fresh").to_str().expect("utf-8"),
-            "--http",
-            "off",
-            "--from-savepoint",
-            "s3://savepoints/deployments/none",
-        ])
-        .envs(s3.env())
-        .output()
-        .expect("run");
-    assert!(
-        !o.status.success() && text(&o).contains("not a complete savepoint"),
-        "{}",
-        text(&o)
+        generator_key_counts(RECORDS, KEYS, SEED),
+        "every record counted once across 3, 2 and 4 workers and two savepoints"
     );
 }

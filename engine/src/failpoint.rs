@@ -14,6 +14,7 @@
 //! | `commit.before` | the turn's batch is built, before it is committed |
 //! | `commit.after` | the batch is committed, before acknowledgements and sends go out |
 //! | `release.after` | acknowledgements, productions and watermarks were handed over |
+//! | `savepoint.shard` | `millrace savepoint` wrote one shard's file (before the worker's part and the manifest) |
 //!
 //! Only turns that commit something count. Without the variable each point
 //! costs one atomic load.
@@ -29,15 +30,17 @@ pub(crate) enum Point {
     CommitBefore,
     CommitAfter,
     ReleaseAfter,
+    SavepointShard,
 }
 
 impl Point {
-    const ALL: [Point; 5] = [
+    const ALL: [Point; 6] = [
         Point::SourceSent,
         Point::SinkFlushed,
         Point::CommitBefore,
         Point::CommitAfter,
         Point::ReleaseAfter,
+        Point::SavepointShard,
     ];
 
     fn name(self) -> &'static str {
@@ -47,6 +50,7 @@ impl Point {
             Point::CommitBefore => "commit.before",
             Point::CommitAfter => "commit.after",
             Point::ReleaseAfter => "release.after",
+            Point::SavepointShard => "savepoint.shard",
         }
     }
 }
@@ -67,7 +71,7 @@ fn armed() -> Option<(Point, u64)> {
             tracing::error!(
                 spec,
                 "MILLRACE_FAILPOINT is not POINT:N with N >= 1 and POINT one of \
-                 source.sent, sink.flushed, commit.before, commit.after, release.after; ignored"
+                 source.sent, sink.flushed, commit.before, commit.after, release.after, savepoint.shard; ignored"
             );
         }
         parsed

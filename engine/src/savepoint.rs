@@ -260,6 +260,8 @@ fn parse_shard_file(bytes: &[u8], prefix: &[u8]) -> Result<Vec<Entry>, String> {
 pub struct ExportReport {
     /// Shards exported.
     pub shards: usize,
+    /// Bytes of their files.
+    pub bytes: u64,
     /// Keys exported.
     pub keys: u64,
     /// Whether this export completed the savepoint (wrote the manifest).
@@ -339,10 +341,12 @@ pub fn export(
             keys: n,
         };
         to.put(&file, bytes)?;
+        crate::failpoint::hit(crate::failpoint::Point::SavepointShard);
         keys += n;
         part.shards.push(saved);
     }
     let shards = part.shards.len();
+    let bytes = part.shards.iter().map(|s| s.bytes).sum();
     let json = serde_json::to_vec_pretty(&part).map_err(|e| SavepointError::Io(e.to_string()))?;
     to.put(&format!("parts/{}.json", part.worker), json)?;
     // The worker whose part completes the savepoint writes its manifest.
@@ -381,6 +385,7 @@ pub fn export(
     }
     Ok(ExportReport {
         shards,
+        bytes,
         keys,
         complete,
         missing,
@@ -392,6 +397,8 @@ pub fn export(
 pub struct ImportReport {
     /// Shards loaded.
     pub shards: usize,
+    /// Bytes of their files.
+    pub bytes: u64,
     /// Keys loaded.
     pub keys: u64,
     /// Components of the topology the savepoint did not have (they start empty).
@@ -506,7 +513,7 @@ pub fn import(
         )))?;
     }
     let store = Store::open(&staging, &StoreOptions::default())?;
-    let (mut shards, mut keys) = (0, 0u64);
+    let (mut shards, mut keys, mut loaded_bytes) = (0, 0u64, 0u64);
     let saved_components: BTreeSet<&str> = m.components.iter().map(|c| c.name.as_str()).collect();
     for spec in plan.shards.iter().filter(|s| s.worker == me) {
         let node = &plan.nodes[spec.node];
@@ -554,6 +561,7 @@ pub fn import(
         }
         shards += 1;
         keys += entries.len() as u64;
+        loaded_bytes += saved.bytes;
     }
     drop(store);
     if data_dir.exists() {
@@ -565,6 +573,7 @@ pub fn import(
     )))?;
     Ok(ImportReport {
         shards,
+        bytes: loaded_bytes,
         keys,
         new_components,
         dropped_components,
