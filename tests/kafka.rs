@@ -12,14 +12,17 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use support::*;
 
-/// `count` words over 40 keys, spread over partitions round-robin.
+/// Partitions of the input topic `words`.
+const PARTITIONS: usize = 4;
+
+/// `count` words over 40 keys, spread over the partitions round-robin.
 fn words(count: usize, offset: usize) -> Vec<(i32, (String, String, i64))> {
     (0..count)
         .map(|i| {
             let n = i + offset;
             let key = format!("w{}", (n * 7919) % 40);
             let ts = 1_700_000_000_000 + n as i64;
-            ((n % 3) as i32, (key.clone(), key, ts))
+            ((n % PARTITIONS) as i32, (key.clone(), key, ts))
         })
         .collect()
 }
@@ -61,13 +64,20 @@ fn expected(recs: &[(i32, (String, String, i64))]) -> BTreeMap<String, u64> {
 }
 
 fn count_topology(s: &Scratch, broker: &str, http: &str) -> std::path::PathBuf {
+    count_topology_on(
+        s,
+        broker,
+        &format!("[service]\ndata_dir = \"{{dir}}/data\"\nhttp = \"{http}\"\n"),
+    )
+}
+
+/// The count topology with `service` (and a `[cluster]`) as its head.
+fn count_topology_on(s: &Scratch, broker: &str, service: &str) -> std::path::PathBuf {
     s.write(
         "kafka.toml",
         &format!(
             r#"
-[service]
-data_dir = "{{dir}}/data"
-http = "{http}"
+{service}
 
 [engine]
 shards = 4
@@ -106,10 +116,10 @@ fn as_json(recs: &[(i32, (String, String, i64))]) -> Vec<(i32, (String, String, 
         .collect()
 }
 
-/// Topics `words` (3 partitions) and `counts` (2) on `broker`, and the
+/// Topics `words` ([`PARTITIONS`]) and `counts` (2) on `broker`, and the
 /// count topology over them, its clients going to `address`.
 fn count_setup(broker: &Broker, address: &str) -> (Scratch, String, std::path::PathBuf) {
-    broker.create_topic("words", 3);
+    broker.create_topic("words", PARTITIONS as u32);
     broker.create_topic("counts", 2);
     let s = Scratch::new();
     let http = format!("127.0.0.1:{}", free_port());
@@ -139,7 +149,7 @@ fn complete_counts(broker: &Broker, w: &mut Running, n: usize, secs: u64) -> BTr
 fn kafka_in_and_out_is_exact_across_sigkills() {
     let broker = Broker::start();
     let (s, http, topo) = count_setup(&broker, &broker.address());
-    let first = words(3000, 0);
+    let first = words(20_000, 0);
     produce(&broker, "words", &as_json(&first));
     // Two undecodable records (no event time): to `words.errors`.
     broker.produce(
@@ -157,18 +167,18 @@ fn kafka_in_and_out_is_exact_across_sigkills() {
     let kills: usize = std::env::var("KAFKA_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+        .unwrap_or(6);
     for round in 0..kills {
         std::thread::sleep(Duration::from_millis(300 + rng.below(700)));
         kill9(&mut w);
-        let more = words(500, 3000 + round * 500);
+        let more = words(2_000, 20_000 + round * 2_000);
         produce(&broker, "words", &as_json(&more));
         all.extend(more);
         w = spawn(&topo, &http);
     }
     let want = expected(&all);
     let got = complete_counts(&broker, &mut w, all.len(), 60);
-    assert_eq!(got, want, "per-word totals after 4 SIGKILLs");
+    assert_eq!(got, want, "per-word totals after {kills} SIGKILLs");
     assert_eq!(
         metric(&http, r#"millrace_sequence_gaps_total{component="counts"}"#),
         Some(0.0),
@@ -294,7 +304,7 @@ path = "{{dir}}/out.jsonl"
     );
     // The broker comes up; the source connects and reads everything.
     let broker = Broker::start_on(port);
-    broker.create_topic("words", 3);
+    broker.create_topic("words", PARTITIONS as u32);
     let recs = words(300, 0);
     produce(&broker, "words", &recs);
     let out = s.path("out.jsonl");
@@ -479,4 +489,45 @@ fn cut_connections_to_the_broker_lose_and_repeat_nothing() {
     );
     term(&w);
     assert!(wait_exit(&mut w, Duration::from_secs(20)).success());
+}
+
+#[test]
+fn kafka_to_kafka_across_a_two_worker_cluster_with_a_sigkill() {
+    let broker = Broker::start();
+    broker.create_topic("words", PARTITIONS as u32);
+    broker.create_topic("counts", 2);
+    let s = Scratch::new();
+    let net = ClusterNet::new(2);
+    let head = format!(
+        "[service]\ndata_dir = \"{{dir}}/data\"\n{}",
+        net.toml("kafka-cluster")
+    );
+    let topo = count_topology_on(&s, &broker.address(), &head);
+    let mut all = words(10_000, 0);
+    produce(&broker, "words", &as_json(&all));
+    let mut ws: Vec<Running> = (0..2).map(|i| net.spawn(&topo, i, false, &[])).collect();
+    // Kill the worker that does not own the sink, mid-stream, and restart it.
+    std::thread::sleep(Duration::from_millis(500));
+    kill9(&mut ws[1]);
+    let more = words(2_000, 10_000);
+    produce(&broker, "words", &as_json(&more));
+    all.extend(more);
+    ws[1] = net.spawn(&topo, 1, false, &[]);
+    let (first, rest) = ws.split_at_mut(1);
+    let got = complete_counts(&broker, &mut first[0], all.len(), 90);
+    assert!(
+        rest[0].try_wait().expect("try_wait").is_none(),
+        "worker 1 runs"
+    );
+    assert_eq!(
+        got,
+        expected(&all),
+        "a Kafka-to-Kafka count across two workers"
+    );
+    for w in ws.iter() {
+        term(w);
+    }
+    for w in ws.iter_mut() {
+        assert!(wait_exit(w, Duration::from_secs(30)).success());
+    }
 }
