@@ -86,3 +86,27 @@ fn the_bundled_example_topology_validates() {
         "{summary}"
     );
 }
+
+#[test]
+fn every_example_topology_validates() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/") {
+        let path = entry.expect("entry").path();
+        // A topology beside a Rust example uses that example's own kinds.
+        if path.extension().is_some_and(|e| e == "toml") && !path.with_extension("rs").exists() {
+            let out = millrace()
+                .args(["validate", path.to_str().expect("utf-8")])
+                .output()
+                .expect("run validate");
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 7, "only {checked} example topologies found");
+}
