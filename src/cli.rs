@@ -78,8 +78,10 @@ enum Command {
     },
     /// Show what a data directory holds: shards, watermarks, outbox backlog,
     /// state key counts; or one key's state. Works beside a running worker.
+    /// Given a savepoint (`file://`, `s3://`, or a directory with a
+    /// manifest), shows what it holds.
     Inspect {
-        /// The data directory.
+        /// The data directory, or a savepoint.
         data_dir: PathBuf,
         /// Only this component (required with --key).
         #[arg(long)]
@@ -121,8 +123,18 @@ pub fn cli_main(registry: Registry) -> ExitCode {
             component,
             key,
             json,
-        } => crate::operator::inspect_dir(&data_dir, component.as_deref(), key.as_deref(), json)
-            .map(|text| print!("{text}")),
+        } => {
+            let target = data_dir.to_string_lossy();
+            let is_savepoint = target.starts_with("s3://")
+                || target.starts_with("file://")
+                || data_dir.join("manifest.json").exists();
+            if is_savepoint {
+                crate::savepoints::describe(&target, json).map(|text| print!("{text}"))
+            } else {
+                crate::operator::inspect_dir(&data_dir, component.as_deref(), key.as_deref(), json)
+                    .map(|text| print!("{text}"))
+            }
+        }
         Command::Tap {
             addr,
             component,

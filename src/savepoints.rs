@@ -191,3 +191,44 @@ impl SavepointStore for S3Store {
         self.url.clone()
     }
 }
+
+/// `millrace inspect URL` of a savepoint: its manifest, summarised (or as JSON).
+pub fn describe(url: &str, json: bool) -> Result<String> {
+    let store = open(url)?;
+    let bytes = store
+        .get("manifest.json")?
+        .with_context(|| format!("{url} has no manifest.json: not a (complete) savepoint"))?;
+    let m: savepoint::Manifest = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{url}/manifest.json is not readable"))?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&m)? + "\n");
+    }
+    let total: u64 = m.shards.iter().map(|s| s.bytes).sum();
+    let keys: u64 = m.shards.iter().map(|s| s.keys).sum();
+    let mut out = format!(
+        "{url}: savepoint format {}, topology {}, engine.shards {}, taken from {} worker(s) ({})\n\
+         {} shard files, {keys} keys, {total} bytes\n{:<20} {:<28} {:>6} {:>10} {:>12}\n",
+        m.format,
+        m.fingerprint,
+        m.engine_shards,
+        m.workers.len(),
+        m.workers.join(", "),
+        m.shards.len(),
+        "component",
+        "type",
+        "shards",
+        "keys",
+        "bytes"
+    );
+    for c in &m.components {
+        let mine = m.shards.iter().filter(|s| s.component == c.name);
+        let (k, b) = mine.fold((0, 0), |(k, b), s| (k + s.keys, b + s.bytes));
+        out.push_str(&format!(
+            "{:<20} {:<28} {:>6} {k:>10} {b:>12}\n",
+            c.name,
+            format!("{} {}", c.role, c.kind),
+            c.shards
+        ));
+    }
+    Ok(out)
+}

@@ -115,6 +115,29 @@ fn unfitting_or_damaged_savepoints_are_refused() {
     let url = format!("file://{}", sp.display());
     let o = savepoint(&topo, &url, None);
     assert!(o.status.success(), "{}", text(&o));
+    // What it holds, as `inspect` shows it.
+    let shown = millrace()
+        .args(["inspect", &url])
+        .output()
+        .expect("inspect");
+    let shown = text(&shown);
+    assert!(shown.contains("engine.shards 6"), "{shown}");
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("counts") && l.contains("computation count")),
+        "{shown}"
+    );
+    let json = millrace()
+        .args(["inspect", &url, "--json"])
+        .output()
+        .expect("inspect");
+    let m: serde_json::Value = serde_json::from_slice(&json.stdout).expect("manifest JSON");
+    assert_eq!(
+        m["shards"].as_array().map(Vec::len),
+        Some(6 + 2),
+        "6 count shards, gen, out"
+    );
 
     let run = |topo: &Path, data: &str, extra: &[&str]| {
         let mut c = millrace();
