@@ -366,3 +366,48 @@ fn a_restart_keeps_panes_their_timers_and_the_watermark() {
         vec![pane(10, 20, "on_time", 1)]
     );
 }
+
+#[test]
+fn sessions_a_gap_apart_stay_apart_in_either_order() {
+    let (mut h, _d) = harness(&with(WindowSpec::Session { gap: us(10) }));
+    h.process("k", "later", 10).unwrap();
+    h.process("k", "earlier", 0).unwrap();
+    assert_eq!(
+        seen(h.advance_watermark(100).unwrap()),
+        vec![pane(0, 10, "on_time", 1), pane(10, 20, "on_time", 1)]
+    );
+}
+
+#[test]
+fn a_merge_retracts_each_fired_session_with_its_own_window_and_timing() {
+    let cfg = WindowConfig {
+        window: WindowSpec::Session { gap: us(10) },
+        early: Some(Trigger::Count(1)),
+        accumulation: Accumulation::Retracting,
+        lateness: 100,
+        ..fixed(1)
+    };
+    let (mut h, _d) = harness(&cfg);
+    assert_eq!(
+        seen(h.process("k", "a", 0).unwrap()),
+        vec![pane(0, 10, "early", 1)]
+    );
+    // The watermark passes the first session's end; nothing new since its
+    // early firing, so no on-time pane.
+    assert_eq!(seen(h.advance_watermark(10).unwrap()), vec![]);
+    assert_eq!(
+        seen(h.process("k", "b", 12).unwrap()),
+        vec![pane(12, 22, "early", 1)]
+    );
+    // A record bridging both: each fired session is retracted with its own
+    // window (stamped at its last instant) and timing (late for the one the
+    // watermark passed), then the merged session fires with all three.
+    assert_eq!(
+        seen(h.process("k", "c", 8).unwrap()),
+        vec![
+            pane(0, 10, "-late", 1),
+            pane(12, 22, "-early", 1),
+            pane(0, 22, "early", 3)
+        ]
+    );
+}
