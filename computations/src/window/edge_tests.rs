@@ -411,3 +411,59 @@ fn a_merge_retracts_each_fired_session_with_its_own_window_and_timing() {
         ]
     );
 }
+
+#[test]
+fn panes_of_a_window_are_numbered_in_firing_order() {
+    let cfg = WindowConfig {
+        early: Some(Trigger::Count(1)),
+        ..fixed(10)
+    };
+    let (mut h, _d) = harness(&cfg);
+    let mut outs = h.process("k", "a", 1).unwrap();
+    outs.extend(h.process("k", "b", 2).unwrap());
+    h.process("k", "c", 3).unwrap();
+    outs.extend(h.advance_watermark(10).unwrap());
+    let index = |o: &Out| {
+        let v: Value = serde_json::from_slice(&o.value).expect("pane JSON");
+        v["pane"]["index"].as_i64().expect("index")
+    };
+    // The third record's early pane fired too; the on-time pane is empty.
+    assert_eq!(outs.iter().map(index).collect::<Vec<_>>(), vec![0, 1]);
+}
+
+#[test]
+fn a_merged_session_keeps_the_unfired_elements_of_what_it_absorbed() {
+    let cfg = WindowConfig {
+        window: WindowSpec::Session { gap: us(10) },
+        early: Some(Trigger::Count(3)),
+        ..fixed(1)
+    };
+    let (mut h, _d) = harness(&cfg);
+    assert_eq!(seen(h.process("k", "a", 0).unwrap()), vec![]);
+    assert_eq!(seen(h.process("k", "b", 12).unwrap()), vec![]);
+    // Merged: 1 + 1 + the bridging record reach the early count of 3.
+    assert_eq!(
+        seen(h.process("k", "c", 8).unwrap()),
+        vec![pane(0, 22, "early", 3)]
+    );
+    // The absorbed sessions' timers are gone: only the merged one's is left.
+    assert_eq!(h.pending_timers(), 1);
+}
+
+#[test]
+fn a_late_session_merged_into_a_later_one_is_on_time_again() {
+    let cfg = WindowConfig {
+        window: WindowSpec::Session { gap: us(10) },
+        lateness: 100,
+        ..fixed(1)
+    };
+    let (mut h, _d) = harness(&cfg);
+    h.process("k", "a", 20).unwrap();
+    h.advance_watermark(25).unwrap();
+    // [12, 22) alone would be late; merged with [20, 30) it is not.
+    assert_eq!(seen(h.process("k", "b", 12).unwrap()), vec![]);
+    assert_eq!(
+        seen(h.advance_watermark(30).unwrap()),
+        vec![pane(12, 30, "on_time", 2)]
+    );
+}
