@@ -437,11 +437,6 @@ impl Plan {
         )
     }
 
-    /// The outbox key of production `seq` of channel `ch`.
-    pub fn outbox_key(&self, ch: ChannelIdx, seq: u64) -> Vec<u8> {
-        layout::outbox_key(&self.outbox_prefix(ch), seq)
-    }
-
     /// The channels-CF key of channel `ch`'s producer's next sequence number.
     pub fn next_seq_key(&self, ch: ChannelIdx) -> Vec<u8> {
         let c = self.chan(ch);

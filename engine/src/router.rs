@@ -8,6 +8,7 @@
 
 use crate::delivery::OutChannel;
 use crate::keying::{locate_key, shard_of};
+use crate::layout;
 use crate::metrics::NodeMetrics;
 use crate::plan::{Plan, ERRORS_PORT_INDEX};
 use crate::record::{is_valid_event_time, Envelope, EARLIEST_EVENT_TIME, LATEST_EVENT_TIME};
@@ -149,7 +150,11 @@ pub(crate) fn route(
             let out = shard.outs.entry(ch).or_insert_with(|| OutChannel::new(1));
             if persist {
                 let seq = out.push(env.clone());
-                batch.put(Cf::Outbox, &plan.outbox_key(ch, seq), &env.0);
+                let prefix = shard
+                    .outbox_prefixes
+                    .entry(ch)
+                    .or_insert_with(|| plan.outbox_prefix(ch));
+                batch.put(Cf::Outbox, &layout::outbox_key(prefix, seq), &env.0);
             } else {
                 // Kept in memory only (a replayable source): no clone.
                 out.push(env);

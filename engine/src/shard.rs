@@ -66,6 +66,9 @@ pub(crate) struct ShardRt {
     /// Records the computation dropped by design (`Context::discard`), not
     /// yet counted in the metrics.
     pub discarded: u64,
+    /// Outbox key prefixes of the channels this shard produced on, built
+    /// once each (the plan builds them on demand; a production needs one).
+    pub outbox_prefixes: FastMap<ChannelIdx, Vec<u8>>,
 }
 
 /// What a computation's context needs beyond the shard itself.
@@ -110,6 +113,7 @@ impl ShardRt {
             backlog: 0,
             max_event: MIN_TIME,
             discarded: 0,
+            outbox_prefixes: FastMap::default(),
         }
     }
 
