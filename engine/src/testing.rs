@@ -44,9 +44,8 @@ use crate::layout::shard_prefix;
 use crate::metrics::{Metrics, NodeMetrics};
 use crate::plan::ERRORS_PORT;
 use crate::record::{EventTime, Record, TimeDomain, Timer, MIN_TIME};
-use crate::recovery::restore_timers;
 use crate::scope::{Clock, Emit};
-use crate::shard::{Body, KeyEnv, ShardRt};
+use crate::shard::{restore_timers, Body, KeyEnv, ShardRt};
 use crate::timers::Timers;
 use bytes::Bytes;
 use millrace_storage::{Store, StoreOptions};
@@ -110,9 +109,10 @@ impl Harness {
         };
         if let Some(wm) = h.store.get(
             millrace_storage::Cf::Meta,
-            &crate::layout::watermark_key(&h.shard.prefix),
+            &crate::layout::watermark_key(h.shard.prefix()),
         )? {
-            h.shard.input_wm = crate::layout::read_u64(&wm).map_or(MIN_TIME, |v| v as i64);
+            h.shard
+                .advance_input_wm(crate::layout::read_u64(&wm).map_or(MIN_TIME, |v| v as i64));
         }
         if follows_state {
             restore_timers(&h.store, &mut h.shard, &h.metrics, COMPONENT, &h.ports)?;
@@ -153,8 +153,8 @@ impl Harness {
     /// Moves the input low watermark to `wm` (it never moves back), fires
     /// the event-time timers it passed (those before `wm`), and commits.
     pub fn advance_watermark(&mut self, wm: EventTime) -> Result<Vec<Output>, ComputationError> {
-        self.shard.input_wm = self.shard.input_wm.max(wm);
-        self.fire(TimeDomain::EventTime, self.shard.input_wm)?;
+        self.shard.advance_input_wm(wm);
+        self.fire(TimeDomain::EventTime, self.shard.input_wm())?;
         self.commit()
     }
 
@@ -170,28 +170,26 @@ impl Harness {
     pub fn state(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
         Ok(self
             .store
-            .get_state(&crate::layout::state_key(&self.shard.prefix, key))?)
+            .get_state(&crate::layout::state_key(self.shard.prefix(), key))?)
     }
 
     /// Timers set and not yet fired.
     pub fn pending_timers(&self) -> usize {
-        self.shard.timers.len()
+        self.shard.timers().len()
     }
 
     /// Records the computation discarded by design so far.
     pub fn discarded(&self) -> u64 {
-        self.shard.discarded
+        self.shard.discarded()
     }
 
     /// The input low watermark.
     pub fn watermark(&self) -> EventTime {
-        self.shard.input_wm
+        self.shard.input_wm()
     }
 
     fn fire(&mut self, domain: TimeDomain, limit: EventTime) -> Result<(), ComputationError> {
-        while let Some((key, tag, time)) =
-            self.shard.timers.pop_due(&self.shard.prefix, domain, limit)
-        {
+        while let Some((key, tag, time)) = self.shard.pop_due_timer(domain, limit) {
             let key = Bytes::copy_from_slice(key.as_bytes());
             let tag = Bytes::copy_from_slice(tag.as_bytes());
             let timer = Timer { tag, domain, time };
@@ -220,16 +218,11 @@ impl Harness {
     /// Commits state, timers and the watermark; returns what was emitted.
     fn commit(&mut self) -> Result<Vec<Output>, ComputationError> {
         let mut batch = self.store.batch();
-        let (prefix, mut key) = (&self.shard.prefix, Vec::new());
-        self.shard.state.commit(|k, v| {
-            crate::layout::write_state_key(&mut key, prefix, k);
-            batch.put_state(&key, v.map(|v| &v[..]));
-        });
-        self.shard.timers.flush(&mut batch);
+        self.shard.checkpoint_state(&mut batch);
         batch.put(
             millrace_storage::Cf::Meta,
-            &crate::layout::watermark_key(prefix),
-            &self.shard.input_wm.to_be_bytes(),
+            &crate::layout::watermark_key(self.shard.prefix()),
+            &self.shard.input_wm().to_be_bytes(),
         );
         self.store.commit(batch)?;
         let ports = &self.ports;

@@ -5,6 +5,7 @@
 //! inputs' applied sequence numbers, its watermarks, its state cache and
 //! timers, and its outbox, whose productions go out again.
 
+use super::{Body, KeyEnv, ReplayLog, ShardRt, SourceRt};
 use crate::api::{ComputationError, SourceError, SourceShard};
 use crate::delivery::{InChannel, OutChannel};
 use crate::error::EngineError;
@@ -17,12 +18,10 @@ use crate::plan::{Maker, Plan, Sid};
 use crate::record::{now_micros, Envelope, MIN_TIME};
 use crate::router::bad_record;
 use crate::scope::Clock;
-use crate::shard::{Body, KeyEnv, ShardRt, SourceRt};
 use crate::shared::InFlight;
 use crate::timers::Timers;
 use bytes::Bytes;
 use millrace_storage::{Cf, Store};
-use std::collections::VecDeque;
 use std::time::Instant;
 
 impl ShardRt {
@@ -38,6 +37,7 @@ impl ShardRt {
         let spec = &plan.shards[sid as usize];
         let node = &plan.nodes[spec.node];
         let position = store.get(Cf::Meta, &position_key(&spec.prefix))?;
+        let mut replayable = false;
         let body = match &node.maker {
             Maker::Source(f, c) => {
                 let mut source = f(c).map_err(EngineError::Config)?;
@@ -53,7 +53,7 @@ impl ShardRt {
                     .open(position.as_deref())
                     .map_err(|e| EngineError::Source(node.name.clone(), e))?;
                 in_flight.source_started();
-                let replay = source.replayable().then(VecDeque::new);
+                replayable = source.replayable();
                 Body::Source(SourceRt {
                     source,
                     exhausted: false,
@@ -62,7 +62,6 @@ impl ShardRt {
                     idle_pause: SOURCE_IDLE_PAUSE.0,
                     last_data: Instant::now(),
                     position_dirty: false,
-                    replay,
                 })
             }
             Maker::Computation(make) => Body::Compute(make()),
@@ -117,6 +116,7 @@ impl ShardRt {
         };
         let mut shard = ShardRt::new(sid, spec.node, spec.prefix.clone(), body, state, timers);
         shard.inputs = inputs;
+        shard.replay = replayable.then(ReplayLog::default);
         shard.upstream_idle = vec![false; upstream_wm.len()];
         shard.upstream_wm = upstream_wm;
         shard.output_wm = output_wm;
