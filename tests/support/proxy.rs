@@ -77,6 +77,12 @@ impl Proxy {
         }
     }
 
+    /// How many connections it forwards now.
+    pub fn live(&self) -> usize {
+        let live = self.inner.live.lock().expect("lock");
+        live.iter().filter(|s| s.peer_addr().is_ok()).count() / 2
+    }
+
     /// Cuts every live connection; returns how many it cut.
     pub fn cut(&self) -> usize {
         let mut live = self.inner.live.lock().expect("lock");
