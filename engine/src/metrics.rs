@@ -297,6 +297,18 @@ pub(crate) struct NodeMetrics {
 }
 
 impl NodeMetrics {
+    /// Counts and logs a bad record, naming the errors output it goes to.
+    pub fn bad_record(&self, component: &str, key: &[u8], why: &str) {
+        self.bad_records.inc();
+        tracing::warn!(
+            component,
+            key = %String::from_utf8_lossy(key),
+            error = why,
+            output = %format_args!("{component}.errors"),
+            "bad record routed to the errors output of the component that had it"
+        );
+    }
+
     pub fn new(m: &Metrics, component: &str) -> Self {
         let l = &[component];
         NodeMetrics {

@@ -51,7 +51,7 @@ impl Outgoing {
 
     /// Queues the productions of `shard` that may be sent now.
     pub fn queue_sends(&mut self, plan: &Plan, me: usize, shard: &mut ShardRt) {
-        queue_sends(plan, me, shard, &mut self.queues);
+        shard.queue_sends(plan, me, &mut self.queues);
     }
 
     /// What is queued, by destination.
@@ -69,23 +69,6 @@ impl Outgoing {
             }
         }
     }
-}
-
-/// Queues the productions of `shard` that may be sent now (within each
-/// channel's window) in `queues`, by destination.
-pub(crate) fn queue_sends(plan: &Plan, me: usize, shard: &mut ShardRt, queues: &mut [Vec<Msg>]) {
-    let engine = &plan.topology.engine;
-    shard.sendable(
-        engine.channel_window,
-        engine.channel_window_bytes,
-        |ch, seq, env| {
-            queues[plan.destination(me, plan.chan(ch).dst)].push(Msg::Deliver {
-                ch,
-                seq,
-                env: env.clone(),
-            })
-        },
-    );
 }
 
 /// What executor `exec` is about to hand out, for the commit-order tests.

@@ -17,18 +17,6 @@ use crate::shared::Shared;
 use millrace_storage::{Batch, Cf};
 use std::sync::Arc;
 
-/// Counts and logs a bad record, naming the errors output it goes to.
-pub(crate) fn bad_record(metrics: &NodeMetrics, component: &str, key: &[u8], why: &str) {
-    metrics.bad_records.inc();
-    tracing::warn!(
-        component,
-        key = %String::from_utf8_lossy(key),
-        error = why,
-        output = %format_args!("{component}.errors"),
-        "bad record routed to the errors output of the component that had it"
-    );
-}
-
 /// `emit` again, on the errors output, at event time `ts`.
 fn errors_record(emit: &Emit, ts: i64) -> Emit {
     Emit {
@@ -104,7 +92,7 @@ impl Router {
         // What cannot go where it was produced goes to the errors output, once:
         // an errors record that would fail the same way is not sent again.
         let to_errors = |emits: &mut Vec<Emit>, at: usize, why: &str, errors: Emit| {
-            bad_record(metrics, &node.name, &emits[at].key, why);
+            metrics.bad_record(&node.name, &emits[at].key, why);
             if emits[at].port != ERRORS_PORT_INDEX {
                 emits.push(errors);
             }
@@ -145,7 +133,7 @@ impl Router {
                 };
                 // Cut to the limit, the copy always routes (even from an
                 // errors record).
-                bad_record(metrics, &node.name, &emit.key, &why);
+                metrics.bad_record(&node.name, &emit.key, &why);
                 emits.push(errors);
                 continue;
             }

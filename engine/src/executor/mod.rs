@@ -78,10 +78,6 @@ const IDLE_WATERMARK_STEP: Duration = Duration::from_secs(1);
 
 /// How long an idle executor waits for a message before it looks around again.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
-/// How long a source that had nothing is left alone: doubling from the first
-/// to the last while it stays idle, back to the first when data comes.
-pub(crate) const SOURCE_IDLE_PAUSE: (Duration, Duration) =
-    (Duration::from_micros(200), Duration::from_millis(20));
 
 pub(crate) struct Executor {
     id: usize,

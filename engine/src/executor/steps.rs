@@ -2,7 +2,7 @@
 //! duplicates dropped), the source polled, timers fired; what each produced
 //! is routed into the turn's batch as it comes.
 
-use super::{Executor, Turn, IDLE_WATERMARK_STEP, RANGE_DELETE_MIN, SOURCE_IDLE_PAUSE};
+use super::{Executor, Turn, IDLE_WATERMARK_STEP, RANGE_DELETE_MIN};
 use crate::api::{ComputationError, DeliveryId, Emitter, SourcePoll};
 use crate::delivery::Offer;
 use crate::error::EngineError;
@@ -10,9 +10,8 @@ use crate::failpoint::{self, Point};
 use crate::layout;
 use crate::plan::{Plan, ERRORS_PORT_INDEX};
 use crate::record::{is_valid_event_time, now_micros, TimeDomain, Timer, MAX_TIME};
-use crate::router::bad_record;
 use crate::scope::{Clock, Emit};
-use crate::shard::{send_early, Body, KeyEnv};
+use crate::shard::{send_early, Body, KeyEnv, SOURCE_IDLE_PAUSE};
 use crate::shared::Handed;
 use bytes::Bytes;
 use millrace_storage::{Batch, Cf};
@@ -119,7 +118,7 @@ impl Executor {
                     };
                     match shard.with_key(at, &key, |comp, ctx| comp.process_record(ctx, record)) {
                         Some(Err(ComputationError::BadRecord(why))) => {
-                            bad_record(metrics, &node.name, &key, &why);
+                            metrics.bad_record(&node.name, &key, &why);
                             // The record went to the computation; the
                             // envelope still holds it for the errors output.
                             let bad = env.record();
@@ -178,7 +177,7 @@ impl Executor {
         let emits = &mut self.router.emits;
         for (key, value, why) in bad {
             // Read but not decodable: to the errors output, as read.
-            bad_record(metrics, &node.name, &key, &why);
+            metrics.bad_record(&node.name, &key, &why);
             src.position_dirty = true;
             emits.push(Emit {
                 port: ERRORS_PORT_INDEX,
@@ -339,7 +338,7 @@ impl Executor {
                 let timer = Timer { tag, domain, time };
                 match shard.with_key(at, &key, |comp, ctx| comp.process_timer(ctx, timer)) {
                     Some(Err(ComputationError::BadRecord(why))) => {
-                        bad_record(metrics, &node.name, &key, &why)
+                        metrics.bad_record(&node.name, &key, &why)
                     }
                     Some(Err(ComputationError::Storage(e))) => return Err(e.into()),
                     Some(Ok(())) | None => {}

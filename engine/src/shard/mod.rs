@@ -7,6 +7,7 @@ use crate::delivery::{InChannel, Offer, OutChannel};
 use crate::keyed_state::KeyedState;
 use crate::layout::{position_key, read_u64, watermark_key, write_state_key};
 use crate::mapkey::{FastMap, MapKey};
+use crate::message::Msg;
 use crate::plan::{ChannelIdx, NodeIdx, Plan, Sid};
 use crate::record::{Envelope, EventTime, MIN_TIME};
 use crate::scope::{Clock, Emit, KeyScope};
@@ -21,6 +22,11 @@ mod replay;
 
 pub(crate) use recover::restore_timers;
 pub(crate) use replay::{send_early, ReplayLog};
+
+/// How long a source that had nothing is left alone: doubling from the first
+/// to the last while it stays idle, back to the first when data comes.
+pub(crate) const SOURCE_IDLE_PAUSE: (Duration, Duration) =
+    (Duration::from_micros(200), Duration::from_millis(20));
 
 /// A source's runtime: the source and how its polling goes.
 pub(crate) struct SourceRt {
@@ -309,17 +315,24 @@ impl ShardRt {
             .sum()
     }
 
-    /// Calls `send` with each production that may be sent now (within its
-    /// channel's window), marking it sent.
-    pub fn sendable(
-        &mut self,
-        window: usize,
-        max_bytes: usize,
-        mut send: impl FnMut(ChannelIdx, u64, &Envelope),
-    ) {
+    /// Queues the productions that may be sent now (within each channel's
+    /// window) in `queues`, by destination, marking them sent.
+    pub fn queue_sends(&mut self, plan: &Plan, me: usize, queues: &mut [Vec<Msg>]) {
+        let engine = &plan.topology.engine;
         for (&ch, out) in self.outs.iter_mut() {
             if out.has_unsent() {
-                out.sendable(window, max_bytes, |seq, env| send(ch, seq, env));
+                let q = &mut queues[plan.destination(me, plan.chan(ch).dst)];
+                out.sendable(
+                    engine.channel_window,
+                    engine.channel_window_bytes,
+                    |seq, env| {
+                        q.push(Msg::Deliver {
+                            ch,
+                            seq,
+                            env: env.clone(),
+                        })
+                    },
+                );
             }
         }
     }

@@ -5,18 +5,16 @@
 //! inputs' applied sequence numbers, its watermarks, its state cache and
 //! timers, and its outbox, whose productions go out again.
 
-use super::{Body, KeyEnv, ReplayLog, ShardRt, SourceRt};
+use super::{Body, KeyEnv, ReplayLog, ShardRt, SourceRt, SOURCE_IDLE_PAUSE};
 use crate::api::{ComputationError, SourceError, SourceShard};
 use crate::delivery::{InChannel, OutChannel};
 use crate::error::EngineError;
-use crate::executor::SOURCE_IDLE_PAUSE;
 use crate::keyed_state::KeyedState;
 use crate::layout::{self, position_key, read_u64, watermark_key};
 use crate::mapkey::FastMap;
 use crate::metrics::NodeMetrics;
 use crate::plan::{Maker, Plan, Sid};
 use crate::record::{now_micros, Envelope, MIN_TIME};
-use crate::router::bad_record;
 use crate::scope::Clock;
 use crate::shared::InFlight;
 use crate::timers::Timers;
@@ -197,7 +195,7 @@ pub(crate) fn restore_timers(
         };
         match shard.with_key(at, &key, |comp, ctx| comp.restore_timers(ctx, state)) {
             Some(Err(ComputationError::BadRecord(why))) => {
-                bad_record(metrics, component, &key, &why)
+                metrics.bad_record(component, &key, &why)
             }
             Some(Err(ComputationError::Storage(e))) => failed = Some(e),
             Some(Ok(())) | None => {}

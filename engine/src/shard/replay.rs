@@ -21,7 +21,6 @@ use crate::delivery::OutChannel;
 use crate::layout::position_key;
 use crate::mapkey::FastMap;
 use crate::message::{Msg, Outlet};
-use crate::outgoing::queue_sends;
 use crate::plan::{ChannelIdx, Plan};
 use millrace_storage::{Batch, Cf};
 use std::collections::VecDeque;
@@ -86,7 +85,7 @@ pub(crate) fn send_early(
     observe: impl FnOnce(&[Vec<Msg>]),
 ) -> bool {
     debug_assert!(!shard.uses_outbox(), "only a replayable source sends early");
-    queue_sends(plan, me, shard, scratch);
+    shard.queue_sends(plan, me, scratch);
     observe(scratch);
     let mut sent = false;
     for (q, peer) in scratch.iter_mut().zip(peers) {
