@@ -1,9 +1,19 @@
 //! Aggregates shared by `window`, `combine`, `top_per_key` and `cogroup`:
-//! count, sum, min, max, mean, top-N, collect, and groups by input.
+//! count, sum, min, max, mean, top-N (of numbers, or of whole elements
+//! ranked by a score), collect, groups by input, and the user's own
+//! ([`ScriptCombine`]). An [`Aggregate`] says how values go into an
+//! accumulator; an [`Acc`] is the accumulator, the data kept in state.
 
+use crate::script_combine::ScriptCombine;
+use bytes::Bytes;
+use millrace_config::{Component, ConfigError, KeyExtractor};
+use millrace_engine::extract_key;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 /// An aggregate's running value. Serialised into the key's state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +44,183 @@ pub enum Acc {
     Collect(Vec<String>),
     /// Values grouped by the input stream they came from (CoGroupByKey).
     Groups(BTreeMap<String, Vec<String>>),
+    /// The N elements with the largest scores, in [`rank_order`].
+    Ranked {
+        /// N.
+        n: usize,
+        /// `(score, element)`, best first.
+        items: Vec<(f64, String)>,
+    },
+    /// A script aggregate's accumulator.
+    Value(Value),
+}
+
+/// The order of ranked elements: score descending, then the element's text
+/// ascending, so that ties are broken the same way every time.
+pub(crate) fn rank_order(a: (f64, &str), b: (f64, &str)) -> Ordering {
+    b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1))
+}
+
+/// A kept element as output: JSON as it is, anything else as a string.
+pub(crate) fn element_json(e: &str) -> Value {
+    serde_json::from_str(e).unwrap_or_else(|_| Value::from(e))
+}
+
+/// How values go into an accumulator.
+#[derive(Debug, Clone)]
+pub enum Aggregate {
+    /// A built-in: its accumulator adds, merges and reports by itself.
+    Builtin(Acc),
+    /// `top:N` with `by`: the N elements with the largest scores (read from
+    /// each element with `by`), kept whole (Beam's `Top.largestPerKey`).
+    TopBy {
+        /// N.
+        n: usize,
+        /// Where the score is.
+        by: KeyExtractor,
+    },
+    /// The user's own, with the script's initial accumulator.
+    Script(Arc<ScriptCombine>, Value),
+}
+
+/// Where a component's aggregate comes from: the options `aggregate`, `by`,
+/// `script`, `script_file` and `max_operations`, as the kind names them.
+pub(crate) struct AggregateSpec<'a> {
+    /// The option's name (`aggregate` or `op`) and its value.
+    pub name: (&'a str, &'a str),
+    pub by: Option<&'a String>,
+    pub script: Option<&'a String>,
+    pub script_file: Option<&'a PathBuf>,
+    pub max_operations: Option<u64>,
+}
+
+impl Aggregate {
+    /// Parses the aggregate of component `c`.
+    pub(crate) fn parse(c: &Component, spec: AggregateSpec<'_>) -> Result<Aggregate, ConfigError> {
+        let (option, name) = spec.name;
+        let err = |key: &str, m: String| c.options.error(Some(key), m);
+        let scripted = spec.script.is_some() || spec.script_file.is_some();
+        if name == "script" {
+            if spec.by.is_some() {
+                return Err(err("by", "`by` goes with `top:N`, not a script".into()));
+            }
+            let f = ScriptCombine::compile(c, spec.script, spec.script_file, spec.max_operations)?;
+            let initial = f.create().map_err(|m| {
+                err(
+                    if spec.script.is_some() {
+                        "script"
+                    } else {
+                        "script_file"
+                    },
+                    m,
+                )
+            })?;
+            return Ok(Aggregate::Script(Arc::new(f), initial));
+        }
+        if scripted || spec.max_operations.is_some() {
+            let key = if spec.script.is_some() {
+                "script"
+            } else if spec.script_file.is_some() {
+                "script_file"
+            } else {
+                "max_operations"
+            };
+            return Err(err(key, format!("`{key}` needs `{option} = \"script\"`")));
+        }
+        let acc = parse_aggregate(name).map_err(|m| err(option, m))?;
+        match (spec.by, acc) {
+            (None, acc) => Ok(Aggregate::Builtin(acc)),
+            (Some(by), Acc::Top { n, .. }) => Ok(Aggregate::TopBy {
+                n,
+                by: KeyExtractor::parse(by, None).map_err(|m| err("by", m))?,
+            }),
+            (Some(_), _) => Err(err(
+                "by",
+                format!("`by` (a score) goes with `top:N`, not `{name}`"),
+            )),
+        }
+    }
+
+    /// A new, empty accumulator.
+    pub fn empty(&self) -> Acc {
+        match self {
+            Aggregate::Builtin(acc) => acc.empty(),
+            Aggregate::TopBy { n, .. } => Acc::Ranked {
+                n: *n,
+                items: Vec::new(),
+            },
+            Aggregate::Script(_, initial) => Acc::Value(initial.clone()),
+        }
+    }
+
+    /// Whether values are kept by the input they came on (cogroup, join).
+    pub fn by_input(&self) -> bool {
+        matches!(self, Aggregate::Builtin(Acc::Groups(_)))
+    }
+
+    /// Adds the value of record `(key, value)`, which came on `input`. On
+    /// an error `acc` is unchanged.
+    pub fn add(
+        &self,
+        acc: &mut Acc,
+        key: &Bytes,
+        value: &Bytes,
+        input: &str,
+    ) -> Result<(), String> {
+        match (self, acc) {
+            (Aggregate::TopBy { by, .. }, Acc::Ranked { n, items }) => {
+                let score = extract_key(by, key, value).map_err(|e| format!("by: {e}"))?;
+                let score = number(&score).map_err(|e| format!("by: {e}"))?;
+                let element = String::from_utf8_lossy(value).into_owned();
+                let at = items.partition_point(|(s, e)| {
+                    rank_order((*s, e), (score, &element)) == Ordering::Less
+                });
+                items.insert(at, (score, element));
+                items.truncate(*n);
+                Ok(())
+            }
+            (Aggregate::Script(f, _), Acc::Value(v)) => {
+                *v = f.add(v, value)?;
+                Ok(())
+            }
+            (_, acc) => acc.add(value, input),
+        }
+    }
+
+    /// Merges `other` into `acc` (sessions that merge). On an error `acc`
+    /// is unchanged.
+    pub fn merge(&self, acc: &mut Acc, other: Acc) -> Result<(), String> {
+        match (self, acc, other) {
+            (Aggregate::Script(f, _), Acc::Value(a), Acc::Value(b)) => {
+                *a = f.merge(a, &b)?;
+                Ok(())
+            }
+            (_, acc, other) => {
+                acc.merge(other);
+                Ok(())
+            }
+        }
+    }
+
+    /// The result as JSON. A script's `extract` that fails gives `null`
+    /// (and is logged).
+    pub fn result(&self, acc: &Acc) -> Value {
+        match (self, acc) {
+            (Aggregate::Script(f, _), Acc::Value(v)) => f.extract(v).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "the aggregate script's extract failed; the pane's value is null");
+                Value::Null
+            }),
+            (_, acc) => acc.result(),
+        }
+    }
+
+    /// Appends the result as JSON text, as `result().to_string()` would.
+    pub fn write_result(&self, acc: &Acc, out: &mut String) {
+        match self {
+            Aggregate::Script(..) => out.push_str(&self.result(acc).to_string()),
+            _ => acc.write_result(out),
+        }
+    }
 }
 
 /// Parses an aggregate name: `count`, `sum`, `min`, `max`, `mean`, `top:N`, `collect`.
@@ -91,6 +278,12 @@ impl Acc {
             },
             Acc::Collect(_) => Acc::Collect(Vec::new()),
             Acc::Groups(_) => Acc::Groups(BTreeMap::new()),
+            Acc::Ranked { n, .. } => Acc::Ranked {
+                n: *n,
+                items: Vec::new(),
+            },
+            // Only its script knows what empty is (see `Aggregate::empty`).
+            Acc::Value(_) => Acc::Value(Value::Null),
         }
     }
 
@@ -123,6 +316,8 @@ impl Acc {
                 .entry(input.to_owned())
                 .or_default()
                 .push(String::from_utf8_lossy(value).into_owned()),
+            Acc::Ranked { .. } => return Err("a ranked top needs its score (`by`)".into()),
+            Acc::Value(_) => return Err("a script's accumulator needs its script".into()),
         }
         Ok(())
     }
@@ -149,6 +344,11 @@ impl Acc {
                     a.entry(k).or_default().extend(v);
                 }
             }
+            (Acc::Ranked { n, items }, Acc::Ranked { items: other, .. }) => {
+                items.extend(other);
+                items.sort_by(|a, b| rank_order((a.0, &a.1), (b.0, &b.1)));
+                items.truncate(*n);
+            }
             _ => debug_assert!(false, "merging different aggregates"),
         }
     }
@@ -169,6 +369,10 @@ impl Acc {
             Acc::Top { items, .. } => Value::Array(items.iter().map(|f| json_number(*f)).collect()),
             Acc::Collect(v) => Value::from(v.clone()),
             Acc::Groups(g) => serde_json::to_value(g).unwrap_or(Value::Null),
+            Acc::Ranked { items, .. } => {
+                Value::Array(items.iter().map(|(_, e)| element_json(e)).collect())
+            }
+            Acc::Value(v) => v.clone(),
         }
     }
 }
@@ -302,6 +506,19 @@ impl Acc {
                     v.iter().for_each(|s| put_str(out, s));
                 }
             }
+            Acc::Ranked { n, items } => {
+                out.push(8);
+                out.extend_from_slice(&(*n as u32).to_le_bytes());
+                out.extend_from_slice(&(items.len() as u32).to_le_bytes());
+                for (score, e) in items {
+                    out.extend_from_slice(&score.to_le_bytes());
+                    put_str(out, e);
+                }
+            }
+            Acc::Value(v) => {
+                out.push(9);
+                put_str(out, &v.to_string());
+            }
         }
     }
 
@@ -338,6 +555,16 @@ impl Acc {
                 }
                 Acc::Groups(g)
             }
+            8 => {
+                let n = r.u32()? as usize;
+                let items = (0..r.len()?)
+                    .map(|_| Ok((r.f64()?, r.string()?)))
+                    .collect::<Result<_, String>>()?;
+                Acc::Ranked { n, items }
+            }
+            9 => Acc::Value(
+                serde_json::from_str(&r.string()?).map_err(|e| format!("accumulator: {e}"))?,
+            ),
             t => return Err(format!("unknown aggregate tag {t}")),
         })
     }
@@ -406,6 +633,14 @@ mod tests {
             },
             Acc::Collect(vec!["x".to_owned(), String::new()]),
             Acc::Groups(groups),
+            Acc::Ranked {
+                n: 2,
+                items: vec![
+                    (12.0, r##"{"tag":"#a"}"##.to_owned()),
+                    (1.5, "b".to_owned()),
+                ],
+            },
+            Acc::Value(serde_json::json!({"sum": 3, "seen": ["x"]})),
         ] {
             let mut b = Vec::new();
             acc.encode(&mut b);

@@ -1,6 +1,7 @@
 //! Keyed, stateful computations: `count` and `reduce`. Their state is the
 //! current aggregate of the key, as decimal text, in RocksDB.
 
+use crate::aggregate::{element_json, rank_order, Aggregate, AggregateSpec};
 use crate::options;
 use crate::ttl::with_state_ttl;
 use millrace_config::HumanDuration;
@@ -132,10 +133,11 @@ impl Computation for Reduce {
 }
 
 /// `combine`: a running aggregate per key (count, sum, min, max, mean, top:N,
-/// collect); emits the key's new result (JSON) for every record.
+/// collect, or the user's script); emits the key's new result (JSON) for
+/// every record.
 #[derive(Clone)]
 pub struct Combine {
-    empty: crate::aggregate::Acc,
+    aggregate: Aggregate,
     /// Emit only when the result changes (`top_per_key`).
     on_change: bool,
 }
@@ -143,17 +145,18 @@ pub struct Combine {
 impl Computation for Combine {
     fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
         let mut acc = match ctx.state()? {
-            None => self.empty.clone(),
+            None => self.aggregate.empty(),
             Some(b) => serde_json::from_slice(&b).map_err(|e| {
                 ComputationError::BadRecord(format!("stored aggregate is not readable: {e}"))
             })?,
         };
-        let before = acc.result();
-        acc.add(&r.value, ctx.input())
+        let before = self.on_change.then(|| self.aggregate.result(&acc));
+        self.aggregate
+            .add(&mut acc, &r.key, &r.value, ctx.input())
             .map_err(ComputationError::BadRecord)?;
-        let after = acc.result();
+        let after = self.aggregate.result(&acc);
         ctx.set_state(serde_json::to_vec(&acc).unwrap_or_default());
-        if !self.on_change || after != before {
+        if before.is_none_or(|b| b != after) {
             ctx.produce(r.key, after.to_string(), r.timestamp);
         }
         Ok(())
@@ -210,17 +213,12 @@ impl Computation for TopBy {
             top.retain(|(_, _, i)| *i != id);
         }
         top.push((score, element, id));
-        top.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        top.sort_by(|a, b| rank_order((a.0, &a.1), (b.0, &b.1)));
         top.truncate(self.n);
         let after: Vec<String> = top.iter().map(|(_, e, _)| e.clone()).collect();
         ctx.set_state(serde_json::to_vec(&top).map_err(|e| bad(e.to_string()))?);
         if after != before {
-            let out: Vec<serde_json::Value> = after
-                .iter()
-                .map(|e| {
-                    serde_json::from_str(e).unwrap_or_else(|_| serde_json::Value::from(e.as_str()))
-                })
-                .collect();
+            let out: Vec<serde_json::Value> = after.iter().map(|e| element_json(e)).collect();
             ctx.produce(r.key, serde_json::Value::from(out).to_string(), r.timestamp);
         }
         Ok(())
@@ -257,14 +255,26 @@ pub(crate) fn register(r: &mut Registry) {
         #[serde(deny_unknown_fields)]
         struct O {
             aggregate: String,
+            by: Option<String>,
+            script: Option<String>,
+            script_file: Option<std::path::PathBuf>,
+            max_operations: Option<u64>,
             state_ttl: Option<HumanDuration>,
         }
         let o: O = options(c)?;
-        let empty = crate::aggregate::parse_aggregate(&o.aggregate)
-            .map_err(|m| c.options.error(Some("aggregate"), m))?;
+        let aggregate = Aggregate::parse(
+            c,
+            AggregateSpec {
+                name: ("aggregate", &o.aggregate),
+                by: o.by.as_ref(),
+                script: o.script.as_ref(),
+                script_file: o.script_file.as_ref(),
+                max_operations: o.max_operations,
+            },
+        )?;
         Ok(with_state_ttl(
             per_shard(Combine {
-                empty,
+                aggregate,
                 on_change: false,
             }),
             o.state_ttl,
@@ -302,13 +312,13 @@ pub(crate) fn register(r: &mut Registry) {
             }
             (None, None) => {}
         }
-        let empty = crate::aggregate::Acc::Top {
+        let aggregate = Aggregate::Builtin(crate::aggregate::Acc::Top {
             n: o.n,
             items: Vec::new(),
-        };
+        });
         Ok(with_state_ttl(
             per_shard(Combine {
-                empty,
+                aggregate,
                 on_change: true,
             }),
             o.state_ttl,

@@ -30,9 +30,12 @@ mod generator;
 mod kafka;
 mod keyed;
 mod script;
+mod script_combine;
 mod sinks;
 mod socket;
 mod stateless;
+#[cfg(test)]
+mod test_support;
 mod ttl;
 mod window;
 
@@ -40,10 +43,11 @@ use millrace_config::{Component, ConfigError};
 use millrace_engine::Registry;
 use serde::de::DeserializeOwned;
 
-pub use aggregate::{parse_aggregate, Acc};
+pub use aggregate::{parse_aggregate, Acc, Aggregate};
 pub use file_source::FileSource;
 pub use generator::Generator;
 pub use script::Script;
+pub use script_combine::ScriptCombine;
 pub use sinks::{FileSink, OutputFormat, StdoutSink};
 pub use socket::SocketSource;
 pub use window::{Accumulation, Trigger, Window, WindowConfig, WindowSpec};

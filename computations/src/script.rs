@@ -57,7 +57,7 @@ struct Options {
 }
 
 /// Default operation budget of one call.
-const DEFAULT_MAX_OPERATIONS: u64 = 1_000_000;
+pub(crate) const DEFAULT_MAX_OPERATIONS: u64 = 1_000_000;
 
 /// First byte of a stored state: its encoding. 1: JSON; 2 (with
 /// `state_ttl`): the event time the key was last touched (i64,
@@ -129,7 +129,7 @@ impl Clone for Script {
     }
 }
 
-fn text(v: &Dynamic) -> Result<String, String> {
+pub(crate) fn text(v: &Dynamic) -> Result<String, String> {
     if let Some(s) = v.clone().try_cast::<rhai::ImmutableString>() {
         return Ok(s.to_string());
     }
@@ -141,7 +141,7 @@ fn bytes_of(v: &Dynamic) -> Result<Bytes, String> {
 }
 
 /// A record's value as the script sees it: parsed JSON, or a string.
-fn value_in(v: &[u8]) -> Dynamic {
+pub(crate) fn value_in(v: &[u8]) -> Dynamic {
     // The common case first: a plain integer (what `count` emits).
     if !v.is_empty() && v.len() <= 18 && v.iter().all(u8::is_ascii_digit) {
         if let Some(n) = std::str::from_utf8(v)
@@ -200,6 +200,12 @@ type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
 fn fail<T>(msg: impl Into<String>) -> RhaiResult<T> {
     Err(msg.into().into())
+}
+
+/// An engine without host functions, bounded and sandboxed: for scripts
+/// that only compute (a user's aggregate).
+pub(crate) fn sandbox(max_operations: u64) -> Engine {
+    engine(None, Vec::new(), max_operations)
 }
 
 /// An engine with the host functions, bounded and sandboxed.
@@ -330,11 +336,7 @@ impl Script {
 
     /// Where an error in the script is, for its message.
     fn locate(&self, e: &EvalAltResult) -> String {
-        let (file, first) = &self.spec.origin;
-        match e.position().line() {
-            Some(l) => format!("{}:{}: {e}", file.display(), first + l - 1),
-            None => format!("{}: {e}", file.display()),
-        }
+        locate(&self.spec.origin, e)
     }
 
     /// The current key's state and when it was last touched.
@@ -494,15 +496,23 @@ impl Computation for Script {
     }
 }
 
-/// Compiles the component's script, or says where it is wrong.
-fn compile(c: &Component, o: &Options) -> Result<Spec, ConfigError> {
-    let invalid = |file: PathBuf, line: usize, key: &str, message: String| ConfigError::Invalid {
-        file,
-        line,
-        key: c.options.path_of(key),
-        message,
-    };
-    let (source, origin, key) = match (&o.script, &o.script_file) {
+/// A compiled script and where its text came from: `FILE:LINE` of its
+/// first line, and the option that holds it (for error messages).
+pub(crate) struct Source {
+    pub ast: AST,
+    pub origin: (PathBuf, usize),
+    pub key: &'static str,
+}
+
+/// Reads the script of component `c` from `script` (inline) or
+/// `script_file` (beside the topology file) and compiles it, or says where
+/// it is wrong.
+pub(crate) fn compile_source(
+    c: &Component,
+    script: Option<&String>,
+    script_file: Option<&PathBuf>,
+) -> Result<Source, ConfigError> {
+    let (source, origin, key) = match (script, script_file) {
         (Some(s), None) => {
             // A multi-line string starts on the line after `script = """`.
             let first = c.options.line_of("script") + usize::from(!s.is_empty());
@@ -531,8 +541,28 @@ fn compile(c: &Component, o: &Options) -> Result<Spec, ConfigError> {
     };
     let ast = engine(None, Vec::new(), 0).compile(&source).map_err(|e| {
         let line = e.position().line().map_or(origin.1, |l| origin.1 + l - 1);
-        invalid(origin.0.clone(), line, key, format!("{}", e.err_type()))
+        ConfigError::Invalid {
+            file: origin.0.clone(),
+            line,
+            key: c.options.path_of(key),
+            message: format!("{}", e.err_type()),
+        }
     })?;
+    Ok(Source { ast, origin, key })
+}
+
+/// Where error `e` of a script from `origin` is, for its message.
+pub(crate) fn locate(origin: &(PathBuf, usize), e: &EvalAltResult) -> String {
+    let (file, first) = origin;
+    match e.position().line() {
+        Some(l) => format!("{}:{}: {e}", file.display(), first + l - 1),
+        None => format!("{}: {e}", file.display()),
+    }
+}
+
+/// Compiles the component's script, or says where it is wrong.
+fn compile(c: &Component, o: &Options) -> Result<Spec, ConfigError> {
+    let Source { ast, origin, key } = compile_source(c, o.script.as_ref(), o.script_file.as_ref())?;
     let params = |name: &str| {
         ast.iter_functions()
             .find(|f| f.name == name)

@@ -60,44 +60,12 @@ pub(crate) fn with_state_ttl(make: MakeComputation, ttl: Option<HumanDuration>) 
 
 #[cfg(test)]
 mod tests {
-    use millrace_config::Topology;
+    use crate::test_support::{computation, values};
     use millrace_engine::testing::Harness;
 
     /// A `count` with `state_ttl = "10us"`, as a topology builds it.
     fn count_with_ttl() -> Box<dyn millrace_engine::Computation> {
-        let t = Topology::parse_str(
-            "t.toml",
-            r#"
-[sources.s]
-type = "generator"
-count = 1
-[computations.c]
-type = "count"
-inputs = ["s"]
-state_ttl = "10us"
-[sinks.o]
-type = "stdout"
-inputs = ["c"]
-"#,
-        )
-        .expect("topology");
-        let c = t
-            .components()
-            .iter()
-            .find(|c| c.name == "c")
-            .expect("c")
-            .clone();
-        let make = crate::builtins()
-            .computation_factory("count")
-            .expect("count")(&c)
-        .expect("options");
-        make()
-    }
-
-    fn values(outs: Vec<millrace_engine::testing::Output>) -> Vec<String> {
-        outs.iter()
-            .map(|o| String::from_utf8_lossy(&o.value).into_owned())
-            .collect()
+        computation("count", "state_ttl = \"10us\"").expect("options")
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! the triggers, lateness, accumulation and aggregate, parsed strictly from
 //! its options.
 
-use crate::aggregate::{parse_aggregate, Acc};
+use crate::aggregate::{Acc, Aggregate, AggregateSpec};
 use millrace_config::{Component, ConfigError, HumanDuration};
 use serde::Deserialize;
 
@@ -92,6 +92,12 @@ struct Options {
     accumulation: Accumulation,
     aggregate: Option<String>,
     op: Option<String>,
+    /// With `top:N`: where each element's score is (the elements are kept).
+    by: Option<String>,
+    /// With `aggregate = "script"`: the user's aggregate.
+    script: Option<String>,
+    script_file: Option<std::path::PathBuf>,
+    max_operations: Option<u64>,
 }
 
 /// What the `window` computation does with its panes.
@@ -111,7 +117,7 @@ pub struct WindowConfig {
     pub(super) late: Trigger,
     pub(super) lateness: i64,
     pub(super) accumulation: Accumulation,
-    pub(super) aggregate: Acc,
+    pub(super) aggregate: Aggregate,
     pub(super) output: Output,
     /// Input stream names in declared order (left, right for a join).
     pub(super) sides: Vec<String>,
@@ -197,32 +203,41 @@ impl WindowConfig {
             ))
         };
         let (aggregate, output) = match fixed {
-            Some(f) => {
-                if o.aggregate.is_some() {
-                    return unknown("aggregate", ": it keeps each input's values");
+            Some((acc, output)) => {
+                for (key, set) in [
+                    ("aggregate", o.aggregate.is_some()),
+                    ("op", o.op.is_some()),
+                    ("by", o.by.is_some()),
+                    ("script", o.script.is_some()),
+                    ("script_file", o.script_file.is_some()),
+                    ("max_operations", o.max_operations.is_some()),
+                ] {
+                    if set {
+                        return unknown(key, ": it keeps each input's values");
+                    }
                 }
-                if o.op.is_some() {
-                    return unknown("op", ": it keeps each input's values");
-                }
-                f
+                (Aggregate::Builtin(acc), output)
             }
             None => {
-                let name = if c.kind == "reduce_by_key_and_window" {
+                let (option, name) = if c.kind == "reduce_by_key_and_window" {
                     if o.aggregate.is_some() {
                         return unknown("aggregate", "; use `op`");
                     }
-                    o.op
+                    ("op", o.op.as_deref())
                 } else {
                     if o.op.is_some() {
                         return unknown("op", "; use `aggregate`");
                     }
-                    o.aggregate
+                    ("aggregate", o.aggregate.as_deref())
                 };
-                let name = name.unwrap_or_else(|| "count".to_owned());
-                (
-                    parse_aggregate(&name).map_err(|m| c.options.error(Some("aggregate"), m))?,
-                    Output::Aggregate,
-                )
+                let spec = AggregateSpec {
+                    name: (option, name.unwrap_or("count")),
+                    by: o.by.as_ref(),
+                    script: o.script.as_ref(),
+                    script_file: o.script_file.as_ref(),
+                    max_operations: o.max_operations,
+                };
+                (Aggregate::parse(c, spec)?, Output::Aggregate)
             }
         };
         Ok(WindowConfig {

@@ -21,7 +21,7 @@ fn fixed(size: u64) -> WindowConfig {
         late: Trigger::Count(1),
         lateness: 0,
         accumulation: Accumulation::Discarding,
-        aggregate: Acc::Count(0),
+        aggregate: crate::aggregate::Aggregate::Builtin(Acc::Count(0)),
         output: Output::Aggregate,
         sides: Vec::new(),
     }

@@ -75,51 +75,66 @@ impl Window {
         matches!(self.cfg.window, WindowSpec::Session { .. })
     }
 
-    /// Merges every session of this key that overlaps `pane` into it. In
-    /// retracting mode each absorbed pane that fired is retracted with its
-    /// own window and value, so a consumer that applies retractions ends with
-    /// the merged pane alone. The merged pane is on time only while the
-    /// watermark has not passed its end.
+    /// Merges every session of this key that overlaps `pane` into it, then
+    /// adds the record's value with `add`. In retracting mode each absorbed
+    /// pane that fired is retracted with its own window and value, so a
+    /// consumer that applies retractions ends with the merged pane alone.
+    /// The merged pane is on time only while the watermark has not passed
+    /// its end. The accumulators merge (and the value is added) before
+    /// anything is emitted: if one of those fails, nothing was.
     fn merge_overlapping(
         &self,
         ctx: &mut Context<'_>,
         panes: &mut Vec<Pane>,
         pane: &mut Pane,
         wm: i64,
-    ) {
+        add: impl FnOnce(&mut Acc) -> Result<(), String>,
+    ) -> Result<(), ComputationError> {
+        let mut absorbed = Vec::new();
         let mut i = 0;
         while i < panes.len() {
             if panes[i].start < pane.end && pane.start < panes[i].end {
-                let mut old = panes.remove(i);
-                Self::clear_timers(ctx, &old);
-                if let Some(last) = old.last.take() {
-                    let timing = if wm >= old.end {
-                        Timing::Late
-                    } else {
-                        Timing::Early
-                    };
-                    let r = pane_output(&old, timing, true, |out| out.push_str(&last.to_string()));
-                    ctx.produce(ctx.key().clone(), r, old.end - 1);
-                }
+                let old = panes.remove(i);
                 pane.start = pane.start.min(old.start);
                 pane.end = pane.end.max(old.end);
-                pane.acc.merge(old.acc);
-                pane.index = pane.index.max(old.index);
-                pane.since_fire += old.since_fire;
-                pane.first_at = match (pane.first_at, old.first_at) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                absorbed.push(old);
                 i = 0;
             } else {
                 i += 1;
             }
+        }
+        for old in &mut absorbed {
+            let acc = std::mem::replace(&mut old.acc, self.cfg.aggregate.empty());
+            self.cfg
+                .aggregate
+                .merge(&mut pane.acc, acc)
+                .map_err(ComputationError::BadRecord)?;
+        }
+        add(&mut pane.acc).map_err(ComputationError::BadRecord)?;
+        for mut old in absorbed {
+            Self::clear_timers(ctx, &old);
+            if let Some(last) = old.last.take() {
+                let timing = if wm >= old.end {
+                    Timing::Late
+                } else {
+                    Timing::Early
+                };
+                let r = pane_output(&old, timing, true, |out| out.push_str(&last.to_string()));
+                ctx.produce(ctx.key().clone(), r, old.end - 1);
+            }
+            pane.index = pane.index.max(old.index);
+            pane.since_fire += old.since_fire;
+            pane.first_at = match (pane.first_at, old.first_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         }
         let late = wm >= pane.end;
         if late != pane.on_time_done {
             pane.on_time_done = late;
             pane.step = 0;
         }
+        Ok(())
     }
 
     /// Sets the event-time timer a pane waits for: its on-time firing at the
@@ -166,18 +181,19 @@ impl Window {
             }
             Output::Aggregate => {
                 if self.cfg.accumulation == Accumulation::Retracting {
-                    let value = p.acc.result();
+                    let value = self.cfg.aggregate.result(&p.acc);
                     if let Some(old) = p.last.replace(value) {
                         let r = pane_output(p, timing, true, |out| out.push_str(&old.to_string()));
                         ctx.produce(key.clone(), r, ts);
                     }
                 }
-                let v = pane_output(p, timing, false, |out| p.acc.write_result(out));
+                let agg = &self.cfg.aggregate;
+                let v = pane_output(p, timing, false, |out| agg.write_result(&p.acc, out));
                 ctx.produce(key, v, ts);
             }
         }
         if self.cfg.accumulation == Accumulation::Discarding {
-            p.acc = p.acc.empty();
+            p.acc = self.cfg.aggregate.empty();
         }
         p.index += 1;
         p.since_fire = 0;
@@ -215,10 +231,12 @@ impl Computation for Window {
             return Ok(());
         }
         // Only groups (cogroup, join) need the input's name.
-        let input = match self.cfg.aggregate {
-            Acc::Groups(_) => ctx.input().to_owned(),
-            _ => String::new(),
+        let input = if self.cfg.aggregate.by_input() {
+            ctx.input().to_owned()
+        } else {
+            String::new()
         };
+        let agg = &self.cfg.aggregate;
         let mut panes = Self::load(ctx)?;
         let mut accepted = false;
         for (start, end) in windows {
@@ -236,12 +254,12 @@ impl Computation for Window {
                     p
                 }
             };
+            let add = |acc: &mut Acc| agg.add(acc, &r.key, &r.value, &input);
             if self.merges() {
-                self.merge_overlapping(ctx, &mut panes, &mut pane, wm);
+                self.merge_overlapping(ctx, &mut panes, &mut pane, wm, add)?;
+            } else {
+                add(&mut pane.acc).map_err(ComputationError::BadRecord)?;
             }
-            pane.acc
-                .add(&r.value, &input)
-                .map_err(ComputationError::BadRecord)?;
             pane.since_fire += 1;
             pane.first_at.get_or_insert(now);
             self.arm(ctx, &pane);
@@ -394,7 +412,7 @@ mod tests {
             late: Trigger::Count(1),
             lateness: 0,
             accumulation: Accumulation::Discarding,
-            aggregate: Acc::Count(0),
+            aggregate: crate::aggregate::Aggregate::Builtin(Acc::Count(0)),
             output: Output::Aggregate,
             sides: Vec::new(),
         }

@@ -1,0 +1,33 @@
+//! Building one computation from a topology snippet, for unit tests run
+//! with [`millrace_engine::testing::Harness`].
+
+use millrace_config::{ConfigError, Topology};
+use millrace_engine::Computation;
+
+/// The computation `c` declared by `options` (the lines of its table after
+/// `type` and `inputs`), as a topology builds it for one shard.
+pub(crate) fn computation(kind: &str, options: &str) -> Result<Box<dyn Computation>, ConfigError> {
+    let text = format!(
+        "[sources.s]\ntype = \"generator\"\ncount = 1\n\
+         [computations.c]\ntype = \"{kind}\"\ninputs = [\"s\"]\n{options}\n\
+         [sinks.o]\ntype = \"stdout\"\ninputs = [\"c\"]\n"
+    );
+    let t = Topology::parse_str("t.toml", &text)?;
+    let c = t
+        .components()
+        .iter()
+        .find(|c| c.name == "c")
+        .expect("the snippet declares c")
+        .clone();
+    let make = crate::builtins()
+        .computation_factory(kind)
+        .expect("a built-in kind")(&c)?;
+    Ok(make())
+}
+
+/// The values of what a harness call emitted, as text.
+pub(crate) fn values(outs: Vec<millrace_engine::testing::Output>) -> Vec<String> {
+    outs.iter()
+        .map(|o| String::from_utf8_lossy(&o.value).into_owned())
+        .collect()
+}
