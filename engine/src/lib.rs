@@ -5,7 +5,7 @@
 //! - [`Registry`]: kinds by name; the built-ins live in `millrace-computations`.
 //! - [`Plan`]: components -> nodes with shards, inputs -> edges and channels.
 //! - [`Worker`]: the running engine; its executors run the commit loop
-//!   (`executor.rs`) that makes every production take effect exactly once.
+//!   (`executor/`) that makes every production take effect exactly once.
 //!
 //! Guarantees: a production is committed (in the producer's outbox) before it
 //! is sent; it is re-sent until acknowledged; the consumer applies channel
