@@ -93,6 +93,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stop a running deployment (each worker drains as on SIGTERM), and
+    /// with --savepoint have each worker export its shards there as it
+    /// stops; waits until the savepoint is complete.
+    Stop {
+        /// A worker's HTTP address; repeat it for every worker of the deployment.
+        #[arg(long = "http", required = true)]
+        http: Vec<String>,
+        /// Where the savepoint goes: `file:///DIR` (or a path) or `s3://BUCKET/PREFIX`.
+        #[arg(long)]
+        savepoint: Option<String>,
+        /// Longest to wait for the savepoint to be complete.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        wait: std::time::Duration,
+    },
     /// Watch the records leaving one component of a running worker, live.
     Tap {
         /// The worker's HTTP address (`[service] http`).
@@ -140,6 +154,11 @@ pub fn cli_main(registry: Registry) -> ExitCode {
             component,
             limit,
         } => crate::operator::tap(&addr, &component, limit),
+        Command::Stop {
+            http,
+            savepoint,
+            wait,
+        } => crate::savepoints::stop(&http, savepoint.as_deref(), wait),
         Command::Run {
             file,
             data_dir,

@@ -12,8 +12,9 @@
 
 use millrace_engine::{Metrics, Worker};
 use parking_lot::Mutex;
+use percent_encoding::percent_decode_str;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,6 +37,10 @@ pub struct HttpState {
     worker: OnceLock<Weak<Worker>>,
     health: AtomicU8,
     rates: Mutex<Rates>,
+    /// Set to stop the worker (as SIGTERM does).
+    stop: Arc<AtomicBool>,
+    /// Where `POST /stop?savepoint=URL` asked the worker's savepoint to go.
+    stop_savepoint: Mutex<Option<String>>,
 }
 
 /// Records in/out per second per component, between the last two samples,
@@ -94,7 +99,8 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl HttpState {
-    pub fn new(metrics: Arc<Metrics>, auth: Auth) -> Arc<Self> {
+    /// `stop` is the flag that stops the worker (a drain, as on SIGTERM).
+    pub fn new(metrics: Arc<Metrics>, auth: Auth, stop: Arc<AtomicBool>) -> Arc<Self> {
         Arc::new(HttpState {
             metrics,
             auth,
@@ -102,7 +108,14 @@ impl HttpState {
             worker: OnceLock::new(),
             health: AtomicU8::new(RECOVERING),
             rates: Mutex::new(Rates::default()),
+            stop,
+            stop_savepoint: Mutex::new(None),
         })
+    }
+
+    /// Where a stop request asked for a savepoint, if one did.
+    pub fn take_stop_savepoint(&self) -> Option<String> {
+        self.stop_savepoint.lock().take()
     }
 
     /// The worker has recovered and runs.
@@ -198,6 +211,44 @@ async fn read_head(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<Op
     Ok(Some(n))
 }
 
+/// `POST /stop[?savepoint=URL]`: the worker drains as on SIGTERM, stops
+/// and, with a savepoint URL, exports its shards there before it exits.
+/// Answers at once (202); `millrace stop` then waits for the savepoint.
+async fn stop(stream: &mut TcpStream, state: &HttpState, query: &str) -> std::io::Result<()> {
+    let savepoint = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("savepoint="));
+    let savepoint = match savepoint.map(|v| percent_decode_str(v).decode_utf8()) {
+        None => None,
+        Some(Ok(url)) => Some(url.into_owned()),
+        Some(Err(_)) => {
+            return respond(stream, 400, "text/plain", "savepoint: not UTF-8\n").await;
+        }
+    };
+    if let Some(url) = &savepoint {
+        if let Err(e) = crate::savepoints::open(url) {
+            return respond(stream, 400, "text/plain", &format!("{e:#}\n")).await;
+        }
+    }
+    let accepted = {
+        let mut asked = state.stop_savepoint.lock();
+        let first = !state.stop.swap(true, Ordering::SeqCst);
+        if first {
+            *asked = savepoint.clone();
+        }
+        first
+    };
+    if !accepted {
+        return respond(stream, 409, "text/plain", "already stopping\n").await;
+    }
+    tracing::info!(
+        savepoint = savepoint.as_deref().unwrap_or("-"),
+        "stop requested over HTTP"
+    );
+    let body = serde_json::json!({"stopping": true, "savepoint": savepoint}).to_string();
+    respond(stream, 202, "application/json", &body).await
+}
+
 async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result<()> {
     let mut buf = vec![0u8; 8192];
     let n = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut buf)).await {
@@ -222,15 +273,26 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
     let head = String::from_utf8_lossy(&buf[..n]).into_owned();
     let mut parts = head.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method != "GET" {
-        return respond(&mut stream, 405, "text/plain", "only GET is served\n").await;
-    }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if method != "GET" && !(method == "POST" && path == "/stop") {
+        let why = "only GET is served (and POST /stop)\n";
+        return respond(&mut stream, 405, "text/plain", why).await;
+    }
     if !state.auth.allows(path, &head) {
         let why = "this endpoint needs `Authorization: Bearer TOKEN` ([service] http_token)\n";
         return refuse(&mut stream, &state, "token", 401, why).await;
     }
     match path {
+        "/stop" if method == "POST" => stop(&mut stream, &state, query).await,
+        "/stop" => {
+            respond(
+                &mut stream,
+                405,
+                "text/plain",
+                "POST /stop stops the worker\n",
+            )
+            .await
+        }
         "/metrics" => {
             if let Some(w) = state.worker() {
                 let _ = tokio::task::spawn_blocking(move || w.refresh_gauges()).await;

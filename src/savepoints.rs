@@ -5,11 +5,13 @@
 use anyhow::{bail, Context as _, Result};
 use millrace_config::Topology;
 use millrace_engine::savepoint::{self, DirStore, SavepointError, SavepointStore};
-use millrace_engine::{Plan, Registry};
+use millrace_engine::{Metrics, Plan, Registry};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
 use object_store::ObjectStoreExt;
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// The store a savepoint URL names: `file:///abs/dir` (or a plain path), or
 /// `s3://bucket/prefix` (endpoint and credentials from the usual `AWS_*`
@@ -52,21 +54,14 @@ pub fn export(
     data_dir: Option<&Path>,
 ) -> Result<()> {
     let topology = Topology::load(file)?;
-    let me = worker_index(&topology, worker)?;
     let dir = millrace_engine::data_dir_of(&topology, worker, data_dir);
-    let plan = Plan::build(topology, registry).context("checking component options")?;
-    let store = open(to)?;
-    let started = std::time::Instant::now();
-    let r = savepoint::export(&dir, &plan, me, &*store)
-        .with_context(|| format!("exporting {} to {to}", dir.display()))?;
+    let (r, seconds) = export_dir(topology, registry, to, worker, &dir)?;
     println!(
-        "exported {} shards ({} keys, {} bytes) of {} to {} in {:.3} s",
+        "exported {} shards ({} keys, {} bytes) of {} to {to} in {seconds:.3} s",
         r.shards,
         r.keys,
         r.bytes,
         dir.display(),
-        store.describe(),
-        started.elapsed().as_secs_f64()
     );
     if r.complete {
         println!("savepoint complete: manifest.json written");
@@ -79,6 +74,95 @@ pub fn export(
     Ok(())
 }
 
+/// Exports the shards worker `worker` keeps in `dir` (the worker stopped)
+/// to the savepoint at `to`; returns what it wrote and how long it took.
+pub fn export_dir(
+    topology: Topology,
+    registry: &Registry,
+    to: &str,
+    worker: Option<&str>,
+    dir: &Path,
+) -> Result<(savepoint::ExportReport, f64)> {
+    let me = worker_index(&topology, worker)?;
+    let plan = Plan::build(topology, registry).context("checking component options")?;
+    let store = open(to)?;
+    let started = std::time::Instant::now();
+    let r = savepoint::export(dir, &plan, me, &*store)
+        .with_context(|| format!("exporting {} to {to}", dir.display()))?;
+    Ok((r, started.elapsed().as_secs_f64()))
+}
+
+/// `millrace stop --http ADDR... [--savepoint URL]`: asks every worker to
+/// stop (and to export its shards to `URL` once stopped), then waits for
+/// the savepoint's manifest, which the last worker to export writes.
+pub fn stop(addrs: &[String], savepoint: Option<&str>, wait: Duration) -> Result<()> {
+    let store = savepoint.map(open).transpose()?;
+    let target = match savepoint {
+        Some(url) => format!(
+            "/stop?savepoint={}",
+            utf8_percent_encode(url, NON_ALPHANUMERIC)
+        ),
+        None => "/stop".to_owned(),
+    };
+    for addr in addrs {
+        let (code, body) = http_request(addr, "POST", &target)
+            .with_context(|| format!("asking the worker at {addr} to stop"))?;
+        if code != 202 {
+            bail!(
+                "the worker at {addr} refused to stop: {code} {}",
+                body.trim()
+            );
+        }
+        println!("{addr}: stopping");
+    }
+    let (Some(store), Some(url)) = (store, savepoint) else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + wait;
+    while store.get("manifest.json")?.is_none() {
+        if Instant::now() >= deadline {
+            bail!(
+                "the savepoint at {url} is not complete after {} s: see each worker's log \
+                 (a worker that failed to export logs why; its data directory is as it stopped)",
+                wait.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("savepoint complete");
+    print!("{}", describe(url, false)?);
+    Ok(())
+}
+
+/// One HTTP/1.1 request without a body; returns the status and the body.
+/// Sends `MILLRACE_HTTP_TOKEN` as a bearer token when it is set.
+fn http_request(addr: &str, method: &str, target: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let auth = std::env::var("MILLRACE_HTTP_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("not an HTTP response: {:?}", response.lines().next()))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((code, body))
+}
+
 /// Loads a savepoint into a new data directory before the worker starts.
 pub fn load(
     topology: &Topology,
@@ -87,6 +171,7 @@ pub fn load(
     worker: Option<&str>,
     data_dir: &Path,
     allow_non_restored_state: bool,
+    metrics: &Metrics,
 ) -> Result<()> {
     let me = worker_index(topology, worker)?;
     let plan = Plan::build(topology.clone(), registry).context("checking component options")?;
@@ -94,13 +179,15 @@ pub fn load(
     let started = std::time::Instant::now();
     let r = savepoint::import(data_dir, &plan, me, &*store, allow_non_restored_state)
         .with_context(|| format!("loading savepoint {from} into {}", data_dir.display()))?;
+    let seconds = started.elapsed().as_secs_f64();
+    metrics.savepoint_loaded(seconds, r.bytes, r.shards);
     tracing::info!(
         savepoint = from,
         data_dir = %data_dir.display(),
         shards = r.shards,
         keys = r.keys,
         bytes = r.bytes,
-        seconds = started.elapsed().as_secs_f64(),
+        seconds,
         new_components = ?r.new_components,
         dropped_components = ?r.dropped_components,
         "savepoint loaded"

@@ -79,8 +79,8 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
             .or_else(|| topology.service.http_token.clone()),
         metrics: topology.service.http_token_for_metrics,
     };
-    let state = HttpState::new(Arc::clone(&metrics), auth);
     let stop = Arc::new(AtomicBool::new(false));
+    let state = HttpState::new(Arc::clone(&metrics), auth, Arc::clone(&stop));
 
     // Signals: the first SIGTERM/SIGINT starts a drain.
     {
@@ -109,10 +109,11 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
             worker_id.as_deref(),
             &data_dir,
             allow_non_restored_state,
+            &metrics,
         )?;
     }
     let worker = Worker::start(
-        topology,
+        topology.clone(),
         registry,
         WorkerOptions {
             data_dir: Some(data_dir.clone()),
@@ -144,7 +145,7 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
     let outcome = loop {
         if stop.load(Ordering::SeqCst) {
             state.set_draining();
-            tracing::info!("signal received: stopping sources and draining");
+            tracing::info!("stopping sources and draining");
             match worker.drain(drain_timeout) {
                 Ok(true) => tracing::info!("drained"),
                 Ok(false) => tracing::warn!(
@@ -188,6 +189,26 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
     let shutdown = worker.shutdown();
     outcome.context("the worker stopped")?;
     shutdown.context("the last commit failed")?;
+    if let Some(to) = state.take_stop_savepoint() {
+        // Stopped and closed: its shards are copied as they were committed.
+        let (r, seconds) = crate::savepoints::export_dir(
+            topology,
+            registry,
+            &to,
+            worker_id.as_deref(),
+            &data_dir,
+        )?;
+        tracing::info!(
+            savepoint = %to,
+            shards = r.shards,
+            keys = r.keys,
+            bytes = r.bytes,
+            seconds,
+            complete = r.complete,
+            waiting_for = %r.missing.join(", "),
+            "savepoint taken"
+        );
+    }
     Ok(())
 }
 

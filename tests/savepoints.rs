@@ -1,5 +1,6 @@
-//! Savepoints through the binary: stop a deployment mid-stream, export it,
-//! and go on from the savepoint with more workers, then fewer, with exactly
+//! Savepoints through the binary: stop a deployment mid-stream, export it
+//! (offline with `millrace savepoint`, or live with `millrace stop
+//! --savepoint`), and go on from the savepoint with more workers, then fewer, with exactly
 //! the output an uninterrupted run gives (checked against the generator's
 //! key function); and every refusal a damaged or unfitting savepoint gets.
 
@@ -397,13 +398,40 @@ fn three_workers_to_s3_to_two_to_a_directory_to_four_exactly_once() {
             )
         })
         .collect();
+    // Stopped live this time, while records flow: `millrace stop` asks
+    // each worker over HTTP to drain and export itself as it stops, and
+    // waits for the savepoint to be complete.
     let before = lines(&out).len();
-    stop_mid_stream(&out, &mut ws, before + 5_000);
+    assert!(
+        wait_until(Duration::from_secs(60), || lines(&out).len()
+            >= before + 5_000),
+        "the deployment runs again"
+    );
+    let mut stop = millrace();
+    stop.arg("stop");
+    for addr in &net2.http {
+        stop.args(["--http", addr]);
+    }
+    let stopped = stop
+        .args(["--savepoint", &in_dir, "--wait", "60s"])
+        .output()
+        .expect("millrace stop");
+    assert!(stopped.status.success(), "{}", text(&stopped));
+    assert!(
+        text(&stopped).contains("savepoint complete") && text(&stopped).contains("engine.shards 6"),
+        "{}",
+        text(&stopped)
+    );
+    for w in ws.iter_mut() {
+        assert!(
+            wait_exit(w, Duration::from_secs(30)).success(),
+            "exported and exited"
+        );
+    }
     assert!(
         lines(&out).len() < RECORDS as usize,
         "stopped mid-stream a third time"
     );
-    export_all(&net2, &two, &in_dir, &[]);
 
     // 4 workers from the directory, to the end of the stream.
     let mut ws = start_from(&net4, &four, &in_dir, &[]);

@@ -62,6 +62,9 @@ pub struct Metrics {
     pub http_refused: IntCounterVec,
     /// 1 while the connection to a peer is up.
     pub net_peer_up: IntGaugeVec,
+    /// The savepoint this worker started from: seconds to load it, its
+    /// bytes and shards loaded here (0 when it started without one).
+    pub savepoint_load: IntGaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -72,6 +75,14 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> 
 }
 
 impl Metrics {
+    /// Notes the savepoint this worker started from.
+    pub fn savepoint_loaded(&self, seconds: f64, bytes: u64, shards: usize) {
+        let set = |what: &str, v: i64| self.savepoint_load.with_label_values(&[what]).set(v);
+        set("milliseconds", (seconds * 1e3).round() as i64);
+        set("bytes", i64::try_from(bytes).unwrap_or(i64::MAX));
+        set("shards", shards as i64);
+    }
+
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let r = Registry::new();
@@ -245,6 +256,17 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            savepoint_load: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "millrace_savepoint_loaded",
+                        "The savepoint this worker started from: `what` is milliseconds (load time), bytes, or shards.",
+                    ),
+                    &["what"],
+                )
+                .expect("valid metric"),
+            ),
         };
         #[cfg(target_os = "linux")]
         {
@@ -325,6 +347,25 @@ impl NodeMetrics {
             watermark_lag: m.watermark_lag.with_label_values(l),
             outbox_backlog: m.outbox_backlog.with_label_values(l),
             timers_pending: m.timers_pending.with_label_values(l),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+
+    #[test]
+    fn a_loaded_savepoint_is_exported_with_its_time_bytes_and_shards() {
+        let m = Metrics::new();
+        m.savepoint_loaded(1.2345, 4096, 7);
+        let text = m.render();
+        for line in [
+            r#"millrace_savepoint_loaded{what="milliseconds"} 1235"#,
+            r#"millrace_savepoint_loaded{what="bytes"} 4096"#,
+            r#"millrace_savepoint_loaded{what="shards"} 7"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
         }
     }
 }

@@ -9,8 +9,10 @@
 //! savepoint (as Flink's key groups: `engine.shards` cannot change), so a
 //! channel's producer and consumer find each other's sequence numbers again
 //! wherever they run, and the exactly-once protocol resends and drops
-//! duplicates as after any restart. The workers must all be stopped before
-//! the first export, so that no shard moves on while another is copied.
+//! duplicates as after any restart. A worker is exported once it stopped;
+//! workers may stop and export one after another (one still running cannot
+//! change one that stopped), but none may run again after its own export
+//! until the savepoint is complete.
 //!
 //! A savepoint is a directory (or object-store prefix):
 //!
