@@ -47,6 +47,12 @@
 //!   a Kafka topic through a running count into a Kafka topic, exactly once,
 //!   against the same run's raw produce-then-consume rate of the client,
 //!   on a Tansu broker started here (`MILLRACE_BENCH_KAFKA_RECORDS`, 200k).
+//! - savepoint (only with `MILLRACE_BENCH=savepoint`; needs `make
+//!   test-servers`): a running count over `MILLRACE_BENCH_SAVEPOINT_KEYS`
+//!   keys (10M), then the time and bytes to take its savepoint to a
+//!   SeaweedFS S3 store started here and to load it into a new data
+//!   directory, against the same run's raw upload and download rate of the
+//!   same store and client (objects of the same sizes).
 
 use millrace::config::Topology;
 
@@ -304,6 +310,103 @@ fn commit_interval() -> String {
 }
 
 /// P1's topology: the running count of `records` generated records over `keys` keys.
+#[path = "../tests/support/s3.rs"]
+mod s3;
+
+/// A savepoint of `keys` keys of running-count state to S3 and back,
+/// against the raw rate of the same store.
+fn savepoint_bench(keys: u64) {
+    use millrace::engine::savepoint;
+    use millrace::engine::Plan;
+
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    };
+    let store = s3::S3::start("bench", std::array::from_fn(|_| free()));
+    for (k, v) in store.env() {
+        std::env::set_var(k, v);
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = running_count(keys, keys, 16).replace("{dir}", &dir.path().display().to_string());
+    let topology = Topology::parse_str("bench.toml", &text).expect("bench topology");
+    let started = Instant::now();
+    let worker = Worker::start(
+        topology.clone(),
+        &millrace::builtins(),
+        WorkerOptions::default(),
+        Arc::new(Metrics::new()),
+    )
+    .expect("start worker");
+    while !worker
+        .wait_finished(Duration::from_millis(100))
+        .expect("worker failed")
+    {}
+    worker.shutdown().expect("last commit");
+    println!(
+        "savepoint state: {keys} keys written by a running count in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let plan = Plan::build(topology, &millrace::builtins()).expect("plan");
+    let data = dir.path().join("data");
+    let url = "s3://bench/savepoint";
+    let sp = millrace::open_savepoint_store(url).expect("S3 store");
+    let started = Instant::now();
+    let taken = savepoint::export(&data, &plan, 0, &*sp).expect("export");
+    let take = started.elapsed().as_secs_f64();
+    let new_dir = dir.path().join("loaded");
+    let started = Instant::now();
+    let loaded = savepoint::import(&new_dir, &plan, 0, &*sp, false).expect("import");
+    let load = started.elapsed().as_secs_f64();
+    assert_eq!(loaded.keys, taken.keys, "every key came back");
+    // The raw rate: objects of the shards' sizes, put and then got by the
+    // same client, with no RocksDB on either side.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&sp.get("manifest.json").expect("manifest").expect("written"))
+            .expect("manifest JSON");
+    let sizes: Vec<u64> = manifest["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .filter_map(|s| s["bytes"].as_u64())
+        .collect();
+    let raw = millrace::open_savepoint_store("s3://bench/raw").expect("S3 store");
+    let started = Instant::now();
+    for (i, n) in sizes.iter().enumerate() {
+        let body: Vec<u8> = (0..*n).map(|b| (b as u8) ^ (i as u8)).collect();
+        raw.put(&format!("object-{i}"), body).expect("put");
+    }
+    let upload = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for i in 0..sizes.len() {
+        raw.get(&format!("object-{i}"))
+            .expect("get")
+            .expect("object");
+    }
+    let download = started.elapsed().as_secs_f64();
+    let bytes = sizes.iter().sum::<u64>() as f64;
+    let mb = |secs: f64| bytes / secs / 1e6;
+    println!(
+        "savepoint take  {} shards, {} keys, {:.1} MB in {take:.2}s ({:.1} MB/s)  raw upload {:.1} MB/s  ratio {:.2}",
+        taken.shards,
+        taken.keys,
+        taken.bytes as f64 / 1e6,
+        mb(take),
+        mb(upload),
+        upload / take
+    );
+    println!(
+        "savepoint load  {} shards, {} keys in {load:.2}s ({:.1} MB/s)  raw download {:.1} MB/s  ratio {:.2}",
+        loaded.shards,
+        loaded.keys,
+        mb(load),
+        mb(download),
+        download / load
+    );
+}
+
 fn running_count(records: u64, keys: u64, shards: u32) -> String {
     let ci = commit_interval();
     format!(
@@ -334,6 +437,10 @@ fn main() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("millrace e2e benchmark: {records} records, {keys} keys, {cpus} CPUs");
 
+    if which == "savepoint" {
+        savepoint_bench(env_u64("MILLRACE_BENCH_SAVEPOINT_KEYS", 10_000_000));
+        return;
+    }
     let baseline = rocksdb_baseline(records, keys);
     println!(
         "baseline  raw RocksDB WriteBatch(1000) puts        {:>12.0} records/s",

@@ -23,3 +23,5 @@ pub use millrace_computations::builtins;
 pub use millrace_config as config;
 pub use millrace_engine as engine;
 pub use millrace_engine::{per_shard, Computation, ComputationError, Context, Record, Registry};
+/// Opens the savepoint store a URL names (`file://`, a path, or `s3://`).
+pub use savepoints::open as open_savepoint_store;

@@ -9,6 +9,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
+use support::s3::S3;
 use support::*;
 
 const RECORDS: u64 = 60_000;
@@ -224,71 +225,9 @@ fn unfitting_or_damaged_savepoints_are_refused() {
     assert!(wait_exit(&mut w, Duration::from_secs(30)).success());
 }
 
-/// SeaweedFS (`make test-servers` puts it in `target/tools/weed`) serving S3 on
-/// 127.0.0.1 with one bucket and one user; killed when dropped.
-struct S3 {
-    endpoint: String,
-    _process: Running,
-    _dir: tempfile::TempDir,
-}
-
-const S3_KEY: &str = "millrace-test-key";
-const S3_SECRET: &str = "millrace-test-secret";
-
-impl S3 {
-    fn start(bucket: &str) -> S3 {
-        let weed = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/weed");
-        assert!(
-            weed.exists(),
-            "the S3-compatible store is missing at {}: run `make test-servers` (it fetches SeaweedFS)",
-            weed.display()
-        );
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = |_| free_port().to_string();
-        let (s3, master, filer, volume, admin) = (port(0), port(1), port(2), port(3), port(4));
-        let child = std::process::Command::new(&weed)
-            .args([
-                "mini",
-                &format!("-dir={}", dir.path().display()),
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-                &format!("-s3.port={s3}"),
-                &format!("-master.port={master}"),
-                &format!("-filer.port={filer}"),
-                &format!("-volume.port={volume}"),
-                &format!("-admin.port={admin}"),
-                "-webdav=false",
-                "-admin.ui=false",
-            ])
-            .env("AWS_ACCESS_KEY_ID", S3_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
-            .env("S3_BUCKET", bucket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start SeaweedFS");
-        let endpoint = format!("http://127.0.0.1:{s3}");
-        let s = S3 {
-            endpoint,
-            _process: Running(child),
-            _dir: dir,
-        };
-        // Ready once the bucket answers a listing.
-        let ready = wait_until(Duration::from_secs(60), || {
-            http_get(&format!("127.0.0.1:{s3}"), &format!("/{bucket}"))
-                .is_some_and(|(code, _)| code == 200 || code == 403)
-        });
-        assert!(ready, "SeaweedFS did not serve S3 on {s3} within 60 s");
-        s
-    }
-
-    fn env(&self) -> [(&'static str, String); 3] {
-        [
-            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
-            ("AWS_ACCESS_KEY_ID", S3_KEY.to_owned()),
-            ("AWS_SECRET_ACCESS_KEY", S3_SECRET.to_owned()),
-        ]
-    }
+/// SeaweedFS on ports no other test process holds.
+fn start_s3(bucket: &str) -> S3 {
+    S3::start(bucket, std::array::from_fn(|_| free_port()))
 }
 
 /// `millrace savepoint` for every worker of `net` to `to`, with `env`;
@@ -319,7 +258,7 @@ fn export_all(net: &ClusterNet, topo: &Path, to: &str, env: &[(&str, String)]) {
 
 #[test]
 fn three_workers_to_s3_to_two_to_a_directory_to_four_exactly_once() {
-    let s3 = S3::start("savepoints");
+    let s3 = start_s3("savepoints");
     let env = s3.env();
     let s = Scratch::new();
     let out = s.path("out.jsonl");

@@ -313,6 +313,7 @@ pub fn lines(p: &Path) -> Vec<String> {
 }
 
 pub mod proxy;
+pub mod s3;
 
 /// One value of a Prometheus series from a worker's `/metrics`, e.g.
 /// `millrace_net_refused_total{reason="secret"}`; None when absent.

@@ -1,0 +1,104 @@
+//! SeaweedFS (`make test-servers` puts it in `target/tools/weed`) serving
+//! S3 on 127.0.0.1 with one bucket and one user; killed when dropped. Used
+//! by the savepoint tests (through `support`) and by the savepoint
+//! benchmark (`#[path]`), so it needs nothing else from `support`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const S3_KEY: &str = "millrace-test-key";
+pub const S3_SECRET: &str = "millrace-test-secret";
+
+pub struct S3 {
+    pub endpoint: String,
+    process: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+impl S3 {
+    /// Starts SeaweedFS with `bucket`, its services on `ports` (S3, master,
+    /// filer, volume, admin), and waits until the bucket answers.
+    pub fn start(bucket: &str, ports: [u16; 5]) -> S3 {
+        let weed = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/weed");
+        assert!(
+            weed.exists(),
+            "the S3-compatible store is missing at {}: run `make test-servers` (it fetches SeaweedFS)",
+            weed.display()
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let [s3, master, filer, volume, admin] = ports;
+        let child = Command::new(&weed)
+            .args([
+                "mini",
+                &format!("-dir={}", dir.path().display()),
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                &format!("-s3.port={s3}"),
+                &format!("-master.port={master}"),
+                &format!("-filer.port={filer}"),
+                &format!("-volume.port={volume}"),
+                &format!("-admin.port={admin}"),
+                "-webdav=false",
+                "-admin.ui=false",
+            ])
+            .env("AWS_ACCESS_KEY_ID", S3_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+            .env("S3_BUCKET", bucket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start SeaweedFS");
+        let s = S3 {
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            process: child,
+            _dir: dir,
+        };
+        // Ready once the bucket answers a listing.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !bucket_answers(s3, bucket) {
+            assert!(
+                Instant::now() < deadline,
+                "SeaweedFS did not serve S3 on {s3} within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    /// The variables that point a client at it.
+    pub fn env(&self) -> [(&'static str, String); 3] {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", S3_KEY.to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET.to_owned()),
+        ]
+    }
+}
+
+fn bucket_answers(port: u16, bucket: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if write!(
+        s,
+        "GET /{bucket} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    matches!(buf.split_whitespace().nth(1), Some("200" | "403"))
+}
