@@ -160,6 +160,17 @@ impl Client {
             .expect("test producer flush");
     }
 
+    /// Produces the records one request each (flushing after each), so
+    /// that each is its own record batch.
+    pub fn produce_each(&self, topic: &str, partition: i32, records: &[(String, String, i64)]) {
+        let p = self.producer();
+        for r in records {
+            queue(&p, topic, partition, r);
+            p.flush(Duration::from_secs(30))
+                .expect("test producer flush");
+        }
+    }
+
     /// Every record of `topic`, partition by partition in offset order: read
     /// from the start of each partition until the broker says it is at the
     /// end (a fetch's end-of-partition; the broker's listed offsets are not
