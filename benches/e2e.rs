@@ -48,11 +48,12 @@
 //!   against the same run's raw produce-then-consume rate of the client,
 //!   on a Tansu broker started here (`MILLRACE_BENCH_KAFKA_RECORDS`, 200k).
 //! - savepoint (only with `MILLRACE_BENCH=savepoint`; needs `make
-//!   test-servers`): a running count over `MILLRACE_BENCH_SAVEPOINT_KEYS`
-//!   keys (10M), then the time and bytes to take its savepoint to a
-//!   SeaweedFS S3 store started here and to load it into a new data
-//!   directory, against the same run's raw upload and download rate of the
-//!   same store and client (objects of the same sizes).
+//!   test-servers`): a running count of `MILLRACE_BENCH_SAVEPOINT_RECORDS`
+//!   (16M) records over as many possible keys (about 10.1M of them drawn),
+//!   then the time and bytes to take its savepoint to a SeaweedFS S3 store
+//!   started here and to load it into a new data directory, against the
+//!   same run's raw upload and download rate of the same store and client
+//!   (objects of the same sizes), and the load against raw RocksDB puts.
 
 use millrace::config::Topology;
 
@@ -313,8 +314,8 @@ fn commit_interval() -> String {
 #[path = "../tests/support/s3.rs"]
 mod s3;
 
-/// A savepoint of `keys` keys of running-count state to S3 and back,
-/// against the raw rate of the same store.
+/// A savepoint of the running-count state of `keys` records over `keys`
+/// possible keys to S3 and back, against the raw rate of the same store.
 fn savepoint_bench(keys: u64) {
     use millrace::engine::savepoint;
     use millrace::engine::Plan;
@@ -346,7 +347,7 @@ fn savepoint_bench(keys: u64) {
     {}
     worker.shutdown().expect("last commit");
     println!(
-        "savepoint state: {keys} keys written by a running count in {:.1}s",
+        "savepoint state: a running count of {keys} records over {keys} possible keys in {:.1}s",
         started.elapsed().as_secs_f64()
     );
     let plan = Plan::build(topology, &millrace::builtins()).expect("plan");
@@ -405,6 +406,14 @@ fn savepoint_bench(keys: u64) {
         mb(download),
         download / load
     );
+    // A load is a write of every key into RocksDB: against the same run's
+    // raw RocksDB puts of as many keys.
+    let puts = rocksdb_baseline(loaded.keys, loaded.keys);
+    println!(
+        "savepoint load  {:.0} keys/s  raw RocksDB WriteBatch(1000) puts {puts:.0} keys/s  ratio {:.2}",
+        loaded.keys as f64 / load,
+        loaded.keys as f64 / load / puts
+    );
 }
 
 fn running_count(records: u64, keys: u64, shards: u32) -> String {
@@ -438,7 +447,7 @@ fn main() {
     println!("millrace e2e benchmark: {records} records, {keys} keys, {cpus} CPUs");
 
     if which == "savepoint" {
-        savepoint_bench(env_u64("MILLRACE_BENCH_SAVEPOINT_KEYS", 10_000_000));
+        savepoint_bench(env_u64("MILLRACE_BENCH_SAVEPOINT_RECORDS", 16_000_000));
         return;
     }
     let baseline = rocksdb_baseline(records, keys);

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 mod recover;
 mod replay;
+#[cfg(test)]
+mod tests;
 
 pub(crate) use recover::restore_timers;
 pub(crate) use replay::{send_early, ReplayLog};
