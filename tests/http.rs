@@ -1,6 +1,7 @@
 //! The worker's HTTP server against hostile and unauthenticated clients:
 //! half-sent requests time out, connections are bounded, and a configured
-//! token guards `/status` and `/tap` while `/metrics` stays open.
+//! token guards `/status`, `/tap` and `POST /stop` while `/metrics` stays
+//! open.
 
 mod support;
 
@@ -171,4 +172,67 @@ fn the_status_page_and_the_figures_it_draws() {
     assert!(gen["history"].as_array().expect("history").len() <= 300);
     term(&child);
     assert!(wait_exit(&mut child, T).success());
+}
+
+/// `method path` with extra header lines; returns the status and the body.
+fn request(addr: &str, method: &str, path: &str, headers: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    let code = answer.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, answer.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+#[test]
+fn stop_over_http_needs_the_token_and_a_usable_savepoint_url_and_drains() {
+    let s = Scratch::new();
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut child = spawn(&running(&s, "http_token = \"stop-it\""), &http);
+    assert!(wait_until(T, || http_get(&http, "/healthz")
+        .is_some_and(|(c, _)| c == 200)));
+    let token = "Authorization: Bearer stop-it\r\n";
+    assert_eq!(request(&http, "POST", "/stop", "").map(|r| r.0), Some(401));
+    assert_eq!(
+        request(&http, "GET", "/stop", token).map(|r| r.0),
+        Some(405)
+    );
+    assert_eq!(
+        request(&http, "PUT", "/status", token).map(|r| r.0),
+        Some(405)
+    );
+    let (code, body) = request(
+        &http,
+        "POST",
+        "/stop?savepoint=ftp%3A%2F%2Fhost%2Fsp",
+        token,
+    )
+    .expect("answer");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("`ftp://` is not supported"), "{body}");
+    // Refused requests stop nothing.
+    assert_eq!(http_get(&http, "/healthz").map(|(c, _)| c), Some(200));
+    assert!(child.try_wait().expect("try_wait").is_none());
+    let stop = millrace()
+        .args(["stop", "--http", &http])
+        .env("MILLRACE_HTTP_TOKEN", "stop-it")
+        .output()
+        .expect("millrace stop");
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    assert!(wait_exit(&mut child, T).success(), "drained and exited");
+    // What it wrote is whole: every line one record.
+    let out = lines(&s.path("out.jsonl"));
+    assert!(!out.is_empty());
+    assert!(out
+        .iter()
+        .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
 }
