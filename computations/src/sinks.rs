@@ -179,14 +179,21 @@ impl Sink for FileSink {
 pub struct StdoutSink {
     format: OutputFormat,
     buf: Vec<u8>,
+    /// Standard output, or what a test reads instead.
+    out: Box<dyn Write + Send>,
 }
 
 impl StdoutSink {
     /// A sink writing `format` lines to stdout.
     pub fn new(format: OutputFormat) -> Self {
+        Self::to(format, Box::new(std::io::stdout()))
+    }
+
+    fn to(format: OutputFormat, out: Box<dyn Write + Send>) -> Self {
         StdoutSink {
             format,
             buf: Vec::new(),
+            out,
         }
     }
 }
@@ -202,7 +209,7 @@ impl Sink for StdoutSink {
     }
 
     fn flush(&mut self, _sync: bool) -> Result<Vec<u8>, SinkError> {
-        let mut out = std::io::stdout().lock();
+        let out = &mut self.out;
         out.write_all(&self.buf)
             .and_then(|_| out.flush())
             .map_err(|source| SinkError {
@@ -236,6 +243,41 @@ mod tests {
             value: Bytes::copy_from_slice(v.as_bytes()),
             timestamp: 5,
         }
+    }
+
+    /// What a test sink wrote, shared with the test.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_stdout_sink_writes_its_lines_at_each_flush_and_keeps_no_position() {
+        let seen = Captured::default();
+        let mut s = StdoutSink::to(OutputFormat::Text, Box::new(seen.clone()));
+        s.open(None).unwrap();
+        s.write(&rec("a", "1")).unwrap();
+        s.write(&rec("b", "2")).unwrap();
+        assert!(
+            seen.0.lock().unwrap().is_empty(),
+            "nothing before the flush"
+        );
+        assert_eq!(s.flush(false).unwrap(), Vec::<u8>::new(), "no position");
+        s.write(&rec("c", "3")).unwrap();
+        s.flush(false).unwrap();
+        assert_eq!(
+            String::from_utf8(seen.0.lock().unwrap().clone()).unwrap(),
+            "a\t1\nb\t2\nc\t3\n",
+            "each line once"
+        );
     }
 
     #[test]

@@ -81,9 +81,10 @@ impl Sink for Collect {
     }
 }
 
-/// Runs 3,000 records through source -> running -> sink, recording steps.
-fn run_recorded() -> (Vec<Step>, u64) {
-    let dir = tempfile::tempdir().expect("temp dir");
+/// Runs 3,000 records through source -> running -> sink on `dir`, to the
+/// end, recording each executor's steps; returns them and how many records
+/// reached the sink in this run.
+fn run_recorded(dir: &std::path::Path) -> (Vec<Step>, u64) {
     let written = Arc::new(Mutex::new(0));
     let mut registry = Registry::new();
     registry.source("numbers", |_| Ok(Box::new(Numbers { n: 3000, next: 0 })));
@@ -109,7 +110,7 @@ inputs = ["src"]
 type = "collect"
 inputs = ["counts"]
 "#,
-            dir.path().display()
+            dir.display()
         ),
     )
     .expect("topology");
@@ -130,8 +131,13 @@ inputs = ["counts"]
 
 #[test]
 fn nothing_leaves_an_executor_before_its_turns_commit_returns() {
-    let (steps, written) = run_recorded();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (steps, written) = run_recorded(dir.path());
     assert_eq!(written, 3000, "every record reached the sink once");
+    // Everything was committed: started again on the same data, the
+    // worker finds the source at its end and nothing left to deliver.
+    let (_, again) = run_recorded(dir.path());
+    assert_eq!(again, 0, "a second run on committed data delivers nothing");
     // Per executor: whether the current turn's commit has returned.
     let mut committed = [true, true];
     let (mut late, mut early) = (0, 0);
