@@ -14,10 +14,12 @@ use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// `n` records over 7 keys; replayable from its position.
+/// `n` records over 7 keys; replayable from its position. Counts what it
+/// reads in `read`.
 struct Numbers {
     n: u64,
     next: u64,
+    read: Arc<Mutex<u64>>,
 }
 
 impl Source for Numbers {
@@ -38,6 +40,7 @@ impl Source for Numbers {
                 self.next as i64,
             );
             self.next += 1;
+            *self.read.lock() += 1;
         }
         Ok(SourcePoll::Ready)
     }
@@ -81,13 +84,29 @@ impl Sink for Collect {
     }
 }
 
+/// What one run did.
+struct Run {
+    steps: Vec<Step>,
+    /// Records the source read.
+    read: u64,
+    /// Records the sink got.
+    written: u64,
+}
+
 /// Runs 3,000 records through source -> running -> sink on `dir`, to the
-/// end, recording each executor's steps; returns them and how many records
-/// reached the sink in this run.
-fn run_recorded(dir: &std::path::Path) -> (Vec<Step>, u64) {
+/// end, recording each executor's steps.
+fn run_recorded(dir: &std::path::Path) -> Run {
     let written = Arc::new(Mutex::new(0));
+    let read = Arc::new(Mutex::new(0));
     let mut registry = Registry::new();
-    registry.source("numbers", |_| Ok(Box::new(Numbers { n: 3000, next: 0 })));
+    let r = Arc::clone(&read);
+    registry.source("numbers", move |_| {
+        Ok(Box::new(Numbers {
+            n: 3000,
+            next: 0,
+            read: Arc::clone(&r),
+        }))
+    });
     registry.computation("running", |_| Ok(per_shard(Running)));
     let w = Arc::clone(&written);
     registry.sink("collect", move |_| Ok(Box::new(Collect(Arc::clone(&w)))));
@@ -125,19 +144,36 @@ inputs = ["counts"]
         .expect("no failure"));
     worker.shutdown().expect("shutdown");
     let steps = log.lock().clone();
-    let n = *written.lock();
-    (steps, n)
+    let (read, written) = (*read.lock(), *written.lock());
+    Run {
+        steps,
+        read,
+        written,
+    }
 }
 
 #[test]
 fn nothing_leaves_an_executor_before_its_turns_commit_returns() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (steps, written) = run_recorded(dir.path());
-    assert_eq!(written, 3000, "every record reached the sink once");
-    // Everything was committed: started again on the same data, the
-    // worker finds the source at its end and nothing left to deliver.
-    let (_, again) = run_recorded(dir.path());
-    assert_eq!(again, 0, "a second run on committed data delivers nothing");
+    let Run {
+        steps,
+        read,
+        written,
+    } = run_recorded(dir.path());
+    assert_eq!(
+        (read, written),
+        (3000, 3000),
+        "every record read and delivered once"
+    );
+    // Everything was committed, the replayable source's position too (only
+    // once all it produced was acknowledged): started again on the same
+    // data, the worker finds the source at its end and nothing to deliver.
+    let again = run_recorded(dir.path());
+    assert_eq!(
+        (again.read, again.written),
+        (0, 0),
+        "a second run on committed data reads and delivers nothing"
+    );
     // Per executor: whether the current turn's commit has returned.
     let mut committed = [true, true];
     let (mut late, mut early) = (0, 0);
