@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use support::*;
 
+const T: Duration = Duration::from_secs(60);
+
 /// generator -> count (6 shards) -> file sink, on the workers of `net`.
 /// Shards are dealt in file order: gen is shard 0, the counts 1..=6, the
 /// sink 7, each on worker `shard % workers`.
@@ -608,4 +610,75 @@ fn the_status_page_sums_each_component_over_the_workers() {
             v["workers"][1]["reachable"] == false && counts(&v)["local_shards"] == 3
         })
     }));
+}
+
+/// The window shards of a restarted worker learn the watermark of their
+/// upstream shards on other workers again when the link comes back (their
+/// own data directory holds only the watermarks of local shards): a record
+/// behind the watermark reached before the crash is late after it.
+#[test]
+fn a_restarted_worker_gets_its_remote_inputs_watermarks_again() {
+    let s = Scratch::new();
+    let net = ClusterNet::new(2);
+    let extra = format!("aggregate = \"count\"\n{}", net.toml("test-secret"));
+    let topo = window_topology(
+        &s,
+        "threads = 1",
+        "{ kind = \"fixed\", size = \"10s\" }",
+        &extra,
+        "{ out_of_order = \"0s\" }",
+    );
+    let (out, late) = (s.path("out.txt"), s.path("late.txt"));
+    let mut workers: Vec<Running> = (0..2).map(|i| net.spawn(&topo, i, false, &[])).collect();
+    // The watermark reaches 40 s everywhere; window [0, 10) fires for `a`.
+    add(&s.path("in"), "1.csv", "a,1,x\nz,40,q\n");
+    assert!(wait_until(T, || lines(&out)
+        .iter()
+        .any(|l| l.starts_with("a\t"))));
+    // Kill the worker without the source, and start it again.
+    let local_shards = |i: usize, component: &str| -> Option<u64> {
+        let (_, body) = http_get(&net.http[i], "/status")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["components"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == component)?["local_shards"]
+            .as_u64()
+    };
+    let source = (0..2)
+        .find(|&i| local_shards(i, "events") == Some(1))
+        .expect("one worker runs the source");
+    let other = 1 - source;
+    kill9(&mut workers[other]);
+    workers[other] = net.spawn(&topo, other, false, &[]);
+    let up = |i: usize, peer: usize| {
+        metric(
+            &net.http[i],
+            &format!("millrace_net_peer_up{{peer=\"{}\"}}", net.ids[peer]),
+        ) == Some(1.0)
+    };
+    assert!(
+        wait_until(T, || up(other, source) && up(source, other)),
+        "reconnected"
+    );
+    // Records at 5 s for twenty keys: every window shard gets some, and all
+    // are behind the 40 s reached before the crash.
+    let body: String = (0..20).map(|k| format!("b{k},5,y\n")).collect();
+    add(&s.path("in"), "2.csv", &body);
+    assert!(
+        wait_until(T, || lines(&late).len() >= 20),
+        "late: {:?}, out: {:?}",
+        lines(&late),
+        lines(&out)
+    );
+    assert_eq!(lines(&late).len(), 20);
+    assert!(
+        lines(&out).iter().all(|l| !l.starts_with('b')),
+        "no pane for a late record: {:?}",
+        lines(&out)
+    );
+    for w in &workers {
+        term(w);
+    }
+    wait_all_exit(&mut workers, T);
 }
