@@ -44,8 +44,9 @@
 //!   share of records that crossed the network
 //!   (`MILLRACE_BENCH_CLUSTER_RECORDS` records, default 2M).
 //! - kafka (only with `MILLRACE_BENCH=kafka`; needs `make test-servers`):
-//!   a Kafka topic through a running count into a Kafka topic, exactly once,
-//!   against the same run's raw produce-then-consume rate of the client,
+//!   a Kafka topic through a running count into a Kafka topic, exactly once
+//!   without and with transactions, against the same run's raw
+//!   produce-then-consume rate of the client,
 //!   on a Tansu broker started here (`MILLRACE_BENCH_KAFKA_RECORDS`, 200k).
 //! - savepoint (only with `MILLRACE_BENCH=savepoint`; needs `make
 //!   test-servers`): a running count of `MILLRACE_BENCH_SAVEPOINT_RECORDS`
@@ -728,7 +729,7 @@ fn kafka_bench(n: u64) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    for (topic, partitions) in [("raw", "4"), ("in", "4"), ("out", "2")] {
+    for (topic, partitions) in [("raw", "4"), ("in", "4"), ("out", "2"), ("out_tx", "2")] {
         let ok = std::process::Command::new(&tansu)
             .args([
                 "topic",
@@ -797,8 +798,18 @@ fn kafka_bench(n: u64) {
     );
 
     produce("in");
-    let text = format!(
-        r#"
+    // The same pipeline without and with transactions, each from a fresh
+    // data directory reading the same input.
+    for (out, sink, what) in [
+        ("out", "", "exactly-once      "),
+        (
+            "out_tx",
+            "transactional_id = \"bench\"",
+            "transactional     ",
+        ),
+    ] {
+        let text = format!(
+            r#"
 [service]
 data_dir = "{{dir}}/data"
 http = "off"
@@ -817,42 +828,44 @@ inputs = [{{ from = "in", key = "json:/w" }}]
 type = "kafka"
 inputs = ["counts"]
 brokers = "{addr}"
-topic = "out"
+topic = "{out}"
+{sink}
 "#
-    );
-    let dir = tempfile::tempdir().expect("temp dir");
-    let text = text.replace("{dir}", &dir.path().display().to_string());
-    let topology = Topology::parse_str("kafka-bench.toml", &text).expect("topology");
-    let started = Instant::now();
-    let worker = Worker::start(
-        topology,
-        &millrace::builtins(),
-        WorkerOptions::default(),
-        Arc::new(Metrics::new()),
-    )
-    .expect("start worker");
-    loop {
-        let written = worker
-            .status()
-            .into_iter()
-            .find(|c| c.name == "out")
-            .map_or(0, |c| c.records_in);
-        if written >= n {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(1800),
-            "kafka bench did not finish"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text = text.replace("{dir}", &dir.path().display().to_string());
+        let topology = Topology::parse_str("kafka-bench.toml", &text).expect("topology");
+        let started = Instant::now();
+        let worker = Worker::start(
+            topology,
+            &millrace::builtins(),
+            WorkerOptions::default(),
+            Arc::new(Metrics::new()),
+        )
+        .expect("start worker");
+        loop {
+            let written = worker
+                .status()
+                .into_iter()
+                .find(|c| c.name == "out")
+                .map_or(0, |c| c.records_in);
+            if written >= n {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(1800),
+                "kafka bench did not finish"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let secs = started.elapsed().as_secs_f64();
+        worker.shutdown().expect("shutdown");
+        let rate = n as f64 / secs;
+        println!(
+            "kafka     kafka -> count -> kafka, {what}{rate:>12.0} records/s  ({secs:.1}s)  ratio to raw client {:.2}",
+            rate / raw
+        );
     }
-    let secs = started.elapsed().as_secs_f64();
-    worker.shutdown().expect("shutdown");
     let _ = broker.kill();
     let _ = broker.wait();
-    let rate = n as f64 / secs;
-    println!(
-        "kafka     kafka -> count -> kafka, exactly-once       {rate:>12.0} records/s  ({secs:.1}s)  ratio to raw client {:.2}",
-        rate / raw
-    );
 }

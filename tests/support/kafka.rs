@@ -149,6 +149,18 @@ impl Client {
             .expect("test producer")
     }
 
+    /// A transactional producer under `id`, its transactions initialised.
+    pub fn transactional_producer(&self, id: &str) -> BaseProducer {
+        let p: BaseProducer = self
+            .config()
+            .set("transactional.id", id)
+            .create()
+            .expect("test producer");
+        p.init_transactions(Duration::from_secs(30))
+            .expect("init transactions");
+        p
+    }
+
     /// Produces `(key, value, timestamp ms)` records to `partition`, waiting
     /// for every acknowledgement.
     pub fn produce(&self, topic: &str, partition: i32, records: &[(String, String, i64)]) {
@@ -227,7 +239,7 @@ impl Client {
 }
 
 /// Queues one `(key, value, timestamp ms)` record on `p`.
-fn queue(p: &BaseProducer, topic: &str, partition: i32, (k, v, ts): &(String, String, i64)) {
+pub fn queue(p: &BaseProducer, topic: &str, partition: i32, (k, v, ts): &(String, String, i64)) {
     let mut rec = BaseRecord::to(topic)
         .key(k.as_bytes())
         .payload(v.as_bytes())

@@ -20,6 +20,8 @@ pub(super) struct KafkaMetrics {
     pub errors: IntCounterVec,
     /// Set-up retries (metadata, assignment, read-back), by component.
     pub retries: IntCounterVec,
+    /// Transactions a transactional sink committed, by component.
+    pub transactions: IntCounterVec,
 }
 
 pub(super) fn metrics() -> &'static KafkaMetrics {
@@ -62,12 +64,17 @@ pub(super) fn metrics() -> &'static KafkaMetrics {
             ),
             errors: counter(
                 "millrace_kafka_errors_total",
-                "Kafka client errors, by kind (connect, produce, consume, decode).",
+                "Kafka client errors, by kind (connect, produce, transaction, too_large, consume, decode).",
                 &["component", "kind"],
             ),
             retries: counter(
                 "millrace_kafka_retries_total",
                 "Kafka set-up steps retried after a failure (metadata, assignment, read-back).",
+                &["component"],
+            ),
+            transactions: counter(
+                "millrace_kafka_transactions_total",
+                "Transactions a transactional Kafka sink committed (one per commit that wrote).",
                 &["component"],
             ),
         }

@@ -18,6 +18,9 @@
 //! was acknowledged in each partition. At a restart, the sink reads the topic
 //! from that position to its end and skips re-deliveries of the ids it finds
 //! there, so a crash between a produce and its commit leaves no duplicate.
+//! With `transactional_id`, each commit that wrote is one Kafka transaction,
+//! and the start's `init_transactions` fences off a killed run's requests
+//! still in flight, which could otherwise land after the read-back.
 //!
 //! Both retry an unreachable broker with backoff (librdkafka reconnects; the
 //! source also retries its set-up), report it on `/healthz`, and count it.
@@ -151,6 +154,39 @@ inputs = ["k"]
         millrace_engine::Plan::build(t, &crate::builtins())
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    fn validate_sink(extra: &str) -> Result<(), String> {
+        let t = Topology::parse_str(
+            "k.toml",
+            &format!(
+                r#"
+[sources.gen]
+type = "generator"
+[sinks.k]
+type = "kafka"
+inputs = ["gen"]
+brokers = "127.0.0.1:9"
+topic = "t"
+{extra}
+"#
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        millrace_engine::Plan::build(t, &crate::builtins())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn transactions_are_the_sinks_option_not_a_property() {
+        assert_eq!(validate_sink(r#"transactional_id = "app-out""#), Ok(()));
+        let e = validate_sink(r#"properties = { "transactional.id" = "x" }"#).unwrap_err();
+        assert!(e.contains("`transactional_id`"), "{e}");
+        let e = validate_sink(r#"transactional_id = " ""#).unwrap_err();
+        assert!(e.contains("empty transactional id"), "{e}");
+        let e = validate_sink(r#"properties = { "enable.idempotence" = false }"#).unwrap_err();
+        assert!(e.contains("must stay `true`"), "{e}");
     }
 
     #[test]

@@ -31,6 +31,10 @@ struct Options {
     /// How long a flush (every commit) and the read-back at a restart may
     /// wait for the broker before the worker stops (and is restarted).
     timeout: Option<HumanDuration>,
+    /// Turns on transactions: one Kafka transaction per commit under this
+    /// `transactional.id`, which must stay the same across restarts and
+    /// moves and belong to no other writer.
+    transactional_id: Option<String>,
 }
 
 fn raw() -> Format {
@@ -112,6 +116,8 @@ pub struct KafkaSink {
     reader_config: ClientConfig,
     format: Format,
     timeout: Duration,
+    /// One Kafka transaction per commit (the `transactional_id` option).
+    transactional: bool,
     epoch: u64,
     producer: Option<BaseProducer<SinkContext>>,
     /// End offsets of what the last commit covers, by partition.
@@ -194,6 +200,48 @@ impl KafkaSink {
         Ok(())
     }
 
+    /// Runs a set-up step until it succeeds, with backoff, for at most the
+    /// sink's timeout; reports and counts each failure.
+    fn retrying(
+        &mut self,
+        what: &str,
+        mut step: impl FnMut(&mut Self) -> Result<(), String>,
+    ) -> Result<(), SinkError> {
+        let mut backoff = Duration::from_millis(500);
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            match step(self) {
+                Ok(()) => break,
+                Err(why) if Instant::now() + backoff < deadline => {
+                    metrics()
+                        .retries
+                        .with_label_values(&[&self.component])
+                        .inc();
+                    health::report(&health_name(&self.component), why.clone());
+                    tracing::warn!(component = %self.component, retry_in = ?backoff, "kafka sink: {why}; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+                Err(why) => {
+                    health::report(&health_name(&self.component), why.clone());
+                    return Err(error(what, why));
+                }
+            }
+        }
+        health::clear(&health_name(&self.component));
+        Ok(())
+    }
+
+    /// Opens the transaction the writes until the next commit go into.
+    fn begin(&self) -> Result<(), SinkError> {
+        self.producer()?.begin_transaction().map_err(|e| {
+            error(
+                format!("kafka sink `{}`", self.component),
+                format!("beginning a transaction: {e}"),
+            )
+        })
+    }
+
     fn producer(&self) -> Result<&BaseProducer<SinkContext>, SinkError> {
         self.producer
             .as_ref()
@@ -221,32 +269,25 @@ impl Sink for KafkaSink {
             })
             .map_err(|e| error(&what, format!("creating the producer: {e}")))?;
         self.producer = Some(producer);
+        if self.transactional {
+            // Bumps the producer epoch of the transactional id: the broker
+            // aborts what a killed process left open and refuses its requests
+            // still in flight, so none can land after the read-back.
+            self.retrying(&what, |sink| {
+                sink.producer()
+                    .map_err(|e| e.to_string())?
+                    .init_transactions(sink.timeout)
+                    .map_err(|e| format!("initialising transactions: {e}"))
+            })?;
+        }
         // Nothing can have been written before the first commit of a first
         // start; after any other start, what the topic holds past the
         // committed position may be re-delivered, so it is read back.
         if position.is_some() || self.epoch > 1 {
-            let mut backoff = Duration::from_millis(500);
-            let deadline = Instant::now() + self.timeout;
-            loop {
-                match self.read_back() {
-                    Ok(()) => break,
-                    Err(why) if Instant::now() + backoff < deadline => {
-                        metrics()
-                            .retries
-                            .with_label_values(&[&self.component])
-                            .inc();
-                        health::report(&health_name(&self.component), why.clone());
-                        tracing::warn!(component = %self.component, retry_in = ?backoff, "kafka sink: {why}; retrying");
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                    }
-                    Err(why) => {
-                        health::report(&health_name(&self.component), why.clone());
-                        return Err(error(&what, why));
-                    }
-                }
-            }
-            health::clear(&health_name(&self.component));
+            self.retrying(&what, Self::read_back)?;
+        }
+        if self.transactional {
+            self.begin()?;
         }
         Ok(())
     }
@@ -284,6 +325,24 @@ impl Sink for KafkaSink {
                 &what,
                 format!("a record was not acknowledged: {why}"),
             ));
+        }
+        if self.transactional {
+            // A failure leaves the transaction to be aborted by the next
+            // start's `init_transactions`; the worker stops and restarts
+            // from its last commit.
+            producer.commit_transaction(timeout).map_err(|e| {
+                metrics()
+                    .errors
+                    .with_label_values(&[&self.component, "transaction"])
+                    .inc();
+                health::report(&health_name(&self.component), e.to_string());
+                error(&what, format!("committing the transaction: {e}"))
+            })?;
+            metrics()
+                .transactions
+                .with_label_values(&[&self.component])
+                .inc();
+            self.begin()?;
         }
         let acked = std::mem::take(&mut *ctx.acked.lock());
         for (p, end) in acked {
@@ -381,12 +440,30 @@ fn build(c: &Component) -> Result<KafkaSink, ConfigError> {
         client_id: o.client_id,
         properties: o.properties,
     };
-    let producer_config = client.config(
+    if client.properties.contains_key("transactional.id") {
+        return Err(c.options.error(
+            Some("properties"),
+            "set `transactional_id` on the sink instead of `transactional.id`: \
+             the sink then opens and commits the transactions",
+        ));
+    }
+    let transactional_id = match o.transactional_id {
+        Some(id) if id.trim().is_empty() => {
+            return Err(c
+                .options
+                .error(Some("transactional_id"), "an empty transactional id"))
+        }
+        id => id,
+    };
+    let mut producer_config = client.config(
         c,
         // Java's partitioner, so that keys land where other clients put them.
         &[("partitioner", "murmur2_random"), ("linger.ms", "1")],
         &[("enable.idempotence", "true"), ("acks", "all")],
     )?;
+    if let Some(id) = &transactional_id {
+        producer_config.set("transactional.id", id);
+    }
     let mut reader = client.clone();
     reader.properties.clear();
     for (k, v) in &client.properties {
@@ -401,8 +478,17 @@ fn build(c: &Component) -> Result<KafkaSink, ConfigError> {
         &[
             ("enable.auto.commit", "false"),
             ("enable.partition.eof", "true"),
-            // Everything written, committed in a transaction or not.
-            ("isolation.level", "read_uncommitted"),
+            // Without transactions: everything written. With them: what
+            // committed transactions hold, since an aborted one's records
+            // are not in the output and must be written again.
+            (
+                "isolation.level",
+                if transactional_id.is_some() {
+                    "read_committed"
+                } else {
+                    "read_uncommitted"
+                },
+            ),
         ],
     )?;
     Ok(KafkaSink {
@@ -412,6 +498,7 @@ fn build(c: &Component) -> Result<KafkaSink, ConfigError> {
         reader_config,
         format: o.format,
         timeout: o.timeout.map_or(Duration::from_secs(30), |d| d.0),
+        transactional: transactional_id.is_some(),
         epoch: 1,
         producer: None,
         committed: BTreeMap::new(),
