@@ -256,6 +256,27 @@ mod tests {
     }
 
     #[test]
+    fn numbering_backlog_and_unsent_follow_pushes_sends_acks_and_rewinds() {
+        let mut out = OutChannel::new(3);
+        assert!(!out.take_dirty(), "nothing numbered yet");
+        assert!(!out.has_unsent());
+        assert_eq!((out.push(env(3)), out.push(env(4))), (3, 4));
+        assert_eq!(out.next_seq(), 5);
+        assert!(out.take_dirty(), "the next number changed");
+        assert!(!out.take_dirty(), "told once");
+        assert_eq!(out.backlog(), 2);
+        assert!(out.has_unsent());
+        assert_eq!(sent(&mut out), [3, 4]);
+        assert!(!out.has_unsent(), "everything went out");
+        assert_eq!(out.backlog(), 2, "sent is not acknowledged");
+        out.ack(3, |_, _| {});
+        assert_eq!(out.backlog(), 1);
+        out.rewind();
+        assert!(out.has_unsent(), "a rewind sends the unacknowledged again");
+        assert!(!out.take_dirty(), "acks and rewinds number nothing");
+    }
+
+    #[test]
     fn an_ack_past_what_was_numbered_acknowledges_only_what_was() {
         let mut out = OutChannel::new(1);
         out.push(env(1));

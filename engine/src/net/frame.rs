@@ -457,7 +457,15 @@ mod tests {
             (any::<u32>(), any::<u64>()).prop_map(|(ch, upto)| Frame::Ack { ch, upto }),
             (any::<u32>(), any::<i64>(), any::<bool>())
                 .prop_map(|(from, wm, idle)| Frame::Watermark { from, wm, idle }),
-            (0u8..16).prop_map(|f| Frame::Status(Status::from_flags(f))),
+            // Built from its fields, so the round trip checks both directions.
+            any::<[bool; 4]>().prop_map(|[done, finished, stopping, drained]| {
+                Frame::Status(Status {
+                    done,
+                    finished,
+                    stopping,
+                    drained,
+                })
+            }),
             any::<[u8; MAC_LEN]>().prop_map(|mac| Frame::Seal { mac }),
         ]
     }
@@ -529,6 +537,27 @@ mod tests {
                 Ok(Some(g)) => prop_assert!(false, "corrupt frame decoded as {:?}", g),
             }
         }
+    }
+
+    #[test]
+    fn a_frame_of_the_largest_length_is_awaited_and_room_is_made_for_it() {
+        let mut header = BytesMut::new();
+        header.put_u32(MAX_FRAME as u32);
+        header.put_u32(0);
+        header.put_u8(1);
+        assert_eq!(Frame::take_raw(&mut header), Ok(None), "not whole yet");
+        assert!(
+            header.capacity() >= HEADER_LEN + MAX_FRAME,
+            "the buffer is made to hold the whole frame at once: {}",
+            header.capacity()
+        );
+        let mut over = BytesMut::new();
+        over.put_u32(MAX_FRAME as u32 + 1);
+        over.put_u32(0);
+        assert_eq!(
+            Frame::take_raw(&mut over),
+            Err(FrameError::BadLength(MAX_FRAME as u32 + 1))
+        );
     }
 
     #[test]
