@@ -183,3 +183,245 @@ impl Router {
         emits.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! `Router::route` on a small plan: `a` produces to `b` (keyed by
+    //! `json:/k`) and its errors output goes to `e`.
+
+    use super::Router;
+    use crate::keyed_state::KeyedState;
+    use crate::metrics::{Metrics, NodeMetrics};
+    use crate::plan::{Plan, ERRORS_PORT_INDEX};
+    use crate::record::{EARLIEST_EVENT_TIME, LATEST_EVENT_TIME};
+    use crate::scope::Emit;
+    use crate::shard::{Body, ShardRt};
+    use crate::shared::Shared;
+    use crate::timers::Timers;
+    use crate::{
+        per_shard, Computation, ComputationError, Context, Emitter, Record, Registry, Source,
+        SourceError, SourcePoll,
+    };
+    use bytes::Bytes;
+    use millrace_config::Topology;
+    use millrace_storage::{Store, StoreOptions};
+    use std::sync::Arc;
+
+    struct Nothing;
+
+    impl Source for Nothing {
+        fn open(&mut self, _: Option<&[u8]>) -> Result<(), SourceError> {
+            Ok(())
+        }
+        fn poll(&mut self, _: &mut Emitter<'_>, _: usize) -> Result<SourcePoll, SourceError> {
+            Ok(SourcePoll::Exhausted)
+        }
+        fn position(&self) -> Vec<u8> {
+            Vec::new()
+        }
+    }
+
+    #[derive(Clone)]
+    struct Pass;
+
+    impl Computation for Pass {
+        fn process_record(
+            &mut self,
+            _: &mut Context<'_>,
+            _: Record,
+        ) -> Result<(), ComputationError> {
+            Ok(())
+        }
+    }
+
+    /// The limit on key and value bytes in the plan.
+    const MAX: usize = 64;
+
+    fn plan() -> Plan {
+        let mut registry = Registry::new();
+        registry.source("nothing", |_| Ok(Box::new(Nothing)));
+        registry.computation("pass", |_| Ok(per_shard(Pass)));
+        let topology = Topology::parse_str(
+            "route.toml",
+            &format!(
+                r#"
+[engine]
+shards = 1
+max_record_bytes = {MAX}
+[sources.src]
+type = "nothing"
+[computations.a]
+type = "pass"
+inputs = ["src"]
+[computations.b]
+type = "pass"
+inputs = [{{ from = "a", key = "json:/k" }}]
+[computations.e]
+type = "pass"
+inputs = ["a.errors"]
+"#
+            ),
+        )
+        .expect("topology");
+        Plan::build(topology, &registry).expect("plan")
+    }
+
+    fn emit(port: usize, key: &str, value: &str, ts: i64) -> Emit {
+        Emit {
+            port,
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            value: Bytes::copy_from_slice(value.as_bytes()),
+            ts,
+            ingest: 7,
+        }
+    }
+
+    /// Routes `emits` from `a`'s shard; returns what went to `b` and to `e`
+    /// as (key, value, ts), and how many productions were numbered.
+    #[allow(clippy::type_complexity)]
+    fn route(emits: Vec<Emit>) -> (Vec<(String, String, i64)>, Vec<(String, String, i64)>, i64) {
+        let plan = Arc::new(plan());
+        let node = |name: &str| {
+            plan.nodes
+                .iter()
+                .position(|n| n.name == name)
+                .expect("node")
+        };
+        let (a, b, e) = (node("a"), node("b"), node("e"));
+        let metrics = Arc::new(Metrics::new());
+        let shared = Arc::new(Shared::new(
+            Arc::clone(&metrics),
+            plan.shards.len(),
+            plan.nodes.len(),
+        ));
+        let node_metrics: Arc<[NodeMetrics]> = plan
+            .nodes
+            .iter()
+            .map(|n| NodeMetrics::new(&metrics, &n.name))
+            .collect();
+        let mut router = Router::new(Arc::clone(&plan), shared, node_metrics);
+        let sid = plan.nodes[a].first_sid;
+        let mut shard = ShardRt::new(
+            sid,
+            a,
+            b"a/0/".to_vec(),
+            Body::Compute(Box::new(Pass)),
+            KeyedState::new(8),
+            Timers::volatile(),
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path(), &StoreOptions::default()).expect("store");
+        let mut batch = store.batch();
+        router.emits = emits;
+        router.route(&mut shard, &mut batch);
+        assert!(router.emits.is_empty(), "everything routed");
+        let edge = |to: usize| {
+            plan.edges
+                .iter()
+                .position(|x| x.from == a && x.to == to)
+                .expect("edge")
+        };
+        let mut out = |to: usize| {
+            let mut got = Vec::new();
+            let ch = plan.channel(edge(to), 0, 0);
+            shard.ack(ch, u64::MAX, |_, env| {
+                let r = env.record();
+                assert_eq!(env.ingest(), 7, "the ingestion time travels along");
+                got.push((
+                    String::from_utf8_lossy(&r.key).into_owned(),
+                    String::from_utf8_lossy(&r.value).into_owned(),
+                    r.timestamp,
+                ));
+            });
+            got
+        };
+        let (to_b, to_e) = (out(b), out(e));
+        (to_b, to_e, router.take_produced())
+    }
+
+    fn rec(k: &str, v: &str, ts: i64) -> (String, String, i64) {
+        (k.to_owned(), v.to_owned(), ts)
+    }
+
+    #[test]
+    fn a_record_goes_to_its_consumer_under_the_extracted_key() {
+        let (b, e, n) = route(vec![emit(0, "x", r#"{"k":"y"}"#, 5)]);
+        assert_eq!(b, [rec("y", r#"{"k":"y"}"#, 5)]);
+        assert!(e.is_empty());
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn a_key_that_cannot_be_extracted_sends_the_record_to_errors_as_it_was() {
+        let (b, e, n) = route(vec![emit(0, "x", "not json", 5)]);
+        assert!(b.is_empty());
+        assert_eq!(e, [rec("x", "not json", 5)]);
+        assert_eq!(n, 1, "only the errors record");
+    }
+
+    #[test]
+    fn an_event_time_out_of_range_goes_to_errors_at_the_nearest_valid_time() {
+        let (b, e, _) = route(vec![
+            emit(0, "late", r#"{"k":"y"}"#, LATEST_EVENT_TIME + 1),
+            emit(0, "early", r#"{"k":"y"}"#, EARLIEST_EVENT_TIME - 1),
+        ]);
+        assert!(b.is_empty(), "not routed with that time: {b:?}");
+        assert_eq!(
+            e,
+            [
+                rec("late", r#"{"k":"y"}"#, LATEST_EVENT_TIME),
+                rec("early", r#"{"k":"y"}"#, EARLIEST_EVENT_TIME),
+            ]
+        );
+        // An errors record out of range is routed once, at the nearest time.
+        let (_, e, n) = route(vec![emit(
+            ERRORS_PORT_INDEX,
+            "bad",
+            "v",
+            LATEST_EVENT_TIME + 9,
+        )]);
+        assert_eq!(e, [rec("bad", "v", LATEST_EVENT_TIME)]);
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn a_record_over_the_limit_goes_to_errors_cut_to_the_limit() {
+        // Exactly at the limit: routed.
+        let value = format!(r#"{{"k":"y","p":"{}"}}"#, "v".repeat(MAX - 1 - 16));
+        assert_eq!(1 + value.len(), MAX);
+        let (b, e, _) = route(vec![emit(0, "x", &value, 5)]);
+        assert_eq!((b.len(), e.len()), (1, 0), "a record of {MAX} bytes passes");
+        // One byte over: cut to the limit, key first.
+        let value = format!(r#"{{"k":"y","p":"{}"}}"#, "v".repeat(MAX - 16));
+        let (b, e, _) = route(vec![emit(0, "x", &value, 5)]);
+        assert!(b.is_empty());
+        assert_eq!(e, [rec("x", &value[..MAX - 1], 5)]);
+        // A key over the limit on its own: cut, with no value.
+        let key = "k".repeat(MAX + 3);
+        let (_, e, _) = route(vec![emit(0, &key, "v", 5)]);
+        assert_eq!(e, [rec(&key[..MAX], "", 5)]);
+    }
+
+    #[test]
+    fn a_record_for_an_undeclared_output_goes_to_errors() {
+        let (b, e, n) = route(vec![emit(usize::MAX, "x", r#"{"k":"y"}"#, 5)]);
+        assert!(b.is_empty());
+        assert_eq!(e, [rec("x", r#"{"k":"y"}"#, 5)]);
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn several_records_are_routed_in_order_each_to_its_place() {
+        let (b, e, n) = route(vec![
+            emit(0, "x", r#"{"k":"1"}"#, 1),
+            emit(0, "x", "bad", 2),
+            emit(0, "x", r#"{"k":"3"}"#, 3),
+        ]);
+        assert_eq!(
+            b,
+            [rec("1", r#"{"k":"1"}"#, 1), rec("3", r#"{"k":"3"}"#, 3)]
+        );
+        assert_eq!(e, [rec("x", "bad", 2)]);
+        assert_eq!(n, 3);
+    }
+}

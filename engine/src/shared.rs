@@ -126,6 +126,28 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Nothing in flight, nothing stopping, every shard's figures at their
+    /// start, for `shards` shards and `nodes` components.
+    pub fn new(metrics: Arc<Metrics>, shards: usize, nodes: usize) -> Shared {
+        let atomics = |v: i64| (0..shards).map(|_| AtomicI64::new(v)).collect::<Vec<_>>();
+        Shared {
+            metrics,
+            in_flight: InFlight::default(),
+            stopping: AtomicBool::new(false),
+            halt: AtomicBool::new(false),
+            fatal: Mutex::new(None),
+            shard_backlog: atomics(0),
+            shard_wm: atomics(i64::MIN),
+            shard_max_event: atomics(i64::MIN),
+            shard_timers: atomics(0),
+            taps: crate::tap::Taps::new(nodes),
+            lock: Mutex::new(()),
+            changed: Condvar::new(),
+            #[cfg(test)]
+            recorder: None,
+        }
+    }
+
     pub fn notify(&self) {
         let _g = self.lock.lock();
         self.changed.notify_all();

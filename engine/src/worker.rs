@@ -11,8 +11,7 @@ use crate::registry::Registry;
 use crate::shared::Shared;
 use millrace_config::{Durability, Role, Topology};
 use millrace_storage::{Cf, Store, StoreOptions};
-use parking_lot::{Condvar, Mutex};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -29,7 +28,7 @@ pub struct WorkerOptions {
     pub listen: Option<String>,
     /// In the engine's own tests: where executors record their steps.
     #[cfg(test)]
-    pub(crate) recorder: Option<Arc<Mutex<Vec<crate::shared::Step>>>>,
+    pub(crate) recorder: Option<Arc<parking_lot::Mutex<Vec<crate::shared::Step>>>>,
 }
 
 /// Where a worker of `topology` keeps its data: `data_dir` if given, else its
@@ -149,23 +148,10 @@ impl Worker {
         )?);
         check_layout(&store, &plan, me)?;
         let epochs = bump_epochs(&store, &plan, me)?;
-        let n = plan.shards.len();
-        let atomics = |v: i64| (0..n).map(|_| AtomicI64::new(v)).collect::<Vec<_>>();
         let shared = Arc::new(Shared {
-            metrics: Arc::clone(&metrics),
-            in_flight: Default::default(),
-            stopping: AtomicBool::new(false),
-            halt: AtomicBool::new(false),
-            fatal: Mutex::new(None),
-            shard_backlog: atomics(0),
-            shard_wm: atomics(i64::MIN),
-            shard_max_event: atomics(i64::MIN),
-            shard_timers: atomics(0),
-            taps: crate::tap::Taps::new(plan.nodes.len()),
-            lock: Mutex::new(()),
-            changed: Condvar::new(),
             #[cfg(test)]
             recorder: opts.recorder.clone(),
+            ..Shared::new(Arc::clone(&metrics), plan.shards.len(), plan.nodes.len())
         });
         let node_metrics: Vec<NodeMetrics> = plan
             .nodes
