@@ -39,6 +39,8 @@ mod scope;
 mod shard;
 mod shared;
 mod tap;
+#[cfg(test)]
+mod test_kinds;
 pub mod testing;
 mod timers;
 mod worker;

@@ -515,55 +515,7 @@ fn source_watermark(c: &Component, v: toml::Value) -> Result<SourceWatermark, Co
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        Computation, ComputationError, Context, Emitter, Record, Sink, SinkError, Source,
-        SourceError, SourcePoll,
-    };
-    #[derive(Clone)]
-    struct Nothing;
-
-    impl Source for Nothing {
-        fn open(&mut self, _: Option<&[u8]>) -> Result<(), SourceError> {
-            Ok(())
-        }
-        fn poll(&mut self, _: &mut Emitter<'_>, _: usize) -> Result<SourcePoll, SourceError> {
-            Ok(SourcePoll::Exhausted)
-        }
-        fn position(&self) -> Vec<u8> {
-            Vec::new()
-        }
-    }
-
-    impl Computation for Nothing {
-        fn process_record(
-            &mut self,
-            _: &mut Context<'_>,
-            _: Record,
-        ) -> Result<(), ComputationError> {
-            Ok(())
-        }
-    }
-
-    impl Sink for Nothing {
-        fn open(&mut self, _: Option<&[u8]>) -> Result<(), SinkError> {
-            Ok(())
-        }
-        fn write(&mut self, _: &Record) -> Result<(), SinkError> {
-            Ok(())
-        }
-        fn flush(&mut self, _: bool) -> Result<Vec<u8>, SinkError> {
-            Ok(Vec::new())
-        }
-    }
-
-    fn plan(text: &str) -> Plan {
-        let mut r = Registry::new();
-        r.source("nothing", |_| Ok(Box::new(Nothing) as Box<dyn Source>));
-        r.computation("nothing", |_| Ok(crate::registry::per_shard(Nothing)));
-        r.sink("nothing", |_| Ok(Box::new(Nothing) as Box<dyn Sink>));
-        let topology = Topology::parse_str("t.toml", text).expect("topology");
-        Plan::build(topology, &r).expect("plan")
-    }
+    use crate::test_kinds::plan;
 
     /// Per worker and executor, the components of its shards.
     fn layout(p: &Plan) -> Vec<Vec<Vec<&str>>> {

@@ -197,73 +197,34 @@ mod tests {
     use crate::scope::Emit;
     use crate::shard::{Body, ShardRt};
     use crate::shared::Shared;
+    use crate::test_kinds::Nothing;
     use crate::timers::Timers;
-    use crate::{
-        per_shard, Computation, ComputationError, Context, Emitter, Record, Registry, Source,
-        SourceError, SourcePoll,
-    };
     use bytes::Bytes;
-    use millrace_config::Topology;
     use millrace_storage::{Store, StoreOptions};
     use std::sync::Arc;
-
-    struct Nothing;
-
-    impl Source for Nothing {
-        fn open(&mut self, _: Option<&[u8]>) -> Result<(), SourceError> {
-            Ok(())
-        }
-        fn poll(&mut self, _: &mut Emitter<'_>, _: usize) -> Result<SourcePoll, SourceError> {
-            Ok(SourcePoll::Exhausted)
-        }
-        fn position(&self) -> Vec<u8> {
-            Vec::new()
-        }
-    }
-
-    #[derive(Clone)]
-    struct Pass;
-
-    impl Computation for Pass {
-        fn process_record(
-            &mut self,
-            _: &mut Context<'_>,
-            _: Record,
-        ) -> Result<(), ComputationError> {
-            Ok(())
-        }
-    }
 
     /// The limit on key and value bytes in the plan.
     const MAX: usize = 64;
 
     fn plan() -> Plan {
-        let mut registry = Registry::new();
-        registry.source("nothing", |_| Ok(Box::new(Nothing)));
-        registry.computation("pass", |_| Ok(per_shard(Pass)));
-        let topology = Topology::parse_str(
-            "route.toml",
-            &format!(
-                r#"
+        crate::test_kinds::plan(&format!(
+            r#"
 [engine]
 shards = 1
 max_record_bytes = {MAX}
 [sources.src]
 type = "nothing"
 [computations.a]
-type = "pass"
+type = "nothing"
 inputs = ["src"]
 [computations.b]
-type = "pass"
+type = "nothing"
 inputs = [{{ from = "a", key = "json:/k" }}]
 [computations.e]
-type = "pass"
+type = "nothing"
 inputs = ["a.errors"]
 "#
-            ),
-        )
-        .expect("topology");
-        Plan::build(topology, &registry).expect("plan")
+        ))
     }
 
     fn emit(port: usize, key: &str, value: &str, ts: i64) -> Emit {
@@ -305,7 +266,7 @@ inputs = ["a.errors"]
             sid,
             a,
             b"a/0/".to_vec(),
-            Body::Compute(Box::new(Pass)),
+            Body::Compute(Box::new(Nothing)),
             KeyedState::new(8),
             Timers::volatile(),
         );

@@ -3,19 +3,11 @@
 //! acknowledged.
 
 use super::{Body, ShardRt};
-use crate::api::{Computation, ComputationError, Context};
 use crate::delivery::{InChannel, Offer};
 use crate::keyed_state::KeyedState;
-use crate::record::{Envelope, Record, MIN_TIME};
+use crate::record::{Envelope, MIN_TIME};
+use crate::test_kinds::Nothing;
 use crate::timers::Timers;
-
-struct Nothing;
-
-impl Computation for Nothing {
-    fn process_record(&mut self, _: &mut Context<'_>, _: Record) -> Result<(), ComputationError> {
-        Ok(())
-    }
-}
 
 /// A computation shard with input channel 7 (nothing applied yet) and
 /// one upstream shard.
