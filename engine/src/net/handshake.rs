@@ -340,3 +340,199 @@ pub(super) async fn dial(net: &Net, w: usize) -> std::io::Result<Conn> {
 pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+#[cfg(test)]
+mod tests {
+    //! The handshake's checks on a two-worker plan, in-process: no socket.
+
+    use super::{random_u64, Net};
+    use crate::metrics::Metrics;
+    use crate::net::frame::{Greeting, MAC_LEN};
+    use crate::net::TransportConfig;
+    use crate::shared::Shared;
+    use millrace_storage::{Cf, Store, StoreOptions};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// Worker `me` of two (`a`, `b`) on `dir`, with `secret`.
+    fn net(dir: &std::path::Path, me: usize, secret: &str) -> Net {
+        let plan = Arc::new(crate::test_kinds::plan(
+            r#"
+[engine]
+shards = 4
+[sources.gen]
+type = "nothing"
+[computations.count]
+type = "nothing"
+inputs = ["gen"]
+[cluster]
+secret = "a-secret-of-16-bytes"
+[[cluster.workers]]
+id = "a"
+address = "127.0.0.1:1"
+[[cluster.workers]]
+id = "b"
+address = "127.0.0.1:2"
+"#,
+        ));
+        let store = Arc::new(Store::open(dir, &StoreOptions::default()).expect("store"));
+        let shared = Arc::new(Shared::new(
+            Arc::new(Metrics::new()),
+            plan.shards.len(),
+            plan.nodes.len(),
+        ));
+        Net::new(TransportConfig {
+            plan,
+            me,
+            listen: String::new(),
+            secret: secret.as_bytes().to_vec(),
+            epochs: Vec::new(),
+            inboxes: Vec::new(),
+            shared,
+            store,
+        })
+        .expect("net")
+    }
+
+    /// A shard worker `w` owns.
+    fn owned_by(n: &Net, w: usize) -> u32 {
+        n.plan
+            .shards
+            .iter()
+            .position(|s| s.worker == w)
+            .expect("a shard of that worker") as u32
+    }
+
+    fn greeting(n: &Net, epochs: &[(u32, u64)], incarnation: u64) -> Greeting {
+        Greeting {
+            worker: "b".into(),
+            topology: n.fingerprint,
+            epochs: epochs.to_vec(),
+            nonce: 1,
+            incarnation,
+            mac: [0; MAC_LEN],
+        }
+    }
+
+    fn refused(n: &Net, g: &Greeting) -> Option<&'static str> {
+        n.check_greeting(1, g).err().map(|(why, _)| why)
+    }
+
+    /// Waits (at most 10 s) until `sid`'s epoch is persisted as `epoch`.
+    fn persisted(n: &Net, sid: u32, epoch: u64) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let got = n
+                .store
+                .get(Cf::Meta, &crate::layout::peer_epoch_key(sid))
+                .expect("read");
+            if got == Some(epoch.to_be_bytes().to_vec()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn a_greeting_is_checked_for_topology_ownership_and_epochs() {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let _in_rt = rt.enter();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let n = net(dir.path(), 0, "a-secret-of-16-bytes");
+        let (theirs, mine) = (owned_by(&n, 1), owned_by(&n, 0));
+        assert_eq!(refused(&n, &greeting(&n, &[(theirs, 5)], 11)), None);
+        assert!(persisted(&n, theirs, 5), "a new epoch is persisted");
+        let mut other = greeting(&n, &[(theirs, 5)], 11);
+        other.topology ^= 1;
+        assert_eq!(refused(&n, &other), Some("topology"));
+        assert_eq!(
+            refused(&n, &greeting(&n, &[(theirs, 6), (mine, 1)], 12)),
+            Some("worker"),
+            "a shard it does not own"
+        );
+        assert_eq!(
+            refused(&n, &greeting(&n, &[(999, 1)], 12)),
+            Some("worker"),
+            "a shard that does not exist"
+        );
+        assert_eq!(
+            refused(&n, &greeting(&n, &[(theirs, 4)], 12)),
+            Some("epoch"),
+            "below the epoch seen"
+        );
+        assert_eq!(
+            refused(&n, &greeting(&n, &[(theirs, 5)], 12)),
+            Some("epoch"),
+            "the epoch seen, held by another process"
+        );
+        assert_eq!(
+            refused(&n, &greeting(&n, &[(theirs, 5)], 11)),
+            None,
+            "the same process again (a reconnect)"
+        );
+        // The refused greeting at epoch 6 recorded nothing: 6 is new here.
+        assert_eq!(refused(&n, &greeting(&n, &[(theirs, 6)], 13)), None);
+        assert!(persisted(&n, theirs, 6));
+        drop(n);
+        // A restart knows the persisted epoch, but not which process held it.
+        let n = net(dir.path(), 0, "a-secret-of-16-bytes");
+        assert_eq!(
+            refused(&n, &greeting(&n, &[(theirs, 5)], 13)),
+            Some("epoch"),
+            "below the persisted epoch"
+        );
+        assert_eq!(refused(&n, &greeting(&n, &[(theirs, 6)], 14)), None);
+    }
+
+    #[test]
+    fn the_mac_covers_the_secret_the_label_the_nonce_and_every_field() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let n = net(dir.path(), 0, "a-secret-of-16-bytes");
+        let g = greeting(&n, &[(1, 2), (3, 4)], 5);
+        let mac = n.mac("hello", 9, &g);
+        assert_eq!(mac, n.mac("hello", 9, &g), "the same input, the same mac");
+        assert_ne!(mac, [0; MAC_LEN]);
+        let changed: Vec<Greeting> = vec![
+            Greeting {
+                worker: "c".into(),
+                ..g.clone()
+            },
+            Greeting {
+                topology: g.topology ^ 1,
+                ..g.clone()
+            },
+            Greeting {
+                incarnation: 6,
+                ..g.clone()
+            },
+            Greeting {
+                epochs: vec![(1, 2), (3, 5)],
+                ..g.clone()
+            },
+            Greeting {
+                epochs: vec![(1, 2)],
+                ..g.clone()
+            },
+        ];
+        for c in &changed {
+            assert_ne!(n.mac("hello", 9, c), mac, "{c:?}");
+        }
+        assert_ne!(n.mac("welcome", 9, &g), mac, "the label");
+        assert_ne!(n.mac("hello", 10, &g), mac, "the nonce");
+        let dir2 = tempfile::tempdir().expect("temp dir");
+        let other = net(dir2.path(), 0, "another-secret-of-16");
+        assert_ne!(other.mac("hello", 9, &g), mac, "the secret");
+    }
+
+    #[test]
+    fn refusals_are_counted_by_reason_and_nonces_differ() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let n = net(dir.path(), 0, "a-secret-of-16-bytes");
+        n.refuse_count("epoch");
+        n.refuse_count("epoch");
+        let count = |why: &str| n.shared.metrics.net_refused.with_label_values(&[why]).get();
+        assert_eq!((count("epoch"), count("topology")), (2, 0));
+        assert_ne!(random_u64(), random_u64());
+    }
+}

@@ -115,6 +115,63 @@ struct Net {
 }
 
 impl Net {
+    /// The transport's state for `cfg`, with the epochs of other workers'
+    /// shards persisted by earlier runs; binds and dials nothing.
+    fn new(cfg: TransportConfig) -> Result<Net, std::io::Error> {
+        let cluster = cfg
+            .plan
+            .topology
+            .cluster
+            .clone()
+            .ok_or_else(|| std::io::Error::other("no [cluster] in the topology"))?;
+        let mut seen = HashMap::new();
+        let scan = crate::layout::peer_epochs_prefix();
+        cfg.store
+            .for_each_prefix(Cf::Meta, &scan, |k, v| {
+                if let (Ok(sid), Ok(e)) = (
+                    crate::layout::parse_peer_epoch_sid(&k[scan.len()..]),
+                    <[u8; 8]>::try_from(v).map(u64::from_be_bytes),
+                ) {
+                    seen.insert(sid, (e, 0));
+                }
+                true
+            })
+            .map_err(std::io::Error::other)?;
+        let local_sids = cfg
+            .plan
+            .shards
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.worker == cfg.me)
+            .map(|(i, _)| i as Sid)
+            .collect();
+        Ok(Net {
+            fingerprint: cfg.plan.fingerprint(),
+            plan: cfg.plan,
+            me: cfg.me,
+            secret: cfg.secret,
+            epochs: cfg.epochs,
+            seen_epochs: Mutex::new(seen),
+            incarnation: random_u64() | 1,
+            inboxes: cfg.inboxes,
+            shared: cfg.shared,
+            store: cfg.store,
+            local_sids,
+            peers: cluster
+                .workers
+                .iter()
+                .map(|w| Peer {
+                    id: w.id.clone(),
+                    address: w.address.clone(),
+                    status: Mutex::new(Status::default()),
+                    told_finished: AtomicBool::new(false),
+                    up: AtomicBool::new(false),
+                })
+                .collect(),
+            all_done_since: Mutex::new(None),
+        })
+    }
+
     fn local_done(&self) -> bool {
         self.local_sids.iter().all(|&sid| {
             self.shared.shard_wm[sid as usize].load(Ordering::SeqCst) == crate::record::MAX_TIME
@@ -148,59 +205,9 @@ impl Transport {
             .thread_name("millrace-net")
             .enable_all()
             .build()?;
-        let cluster = cfg
-            .plan
-            .topology
-            .cluster
-            .clone()
-            .ok_or_else(|| std::io::Error::other("no [cluster] in the topology"))?;
-        let mut seen = HashMap::new();
-        let scan = crate::layout::peer_epochs_prefix();
-        cfg.store
-            .for_each_prefix(Cf::Meta, &scan, |k, v| {
-                if let (Ok(sid), Ok(e)) = (
-                    crate::layout::parse_peer_epoch_sid(&k[scan.len()..]),
-                    <[u8; 8]>::try_from(v).map(u64::from_be_bytes),
-                ) {
-                    seen.insert(sid, (e, 0));
-                }
-                true
-            })
-            .map_err(std::io::Error::other)?;
-        let local_sids = cfg
-            .plan
-            .shards
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.worker == cfg.me)
-            .map(|(i, _)| i as Sid)
-            .collect();
-        let net = Arc::new(Net {
-            fingerprint: cfg.plan.fingerprint(),
-            plan: cfg.plan,
-            me: cfg.me,
-            secret: cfg.secret,
-            epochs: cfg.epochs,
-            seen_epochs: Mutex::new(seen),
-            incarnation: random_u64() | 1,
-            inboxes: cfg.inboxes,
-            shared: cfg.shared,
-            store: cfg.store,
-            local_sids,
-            peers: cluster
-                .workers
-                .iter()
-                .map(|w| Peer {
-                    id: w.id.clone(),
-                    address: w.address.clone(),
-                    status: Mutex::new(Status::default()),
-                    told_finished: AtomicBool::new(false),
-                    up: AtomicBool::new(false),
-                })
-                .collect(),
-            all_done_since: Mutex::new(None),
-        });
-        let listener = runtime.block_on(TcpListener::bind(&cfg.listen))?;
+        let listen = cfg.listen.clone();
+        let net = Arc::new(Net::new(cfg)?);
+        let listener = runtime.block_on(TcpListener::bind(&listen))?;
         let mut outlets = Vec::new();
         let mut accepted = Vec::new();
         for w in 0..net.peers.len() {
