@@ -345,18 +345,28 @@ pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     //! The handshake's checks on a two-worker plan, in-process: no socket.
 
-    use super::{random_u64, Net};
+    use super::{accept_loop, constant_time_eq, dial, random_u64, Conn, Net};
     use crate::metrics::Metrics;
+    use crate::net::frame::Frame;
     use crate::net::frame::{Greeting, MAC_LEN};
+    use crate::net::seal::{Opener, Sealer};
     use crate::net::TransportConfig;
     use crate::shared::Shared;
+    use bytes::BytesMut;
     use millrace_storage::{Cf, Store, StoreOptions};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Worker `me` of two (`a`, `b`) on `dir`, with `secret`.
     fn net(dir: &std::path::Path, me: usize, secret: &str) -> Net {
-        let plan = Arc::new(crate::test_kinds::plan(
+        net_at(dir, me, secret, 1)
+    }
+
+    /// Worker `me` of two on `dir`, with `secret`, where worker `a` listens
+    /// on 127.0.0.1:`port`, its own shards at epoch 1.
+    fn net_at(dir: &std::path::Path, me: usize, secret: &str, port: u16) -> Net {
+        let plan = Arc::new(crate::test_kinds::plan(&format!(
             r#"
 [engine]
 shards = 4
@@ -369,12 +379,19 @@ inputs = ["gen"]
 secret = "a-secret-of-16-bytes"
 [[cluster.workers]]
 id = "a"
-address = "127.0.0.1:1"
+address = "127.0.0.1:{port}"
 [[cluster.workers]]
 id = "b"
 address = "127.0.0.1:2"
 "#,
-        ));
+        )));
+        let epochs = plan
+            .shards
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.worker == me)
+            .map(|(sid, _)| (sid as u32, 1))
+            .collect();
         let store = Arc::new(Store::open(dir, &StoreOptions::default()).expect("store"));
         let shared = Arc::new(Shared::new(
             Arc::new(Metrics::new()),
@@ -386,7 +403,7 @@ address = "127.0.0.1:2"
             me,
             listen: String::new(),
             secret: secret.as_bytes().to_vec(),
-            epochs: Vec::new(),
+            epochs,
             inboxes: Vec::new(),
             shared,
             store,
@@ -534,5 +551,144 @@ address = "127.0.0.1:2"
         let count = |why: &str| n.shared.metrics.net_refused.with_label_values(&[why]).get();
         assert_eq!((count("epoch"), count("topology")), (2, 0));
         assert_ne!(random_u64(), random_u64());
+    }
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        assert!(constant_time_eq(b"", b""));
+        assert!(constant_time_eq(&[7, 9, 255], &[7, 9, 255]));
+        assert!(!constant_time_eq(&[7, 9], &[7, 9, 0]), "lengths differ");
+        assert!(!constant_time_eq(&[1, 2, 3], &[0, 2, 3]), "the first byte");
+        assert!(!constant_time_eq(&[1, 2, 3], &[1, 2, 4]), "the last byte");
+        // Two bytes differing in the same bit must not cancel out.
+        assert!(!constant_time_eq(&[1, 1], &[0, 0]));
+        assert!(!constant_time_eq(&[1], &[2]));
+    }
+
+    /// A listener on 127.0.0.1 (its port) and worker `a` accepting on it,
+    /// with `secret`; the connections `a` accepts, per dialing worker.
+    fn acceptor(
+        rt: &tokio::runtime::Runtime,
+        dir: &std::path::Path,
+        secret: &str,
+    ) -> (u16, Arc<Net>, tokio::sync::mpsc::UnboundedReceiver<Conn>) {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let a = Arc::new(net_at(dir, 0, secret, port));
+        let (tx0, _rx0) = tokio::sync::mpsc::unbounded_channel();
+        let (tx1, rx1) = tokio::sync::mpsc::unbounded_channel();
+        rt.spawn(accept_loop(Arc::clone(&a), listener, vec![tx0, tx1]));
+        (port, a, rx1)
+    }
+
+    #[test]
+    fn two_workers_shake_hands_and_seal_for_each_other() {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let dirs = [
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        ];
+        let (port, a, mut accepted) = acceptor(&rt, dirs[0].path(), "a-secret-of-16-bytes");
+        let b = net_at(dirs[1].path(), 1, "a-secret-of-16-bytes", port);
+        let mut at_b = rt.block_on(dial(&b, 0)).expect("b's dial is welcomed");
+        let mut at_a = rt
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), accepted.recv()).await
+            })
+            .expect("in time")
+            .expect("a took the connection");
+        assert_eq!(at_b.keys.send, at_a.keys.recv);
+        assert_eq!(at_a.keys.send, at_b.keys.recv);
+        // A sealed frame from b opens at a, over the connection itself.
+        let mut wire = BytesMut::new();
+        Frame::Ack { ch: 3, upto: 9 }.encode(&mut wire);
+        Sealer::new(&at_b.keys.send).seal(&mut wire);
+        let got = rt.block_on(async {
+            at_b.stream.write_all(&wire).await.expect("write");
+            let mut opener = Opener::new(&at_a.keys.recv);
+            let mut frames = Vec::new();
+            while frames.len() < 2 {
+                match Frame::take_raw(&mut at_a.buf).expect("frame") {
+                    Some(raw) => {
+                        let f = Frame::parse_raw(raw.clone()).expect("parse");
+                        if let Frame::Seal { mac } = f {
+                            assert!(opener.check(&mac), "the seal opens");
+                        } else {
+                            opener.absorb(&raw);
+                        }
+                        frames.push(f);
+                    }
+                    None => {
+                        at_a.stream.read_buf(&mut at_a.buf).await.expect("read");
+                    }
+                }
+            }
+            frames
+        });
+        assert_eq!(got[0], Frame::Ack { ch: 3, upto: 9 });
+        // Each learned the other's epochs.
+        let theirs = owned_by(&a, 1);
+        assert_eq!(a.seen_epochs.lock().get(&theirs).map(|e| e.0), Some(1));
+        let count =
+            |n: &Net, why: &str| n.shared.metrics.net_refused.with_label_values(&[why]).get();
+        assert_eq!((count(&a, "secret"), count(&b, "secret")), (0, 0));
+    }
+
+    #[test]
+    fn a_dialer_without_the_secret_or_not_below_the_acceptor_is_refused_and_counted() {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let dirs = [
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        ];
+        let (port, a, _accepted) = acceptor(&rt, dirs[0].path(), "a-secret-of-16-bytes");
+        let count =
+            |n: &Net, why: &str| n.shared.metrics.net_refused.with_label_values(&[why]).get();
+        let wrong = net_at(dirs[1].path(), 1, "not-the-secret-at-all", port);
+        let e = rt.block_on(dial(&wrong, 0)).err().expect("refused");
+        assert!(e.to_string().contains("refused by `a`"), "{e}");
+        assert_eq!(count(&a, "secret"), 1);
+        assert_eq!(count(&wrong, "by-peer"), 1);
+        // Worker a dialing itself: only higher-numbered workers dial a.
+        let itself = net_at(dirs[2].path(), 0, "a-secret-of-16-bytes", port);
+        let e = rt.block_on(dial(&itself, 0)).err().expect("refused");
+        assert!(e.to_string().contains("refused by `a`"), "{e}");
+        assert_eq!(count(&a, "worker"), 1);
+    }
+
+    #[test]
+    fn a_bad_frame_instead_of_a_hello_is_counted() {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let dir = tempfile::tempdir().expect("dir");
+        let (port, a, _accepted) = acceptor(&rt, dir.path(), "a-secret-of-16-bytes");
+        rt.block_on(async {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
+            let mut buf = BytesMut::new();
+            let challenge = super::read_frame(&mut s, &mut buf)
+                .await
+                .expect("challenge");
+            assert!(matches!(challenge, Frame::Challenge(_)), "{challenge:?}");
+            // A zero length field: not a frame.
+            s.write_all(&[0u8; 12]).await.expect("write");
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+        });
+        let bad = || {
+            a.shared
+                .metrics
+                .net_bad_frames
+                .with_label_values(&["?"])
+                .get()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while bad() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(bad(), 1);
     }
 }
