@@ -405,6 +405,57 @@ mod tests {
     use millrace_config::HumanDuration;
     use std::time::Duration;
 
+    /// Validates `[computations.w]` of `kind` over `inputs` (of the three
+    /// generators `a`, `b`, `c`), with `extra` options.
+    fn validate(kind: &str, inputs: &str, extra: &str) -> Result<(), String> {
+        let t = millrace_config::Topology::parse_str(
+            "w.toml",
+            &format!(
+                r#"
+[sources.a]
+type = "generator"
+[sources.b]
+type = "generator"
+[sources.c]
+type = "generator"
+[computations.w]
+type = "{kind}"
+inputs = {inputs}
+window = {{ kind = "fixed", size = "1s" }}
+{extra}
+"#
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        millrace_engine::Plan::build(t, &crate::builtins())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn window_kinds_check_their_inputs_and_op() {
+        let one = r#"["a"]"#;
+        let two = r#"["a", "b"]"#;
+        let three = r#"["a", "b", "c"]"#;
+        assert_eq!(validate("cogroup", two, ""), Ok(()));
+        assert_eq!(validate("cogroup", three, ""), Ok(()));
+        let e = validate("cogroup", one, "").unwrap_err();
+        assert!(e.contains("two or more inputs"), "{e}");
+        assert_eq!(validate("join", two, ""), Ok(()));
+        for inputs in [one, three] {
+            let e = validate("join", inputs, "").unwrap_err();
+            assert!(e.contains("exactly two inputs"), "{e}");
+        }
+        for op in ["sum", "min", "max"] {
+            let extra = format!("op = \"{op}\"");
+            assert_eq!(validate("reduce_by_key_and_window", one, &extra), Ok(()));
+        }
+        for extra in ["", r#"op = "mean""#] {
+            let e = validate("reduce_by_key_and_window", one, extra).unwrap_err();
+            assert!(e.contains("needs op"), "{e}");
+        }
+    }
+
     fn cfg(window: WindowSpec) -> WindowConfig {
         WindowConfig {
             window,
