@@ -305,15 +305,12 @@ fn a_stalled_worker_slows_its_producers_and_memory_stays_bounded() {
     let w1 = net.spawn(&topo, 1, false, &[]);
     assert!(wait_until(Duration::from_secs(60), || file_len(&out) > 1_000));
     signal(&w1, libc::SIGSTOP);
-    let gen_in =
-        || metric(&net.http[0], "millrace_records_in_total{component=\"gen\"}").unwrap_or(0.0);
-    let gen_backlog = || {
-        metric(
-            &net.http[0],
-            "millrace_outbox_backlog_records{component=\"gen\"}",
-        )
-        .unwrap_or(0.0)
-    };
+    let series =
+        |name: &str| metric(&net.http[0], name).unwrap_or_else(|| panic!("no series {name} on w0"));
+    let gen_in = || series("millrace_records_in_total{component=\"gen\"}");
+    let gen_backlog = || series("millrace_outbox_backlog_records{component=\"gen\"}");
+    let retries = || series("millrace_retries_total{component=\"gen\"}");
+    let retried_before = retries();
     // The generator's backlog reaches the bound, then it stops reading.
     let full = wait_until(Duration::from_secs(60), || {
         gen_backlog() >= max_backlog as f64 && {
@@ -329,7 +326,7 @@ fn a_stalled_worker_slows_its_producers_and_memory_stays_bounded() {
     let (taken, rss, sent) = (
         gen_in(),
         rss_kib(w0.id()),
-        metric(&net.http[0], "millrace_net_bytes_sent_total{peer=\"w1\"}").unwrap_or(0.0),
+        series("millrace_net_bytes_sent_total{peer=\"w1\"}"),
     );
     assert!(
         taken < records as f64,
@@ -354,8 +351,11 @@ fn a_stalled_worker_slows_its_producers_and_memory_stays_bounded() {
     // What may still go out: unacknowledged windows re-sent once or twice
     // (the retry backoff starts at 1 s and doubles) on the 6 channels to w1
     // (gen -> 3 count shards, 3 count shards -> sink), and heartbeats.
-    let sent_after =
-        metric(&net.http[0], "millrace_net_bytes_sent_total{peer=\"w1\"}").unwrap_or(0.0);
+    let sent_after = series("millrace_net_bytes_sent_total{peer=\"w1\"}");
+    assert!(
+        retries() > retried_before,
+        "the generator re-sent what the stopped worker did not acknowledge"
+    );
     let bound = 2.0 * 6.0 * (window_bytes as f64 + 1024.0) + 4096.0;
     assert!(
         sent_after - sent <= bound,

@@ -69,17 +69,27 @@ impl Computation for Running {
     }
 }
 
-struct Collect(Arc<Mutex<u64>>);
+/// Counts the records written, and the flushes asked to sync and not.
+struct Collect {
+    written: Arc<Mutex<u64>>,
+    flushes: Arc<Mutex<(u64, u64)>>,
+}
 
 impl Sink for Collect {
     fn open(&mut self, _: Option<&[u8]>) -> Result<(), SinkError> {
         Ok(())
     }
     fn write(&mut self, _: &Record) -> Result<(), SinkError> {
-        *self.0.lock() += 1;
+        *self.written.lock() += 1;
         Ok(())
     }
-    fn flush(&mut self, _: bool) -> Result<Vec<u8>, SinkError> {
+    fn flush(&mut self, sync: bool) -> Result<Vec<u8>, SinkError> {
+        let mut f = self.flushes.lock();
+        if sync {
+            f.0 += 1;
+        } else {
+            f.1 += 1;
+        }
         Ok(Vec::new())
     }
 }
@@ -91,12 +101,20 @@ struct Run {
     read: u64,
     /// Records the sink got.
     written: u64,
+    /// The sink's flushes asked to sync to the disk, and not.
+    flushes: (u64, u64),
 }
 
 /// Runs 3,000 records through source -> running -> sink on `dir`, to the
 /// end, recording each executor's steps.
 fn run_recorded(dir: &std::path::Path) -> Run {
+    run_with(dir, "process")
+}
+
+/// [`run_recorded`] with `durability` in `[engine]`.
+fn run_with(dir: &std::path::Path, durability: &str) -> Run {
     let written = Arc::new(Mutex::new(0));
+    let flushes = Arc::new(Mutex::new((0, 0)));
     let read = Arc::new(Mutex::new(0));
     let mut registry = Registry::new();
     let r = Arc::clone(&read);
@@ -108,8 +126,13 @@ fn run_recorded(dir: &std::path::Path) -> Run {
         }))
     });
     registry.computation("running", |_| Ok(per_shard(Running)));
-    let w = Arc::clone(&written);
-    registry.sink("collect", move |_| Ok(Box::new(Collect(Arc::clone(&w)))));
+    let (w, f) = (Arc::clone(&written), Arc::clone(&flushes));
+    registry.sink("collect", move |_| {
+        Ok(Box::new(Collect {
+            written: Arc::clone(&w),
+            flushes: Arc::clone(&f),
+        }))
+    });
     let topology = Topology::parse_str(
         "order.toml",
         &format!(
@@ -120,6 +143,7 @@ data_dir = "{}"
 shards = 3
 threads = 2
 batch_size = 64
+durability = "{durability}"
 [sources.src]
 type = "numbers"
 [computations.counts]
@@ -148,11 +172,12 @@ inputs = ["counts"]
     );
     worker.shutdown().expect("shutdown");
     let steps = log.lock().clone();
-    let (read, written) = (*read.lock(), *written.lock());
+    let (read, written, flushes) = (*read.lock(), *written.lock(), *flushes.lock());
     Run {
         steps,
         read,
         written,
+        flushes,
     }
 }
 
@@ -163,6 +188,7 @@ fn nothing_leaves_an_executor_before_its_turns_commit_returns() {
         steps,
         read,
         written,
+        ..
     } = run_recorded(dir.path());
     assert_eq!(
         (read, written),
@@ -215,4 +241,23 @@ fn nothing_leaves_an_executor_before_its_turns_commit_returns() {
     }
     // Both paths were exercised.
     assert!(early > 0 && late > 0, "early {early}, after commits {late}");
+}
+
+#[test]
+fn a_sink_is_asked_to_sync_exactly_when_durability_is_machine() {
+    for (durability, synced) in [("process", false), ("machine", true)] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let run = run_with(dir.path(), durability);
+        assert_eq!(run.written, 3000, "{durability}");
+        let (with_sync, without) = run.flushes;
+        assert!(
+            with_sync + without > 0,
+            "{durability}: the sink was flushed"
+        );
+        if synced {
+            assert_eq!(without, 0, "machine: every flush syncs");
+        } else {
+            assert_eq!(with_sync, 0, "process: no flush syncs");
+        }
+    }
 }
