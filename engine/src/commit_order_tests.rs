@@ -195,6 +195,18 @@ fn nothing_leaves_an_executor_before_its_turns_commit_returns() {
         (3000, 3000),
         "every record read and delivered once"
     );
+    // Every production was acknowledged, so none is left in the outbox.
+    {
+        let store = millrace_storage::Store::open(dir.path(), &Default::default()).expect("store");
+        let mut left = 0;
+        store
+            .for_each_prefix(millrace_storage::Cf::Outbox, &[], |_, _| {
+                left += 1;
+                true
+            })
+            .expect("scan");
+        assert_eq!(left, 0, "productions left in the outbox after the run");
+    }
     // Everything was committed, the replayable source's position too (only
     // once all it produced was acknowledged): started again on the same
     // data, the worker finds the source at its end and nothing to deliver.
