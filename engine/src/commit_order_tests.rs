@@ -103,6 +103,8 @@ struct Run {
     written: u64,
     /// The sink's flushes asked to sync to the disk, and not.
     flushes: (u64, u64),
+    /// The end-to-end latency histogram of the sink: count and sum (s).
+    latency: (u64, f64),
 }
 
 /// Runs 3,000 records through source -> running -> sink on `dir`, to the
@@ -162,7 +164,8 @@ inputs = ["counts"]
         recorder: Some(Arc::clone(&log)),
         ..WorkerOptions::default()
     };
-    let worker = Worker::start(topology, &registry, opts, Arc::new(Metrics::new())).expect("start");
+    let metrics = Arc::new(Metrics::new());
+    let worker = Worker::start(topology, &registry, opts, Arc::clone(&metrics)).expect("start");
     // It takes well under a second; a run still going after 15 s is stuck.
     assert!(
         worker
@@ -178,6 +181,10 @@ inputs = ["counts"]
         read,
         written,
         flushes,
+        latency: {
+            let h = metrics.e2e_latency.with_label_values(&["out"]);
+            (h.get_sample_count(), h.get_sample_sum())
+        },
     }
 }
 
@@ -256,11 +263,20 @@ fn nothing_leaves_an_executor_before_its_turns_commit_returns() {
 }
 
 #[test]
-fn a_sink_is_asked_to_sync_exactly_when_durability_is_machine() {
+fn a_sink_syncs_exactly_under_machine_durability_and_each_delivery_records_its_latency() {
     for (durability, synced) in [("process", false), ("machine", true)] {
         let dir = tempfile::tempdir().expect("temp dir");
         let run = run_with(dir.path(), durability);
         assert_eq!(run.written, 3000, "{durability}");
+        // One latency per delivery to the sink, each from the record's
+        // ingestion: well under a minute on average, and not all zero.
+        let (n, sum) = run.latency;
+        assert_eq!(n, 3000, "{durability}: one latency per delivery");
+        assert!(
+            sum > 0.0 && sum / (n as f64) < 60.0,
+            "{durability}: mean end-to-end latency {} s",
+            sum / n as f64
+        );
         let (with_sync, without) = run.flushes;
         assert!(
             with_sync + without > 0,
