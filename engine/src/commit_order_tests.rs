@@ -14,12 +14,13 @@ use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// `n` records over 7 keys; replayable from its position. Counts what it
-/// reads in `read`.
+/// `n` records over 7 keys, replayable from its position or not. Counts
+/// what it reads in `read`.
 struct Numbers {
     n: u64,
     next: u64,
     read: Arc<Mutex<u64>>,
+    replayable: bool,
 }
 
 impl Source for Numbers {
@@ -48,7 +49,7 @@ impl Source for Numbers {
         self.next.to_be_bytes().to_vec()
     }
     fn replayable(&self) -> bool {
-        true
+        self.replayable
     }
 }
 
@@ -110,11 +111,18 @@ struct Run {
 /// Runs 3,000 records through source -> running -> sink on `dir`, to the
 /// end, recording each executor's steps.
 fn run_recorded(dir: &std::path::Path) -> Run {
-    run_with(dir, "process")
+    run_with(dir, "process", true, None)
 }
 
-/// [`run_recorded`] with `durability` in `[engine]`.
-fn run_with(dir: &std::path::Path, durability: &str) -> Run {
+/// [`run_recorded`] with `durability` in `[engine]`, a source `replayable`
+/// or not, stopped (SIGTERM's path: drain, then a last commit) once the
+/// sink has `stop_after` records, or run to the end.
+fn run_with(
+    dir: &std::path::Path,
+    durability: &str,
+    replayable: bool,
+    stop_after: Option<u64>,
+) -> Run {
     let written = Arc::new(Mutex::new(0));
     let flushes = Arc::new(Mutex::new((0, 0)));
     let read = Arc::new(Mutex::new(0));
@@ -125,6 +133,7 @@ fn run_with(dir: &std::path::Path, durability: &str) -> Run {
             n: 3000,
             next: 0,
             read: Arc::clone(&r),
+            replayable,
         }))
     });
     registry.computation("running", |_| Ok(per_shard(Running)));
@@ -166,13 +175,24 @@ inputs = ["counts"]
     };
     let metrics = Arc::new(Metrics::new());
     let worker = Worker::start(topology, &registry, opts, Arc::clone(&metrics)).expect("start");
-    // It takes well under a second; a run still going after 15 s is stuck.
-    assert!(
-        worker
-            .wait_finished(Duration::from_secs(15))
-            .expect("no failure"),
-        "the worker did not finish 3,000 records within 15 s"
-    );
+    if let Some(k) = stop_after {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while *written.lock() < k {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sink did not get {k} records within 15 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    } else {
+        // It takes well under a second; a run still going after 15 s is stuck.
+        assert!(
+            worker
+                .wait_finished(Duration::from_secs(15))
+                .expect("no failure"),
+            "the worker did not finish 3,000 records within 15 s"
+        );
+    }
     worker.shutdown().expect("shutdown");
     let steps = log.lock().clone();
     let (read, written, flushes) = (*read.lock(), *written.lock(), *flushes.lock());
@@ -266,7 +286,7 @@ fn nothing_leaves_an_executor_before_its_turns_commit_returns() {
 fn a_sink_syncs_exactly_under_machine_durability_and_each_delivery_records_its_latency() {
     for (durability, synced) in [("process", false), ("machine", true)] {
         let dir = tempfile::tempdir().expect("temp dir");
-        let run = run_with(dir.path(), durability);
+        let run = run_with(dir.path(), durability, true, None);
         assert_eq!(run.written, 3000, "{durability}");
         // One latency per delivery to the sink, each from the record's
         // ingestion: well under a minute on average, and not all zero.
@@ -288,4 +308,17 @@ fn a_sink_syncs_exactly_under_machine_durability_and_each_delivery_records_its_l
             assert_eq!(with_sync, 0, "process: no flush syncs");
         }
     }
+}
+
+#[test]
+fn a_source_that_is_not_replayable_resumes_from_its_committed_position() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let first = run_with(dir.path(), "process", false, Some(1000));
+    assert!(first.read < 3000, "stopped before the end: {}", first.read);
+    let rest = run_with(dir.path(), "process", false, None);
+    assert_eq!(
+        (first.read + rest.read, first.written + rest.written),
+        (3000, 3000),
+        "each record read once and delivered once across the stop"
+    );
 }
