@@ -31,3 +31,12 @@ pub(crate) fn values(outs: Vec<millrace_engine::testing::Output>) -> Vec<String>
         .map(|o| String::from_utf8_lossy(&o.value).into_owned())
         .collect()
 }
+
+/// Validates the topology `text` with the built-in kinds, as `millrace
+/// validate` does; the error as text.
+pub(crate) fn validate(text: &str) -> Result<(), String> {
+    let t = Topology::parse_str("t.toml", text).map_err(|e| e.to_string())?;
+    millrace_engine::Plan::build(t, &crate::builtins())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}

@@ -132,13 +132,9 @@ pub(crate) fn register(r: &mut millrace_engine::Registry) {
 
 #[cfg(test)]
 mod tests {
-    use millrace_config::Topology;
-
     fn validate(extra: &str) -> Result<(), String> {
-        let t = Topology::parse_str(
-            "k.toml",
-            &format!(
-                r#"
+        crate::test_support::validate(&format!(
+            r#"
 [sources.k]
 type = "kafka"
 brokers = "127.0.0.1:9"
@@ -148,19 +144,12 @@ topic = "t"
 type = "stdout"
 inputs = ["k"]
 "#
-            ),
-        )
-        .map_err(|e| e.to_string())?;
-        millrace_engine::Plan::build(t, &crate::builtins())
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        ))
     }
 
     fn validate_sink(extra: &str) -> Result<(), String> {
-        let t = Topology::parse_str(
-            "k.toml",
-            &format!(
-                r#"
+        crate::test_support::validate(&format!(
+            r#"
 [sources.gen]
 type = "generator"
 [sinks.k]
@@ -170,12 +159,7 @@ brokers = "127.0.0.1:9"
 topic = "t"
 {extra}
 "#
-            ),
-        )
-        .map_err(|e| e.to_string())?;
-        millrace_engine::Plan::build(t, &crate::builtins())
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        ))
     }
 
     #[test]

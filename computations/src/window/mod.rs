@@ -408,10 +408,8 @@ mod tests {
     /// Validates `[computations.w]` of `kind` over `inputs` (of the three
     /// generators `a`, `b`, `c`), with `extra` options.
     fn validate(kind: &str, inputs: &str, extra: &str) -> Result<(), String> {
-        let t = millrace_config::Topology::parse_str(
-            "w.toml",
-            &format!(
-                r#"
+        crate::test_support::validate(&format!(
+            r#"
 [sources.a]
 type = "generator"
 [sources.b]
@@ -424,12 +422,7 @@ inputs = {inputs}
 window = {{ kind = "fixed", size = "1s" }}
 {extra}
 "#
-            ),
-        )
-        .map_err(|e| e.to_string())?;
-        millrace_engine::Plan::build(t, &crate::builtins())
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        ))
     }
 
     #[test]
