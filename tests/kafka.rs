@@ -172,11 +172,11 @@ fn kafka_in_and_out_is_exact_across_sigkills() {
 #[test]
 fn kafka_in_and_out_with_transactions_is_exact_across_sigkills() {
     // 200,000 records: 140,000, then 10,000 more after each of 6 kills.
-    exact_across_sigkills(TRANSACTIONAL, 140_000, 10_000);
-    // (The broker used here shows an aborted transaction's records to
+    // The broker used here shows an aborted transaction's records to
     // `read_committed` readers, the read-back included: what a killed run
     // left in its open transaction counts as written here, and is written
-    // again on Kafka, which hides it.)
+    // again on Kafka, which hides it.
+    exact_across_sigkills(TRANSACTIONAL, 140_000, 10_000);
 }
 
 /// `first` records before the first start and `per_kill` more after each

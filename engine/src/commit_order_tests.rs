@@ -144,6 +144,10 @@ fn run_with(
             flushes: Arc::clone(&f),
         }))
     });
+    // Stopped mid-stream, a small backlog bound keeps the source within a
+    // few hundred records of what the sink has, so the stop comes before
+    // the source's end whatever the scheduling.
+    let max_backlog = if stop_after.is_some() { 256 } else { 16_384 };
     let topology = Topology::parse_str(
         "order.toml",
         &format!(
@@ -155,6 +159,7 @@ shards = 3
 threads = 2
 batch_size = 64
 durability = "{durability}"
+max_backlog = {max_backlog}
 [sources.src]
 type = "numbers"
 [computations.counts]

@@ -239,8 +239,10 @@ inputs = ["a.errors"]
 
     /// Routes `emits` from `a`'s shard; returns what went to `b` and to `e`
     /// as (key, value, ts), and how many productions were numbered.
-    #[allow(clippy::type_complexity)]
-    fn route(emits: Vec<Emit>) -> (Vec<(String, String, i64)>, Vec<(String, String, i64)>, i64) {
+    /// Records as (key, value, ts).
+    type Got = Vec<(String, String, i64)>;
+
+    fn route(emits: Vec<Emit>) -> (Got, Got, i64) {
         let plan = Arc::new(plan());
         let node = |name: &str| {
             plan.nodes

@@ -431,6 +431,11 @@ address = "127.0.0.1:2"
         }
     }
 
+    /// Handshakes `n` refused (or was refused in) for `why`.
+    fn refusals(n: &Net, why: &str) -> u64 {
+        n.shared.metrics.net_refused.with_label_values(&[why]).get()
+    }
+
     fn refused(n: &Net, g: &Greeting) -> Option<&'static str> {
         n.check_greeting(1, g).err().map(|(why, _)| why)
     }
@@ -548,7 +553,7 @@ address = "127.0.0.1:2"
         let n = net(dir.path(), 0, "a-secret-of-16-bytes");
         n.refuse_count("epoch");
         n.refuse_count("epoch");
-        let count = |why: &str| n.shared.metrics.net_refused.with_label_values(&[why]).get();
+        let count = |why: &str| refusals(&n, why);
         assert_eq!((count("epoch"), count("topology")), (2, 0));
         assert_ne!(random_u64(), random_u64());
     }
@@ -631,8 +636,7 @@ address = "127.0.0.1:2"
         // Each learned the other's epochs.
         let theirs = owned_by(&a, 1);
         assert_eq!(a.seen_epochs.lock().get(&theirs).map(|e| e.0), Some(1));
-        let count =
-            |n: &Net, why: &str| n.shared.metrics.net_refused.with_label_values(&[why]).get();
+        let count = refusals;
         assert_eq!((count(&a, "secret"), count(&b, "secret")), (0, 0));
     }
 
@@ -645,8 +649,7 @@ address = "127.0.0.1:2"
             tempfile::tempdir().expect("dir"),
         ];
         let (port, a, _accepted) = acceptor(&rt, dirs[0].path(), "a-secret-of-16-bytes");
-        let count =
-            |n: &Net, why: &str| n.shared.metrics.net_refused.with_label_values(&[why]).get();
+        let count = refusals;
         let wrong = net_at(dirs[1].path(), 1, "not-the-secret-at-all", port);
         let e = rt.block_on(dial(&wrong, 0)).err().expect("refused");
         assert!(e.to_string().contains("refused by `a`"), "{e}");
