@@ -160,11 +160,23 @@ impl Store {
             path: dir.to_path_buf(),
             source,
         })?;
+        // A creation that a crash cut short committed nothing (the marker
+        // goes once the first commit is durable): start it again.
+        let marker = dir.join(CREATING);
+        if marker.exists() {
+            clear_interrupted_creation(dir)?;
+        }
         // Before RocksDB opens it (and, finding less than was there, deletes
         // the files it no longer knows): an existing database must list
         // every column family, and a directory with database files must
         // have one.
         let existing = check_existing(dir)?;
+        if !existing {
+            write_marker(&marker).map_err(|source| StorageError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
         let cache =
             Cache::new_lru_cache(opts.block_cache_bytes).map_err(|e| StorageError::Rocks {
                 path: dir.to_path_buf(),
@@ -309,7 +321,15 @@ impl Store {
             }
             let mut b = store.batch();
             b.put(Cf::Meta, &format_key(), STATE_FORMAT);
-            store.commit(b)?;
+            let mut synced = WriteOptions::default();
+            synced.set_sync(true);
+            store.commit_with(b, &synced)?;
+            std::fs::remove_file(&marker)
+                .and_then(|()| sync_dir(dir))
+                .map_err(|source| StorageError::CreateDir {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
         }
         Ok(store)
     }
@@ -471,7 +491,11 @@ impl Store {
     }
 
     /// Writes `batch` atomically: all of it or none of it survives a crash.
-    pub fn commit(&self, mut batch: Batch<'_>) -> Result<(), StorageError> {
+    pub fn commit(&self, batch: Batch<'_>) -> Result<(), StorageError> {
+        self.commit_with(batch, &self.write)
+    }
+
+    fn commit_with(&self, mut batch: Batch<'_>, write: &WriteOptions) -> Result<(), StorageError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -481,7 +505,7 @@ impl Store {
             message: "a key or value is 4 GiB or longer".into(),
         })?;
         self.db
-            .write_opt(WriteBatch::from_data(data), &self.write)
+            .write_opt(WriteBatch::from_data(data), write)
             .map_err(|e| self.err("commit", e))
     }
 
@@ -548,6 +572,45 @@ fn check_existing(dir: &Path) -> Result<bool, StorageError> {
         )));
     }
     Ok(true)
+}
+
+/// The file present in a data directory from the moment its database starts
+/// to be created until the first commit (the format) is durable.
+const CREATING: &str = "millrace-creating";
+
+/// Writes the creation marker durably (its directory entry included).
+fn write_marker(marker: &Path) -> std::io::Result<()> {
+    std::fs::File::create(marker)?.sync_all()?;
+    marker.parent().map_or(Ok(()), sync_dir)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Removes what a cut-short creation left: RocksDB's files, which hold no
+/// commit of millrace's, and the marker last.
+fn clear_interrupted_creation(dir: &Path) -> Result<(), StorageError> {
+    let io = |source| StorageError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // Not `LOCK`: RocksDB takes it again, and a process holding it
+        // keeps its lock.
+        let rocks = ["CURRENT", "IDENTITY"].contains(&name.as_str())
+            || ["LOG", "MANIFEST-", "OPTIONS-"]
+                .iter()
+                .any(|p| name.starts_with(p))
+            || [".log", ".sst", ".dbtmp"].iter().any(|e| name.ends_with(e));
+        if rocks {
+            std::fs::remove_file(entry.path()).map_err(io)?;
+        }
+    }
+    std::fs::remove_file(dir.join(CREATING)).map_err(io)?;
+    sync_dir(dir).map_err(io)
 }
 
 /// The format of keyed state values, recorded in the data dir.
@@ -787,6 +850,53 @@ mod tests {
         }
         let err = open(dir.path()).unwrap_err();
         assert!(err.to_string().contains("empty database"), "{err}");
+    }
+
+    #[test]
+    fn a_creation_cut_short_by_a_crash_is_started_again() {
+        let open = |d: &Path| Store::open(d, &StoreOptions::default());
+        // A finished creation leaves no marker.
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()).unwrap());
+        assert!(!dir.path().join(CREATING).exists());
+        // Killed after RocksDB made its files, before the format was
+        // committed: the database is empty and the marker is still there.
+        // (The format record is deleted to make one; the marker says no
+        // commit of millrace's can be in it, so what is there goes.)
+        let cut_short = |damage: &dyn Fn(&Path)| {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let store = open(dir.path()).unwrap();
+                let mut batch = store.batch();
+                batch.delete(Cf::Meta, &format_key());
+                batch.put(Cf::Meta, b"position", b"42");
+                store.commit(batch).unwrap();
+            }
+            damage(dir.path());
+            std::fs::write(dir.path().join(CREATING), b"").unwrap();
+            dir
+        };
+        for (what, damage) in [
+            ("empty database", &(|_: &Path| {}) as &dyn Fn(&Path)),
+            ("no CURRENT", &|d: &Path| {
+                std::fs::remove_file(d.join("CURRENT")).unwrap();
+            }),
+        ] {
+            let dir = cut_short(damage);
+            let store = open(dir.path()).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(store.get(Cf::Meta, b"position").unwrap(), None, "{what}");
+            let mut batch = store.batch();
+            batch.put(Cf::Meta, b"position", b"7");
+            store.commit(batch).unwrap();
+            drop(store);
+            assert!(!dir.path().join(CREATING).exists(), "{what}");
+            let store = open(dir.path()).unwrap();
+            assert_eq!(
+                store.get(Cf::Meta, b"position").unwrap().as_deref(),
+                Some(&b"7"[..]),
+                "{what}"
+            );
+        }
     }
 
     #[test]
