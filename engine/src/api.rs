@@ -318,11 +318,11 @@ pub trait Sink: Send + 'static {
     /// and returns the position to commit with them.
     fn flush(&mut self, sync: bool) -> Result<Vec<u8>, SinkError>;
 
-    /// Called before [`Sink::open`] with the shard's epoch: 1 on the first
-    /// start of its data directory, higher at every later start. A sink that
-    /// cannot cut back what it wrote (Kafka) learns from it whether anything
-    /// can have been written before its first commit.
-    fn set_epoch(&mut self, _epoch: u64) {}
+    /// Called before [`Sink::open`] with what the shard knows at its start.
+    /// A sink that cannot cut back what it wrote (Kafka) learns from it
+    /// whether anything can have been written before its first commit, and
+    /// which of the ids it finds written will be delivered again.
+    fn starting(&mut self, _start: &SinkStart) {}
 
     /// Writes one record with its production id, which is the same every
     /// time the record is delivered again. A sink that cannot cut back what
@@ -349,5 +349,99 @@ pub struct DeliveryId<'a> {
 impl std::fmt::Display for DeliveryId<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}/{}", self.edge, self.producer_shard, self.seq)
+    }
+}
+
+impl<'a> DeliveryId<'a> {
+    /// Reads the displayed form `edge/shard/seq` back (`None` if it is not one).
+    pub fn parse(text: &'a str) -> Option<DeliveryId<'a>> {
+        let mut parts = text.rsplitn(3, '/');
+        let seq = parts.next()?.parse().ok()?;
+        let producer_shard = parts.next()?.parse().ok()?;
+        let edge = parts.next().filter(|e| !e.is_empty())?;
+        Some(DeliveryId {
+            edge,
+            producer_shard,
+            seq,
+        })
+    }
+}
+
+/// What a sink shard knows at its start, before [`Sink::open`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SinkStart {
+    /// 1 on the first start of the shard's data directory, higher at every
+    /// later start: after a first start nothing can have been written.
+    pub epoch: u64,
+    /// What the shard has applied of each input channel, by edge and
+    /// producer shard: everything above it is delivered again.
+    applied: std::collections::HashMap<String, std::collections::HashMap<u32, u64>>,
+}
+
+impl SinkStart {
+    /// A start at `epoch` with nothing applied on any input yet.
+    pub fn new(epoch: u64) -> SinkStart {
+        SinkStart {
+            epoch,
+            applied: Default::default(),
+        }
+    }
+
+    /// Records that the input `edge` from `producer_shard` is applied up to
+    /// sequence number `seq` (0: nothing yet).
+    pub fn applied(mut self, edge: &str, producer_shard: u32, seq: u64) -> SinkStart {
+        self.applied
+            .entry(edge.to_owned())
+            .or_default()
+            .insert(producer_shard, seq);
+        self
+    }
+
+    /// Whether the delivery `id` will be made (again) after this start: it
+    /// comes on one of the shard's inputs, above what the shard applied there.
+    /// A written record whose id says yes is a re-delivery to skip; one whose
+    /// id says no is never delivered again.
+    pub fn redelivers(&self, id: &DeliveryId<'_>) -> bool {
+        self.applied
+            .get(id.edge)
+            .and_then(|shards| shards.get(&id.producer_shard))
+            .is_some_and(|&applied| id.seq > applied)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delivery_id_reads_back_from_its_displayed_form() {
+        let id = DeliveryId {
+            edge: "words.errors->a/b",
+            producer_shard: 3,
+            seq: 1229,
+        };
+        let text = id.to_string();
+        assert_eq!(DeliveryId::parse(&text), Some(id));
+        for bad in ["", "7", "e/1", "/1/2", "e/x/2", "e/1/-2", "e/1/2 "] {
+            assert_eq!(DeliveryId::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_what_is_above_an_inputs_applied_number_is_delivered_again() {
+        let start = SinkStart::new(3)
+            .applied("counts->out", 0, 10)
+            .applied("counts->out", 1, 0);
+        let id = |edge, producer_shard, seq| DeliveryId {
+            edge,
+            producer_shard,
+            seq,
+        };
+        assert!(!start.redelivers(&id("counts->out", 0, 10)));
+        assert!(start.redelivers(&id("counts->out", 0, 11)));
+        assert!(start.redelivers(&id("counts->out", 1, 1)));
+        // Not one of this shard's inputs: never delivered here.
+        assert!(!start.redelivers(&id("counts->out", 2, 50)));
+        assert!(!start.redelivers(&id("other->out", 0, 50)));
     }
 }

@@ -46,8 +46,8 @@ mod timers;
 mod worker;
 
 pub use api::{
-    Computation, ComputationError, Context, DeliveryId, Emitter, Sink, SinkError, Source,
-    SourceError, SourcePoll, SourceShard,
+    Computation, ComputationError, Context, DeliveryId, Emitter, Sink, SinkError, SinkStart,
+    Source, SourceError, SourcePoll, SourceShard,
 };
 pub use delivery::{InChannel, Offer, OutChannel};
 pub use error::EngineError;

@@ -25,6 +25,7 @@
 //! Both retry an unreachable broker with backoff (librdkafka reconnects; the
 //! source also retries its set-up), report it on `/healthz`, and count it.
 
+mod awaited;
 mod metrics;
 mod sink;
 mod source;

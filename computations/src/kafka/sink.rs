@@ -1,10 +1,11 @@
 //! The `kafka` sink (see the module documentation of `kafka`).
 
+use super::awaited::Awaited;
 use super::metrics::metrics;
 use super::{Brokers, ClientOptions, PropertyValue, ID_HEADER};
 use crate::sinks::OutputFormat;
 use millrace_config::{Component, ConfigError, HumanDuration};
-use millrace_engine::{health, DeliveryId, Record, Registry, Sink, SinkError};
+use millrace_engine::{health, DeliveryId, Record, Registry, Sink, SinkError, SinkStart};
 use parking_lot::Mutex;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
@@ -14,7 +15,7 @@ use rdkafka::message::{DeliveryResult, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 #[derive(Deserialize)]
@@ -118,18 +119,22 @@ pub struct KafkaSink {
     timeout: Duration,
     /// One Kafka transaction per commit (the `transactional_id` option).
     transactional: bool,
-    epoch: u64,
+    /// The shard's epoch and what it applied of each input.
+    start: SinkStart,
     producer: Option<BaseProducer<SinkContext>>,
-    /// End offsets of what the last commit covers, by partition.
+    /// The committed position read at the start: where the read-back starts.
     committed: BTreeMap<i32, i64>,
-    /// Production ids found in the topic past the committed position.
-    seen: HashSet<Vec<u8>>,
+    /// End offsets of what is written and acknowledged, by partition.
+    ends: BTreeMap<i32, i64>,
+    /// Records the read-back found whose deliveries are still to come.
+    awaited: Awaited,
     value: Vec<u8>,
 }
 
 impl KafkaSink {
     /// Reads the topic from the committed position (from the start of the
-    /// partitions it does not cover) to its end, and keeps the ids there.
+    /// partitions it does not cover) to its end, and keeps the ids there
+    /// that will be delivered again.
     fn read_back(&mut self) -> Result<(), String> {
         let reader: BaseConsumer = self
             .reader_config
@@ -164,7 +169,7 @@ impl KafkaSink {
             .assign(&tpl)
             .map_err(|e| format!("assigning the read-back: {e}"))?;
         let deadline = Instant::now() + self.timeout;
-        let mut read = 0u64;
+        let (mut read, mut applied) = (0u64, 0u64);
         while !pending.is_empty() {
             if Instant::now() > deadline {
                 return Err(format!(
@@ -181,12 +186,25 @@ impl KafkaSink {
                 Some(Err(e)) => return Err(format!("reading back: {e}")),
                 Some(Ok(msg)) => {
                     read += 1;
-                    if let Some(id) = msg
+                    let Some(id) = msg
                         .headers()
                         .and_then(|h| h.iter().find(|h| h.key == ID_HEADER))
                         .and_then(|h| h.value)
-                    {
-                        self.seen.insert(id.to_vec());
+                    else {
+                        continue;
+                    };
+                    // An id the shard applied before is committed (the read
+                    // can start before it: a commit's position waits for the
+                    // records still awaited), and an id of none of its inputs
+                    // is another writer's: neither is delivered again.
+                    let redelivered = std::str::from_utf8(id)
+                        .ok()
+                        .and_then(DeliveryId::parse)
+                        .is_some_and(|id| self.start.redelivers(&id));
+                    if redelivered {
+                        self.awaited.insert(id, msg.partition(), msg.offset());
+                    } else {
+                        applied += 1;
                     }
                 }
             }
@@ -194,7 +212,9 @@ impl KafkaSink {
         tracing::info!(
             component = %self.component,
             read,
-            ids = self.seen.len(),
+            awaited = self.awaited.len(),
+            applied,
+            from = %format_position(&self.committed),
             "kafka sink: read back what the topic holds past the committed position"
         );
         Ok(())
@@ -250,8 +270,8 @@ impl KafkaSink {
 }
 
 impl Sink for KafkaSink {
-    fn set_epoch(&mut self, epoch: u64) {
-        self.epoch = epoch;
+    fn starting(&mut self, start: &SinkStart) {
+        self.start = start.clone();
     }
 
     fn open(&mut self, position: Option<&[u8]>) -> Result<(), SinkError> {
@@ -260,6 +280,8 @@ impl Sink for KafkaSink {
             Some(p) => parse_position(p).map_err(|e| error(&what, e))?,
             None => BTreeMap::new(),
         };
+        self.ends = self.committed.clone();
+        self.awaited = Awaited::default();
         let producer: BaseProducer<SinkContext> = self
             .producer_config
             .create_with_context(SinkContext {
@@ -283,7 +305,7 @@ impl Sink for KafkaSink {
         // Nothing can have been written before the first commit of a first
         // start; after any other start, what the topic holds past the
         // committed position may be re-delivered, so it is read back.
-        if position.is_some() || self.epoch > 1 {
+        if position.is_some() || self.start.epoch > 1 {
             self.retrying(&what, Self::read_back)?;
         }
         if self.transactional {
@@ -298,7 +320,7 @@ impl Sink for KafkaSink {
 
     fn write_delivered(&mut self, record: &Record, id: &DeliveryId<'_>) -> Result<(), SinkError> {
         let id = id.to_string();
-        if !self.seen.is_empty() && self.seen.remove(id.as_bytes()) {
+        if !self.awaited.is_empty() && self.awaited.take(id.as_bytes()) {
             metrics()
                 .duplicates_skipped
                 .with_label_values(&[&self.component])
@@ -346,11 +368,11 @@ impl Sink for KafkaSink {
         }
         let acked = std::mem::take(&mut *ctx.acked.lock());
         for (p, end) in acked {
-            let e = self.committed.entry(p).or_insert(0);
+            let e = self.ends.entry(p).or_insert(0);
             *e = (*e).max(end);
         }
         health::clear(&health_name(&self.component));
-        Ok(format_position(&self.committed).into_bytes())
+        Ok(format_position(&self.awaited.position(&self.ends)).into_bytes())
     }
 }
 
@@ -499,10 +521,11 @@ fn build(c: &Component) -> Result<KafkaSink, ConfigError> {
         format: o.format,
         timeout: o.timeout.map_or(Duration::from_secs(30), |d| d.0),
         transactional: transactional_id.is_some(),
-        epoch: 1,
+        start: SinkStart::new(1),
         producer: None,
         committed: BTreeMap::new(),
-        seen: HashSet::new(),
+        ends: BTreeMap::new(),
+        awaited: Awaited::default(),
         value: Vec::new(),
     })
 }

@@ -6,7 +6,7 @@
 //! timers, and its outbox, whose productions go out again.
 
 use super::{Body, KeyEnv, ReplayLog, ShardRt, SourceRt, SOURCE_IDLE_PAUSE};
-use crate::api::{ComputationError, SourceError, SourceShard};
+use crate::api::{ComputationError, SinkStart, SourceError, SourceShard};
 use crate::delivery::{InChannel, OutChannel};
 use crate::error::EngineError;
 use crate::keyed_state::KeyedState;
@@ -35,6 +35,15 @@ impl ShardRt {
         let spec = &plan.shards[sid as usize];
         let node = &plan.nodes[spec.node];
         let position = store.get(Cf::Meta, &position_key(&spec.prefix))?;
+        let mut applied = Vec::new();
+        for ch in plan.in_channels(sid) {
+            let seq = store
+                .get(Cf::Channels, &plan.applied_seq_key(ch))?
+                .as_deref()
+                .and_then(read_u64)
+                .unwrap_or(0);
+            applied.push((ch, seq));
+        }
         let mut replayable = false;
         let body = match &node.maker {
             Maker::Source(f, c) => {
@@ -71,7 +80,14 @@ impl ShardRt {
                     .as_deref()
                     .and_then(read_u64)
                     .unwrap_or(1);
-                sink.set_epoch(epoch);
+                let start = applied
+                    .iter()
+                    .fold(SinkStart::new(epoch), |start, &(ch, seq)| {
+                        let c = plan.chan(ch);
+                        let producer = plan.shards[c.src as usize].shard;
+                        start.applied(&plan.edges[c.edge].name, producer, seq)
+                    });
+                sink.starting(&start);
                 sink.open(position.as_deref()).map_err(EngineError::Sink)?;
                 Body::Sink {
                     sink,
@@ -79,15 +95,10 @@ impl ShardRt {
                 }
             }
         };
-        let mut inputs = FastMap::default();
-        for ch in plan.in_channels(sid) {
-            let applied = store
-                .get(Cf::Channels, &plan.applied_seq_key(ch))?
-                .as_deref()
-                .and_then(read_u64)
-                .unwrap_or(0);
-            inputs.insert(ch, InChannel::new(applied));
-        }
+        let inputs: FastMap<_, _> = applied
+            .into_iter()
+            .map(|(ch, seq)| (ch, InChannel::new(seq)))
+            .collect();
         let upstream_wm = plan
             .upstream(sid)
             .iter()
