@@ -6,7 +6,7 @@
 //! so a restart with the same topology finds its data whatever the order of
 //! the file.
 
-use crate::api::SourceShard;
+use crate::api::{DeliveryId, SourceShard};
 use crate::layout::{self, shard_prefix};
 use crate::registry::{MakeComputation, Registry, SinkFactory, SourceFactory};
 use millrace_config::{Component, ConfigError, KeyExtractor, Role, Topology, MAX_SHARDS};
@@ -392,6 +392,17 @@ impl Plan {
             src: src.first_sid + at / dst.shards,
             dst: dst.first_sid + at % dst.shards,
         })
+    }
+
+    /// The id of delivery `seq` on channel `ch` (which the plan made): its
+    /// edge's name and its producer's shard number within its component.
+    pub fn delivery_id(&self, ch: ChannelIdx, seq: u64) -> DeliveryId<'_> {
+        let c = self.chan(ch);
+        DeliveryId {
+            edge: &self.edges[c.edge].name,
+            producer_shard: self.shards[c.src as usize].shard,
+            seq,
+        }
     }
 
     /// Channel `ch`, which the caller knows exists (an index the plan made).

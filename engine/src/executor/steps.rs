@@ -3,7 +3,7 @@
 //! is routed into the turn's batch as it comes.
 
 use super::{Executor, Turn, IDLE_WATERMARK_STEP, RANGE_DELETE_MIN};
-use crate::api::{ComputationError, DeliveryId, Emitter, SourcePoll};
+use crate::api::{ComputationError, Emitter, SourcePoll};
 use crate::delivery::Offer;
 use crate::error::EngineError;
 use crate::failpoint::{self, Point};
@@ -94,12 +94,7 @@ impl Executor {
             }
             match &mut shard.body {
                 Body::Sink { sink, written } => {
-                    let c = plan.chan(ch);
-                    let id = DeliveryId {
-                        edge: &plan.edges[c.edge].name,
-                        producer_shard: plan.shards[c.src as usize].shard,
-                        seq,
-                    };
+                    let id = plan.delivery_id(ch, seq);
                     sink.write_delivered(&record, &id)
                         .map_err(EngineError::Sink)?;
                     *written = true;

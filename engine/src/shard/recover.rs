@@ -83,9 +83,8 @@ impl ShardRt {
                 let start = applied
                     .iter()
                     .fold(SinkStart::new(epoch), |start, &(ch, seq)| {
-                        let c = plan.chan(ch);
-                        let producer = plan.shards[c.src as usize].shard;
-                        start.applied(&plan.edges[c.edge].name, producer, seq)
+                        let id = plan.delivery_id(ch, seq);
+                        start.applied(id.edge, id.producer_shard, id.seq)
                     });
                 sink.starting(&start);
                 sink.open(position.as_deref()).map_err(EngineError::Sink)?;
