@@ -174,13 +174,7 @@ fn kafka_in_and_out_with_transactions_is_exact_across_sigkills() {
 
 /// What the sink `out` has produced since its process started.
 fn records_out(http: &str) -> f64 {
-    let Some((_, body)) = http_get(http, "/metrics") else {
-        return 0.0;
-    };
-    body.lines()
-        .filter_map(|l| l.strip_prefix(r#"millrace_kafka_records_out_total{component="out","#))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(http, r#"millrace_kafka_records_out_total{component="out","#)
 }
 
 /// `first` records before the first start and `per_kill` more after each

@@ -237,11 +237,11 @@ inputs = ["a.errors"]
         }
     }
 
-    /// Routes `emits` from `a`'s shard; returns what went to `b` and to `e`
-    /// as (key, value, ts), and how many productions were numbered.
     /// Records as (key, value, ts).
     type Got = Vec<(String, String, i64)>;
 
+    /// Routes `emits` from `a`'s shard; returns what went to `b` and to `e`
+    /// as (key, value, ts), and how many productions were numbered.
     fn route(emits: Vec<Emit>) -> (Got, Got, i64) {
         let plan = Arc::new(plan());
         let node = |name: &str| {

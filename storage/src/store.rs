@@ -547,7 +547,7 @@ fn check_existing(dir: &Path) -> Result<bool, StorageError> {
         let rocks_files: Vec<String> = entries
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".sst") || n.ends_with(".log") || n.starts_with("MANIFEST-"))
+            .filter(|n| holds_data(n))
             .collect();
         if let Some(first) = rocks_files.first() {
             return Err(damaged(format!(
@@ -572,6 +572,12 @@ fn check_existing(dir: &Path) -> Result<bool, StorageError> {
         )));
     }
     Ok(true)
+}
+
+/// Whether the RocksDB file `name` holds data: a table, a write-ahead log
+/// or a MANIFEST.
+fn holds_data(name: &str) -> bool {
+    name.ends_with(".sst") || name.ends_with(".log") || name.starts_with("MANIFEST-")
 }
 
 /// The file present in a data directory from the moment its database starts
@@ -600,11 +606,11 @@ fn clear_interrupted_creation(dir: &Path) -> Result<(), StorageError> {
         let name = entry.file_name().to_string_lossy().into_owned();
         // Not `LOCK`: RocksDB takes it again, and a process holding it
         // keeps its lock.
-        let rocks = ["CURRENT", "IDENTITY"].contains(&name.as_str())
-            || ["LOG", "MANIFEST-", "OPTIONS-"]
-                .iter()
-                .any(|p| name.starts_with(p))
-            || [".log", ".sst", ".dbtmp"].iter().any(|e| name.ends_with(e));
+        let rocks = holds_data(&name)
+            || ["CURRENT", "IDENTITY"].contains(&name.as_str())
+            || name.starts_with("LOG")
+            || name.starts_with("OPTIONS-")
+            || name.ends_with(".dbtmp");
         if rocks {
             std::fs::remove_file(entry.path()).map_err(io)?;
         }

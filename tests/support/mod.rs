@@ -328,6 +328,19 @@ pub fn metric(http: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// The sum of every series on a worker's `/metrics` whose name and labels
+/// start with `prefix` (e.g. all partitions of one component); 0 when none
+/// or when the worker does not answer.
+pub fn metric_sum(http: &str, prefix: &str) -> f64 {
+    let Some((_, body)) = http_get(http, "/metrics") else {
+        return 0.0;
+    };
+    body.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A cluster of workers on 127.0.0.1 for tests: ids `w0`, `w1`, ...; each
 /// worker's address, real listen address (behind a proxy when asked) and
 /// HTTP address.

@@ -553,8 +553,7 @@ address = "127.0.0.1:2"
         let n = net(dir.path(), 0, "a-secret-of-16-bytes");
         n.refuse_count("epoch");
         n.refuse_count("epoch");
-        let count = |why: &str| refusals(&n, why);
-        assert_eq!((count("epoch"), count("topology")), (2, 0));
+        assert_eq!((refusals(&n, "epoch"), refusals(&n, "topology")), (2, 0));
         assert_ne!(random_u64(), random_u64());
     }
 
@@ -636,8 +635,7 @@ address = "127.0.0.1:2"
         // Each learned the other's epochs.
         let theirs = owned_by(&a, 1);
         assert_eq!(a.seen_epochs.lock().get(&theirs).map(|e| e.0), Some(1));
-        let count = refusals;
-        assert_eq!((count(&a, "secret"), count(&b, "secret")), (0, 0));
+        assert_eq!((refusals(&a, "secret"), refusals(&b, "secret")), (0, 0));
     }
 
     #[test]
@@ -649,17 +647,16 @@ address = "127.0.0.1:2"
             tempfile::tempdir().expect("dir"),
         ];
         let (port, a, _accepted) = acceptor(&rt, dirs[0].path(), "a-secret-of-16-bytes");
-        let count = refusals;
         let wrong = net_at(dirs[1].path(), 1, "not-the-secret-at-all", port);
         let e = rt.block_on(dial(&wrong, 0)).err().expect("refused");
         assert!(e.to_string().contains("refused by `a`"), "{e}");
-        assert_eq!(count(&a, "secret"), 1);
-        assert_eq!(count(&wrong, "by-peer"), 1);
+        assert_eq!(refusals(&a, "secret"), 1);
+        assert_eq!(refusals(&wrong, "by-peer"), 1);
         // Worker a dialing itself: only higher-numbered workers dial a.
         let itself = net_at(dirs[2].path(), 0, "a-secret-of-16-bytes", port);
         let e = rt.block_on(dial(&itself, 0)).err().expect("refused");
         assert!(e.to_string().contains("refused by `a`"), "{e}");
-        assert_eq!(count(&a, "worker"), 1);
+        assert_eq!(refusals(&a, "worker"), 1);
     }
 
     #[test]
