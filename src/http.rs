@@ -6,10 +6,17 @@
 //!
 //! Hostile clients are bounded: a request head must arrive within
 //! [`HEAD_TIMEOUT`] (else 408), at most [`MAX_CONNECTIONS`] are served at
-//! once (more get 503 at once), and with a token configured `/status` and
-//! `/tap` (and `/metrics` if asked) answer 401 without `Authorization:
-//! Bearer TOKEN`.
+//! once (more get 503 at once), and with a token configured `/status`,
+//! `/tap` and `POST /stop` (and `/metrics` if asked) answer 401 without
+//! `Authorization: Bearer TOKEN`. Web pages in a browser are kept out by
+//! [`guard`]: a foreign `Host` (DNS rebinding) is refused without a token,
+//! a control request must be same-origin and carry `X-Millrace`, and a
+//! savepoint asked for over HTTP goes only where the operator allowed.
 
+mod guard;
+
+pub use guard::Access;
+use guard::{Head, Refusal};
 use millrace_engine::{Metrics, Worker};
 use parking_lot::Mutex;
 use percent_encoding::percent_decode_str;
@@ -41,6 +48,8 @@ pub struct HttpState {
     stop: Arc<AtomicBool>,
     /// Where `POST /stop?savepoint=URL` asked the worker's savepoint to go.
     stop_savepoint: Mutex<Option<String>>,
+    /// The names served and the savepoint locations allowed.
+    access: Access,
 }
 
 /// Records in/out per second per component, between the last two samples,
@@ -71,23 +80,23 @@ pub struct Auth {
 
 impl Auth {
     /// Whether a request with `head` may read `path`.
-    fn allows(&self, path: &str, head: &str) -> bool {
+    fn allows(&self, path: &str, head: &Head) -> bool {
         let Some(token) = &self.token else {
             return true;
         };
-        // The status page itself is static; the data it reads is guarded.
-        if path == "/" || path == "/healthz" || (path == "/metrics" && !self.metrics) {
+        // The status page itself (and its icon) is static; the data it
+        // reads is guarded.
+        if path == "/"
+            || path == "/favicon.ico"
+            || path == "/healthz"
+            || (path == "/metrics" && !self.metrics)
+        {
             return true;
         }
-        head.lines().any(|l| {
-            let Some((name, value)) = l.split_once(':') else {
-                return false;
-            };
-            name.trim().eq_ignore_ascii_case("authorization")
-                && value
-                    .trim()
-                    .strip_prefix("Bearer ")
-                    .is_some_and(|given| same(given.trim().as_bytes(), token.as_bytes()))
+        head.values("authorization").any(|value| {
+            value
+                .strip_prefix("Bearer ")
+                .is_some_and(|given| same(given.trim().as_bytes(), token.as_bytes()))
         })
     }
 }
@@ -100,7 +109,12 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 impl HttpState {
     /// `stop` is the flag that stops the worker (a drain, as on SIGTERM).
-    pub fn new(metrics: Arc<Metrics>, auth: Auth, stop: Arc<AtomicBool>) -> Arc<Self> {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        auth: Auth,
+        access: Access,
+        stop: Arc<AtomicBool>,
+    ) -> Arc<Self> {
         Arc::new(HttpState {
             metrics,
             auth,
@@ -110,6 +124,7 @@ impl HttpState {
             rates: Mutex::new(Rates::default()),
             stop,
             stop_savepoint: Mutex::new(None),
+            access,
         })
     }
 
@@ -214,22 +229,21 @@ async fn read_head(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<Op
 /// `POST /stop[?savepoint=URL]`: the worker drains as on SIGTERM, stops
 /// and, with a savepoint URL, exports its shards there before it exits.
 /// Answers at once (202); `millrace stop` then waits for the savepoint.
-async fn stop(stream: &mut TcpStream, state: &HttpState, query: &str) -> std::io::Result<()> {
-    let savepoint = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("savepoint="));
-    let savepoint = match savepoint.map(|v| percent_decode_str(v).decode_utf8()) {
-        None => None,
-        Some(Ok(url)) => Some(url.into_owned()),
-        Some(Err(_)) => {
-            return respond(stream, 400, "text/plain", "savepoint: not UTF-8\n").await;
-        }
-    };
-    if let Some(url) = &savepoint {
-        if let Err(e) = crate::savepoints::open(url) {
-            return respond(stream, 400, "text/plain", &format!("{e:#}\n")).await;
-        }
+/// Refused cross-site, and to a savepoint outside `[service]
+/// savepoint_targets` ([`guard`]).
+async fn stop(
+    stream: &mut TcpStream,
+    state: &HttpState,
+    head: &Head<'_>,
+    query: &str,
+) -> std::io::Result<()> {
+    if let Err(r) = guard::check_control(head) {
+        return refuse_with(stream, state, r).await;
     }
+    let savepoint = match savepoint_asked(state, query).await {
+        Ok(savepoint) => savepoint,
+        Err(r) => return refuse_with(stream, state, r).await,
+    };
     let accepted = {
         let mut asked = state.stop_savepoint.lock();
         let first = !state.stop.swap(true, Ordering::SeqCst);
@@ -247,6 +261,43 @@ async fn stop(stream: &mut TcpStream, state: &HttpState, query: &str) -> std::io
     );
     let body = serde_json::json!({"stopping": true, "savepoint": savepoint}).to_string();
     respond(stream, 202, "application/json", &body).await
+}
+
+/// The normalised location `savepoint=URL` in `query` asks for, checked
+/// against `[service] savepoint_targets` and opened once to see that it is
+/// usable (an S3 client needs its endpoint and credentials); `None`
+/// without one.
+async fn savepoint_asked(state: &HttpState, query: &str) -> Result<Option<String>, Refusal> {
+    let Some(raw) = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("savepoint="))
+    else {
+        return Ok(None);
+    };
+    let bad = |message: String| Refusal {
+        code: 400,
+        reason: "savepoint-target",
+        message,
+    };
+    let url = percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| bad("savepoint: not UTF-8\n".to_owned()))?;
+    let url = state.access.savepoint(&url)?.to_string();
+    // Opening a store may build a client with its own runtime, which must
+    // neither be made nor dropped on this one: on a blocking thread.
+    let opened = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || crate::savepoints::open(&url).map(drop)).await
+    };
+    match opened {
+        Ok(Ok(())) => Ok(Some(url)),
+        Ok(Err(e)) => Err(bad(format!("{e:#}\n"))),
+        Err(e) => Err(Refusal {
+            code: 500,
+            reason: "savepoint-target",
+            message: format!("checking the savepoint location failed: {e}\n"),
+        }),
+    }
 }
 
 async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result<()> {
@@ -270,9 +321,17 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
             Some(n) => n,
         },
     };
-    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
-    let mut parts = head.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let head = Head::parse(&text);
+    // Without a token, only this machine's own names are served (DNS
+    // rebinding); with one, the token guards the data.
+    if state.auth.token.is_none() {
+        let local = stream.local_addr()?.ip();
+        if let Err(r) = state.access.check_host(&head, local) {
+            return refuse_with(&mut stream, &state, r).await;
+        }
+    }
+    let (method, target) = (head.method, head.target);
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if method != "GET" && !(method == "POST" && path == "/stop") {
         let why = "only GET is served (and POST /stop)\n";
@@ -283,7 +342,7 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
         return refuse(&mut stream, &state, "token", 401, why).await;
     }
     match path {
-        "/stop" if method == "POST" => stop(&mut stream, &state, query).await,
+        "/stop" if method == "POST" => stop(&mut stream, &state, &head, query).await,
         "/stop" => {
             respond(
                 &mut stream,
@@ -301,6 +360,8 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
         }
         "/" => respond(&mut stream, 200, "text/html; charset=utf-8", STATUS_PAGE).await,
+        // Browsers ask for it with every page; no icon, and no error either.
+        "/favicon.ico" => respond(&mut stream, 204, "text/plain", "").await,
         "/healthz" => {
             let problems = millrace_engine::health::problems();
             let (code, body) = match state.health.load(Ordering::SeqCst) {
@@ -526,6 +587,11 @@ async fn peer_status(addr: &str, token: Option<&str>) -> Option<serde_json::Valu
     serde_json::from_str(body).ok()
 }
 
+/// Answers with `r` and counts it under its reason.
+async fn refuse_with(stream: &mut TcpStream, state: &HttpState, r: Refusal) -> std::io::Result<()> {
+    refuse(stream, state, r.reason, r.code, &r.message).await
+}
+
 /// Answers `code` with `body` and counts the refusal under `reason`.
 async fn refuse(
     stream: &mut TcpStream,
@@ -542,26 +608,87 @@ async fn refuse(
     respond(stream, code, "text/plain", body).await
 }
 
+/// The status codes the server sends, each with its reason phrase
+/// (RFC 9110).
+const REASON_PHRASES: &[(u16, &str)] = &[
+    (200, "OK"),
+    (202, "Accepted"),
+    (204, "No Content"),
+    (400, "Bad Request"),
+    (401, "Unauthorized"),
+    (403, "Forbidden"),
+    (404, "Not Found"),
+    (405, "Method Not Allowed"),
+    (408, "Request Timeout"),
+    (409, "Conflict"),
+    (421, "Misdirected Request"),
+    (431, "Request Header Fields Too Large"),
+    (500, "Internal Server Error"),
+    (503, "Service Unavailable"),
+];
+
+fn reason_phrase(code: u16) -> &'static str {
+    REASON_PHRASES
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map_or("", |(_, phrase)| phrase)
+}
+
 async fn respond(
     stream: &mut TcpStream,
     code: u16,
     ctype: &str,
     body: &str,
 ) -> std::io::Result<()> {
-    let reason = match code {
-        200 => "OK",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        408 => "Request Timeout",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        _ => "Service Unavailable",
-    };
-    let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+    debug_assert!(
+        !reason_phrase(code).is_empty(),
+        "no reason phrase for {code}"
     );
+    let reason = reason_phrase(code);
+    // A 204 has neither a body nor its length.
+    let head = if code == 204 {
+        format!("HTTP/1.1 {code} {reason}\r\nConnection: close\r\n\r\n")
+    } else {
+        format!(
+            "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+    };
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_sent_has_its_own_reason_phrase() {
+        for (code, phrase) in [
+            (200, "OK"),
+            (202, "Accepted"),
+            (204, "No Content"),
+            (400, "Bad Request"),
+            (401, "Unauthorized"),
+            (403, "Forbidden"),
+            (404, "Not Found"),
+            (405, "Method Not Allowed"),
+            (408, "Request Timeout"),
+            (409, "Conflict"),
+            (421, "Misdirected Request"),
+            (431, "Request Header Fields Too Large"),
+            (500, "Internal Server Error"),
+            (503, "Service Unavailable"),
+        ] {
+            assert_eq!(reason_phrase(code), phrase, "{code}");
+        }
+        let phrases: std::collections::BTreeSet<&str> =
+            REASON_PHRASES.iter().map(|(_, p)| *p).collect();
+        assert_eq!(
+            phrases.len(),
+            REASON_PHRASES.len(),
+            "two codes share a phrase"
+        );
+    }
 }

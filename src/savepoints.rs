@@ -135,7 +135,8 @@ pub fn stop(addrs: &[String], savepoint: Option<&str>, wait: Duration) -> Result
 }
 
 /// One HTTP/1.1 request without a body; returns the status and the body.
-/// Sends `MILLRACE_HTTP_TOKEN` as a bearer token when it is set.
+/// Sends `MILLRACE_HTTP_TOKEN` as a bearer token when it is set, and the
+/// `X-Millrace` header a control request needs.
 fn http_request(addr: &str, method: &str, target: &str) -> Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr)?;
@@ -147,7 +148,7 @@ fn http_request(addr: &str, method: &str, target: &str) -> Result<(u16, String)>
         .unwrap_or_default();
     write!(
         stream,
-        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\n{auth}X-Millrace: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;

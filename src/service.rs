@@ -79,8 +79,13 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
             .or_else(|| topology.service.http_token.clone()),
         metrics: topology.service.http_token_for_metrics,
     };
+    let open_to_all = auth.token.is_none();
+    let access = http::Access::new(
+        http_addr.as_deref(),
+        topology.service.savepoint_targets.clone(),
+    );
     let stop = Arc::new(AtomicBool::new(false));
-    let state = HttpState::new(Arc::clone(&metrics), auth, Arc::clone(&stop));
+    let state = HttpState::new(Arc::clone(&metrics), auth, access, Arc::clone(&stop));
 
     // Signals: the first SIGTERM/SIGINT starts a drain.
     {
@@ -100,6 +105,13 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
         ),
         None => None,
     };
+    if let Some(addr) = bound.filter(|a| open_to_all && !a.ip().is_loopback()) {
+        tracing::warn!(
+            "HTTP on {addr} is reachable from other machines and has no token \
+             ([service] http_token or MILLRACE_HTTP_TOKEN): whoever reaches it can read \
+             /status and /tap and stop the worker"
+        );
+    }
 
     if let Some(from) = &from_savepoint {
         crate::savepoints::load(

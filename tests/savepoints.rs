@@ -30,6 +30,7 @@ fn topology(s: &Scratch, name: &str, cluster: &str, rate: u64, counts: &str) -> 
             r#"
 [service]
 data_dir = "{{dir}}/{name}.data"
+savepoint_targets = ["file://{{dir}}"]
 [engine]
 shards = 6
 [sources.gen]

@@ -29,11 +29,13 @@
 mod duration;
 mod error;
 mod locate;
+mod savepoint_target;
 mod topology;
 
 pub use duration::{parse_duration, HumanDuration};
 pub use error::ConfigError;
 pub use locate::Locator;
+pub use savepoint_target::SavepointTarget;
 pub use topology::{
     check_secret, ClusterConfig, Component, Durability, EngineConfig, Input, KeyExtractor, Options,
     Role, ServiceConfig, StreamRef, Topology, WorkerConfig, MAX_RECORD_BYTES, MAX_SHARDS,

@@ -1,6 +1,6 @@
 //! The topology: raw TOML -> checked components and wiring.
 
-use crate::{duration::HumanDuration, ConfigError, Locator};
+use crate::{duration::HumanDuration, ConfigError, Locator, SavepointTarget};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,13 +17,18 @@ pub struct ServiceConfig {
     /// Address of `/metrics`, `/healthz`, `/status`. Default `127.0.0.1:9464`;
     /// `"off"` disables the server.
     pub http: Option<String>,
-    /// Bearer token that `/status` and `/tap` require (`Authorization:
-    /// Bearer TOKEN`); the environment variable `MILLRACE_HTTP_TOKEN`
-    /// overrides it. None: open to whoever reaches the address.
+    /// Bearer token that `/status`, `/tap` and `POST /stop` require
+    /// (`Authorization: Bearer TOKEN`); the environment variable
+    /// `MILLRACE_HTTP_TOKEN` overrides it. None: open to whoever reaches the
+    /// address under one of this machine's own names.
     pub http_token: Option<String>,
     /// Whether `/metrics` needs the token too. Default false, so that
     /// Prometheus scrapes without credentials.
     pub http_token_for_metrics: bool,
+    /// Where `POST /stop?savepoint=URL` may put a savepoint: `URL` must lie
+    /// under one of these. Empty (the default): a stop over HTTP cannot
+    /// take a savepoint.
+    pub savepoint_targets: Vec<SavepointTarget>,
 }
 
 /// How hard a commit tries to survive failures.
@@ -128,6 +133,7 @@ struct RawService {
     http: Option<String>,
     http_token: Option<String>,
     http_token_for_metrics: Option<bool>,
+    savepoint_targets: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -371,6 +377,14 @@ impl Topology {
                 t => t,
             },
             http_token_for_metrics: raw.service.http_token_for_metrics.unwrap_or(false),
+            savepoint_targets: raw
+                .service
+                .savepoint_targets
+                .unwrap_or_default()
+                .iter()
+                .map(|url| SavepointTarget::parse(url))
+                .collect::<Result<_, _>>()
+                .map_err(|why| locator.error("service", Some("savepoint_targets"), why))?,
         };
         let mut components = Vec::new();
         for (role, tables) in [

@@ -217,7 +217,7 @@ impl Metrics {
             ),
             http_refused: peer_counter(
                 "millrace_http_refused_total",
-                "HTTP requests refused, by reason: busy (too many connections), timeout (slow request head), token.",
+                "HTTP requests refused, by reason: busy (too many connections), timeout (slow request head), token, host (a foreign Host), cross-site, plain-request (a control request without X-Millrace), savepoint-target.",
                 "reason",
             ),
             net_connects: peer_counter(
