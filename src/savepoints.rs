@@ -8,7 +8,7 @@ use millrace_engine::savepoint::{self, DirStore, SavepointError, SavepointStore}
 use millrace_engine::{Metrics, Plan, Registry};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
-use object_store::ObjectStoreExt;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -57,11 +57,12 @@ pub fn export(
     let dir = millrace_engine::data_dir_of(&topology, worker, data_dir);
     let (r, seconds) = export_dir(topology, registry, to, worker, &dir)?;
     println!(
-        "exported {} shards ({} keys, {} bytes) of {} to {to} in {seconds:.3} s",
+        "exported {} shards ({} keys, {} bytes) of {} to {to} (savepoint {}) in {seconds:.3} s",
         r.shards,
         r.keys,
         r.bytes,
         dir.display(),
+        r.savepoint,
     );
     if r.complete {
         println!("savepoint complete: manifest.json written");
@@ -97,6 +98,12 @@ pub fn export_dir(
 /// the savepoint's manifest, which the last worker to export writes.
 pub fn stop(addrs: &[String], savepoint: Option<&str>, wait: Duration) -> Result<()> {
     let store = savepoint.map(open).transpose()?;
+    // Every worker would stop and then find its export refused: refused
+    // here, before any is asked to stop.
+    if let (Some(store), Some(url)) = (&store, savepoint) {
+        savepoint::check_vacant(&**store)
+            .with_context(|| format!("taking a savepoint to {url}"))?;
+    }
     let target = match savepoint {
         Some(url) => format!(
             "/stop?savepoint={}",
@@ -239,12 +246,14 @@ impl S3Store {
         })
     }
 
-    fn key(&self, path: &str) -> ObjectPath {
-        if self.prefix.is_empty() {
+    /// The object of `path`, once [`savepoint::check_path`] accepts it.
+    fn key(&self, path: &str) -> Result<ObjectPath, SavepointError> {
+        savepoint::check_path(path).map_err(SavepointError::Refused)?;
+        Ok(if self.prefix.is_empty() {
             ObjectPath::from(path)
         } else {
             ObjectPath::from(format!("{}/{path}", self.prefix))
-        }
+        })
     }
 
     fn err(&self, what: &str, path: &str, e: object_store::Error) -> SavepointError {
@@ -254,14 +263,28 @@ impl S3Store {
 
 impl SavepointStore for S3Store {
     fn put(&self, path: &str, bytes: Vec<u8>) -> Result<(), SavepointError> {
+        let key = self.key(path)?;
         self.runtime
-            .block_on(self.store.put(&self.key(path), bytes.into()))
+            .block_on(self.store.put(&key, bytes.into()))
             .map(|_| ())
             .map_err(|e| self.err("writing", path, e))
     }
 
+    fn create(&self, path: &str, bytes: Vec<u8>) -> Result<bool, SavepointError> {
+        let key = self.key(path)?;
+        let opts = PutOptions::from(PutMode::Create);
+        match self
+            .runtime
+            .block_on(self.store.put_opts(&key, bytes.into(), opts))
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(self.err("creating", path, e)),
+        }
+    }
+
     fn get(&self, path: &str) -> Result<Option<Vec<u8>>, SavepointError> {
-        let key = self.key(path);
+        let key = self.key(path)?;
         self.runtime.block_on(async {
             match self.store.get(&key).await {
                 Ok(r) => r
@@ -273,6 +296,20 @@ impl SavepointStore for S3Store {
                 Err(e) => Err(self.err("reading", path, e)),
             }
         })
+    }
+
+    fn some_entry(&self) -> Result<Option<String>, SavepointError> {
+        let prefix = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
+        let listed = self
+            .runtime
+            .block_on(self.store.list_with_delimiter(prefix.as_ref()))
+            .map_err(|e| SavepointError::Io(format!("listing {}: {e}", self.url)))?;
+        let name = |p: &ObjectPath| p.filename().unwrap_or_default().to_owned();
+        Ok(listed
+            .common_prefixes
+            .first()
+            .map(name)
+            .or_else(|| listed.objects.first().map(|o| name(&o.location))))
     }
 
     fn describe(&self) -> String {
@@ -294,8 +331,9 @@ pub fn describe(url: &str, json: bool) -> Result<String> {
     let total: u64 = m.shards.iter().map(|s| s.bytes).sum();
     let keys: u64 = m.shards.iter().map(|s| s.keys).sum();
     let mut out = format!(
-        "{url}: savepoint format {}, topology {}, engine.shards {}, taken from {} worker(s) ({})\n\
+        "{url}: savepoint {}, format {}, topology {}, engine.shards {}, taken from {} worker(s) ({})\n\
          {} shard files, {keys} keys, {total} bytes\n{:<20} {:<28} {:>6} {:>10} {:>12}\n",
+        if m.id.is_empty() { "without an id" } else { &m.id },
         m.format,
         m.fingerprint,
         m.engine_shards,

@@ -18,11 +18,16 @@
 //!
 //! | path | what |
 //! | --- | --- |
+//! | `savepoint.json` | its id and the topology and workers it is taken with; written first ([`Marker`]) |
 //! | `shards/COMPONENT/SHARD.bin` | one shard's keys and values, every column family |
-//! | `parts/WORKER.json` | what one worker exported, with sizes and SHA-256 sums |
+//! | `parts/WORKER.json` | what one worker exported, with sizes and SHA-256 sums, and the id |
 //! | `manifest.json` | the whole savepoint; written last, by the worker whose export completes it |
 //!
-//! A savepoint without `manifest.json` is incomplete and is refused.
+//! A savepoint without `manifest.json` is incomplete and is refused. A
+//! location holds one savepoint: how exports agree on it, and which are
+//! refused, is in `identity.rs`. Every file a manifest names is a relative
+//! path inside the savepoint ([`check_path`]), checked before any is read.
+//! A load is staged beside its data directory (`staging.rs`).
 
 use crate::layout::{parse_state_key, shard_prefix};
 use crate::plan::Plan;
@@ -31,7 +36,16 @@ use millrace_storage::{Cf, Store, StoreOptions};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+mod identity;
+mod staging;
+mod store;
+#[cfg(test)]
+mod tests;
+
+pub use identity::{check_vacant, read_marker, Marker, MARKER};
+pub use store::{check_path, DirStore, SavepointStore};
 
 /// Why a savepoint could not be taken or loaded.
 #[derive(Debug, thiserror::Error)]
@@ -48,62 +62,6 @@ pub enum SavepointError {
     /// RocksDB failed.
     #[error(transparent)]
     Storage(#[from] millrace_storage::StorageError),
-}
-
-/// Where savepoints are kept: a local directory, or an object store.
-pub trait SavepointStore: Send + Sync {
-    /// Writes `path`, replacing it.
-    fn put(&self, path: &str, bytes: Vec<u8>) -> Result<(), SavepointError>;
-    /// Reads `path`; `None` if it does not exist.
-    fn get(&self, path: &str) -> Result<Option<Vec<u8>>, SavepointError>;
-    /// Where it is, for messages.
-    fn describe(&self) -> String;
-}
-
-/// A savepoint in a local directory (`file:///...` or a plain path).
-pub struct DirStore {
-    root: PathBuf,
-}
-
-impl DirStore {
-    /// A savepoint directory at `root` (created on the first write).
-    pub fn new(root: impl Into<PathBuf>) -> DirStore {
-        DirStore { root: root.into() }
-    }
-}
-
-fn io(what: String) -> impl FnOnce(std::io::Error) -> SavepointError {
-    move |e| SavepointError::Io(format!("{what}: {e}"))
-}
-
-impl SavepointStore for DirStore {
-    fn put(&self, path: &str, bytes: Vec<u8>) -> Result<(), SavepointError> {
-        let p = self.root.join(path);
-        if let Some(dir) = p.parent() {
-            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-        }
-        // Written whole under another name, then renamed: a reader never
-        // sees half a file.
-        let tmp = p.with_extension("partial");
-        std::fs::write(&tmp, &bytes).map_err(io(format!("writing {}", tmp.display())))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io(format!("syncing {}", tmp.display())))?;
-        std::fs::rename(&tmp, &p).map_err(io(format!("renaming to {}", p.display())))
-    }
-
-    fn get(&self, path: &str) -> Result<Option<Vec<u8>>, SavepointError> {
-        let p = self.root.join(path);
-        match std::fs::read(&p) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(SavepointError::Io(format!("reading {}: {e}", p.display()))),
-        }
-    }
-
-    fn describe(&self) -> String {
-        format!("file://{}", self.root.display())
-    }
 }
 
 /// One component as the savepoint knows it.
@@ -139,6 +97,9 @@ pub struct SavedShard {
 /// What one worker exported (`parts/WORKER.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Part {
+    /// The id of the savepoint it belongs to (see [`Marker`]).
+    #[serde(default)]
+    pub savepoint: String,
     /// The worker's id (`local` without a cluster).
     pub worker: String,
     /// Its shards.
@@ -150,6 +111,10 @@ pub struct Part {
 pub struct Manifest {
     /// The savepoint format (1).
     pub format: u32,
+    /// The savepoint's id (see [`Marker`]; empty in a savepoint taken
+    /// before savepoints had ids).
+    #[serde(default)]
+    pub id: String,
     /// The fingerprint of the topology it was taken with (hex).
     pub fingerprint: String,
     /// `engine.shards`: a savepoint loads only into the same count.
@@ -186,6 +151,11 @@ fn worker_ids(plan: &Plan) -> Vec<String> {
         Some(c) => c.workers.iter().map(|w| w.id.clone()).collect(),
         None => vec!["local".to_owned()],
     }
+}
+
+/// Where worker `id`'s part goes.
+fn part_path(id: &str) -> String {
+    format!("parts/{id}.json")
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -260,6 +230,8 @@ fn parse_shard_file(bytes: &[u8], prefix: &[u8]) -> Result<Vec<Entry>, String> {
 /// What an export did.
 #[derive(Debug)]
 pub struct ExportReport {
+    /// The savepoint's id.
+    pub savepoint: String,
     /// Shards exported.
     pub shards: usize,
     /// Bytes of their files.
@@ -325,11 +297,23 @@ pub fn export(
         )));
     }
     let ids = worker_ids(plan);
+    let fingerprint = format!("{:016x}", plan.fingerprint());
+    let want = Marker::new(fingerprint, plan.topology.engine.shards, ids.clone());
+    let (marker, existing) = match identity::claim(to, &want, &ids[me])? {
+        identity::Claim::Write(m) => (m, None),
+        identity::Claim::Compare(m, part) => (m, Some(part)),
+    };
     let mut part = Part {
+        savepoint: marker.id.clone(),
         worker: ids[me].clone(),
         shards: Vec::new(),
     };
     let mut keys = 0;
+    // Its part is there already: the same shards again (the data directory
+    // did not change since) complete nothing new but are accepted; other
+    // shards would mix two moments, and are refused before anything is
+    // written.
+    let write = existing.is_none();
     for spec in plan.shards.iter().filter(|s| s.worker == me) {
         let node = &plan.nodes[spec.node];
         let (bytes, n) = shard_file(&store, &spec.prefix)?;
@@ -342,56 +326,106 @@ pub fn export(
             sha256: hex(&Sha256::digest(&bytes)),
             keys: n,
         };
-        to.put(&file, bytes)?;
-        crate::failpoint::hit(crate::failpoint::Point::SavepointShard);
+        if write {
+            to.put(&file, bytes)?;
+            crate::failpoint::hit(crate::failpoint::Point::SavepointShard);
+        }
         keys += n;
         part.shards.push(saved);
     }
-    let shards = part.shards.len();
-    let bytes = part.shards.iter().map(|s| s.bytes).sum();
     let json = serde_json::to_vec_pretty(&part).map_err(|e| SavepointError::Io(e.to_string()))?;
-    to.put(&format!("parts/{}.json", part.worker), json)?;
-    // The worker whose part completes the savepoint writes its manifest.
-    let mut parts = Vec::new();
-    let mut missing = Vec::new();
-    for id in &ids {
-        match to.get(&format!("parts/{id}.json"))? {
-            Some(b) => parts.push(serde_json::from_slice::<Part>(&b).map_err(|e| {
-                SavepointError::Refused(format!("parts/{id}.json is not readable: {e}"))
-            })?),
-            None => missing.push(id.clone()),
+    match existing {
+        None => to.put(&part_path(&part.worker), json)?,
+        Some(there) if serde_json::from_slice::<Part>(&there).ok().as_ref() == Some(&part) => {}
+        Some(_) => {
+            return Err(SavepointError::Refused(format!(
+                "{} already holds worker {}'s part of savepoint {}, with other data than {}                  holds now: a worker exports once per savepoint (and must not run between its                  export and the savepoint's completion); export to a new location",
+                to.describe(),
+                part.worker,
+                marker.id,
+                data_dir.display()
+            )))
         }
     }
-    let complete = missing.is_empty();
-    if complete {
-        let manifest = Manifest {
-            format: FORMAT,
-            fingerprint: format!("{:016x}", plan.fingerprint()),
-            engine_shards: plan.topology.engine.shards,
-            workers: ids,
-            components: plan
-                .nodes
-                .iter()
-                .map(|n| SavedComponent {
-                    name: n.name.clone(),
-                    kind: n.kind.clone(),
-                    role: role_name(n.role).to_owned(),
-                    shards: n.shards,
-                })
-                .collect(),
-            shards: parts.into_iter().flat_map(|p| p.shards).collect(),
-        };
-        let json =
-            serde_json::to_vec_pretty(&manifest).map_err(|e| SavepointError::Io(e.to_string()))?;
-        to.put("manifest.json", json)?;
-    }
+    let shards = part.shards.len();
+    let bytes = part.shards.iter().map(|s| s.bytes).sum();
+    let missing = complete(to, plan, &marker)?;
     Ok(ExportReport {
+        savepoint: marker.id,
         shards,
         bytes,
         keys,
-        complete,
+        complete: missing.is_empty(),
         missing,
     })
+}
+
+/// Writes the manifest of the savepoint `marker` names if every part is
+/// in `to`, after checking that each belongs to it; returns the workers
+/// whose parts are still missing.
+fn complete(
+    to: &dyn SavepointStore,
+    plan: &Plan,
+    marker: &Marker,
+) -> Result<Vec<String>, SavepointError> {
+    let mut parts = Vec::new();
+    let mut missing = Vec::new();
+    for id in &marker.workers {
+        let path = part_path(id);
+        let Some(b) = to.get(&path)? else {
+            missing.push(id.clone());
+            continue;
+        };
+        let part = serde_json::from_slice::<Part>(&b)
+            .map_err(|e| SavepointError::Refused(format!("{path} is not readable: {e}")))?;
+        if part.savepoint != marker.id || &part.worker != id {
+            return Err(SavepointError::Refused(format!(
+                "{}/{path} is worker {}'s part of savepoint `{}`, not worker {id}'s of savepoint                  {}: the location mixes two savepoints; take the savepoint to a new location",
+                to.describe(),
+                part.worker,
+                part.savepoint,
+                marker.id
+            )));
+        }
+        parts.push(part);
+    }
+    if !missing.is_empty() {
+        return Ok(missing);
+    }
+    let manifest = Manifest {
+        format: FORMAT,
+        id: marker.id.clone(),
+        fingerprint: marker.fingerprint.clone(),
+        engine_shards: marker.engine_shards,
+        workers: marker.workers.clone(),
+        components: plan
+            .nodes
+            .iter()
+            .map(|n| SavedComponent {
+                name: n.name.clone(),
+                kind: n.kind.clone(),
+                role: role_name(n.role).to_owned(),
+                shards: n.shards,
+            })
+            .collect(),
+        shards: parts.into_iter().flat_map(|p| p.shards).collect(),
+    };
+    let json =
+        serde_json::to_vec_pretty(&manifest).map_err(|e| SavepointError::Io(e.to_string()))?;
+    // Two workers finishing at once may both complete it, with the same
+    // manifest: the second finds the first's.
+    if !to.create("manifest.json", json)? {
+        let there = to.get("manifest.json")?.unwrap_or_default();
+        let same = serde_json::from_slice::<Manifest>(&there).is_ok_and(|m| m.id == marker.id);
+        if !same {
+            return Err(SavepointError::Refused(format!(
+                "{}/manifest.json appeared while savepoint {} was completed, and is another                  savepoint's",
+                to.describe(),
+                marker.id
+            )));
+        }
+    }
+    Ok(Vec::new())
 }
 
 /// What a load did.
@@ -473,6 +507,16 @@ pub fn check(
             dropped.join(", ")
         )));
     }
+    // Every file is checked before any is read: a manifest cannot make a
+    // load read (or report the size and checksum of) a file elsewhere.
+    for s in &m.shards {
+        check_path(&s.file).map_err(|why| {
+            SavepointError::Refused(format!(
+                "the manifest's entry for component `{}` shard {} is refused: {why}",
+                s.component, s.shard
+            ))
+        })?;
+    }
     let new: Vec<String> = plan
         .nodes
         .iter()
@@ -500,21 +544,44 @@ pub fn import(
         )));
     }
     let (m, new_components, dropped_components) = check(from, plan, allow_non_restored_state)?;
+    // Loaded beside the data directory and renamed into place at the end,
+    // so that a load cut short never looks like a data directory.
+    let staging = staging::Staging::begin(data_dir)?;
+    let loaded = load_shards(staging.dir(), plan, me, from, &m);
+    let (shards, keys, loaded_bytes) = match loaded {
+        Ok(done) => done,
+        Err(e) => {
+            if let Err(cleanup) = staging.abandon() {
+                tracing::warn!(error = %cleanup, "the refused load's staging directory stays");
+            }
+            return Err(e);
+        }
+    };
+    staging.finish(data_dir)?;
+    Ok(ImportReport {
+        shards,
+        bytes: loaded_bytes,
+        keys,
+        new_components,
+        dropped_components,
+    })
+}
+
+/// Loads the shards worker `me` owns under `plan` from `from`, as `m`
+/// lists them, into a new store in `dir`; returns shards, keys and bytes.
+fn load_shards(
+    dir: &Path,
+    plan: &Plan,
+    me: usize,
+    from: &dyn SavepointStore,
+    m: &Manifest,
+) -> Result<(usize, u64, u64), SavepointError> {
     let by_shard: BTreeMap<(&str, u32), &SavedShard> = m
         .shards
         .iter()
         .map(|s| ((s.component.as_str(), s.shard), s))
         .collect();
-    // Loaded beside the data directory and renamed into place at the end,
-    // so that a load cut short never looks like a data directory.
-    let staging = data_dir.with_extension("loading");
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(io(format!(
-            "removing the unfinished load {}",
-            staging.display()
-        )))?;
-    }
-    let store = Store::open(&staging, &StoreOptions::default())?;
+    let store = Store::open(dir, &StoreOptions::default())?;
     let (mut shards, mut keys, mut loaded_bytes) = (0, 0u64, 0u64);
     let saved_components: BTreeSet<&str> = m.components.iter().map(|c| c.name.as_str()).collect();
     for spec in plan.shards.iter().filter(|s| s.worker == me) {
@@ -565,19 +632,5 @@ pub fn import(
         keys += entries.len() as u64;
         loaded_bytes += saved.bytes;
     }
-    drop(store);
-    if data_dir.exists() {
-        std::fs::remove_dir(data_dir).map_err(io(format!("replacing {}", data_dir.display())))?;
-    }
-    std::fs::rename(&staging, data_dir).map_err(io(format!(
-        "moving the loaded data to {}",
-        data_dir.display()
-    )))?;
-    Ok(ImportReport {
-        shards,
-        bytes: loaded_bytes,
-        keys,
-        new_components,
-        dropped_components,
-    })
+    Ok((shards, keys, loaded_bytes))
 }

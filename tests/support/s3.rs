@@ -50,6 +50,10 @@ impl S3 {
                 &format!("-admin.port={admin}"),
                 "-webdav=false",
                 "-admin.ui=false",
+                // Its Iceberg and Lance catalogs listen on fixed ports
+                // (8181, 9101): a second instance at once would die.
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
             ])
             .env("AWS_ACCESS_KEY_ID", S3_KEY)
             .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
@@ -101,4 +105,47 @@ fn bucket_answers(port: u16, bucket: &str) -> bool {
     let mut buf = String::new();
     let _ = s.read_to_string(&mut buf);
     matches!(buf.split_whitespace().nth(1), Some("200" | "403"))
+}
+
+impl S3 {
+    /// Writes `key` of `bucket` directly (to alter what a test stored).
+    #[allow(dead_code)]
+    pub fn put(&self, bucket: &str, key: &str, bytes: Vec<u8>) {
+        use object_store::ObjectStoreExt;
+        let (store, rt) = self.client(bucket);
+        rt.block_on(store.put(&key.into(), bytes.into()))
+            .unwrap_or_else(|e| panic!("writing s3://{bucket}/{key}: {e}"));
+    }
+
+    /// Reads `key` of `bucket` directly; `None` if it does not exist.
+    #[allow(dead_code)]
+    pub fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        use object_store::ObjectStoreExt;
+        let (store, rt) = self.client(bucket);
+        rt.block_on(async {
+            match store.get(&key.into()).await {
+                Ok(r) => Some(r.bytes().await.expect("object body").to_vec()),
+                Err(object_store::Error::NotFound { .. }) => None,
+                Err(e) => panic!("reading s3://{bucket}/{key}: {e}"),
+            }
+        })
+    }
+
+    /// A client of `bucket` with the test user, and a runtime to drive it.
+    fn client(&self, bucket: &str) -> (object_store::aws::AmazonS3, tokio::runtime::Runtime) {
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_bucket_name(bucket)
+            .with_region("us-east-1")
+            .with_access_key_id(S3_KEY)
+            .with_secret_access_key(S3_SECRET)
+            .build()
+            .expect("S3 client");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        (store, rt)
+    }
 }
