@@ -433,7 +433,8 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("component="))
                 .unwrap_or("");
-            let Some(rx) = state.worker().and_then(|w| w.tap(component)) else {
+            let component = percent_decode_str(component).decode_utf8_lossy();
+            let Some(rx) = state.worker().and_then(|w| w.tap(&component)) else {
                 return respond(
                     &mut stream,
                     404,

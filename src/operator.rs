@@ -114,9 +114,14 @@ pub fn inspect_dir(
 pub fn tap(addr: &str, component: &str, limit: Option<u64>) -> Result<()> {
     let mut stream =
         std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    // The token, when the worker wants one, as `millrace stop` sends it; the
+    // component's name encoded so that it cannot add to the request.
+    let auth = crate::savepoints::bearer_header();
+    let component =
+        percent_encoding::utf8_percent_encode(component, percent_encoding::NON_ALPHANUMERIC);
     write!(
         stream,
-        "GET /tap?component={component} HTTP/1.1\r\nHost: {addr}\r\n\r\n"
+        "GET /tap?component={component} HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\n"
     )?;
     let mut reader = BufReader::new(stream);
     let mut status = String::new();

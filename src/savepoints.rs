@@ -141,6 +141,16 @@ pub fn stop(addrs: &[String], savepoint: Option<&str>, wait: Duration) -> Result
     Ok(())
 }
 
+/// The `Authorization` header line for `MILLRACE_HTTP_TOKEN`, empty when it
+/// is not set: what every operator command sends to a worker.
+pub(crate) fn bearer_header() -> String {
+    std::env::var("MILLRACE_HTTP_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default()
+}
+
 /// One HTTP/1.1 request without a body; returns the status and the body.
 /// Sends `MILLRACE_HTTP_TOKEN` as a bearer token when it is set, and the
 /// `X-Millrace` header a control request needs.
@@ -148,11 +158,7 @@ fn http_request(addr: &str, method: &str, target: &str) -> Result<(u16, String)>
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let auth = std::env::var("MILLRACE_HTTP_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
+    let auth = bearer_header();
     write!(
         stream,
         "{method} {target} HTTP/1.1\r\nHost: {addr}\r\n{auth}X-Millrace: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"

@@ -154,6 +154,52 @@ fn tap_streams_the_records_leaving_a_component() {
 }
 
 #[test]
+fn tap_sends_the_token_a_worker_asks_for() {
+    let s = Scratch::new();
+    let topo = watched_topology(&s, 10);
+    let text = std::fs::read_to_string(&topo).expect("topology");
+    std::fs::write(
+        &topo,
+        text.replace("[service]\n", "[service]\nhttp_token = \"tap-token\"\n"),
+    )
+    .expect("write");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = spawn(&topo, &addr);
+    assert!(wait_until(T, || line_count(&s.path("out.jsonl")) >= 10));
+
+    let refused = millrace()
+        .args(["tap", &addr, "counts", "--limit", "1"])
+        .env_remove("MILLRACE_HTTP_TOKEN")
+        .output()
+        .expect("tap without the token");
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("401"), "{err}");
+
+    let tap = millrace()
+        .args(["tap", &addr, "counts", "--limit", "1"])
+        .env("MILLRACE_HTTP_TOKEN", "tap-token")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("tap");
+    let mut tap = tap;
+    let mut n = 0;
+    let done = wait_until(T, || {
+        std::fs::write(s.path("in").join(format!("b{n:05}.txt")), "w1\n").expect("write");
+        n += 1;
+        tap.try_wait().expect("try_wait").is_some()
+    });
+    assert!(done, "tap printed a record");
+    let output = tap.wait_with_output().expect("tap output");
+    assert!(output.status.success());
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&output.stdout).trim()).expect("a JSON line");
+    assert_eq!(line["key"], "w1");
+    term(&child);
+    assert!(wait_exit(&mut child, T).success());
+}
+
+#[test]
 fn a_real_prometheus_scrapes_what_was_processed() {
     const N: usize = 1234;
     let prometheus = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]

@@ -76,6 +76,15 @@ impl S3 {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        // The unsigned probe may be refused (403) before the bucket is made:
+        // ready only once a signed listing of the bucket succeeds.
+        while !s.bucket_lists(bucket) {
+            assert!(
+                Instant::now() < deadline,
+                "SeaweedFS did not create the bucket {bucket} within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         s
     }
 
@@ -129,6 +138,14 @@ impl S3 {
                 Err(e) => panic!("reading s3://{bucket}/{key}: {e}"),
             }
         })
+    }
+
+    /// Whether a signed listing of `bucket` succeeds (it exists and the
+    /// test user may read it).
+    fn bucket_lists(&self, bucket: &str) -> bool {
+        use object_store::ObjectStore;
+        let (store, rt) = self.client(bucket);
+        rt.block_on(store.list_with_delimiter(None)).is_ok()
     }
 
     /// A client of `bucket` with the test user, and a runtime to drive it.
