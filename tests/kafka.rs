@@ -480,7 +480,8 @@ path = "{{dir}}/out.jsonl"
 }
 
 /// A fixed 10 s window counting per key over a Kafka topic whose Kafka
-/// timestamps are the event times; panes to `out.txt`, late records to `late.txt`.
+/// timestamps are the event times; panes to `out.txt`, late records to
+/// `late.txt`, records without a valid event time to `bad.txt`.
 fn window_over_kafka(s: &Scratch, broker: &str, idle_after: &str) -> std::path::PathBuf {
     s.write(
         "kw.toml",
@@ -508,6 +509,11 @@ format = "text"
 type = "file"
 inputs = ["w.late"]
 path = "{{dir}}/late.txt"
+format = "text"
+[sinks.bad]
+type = "file"
+inputs = ["events.errors"]
+path = "{{dir}}/bad.txt"
 format = "text"
 "#
         ),
@@ -609,6 +615,43 @@ fn the_watermark_is_the_minimum_over_partitions_and_idle_ones_stop_holding_it() 
         on_time_panes(&out)
     );
     assert_eq!(on_time_panes(&out)[..2], ["a 0-10:10", "a 10-20:10"]);
+    term(&w);
+    assert!(wait_exit(&mut w, Duration::from_secs(20)).success());
+}
+
+#[test]
+fn a_kafka_timestamp_out_of_range_goes_to_errors_and_moves_no_watermark() {
+    let broker = Broker::start();
+    broker.create_topic("events", 1);
+    let s = Scratch::new();
+    let topo = window_over_kafka(&s, &broker.address(), "300s");
+    let mut w = spawn(&topo, "off");
+    broker.produce("events", 0, &[at("a", 0), at("a", 5)]);
+    // Microseconds given as milliseconds: past the year 9999.
+    let bad = ("a".to_owned(), "bad".to_owned(), 1_700_000_000_000_000);
+    broker.produce("events", 0, &[bad]);
+    let bad_out = s.path("bad.txt");
+    assert!(
+        wait_until(Duration::from_secs(30), || lines(&bad_out).len() == 1),
+        "the record with a time out of range went to events.errors: {:?}",
+        lines(&bad_out)
+    );
+    // Had it moved the watermark, [0 s, 10 s) would have fired with two
+    // records and the one at 6 s would be late.
+    broker.produce("events", 0, &[at("a", 6), at("a", 15)]);
+    let out = s.path("out.txt");
+    assert!(
+        wait_until(Duration::from_secs(30), || !on_time_panes(&out).is_empty()),
+        "the window [0 s, 10 s) fired"
+    );
+    assert_eq!(on_time_panes(&out), ["a 0-10:3"]);
+    assert_eq!(
+        lines(&s.path("late.txt")),
+        Vec::<String>::new(),
+        "nothing late"
+    );
+    assert_eq!(lines(&bad_out).len(), 1);
+    assert!(w.try_wait().expect("try_wait").is_none(), "the worker runs");
     term(&w);
     assert!(wait_exit(&mut w, Duration::from_secs(20)).success());
 }

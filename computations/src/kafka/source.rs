@@ -5,7 +5,8 @@ use super::{Brokers, ClientOptions, PropertyValue};
 use crate::file_source::EventTimeField;
 use millrace_config::{Component, ConfigError, KeyExtractor};
 use millrace_engine::{
-    health, Emitter, EventTime, Registry, Source, SourceError, SourcePoll, SourceShard, MIN_TIME,
+    health, is_valid_event_time, Emitter, EventTime, Registry, Source, SourceError, SourcePoll,
+    SourceShard, MIN_TIME,
 };
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
@@ -16,6 +17,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long one set-up request to the broker may take.
@@ -164,7 +166,7 @@ pub struct KafkaSource {
     shard: SourceShard,
     /// Next offsets from the committed position, by partition.
     resume: BTreeMap<i32, i64>,
-    consumer: Option<BaseConsumer<SourceContext>>,
+    consumer: Option<Arc<BaseConsumer<SourceContext>>>,
     parts: Vec<Part>,
     retry_at: Instant,
     backoff: Duration,
@@ -239,7 +241,7 @@ impl KafkaSource {
             "kafka source: reading (partition, next offset)"
         );
         self.parts = parts;
-        self.consumer = Some(consumer);
+        self.consumer = Some(Arc::new(consumer));
         Ok(())
     }
 
@@ -328,7 +330,7 @@ impl Source for KafkaSource {
             self.backoff = FIRST_BACKOFF;
             health::clear(&health_name(&self.component));
         }
-        let Some(consumer) = &self.consumer else {
+        let Some(consumer) = self.consumer.clone() else {
             return Ok(SourcePoll::Idle);
         };
         let m = metrics();
@@ -345,50 +347,15 @@ impl Source for KafkaSource {
                 }
                 Some(Ok(msg)) => msg,
             };
-            let Some(part) = self.parts.iter_mut().find(|p| p.id == msg.partition()) else {
-                continue;
+            let fetched = Fetched {
+                partition: msg.partition(),
+                offset: msg.offset(),
+                key: msg.key().unwrap_or_default().to_vec(),
+                value: msg.payload().unwrap_or_default().to_vec(),
+                kafka_ms: msg.timestamp().to_millis(),
             };
-            if msg.offset() < part.next {
-                continue; // already read (and committed) before
-            }
-            part.next = msg.offset() + 1;
-            part.last_data = Instant::now();
-            let key = msg.key().unwrap_or_default().to_vec();
-            let value = msg.payload().unwrap_or_default().to_vec();
-            let label = part.id.to_string();
-            m.records_in
-                .with_label_values(&[&self.component, &label])
-                .inc();
-            m.bytes_in
-                .with_label_values(&[&self.component, &label])
-                .inc_by((key.len() + value.len()) as u64);
-            got += 1;
-            let ts = match &self.event_time {
-                None => msg
-                    .timestamp()
-                    .to_millis()
-                    .map(|ms| ms.saturating_mul(1000)),
-                Some(f) => f.of(&value),
-            };
-            match ts {
-                Some(ts) => {
-                    part.newest = part.newest.max(ts);
-                    out.emit(key, value, ts);
-                }
-                None => {
-                    m.errors
-                        .with_label_values(&[&self.component, "decode"])
-                        .inc();
-                    let why = match &self.event_time {
-                        None => "the Kafka record has no timestamp".to_owned(),
-                        Some(_) => "no event time in the value where `timestamp` says".to_owned(),
-                    };
-                    out.emit_bad(
-                        key,
-                        value,
-                        format!("partition {} offset {}: {why}", part.id, msg.offset()),
-                    );
-                }
+            if self.take(fetched, out) {
+                got += 1;
             }
         }
         if got > 0 {
@@ -422,7 +389,74 @@ impl Source for KafkaSource {
     }
 }
 
+/// One record as fetched from the broker.
+struct Fetched {
+    partition: i32,
+    offset: i64,
+    key: Vec<u8>,
+    value: Vec<u8>,
+    /// The record's Kafka timestamp (ms since the epoch), if it has one.
+    kafka_ms: Option<i64>,
+}
+
 impl KafkaSource {
+    /// Takes one fetched record: emits it with its event time (or, with
+    /// none, to `NAME.errors`), and moves its partition's next offset and
+    /// newest event time. Whether it was taken (not one read before).
+    fn take(&mut self, f: Fetched, out: &mut Emitter<'_>) -> bool {
+        let m = metrics();
+        let Some(part) = self.parts.iter_mut().find(|p| p.id == f.partition) else {
+            return false;
+        };
+        if f.offset < part.next {
+            return false; // already read (and committed) before
+        }
+        part.next = f.offset + 1;
+        part.last_data = Instant::now();
+        let label = part.id.to_string();
+        m.records_in
+            .with_label_values(&[&self.component, &label])
+            .inc();
+        m.bytes_in
+            .with_label_values(&[&self.component, &label])
+            .inc_by((f.key.len() + f.value.len()) as u64);
+        let ts = match &self.event_time {
+            None => f.kafka_ms.map(|ms| ms.saturating_mul(1000)),
+            Some(field) => field.of(&f.value),
+        };
+        match ts {
+            // Only a time a record may carry moves the partition's newest:
+            // one out of range would move the watermark to the end of time.
+            Some(ts) if is_valid_event_time(ts) => {
+                part.newest = part.newest.max(ts);
+                out.emit(f.key, f.value, ts);
+            }
+            _ => {
+                m.errors
+                    .with_label_values(&[&self.component, "decode"])
+                    .inc();
+                let why = match (&self.event_time, f.kafka_ms, ts) {
+                    (None, None, _) => "the Kafka record has no timestamp".to_owned(),
+                    (None, Some(ms), _) => {
+                        format!("its Kafka timestamp {ms} ms is outside years 1 to 9999")
+                    }
+                    (Some(_), _, None) => {
+                        "no event time in the value where `timestamp` says".to_owned()
+                    }
+                    (Some(_), _, Some(us)) => {
+                        format!("its event time {us} us is outside years 1 to 9999")
+                    }
+                };
+                out.emit_bad(
+                    f.key,
+                    f.value,
+                    format!("partition {} offset {}: {why}", part.id, f.offset),
+                );
+            }
+        }
+        true
+    }
+
     fn fail(&mut self, why: String) {
         self.consumer = None;
         self.parts.clear();
@@ -543,6 +577,76 @@ pub(super) fn register(r: &mut Registry) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The source `k` of a topology with `extra` in its table (no broker
+    /// is contacted), reading partition 0 from offset 0.
+    fn source(extra: &str) -> KafkaSource {
+        let text = format!(
+            "[sources.k]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9\"\ntopic = \"t\"\n{extra}\n\
+             [sinks.o]\ntype = \"stdout\"\ninputs = [\"k\"]\n"
+        );
+        let t = millrace_config::Topology::parse_str("t.toml", &text).expect("topology");
+        let c = t
+            .components()
+            .iter()
+            .find(|c| c.name == "k")
+            .expect("the source")
+            .clone();
+        let mut s = build(&c).expect("a valid source");
+        s.parts.push(Part {
+            id: 0,
+            next: 0,
+            newest: MIN_TIME,
+            last_data: Instant::now(),
+        });
+        s
+    }
+
+    fn fetched(offset: i64, kafka_ms: Option<i64>, value: &str) -> Fetched {
+        Fetched {
+            partition: 0,
+            offset,
+            key: b"k".to_vec(),
+            value: value.as_bytes().to_vec(),
+            kafka_ms,
+        }
+    }
+
+    #[test]
+    fn a_kafka_timestamp_out_of_range_goes_to_errors_and_never_moves_the_watermark() {
+        let mut s = source("");
+        let mut emitted = Vec::new();
+        let mut out = Emitter::new(&mut emitted);
+        assert!(s.take(fetched(0, Some(1_700_000_000_000), "a"), &mut out));
+        // Microseconds given as milliseconds: past the year 9999.
+        assert!(s.take(fetched(1, Some(1_700_000_000_000_000), "b"), &mut out));
+        assert!(s.take(fetched(2, Some(1_700_000_000_001), "c"), &mut out));
+        assert_eq!(s.watermark(), Some(1_700_000_000_001_000));
+        let bad = out.bad().to_vec();
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert_eq!(&bad[0].1[..], b"b");
+        assert!(
+            bad[0].2.contains("partition 0 offset 1") && bad[0].2.contains("1700000000000000"),
+            "{}",
+            bad[0].2
+        );
+        let times: Vec<EventTime> = emitted.iter().map(|(_, _, ts)| *ts).collect();
+        assert_eq!(times, [1_700_000_000_000_000, 1_700_000_000_001_000]);
+        assert_eq!(s.position(), b"v1 0:3", "the bad record is read past");
+    }
+
+    #[test]
+    fn an_extracted_event_time_out_of_range_never_moves_the_watermark() {
+        let mut s = source("timestamp = \"json:/t\"\ntimestamp_unit = \"s\"");
+        let mut emitted = Vec::new();
+        let mut out = Emitter::new(&mut emitted);
+        assert!(s.take(fetched(0, None, r#"{"t":1000}"#), &mut out));
+        assert!(s.take(fetched(1, None, r#"{"t":1e15}"#), &mut out));
+        assert!(s.take(fetched(2, None, r#"{"t":-1e15}"#), &mut out));
+        assert_eq!(s.watermark(), Some(1_000_000_000));
+        assert_eq!(out.bad().len(), 2, "{:?}", out.bad());
+        assert_eq!(emitted.len(), 1);
+    }
 
     #[test]
     fn positions_round_trip_and_bad_ones_are_refused() {
