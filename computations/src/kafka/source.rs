@@ -1,6 +1,7 @@
 //! The `kafka` source (see the module documentation of `kafka`).
 
 use super::metrics::metrics;
+use super::reset::{self, OnOffsetReset, Reset};
 use super::{Brokers, ClientOptions, PropertyValue};
 use crate::file_source::EventTimeField;
 use millrace_config::{Component, ConfigError, KeyExtractor};
@@ -8,6 +9,7 @@ use millrace_engine::{
     health, is_valid_event_time, Emitter, EventTime, Registry, Source, SourceError, SourcePoll,
     SourceShard, MIN_TIME,
 };
+use parking_lot::Mutex;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -15,8 +17,10 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,6 +50,9 @@ struct Options {
     timestamp_unit: Option<String>,
     /// A consumer group to commit offsets to, for lag monitoring only.
     group_id: Option<String>,
+    /// What to do when a partition no longer holds the committed position
+    /// (see `kafka/reset.rs`): `fail` (the default), `earliest` or `latest`.
+    on_offset_reset: Option<String>,
 }
 
 /// Where a partition with no committed position starts.
@@ -106,10 +113,19 @@ fn parse_start(c: &Component, v: Option<toml::Value>) -> Result<Start, ConfigErr
     }
 }
 
-/// The consumer's context: librdkafka's statistics give the lag; its
-/// errors are counted and shown on `/healthz`.
+/// The consumer's context: librdkafka's statistics give the lag and each
+/// partition's bounds on the broker; its errors are counted and shown on
+/// `/healthz` until a broker is up again.
 struct SourceContext {
     component: String,
+    topic: String,
+    /// Every broker was unreachable: the client is replaced (see
+    /// [`KafkaSource::replace_client`]).
+    lost: AtomicBool,
+    /// Each partition's (log start, high watermark) as the broker's last
+    /// fetch responses gave them, from the newest statistics not yet
+    /// looked at (see [`KafkaSource::check_bounds`]).
+    bounds: Mutex<Option<BTreeMap<i32, (i64, i64)>>>,
 }
 
 impl ClientContext for SourceContext {
@@ -124,9 +140,25 @@ impl ClientContext for SourceContext {
                 }
             }
         }
+        if let Some(topic) = stats.topics.get(&self.topic) {
+            let bounds = topic
+                .partitions
+                .values()
+                .filter(|p| p.partition >= 0)
+                .map(|p| (p.partition, (p.lo_offset, p.hi_offset)))
+                .collect();
+            *self.bounds.lock() = Some(bounds);
+        }
+        // A broker answers again: an earlier "all brokers down" is over.
+        if !self.lost.load(Ordering::SeqCst) && stats.brokers.values().any(|b| b.state == "UP") {
+            health::clear(&health_name(&self.component));
+        }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.lost.store(true, Ordering::SeqCst);
+        }
         metrics()
             .errors
             .with_label_values(&[&self.component, "connect"])
@@ -142,7 +174,12 @@ fn health_name(component: &str) -> String {
     format!("kafka source `{component}`")
 }
 
-/// One partition this shard reads.
+/// What `/healthz` names a partition not read under `on_offset_reset = "fail"` by.
+fn stopped_health_name(component: &str, partition: i32) -> String {
+    format!("kafka source `{component}` partition {partition}")
+}
+
+/// One partition of this shard.
 #[derive(Debug)]
 struct Part {
     id: i32,
@@ -161,6 +198,10 @@ pub struct KafkaSource {
     topic: String,
     only: Option<Vec<i32>>,
     start: Start,
+    on_reset: OnOffsetReset,
+    /// Partitions not read because the broker does not hold their
+    /// committed position (`on_offset_reset = "fail"`), and why.
+    stopped: BTreeMap<i32, String>,
     event_time: Option<EventTimeField>,
     group: bool,
     shard: SourceShard,
@@ -175,12 +216,16 @@ pub struct KafkaSource {
 
 impl KafkaSource {
     /// Creates the consumer, finds this shard's partitions and assigns them
-    /// at their committed (or starting) offsets.
+    /// at their next offsets: where this client's predecessor got to, the
+    /// committed position, or where `start` says.
     fn connect(&mut self) -> Result<(), String> {
         let consumer: BaseConsumer<SourceContext> = self
             .config
             .create_with_context(SourceContext {
                 component: self.component.clone(),
+                topic: self.topic.clone(),
+                lost: AtomicBool::new(false),
+                bounds: Mutex::new(None),
             })
             .map_err(|e| format!("creating the consumer: {e}"))?;
         let md = consumer
@@ -215,34 +260,173 @@ impl KafkaSource {
             .filter(|(i, _)| *i as u32 % self.shard.count == self.shard.index)
             .map(|(_, p)| *p)
             .collect();
-        let mut tpl = TopicPartitionList::new();
         let mut parts = Vec::new();
         for &p in &mine {
-            let next = match self.resume.get(&p) {
-                Some(&o) => o,
-                None => self.start_offset(&consumer, p)?,
+            // A replaced client's partitions go on where they were, with
+            // the event time they had reached.
+            let part = match self.parts.iter().find(|old| old.id == p) {
+                Some(old) => Part { ..*old },
+                None => Part {
+                    id: p,
+                    next: match self.resume.get(&p) {
+                        Some(&o) => o,
+                        None => self.start_offset(&consumer, p)?,
+                    },
+                    newest: MIN_TIME,
+                    last_data: Instant::now(),
+                },
             };
-            tpl.add_partition_offset(&self.topic, p, Offset::Offset(next))
-                .map_err(|e| format!("assigning partition {p}: {e}"))?;
-            parts.push(Part {
-                id: p,
-                next,
-                newest: MIN_TIME,
-                last_data: Instant::now(),
-            });
+            parts.push(part);
         }
-        consumer
-            .assign(&tpl)
-            .map_err(|e| format!("assigning partitions {mine:?}: {e}"))?;
+        // Errors of the client's start (brokers down before it reached one)
+        // are over: "lost" is about a broker lost after this point.
+        while consumer.poll(Duration::ZERO).is_some() {}
+        consumer.context().lost.store(false, Ordering::SeqCst);
+        let old = std::mem::replace(&mut self.parts, parts);
+        if let Err(e) = self.assign_partitions(&consumer) {
+            self.parts = old;
+            return Err(e);
+        }
         tracing::info!(
             component = %self.component,
             shard = self.shard.index,
-            partitions = ?parts.iter().map(|p| (p.id, p.next)).collect::<Vec<_>>(),
+            partitions = ?self.parts.iter().map(|p| (p.id, p.next)).collect::<Vec<_>>(),
+            stopped = ?self.stopped.keys().collect::<Vec<_>>(),
             "kafka source: reading (partition, next offset)"
         );
-        self.parts = parts;
         self.consumer = Some(Arc::new(consumer));
         Ok(())
+    }
+
+    /// Assigns the partitions being read at their next offsets (those
+    /// stopped are left out). Records fetched under an earlier assignment
+    /// and not yet taken are fetched again.
+    fn assign_partitions(&self, consumer: &BaseConsumer<SourceContext>) -> Result<(), String> {
+        let mut tpl = TopicPartitionList::new();
+        for p in self
+            .parts
+            .iter()
+            .filter(|p| !self.stopped.contains_key(&p.id))
+        {
+            tpl.add_partition_offset(&self.topic, p.id, Offset::Offset(p.next))
+                .map_err(|e| format!("assigning partition {}: {e}", p.id))?;
+        }
+        consumer
+            .assign(&tpl)
+            .map_err(|e| format!("assigning partitions of topic `{}`: {e}", self.topic))
+    }
+
+    /// Replaces a client whose brokers were all unreachable by a new one,
+    /// made once a broker answers: a client that lived through the outage
+    /// keeps what it knew of the cluster before it (leaders, topic ids),
+    /// and librdkafka 2.12 crashes on a fetch response about a topic id the
+    /// restarted broker no longer knows (see docs/DESIGN.md, "Kafka").
+    /// The partitions keep their next offsets and event times.
+    fn replace_client(&mut self) {
+        tracing::warn!(
+            component = %self.component,
+            "kafka source: every broker was unreachable; reconnecting with a new client"
+        );
+        metrics()
+            .retries
+            .with_label_values(&[&self.component])
+            .inc();
+        self.consumer = None;
+        self.retry_at = Instant::now();
+        self.backoff = FIRST_BACKOFF;
+    }
+
+    /// Looks at the broker's bounds of each partition read (from the
+    /// client's statistics; `bounds`): one whose end is below the next
+    /// offset no longer holds the committed position. Whether the
+    /// partitions were assigned again (records polled before are then
+    /// fetched again).
+    fn check_bounds(
+        &mut self,
+        consumer: &BaseConsumer<SourceContext>,
+        bounds: &BTreeMap<i32, (i64, i64)>,
+    ) -> bool {
+        let behind: Vec<(i32, (i64, i64))> = self
+            .parts
+            .iter()
+            .filter(|p| !self.stopped.contains_key(&p.id))
+            .filter_map(|p| {
+                let &(low, high) = bounds.get(&p.id)?;
+                // A negative end: no fetch response yet.
+                (high >= 0 && high < p.next).then(|| (p.id, (low.clamp(0, high), high)))
+            })
+            .collect();
+        self.apply_resets(consumer, &behind)
+    }
+
+    /// After librdkafka's "offset out of range" (a Kafka broker's answer to
+    /// a fetch below the log start or past the end; librdkafka then stops
+    /// fetching the partition): asks the broker for each partition's
+    /// bounds and resets those whose next offset is outside.
+    fn check_listed_bounds(&mut self, consumer: &BaseConsumer<SourceContext>) {
+        let mut outside = Vec::new();
+        for p in self
+            .parts
+            .iter()
+            .filter(|p| !self.stopped.contains_key(&p.id))
+        {
+            match consumer.fetch_watermarks(&self.topic, p.id, REQUEST_TIMEOUT) {
+                Ok((low, high)) if p.next < low || p.next > high => {
+                    outside.push((p.id, (low, high)))
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    component = %self.component,
+                    partition = p.id,
+                    %e,
+                    "kafka source: reading a partition's offsets after \"offset out of range\" failed; fetching again"
+                ),
+            }
+        }
+        // Assigned again either way: librdkafka fetches the partitions
+        // it stopped again (and says so again if they still are out of range).
+        if !self.apply_resets(consumer, &outside) {
+            if let Err(e) = self.assign_partitions(consumer) {
+                tracing::warn!(component = %self.component, "kafka source: {e}");
+            }
+        }
+    }
+
+    /// Applies `on_offset_reset` to partitions that do not hold their next
+    /// offset (with the bounds they hold); counts, logs and reports each.
+    /// Whether the partitions were assigned again.
+    fn apply_resets(
+        &mut self,
+        consumer: &BaseConsumer<SourceContext>,
+        resets: &[(i32, (i64, i64))],
+    ) -> bool {
+        if resets.is_empty() {
+            return false;
+        }
+        for &(id, bounds) in resets {
+            let Some(part) = self.parts.iter_mut().find(|p| p.id == id) else {
+                continue;
+            };
+            metrics()
+                .offset_resets
+                .with_label_values(&[&self.component, self.on_reset.label()])
+                .inc();
+            match reset::decide(self.on_reset, &self.topic, id, part.next, bounds) {
+                Reset::Stop(why) => {
+                    tracing::error!(component = %self.component, "kafka source: {why}");
+                    health::report(&stopped_health_name(&self.component, id), why.clone());
+                    self.stopped.insert(id, why);
+                }
+                Reset::Resume { at, why } => {
+                    tracing::warn!(component = %self.component, "kafka source: {why}");
+                    part.next = at;
+                }
+            }
+        }
+        if let Err(e) = self.assign_partitions(consumer) {
+            tracing::warn!(component = %self.component, "kafka source: {e}");
+        }
+        true
     }
 
     /// The concrete offset a partition without a committed position starts at.
@@ -315,6 +499,13 @@ impl Source for KafkaSource {
     }
 
     fn poll(&mut self, out: &mut Emitter<'_>, max: usize) -> Result<SourcePoll, SourceError> {
+        if self
+            .consumer
+            .as_ref()
+            .is_some_and(|c| c.context().lost.load(Ordering::SeqCst))
+        {
+            self.replace_client();
+        }
         if self.consumer.is_none() {
             if Instant::now() < self.retry_at {
                 return Ok(SourcePoll::Idle);
@@ -335,9 +526,21 @@ impl Source for KafkaSource {
         };
         let m = metrics();
         let mut got = 0;
+        let mut out_of_range = false;
         while got < max {
-            let msg = match consumer.poll(Duration::ZERO) {
+            let polled = consumer.poll(Duration::ZERO);
+            // Statistics that call served tell the partitions' bounds as of
+            // the records polled before this one.
+            let bounds = consumer.context().bounds.lock().take();
+            if bounds.is_some_and(|b| self.check_bounds(&consumer, &b)) {
+                continue; // assigned again: what was polled comes again
+            }
+            let msg = match polled {
                 None => break,
+                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                    out_of_range = true;
+                    continue;
+                }
                 Some(Err(e)) => {
                     m.errors
                         .with_label_values(&[&self.component, "consume"])
@@ -357,6 +560,9 @@ impl Source for KafkaSource {
             if self.take(fetched, out) {
                 got += 1;
             }
+        }
+        if out_of_range {
+            self.check_listed_bounds(&consumer);
         }
         if got > 0 {
             health::clear(&health_name(&self.component));
@@ -457,9 +663,10 @@ impl KafkaSource {
         true
     }
 
+    /// A failed (re)connection: retried after a backoff. The partitions
+    /// keep their next offsets (the position) and event times.
     fn fail(&mut self, why: String) {
         self.consumer = None;
-        self.parts.clear();
         metrics()
             .errors
             .with_label_values(&[&self.component, "connect"])
@@ -523,6 +730,9 @@ fn build(c: &Component) -> Result<KafkaSource, ConfigError> {
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
             ("enable.partition.eof", "false"),
+            // librdkafka never moves a partition elsewhere by itself when
+            // its offset is out of range: `on_offset_reset` decides.
+            ("auto.offset.reset", "error"),
         ],
     )?;
     if o.topic.is_empty() {
@@ -548,12 +758,15 @@ fn build(c: &Component) -> Result<KafkaSource, ConfigError> {
         }
     };
     let start = parse_start(c, o.start)?;
+    let on_reset = OnOffsetReset::parse(c, o.on_offset_reset.as_deref())?;
     Ok(KafkaSource {
         component: c.name.clone(),
         config,
         topic: o.topic,
         only: o.partitions,
         start,
+        on_reset,
+        stopped: BTreeMap::new(),
         event_time,
         group: o.group_id.is_some(),
         shard: SourceShard {
