@@ -1,7 +1,8 @@
 //! The Kafka source and sink against a real Kafka-protocol broker (Tansu,
 //! started here on 127.0.0.1): exactly once across SIGKILLs, per-partition
 //! watermarks with idle partitions, undecodable records to `NAME.errors`,
-//! and an unreachable broker reported on `/healthz` and survived.
+//! an unreachable broker reported on `/healthz` and survived, a broker
+//! that comes back empty (`on_offset_reset`), and Kafka timestamps out of range.
 
 #[path = "support/kafka.rs"]
 mod kafka_support;
@@ -480,7 +481,8 @@ path = "{{dir}}/out.jsonl"
 }
 
 /// A fixed 10 s window counting per key over a Kafka topic whose Kafka
-/// timestamps are the event times; panes to `out.txt`, late records to `late.txt`.
+/// timestamps are the event times; panes to `out.txt`, late records to
+/// `late.txt`, records without a valid event time to `bad.txt`.
 fn window_over_kafka(s: &Scratch, broker: &str, idle_after: &str) -> std::path::PathBuf {
     s.write(
         "kw.toml",
@@ -508,6 +510,11 @@ format = "text"
 type = "file"
 inputs = ["w.late"]
 path = "{{dir}}/late.txt"
+format = "text"
+[sinks.bad]
+type = "file"
+inputs = ["events.errors"]
+path = "{{dir}}/bad.txt"
 format = "text"
 "#
         ),
@@ -614,6 +621,43 @@ fn the_watermark_is_the_minimum_over_partitions_and_idle_ones_stop_holding_it() 
 }
 
 #[test]
+fn a_kafka_timestamp_out_of_range_goes_to_errors_and_moves_no_watermark() {
+    let broker = Broker::start();
+    broker.create_topic("events", 1);
+    let s = Scratch::new();
+    let topo = window_over_kafka(&s, &broker.address(), "300s");
+    let mut w = spawn(&topo, "off");
+    broker.produce("events", 0, &[at("a", 0), at("a", 5)]);
+    // Microseconds given as milliseconds: past the year 9999.
+    let bad = ("a".to_owned(), "bad".to_owned(), 1_700_000_000_000_000);
+    broker.produce("events", 0, &[bad]);
+    let bad_out = s.path("bad.txt");
+    assert!(
+        wait_until(Duration::from_secs(30), || lines(&bad_out).len() == 1),
+        "the record with a time out of range went to events.errors: {:?}",
+        lines(&bad_out)
+    );
+    // Had it moved the watermark, [0 s, 10 s) would have fired with two
+    // records and the one at 6 s would be late.
+    broker.produce("events", 0, &[at("a", 6), at("a", 15)]);
+    let out = s.path("out.txt");
+    assert!(
+        wait_until(Duration::from_secs(30), || !on_time_panes(&out).is_empty()),
+        "the window [0 s, 10 s) fired"
+    );
+    assert_eq!(on_time_panes(&out), ["a 0-10:3"]);
+    assert_eq!(
+        lines(&s.path("late.txt")),
+        Vec::<String>::new(),
+        "nothing late"
+    );
+    assert_eq!(lines(&bad_out).len(), 1);
+    assert!(w.try_wait().expect("try_wait").is_none(), "the worker runs");
+    term(&w);
+    assert!(wait_exit(&mut w, Duration::from_secs(20)).success());
+}
+
+#[test]
 fn cut_connections_to_the_broker_lose_and_repeat_nothing() {
     // Clients reach the broker only through a proxy that cuts connections.
     let (real, front) = (free_port(), free_port());
@@ -682,4 +726,185 @@ fn kafka_to_kafka_across_a_two_worker_cluster_with_a_sigkill() {
     for w in ws.iter_mut() {
         assert!(wait_exit(w, Duration::from_secs(30)).success());
     }
+}
+
+/// Records `w0`..`w6` (value = key) for partition 0, numbered from `from`.
+fn words_on_0(count: usize, from: usize) -> Vec<(String, String, i64)> {
+    (from..from + count)
+        .map(|n| {
+            let w = format!("w{}", n % 7);
+            (w.clone(), w, 1_700_000_000_000 + n as i64)
+        })
+        .collect()
+}
+
+/// A count per word of topic `words` (one partition) on `broker` into
+/// `out.jsonl`, with `extra` in the Kafka source's table.
+fn count_of_one_partition(
+    s: &Scratch,
+    broker: &str,
+    http: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    s.write(
+        "one.toml",
+        &format!(
+            r#"
+[service]
+data_dir = "{{dir}}/data"
+http = "{http}"
+
+[sources.words]
+type = "kafka"
+brokers = "{broker}"
+topic = "words"
+{extra}
+
+[computations.counts]
+type = "count"
+inputs = [{{ from = "words", key = "value" }}]
+
+[sinks.out]
+type = "file"
+inputs = ["counts"]
+path = "{{dir}}/out.jsonl"
+"#
+        ),
+    )
+}
+
+/// Waits (at most 60 s) until `out` holds `n` running counts, failing at
+/// once if the worker exits.
+fn await_counts(w: &mut Running, out: &std::path::Path, n: usize) {
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            if let Ok(Some(status)) = w.try_wait() {
+                panic!("the worker exited: {status}");
+            }
+            read_jsonl(out).len() >= n
+        }),
+        "{} of {n} counts",
+        read_jsonl(out).len()
+    );
+}
+
+fn word_totals(recs: &[(String, String, i64)]) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for (k, _, _) in recs {
+        *m.entry(k.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+#[test]
+fn a_broker_that_comes_back_empty_five_times_is_survived_and_read_from_its_start() {
+    let port = free_port();
+    let mut broker = Broker::start_on(port);
+    broker.create_topic("words", 1);
+    let s = Scratch::new();
+    let http = format!("127.0.0.1:{}", free_port());
+    let topo = count_of_one_partition(
+        &s,
+        &broker.address(),
+        &http,
+        r#"on_offset_reset = "earliest""#,
+    );
+    let mut all = words_on_0(100, 0);
+    broker.produce("words", 0, &all);
+    let mut w = spawn(&topo, &http);
+    let out = s.path("out.jsonl");
+    await_counts(&mut w, &out, all.len());
+    // Each time the broker is killed and comes back empty, with fewer
+    // records than were read before, so its offsets are below the
+    // committed position whenever the source looks.
+    for (round, count) in [50, 30, 20, 10, 5].into_iter().enumerate() {
+        drop(broker);
+        broker = Broker::start_on(port);
+        broker.create_topic("words", 1);
+        let more = words_on_0(count, all.len());
+        broker.produce("words", 0, &more);
+        all.extend(more);
+        await_counts(&mut w, &out, all.len());
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                http_get(&http, "/healthz").is_some_and(|(code, _)| code == 200)
+            }),
+            "round {round}: /healthz is ok again once the broker is back: {:?}",
+            http_get(&http, "/healthz")
+        );
+    }
+    assert_eq!(assert_running_counts(&read_jsonl(&out)), word_totals(&all));
+    assert_eq!(
+        metric(
+            &http,
+            r#"millrace_kafka_offset_resets_total{action="earliest",component="words"}"#
+        ),
+        Some(5.0)
+    );
+    term(&w);
+    assert!(wait_exit(&mut w, Duration::from_secs(20)).success());
+}
+
+#[test]
+fn offsets_gone_back_stop_the_partition_by_default_and_latest_goes_on_from_the_end() {
+    let port = free_port();
+    let broker = Broker::start_on(port);
+    broker.create_topic("words", 1);
+    let s = Scratch::new();
+    let http = format!("127.0.0.1:{}", free_port());
+    let topo = count_of_one_partition(&s, &broker.address(), &http, "");
+    let first = words_on_0(100, 0);
+    broker.produce("words", 0, &first);
+    let mut w = spawn(&topo, &http);
+    let out = s.path("out.jsonl");
+    await_counts(&mut w, &out, first.len());
+    drop(broker);
+    let broker = Broker::start_on(port);
+    broker.create_topic("words", 1);
+    broker.produce("words", 0, &words_on_0(50, 100));
+    // Nothing skipped silently: the partition is reported and not read.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            http_get(&http, "/healthz").is_some_and(|(code, body)| {
+                code == 503 && body.contains("partition 0 of topic `words`")
+            })
+        }),
+        "/healthz names the partition: {:?}",
+        http_get(&http, "/healthz")
+    );
+    assert_eq!(
+        metric(
+            &http,
+            r#"millrace_kafka_offset_resets_total{action="fail",component="words"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(read_jsonl(&out).len(), first.len(), "nothing read past it");
+    term(&w);
+    assert!(wait_exit(&mut w, Duration::from_secs(20)).success());
+    // Restarted with "latest": what the partition holds is skipped, what
+    // comes after is read.
+    let text = std::fs::read_to_string(&topo).expect("topology");
+    let text = text.replacen(
+        "topic = \"words\"\n",
+        "topic = \"words\"\non_offset_reset = \"latest\"\n",
+        1,
+    );
+    std::fs::write(&topo, text).expect("topology");
+    let mut w = spawn(&topo, &http);
+    assert!(
+        wait_until(Duration::from_secs(30), || metric(
+            &http,
+            r#"millrace_kafka_offset_resets_total{action="latest",component="words"}"#
+        ) == Some(1.0)),
+        "the restarted worker went on from the end"
+    );
+    let after = words_on_0(10, 150);
+    broker.produce("words", 0, &after);
+    let mut all = first.clone();
+    all.extend(after);
+    await_counts(&mut w, &out, all.len());
+    assert_eq!(assert_running_counts(&read_jsonl(&out)), word_totals(&all));
+    term(&w);
+    assert!(wait_exit(&mut w, Duration::from_secs(20)).success());
 }

@@ -22,6 +22,9 @@ pub(super) struct KafkaMetrics {
     pub retries: IntCounterVec,
     /// Transactions a transactional sink committed, by component.
     pub transactions: IntCounterVec,
+    /// Partitions found not to hold a source's committed position, by
+    /// component and what `on_offset_reset` did (fail, earliest, latest).
+    pub offset_resets: IntCounterVec,
 }
 
 pub(super) fn metrics() -> &'static KafkaMetrics {
@@ -76,6 +79,11 @@ pub(super) fn metrics() -> &'static KafkaMetrics {
                 "millrace_kafka_transactions_total",
                 "Transactions a transactional Kafka sink committed (one per commit that wrote).",
                 &["component"],
+            ),
+            offset_resets: counter(
+                "millrace_kafka_offset_resets_total",
+                "Partitions found not to hold a Kafka source's committed position (the broker's offsets went back), by what on_offset_reset did.",
+                &["component", "action"],
             ),
         }
     })

@@ -23,10 +23,14 @@
 //! still in flight, which could otherwise land after the read-back.
 //!
 //! Both retry an unreachable broker with backoff (librdkafka reconnects; the
-//! source also retries its set-up), report it on `/healthz`, and count it.
+//! source also retries its set-up, and replaces its client after every
+//! broker was down), report it on `/healthz`, and count it. A partition
+//! that no longer holds the source's committed position is handled as its
+//! `on_offset_reset` says (`reset.rs`), never skipped silently.
 
 mod awaited;
 mod metrics;
+mod reset;
 mod sink;
 mod source;
 
@@ -185,6 +189,12 @@ topic = "t"
         assert!(e.contains("must stay `false`"), "{e}");
         let e = validate(r#"start = "yesterday""#).unwrap_err();
         assert!(e.contains("start"), "{e}");
+        assert_eq!(validate(r#"on_offset_reset = "latest""#), Ok(()));
+        let e = validate("\non_offset_reset = \"skip\"").unwrap_err();
+        assert!(
+            e.contains("t.toml:7") && e.contains("on_offset_reset") && e.contains("`skip`"),
+            "{e}"
+        );
         let e = validate("shards = 0").unwrap_err();
         assert!(e.contains("shards"), "{e}");
         assert_eq!(validate("shards = 4"), Ok(()));

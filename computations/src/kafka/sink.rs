@@ -533,3 +533,7 @@ fn build(c: &Component) -> Result<KafkaSink, ConfigError> {
 pub(super) fn register(r: &mut Registry) {
     r.sink("kafka", |c| Ok(Box::new(build(c)?)));
 }
+
+#[cfg(test)]
+#[path = "sink_tests.rs"]
+mod tests;

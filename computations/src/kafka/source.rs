@@ -1,12 +1,15 @@
 //! The `kafka` source (see the module documentation of `kafka`).
 
 use super::metrics::metrics;
+use super::reset::{self, OnOffsetReset, Reset};
 use super::{Brokers, ClientOptions, PropertyValue};
 use crate::file_source::EventTimeField;
 use millrace_config::{Component, ConfigError, KeyExtractor};
 use millrace_engine::{
-    health, Emitter, EventTime, Registry, Source, SourceError, SourcePoll, SourceShard, MIN_TIME,
+    health, is_valid_event_time, Emitter, EventTime, Registry, Source, SourceError, SourcePoll,
+    SourceShard, MIN_TIME,
 };
+use parking_lot::Mutex;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -14,8 +17,11 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long one set-up request to the broker may take.
@@ -44,6 +50,9 @@ struct Options {
     timestamp_unit: Option<String>,
     /// A consumer group to commit offsets to, for lag monitoring only.
     group_id: Option<String>,
+    /// What to do when a partition no longer holds the committed position
+    /// (see `kafka/reset.rs`): `fail` (the default), `earliest` or `latest`.
+    on_offset_reset: Option<String>,
 }
 
 /// Where a partition with no committed position starts.
@@ -104,10 +113,19 @@ fn parse_start(c: &Component, v: Option<toml::Value>) -> Result<Start, ConfigErr
     }
 }
 
-/// The consumer's context: librdkafka's statistics give the lag; its
-/// errors are counted and shown on `/healthz`.
+/// The consumer's context: librdkafka's statistics give the lag and each
+/// partition's bounds on the broker; its errors are counted and shown on
+/// `/healthz` until a broker is up again.
 struct SourceContext {
     component: String,
+    topic: String,
+    /// Every broker was unreachable: the client is replaced (see
+    /// [`KafkaSource::replace_client`]).
+    lost: AtomicBool,
+    /// Each partition's (log start, high watermark) as the broker's last
+    /// fetch responses gave them, from the newest statistics not yet
+    /// looked at (see [`KafkaSource::check_bounds`]).
+    bounds: Mutex<Option<BTreeMap<i32, (i64, i64)>>>,
 }
 
 impl ClientContext for SourceContext {
@@ -122,9 +140,25 @@ impl ClientContext for SourceContext {
                 }
             }
         }
+        if let Some(topic) = stats.topics.get(&self.topic) {
+            let bounds = topic
+                .partitions
+                .values()
+                .filter(|p| p.partition >= 0)
+                .map(|p| (p.partition, (p.lo_offset, p.hi_offset)))
+                .collect();
+            *self.bounds.lock() = Some(bounds);
+        }
+        // A broker answers again: an earlier "all brokers down" is over.
+        if !self.lost.load(Ordering::SeqCst) && stats.brokers.values().any(|b| b.state == "UP") {
+            health::clear(&health_name(&self.component));
+        }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.lost.store(true, Ordering::SeqCst);
+        }
         metrics()
             .errors
             .with_label_values(&[&self.component, "connect"])
@@ -140,7 +174,12 @@ fn health_name(component: &str) -> String {
     format!("kafka source `{component}`")
 }
 
-/// One partition this shard reads.
+/// What `/healthz` names a partition not read under `on_offset_reset = "fail"` by.
+fn stopped_health_name(component: &str, partition: i32) -> String {
+    format!("kafka source `{component}` partition {partition}")
+}
+
+/// One partition of this shard.
 #[derive(Debug)]
 struct Part {
     id: i32,
@@ -159,12 +198,16 @@ pub struct KafkaSource {
     topic: String,
     only: Option<Vec<i32>>,
     start: Start,
+    on_reset: OnOffsetReset,
+    /// Partitions not read because the broker does not hold their
+    /// committed position (`on_offset_reset = "fail"`), and why.
+    stopped: BTreeMap<i32, String>,
     event_time: Option<EventTimeField>,
     group: bool,
     shard: SourceShard,
     /// Next offsets from the committed position, by partition.
     resume: BTreeMap<i32, i64>,
-    consumer: Option<BaseConsumer<SourceContext>>,
+    consumer: Option<Arc<BaseConsumer<SourceContext>>>,
     parts: Vec<Part>,
     retry_at: Instant,
     backoff: Duration,
@@ -173,12 +216,16 @@ pub struct KafkaSource {
 
 impl KafkaSource {
     /// Creates the consumer, finds this shard's partitions and assigns them
-    /// at their committed (or starting) offsets.
+    /// at their next offsets: where this client's predecessor got to, the
+    /// committed position, or where `start` says.
     fn connect(&mut self) -> Result<(), String> {
         let consumer: BaseConsumer<SourceContext> = self
             .config
             .create_with_context(SourceContext {
                 component: self.component.clone(),
+                topic: self.topic.clone(),
+                lost: AtomicBool::new(false),
+                bounds: Mutex::new(None),
             })
             .map_err(|e| format!("creating the consumer: {e}"))?;
         let md = consumer
@@ -213,34 +260,173 @@ impl KafkaSource {
             .filter(|(i, _)| *i as u32 % self.shard.count == self.shard.index)
             .map(|(_, p)| *p)
             .collect();
-        let mut tpl = TopicPartitionList::new();
         let mut parts = Vec::new();
         for &p in &mine {
-            let next = match self.resume.get(&p) {
-                Some(&o) => o,
-                None => self.start_offset(&consumer, p)?,
+            // A replaced client's partitions go on where they were, with
+            // the event time they had reached.
+            let part = match self.parts.iter().find(|old| old.id == p) {
+                Some(old) => Part { ..*old },
+                None => Part {
+                    id: p,
+                    next: match self.resume.get(&p) {
+                        Some(&o) => o,
+                        None => self.start_offset(&consumer, p)?,
+                    },
+                    newest: MIN_TIME,
+                    last_data: Instant::now(),
+                },
             };
-            tpl.add_partition_offset(&self.topic, p, Offset::Offset(next))
-                .map_err(|e| format!("assigning partition {p}: {e}"))?;
-            parts.push(Part {
-                id: p,
-                next,
-                newest: MIN_TIME,
-                last_data: Instant::now(),
-            });
+            parts.push(part);
         }
-        consumer
-            .assign(&tpl)
-            .map_err(|e| format!("assigning partitions {mine:?}: {e}"))?;
+        // Errors of the client's start (brokers down before it reached one)
+        // are over: "lost" is about a broker lost after this point.
+        while consumer.poll(Duration::ZERO).is_some() {}
+        consumer.context().lost.store(false, Ordering::SeqCst);
+        let old = std::mem::replace(&mut self.parts, parts);
+        if let Err(e) = self.assign_partitions(&consumer) {
+            self.parts = old;
+            return Err(e);
+        }
         tracing::info!(
             component = %self.component,
             shard = self.shard.index,
-            partitions = ?parts.iter().map(|p| (p.id, p.next)).collect::<Vec<_>>(),
+            partitions = ?self.parts.iter().map(|p| (p.id, p.next)).collect::<Vec<_>>(),
+            stopped = ?self.stopped.keys().collect::<Vec<_>>(),
             "kafka source: reading (partition, next offset)"
         );
-        self.parts = parts;
-        self.consumer = Some(consumer);
+        self.consumer = Some(Arc::new(consumer));
         Ok(())
+    }
+
+    /// Assigns the partitions being read at their next offsets (those
+    /// stopped are left out). Records fetched under an earlier assignment
+    /// and not yet taken are fetched again.
+    fn assign_partitions(&self, consumer: &BaseConsumer<SourceContext>) -> Result<(), String> {
+        let mut tpl = TopicPartitionList::new();
+        for p in self
+            .parts
+            .iter()
+            .filter(|p| !self.stopped.contains_key(&p.id))
+        {
+            tpl.add_partition_offset(&self.topic, p.id, Offset::Offset(p.next))
+                .map_err(|e| format!("assigning partition {}: {e}", p.id))?;
+        }
+        consumer
+            .assign(&tpl)
+            .map_err(|e| format!("assigning partitions of topic `{}`: {e}", self.topic))
+    }
+
+    /// Replaces a client whose brokers were all unreachable by a new one,
+    /// made once a broker answers: a client that lived through the outage
+    /// keeps what it knew of the cluster before it (leaders, topic ids),
+    /// and librdkafka 2.12 crashes on a fetch response about a topic id the
+    /// restarted broker no longer knows (see docs/DESIGN.md, "Kafka").
+    /// The partitions keep their next offsets and event times.
+    fn replace_client(&mut self) {
+        tracing::warn!(
+            component = %self.component,
+            "kafka source: every broker was unreachable; reconnecting with a new client"
+        );
+        metrics()
+            .retries
+            .with_label_values(&[&self.component])
+            .inc();
+        self.consumer = None;
+        self.retry_at = Instant::now();
+        self.backoff = FIRST_BACKOFF;
+    }
+
+    /// Looks at the broker's bounds of each partition read (from the
+    /// client's statistics; `bounds`): one whose end is below the next
+    /// offset no longer holds the committed position. Whether the
+    /// partitions were assigned again (records polled before are then
+    /// fetched again).
+    fn check_bounds(
+        &mut self,
+        consumer: &BaseConsumer<SourceContext>,
+        bounds: &BTreeMap<i32, (i64, i64)>,
+    ) -> bool {
+        let behind: Vec<(i32, (i64, i64))> = self
+            .parts
+            .iter()
+            .filter(|p| !self.stopped.contains_key(&p.id))
+            .filter_map(|p| {
+                let &(low, high) = bounds.get(&p.id)?;
+                // A negative end: no fetch response yet.
+                (high >= 0 && high < p.next).then(|| (p.id, (low.clamp(0, high), high)))
+            })
+            .collect();
+        self.apply_resets(consumer, &behind)
+    }
+
+    /// After librdkafka's "offset out of range" (a Kafka broker's answer to
+    /// a fetch below the log start or past the end; librdkafka then stops
+    /// fetching the partition): asks the broker for each partition's
+    /// bounds and resets those whose next offset is outside.
+    fn check_listed_bounds(&mut self, consumer: &BaseConsumer<SourceContext>) {
+        let mut outside = Vec::new();
+        for p in self
+            .parts
+            .iter()
+            .filter(|p| !self.stopped.contains_key(&p.id))
+        {
+            match consumer.fetch_watermarks(&self.topic, p.id, REQUEST_TIMEOUT) {
+                Ok((low, high)) if p.next < low || p.next > high => {
+                    outside.push((p.id, (low, high)))
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    component = %self.component,
+                    partition = p.id,
+                    %e,
+                    "kafka source: reading a partition's offsets after \"offset out of range\" failed; fetching again"
+                ),
+            }
+        }
+        // Assigned again either way: librdkafka fetches the partitions
+        // it stopped again (and says so again if they still are out of range).
+        if !self.apply_resets(consumer, &outside) {
+            if let Err(e) = self.assign_partitions(consumer) {
+                tracing::warn!(component = %self.component, "kafka source: {e}");
+            }
+        }
+    }
+
+    /// Applies `on_offset_reset` to partitions that do not hold their next
+    /// offset (with the bounds they hold); counts, logs and reports each.
+    /// Whether the partitions were assigned again.
+    fn apply_resets(
+        &mut self,
+        consumer: &BaseConsumer<SourceContext>,
+        resets: &[(i32, (i64, i64))],
+    ) -> bool {
+        if resets.is_empty() {
+            return false;
+        }
+        for &(id, bounds) in resets {
+            let Some(part) = self.parts.iter_mut().find(|p| p.id == id) else {
+                continue;
+            };
+            metrics()
+                .offset_resets
+                .with_label_values(&[&self.component, self.on_reset.label()])
+                .inc();
+            match reset::decide(self.on_reset, &self.topic, id, part.next, bounds) {
+                Reset::Stop(why) => {
+                    tracing::error!(component = %self.component, "kafka source: {why}");
+                    health::report(&stopped_health_name(&self.component, id), why.clone());
+                    self.stopped.insert(id, why);
+                }
+                Reset::Resume { at, why } => {
+                    tracing::warn!(component = %self.component, "kafka source: {why}");
+                    part.next = at;
+                }
+            }
+        }
+        if let Err(e) = self.assign_partitions(consumer) {
+            tracing::warn!(component = %self.component, "kafka source: {e}");
+        }
+        true
     }
 
     /// The concrete offset a partition without a committed position starts at.
@@ -313,6 +499,13 @@ impl Source for KafkaSource {
     }
 
     fn poll(&mut self, out: &mut Emitter<'_>, max: usize) -> Result<SourcePoll, SourceError> {
+        if self
+            .consumer
+            .as_ref()
+            .is_some_and(|c| c.context().lost.load(Ordering::SeqCst))
+        {
+            self.replace_client();
+        }
         if self.consumer.is_none() {
             if Instant::now() < self.retry_at {
                 return Ok(SourcePoll::Idle);
@@ -328,14 +521,26 @@ impl Source for KafkaSource {
             self.backoff = FIRST_BACKOFF;
             health::clear(&health_name(&self.component));
         }
-        let Some(consumer) = &self.consumer else {
+        let Some(consumer) = self.consumer.clone() else {
             return Ok(SourcePoll::Idle);
         };
         let m = metrics();
         let mut got = 0;
+        let mut out_of_range = false;
         while got < max {
-            let msg = match consumer.poll(Duration::ZERO) {
+            let polled = consumer.poll(Duration::ZERO);
+            // Statistics that call served tell the partitions' bounds as of
+            // the records polled before this one.
+            let bounds = consumer.context().bounds.lock().take();
+            if bounds.is_some_and(|b| self.check_bounds(&consumer, &b)) {
+                continue; // assigned again: what was polled comes again
+            }
+            let msg = match polled {
                 None => break,
+                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                    out_of_range = true;
+                    continue;
+                }
                 Some(Err(e)) => {
                     m.errors
                         .with_label_values(&[&self.component, "consume"])
@@ -345,51 +550,19 @@ impl Source for KafkaSource {
                 }
                 Some(Ok(msg)) => msg,
             };
-            let Some(part) = self.parts.iter_mut().find(|p| p.id == msg.partition()) else {
-                continue;
+            let fetched = Fetched {
+                partition: msg.partition(),
+                offset: msg.offset(),
+                key: msg.key().unwrap_or_default().to_vec(),
+                value: msg.payload().unwrap_or_default().to_vec(),
+                kafka_ms: msg.timestamp().to_millis(),
             };
-            if msg.offset() < part.next {
-                continue; // already read (and committed) before
+            if self.take(fetched, out) {
+                got += 1;
             }
-            part.next = msg.offset() + 1;
-            part.last_data = Instant::now();
-            let key = msg.key().unwrap_or_default().to_vec();
-            let value = msg.payload().unwrap_or_default().to_vec();
-            let label = part.id.to_string();
-            m.records_in
-                .with_label_values(&[&self.component, &label])
-                .inc();
-            m.bytes_in
-                .with_label_values(&[&self.component, &label])
-                .inc_by((key.len() + value.len()) as u64);
-            got += 1;
-            let ts = match &self.event_time {
-                None => msg
-                    .timestamp()
-                    .to_millis()
-                    .map(|ms| ms.saturating_mul(1000)),
-                Some(f) => f.of(&value),
-            };
-            match ts {
-                Some(ts) => {
-                    part.newest = part.newest.max(ts);
-                    out.emit(key, value, ts);
-                }
-                None => {
-                    m.errors
-                        .with_label_values(&[&self.component, "decode"])
-                        .inc();
-                    let why = match &self.event_time {
-                        None => "the Kafka record has no timestamp".to_owned(),
-                        Some(_) => "no event time in the value where `timestamp` says".to_owned(),
-                    };
-                    out.emit_bad(
-                        key,
-                        value,
-                        format!("partition {} offset {}: {why}", part.id, msg.offset()),
-                    );
-                }
-            }
+        }
+        if out_of_range {
+            self.check_listed_bounds(&consumer);
         }
         if got > 0 {
             health::clear(&health_name(&self.component));
@@ -422,10 +595,78 @@ impl Source for KafkaSource {
     }
 }
 
+/// One record as fetched from the broker.
+struct Fetched {
+    partition: i32,
+    offset: i64,
+    key: Vec<u8>,
+    value: Vec<u8>,
+    /// The record's Kafka timestamp (ms since the epoch), if it has one.
+    kafka_ms: Option<i64>,
+}
+
 impl KafkaSource {
+    /// Takes one fetched record: emits it with its event time (or, with
+    /// none, to `NAME.errors`), and moves its partition's next offset and
+    /// newest event time. Whether it was taken (not one read before).
+    fn take(&mut self, f: Fetched, out: &mut Emitter<'_>) -> bool {
+        let m = metrics();
+        let Some(part) = self.parts.iter_mut().find(|p| p.id == f.partition) else {
+            return false;
+        };
+        if f.offset < part.next {
+            return false; // already read (and committed) before
+        }
+        part.next = f.offset + 1;
+        part.last_data = Instant::now();
+        let label = part.id.to_string();
+        m.records_in
+            .with_label_values(&[&self.component, &label])
+            .inc();
+        m.bytes_in
+            .with_label_values(&[&self.component, &label])
+            .inc_by((f.key.len() + f.value.len()) as u64);
+        let ts = match &self.event_time {
+            None => f.kafka_ms.map(|ms| ms.saturating_mul(1000)),
+            Some(field) => field.of(&f.value),
+        };
+        match ts {
+            // Only a time a record may carry moves the partition's newest:
+            // one out of range would move the watermark to the end of time.
+            Some(ts) if is_valid_event_time(ts) => {
+                part.newest = part.newest.max(ts);
+                out.emit(f.key, f.value, ts);
+            }
+            _ => {
+                m.errors
+                    .with_label_values(&[&self.component, "decode"])
+                    .inc();
+                let why = match (&self.event_time, f.kafka_ms, ts) {
+                    (None, None, _) => "the Kafka record has no timestamp".to_owned(),
+                    (None, Some(ms), _) => {
+                        format!("its Kafka timestamp {ms} ms is outside years 1 to 9999")
+                    }
+                    (Some(_), _, None) => {
+                        "no event time in the value where `timestamp` says".to_owned()
+                    }
+                    (Some(_), _, Some(us)) => {
+                        format!("its event time {us} us is outside years 1 to 9999")
+                    }
+                };
+                out.emit_bad(
+                    f.key,
+                    f.value,
+                    format!("partition {} offset {}: {why}", part.id, f.offset),
+                );
+            }
+        }
+        true
+    }
+
+    /// A failed (re)connection: retried after a backoff. The partitions
+    /// keep their next offsets (the position) and event times.
     fn fail(&mut self, why: String) {
         self.consumer = None;
-        self.parts.clear();
         metrics()
             .errors
             .with_label_values(&[&self.component, "connect"])
@@ -489,6 +730,9 @@ fn build(c: &Component) -> Result<KafkaSource, ConfigError> {
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
             ("enable.partition.eof", "false"),
+            // librdkafka never moves a partition elsewhere by itself when
+            // its offset is out of range: `on_offset_reset` decides.
+            ("auto.offset.reset", "error"),
         ],
     )?;
     if o.topic.is_empty() {
@@ -514,12 +758,15 @@ fn build(c: &Component) -> Result<KafkaSource, ConfigError> {
         }
     };
     let start = parse_start(c, o.start)?;
+    let on_reset = OnOffsetReset::parse(c, o.on_offset_reset.as_deref())?;
     Ok(KafkaSource {
         component: c.name.clone(),
         config,
         topic: o.topic,
         only: o.partitions,
         start,
+        on_reset,
+        stopped: BTreeMap::new(),
         event_time,
         group: o.group_id.is_some(),
         shard: SourceShard {
@@ -543,6 +790,76 @@ pub(super) fn register(r: &mut Registry) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The source `k` of a topology with `extra` in its table (no broker
+    /// is contacted), reading partition 0 from offset 0.
+    fn source(extra: &str) -> KafkaSource {
+        let text = format!(
+            "[sources.k]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9\"\ntopic = \"t\"\n{extra}\n\
+             [sinks.o]\ntype = \"stdout\"\ninputs = [\"k\"]\n"
+        );
+        let t = millrace_config::Topology::parse_str("t.toml", &text).expect("topology");
+        let c = t
+            .components()
+            .iter()
+            .find(|c| c.name == "k")
+            .expect("the source")
+            .clone();
+        let mut s = build(&c).expect("a valid source");
+        s.parts.push(Part {
+            id: 0,
+            next: 0,
+            newest: MIN_TIME,
+            last_data: Instant::now(),
+        });
+        s
+    }
+
+    fn fetched(offset: i64, kafka_ms: Option<i64>, value: &str) -> Fetched {
+        Fetched {
+            partition: 0,
+            offset,
+            key: b"k".to_vec(),
+            value: value.as_bytes().to_vec(),
+            kafka_ms,
+        }
+    }
+
+    #[test]
+    fn a_kafka_timestamp_out_of_range_goes_to_errors_and_never_moves_the_watermark() {
+        let mut s = source("");
+        let mut emitted = Vec::new();
+        let mut out = Emitter::new(&mut emitted);
+        assert!(s.take(fetched(0, Some(1_700_000_000_000), "a"), &mut out));
+        // Microseconds given as milliseconds: past the year 9999.
+        assert!(s.take(fetched(1, Some(1_700_000_000_000_000), "b"), &mut out));
+        assert!(s.take(fetched(2, Some(1_700_000_000_001), "c"), &mut out));
+        assert_eq!(s.watermark(), Some(1_700_000_000_001_000));
+        let bad = out.bad().to_vec();
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert_eq!(&bad[0].1[..], b"b");
+        assert!(
+            bad[0].2.contains("partition 0 offset 1") && bad[0].2.contains("1700000000000000"),
+            "{}",
+            bad[0].2
+        );
+        let times: Vec<EventTime> = emitted.iter().map(|(_, _, ts)| *ts).collect();
+        assert_eq!(times, [1_700_000_000_000_000, 1_700_000_000_001_000]);
+        assert_eq!(s.position(), b"v1 0:3", "the bad record is read past");
+    }
+
+    #[test]
+    fn an_extracted_event_time_out_of_range_never_moves_the_watermark() {
+        let mut s = source("timestamp = \"json:/t\"\ntimestamp_unit = \"s\"");
+        let mut emitted = Vec::new();
+        let mut out = Emitter::new(&mut emitted);
+        assert!(s.take(fetched(0, None, r#"{"t":1000}"#), &mut out));
+        assert!(s.take(fetched(1, None, r#"{"t":1e15}"#), &mut out));
+        assert!(s.take(fetched(2, None, r#"{"t":-1e15}"#), &mut out));
+        assert_eq!(s.watermark(), Some(1_000_000_000));
+        assert_eq!(out.bad().len(), 2, "{:?}", out.bad());
+        assert_eq!(emitted.len(), 1);
+    }
 
     #[test]
     fn positions_round_trip_and_bad_ones_are_refused() {
