@@ -4,11 +4,16 @@
 //! `StateSpec.timeout` or Flink's state TTL. Scripts have their own, with an
 //! `on_expire` call (`script.rs`).
 //!
-//! Each record of a key moves the key's expiry timer to its event time plus
-//! the TTL, never earlier (an out-of-order record does not shorten it); the
-//! timer fires when the watermark passes it, and the state is cleared. Event
-//! time makes expiry deterministic: the same input expires the same keys,
-//! whatever the speed of processing or the moment of a restart.
+//! A key's state expires at its newest record's event time plus the TTL:
+//! each record moves the key's expiry timer there, never earlier (an
+//! out-of-order record does not shorten it). Expiry is a function of event
+//! time only: a record at or after the expiry finds the state expired before
+//! it is applied (as Flink's TTL checks on read), whether or not the
+//! watermark has fired the timer yet; the timer only drops the state of keys
+//! that see no more records. A record that is not late comes at or after the
+//! watermark, so the timer fires before it only when the record would find
+//! the state expired anyway: the same input expires the same keys, whatever
+//! the batching, the speed of processing or the moment of a restart.
 
 use millrace_config::HumanDuration;
 use millrace_engine::{
@@ -27,6 +32,14 @@ pub struct Expiring {
 
 impl Computation for Expiring {
     fn process_record(&mut self, ctx: &mut Context<'_>, r: Record) -> Result<(), ComputationError> {
+        if ctx
+            .timer(TTL_TAG)
+            .is_some_and(|(_, expiry)| r.timestamp >= expiry)
+        {
+            // Expired at this record's event time: gone before it is applied.
+            ctx.clear_state();
+            ctx.delete_timer(TTL_TAG);
+        }
         let at = r.timestamp.saturating_add(self.ttl);
         self.inner.process_record(ctx, r)?;
         if ctx.state()?.is_none() {
@@ -91,5 +104,66 @@ mod tests {
             ["1"],
             "counts afresh"
         );
+    }
+
+    #[test]
+    fn a_record_a_ttl_after_the_keys_newest_finds_it_expired_before_the_watermark_does() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut h = Harness::open(dir.path(), count_with_ttl(), &[]).expect("harness");
+        assert_eq!(values(h.process("a", "x", 1).unwrap()), ["1"]);
+        assert_eq!(values(h.process("c", "x", 50).unwrap()), ["1"]);
+        // The watermark has not passed `a`'s expiry (11) yet, but this record
+        // comes later than it: the state expired first, as it would have
+        // had the watermark fired the timer before the record came.
+        assert_eq!(values(h.process("a", "x", 100).unwrap()), ["1"]);
+        // A record exactly a TTL after the newest one: expired too.
+        assert_eq!(values(h.process("a", "x", 110).unwrap()), ["1"]);
+        // One microsecond closer: kept.
+        assert_eq!(values(h.process("a", "x", 119).unwrap()), ["2"]);
+        // Out of order, before the expiry: kept, and the expiry stays at
+        // the newest record's (119 + 10).
+        assert_eq!(values(h.process("a", "x", 112).unwrap()), ["3"]);
+        assert_eq!(values(h.process("a", "x", 128).unwrap()), ["4"]);
+        assert_eq!(values(h.process("a", "x", 138).unwrap()), ["1"]);
+        // One expiry timer per key with state; `a`'s old ones are gone.
+        assert_eq!(h.pending_timers(), 2);
+        h.advance_watermark(149).unwrap();
+        assert_eq!(h.pending_timers(), 0);
+        assert_eq!(h.state(b"a").unwrap(), None);
+        assert_eq!(h.state(b"c").unwrap(), None);
+    }
+
+    #[test]
+    fn expiry_on_read_and_by_the_watermark_give_the_same_counts() {
+        // The same records with the watermark moved after each (so every
+        // expiry timer fires before the next record), and never moved.
+        let input = [
+            ("a", 0),
+            ("b", 3),
+            ("a", 9),
+            ("a", 19),
+            ("b", 16),
+            ("a", 29),
+            ("b", 25),
+            ("a", 33),
+        ];
+        let counts = |watermark_after_each: bool| {
+            let dir = tempfile::tempdir().expect("dir");
+            let mut h = Harness::open(dir.path(), count_with_ttl(), &[]).expect("harness");
+            let mut newest = 0;
+            let mut got = Vec::new();
+            for (k, t) in input {
+                got.extend(values(h.process(k, "x", t).unwrap()));
+                newest = newest.max(t);
+                if watermark_after_each {
+                    // As far as the records' disorder (4) allows.
+                    h.advance_watermark(newest - 4).unwrap();
+                }
+            }
+            got
+        };
+        let want = ["1", "1", "2", "1", "1", "1", "2", "2"];
+        assert_eq!(counts(false), want);
+        assert_eq!(counts(true), want);
     }
 }

@@ -1,9 +1,11 @@
 //! A test harness for one computation shard, without a worker: the test
 //! hands it records, moves its input watermark and its processing-time
-//! clock, and reads what the computation emitted. State and timers go
-//! through the engine's own shard runtime, and each step is committed to a
-//! real RocksDB store, so [`Harness::restart`] shows what survives a crash.
-//! It plays the part of Flink's `KeyedOneInputStreamOperatorTestHarness`.
+//! clock, and reads what the computation emitted. State, timers and
+//! watermarks go through the engine's own shard runtime (the watermark as
+//! one upstream shard's, checkpointed and restored as a worker does), and
+//! each step is committed to a real RocksDB store, so [`Harness::restart`]
+//! shows what survives a crash. It plays the part of Flink's
+//! `KeyedOneInputStreamOperatorTestHarness`.
 //!
 //! ```
 //! use millrace_engine::testing::Harness;
@@ -43,7 +45,7 @@ use crate::keyed_state::KeyedState;
 use crate::layout::shard_prefix;
 use crate::metrics::{Metrics, NodeMetrics};
 use crate::plan::ERRORS_PORT;
-use crate::record::{EventTime, Record, TimeDomain, Timer, MIN_TIME};
+use crate::record::{EventTime, Record, TimeDomain, Timer};
 use crate::scope::{Clock, Emit};
 use crate::shard::{restore_timers, Body, KeyEnv, ShardRt};
 use crate::timers::Timers;
@@ -95,7 +97,12 @@ impl Harness {
             Timers::load(&store, &prefix)?
         };
         let body = Body::Compute(computation);
-        let shard = ShardRt::new(0, 0, prefix, body, KeyedState::new(1024), timers);
+        let mut shard = ShardRt::new(0, 0, prefix.clone(), body, KeyedState::new(1024), timers);
+        // The test plays the one upstream shard. The harness hands every
+        // emit to the test at once (nothing stays unacknowledged), so the
+        // shard's output watermark is its input watermark: the one it
+        // committed is what its upstream would tell it again.
+        shard.restore_watermarks(&store, &[&prefix])?;
         let mut ports = vec![String::new(), ERRORS_PORT.to_owned()];
         ports.extend(outputs.iter().map(|o| o.to_string()));
         let metrics = NodeMetrics::new(&Metrics::new(), COMPONENT);
@@ -107,13 +114,6 @@ impl Harness {
             now: 0,
             emits: Vec::new(),
         };
-        if let Some(wm) = h.store.get(
-            millrace_storage::Cf::Meta,
-            &crate::layout::watermark_key(h.shard.prefix()),
-        )? {
-            h.shard
-                .advance_input_wm(crate::layout::read_u64(&wm).map_or(MIN_TIME, |v| v as i64));
-        }
         if follows_state {
             restore_timers(&h.store, &mut h.shard, &h.metrics, COMPONENT, &h.ports)?;
         }
@@ -153,7 +153,7 @@ impl Harness {
     /// Moves the input low watermark to `wm` (it never moves back), fires
     /// the event-time timers it passed (those before `wm`), and commits.
     pub fn advance_watermark(&mut self, wm: EventTime) -> Result<Vec<Output>, ComputationError> {
-        self.shard.advance_input_wm(wm);
+        self.shard.upstream_watermark(0, wm, false);
         self.fire(TimeDomain::EventTime, self.shard.input_wm())?;
         self.commit()
     }
@@ -215,16 +215,16 @@ impl Harness {
         self.shard.with_key(env, key, f).unwrap_or(Ok(()))
     }
 
-    /// Commits state, timers and the watermark; returns what was emitted.
+    /// Commits state, timers and the watermark, as a worker's turn does;
+    /// returns what was emitted.
     fn commit(&mut self) -> Result<Vec<Output>, ComputationError> {
         let mut batch = self.store.batch();
+        self.shard.recompute_output_wm(None);
         self.shard.checkpoint_state(&mut batch);
-        batch.put(
-            millrace_storage::Cf::Meta,
-            &crate::layout::watermark_key(self.shard.prefix()),
-            &self.shard.input_wm().to_be_bytes(),
-        );
+        self.shard.checkpoint_watermark(&mut batch);
         self.store.commit(batch)?;
+        // Committed: a worker would tell its consumers now.
+        self.shard.take_wm_change();
         let ports = &self.ports;
         Ok(self
             .emits
@@ -236,5 +236,24 @@ impl Harness {
                 timestamp: e.ts,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Harness;
+    use crate::test_kinds::Nothing;
+
+    #[test]
+    fn the_watermark_comes_back_after_a_restart_from_the_shards_own_commit() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut h = Harness::open(dir.path(), Box::new(Nothing), &[]).expect("harness");
+        h.advance_watermark(50).expect("advance");
+        let mut h = h.restart(Box::new(Nothing)).expect("restart");
+        assert_eq!(h.watermark(), 50);
+        h.advance_watermark(20).expect("advance");
+        assert_eq!(h.watermark(), 50, "it never moves back");
+        let h = h.restart(Box::new(Nothing)).expect("restart");
+        assert_eq!(h.watermark(), 50);
     }
 }

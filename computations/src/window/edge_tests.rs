@@ -145,7 +145,11 @@ fn a_late_trigger_waits_for_its_count_and_expiry_fires_what_is_pending() {
         ..fixed(10)
     };
     let (mut h, _d) = harness(&cfg);
-    h.advance_watermark(10).unwrap();
+    h.process("k", "on time", 5).unwrap();
+    assert_eq!(
+        seen(h.advance_watermark(10).unwrap()),
+        vec![pane(0, 10, "on_time", 1)]
+    );
     assert_eq!(seen(h.process("k", "a", 1).unwrap()), vec![]);
     assert_eq!(
         seen(h.process("k", "b", 2).unwrap()),
@@ -159,6 +163,78 @@ fn a_late_trigger_waits_for_its_count_and_expiry_fires_what_is_pending() {
         vec![pane(0, 10, "late", 1)]
     );
     assert_eq!(h.state(b"k").unwrap(), None);
+}
+
+/// The pane index of each output.
+fn indexes(outs: &[Out]) -> Vec<i64> {
+    outs.iter()
+        .map(|o| {
+            let v: Value = serde_json::from_slice(&o.value).expect("pane JSON");
+            v["pane"]["index"].as_i64().expect("index")
+        })
+        .collect()
+}
+
+#[test]
+fn a_window_first_seen_after_the_watermark_fires_at_once_then_as_the_late_trigger_says() {
+    for accumulation in [Accumulation::Discarding, Accumulation::Accumulating] {
+        let cfg = WindowConfig {
+            lateness: 100,
+            late: Trigger::Count(2),
+            accumulation,
+            ..fixed(10)
+        };
+        let (mut h, _d) = harness(&cfg);
+        h.advance_watermark(10).unwrap();
+        // Its end-of-window firing is due the moment it is seen: pane #0,
+        // late, with its first element, whatever the late trigger.
+        let out = h.process("k", "a", 1).unwrap();
+        assert_eq!(indexes(&out), [0], "{accumulation:?}");
+        assert_eq!(seen(out), vec![pane(0, 10, "late", 1)], "{accumulation:?}");
+        // Then the late trigger counts afresh: two more elements.
+        assert_eq!(seen(h.process("k", "b", 2).unwrap()), vec![]);
+        let out = h.process("k", "c", 3).unwrap();
+        assert_eq!(indexes(&out), [1], "{accumulation:?}");
+        let n = if accumulation == Accumulation::Discarding {
+            2
+        } else {
+            3
+        };
+        assert_eq!(seen(out), vec![pane(0, 10, "late", n)], "{accumulation:?}");
+        assert_eq!(seen(h.process("k", "d", 4).unwrap()), vec![]);
+        // The expiry fires the one pending element.
+        let out = h.advance_watermark(110).unwrap();
+        assert_eq!(indexes(&out), [2], "{accumulation:?}");
+        let n = if accumulation == Accumulation::Discarding {
+            1
+        } else {
+            4
+        };
+        assert_eq!(seen(out), vec![pane(0, 10, "late", n)], "{accumulation:?}");
+        assert_eq!(h.state(b"k").unwrap(), None);
+    }
+}
+
+#[test]
+fn a_late_session_seen_alone_fires_at_once_and_one_that_merges_waits_for_its_trigger() {
+    let cfg = WindowConfig {
+        window: WindowSpec::Session { gap: us(10) },
+        lateness: 100,
+        late: Trigger::Count(2),
+        ..fixed(1)
+    };
+    let (mut h, _d) = harness(&cfg);
+    h.advance_watermark(50).unwrap();
+    assert_eq!(
+        seen(h.process("k", "a", 0).unwrap()),
+        vec![pane(0, 10, "late", 1)]
+    );
+    // Merged into the session that already fired: the late trigger counts.
+    assert_eq!(seen(h.process("k", "b", 5).unwrap()), vec![]);
+    assert_eq!(
+        seen(h.process("k", "c", 8).unwrap()),
+        vec![pane(0, 18, "late", 2)]
+    );
 }
 
 #[test]

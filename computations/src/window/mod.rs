@@ -6,6 +6,9 @@
 //! at its end (the on-time firing), a garbage-collection timer at its end plus
 //! the allowed lateness (a last firing if anything is pending, then the state
 //! is dropped), and a processing-time timer while a periodic trigger waits.
+//! A window first seen after the watermark passed its end fires with its
+//! first element (the end-of-window firing it owes, as a late pane); the late
+//! trigger governs its firings after that.
 //!
 //! Each output record is JSON, timestamped at the window's last instant:
 //! `{"window":{"start":S,"end":E},"pane":{"index":I,"timing":"early|on_time|late"},"value":V}`;
@@ -81,7 +84,8 @@ impl Window {
     /// consumer that applies retractions ends with the merged pane alone.
     /// The merged pane is on time only while the watermark has not passed
     /// its end. The accumulators merge (and the value is added) before
-    /// anything is emitted: if one of those fails, nothing was.
+    /// anything is emitted: if one of those fails, nothing was. Returns
+    /// whether it absorbed any session.
     fn merge_overlapping(
         &self,
         ctx: &mut Context<'_>,
@@ -89,7 +93,7 @@ impl Window {
         pane: &mut Pane,
         wm: i64,
         add: impl FnOnce(&mut Acc) -> Result<(), String>,
-    ) -> Result<(), ComputationError> {
+    ) -> Result<bool, ComputationError> {
         let mut absorbed = Vec::new();
         let mut i = 0;
         while i < panes.len() {
@@ -111,6 +115,7 @@ impl Window {
                 .map_err(ComputationError::BadRecord)?;
         }
         add(&mut pane.acc).map_err(ComputationError::BadRecord)?;
+        let merged = !absorbed.is_empty();
         for mut old in absorbed {
             Self::clear_timers(ctx, &old);
             if let Some(last) = old.last.take() {
@@ -134,7 +139,7 @@ impl Window {
             pane.on_time_done = late;
             pane.step = 0;
         }
-        Ok(())
+        Ok(merged)
     }
 
     /// Sets the event-time timer a pane waits for: its on-time firing at the
@@ -244,26 +249,36 @@ impl Computation for Window {
                 continue; // this window is closed
             }
             accepted = true;
-            let mut pane = match panes.iter().position(|p| p.start == start && p.end == end) {
-                Some(i) if !self.merges() => panes.remove(i),
-                _ => {
-                    // A pane opened after the watermark passed its window's
-                    // end is late from its first firing on.
-                    let mut p = self.new_pane(start, end);
-                    p.on_time_done = wm >= end;
-                    p
-                }
-            };
+            let (mut pane, mut new) =
+                match panes.iter().position(|p| p.start == start && p.end == end) {
+                    Some(i) if !self.merges() => (panes.remove(i), false),
+                    _ => {
+                        // A pane opened after the watermark passed its
+                        // window's end is late from its first firing on.
+                        let mut p = self.new_pane(start, end);
+                        p.on_time_done = wm >= end;
+                        (p, true)
+                    }
+                };
             let add = |acc: &mut Acc| agg.add(acc, &r.key, &r.value, &input);
             if self.merges() {
-                self.merge_overlapping(ctx, &mut panes, &mut pane, wm, add)?;
+                new &= !self.merge_overlapping(ctx, &mut panes, &mut pane, wm, add)?;
             } else {
                 add(&mut pane.acc).map_err(ComputationError::BadRecord)?;
             }
             pane.since_fire += 1;
             pane.first_at.get_or_insert(now);
             self.arm(ctx, &pane);
-            self.maybe_fire(ctx, &mut pane);
+            if new && pane.on_time_done {
+                // A window first seen after the watermark passed its end
+                // owes its end-of-window firing: it fires now, as a late
+                // pane, whatever the late trigger (Beam's watermark trigger
+                // does the same); the late trigger starts afresh after it.
+                self.fire(ctx, &mut pane, Timing::Late);
+                pane.step = 0;
+            } else {
+                self.maybe_fire(ctx, &mut pane);
+            }
             let at = panes.partition_point(|p| (p.start, p.end) < (pane.start, pane.end));
             panes.insert(at, pane);
         }

@@ -351,12 +351,6 @@ impl ShardRt {
         self.input_wm
     }
 
-    /// Moves the input watermark to `wm` directly (it never moves back):
-    /// for a shard run without upstream shards, as the test harness does.
-    pub fn advance_input_wm(&mut self, wm: EventTime) {
-        self.input_wm = self.input_wm.max(wm);
-    }
-
     /// Upstream shard `pos` reported watermark `wm` and whether it is idle.
     pub fn upstream_watermark(&mut self, pos: usize, wm: EventTime, idle: bool) {
         self.upstream_wm[pos] = self.upstream_wm[pos].max(wm);
@@ -497,6 +491,15 @@ impl ShardRt {
             }
             _ => {}
         }
+        self.checkpoint_watermark(batch);
+        Ok(())
+    }
+
+    /// Writes the output watermark into `batch` if it changed since it was
+    /// last taken ([`ShardRt::take_wm_change`]): consumers are told a
+    /// watermark only after it is committed, and [`ShardRt::restore_watermarks`]
+    /// reads it back at start.
+    pub fn checkpoint_watermark(&self, batch: &mut Batch<'_>) {
         if self.wm_changed {
             batch.put(
                 Cf::Meta,
@@ -504,7 +507,6 @@ impl ShardRt {
                 &self.output_wm.to_be_bytes(),
             );
         }
-        Ok(())
     }
 }
 

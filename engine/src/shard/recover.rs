@@ -14,7 +14,7 @@ use crate::layout::{self, position_key, read_u64, watermark_key};
 use crate::mapkey::FastMap;
 use crate::metrics::NodeMetrics;
 use crate::plan::{Maker, Plan, Sid};
-use crate::record::{now_micros, Envelope, MIN_TIME};
+use crate::record::{now_micros, Envelope, EventTime, MIN_TIME};
 use crate::scope::Clock;
 use crate::shared::InFlight;
 use crate::timers::Timers;
@@ -98,22 +98,6 @@ impl ShardRt {
             .into_iter()
             .map(|(ch, seq)| (ch, InChannel::new(seq)))
             .collect();
-        let upstream_wm = plan
-            .upstream(sid)
-            .iter()
-            .map(|u| {
-                Ok(store
-                    .get(Cf::Meta, &watermark_key(&plan.shards[*u as usize].prefix))?
-                    .as_deref()
-                    .and_then(read_u64)
-                    .map_or(MIN_TIME, |v| v as i64))
-            })
-            .collect::<Result<Vec<_>, EngineError>>()?;
-        let output_wm = store
-            .get(Cf::Meta, &watermark_key(&spec.prefix))?
-            .as_deref()
-            .and_then(read_u64)
-            .map_or(MIN_TIME, |v| v as i64);
         let follows_state = matches!(&body, Body::Compute(c) if c.timers_follow_state());
         let state =
             KeyedState::new(plan.topology.engine.state_cache_keys / node.shards.max(1) as usize);
@@ -125,10 +109,12 @@ impl ShardRt {
         let mut shard = ShardRt::new(sid, spec.node, spec.prefix.clone(), body, state, timers);
         shard.inputs = inputs;
         shard.replay = replayable.then(ReplayLog::default);
-        shard.upstream_idle = vec![false; upstream_wm.len()];
-        shard.upstream_wm = upstream_wm;
-        shard.output_wm = output_wm;
-        shard.recompute_input_wm();
+        let upstream: Vec<&[u8]> = plan
+            .upstream(sid)
+            .iter()
+            .map(|u| plan.shards[*u as usize].prefix.as_slice())
+            .collect();
+        shard.restore_watermarks(store, &upstream)?;
         if follows_state {
             restore_timers(store, &mut shard, metrics, &node.name, &node.ports)?;
         }
@@ -174,6 +160,33 @@ impl ShardRt {
             in_flight.restored(restored as i64);
         }
         Ok(shard)
+    }
+
+    /// Sets the watermarks from what `store` committed: the output
+    /// watermark of each upstream shard (`upstream` holds their key
+    /// prefixes, in the plan's order) and this shard's own, written by
+    /// [`ShardRt::checkpoint_watermark`]; the input watermark follows from
+    /// the upstream ones. None of them is idle until it says so again.
+    pub(crate) fn restore_watermarks(
+        &mut self,
+        store: &Store,
+        upstream: &[&[u8]],
+    ) -> Result<(), EngineError> {
+        let committed = |prefix: &[u8]| -> Result<EventTime, EngineError> {
+            Ok(store
+                .get(Cf::Meta, &watermark_key(prefix))?
+                .as_deref()
+                .and_then(read_u64)
+                .map_or(MIN_TIME, |v| v as i64))
+        };
+        self.upstream_wm = upstream
+            .iter()
+            .map(|p| committed(p))
+            .collect::<Result<_, _>>()?;
+        self.upstream_idle = vec![false; upstream.len()];
+        self.output_wm = committed(&self.prefix)?;
+        self.recompute_input_wm();
+        Ok(())
     }
 }
 
