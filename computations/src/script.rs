@@ -26,15 +26,24 @@
 //! What a script emits leaves as is when it is a string, as JSON otherwise.
 //! State is stored as a version byte and JSON. Scripts cannot read files,
 //! use the network or start processes (Rhai has no such functions, and
-//! modules are compiled out); `eval` is disabled.
+//! modules are compiled out); `eval` and `this` are disabled.
+//!
+//! Every call is bounded ([`limits`]): operations, memory, string, array
+//! and map sizes, the nesting of values, call depth, and what it emits. A
+//! call past a limit fails as any other, with the limit's key and the
+//! script's line in its message.
+
+pub(crate) mod limits;
+pub(crate) mod memory;
 
 use bytes::Bytes;
+use limits::{check_depth, Limits, MAX_DEPTH_CEILING};
 use millrace_config::{Component, ConfigError, HumanDuration};
 use millrace_engine::{
     per_shard, Computation, ComputationError, Context, Record, Registry, TimeDomain, Timer,
 };
 use parking_lot::Mutex;
-use rhai::{Dynamic, Engine, EvalAltResult, Scope, AST};
+use rhai::{Dynamic, Engine, EvalAltResult, Position, Scope, AST};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -51,13 +60,18 @@ struct Options {
     outputs: Vec<String>,
     /// Operations one call may run before it is stopped (an error).
     max_operations: Option<u64>,
+    /// The other limits of one call (see [`limits`]).
+    max_memory_bytes: Option<u64>,
+    max_string_bytes: Option<usize>,
+    max_array_len: Option<usize>,
+    max_map_len: Option<usize>,
+    max_depth: Option<usize>,
+    max_emits: Option<usize>,
+    max_emit_bytes: Option<usize>,
     /// A key whose state is untouched for this long, in event time, has
     /// `on_expire` called (if defined) and its state cleared.
     state_ttl: Option<HumanDuration>,
 }
-
-/// Default operation budget of one call.
-pub(crate) const DEFAULT_MAX_OPERATIONS: u64 = 1_000_000;
 
 /// First byte of a stored state: its encoding. 1: JSON; 2 (with
 /// `state_ttl`): the event time the key was last touched (i64,
@@ -74,7 +88,7 @@ const TTL_TAG: &[u8] = b"\0ttl";
 struct Spec {
     ast: AST,
     outputs: Vec<String>,
-    max_operations: u64,
+    limits: Limits,
     ttl: Option<i64>,
     has_on_timer: bool,
     has_on_expire: bool,
@@ -89,6 +103,8 @@ struct Call {
     state: Dynamic,
     state_changed: bool,
     emits: Vec<Emitted>,
+    /// Bytes of the keys and values in `emits`.
+    emitted_bytes: usize,
     timers: Vec<TimerOp>,
     watermark: i64,
     now: i64,
@@ -204,30 +220,29 @@ fn fail<T>(msg: impl Into<String>) -> RhaiResult<T> {
 
 /// An engine without host functions, bounded and sandboxed: for scripts
 /// that only compute (a user's aggregate).
-pub(crate) fn sandbox(max_operations: u64) -> Engine {
-    engine(None, Vec::new(), max_operations)
+pub(crate) fn sandbox(limits: &Limits) -> Engine {
+    engine(None, Vec::new(), limits)
 }
 
 /// An engine with the host functions, bounded and sandboxed.
-fn engine(call: Option<Shared>, outputs: Vec<String>, max_operations: u64) -> Engine {
+fn engine(call: Option<Shared>, outputs: Vec<String>, limits: &Limits) -> Engine {
     let mut e = Engine::new();
-    e.set_max_operations(max_operations);
-    e.set_max_call_levels(64);
-    e.set_max_expr_depths(128, 64);
-    e.set_max_string_size(8 << 20);
-    e.set_max_array_size(1 << 20);
-    e.set_max_map_size(1 << 20);
-    e.disable_symbol("eval");
+    limits.bound(&mut e);
     e.on_print(|s| tracing::info!(target: "millrace::script", "{s}"));
     e.on_debug(|s, _, pos| tracing::debug!(target: "millrace::script", %pos, "{s}"));
     let Some(call) = call else { return e };
     let c = Arc::clone(&call);
     e.register_fn("state", move || c.lock().state.clone());
     let c = Arc::clone(&call);
-    e.register_fn("set_state", move |v: Dynamic| {
+    let depth = limits.depth;
+    e.register_fn("set_state", move |v: Dynamic| -> RhaiResult<()> {
+        // Refused here, the state stays readable: JSON reads back only so
+        // deep.
+        check_depth(&v, depth, "set_state")?;
         let mut g = c.lock();
         g.state = v;
         g.state_changed = true;
+        Ok(())
     });
     let c = Arc::clone(&call);
     e.register_fn("clear_state", move || {
@@ -241,6 +256,7 @@ fn engine(call: Option<Shared>, outputs: Vec<String>, max_operations: u64) -> En
     e.register_fn("watermark", move || c.lock().watermark);
     let c = Arc::clone(&call);
     e.register_fn("now", move || c.lock().now);
+    let (max_emits, max_emit_bytes) = (limits.emits, limits.emit_bytes);
     let emit = {
         let call = Arc::clone(&call);
         Arc::new(
@@ -264,7 +280,20 @@ fn engine(call: Option<Shared>, outputs: Vec<String>, max_operations: u64) -> En
                         ));
                     }
                 }
+                if g.emits.len() >= max_emits {
+                    return fail(format!(
+                        "emit: the call emitted more than {max_emits} records (max_emits)"
+                    ));
+                }
+                check_depth(&k, depth, "emit")?;
+                check_depth(&v, depth, "emit")?;
                 let (key, value) = (bytes_of(&k)?, bytes_of(&v)?);
+                g.emitted_bytes = g.emitted_bytes.saturating_add(key.len() + value.len());
+                if g.emitted_bytes > max_emit_bytes {
+                    return fail(format!(
+                        "emit: the call emitted more than {max_emit_bytes} bytes (max_emit_bytes)"
+                    ));
+                }
                 g.emits.push(Emitted {
                     output,
                     key,
@@ -320,11 +349,7 @@ fn engine(call: Option<Shared>, outputs: Vec<String>, max_operations: u64) -> En
 impl Script {
     fn new(spec: Arc<Spec>) -> Self {
         let call: Shared = Arc::default();
-        let engine = engine(
-            Some(Arc::clone(&call)),
-            spec.outputs.clone(),
-            spec.max_operations,
-        );
+        let engine = engine(Some(Arc::clone(&call)), spec.outputs.clone(), &spec.limits);
         Script {
             spec,
             engine,
@@ -370,6 +395,8 @@ impl Script {
                 ..Call::default()
             };
         }
+        memory::start_call();
+        limits::start_call();
         let result = self
             .engine
             .call_fn::<Dynamic>(&mut self.scope, &self.spec.ast, f, args);
@@ -539,7 +566,9 @@ pub(crate) fn compile_source(
             ))
         }
     };
-    let ast = engine(None, Vec::new(), 0).compile(&source).map_err(|e| {
+    let mut compiler = Engine::new();
+    limits::sandbox_syntax(&mut compiler);
+    let ast = compiler.compile(&source).map_err(|e| {
         let line = e.position().line().map_or(origin.1, |l| origin.1 + l - 1);
         ConfigError::Invalid {
             file: origin.0.clone(),
@@ -551,12 +580,45 @@ pub(crate) fn compile_source(
     Ok(Source { ast, origin, key })
 }
 
-/// Where error `e` of a script from `origin` is, for its message.
+/// Error `e` of a script from `origin`, for its message: `FILE:LINE:` of
+/// where it happened, what happened, and in which function.
 pub(crate) fn locate(origin: &(PathBuf, usize), e: &EvalAltResult) -> String {
     let (file, first) = origin;
-    match e.position().line() {
-        Some(l) => format!("{}:{}: {e}", file.display(), first + l - 1),
-        None => format!("{}: {e}", file.display()),
+    // Calls of script functions wrap the error that stopped them; the
+    // innermost says what and (most closely) where.
+    let (mut at, mut function, mut inner) = (e.position(), None, e);
+    while let EvalAltResult::ErrorInFunctionCall(name, _, err, pos) = inner {
+        if !pos.is_none() {
+            at = *pos;
+        }
+        function = Some(name.as_str());
+        inner = err;
+    }
+    if !inner.position().is_none() {
+        at = inner.position();
+    }
+    let mut what = match inner {
+        EvalAltResult::ErrorTerminated(why, _) | EvalAltResult::ErrorRuntime(why, _) => {
+            why.to_string()
+        }
+        other => strip_position(other.to_string(), other.position()),
+    };
+    if let Some(f) = function.filter(|f| !["process", "on_timer", "on_expire"].contains(f)) {
+        what.push_str(&format!(" (in fn {f})"));
+    }
+    match at.line() {
+        Some(l) => format!("{}:{}: {what}", file.display(), first + l - 1),
+        None => format!("{}: {what}", file.display()),
+    }
+}
+
+/// Rhai's message of an error without the `(line L, position P)` it ends
+/// with (the caller names the line in the topology file instead).
+fn strip_position(text: String, at: Position) -> String {
+    let suffix = format!(" ({at})");
+    match text.strip_suffix(&suffix) {
+        Some(t) if !at.is_none() => t.to_owned(),
+        _ => text,
     }
 }
 
@@ -607,11 +669,45 @@ fn compile(c: &Component, o: &Options) -> Result<Spec, ConfigError> {
         has_on_expire: params("on_expire").is_some(),
         ast,
         outputs: o.outputs.clone(),
-        max_operations: o.max_operations.unwrap_or(DEFAULT_MAX_OPERATIONS),
+        limits: limits_of(c, o)?,
         ttl: o
             .state_ttl
             .map(|d| i64::try_from(d.0.as_micros()).unwrap_or(i64::MAX)),
         origin,
+    })
+}
+
+/// The limits the options set, or which one is wrong.
+fn limits_of(c: &Component, o: &Options) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let positive = |key: &str, v: Option<u64>| match v {
+        Some(0) => Err(c.options.error(Some(key), "must be at least 1")),
+        _ => Ok(()),
+    };
+    let wide = |v: Option<usize>| v.map(|v| v as u64);
+    positive("max_operations", o.max_operations)?;
+    positive("max_memory_bytes", o.max_memory_bytes)?;
+    positive("max_string_bytes", wide(o.max_string_bytes))?;
+    positive("max_array_len", wide(o.max_array_len))?;
+    positive("max_map_len", wide(o.max_map_len))?;
+    positive("max_depth", wide(o.max_depth))?;
+    positive("max_emits", wide(o.max_emits))?;
+    positive("max_emit_bytes", wide(o.max_emit_bytes))?;
+    if o.max_depth.is_some_and(|d| d > MAX_DEPTH_CEILING) {
+        return Err(c.options.error(
+            Some("max_depth"),
+            format!("at most {MAX_DEPTH_CEILING}: stored values must read back as JSON"),
+        ));
+    }
+    Ok(Limits {
+        operations: o.max_operations.unwrap_or(d.operations),
+        memory_bytes: o.max_memory_bytes.unwrap_or(d.memory_bytes),
+        string_bytes: o.max_string_bytes.unwrap_or(d.string_bytes),
+        array_len: o.max_array_len.unwrap_or(d.array_len),
+        map_len: o.max_map_len.unwrap_or(d.map_len),
+        depth: o.max_depth.unwrap_or(d.depth),
+        emits: o.max_emits.unwrap_or(d.emits),
+        emit_bytes: o.max_emit_bytes.unwrap_or(d.emit_bytes),
     })
 }
 
@@ -637,11 +733,6 @@ pub(crate) fn register(r: &mut Registry) {
                     format!("`{name}` cannot be a named output"),
                 ));
             }
-        }
-        if o.max_operations == Some(0) {
-            return Err(c
-                .options
-                .error(Some("max_operations"), "must be at least 1"));
         }
         let spec = compile(c, &o)?;
         Ok(per_shard(Script::new(Arc::new(spec))))
@@ -682,5 +773,172 @@ mod tests {
         assert!(value_in(br#"{"k":1}"#).is_map());
         assert_eq!(text(&Dynamic::from("a")).unwrap(), "a");
         assert_eq!(text(&Dynamic::from(3_i64)).unwrap(), "3");
+    }
+
+    use crate::test_support::{computation, values};
+    use millrace_engine::testing::Harness;
+
+    /// A running count per key that fails, after changing everything it
+    /// can, on the value `boom`.
+    const COUNT_THEN_FAIL: &str = r#"
+script = """
+fn process(key, value, ts, input) {
+    let n = (state() ?? 0) + 1;
+    set_state(n);
+    emit(key, n);
+    emit_to("side", key, n);
+    set_timer("t", "event", ts + 100);
+    if value == "boom" { throw "boom"; }
+}
+fn on_timer(key, tag, time, domain) { emit_to("side", key, "timer"); }
+"""
+outputs = ["side"]
+"#;
+
+    fn bad_record(r: Result<Vec<millrace_engine::testing::Output>, ComputationError>) -> String {
+        match r {
+            Err(ComputationError::BadRecord(why)) => why,
+            other => panic!("expected a bad record, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_failing_call_keeps_none_of_the_state_emits_and_timers_it_set() {
+        let dir = tempfile::tempdir().expect("dir");
+        let c = computation("script", COUNT_THEN_FAIL).expect("options");
+        let mut h = Harness::open(dir.path(), c, &["side"]).expect("harness");
+        assert_eq!(values(h.process("k", "a", 0).unwrap()), ["1", "1"]);
+        let why = bad_record(h.process("k", "boom", 1));
+        assert!(why.contains("boom"), "{why}");
+        assert_eq!(h.pending_timers(), 1, "only the first call's timer");
+        // The failed call's set_state(2) is gone: the count goes on from 1.
+        assert_eq!(values(h.process("k", "a", 2).unwrap()), ["2", "2"]);
+        // One timer (tag "t"), moved by the last good call to 102.
+        assert!(h.advance_watermark(101).unwrap().is_empty());
+        assert_eq!(values(h.advance_watermark(103).unwrap()), ["timer"]);
+    }
+
+    /// A value nested 161 deep built without a variable holding it (each
+    /// level a function's return value): only set_state sees it whole.
+    const DEEP_STATE: &str = r#"
+script = """
+fn nest(n) { if n == 0 { [] } else { [[[[[[[[nest(n - 1)]]]]]]]] } }
+fn process(key, value, ts, input) {
+    if value == "deep" { set_state(nest(20)); }
+    let n = state() ?? 0;
+    if type_of(n) == "i64" { set_state(n + 1); }
+    emit(key, state());
+}
+"""
+"#;
+
+    #[test]
+    fn a_state_too_deep_to_read_back_is_refused_at_set_state() {
+        let dir = tempfile::tempdir().expect("dir");
+        let c = computation("script", DEEP_STATE).expect("options");
+        let mut h = Harness::open(dir.path(), c, &[]).expect("harness");
+        assert_eq!(values(h.process("k", "n", 0).unwrap()), ["1"]);
+        let why = bad_record(h.process("k", "deep", 1));
+        assert!(why.contains("nested"), "{why}");
+        assert!(why.contains("t.toml:"), "names where: {why}");
+        // The state is still 1, readable, and the key goes on.
+        assert_eq!(values(h.process("k", "n", 2).unwrap()), ["2"]);
+        assert_eq!(h.state(b"k").unwrap().map(|s| s[0]), Some(STATE_INT));
+    }
+
+    /// Each call reads its limit from the value: `emits N`, `bytes N`,
+    /// `memory N` (KiB), `depth N`.
+    const GREEDY: &str = r#"
+max_emits = 10
+max_emit_bytes = 1000
+max_memory_bytes = 1048576
+max_depth = 5
+script = """
+fn process(key, value, ts, input) {
+    let what = value.split(" ");
+    let n = parse_int(what[1]);
+    set_state(n);
+    if what[0] == "emits" { for i in 0..n { emit(key, i); } }
+    if what[0] == "bytes" { let s = ""; s.pad(n, "x"); emit(key, s); emit(key, s); }
+    if what[0] == "memory" { let s = ""; s.pad(1024, "x"); let m = []; for i in 0..n { m.push(s + i); } }
+    if what[0] == "depth" { let a = []; for i in 0..n { a = [a]; } }
+}
+"""
+"#;
+
+    #[test]
+    fn each_limit_stops_a_call_one_step_past_it_and_changes_nothing() {
+        let dir = tempfile::tempdir().expect("dir");
+        let c = computation("script", GREEDY).expect("options");
+        let mut h = Harness::open(dir.path(), c, &[]).expect("harness");
+        for (ok, over, why) in [
+            ("emits 10", "emits 11", "more than 10 records (max_emits)"),
+            (
+                "bytes 499",
+                "bytes 500",
+                "more than 1000 bytes (max_emit_bytes)",
+            ),
+            (
+                "memory 500",
+                "memory 1100",
+                "more than 1048576 bytes of memory (max_memory_bytes)",
+            ),
+            ("depth 5", "depth 7", "nested more than 5 deep (max_depth)"),
+        ] {
+            h.process("k", ok, 0)
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
+            let before = h.state(b"k").unwrap();
+            let err = bad_record(h.process("k", over, 0));
+            assert!(err.contains(why), "{over}: {err}");
+            // The snippet's lines follow the six of the topology before it.
+            let kind = over.split(' ').next().expect("kind");
+            let at = GREEDY
+                .lines()
+                .position(|l| l.contains(&format!("what[0] == \"{kind}\"")))
+                .expect("its line");
+            assert!(
+                err.starts_with(&format!("t.toml:{}: ", at + 7)),
+                "{over}: {err}"
+            );
+            assert_eq!(h.state(b"k").unwrap(), before, "{over}");
+        }
+    }
+
+    #[test]
+    fn limits_are_checked_when_the_topology_is_loaded() {
+        let err = |options: &str| match computation("script", options) {
+            Ok(_) => panic!("accepted: {options}"),
+            Err(e) => e.to_string(),
+        };
+        let script = "script = \"fn process(k, v, t, i) { }\"";
+        for key in [
+            "max_operations",
+            "max_memory_bytes",
+            "max_emits",
+            "max_depth",
+        ] {
+            let e = err(&format!("{key} = 0\n{script}"));
+            assert!(e.contains(key) && e.contains("at least 1"), "{e}");
+        }
+        let e = err(&format!("max_depth = 101\n{script}"));
+        assert!(e.contains("at most 100"), "{e}");
+        let e = err("script = \"fn process(k, v, t, i) { this }\"");
+        assert!(e.contains("t.toml:"), "{e}");
+    }
+
+    #[test]
+    fn a_limit_error_names_the_line_inside_a_function_it_happened_in() {
+        let origin = (PathBuf::from("t.toml"), 10);
+        let engine = sandbox(&Limits::with_operations(Some(1000)));
+        let ast = engine
+            .compile("fn spin() {\n  let n = 0; loop { n += 1; }\n}\nfn process() { spin() }")
+            .expect("compiles");
+        let e = engine
+            .call_fn::<Dynamic>(&mut Scope::new(), &ast, "process", ())
+            .unwrap_err();
+        assert_eq!(
+            locate(&origin, &e),
+            "t.toml:11: Too many operations: more than 1000 (max_operations) (in fn spin)"
+        );
     }
 }
