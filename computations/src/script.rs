@@ -35,6 +35,8 @@
 
 pub(crate) mod limits;
 pub(crate) mod memory;
+mod source;
+mod values;
 
 use bytes::Bytes;
 use limits::{check_depth, Limits, MAX_DEPTH_CEILING};
@@ -43,10 +45,15 @@ use millrace_engine::{
     per_shard, Computation, ComputationError, Context, Record, Registry, TimeDomain, Timer,
 };
 use parking_lot::Mutex;
-use rhai::{Dynamic, Engine, EvalAltResult, Position, Scope, AST};
+use rhai::{Dynamic, Engine, EvalAltResult, Scope, AST};
 use serde::Deserialize;
+pub(crate) use source::{compile_source, locate, Source};
 use std::path::PathBuf;
 use std::sync::Arc;
+#[cfg(test)]
+use values::STATE_INT;
+use values::{bytes_of, decode_state, encode_state};
+pub(crate) use values::{text, value_in};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,14 +79,6 @@ struct Options {
     /// `on_expire` called (if defined) and its state cleared.
     state_ttl: Option<HumanDuration>,
 }
-
-/// First byte of a stored state: its encoding. 1: JSON; 2 (with
-/// `state_ttl`): the event time the key was last touched (i64,
-/// little-endian), then JSON; 3: an integer (i64, little-endian), the
-/// commonest state, without JSON.
-const STATE_JSON: u8 = 1;
-const STATE_TOUCHED_JSON: u8 = 2;
-const STATE_INT: u8 = 3;
 
 /// The timer tag of the state's expiry (user tags cannot start with NUL).
 const TTL_TAG: &[u8] = b"\0ttl";
@@ -143,73 +142,6 @@ impl Clone for Script {
     fn clone(&self) -> Self {
         Script::new(Arc::clone(&self.spec))
     }
-}
-
-pub(crate) fn text(v: &Dynamic) -> Result<String, String> {
-    if let Some(s) = v.clone().try_cast::<rhai::ImmutableString>() {
-        return Ok(s.to_string());
-    }
-    serde_json::to_string(v).map_err(|e| format!("cannot write {} as JSON: {e}", v.type_name()))
-}
-
-fn bytes_of(v: &Dynamic) -> Result<Bytes, String> {
-    text(v).map(Bytes::from)
-}
-
-/// A record's value as the script sees it: parsed JSON, or a string.
-pub(crate) fn value_in(v: &[u8]) -> Dynamic {
-    // The common case first: a plain integer (what `count` emits).
-    if !v.is_empty() && v.len() <= 18 && v.iter().all(u8::is_ascii_digit) {
-        if let Some(n) = std::str::from_utf8(v)
-            .ok()
-            .and_then(|t| t.parse::<i64>().ok())
-        {
-            return Dynamic::from(n);
-        }
-    }
-    match serde_json::from_slice::<serde_json::Value>(v) {
-        Ok(json) => rhai::serde::to_dynamic(json).unwrap_or(Dynamic::UNIT),
-        Err(_) => Dynamic::from(String::from_utf8_lossy(v).into_owned()),
-    }
-}
-
-/// A stored state and, with `state_ttl`, when its key was last touched.
-fn decode_state(b: &[u8]) -> Result<(Dynamic, Option<i64>), String> {
-    let (touched, json) = match b.split_first() {
-        Some((&STATE_INT, n)) => {
-            let n = i64::from_le_bytes(n.try_into().map_err(|_| "stored state: integer")?);
-            return Ok((Dynamic::from(n), None));
-        }
-        Some((&STATE_JSON, json)) => (None, json),
-        Some((&STATE_TOUCHED_JSON, rest)) if rest.len() >= 8 => {
-            let (t, json) = rest.split_at(8);
-            let t = i64::from_le_bytes(t.try_into().map_err(|_| "stored state: touch time")?);
-            (Some(t), json)
-        }
-        _ => return Err("stored state has an unknown encoding".into()),
-    };
-    let v: serde_json::Value =
-        serde_json::from_slice(json).map_err(|e| format!("stored state: {e}"))?;
-    let v = rhai::serde::to_dynamic(v).map_err(|e| format!("stored state: {e}"))?;
-    Ok((v, touched))
-}
-
-fn encode_state(v: &Dynamic, touched: Option<i64>) -> Result<Vec<u8>, String> {
-    if let (None, Ok(n)) = (touched, v.as_int()) {
-        let mut out = vec![STATE_INT];
-        out.extend_from_slice(&n.to_le_bytes());
-        return Ok(out);
-    }
-    let mut out = match touched {
-        None => vec![STATE_JSON],
-        Some(t) => {
-            let mut out = vec![STATE_TOUCHED_JSON];
-            out.extend_from_slice(&t.to_le_bytes());
-            out
-        }
-    };
-    serde_json::to_writer(&mut out, v).map_err(|e| format!("cannot store the state: {e}"))?;
-    Ok(out)
 }
 
 type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
@@ -523,105 +455,6 @@ impl Computation for Script {
     }
 }
 
-/// A compiled script and where its text came from: `FILE:LINE` of its
-/// first line, and the option that holds it (for error messages).
-pub(crate) struct Source {
-    pub ast: AST,
-    pub origin: (PathBuf, usize),
-    pub key: &'static str,
-}
-
-/// Reads the script of component `c` from `script` (inline) or
-/// `script_file` (beside the topology file) and compiles it, or says where
-/// it is wrong.
-pub(crate) fn compile_source(
-    c: &Component,
-    script: Option<&String>,
-    script_file: Option<&PathBuf>,
-) -> Result<Source, ConfigError> {
-    let (source, origin, key) = match (script, script_file) {
-        (Some(s), None) => {
-            // A multi-line string starts on the line after `script = """`.
-            let first = c.options.line_of("script") + usize::from(!s.is_empty());
-            (s.clone(), (c.options.file().to_path_buf(), first), "script")
-        }
-        (None, Some(f)) => {
-            let path = c
-                .options
-                .file()
-                .parent()
-                .map_or_else(|| f.clone(), |d| d.join(f));
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                c.options.error(
-                    Some("script_file"),
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?;
-            (text, (path, 1), "script_file")
-        }
-        _ => {
-            return Err(c.options.error(
-                None,
-                "a script needs `script` (the code) or `script_file` (a file of it), not both",
-            ))
-        }
-    };
-    let mut compiler = Engine::new();
-    limits::sandbox_syntax(&mut compiler);
-    let ast = compiler.compile(&source).map_err(|e| {
-        let line = e.position().line().map_or(origin.1, |l| origin.1 + l - 1);
-        ConfigError::Invalid {
-            file: origin.0.clone(),
-            line,
-            key: c.options.path_of(key),
-            message: format!("{}", e.err_type()),
-        }
-    })?;
-    Ok(Source { ast, origin, key })
-}
-
-/// Error `e` of a script from `origin`, for its message: `FILE:LINE:` of
-/// where it happened, what happened, and in which function.
-pub(crate) fn locate(origin: &(PathBuf, usize), e: &EvalAltResult) -> String {
-    let (file, first) = origin;
-    // Calls of script functions wrap the error that stopped them; the
-    // innermost says what and (most closely) where.
-    let (mut at, mut function, mut inner) = (e.position(), None, e);
-    while let EvalAltResult::ErrorInFunctionCall(name, _, err, pos) = inner {
-        if !pos.is_none() {
-            at = *pos;
-        }
-        function = Some(name.as_str());
-        inner = err;
-    }
-    if !inner.position().is_none() {
-        at = inner.position();
-    }
-    let mut what = match inner {
-        EvalAltResult::ErrorTerminated(why, _) | EvalAltResult::ErrorRuntime(why, _) => {
-            why.to_string()
-        }
-        other => strip_position(other.to_string(), other.position()),
-    };
-    if let Some(f) = function.filter(|f| !["process", "on_timer", "on_expire"].contains(f)) {
-        what.push_str(&format!(" (in fn {f})"));
-    }
-    match at.line() {
-        Some(l) => format!("{}:{}: {what}", file.display(), first + l - 1),
-        None => format!("{}: {what}", file.display()),
-    }
-}
-
-/// Rhai's message of an error without the `(line L, position P)` it ends
-/// with (the caller names the line in the topology file instead).
-fn strip_position(text: String, at: Position) -> String {
-    let suffix = format!(" ({at})");
-    match text.strip_suffix(&suffix) {
-        Some(t) if !at.is_none() => t.to_owned(),
-        _ => text,
-    }
-}
-
 /// Compiles the component's script, or says where it is wrong.
 fn compile(c: &Component, o: &Options) -> Result<Spec, ConfigError> {
     let Source { ast, origin, key } = compile_source(c, o.script.as_ref(), o.script_file.as_ref())?;
@@ -742,38 +575,6 @@ pub(crate) fn register(r: &mut Registry) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn state_survives_its_stored_form() {
-        for json in [
-            r#"{"a":[1,2.5,"x",null],"b":{"c":true}}"#,
-            "7",
-            "-7",
-            r#""s""#,
-        ] {
-            let v =
-                rhai::serde::to_dynamic(serde_json::from_str::<serde_json::Value>(json).unwrap())
-                    .unwrap();
-            for touched in [None, Some(-5)] {
-                let (back, t) = decode_state(&encode_state(&v, touched).unwrap()).unwrap();
-                assert_eq!(serde_json::to_string(&back).unwrap(), json.replace(' ', ""));
-                assert_eq!(t, touched);
-            }
-        }
-        assert!(decode_state(b"\x09{}").is_err());
-    }
-
-    #[test]
-    fn values_arrive_as_json_or_text() {
-        assert_eq!(value_in(b"12").as_int(), Ok(12));
-        assert_eq!(
-            value_in(b"hello world").into_string().unwrap(),
-            "hello world"
-        );
-        assert!(value_in(br#"{"k":1}"#).is_map());
-        assert_eq!(text(&Dynamic::from("a")).unwrap(), "a");
-        assert_eq!(text(&Dynamic::from(3_i64)).unwrap(), "3");
-    }
 
     use crate::test_support::{computation, values};
     use millrace_engine::testing::Harness;
@@ -924,21 +725,5 @@ fn process(key, value, ts, input) {
         assert!(e.contains("at most 100"), "{e}");
         let e = err("script = \"fn process(k, v, t, i) { this }\"");
         assert!(e.contains("t.toml:"), "{e}");
-    }
-
-    #[test]
-    fn a_limit_error_names_the_line_inside_a_function_it_happened_in() {
-        let origin = (PathBuf::from("t.toml"), 10);
-        let engine = sandbox(&Limits::with_operations(Some(1000)));
-        let ast = engine
-            .compile("fn spin() {\n  let n = 0; loop { n += 1; }\n}\nfn process() { spin() }")
-            .expect("compiles");
-        let e = engine
-            .call_fn::<Dynamic>(&mut Scope::new(), &ast, "process", ())
-            .unwrap_err();
-        assert_eq!(
-            locate(&origin, &e),
-            "t.toml:11: Too many operations: more than 1000 (max_operations) (in fn spin)"
-        );
     }
 }
