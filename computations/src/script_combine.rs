@@ -12,7 +12,9 @@
 //! An accumulator is any value the language has that JSON can hold (numbers,
 //! strings, arrays, maps); it is stored as JSON in the key's state. The
 //! functions compute only: they cannot emit, read state or set timers, and
-//! each call has the operation budget `max_operations`. A call that fails
+//! each call has the operation budget `max_operations` and the other
+//! limits of a script at their defaults (`script::limits`; an accumulator
+//! nested deeper than `max_depth` is refused). A call that fails
 //! changes nothing: a failing `add` sends its record to `NAME.errors` with
 //! the message; a failing `extract` emits `null` as the pane's value and
 //! logs the error.
