@@ -407,3 +407,170 @@ fn hashtag_autocompletion_in_sliding_windows() {
     }
     assert_eq!(last, want);
 }
+
+/// Runs `millrace run FILE` to its end within `timeout`, reading the
+/// worker's peak resident memory (`VmHWM`, KiB) from /proc while it runs;
+/// returns whether it succeeded, its log and that peak.
+fn run_to_end_measured(
+    s: &Scratch,
+    topology: &std::path::Path,
+    timeout: Duration,
+) -> (bool, String, u64) {
+    let log = s.path("worker.log");
+    let mut child = millrace()
+        .args([
+            "run",
+            topology.to_str().expect("utf-8 path"),
+            "--http",
+            "off",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn millrace");
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    let mut exit = None;
+    let ended = wait_until(timeout, || {
+        if let Some(kib) = std::fs::read_to_string(&status).ok().and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        }) {
+            peak = peak.max(kib);
+        }
+        exit = child.try_wait().expect("try_wait");
+        exit.is_some()
+    });
+    if !ended {
+        kill9(&mut child);
+        panic!("millrace did not end within {timeout:?}");
+    }
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    // Without its colours: `key=x`, not `key\x1b[0m\x1b[2m=\x1b[0mx`.
+    let mut plain = String::with_capacity(log.len());
+    let mut rest = log.as_str();
+    while let Some(at) = rest.find('\x1b') {
+        plain.push_str(&rest[..at]);
+        rest = rest[at..].find('m').map_or("", |end| &rest[at + end + 1..]);
+    }
+    plain.push_str(rest);
+    let log = plain;
+    (exit.is_some_and(|e| e.success()), log, peak)
+}
+
+/// Scripts that try to exhaust the worker, one per input line (keyed by
+/// the line): each call fails with a limit error naming the script's line,
+/// its record goes to `s.errors`, and the worker goes on and ends.
+#[test]
+fn hostile_scripts_hit_a_limit_with_their_line_and_the_worker_survives() {
+    let s = Scratch::new();
+    let hostile = [
+        // (the line's first word, what the script does, the error it gets)
+        (
+            "map",
+            r#"let s = "x"; s.pad(65536, "y"); let m = #{}; let i = 0; loop { m["k" + i] = s + i; i += 1; }"#,
+            "max_string_bytes",
+        ),
+        (
+            "memory",
+            r#"let s = "x"; s.pad(8000000, "y"); hog(0, s);"#,
+            "max_memory_bytes",
+        ),
+        (
+            "emit",
+            r#"let s = "x"; s.pad(1048576, "y"); loop { emit(key, s); }"#,
+            "max_emit_bytes",
+        ),
+        ("emits", "loop { emit(key, 1); }", "max_emits"),
+        (
+            "deep",
+            "let a = []; for i in 0..200000 { a = [a]; }",
+            "nested",
+        ),
+        (
+            "string",
+            r#"let s = "x"; loop { s += s; }"#,
+            "Length of string too large",
+        ),
+        ("calls", "down(0);", "Stack overflow"),
+        ("ops", "let n = 0; loop { n += 1; }", "Too many operations"),
+    ];
+    let mut script = String::from("fn down(n) { down(n + 1) }\nfn hog(n, s) { let t = s + n; hog(n + 1, t) }\nfn process(key, value, ts, input) {\n    let word = value.split(\" \")[0];\n");
+    for (word, body, _) in &hostile {
+        script.push_str(&format!("    if word == \"{word}\" {{ {body} }}\n"));
+    }
+    script.push_str("    emit(key, value);\n}\n");
+    let input: String = hostile
+        .iter()
+        .map(|(w, ..)| format!("{w} 1\n"))
+        .chain(["ok 2\n".to_owned()])
+        .collect();
+    std::fs::write(s.path("in.txt"), input).expect("write");
+    let toml = format!(
+        r#"[service]
+data_dir = "{{dir}}/data"
+[sources.lines]
+type = "file"
+path = "{{dir}}/in.txt"
+[computations.s]
+type = "script"
+inputs = [{{ from = "lines", key = "value" }}]
+script = """
+{script}"""
+[sinks.out]
+type = "file"
+inputs = ["s"]
+path = "{{dir}}/out.txt"
+format = "text"
+[sinks.errors]
+type = "file"
+inputs = ["s.errors"]
+path = "{{dir}}/errors.txt"
+format = "text"
+"#
+    );
+    let topo = s.write("e.toml", &toml);
+    let (ok, log, peak_kib) = run_to_end_measured(&s, &topo, Duration::from_secs(120));
+    assert!(ok, "{log}");
+    eprintln!("peak resident memory of the worker: {peak_kib} KiB");
+    let sorted = |p: &str| {
+        let mut v = lines(&s.path(p));
+        v.sort();
+        v
+    };
+    assert_eq!(sorted("out.txt"), ["ok 2\tok 2"]);
+    let mut want: Vec<String> = hostile
+        .iter()
+        .map(|(w, ..)| format!("{w} 1\t{w} 1"))
+        .collect();
+    want.sort();
+    assert_eq!(sorted("errors.txt"), want);
+    // Each failure is logged with the computation, the key, and the line
+    // of the topology file its script line is on.
+    for (word, _, why) in &hostile {
+        // The line the limit was hit on (the recursions' in their function).
+        let line = match *word {
+            "calls" => "fn down(n)".to_owned(),
+            "memory" => "fn hog(n, s)".to_owned(),
+            _ => format!("if word == \"{word}\""),
+        };
+        let at = toml
+            .lines()
+            .position(|l| l.contains(&line))
+            .expect("the line")
+            + 1;
+        let logged = log.lines().find(|l| l.contains(&format!("key={word} 1")));
+        let logged = logged.unwrap_or_else(|| panic!("{word}: no log line in {log}"));
+        assert!(logged.contains("component=\"s\""), "{logged}");
+        assert!(
+            logged.contains(&format!("e.toml:{at}:")),
+            "{word} at line {at}: {logged}"
+        );
+        assert!(logged.contains(why), "{word}: {why}: {logged}");
+    }
+    // Every call's memory is bounded (64 MiB by default, 2.5 times that at
+    // most while a call runs): the worker's peak stays far below what the
+    // map and emit loops reach without a bound (gigabytes).
+    assert!(peak_kib < 512 * 1024, "peak {peak_kib} KiB");
+}

@@ -46,6 +46,7 @@ use serde::de::DeserializeOwned;
 pub use aggregate::{parse_aggregate, Acc, Aggregate};
 pub use file_source::FileSource;
 pub use generator::Generator;
+pub use script::memory::MeteredAlloc;
 pub use script::Script;
 pub use script_combine::ScriptCombine;
 pub use sinks::{FileSink, OutputFormat, StdoutSink};

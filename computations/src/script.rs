@@ -26,9 +26,20 @@
 //! What a script emits leaves as is when it is a string, as JSON otherwise.
 //! State is stored as a version byte and JSON. Scripts cannot read files,
 //! use the network or start processes (Rhai has no such functions, and
-//! modules are compiled out); `eval` is disabled.
+//! modules are compiled out); `eval` and `this` are disabled.
+//!
+//! Every call is bounded ([`limits`]): operations, memory, string, array
+//! and map sizes, the nesting of values, call depth, and what it emits. A
+//! call past a limit fails as any other, with the limit's key and the
+//! script's line in its message.
+
+pub(crate) mod limits;
+pub(crate) mod memory;
+mod source;
+mod values;
 
 use bytes::Bytes;
+use limits::{check_depth, Limits, MAX_DEPTH_CEILING};
 use millrace_config::{Component, ConfigError, HumanDuration};
 use millrace_engine::{
     per_shard, Computation, ComputationError, Context, Record, Registry, TimeDomain, Timer,
@@ -36,8 +47,13 @@ use millrace_engine::{
 use parking_lot::Mutex;
 use rhai::{Dynamic, Engine, EvalAltResult, Scope, AST};
 use serde::Deserialize;
+pub(crate) use source::{compile_source, locate, Source};
 use std::path::PathBuf;
 use std::sync::Arc;
+#[cfg(test)]
+use values::STATE_INT;
+use values::{bytes_of, decode_state, encode_state};
+pub(crate) use values::{text, value_in};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,21 +67,18 @@ struct Options {
     outputs: Vec<String>,
     /// Operations one call may run before it is stopped (an error).
     max_operations: Option<u64>,
+    /// The other limits of one call (see [`limits`]).
+    max_memory_bytes: Option<u64>,
+    max_string_bytes: Option<usize>,
+    max_array_len: Option<usize>,
+    max_map_len: Option<usize>,
+    max_depth: Option<usize>,
+    max_emits: Option<usize>,
+    max_emit_bytes: Option<usize>,
     /// A key whose state is untouched for this long, in event time, has
     /// `on_expire` called (if defined) and its state cleared.
     state_ttl: Option<HumanDuration>,
 }
-
-/// Default operation budget of one call.
-pub(crate) const DEFAULT_MAX_OPERATIONS: u64 = 1_000_000;
-
-/// First byte of a stored state: its encoding. 1: JSON; 2 (with
-/// `state_ttl`): the event time the key was last touched (i64,
-/// little-endian), then JSON; 3: an integer (i64, little-endian), the
-/// commonest state, without JSON.
-const STATE_JSON: u8 = 1;
-const STATE_TOUCHED_JSON: u8 = 2;
-const STATE_INT: u8 = 3;
 
 /// The timer tag of the state's expiry (user tags cannot start with NUL).
 const TTL_TAG: &[u8] = b"\0ttl";
@@ -74,7 +87,7 @@ const TTL_TAG: &[u8] = b"\0ttl";
 struct Spec {
     ast: AST,
     outputs: Vec<String>,
-    max_operations: u64,
+    limits: Limits,
     ttl: Option<i64>,
     has_on_timer: bool,
     has_on_expire: bool,
@@ -89,6 +102,8 @@ struct Call {
     state: Dynamic,
     state_changed: bool,
     emits: Vec<Emitted>,
+    /// Bytes of the keys and values in `emits`.
+    emitted_bytes: usize,
     timers: Vec<TimerOp>,
     watermark: i64,
     now: i64,
@@ -129,73 +144,6 @@ impl Clone for Script {
     }
 }
 
-pub(crate) fn text(v: &Dynamic) -> Result<String, String> {
-    if let Some(s) = v.clone().try_cast::<rhai::ImmutableString>() {
-        return Ok(s.to_string());
-    }
-    serde_json::to_string(v).map_err(|e| format!("cannot write {} as JSON: {e}", v.type_name()))
-}
-
-fn bytes_of(v: &Dynamic) -> Result<Bytes, String> {
-    text(v).map(Bytes::from)
-}
-
-/// A record's value as the script sees it: parsed JSON, or a string.
-pub(crate) fn value_in(v: &[u8]) -> Dynamic {
-    // The common case first: a plain integer (what `count` emits).
-    if !v.is_empty() && v.len() <= 18 && v.iter().all(u8::is_ascii_digit) {
-        if let Some(n) = std::str::from_utf8(v)
-            .ok()
-            .and_then(|t| t.parse::<i64>().ok())
-        {
-            return Dynamic::from(n);
-        }
-    }
-    match serde_json::from_slice::<serde_json::Value>(v) {
-        Ok(json) => rhai::serde::to_dynamic(json).unwrap_or(Dynamic::UNIT),
-        Err(_) => Dynamic::from(String::from_utf8_lossy(v).into_owned()),
-    }
-}
-
-/// A stored state and, with `state_ttl`, when its key was last touched.
-fn decode_state(b: &[u8]) -> Result<(Dynamic, Option<i64>), String> {
-    let (touched, json) = match b.split_first() {
-        Some((&STATE_INT, n)) => {
-            let n = i64::from_le_bytes(n.try_into().map_err(|_| "stored state: integer")?);
-            return Ok((Dynamic::from(n), None));
-        }
-        Some((&STATE_JSON, json)) => (None, json),
-        Some((&STATE_TOUCHED_JSON, rest)) if rest.len() >= 8 => {
-            let (t, json) = rest.split_at(8);
-            let t = i64::from_le_bytes(t.try_into().map_err(|_| "stored state: touch time")?);
-            (Some(t), json)
-        }
-        _ => return Err("stored state has an unknown encoding".into()),
-    };
-    let v: serde_json::Value =
-        serde_json::from_slice(json).map_err(|e| format!("stored state: {e}"))?;
-    let v = rhai::serde::to_dynamic(v).map_err(|e| format!("stored state: {e}"))?;
-    Ok((v, touched))
-}
-
-fn encode_state(v: &Dynamic, touched: Option<i64>) -> Result<Vec<u8>, String> {
-    if let (None, Ok(n)) = (touched, v.as_int()) {
-        let mut out = vec![STATE_INT];
-        out.extend_from_slice(&n.to_le_bytes());
-        return Ok(out);
-    }
-    let mut out = match touched {
-        None => vec![STATE_JSON],
-        Some(t) => {
-            let mut out = vec![STATE_TOUCHED_JSON];
-            out.extend_from_slice(&t.to_le_bytes());
-            out
-        }
-    };
-    serde_json::to_writer(&mut out, v).map_err(|e| format!("cannot store the state: {e}"))?;
-    Ok(out)
-}
-
 type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
 fn fail<T>(msg: impl Into<String>) -> RhaiResult<T> {
@@ -204,30 +152,29 @@ fn fail<T>(msg: impl Into<String>) -> RhaiResult<T> {
 
 /// An engine without host functions, bounded and sandboxed: for scripts
 /// that only compute (a user's aggregate).
-pub(crate) fn sandbox(max_operations: u64) -> Engine {
-    engine(None, Vec::new(), max_operations)
+pub(crate) fn sandbox(limits: &Limits) -> Engine {
+    engine(None, Vec::new(), limits)
 }
 
 /// An engine with the host functions, bounded and sandboxed.
-fn engine(call: Option<Shared>, outputs: Vec<String>, max_operations: u64) -> Engine {
+fn engine(call: Option<Shared>, outputs: Vec<String>, limits: &Limits) -> Engine {
     let mut e = Engine::new();
-    e.set_max_operations(max_operations);
-    e.set_max_call_levels(64);
-    e.set_max_expr_depths(128, 64);
-    e.set_max_string_size(8 << 20);
-    e.set_max_array_size(1 << 20);
-    e.set_max_map_size(1 << 20);
-    e.disable_symbol("eval");
+    limits.bound(&mut e);
     e.on_print(|s| tracing::info!(target: "millrace::script", "{s}"));
     e.on_debug(|s, _, pos| tracing::debug!(target: "millrace::script", %pos, "{s}"));
     let Some(call) = call else { return e };
     let c = Arc::clone(&call);
     e.register_fn("state", move || c.lock().state.clone());
     let c = Arc::clone(&call);
-    e.register_fn("set_state", move |v: Dynamic| {
+    let depth = limits.depth;
+    e.register_fn("set_state", move |v: Dynamic| -> RhaiResult<()> {
+        // Refused here, the state stays readable: JSON reads back only so
+        // deep.
+        check_depth(&v, depth, "set_state")?;
         let mut g = c.lock();
         g.state = v;
         g.state_changed = true;
+        Ok(())
     });
     let c = Arc::clone(&call);
     e.register_fn("clear_state", move || {
@@ -241,6 +188,7 @@ fn engine(call: Option<Shared>, outputs: Vec<String>, max_operations: u64) -> En
     e.register_fn("watermark", move || c.lock().watermark);
     let c = Arc::clone(&call);
     e.register_fn("now", move || c.lock().now);
+    let (max_emits, max_emit_bytes) = (limits.emits, limits.emit_bytes);
     let emit = {
         let call = Arc::clone(&call);
         Arc::new(
@@ -264,7 +212,20 @@ fn engine(call: Option<Shared>, outputs: Vec<String>, max_operations: u64) -> En
                         ));
                     }
                 }
+                if g.emits.len() >= max_emits {
+                    return fail(format!(
+                        "emit: the call emitted more than {max_emits} records (max_emits)"
+                    ));
+                }
+                check_depth(&k, depth, "emit")?;
+                check_depth(&v, depth, "emit")?;
                 let (key, value) = (bytes_of(&k)?, bytes_of(&v)?);
+                g.emitted_bytes = g.emitted_bytes.saturating_add(key.len() + value.len());
+                if g.emitted_bytes > max_emit_bytes {
+                    return fail(format!(
+                        "emit: the call emitted more than {max_emit_bytes} bytes (max_emit_bytes)"
+                    ));
+                }
                 g.emits.push(Emitted {
                     output,
                     key,
@@ -320,11 +281,7 @@ fn engine(call: Option<Shared>, outputs: Vec<String>, max_operations: u64) -> En
 impl Script {
     fn new(spec: Arc<Spec>) -> Self {
         let call: Shared = Arc::default();
-        let engine = engine(
-            Some(Arc::clone(&call)),
-            spec.outputs.clone(),
-            spec.max_operations,
-        );
+        let engine = engine(Some(Arc::clone(&call)), spec.outputs.clone(), &spec.limits);
         Script {
             spec,
             engine,
@@ -370,6 +327,8 @@ impl Script {
                 ..Call::default()
             };
         }
+        memory::start_call();
+        limits::start_call();
         let result = self
             .engine
             .call_fn::<Dynamic>(&mut self.scope, &self.spec.ast, f, args);
@@ -496,70 +455,6 @@ impl Computation for Script {
     }
 }
 
-/// A compiled script and where its text came from: `FILE:LINE` of its
-/// first line, and the option that holds it (for error messages).
-pub(crate) struct Source {
-    pub ast: AST,
-    pub origin: (PathBuf, usize),
-    pub key: &'static str,
-}
-
-/// Reads the script of component `c` from `script` (inline) or
-/// `script_file` (beside the topology file) and compiles it, or says where
-/// it is wrong.
-pub(crate) fn compile_source(
-    c: &Component,
-    script: Option<&String>,
-    script_file: Option<&PathBuf>,
-) -> Result<Source, ConfigError> {
-    let (source, origin, key) = match (script, script_file) {
-        (Some(s), None) => {
-            // A multi-line string starts on the line after `script = """`.
-            let first = c.options.line_of("script") + usize::from(!s.is_empty());
-            (s.clone(), (c.options.file().to_path_buf(), first), "script")
-        }
-        (None, Some(f)) => {
-            let path = c
-                .options
-                .file()
-                .parent()
-                .map_or_else(|| f.clone(), |d| d.join(f));
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                c.options.error(
-                    Some("script_file"),
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?;
-            (text, (path, 1), "script_file")
-        }
-        _ => {
-            return Err(c.options.error(
-                None,
-                "a script needs `script` (the code) or `script_file` (a file of it), not both",
-            ))
-        }
-    };
-    let ast = engine(None, Vec::new(), 0).compile(&source).map_err(|e| {
-        let line = e.position().line().map_or(origin.1, |l| origin.1 + l - 1);
-        ConfigError::Invalid {
-            file: origin.0.clone(),
-            line,
-            key: c.options.path_of(key),
-            message: format!("{}", e.err_type()),
-        }
-    })?;
-    Ok(Source { ast, origin, key })
-}
-
-/// Where error `e` of a script from `origin` is, for its message.
-pub(crate) fn locate(origin: &(PathBuf, usize), e: &EvalAltResult) -> String {
-    let (file, first) = origin;
-    match e.position().line() {
-        Some(l) => format!("{}:{}: {e}", file.display(), first + l - 1),
-        None => format!("{}: {e}", file.display()),
-    }
-}
-
 /// Compiles the component's script, or says where it is wrong.
 fn compile(c: &Component, o: &Options) -> Result<Spec, ConfigError> {
     let Source { ast, origin, key } = compile_source(c, o.script.as_ref(), o.script_file.as_ref())?;
@@ -607,11 +502,45 @@ fn compile(c: &Component, o: &Options) -> Result<Spec, ConfigError> {
         has_on_expire: params("on_expire").is_some(),
         ast,
         outputs: o.outputs.clone(),
-        max_operations: o.max_operations.unwrap_or(DEFAULT_MAX_OPERATIONS),
+        limits: limits_of(c, o)?,
         ttl: o
             .state_ttl
             .map(|d| i64::try_from(d.0.as_micros()).unwrap_or(i64::MAX)),
         origin,
+    })
+}
+
+/// The limits the options set, or which one is wrong.
+fn limits_of(c: &Component, o: &Options) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let positive = |key: &str, v: Option<u64>| match v {
+        Some(0) => Err(c.options.error(Some(key), "must be at least 1")),
+        _ => Ok(()),
+    };
+    let wide = |v: Option<usize>| v.map(|v| v as u64);
+    positive("max_operations", o.max_operations)?;
+    positive("max_memory_bytes", o.max_memory_bytes)?;
+    positive("max_string_bytes", wide(o.max_string_bytes))?;
+    positive("max_array_len", wide(o.max_array_len))?;
+    positive("max_map_len", wide(o.max_map_len))?;
+    positive("max_depth", wide(o.max_depth))?;
+    positive("max_emits", wide(o.max_emits))?;
+    positive("max_emit_bytes", wide(o.max_emit_bytes))?;
+    if o.max_depth.is_some_and(|d| d > MAX_DEPTH_CEILING) {
+        return Err(c.options.error(
+            Some("max_depth"),
+            format!("at most {MAX_DEPTH_CEILING}: stored values must read back as JSON"),
+        ));
+    }
+    Ok(Limits {
+        operations: o.max_operations.unwrap_or(d.operations),
+        memory_bytes: o.max_memory_bytes.unwrap_or(d.memory_bytes),
+        string_bytes: o.max_string_bytes.unwrap_or(d.string_bytes),
+        array_len: o.max_array_len.unwrap_or(d.array_len),
+        map_len: o.max_map_len.unwrap_or(d.map_len),
+        depth: o.max_depth.unwrap_or(d.depth),
+        emits: o.max_emits.unwrap_or(d.emits),
+        emit_bytes: o.max_emit_bytes.unwrap_or(d.emit_bytes),
     })
 }
 
@@ -638,11 +567,6 @@ pub(crate) fn register(r: &mut Registry) {
                 ));
             }
         }
-        if o.max_operations == Some(0) {
-            return Err(c
-                .options
-                .error(Some("max_operations"), "must be at least 1"));
-        }
         let spec = compile(c, &o)?;
         Ok(per_shard(Script::new(Arc::new(spec))))
     });
@@ -652,35 +576,154 @@ pub(crate) fn register(r: &mut Registry) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn state_survives_its_stored_form() {
-        for json in [
-            r#"{"a":[1,2.5,"x",null],"b":{"c":true}}"#,
-            "7",
-            "-7",
-            r#""s""#,
-        ] {
-            let v =
-                rhai::serde::to_dynamic(serde_json::from_str::<serde_json::Value>(json).unwrap())
-                    .unwrap();
-            for touched in [None, Some(-5)] {
-                let (back, t) = decode_state(&encode_state(&v, touched).unwrap()).unwrap();
-                assert_eq!(serde_json::to_string(&back).unwrap(), json.replace(' ', ""));
-                assert_eq!(t, touched);
-            }
+    use crate::test_support::{computation, values};
+    use millrace_engine::testing::Harness;
+
+    /// A running count per key that fails, after changing everything it
+    /// can, on the value `boom`.
+    const COUNT_THEN_FAIL: &str = r#"
+script = """
+fn process(key, value, ts, input) {
+    let n = (state() ?? 0) + 1;
+    set_state(n);
+    emit(key, n);
+    emit_to("side", key, n);
+    set_timer("t", "event", ts + 100);
+    if value == "boom" { throw "boom"; }
+}
+fn on_timer(key, tag, time, domain) { emit_to("side", key, "timer"); }
+"""
+outputs = ["side"]
+"#;
+
+    fn bad_record(r: Result<Vec<millrace_engine::testing::Output>, ComputationError>) -> String {
+        match r {
+            Err(ComputationError::BadRecord(why)) => why,
+            other => panic!("expected a bad record, got {other:?}"),
         }
-        assert!(decode_state(b"\x09{}").is_err());
     }
 
     #[test]
-    fn values_arrive_as_json_or_text() {
-        assert_eq!(value_in(b"12").as_int(), Ok(12));
-        assert_eq!(
-            value_in(b"hello world").into_string().unwrap(),
-            "hello world"
-        );
-        assert!(value_in(br#"{"k":1}"#).is_map());
-        assert_eq!(text(&Dynamic::from("a")).unwrap(), "a");
-        assert_eq!(text(&Dynamic::from(3_i64)).unwrap(), "3");
+    fn a_failing_call_keeps_none_of_the_state_emits_and_timers_it_set() {
+        let dir = tempfile::tempdir().expect("dir");
+        let c = computation("script", COUNT_THEN_FAIL).expect("options");
+        let mut h = Harness::open(dir.path(), c, &["side"]).expect("harness");
+        assert_eq!(values(h.process("k", "a", 0).unwrap()), ["1", "1"]);
+        let why = bad_record(h.process("k", "boom", 1));
+        assert!(why.contains("boom"), "{why}");
+        assert_eq!(h.pending_timers(), 1, "only the first call's timer");
+        // The failed call's set_state(2) is gone: the count goes on from 1.
+        assert_eq!(values(h.process("k", "a", 2).unwrap()), ["2", "2"]);
+        // One timer (tag "t"), moved by the last good call to 102.
+        assert!(h.advance_watermark(101).unwrap().is_empty());
+        assert_eq!(values(h.advance_watermark(103).unwrap()), ["timer"]);
+    }
+
+    /// A value nested 161 deep built without a variable holding it (each
+    /// level a function's return value): only set_state sees it whole.
+    const DEEP_STATE: &str = r#"
+script = """
+fn nest(n) { if n == 0 { [] } else { [[[[[[[[nest(n - 1)]]]]]]]] } }
+fn process(key, value, ts, input) {
+    if value == "deep" { set_state(nest(20)); }
+    let n = state() ?? 0;
+    if type_of(n) == "i64" { set_state(n + 1); }
+    emit(key, state());
+}
+"""
+"#;
+
+    #[test]
+    fn a_state_too_deep_to_read_back_is_refused_at_set_state() {
+        let dir = tempfile::tempdir().expect("dir");
+        let c = computation("script", DEEP_STATE).expect("options");
+        let mut h = Harness::open(dir.path(), c, &[]).expect("harness");
+        assert_eq!(values(h.process("k", "n", 0).unwrap()), ["1"]);
+        let why = bad_record(h.process("k", "deep", 1));
+        assert!(why.contains("nested"), "{why}");
+        assert!(why.contains("t.toml:"), "names where: {why}");
+        // The state is still 1, readable, and the key goes on.
+        assert_eq!(values(h.process("k", "n", 2).unwrap()), ["2"]);
+        assert_eq!(h.state(b"k").unwrap().map(|s| s[0]), Some(STATE_INT));
+    }
+
+    /// Each call reads its limit from the value: `emits N`, `bytes N`,
+    /// `memory N` (KiB), `depth N`.
+    const GREEDY: &str = r#"
+max_emits = 10
+max_emit_bytes = 1000
+max_memory_bytes = 1048576
+max_depth = 5
+script = """
+fn process(key, value, ts, input) {
+    let what = value.split(" ");
+    let n = parse_int(what[1]);
+    set_state(n);
+    if what[0] == "emits" { for i in 0..n { emit(key, i); } }
+    if what[0] == "bytes" { let s = ""; s.pad(n, "x"); emit(key, s); emit(key, s); }
+    if what[0] == "memory" { let s = ""; s.pad(1024, "x"); let m = []; for i in 0..n { m.push(s + i); } }
+    if what[0] == "depth" { let a = []; for i in 0..n { a = [a]; } }
+}
+"""
+"#;
+
+    #[test]
+    fn each_limit_stops_a_call_one_step_past_it_and_changes_nothing() {
+        let dir = tempfile::tempdir().expect("dir");
+        let c = computation("script", GREEDY).expect("options");
+        let mut h = Harness::open(dir.path(), c, &[]).expect("harness");
+        for (ok, over, why) in [
+            ("emits 10", "emits 11", "more than 10 records (max_emits)"),
+            (
+                "bytes 499",
+                "bytes 500",
+                "more than 1000 bytes (max_emit_bytes)",
+            ),
+            (
+                "memory 500",
+                "memory 1100",
+                "more than 1048576 bytes of memory (max_memory_bytes)",
+            ),
+            ("depth 5", "depth 7", "nested more than 5 deep (max_depth)"),
+        ] {
+            h.process("k", ok, 0)
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
+            let before = h.state(b"k").unwrap();
+            let err = bad_record(h.process("k", over, 0));
+            assert!(err.contains(why), "{over}: {err}");
+            // The snippet's lines follow the six of the topology before it.
+            let kind = over.split(' ').next().expect("kind");
+            let at = GREEDY
+                .lines()
+                .position(|l| l.contains(&format!("what[0] == \"{kind}\"")))
+                .expect("its line");
+            assert!(
+                err.starts_with(&format!("t.toml:{}: ", at + 7)),
+                "{over}: {err}"
+            );
+            assert_eq!(h.state(b"k").unwrap(), before, "{over}");
+        }
+    }
+
+    #[test]
+    fn limits_are_checked_when_the_topology_is_loaded() {
+        let err = |options: &str| match computation("script", options) {
+            Ok(_) => panic!("accepted: {options}"),
+            Err(e) => e.to_string(),
+        };
+        let script = "script = \"fn process(k, v, t, i) { }\"";
+        for key in [
+            "max_operations",
+            "max_memory_bytes",
+            "max_emits",
+            "max_depth",
+        ] {
+            let e = err(&format!("{key} = 0\n{script}"));
+            assert!(e.contains(key) && e.contains("at least 1"), "{e}");
+        }
+        let e = err(&format!("max_depth = 101\n{script}"));
+        assert!(e.contains("at most 100"), "{e}");
+        let e = err("script = \"fn process(k, v, t, i) { this }\"");
+        assert!(e.contains("t.toml:"), "{e}");
     }
 }

@@ -12,12 +12,15 @@
 //! An accumulator is any value the language has that JSON can hold (numbers,
 //! strings, arrays, maps); it is stored as JSON in the key's state. The
 //! functions compute only: they cannot emit, read state or set timers, and
-//! each call has the operation budget `max_operations`. A call that fails
+//! each call has the operation budget `max_operations` and the other
+//! limits of a script at their defaults (`script::limits`; an accumulator
+//! nested deeper than `max_depth` is refused). A call that fails
 //! changes nothing: a failing `add` sends its record to `NAME.errors` with
 //! the message; a failing `extract` emits `null` as the pane's value and
 //! logs the error.
 
-use crate::script::{compile_source, locate, sandbox, text, value_in, DEFAULT_MAX_OPERATIONS};
+use crate::script::limits::{self, check_depth, Limits};
+use crate::script::{compile_source, locate, memory, sandbox, text, value_in};
 use millrace_config::{Component, ConfigError};
 use rhai::{Dynamic, Engine, Scope, AST};
 use serde_json::Value;
@@ -37,6 +40,8 @@ pub struct ScriptCombine {
     engine: Engine,
     ast: AST,
     origin: (PathBuf, usize),
+    /// How deep an accumulator may nest (`max_depth`).
+    depth: usize,
 }
 
 impl std::fmt::Debug for ScriptCombine {
@@ -82,20 +87,25 @@ impl ScriptCombine {
                 }
             }
         }
+        let limits = Limits::with_operations(max_operations);
         Ok(ScriptCombine {
-            engine: sandbox(max_operations.unwrap_or(DEFAULT_MAX_OPERATIONS)),
+            engine: sandbox(&limits),
+            depth: limits.depth,
             ast: src.ast,
             origin: src.origin,
         })
     }
 
     fn call(&self, name: &str, args: impl rhai::FuncArgs) -> Result<Dynamic, String> {
+        memory::start_call();
+        limits::start_call();
         self.engine
             .call_fn::<Dynamic>(&mut Scope::new(), &self.ast, name, args)
             .map_err(|e| format!("{name}: {}", locate(&self.origin, &e)))
     }
 
     fn stored(&self, name: &str, v: Dynamic) -> Result<Value, String> {
+        check_depth(&v, self.depth, "the accumulator").map_err(|e| format!("{name}: {e}"))?;
         rhai::serde::from_dynamic(&v)
             .map_err(|e| format!("{name}: the accumulator cannot be stored as JSON: {e}"))
     }
