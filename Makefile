@@ -1,5 +1,5 @@
 # millrace: set-up, run, test, bench. RocksDB is Debian's system library
-# (see BUILD notes in README.md); these variables make librocksdb-sys link it.
+# (see docs/development.md, "Building"); these variables make librocksdb-sys link it.
 export ROCKSDB_LIB_DIR ?= /usr/lib/x86_64-linux-gnu
 export ROCKSDB_INCLUDE_DIR ?= /usr/include
 export SNAPPY_LIB_DIR ?= /usr/lib/x86_64-linux-gnu

@@ -107,7 +107,7 @@ pub enum StorageError {
     /// The data directory was written in another format.
     #[error(
         "{path} was written by another millrace version ({what}); nothing was changed. \
-         Run the version that wrote it, or see \"Recovering a data directory\" in the README"
+         Run the version that wrote it, or see \"Recovering a data directory\" in docs/production.md"
     )]
     Format {
         /// Data directory.
@@ -119,7 +119,7 @@ pub enum StorageError {
     /// never taken for a new one: that would drop its state and cut sinks.
     #[error(
         "{path} is damaged: {what}. millrace refused to start on it and did not change it; \
-         see \"Recovering a data directory\" in the README"
+         see \"Recovering a data directory\" in docs/production.md"
     )]
     Damaged {
         /// Data directory.
