@@ -58,9 +58,10 @@
 
 use millrace::config::Topology;
 
-/// The allocator the `millrace` binary uses.
+/// The allocator the `millrace` binary uses: mimalloc, metered for scripts.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: millrace::MeteredAlloc<mimalloc::MiMalloc> =
+    millrace::MeteredAlloc(mimalloc::MiMalloc);
 
 use millrace::engine::{Metrics, Worker, WorkerOptions};
 use std::sync::Arc;

@@ -12,6 +12,12 @@
 use millrace::{per_shard, Computation, ComputationError, Context, Record};
 use std::collections::BTreeSet;
 
+/// The allocator `millrace` itself uses, so that scripts in the topology
+/// are held to their `max_memory_bytes` here too.
+#[global_allocator]
+static GLOBAL: millrace::MeteredAlloc<mimalloc::MiMalloc> =
+    millrace::MeteredAlloc(mimalloc::MiMalloc);
+
 /// Emits each value once per key.
 #[derive(Clone)]
 struct FirstSeen {

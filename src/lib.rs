@@ -20,6 +20,10 @@ mod service;
 
 pub use cli::cli_main;
 pub use millrace_computations::builtins;
+/// The allocator wrapper that lets a script call's `max_memory_bytes` be
+/// enforced: install it as the binary's global allocator, as `millrace`
+/// does (without it, scripts are bounded by their other limits only).
+pub use millrace_computations::MeteredAlloc;
 pub use millrace_config as config;
 pub use millrace_engine as engine;
 pub use millrace_engine::{per_shard, Computation, ComputationError, Context, Record, Registry};
