@@ -2,7 +2,11 @@
 //! with `.loading` appended), marked as a load's by a file of that name, and
 //! renamed into place only once every shard is in. A directory of that
 //! name without the mark is someone else's: it is refused, never removed. A
-//! load that fails removes what it staged.
+//! load that fails removes what it staged. The load holds an exclusive lock
+//! on its mark from start to end, so a second load into the same data
+//! directory (a supervisor restarting a worker still loading) is refused
+//! instead of removing the first one's staging as an unfinished load: only
+//! a mark nobody holds (its load died) is taken for one.
 
 use super::store::io;
 use super::SavepointError;
@@ -15,6 +19,8 @@ pub(super) const OURS: &str = "millrace-loading";
 #[derive(Debug)]
 pub(super) struct Staging {
     dir: PathBuf,
+    /// The mark, locked while the load runs.
+    _mark: std::fs::File,
 }
 
 /// `DATA_DIR.loading`.
@@ -45,6 +51,25 @@ impl Staging {
                     data_dir.display()
                 )));
             }
+            let mark = std::fs::File::open(dir.join(OURS))
+                .map_err(io(format!("opening {}", dir.join(OURS).display())))?;
+            match mark.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(SavepointError::DataDir(format!(
+                        "another load into {} is running (it holds {}): wait for it to \
+                         end, or stop it",
+                        data_dir.display(),
+                        dir.join(OURS).display()
+                    )))
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(SavepointError::Io(format!(
+                        "locking {}: {e}",
+                        dir.join(OURS).display()
+                    )))
+                }
+            }
             std::fs::remove_dir_all(&dir).map_err(io(format!(
                 "removing the unfinished load {}",
                 dir.display()
@@ -55,11 +80,14 @@ impl Staging {
                 .map_err(io(format!("creating {}", parent.display())))?;
         }
         std::fs::create_dir(&dir).map_err(io(format!("creating {}", dir.display())))?;
-        let staging = Staging { dir };
-        std::fs::File::create(staging.dir.join(OURS))
-            .and_then(|f| f.sync_all())
-            .map_err(io(format!("marking {}", staging.dir.display())))?;
-        Ok(staging)
+        let mark = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dir.join(OURS))
+            .and_then(|f| f.lock().map(|()| f))
+            .and_then(|f| f.sync_all().map(|()| f))
+            .map_err(io(format!("marking {}", dir.display())))?;
+        Ok(Staging { dir, _mark: mark })
     }
 
     /// The staging directory.

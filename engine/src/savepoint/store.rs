@@ -76,28 +76,36 @@ impl DirStore {
 
     /// Writes `bytes` whole under a temporary name beside `p` and syncs
     /// them; returns that name.
-    fn write_partial(
-        &self,
-        p: &Path,
-        unique: bool,
-        bytes: &[u8],
-    ) -> Result<PathBuf, SavepointError> {
+    fn write_partial(&self, p: &Path, bytes: &[u8]) -> Result<PathBuf, SavepointError> {
         if let Some(dir) = p.parent() {
             std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         }
         let mut name = p.as_os_str().to_owned();
-        if unique {
-            // Unique to this process and call: two writers never share it.
-            static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            name.push(format!(".{}-{call}", std::process::id()));
-        }
+        // Unique to this process and call: two writers never share it.
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        name.push(format!(".{}-{call}", std::process::id()));
         name.push(PARTIAL);
         let tmp = PathBuf::from(name);
-        std::fs::write(&tmp, bytes).map_err(io(format!("writing {}", tmp.display())))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io(format!("syncing {}", tmp.display())))?;
+        // Created, never opened as found: a link planted at this name (in a
+        // savepoint directory others can write) is removed, not written
+        // through (O_EXCL does not follow it).
+        let create = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+        };
+        let mut file = match create() {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::remove_file(&tmp).and_then(|()| create())
+            }
+            opened => opened,
+        }
+        .map_err(io(format!("creating {}", tmp.display())))?;
+        std::io::Write::write_all(&mut file, bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(io(format!("writing {}", tmp.display())))?;
         Ok(tmp)
     }
 }
@@ -111,7 +119,7 @@ impl SavepointStore for DirStore {
         let p = self.file(path)?;
         // Written whole under another name, then renamed: a reader never
         // sees half a file.
-        let tmp = self.write_partial(&p, false, &bytes)?;
+        let tmp = self.write_partial(&p, &bytes)?;
         std::fs::rename(&tmp, &p).map_err(io(format!("renaming to {}", p.display())))
     }
 
@@ -120,7 +128,7 @@ impl SavepointStore for DirStore {
         // Written whole under a name of this process, then linked to its
         // name, which fails if the name exists: whoever links first wins,
         // and nobody sees half a file.
-        let tmp = self.write_partial(&p, true, &bytes)?;
+        let tmp = self.write_partial(&p, &bytes)?;
         let linked = std::fs::hard_link(&tmp, &p);
         let _ = std::fs::remove_file(&tmp);
         match linked {
@@ -132,9 +140,11 @@ impl SavepointStore for DirStore {
 
     fn get(&self, path: &str) -> Result<Option<Vec<u8>>, SavepointError> {
         let p = self.file(path)?;
-        // A name inside the savepoint may still be a link out of it.
-        let inside = match (p.canonicalize(), self.root.canonicalize()) {
-            (Ok(real), Ok(root)) => real.starts_with(root),
+        // A name inside the savepoint may still be a link out of it. What is
+        // read is the path checked, with every link resolved, so a link
+        // swapped in after the check is not followed.
+        let (real, root) = match (p.canonicalize(), self.root.canonicalize()) {
+            (Ok(real), Ok(root)) => (real, root),
             (Err(e), _) | (_, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(None)
             }
@@ -142,14 +152,21 @@ impl SavepointStore for DirStore {
                 return Err(SavepointError::Io(format!("reading {}: {e}", p.display())))
             }
         };
-        if !inside {
+        if !real.starts_with(&root) {
             return Err(SavepointError::Refused(format!(
                 "{} leads out of the savepoint {} (a symbolic link): refused",
                 p.display(),
                 self.root.display()
             )));
         }
-        match std::fs::read(&p) {
+        // Only a regular file: a FIFO would hang the load.
+        if std::fs::metadata(&real).is_ok_and(|m| !m.is_file()) {
+            return Err(SavepointError::Refused(format!(
+                "{} is not a regular file: refused",
+                p.display()
+            )));
+        }
+        match std::fs::read(&real) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(SavepointError::Io(format!("reading {}: {e}", p.display()))),

@@ -518,3 +518,75 @@ fn a_refused_load_leaves_neither_data_nor_staging_directory() {
         "no staging directory"
     );
 }
+
+#[test]
+fn a_second_load_into_a_data_directory_being_loaded_is_refused_and_the_first_kept() {
+    let t = tempfile::tempdir().expect("tmp");
+    let data = t.path().join("dd");
+    let first = staging::Staging::begin(&data).expect("the first load stages");
+    std::fs::write(first.dir().join("000001.sst"), "loading").expect("staged file");
+    let why = match staging::Staging::begin(&data) {
+        Err(e @ SavepointError::DataDir(_)) => e.to_string(),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert!(why.contains("another load"), "{why}");
+    assert!(
+        first.dir().join("000001.sst").exists(),
+        "the running load's staging is kept"
+    );
+    // Once the first is gone (its process died), its staging is an
+    // unfinished load, removed by the next.
+    let dir = first.dir().to_owned();
+    drop(first);
+    let second = staging::Staging::begin(&data).expect("the next load stages");
+    assert_eq!(second.dir(), dir);
+    assert!(!dir.join("000001.sst").exists());
+}
+
+#[test]
+fn only_regular_files_inside_the_savepoint_are_read() {
+    let t = tempfile::tempdir().expect("tmp");
+    let sp = DirStore::new(t.path());
+    let status = std::process::Command::new("mkfifo")
+        .arg(t.path().join("pipe.bin"))
+        .status()
+        .expect("mkfifo");
+    assert!(status.success());
+    let why = refused(sp.get("pipe.bin"));
+    assert!(why.contains("not a regular file"), "{why}");
+    sp.put("plain.bin", b"bytes".to_vec()).expect("put");
+    assert_eq!(sp.get("plain.bin").expect("get"), Some(b"bytes".to_vec()));
+}
+
+#[test]
+fn a_link_planted_at_a_temporary_name_is_never_written_through() {
+    let t = tempfile::tempdir().expect("tmp");
+    let victim = t.path().join("victim");
+    std::fs::write(&victim, "precious").expect("victim");
+    let root = t.path().join("sp");
+    std::fs::create_dir_all(root.join("parts")).expect("mkdir");
+    // Links at every temporary name this process could use first.
+    let pid = std::process::id();
+    for call in 0..1000 {
+        for name in ["savepoint.json", "parts/a.json"] {
+            let link = root.join(format!("{name}.{pid}-{call}.millrace-partial"));
+            std::os::unix::fs::symlink(&victim, link).expect("plant");
+        }
+    }
+    let sp = DirStore::new(&root);
+    assert!(sp.create("savepoint.json", b"{}".to_vec()).expect("create"));
+    sp.put("parts/a.json", b"part".to_vec()).expect("put");
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "precious"
+    );
+    assert_eq!(
+        std::fs::read(root.join("savepoint.json")).expect("read"),
+        b"{}"
+    );
+    assert!(!root.join("savepoint.json").is_symlink());
+    assert_eq!(
+        std::fs::read(root.join("parts/a.json")).expect("read"),
+        b"part"
+    );
+}
