@@ -93,6 +93,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_choice_is_counted_under_the_name_the_setting_spells() {
+        // `millrace_kafka_offset_resets_total{action}`: the README's names.
+        let labels = [
+            OnOffsetReset::Fail,
+            OnOffsetReset::Earliest,
+            OnOffsetReset::Latest,
+        ]
+        .map(OnOffsetReset::label);
+        assert_eq!(labels, ["fail", "earliest", "latest"]);
+    }
+
+    #[test]
     fn fail_stops_and_says_how_to_go_on() {
         let Reset::Stop(why) = decide(OnOffsetReset::Fail, "words", 3, 100, (0, 50)) else {
             panic!("fail stops");
