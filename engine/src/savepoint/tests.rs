@@ -590,3 +590,12 @@ fn a_link_planted_at_a_temporary_name_is_never_written_through() {
         b"part"
     );
 }
+
+#[test]
+fn a_load_into_a_data_directory_whose_parents_do_not_exist_yet_creates_them() {
+    let t = tempfile::tempdir().expect("tmp");
+    let data = t.path().join("not/there/yet/dd");
+    let staging = staging::Staging::begin(&data).expect("stages");
+    assert!(staging.dir().is_dir());
+    assert_eq!(staging.dir(), t.path().join("not/there/yet/dd.loading"));
+}
