@@ -103,11 +103,15 @@ mod tests {
             }
         }
         assert!(decode_state(b"\x09{}").is_err());
+        // A touched state cut short of its time is an error, not a panic.
+        assert!(decode_state(&[STATE_TOUCHED_JSON, 1, 2, 3]).is_err());
     }
 
     #[test]
     fn values_arrive_as_json_or_text() {
         assert_eq!(value_in(b"12").as_int(), Ok(12));
+        // Digits are a number even where JSON would refuse them.
+        assert_eq!(value_in(b"007").as_int(), Ok(7));
         assert_eq!(
             value_in(b"hello world").into_string().unwrap(),
             "hello world"
