@@ -331,6 +331,40 @@ pub trait Sink: Send + 'static {
     fn write_delivered(&mut self, record: &Record, _id: &DeliveryId<'_>) -> Result<(), SinkError> {
         self.write(record)
     }
+
+    /// Whether this sink's writes become durable only when the far side
+    /// acknowledges them, some time after the write returned (Kafka). The
+    /// engine then never waits for them: between turns it asks
+    /// [`Sink::durable`] how far the acknowledgements have come, and only
+    /// then commits a delivery as applied and acknowledges it upstream. A
+    /// crash delivers again what was not durable; the sink skips at its
+    /// restart what it finds written after all (see [`Sink::starting`]).
+    /// [`Sink::flush`] is then not called by the engine. By default `false`.
+    fn defers(&self) -> bool {
+        false
+    }
+
+    /// For a sink that [`defers`](Sink::defers): takes in the
+    /// acknowledgements that came, without waiting for more, and says how
+    /// many of the writes are durable and the position to commit with
+    /// them. An error stops the worker, as a failed flush does.
+    fn durable(&mut self) -> Result<Durable, SinkError> {
+        Err(SinkError {
+            what: "a sink".into(),
+            source: std::io::Error::other("durable() called on a sink that does not defer"),
+        })
+    }
+}
+
+/// How much of a [deferring](Sink::defers) sink's output is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Durable {
+    /// How many writes, counted from [`Sink::open`], are durable: every
+    /// call of [`Sink::write`] and [`Sink::write_delivered`] counts as one,
+    /// whatever it wrote, and a write is durable only with all before it.
+    pub writes: u64,
+    /// The position to commit with them (what [`Sink::open`] gets back).
+    pub position: Vec<u8>,
 }
 
 /// What identifies one delivery to a sink across restarts: the input it came

@@ -10,7 +10,7 @@
 //! | point | where |
 //! | --- | --- |
 //! | `source.sent` | a replayable source's productions were handed to their consumers, before its turn's commit |
-//! | `sink.flushed` | a sink wrote and flushed what it was given, before the commit that records its new position |
+//! | `sink.flushed` | a sink wrote and flushed what it was given (a sink that defers: found writes durable), before the commit that records them |
 //! | `commit.before` | the turn's batch is built, before it is committed |
 //! | `commit.after` | the batch is committed, before acknowledgements and sends go out |
 //! | `release.after` | acknowledgements, productions and watermarks were handed over |

@@ -16,6 +16,8 @@
 mod api;
 #[cfg(test)]
 mod commit_order_tests;
+#[cfg(test)]
+mod deferred_sink_tests;
 mod delivery;
 mod error;
 mod executor;
@@ -46,8 +48,8 @@ mod timers;
 mod worker;
 
 pub use api::{
-    Computation, ComputationError, Context, DeliveryId, Emitter, Sink, SinkError, SinkStart,
-    Source, SourceError, SourcePoll, SourceShard,
+    Computation, ComputationError, Context, DeliveryId, Durable, Emitter, Sink, SinkError,
+    SinkStart, Source, SourceError, SourcePoll, SourceShard,
 };
 pub use delivery::{InChannel, Offer, OutChannel};
 pub use error::EngineError;

@@ -30,9 +30,11 @@
 
 mod awaited;
 mod metrics;
+mod produced;
 mod reset;
 mod sink;
 mod source;
+mod transactions;
 
 use millrace_config::{Component, ConfigError};
 use rdkafka::config::ClientConfig;

@@ -2,10 +2,12 @@
 
 use super::awaited::Awaited;
 use super::metrics::metrics;
+use super::produced::Produced;
+use super::transactions::{Committed, Transactions};
 use super::{Brokers, ClientOptions, PropertyValue, ID_HEADER};
 use crate::sinks::OutputFormat;
 use millrace_config::{Component, ConfigError, HumanDuration};
-use millrace_engine::{health, DeliveryId, Record, Registry, Sink, SinkError, SinkStart};
+use millrace_engine::{health, DeliveryId, Durable, Record, Registry, Sink, SinkError, SinkStart};
 use parking_lot::Mutex;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
@@ -16,6 +18,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Deserialize)]
@@ -29,13 +32,16 @@ struct Options {
     /// `raw` (the record's value, the default) or `jsonl` (`{"key","value","ts"}`).
     #[serde(default = "raw")]
     format: Format,
-    /// How long a flush (every commit) and the read-back at a restart may
-    /// wait for the broker before the worker stops (and is restarted).
+    /// How long a record may wait for the broker's acknowledgement (and
+    /// the read-back at a restart for the broker) before the worker stops
+    /// (and is restarted).
     timeout: Option<HumanDuration>,
-    /// Turns on transactions: one Kafka transaction per commit under this
-    /// `transactional.id`, which must stay the same across restarts and
-    /// moves and belong to no other writer.
+    /// Turns on transactions under this `transactional.id`, which must stay
+    /// the same across restarts and moves and belong to no other writer.
     transactional_id: Option<String>,
+    /// How long a transaction stays open for more records before it is
+    /// committed (off the executor's thread). Default 10ms.
+    transaction_interval: Option<HumanDuration>,
 }
 
 fn raw() -> Format {
@@ -49,12 +55,11 @@ enum Format {
     Jsonl,
 }
 
-/// Delivery reports: the end offset acknowledged in each partition, and the
-/// first failure since the last flush.
-struct SinkContext {
+/// Delivery reports, taken in by whichever thread serves the producer's
+/// events (the executor's, or the transactions' committer in a flush).
+pub(super) struct SinkContext {
     component: String,
-    acked: Mutex<BTreeMap<i32, i64>>,
-    failed: Mutex<Option<String>>,
+    produced: Mutex<Produced>,
 }
 
 impl ClientContext for SinkContext {
@@ -69,16 +74,17 @@ impl ClientContext for SinkContext {
 }
 
 impl ProducerContext for SinkContext {
-    type DeliveryOpaque = ();
+    /// The number of the write that sent the message.
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    fn delivery(&self, result: &DeliveryResult<'_>, write: usize) {
         let m = metrics();
         match result {
             Ok(msg) => {
                 let p = msg.partition();
-                let mut acked = self.acked.lock();
-                let end = acked.entry(p).or_insert(0);
-                *end = (*end).max(msg.offset() + 1);
+                self.produced
+                    .lock()
+                    .acknowledged(write as u64, p, msg.offset());
                 let label = p.to_string();
                 m.records_out
                     .with_label_values(&[&self.component, &label])
@@ -92,7 +98,7 @@ impl ProducerContext for SinkContext {
                 m.errors
                     .with_label_values(&[&self.component, "produce"])
                     .inc();
-                self.failed.lock().get_or_insert_with(|| e.to_string());
+                self.produced.lock().failed(e.to_string());
             }
         }
     }
@@ -117,18 +123,34 @@ pub struct KafkaSink {
     reader_config: ClientConfig,
     format: Format,
     timeout: Duration,
-    /// One Kafka transaction per commit (the `transactional_id` option).
-    transactional: bool,
+    /// With `transactional_id`: how long a transaction stays open.
+    transaction_interval: Option<Duration>,
     /// The shard's epoch and what it applied of each input.
     start: SinkStart,
-    producer: Option<BaseProducer<SinkContext>>,
+    producer: Option<Arc<BaseProducer<SinkContext>>>,
+    /// The open transaction and the commit under way (transactional only).
+    transactions: Option<Transactions>,
     /// The committed position read at the start: where the read-back starts.
     committed: BTreeMap<i32, i64>,
-    /// End offsets of what is written and acknowledged, by partition.
+    /// End offsets of what is durable, by partition.
     ends: BTreeMap<i32, i64>,
     /// Records the read-back found whose deliveries are still to come.
     awaited: Awaited,
+    /// Writes since `open` (each write call counts one).
+    writes: u64,
+    /// Records written while a transaction commits, sent after it.
+    held: Vec<Held>,
     value: Vec<u8>,
+    id: String,
+}
+
+/// A record written while the transaction before its own was committing.
+struct Held {
+    write: u64,
+    key: bytes::Bytes,
+    value: Vec<u8>,
+    timestamp: i64,
+    id: Option<String>,
 }
 
 impl KafkaSink {
@@ -252,20 +274,68 @@ impl KafkaSink {
         Ok(())
     }
 
-    /// Opens the transaction the writes until the next commit go into.
-    fn begin(&self) -> Result<(), SinkError> {
-        self.producer()?.begin_transaction().map_err(|e| {
-            error(
-                format!("kafka sink `{}`", self.component),
-                format!("beginning a transaction: {e}"),
-            )
-        })
-    }
-
     fn producer(&self) -> Result<&BaseProducer<SinkContext>, SinkError> {
         self.producer
-            .as_ref()
+            .as_deref()
             .ok_or_else(|| error(format!("kafka sink `{}`", self.component), "not open"))
+    }
+
+    /// Takes in the acknowledgements that came (and a transaction's commit
+    /// that ended), starts the commit of a transaction open long enough,
+    /// and says how many writes are durable.
+    fn settle(&mut self) -> Result<u64, SinkError> {
+        let what = format!("kafka sink `{}`", self.component);
+        let producer = Arc::clone(
+            self.producer
+                .as_ref()
+                .ok_or_else(|| error(&what, "not open"))?,
+        );
+        producer.poll(Duration::ZERO);
+        let mut cap = u64::MAX;
+        if let Some(t) = &mut self.transactions {
+            match t.poll(self.writes - self.held.len() as u64) {
+                Ok(Some(Committed)) => {
+                    metrics()
+                        .transactions
+                        .with_label_values(&[&self.component])
+                        .inc();
+                    // The next transaction is open: what waited goes into it.
+                    for h in std::mem::take(&mut self.held) {
+                        send(
+                            &producer,
+                            &self.topic,
+                            &self.component,
+                            h.write,
+                            &h.key,
+                            &h.value,
+                            h.timestamp,
+                            h.id.as_deref(),
+                        )?;
+                        t.sent();
+                    }
+                }
+                Ok(None) => {}
+                Err(why) => {
+                    metrics()
+                        .errors
+                        .with_label_values(&[&self.component, "transaction"])
+                        .inc();
+                    health::report(&health_name(&self.component), why.clone());
+                    return Err(error(&what, why));
+                }
+            }
+            cap = t.committed();
+        }
+        let ctx = producer.context();
+        let durable = ctx
+            .produced
+            .lock()
+            .settle(self.writes, cap, &mut self.ends)
+            .map_err(|why| {
+                health::report(&health_name(&self.component), why.clone());
+                error(&what, format!("a record was not acknowledged: {why}"))
+            })?;
+        Ok(durable)
     }
 }
 
@@ -282,16 +352,18 @@ impl Sink for KafkaSink {
         };
         self.ends = self.committed.clone();
         self.awaited = Awaited::default();
+        self.writes = 0;
+        self.held.clear();
+        self.transactions = None;
         let producer: BaseProducer<SinkContext> = self
             .producer_config
             .create_with_context(SinkContext {
                 component: self.component.clone(),
-                acked: Mutex::new(BTreeMap::new()),
-                failed: Mutex::new(None),
+                produced: Mutex::new(Produced::default()),
             })
             .map_err(|e| error(&what, format!("creating the producer: {e}")))?;
-        self.producer = Some(producer);
-        if self.transactional {
+        self.producer = Some(Arc::new(producer));
+        if self.transaction_interval.is_some() {
             // Bumps the producer epoch of the transactional id: the broker
             // aborts what a killed process left open and refuses its requests
             // still in flight, so none can land after the read-back.
@@ -308,77 +380,82 @@ impl Sink for KafkaSink {
         if position.is_some() || self.start.epoch > 1 {
             self.retrying(&what, Self::read_back)?;
         }
-        if self.transactional {
-            self.begin()?;
+        if let Some(interval) = self.transaction_interval {
+            let producer = Arc::clone(
+                self.producer
+                    .as_ref()
+                    .ok_or_else(|| error(&what, "not open"))?,
+            );
+            self.transactions = Some(
+                Transactions::start(producer, &self.component, interval, self.timeout)
+                    .map_err(|e| error(&what, e))?,
+            );
         }
         Ok(())
     }
 
     fn write(&mut self, record: &Record) -> Result<(), SinkError> {
-        self.produce(record, None)
+        self.writes += 1;
+        self.produce(record, false)
     }
 
     fn write_delivered(&mut self, record: &Record, id: &DeliveryId<'_>) -> Result<(), SinkError> {
-        let id = id.to_string();
-        if !self.awaited.is_empty() && self.awaited.take(id.as_bytes()) {
+        use std::fmt::Write as _;
+        self.writes += 1;
+        self.id.clear();
+        let _ = write!(self.id, "{id}");
+        if !self.awaited.is_empty() && self.awaited.take(self.id.as_bytes()) {
             metrics()
                 .duplicates_skipped
                 .with_label_values(&[&self.component])
                 .inc();
             return Ok(());
         }
-        self.produce(record, Some(&id))
+        self.produce(record, true)
     }
 
-    fn flush(&mut self, _sync: bool) -> Result<Vec<u8>, SinkError> {
-        let what = format!("kafka sink `{}`", self.component);
-        let timeout = self.timeout;
-        let producer = self.producer()?;
-        if let Err(e) = producer.flush(timeout) {
-            health::report(&health_name(&self.component), e.to_string());
-            return Err(error(
-                &what,
-                format!("waiting for the broker's acknowledgements: {e}"),
-            ));
-        }
-        let ctx = producer.context();
-        if let Some(why) = ctx.failed.lock().take() {
-            return Err(error(
-                &what,
-                format!("a record was not acknowledged: {why}"),
-            ));
-        }
-        if self.transactional {
-            // A failure leaves the transaction to be aborted by the next
-            // start's `init_transactions`; the worker stops and restarts
-            // from its last commit.
-            producer.commit_transaction(timeout).map_err(|e| {
-                metrics()
-                    .errors
-                    .with_label_values(&[&self.component, "transaction"])
-                    .inc();
-                health::report(&health_name(&self.component), e.to_string());
-                error(&what, format!("committing the transaction: {e}"))
-            })?;
-            metrics()
-                .transactions
-                .with_label_values(&[&self.component])
-                .inc();
-            self.begin()?;
-        }
-        let acked = std::mem::take(&mut *ctx.acked.lock());
-        for (p, end) in acked {
-            let e = self.ends.entry(p).or_insert(0);
-            *e = (*e).max(end);
-        }
+    fn defers(&self) -> bool {
+        true
+    }
+
+    fn durable(&mut self) -> Result<Durable, SinkError> {
+        let writes = self.settle()?;
         health::clear(&health_name(&self.component));
-        Ok(format_position(&self.awaited.position(&self.ends)).into_bytes())
+        Ok(Durable {
+            writes,
+            position: format_position(&self.awaited.position(&self.ends)).into_bytes(),
+        })
+    }
+
+    /// Waits (up to the sink's timeout) until every write so far is
+    /// durable. The engine does not call it (the sink defers); it is here
+    /// for whoever drives the sink directly.
+    fn flush(&mut self, _sync: bool) -> Result<Vec<u8>, SinkError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let now = self.durable()?;
+            if now.writes == self.writes {
+                return Ok(now.position);
+            }
+            if Instant::now() > deadline {
+                return Err(error(
+                    format!("kafka sink `{}`", self.component),
+                    format!(
+                        "waiting for the broker's acknowledgements took over {:?}",
+                        self.timeout
+                    ),
+                ));
+            }
+            self.producer()?.poll(Duration::from_millis(5));
+        }
     }
 }
 
 impl KafkaSink {
-    fn produce(&mut self, record: &Record, id: Option<&str>) -> Result<(), SinkError> {
-        let what = format!("kafka sink `{}`", self.component);
+    /// Writes `record` (with the id in `self.id` if `with_id`) as write
+    /// number `self.writes`: sends it, or holds it while a transaction
+    /// commits.
+    fn produce(&mut self, record: &Record, with_id: bool) -> Result<(), SinkError> {
         self.value.clear();
         let value: &[u8] = match self.format {
             Format::Raw => &record.value,
@@ -388,55 +465,104 @@ impl KafkaSink {
                 &self.value
             }
         };
-        let headers = id.map(|id| {
-            OwnedHeaders::new().insert(Header {
-                key: ID_HEADER,
-                value: Some(id.as_bytes()),
-            })
-        });
+        let id = with_id.then_some(self.id.as_str());
+        if self
+            .transactions
+            .as_ref()
+            .is_some_and(Transactions::committing)
+        {
+            self.held.push(Held {
+                write: self.writes,
+                key: record.key.clone(),
+                value: value.to_vec(),
+                timestamp: record.timestamp,
+                id: id.map(str::to_owned),
+            });
+            return Ok(());
+        }
         let producer = self
             .producer
-            .as_ref()
-            .ok_or_else(|| error(&what, "not open"))?;
-        let mut rec = BaseRecord::to(&self.topic)
-            .key(&record.key[..])
-            .payload(value);
-        if record.timestamp >= 0 {
-            rec = rec.timestamp(record.timestamp / 1000);
+            .as_deref()
+            .ok_or_else(|| error(format!("kafka sink `{}`", self.component), "not open"))?;
+        send(
+            producer,
+            &self.topic,
+            &self.component,
+            self.writes,
+            &record.key,
+            value,
+            record.timestamp,
+            id,
+        )?;
+        if let Some(t) = &mut self.transactions {
+            t.sent();
         }
-        if let Some(h) = headers {
-            rec = rec.headers(h);
-        }
-        loop {
-            match producer.send(rec) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    // The local queue is full: serve delivery reports, retry.
-                    producer.poll(Duration::from_millis(50));
-                    rec = back;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
-                    // It can never be written: say so and go on, rather than
-                    // stop the worker at this record at every restart.
-                    metrics()
-                        .errors
-                        .with_label_values(&[&self.component, "too_large"])
-                        .inc();
-                    tracing::error!(
-                        component = %self.component,
-                        key = %String::from_utf8_lossy(&record.key),
-                        bytes = value.len(),
-                        "kafka sink: record larger than the producer's message.max.bytes; not written"
-                    );
-                    return Ok(());
-                }
-                Err((e, _)) => {
-                    metrics()
-                        .errors
-                        .with_label_values(&[&self.component, "produce"])
-                        .inc();
-                    return Err(error(&what, format!("producing: {e}")));
-                }
+        Ok(())
+    }
+}
+
+/// Sends one record as write number `write`, serving delivery reports
+/// while librdkafka's queue is full.
+#[allow(clippy::too_many_arguments)]
+fn send(
+    producer: &BaseProducer<SinkContext>,
+    topic: &str,
+    component: &str,
+    write: u64,
+    key: &[u8],
+    value: &[u8],
+    timestamp: i64,
+    id: Option<&str>,
+) -> Result<(), SinkError> {
+    let mut rec = BaseRecord::with_opaque_to(topic, write as usize)
+        .key(key)
+        .payload(value);
+    if timestamp >= 0 {
+        rec = rec.timestamp(timestamp / 1000);
+    }
+    if let Some(id) = id {
+        rec = rec.headers(OwnedHeaders::new_with_capacity(1).insert(Header {
+            key: ID_HEADER,
+            value: Some(id.as_bytes()),
+        }));
+    }
+    let produced = &producer.context().produced;
+    loop {
+        produced.lock().sending(write);
+        match producer.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                produced.lock().not_sent();
+                // The local queue is full: serve delivery reports, retry.
+                producer.poll(Duration::from_millis(50));
+                rec = back;
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                produced.lock().not_sent();
+                // It can never be written: say so and go on, rather than
+                // stop the worker at this record at every restart.
+                metrics()
+                    .errors
+                    .with_label_values(&[component, "too_large"])
+                    .inc();
+                tracing::error!(
+                    component = %component,
+                    key = %String::from_utf8_lossy(key),
+                    bytes = value.len(),
+                    "kafka sink: record larger than the producer's message.max.bytes; not written"
+                );
+                return Ok(());
+            }
+            Err((e, _)) => {
+                produced.lock().not_sent();
+                metrics()
+                    .errors
+                    .with_label_values(&[component, "produce"])
+                    .inc();
+                return Err(error(
+                    format!("kafka sink `{component}`"),
+                    format!("producing: {e}"),
+                ));
             }
         }
     }
@@ -477,10 +603,33 @@ fn build(c: &Component) -> Result<KafkaSink, ConfigError> {
         }
         id => id,
     };
+    let timeout = o.timeout.map_or(Duration::from_secs(30), |d| d.0);
+    let transaction_interval = match (&transactional_id, o.transaction_interval) {
+        (None, Some(_)) => {
+            return Err(c.options.error(
+                Some("transaction_interval"),
+                "set only with `transactional_id`",
+            ))
+        }
+        (Some(_), Some(d)) if d.0.is_zero() => {
+            return Err(c
+                .options
+                .error(Some("transaction_interval"), "must be longer than 0"))
+        }
+        (Some(_), d) => Some(d.map_or(Duration::from_millis(10), |d| d.0)),
+        (None, None) => None,
+    };
+    // A record not acknowledged within the sink's timeout fails its
+    // delivery, and the worker stops and restarts from its last commit.
+    let message_timeout = timeout.as_millis().max(1).to_string();
     let mut producer_config = client.config(
         c,
         // Java's partitioner, so that keys land where other clients put them.
-        &[("partitioner", "murmur2_random"), ("linger.ms", "1")],
+        &[
+            ("partitioner", "murmur2_random"),
+            ("linger.ms", "1"),
+            ("message.timeout.ms", &message_timeout),
+        ],
         &[("enable.idempotence", "true"), ("acks", "all")],
     )?;
     if let Some(id) = &transactional_id {
@@ -519,14 +668,18 @@ fn build(c: &Component) -> Result<KafkaSink, ConfigError> {
         producer_config,
         reader_config,
         format: o.format,
-        timeout: o.timeout.map_or(Duration::from_secs(30), |d| d.0),
-        transactional: transactional_id.is_some(),
+        timeout,
+        transaction_interval,
         start: SinkStart::new(1),
         producer: None,
+        transactions: None,
         committed: BTreeMap::new(),
         ends: BTreeMap::new(),
         awaited: Awaited::default(),
+        writes: 0,
+        held: Vec::new(),
         value: Vec::new(),
+        id: String::new(),
     })
 }
 

@@ -79,6 +79,10 @@ const IDLE_WATERMARK_STEP: Duration = Duration::from_secs(1);
 /// How long an idle executor waits for a message before it looks around again.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
 
+/// How long an executor waits for a message while a sink that defers has
+/// deliveries written and not yet durable: how late it may see them durable.
+const AWAIT_DURABLE: Duration = Duration::from_micros(500);
+
 pub(crate) struct Executor {
     id: usize,
     /// This worker's index in the cluster (0 alone).
@@ -238,6 +242,12 @@ impl Executor {
                     return Duration::ZERO;
                 }
             }
+            if let Body::Sink(sink) = &s.body {
+                if sink.awaiting() {
+                    // Acknowledgements come between turns: look again soon.
+                    wait = wait.min(AWAIT_DURABLE);
+                }
+            }
             if let Some(t) = s.timers().next_processing() {
                 let until = (t - now_micros()).max(0) as u64;
                 wait = wait.min(Duration::from_micros(until));
@@ -293,6 +303,7 @@ impl Executor {
                 batch,
                 &plan,
                 engine.durability == millrace_config::Durability::Machine,
+                &mut self.acks,
             )?;
         }
         self.order = order;

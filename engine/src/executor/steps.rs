@@ -74,8 +74,11 @@ impl Executor {
                 None => continue,
                 Some(Offer::Duplicate) => {
                     metrics.duplicates.inc();
-                    let a = self.acks.entry(ch).or_insert(0);
-                    *a = (*a).max(shard.applied(ch));
+                    let upto = shard.acknowledgeable(ch);
+                    if upto > 0 {
+                        let a = self.acks.entry(ch).or_insert(0);
+                        *a = (*a).max(upto);
+                    }
                     continue;
                 }
                 Some(Offer::Gap) => {
@@ -84,7 +87,9 @@ impl Executor {
                 }
                 Some(Offer::Apply) => {}
             }
-            self.acks.insert(ch, seq);
+            if !shard.defers() {
+                self.acks.insert(ch, seq);
+            }
             *budget -= 1;
             turn.processed += 1;
             metrics.records_in.inc();
@@ -93,11 +98,12 @@ impl Executor {
                 metrics.late_records.inc();
             }
             match &mut shard.body {
-                Body::Sink { sink, written } => {
+                Body::Sink(s) => {
                     let id = plan.delivery_id(ch, seq);
-                    sink.write_delivered(&record, &id)
+                    s.sink
+                        .write_delivered(&record, &id)
                         .map_err(EngineError::Sink)?;
-                    *written = true;
+                    s.wrote(ch, seq);
                     let lat = (now_micros() - env.ingest()).max(0) as f64 / 1e6;
                     metrics.e2e_latency.observe(lat);
                 }

@@ -2,7 +2,7 @@
 //! since the last commit, and its watermarks. The executor owns it and
 //! checkpoints it ([`ShardRt::checkpoint`]) into each commit.
 
-use crate::api::{Computation, Context, Sink, Source};
+use crate::api::{Computation, Context, Source};
 use crate::delivery::{InChannel, Offer, OutChannel};
 use crate::keyed_state::KeyedState;
 use crate::layout::{position_key, read_u64, watermark_key, write_state_key};
@@ -19,11 +19,13 @@ use std::time::{Duration, Instant};
 
 mod recover;
 mod replay;
+mod sink;
 #[cfg(test)]
 mod tests;
 
 pub(crate) use recover::restore_timers;
 pub(crate) use replay::{send_early, ReplayLog};
+pub(crate) use sink::SinkRt;
 
 /// How long a source that had nothing is left alone: doubling from the first
 /// to the last while it stays idle, back to the first when data comes.
@@ -46,7 +48,7 @@ pub(crate) struct SourceRt {
 pub(crate) enum Body {
     Source(SourceRt),
     Compute(Box<dyn Computation>),
-    Sink { sink: Box<dyn Sink>, written: bool },
+    Sink(SinkRt),
 }
 
 /// Everything the executor keeps for one shard. Its fields are private: the
@@ -233,6 +235,22 @@ impl ShardRt {
     /// The highest sequence number applied on input `ch` (0: none).
     pub fn applied(&self, ch: ChannelIdx) -> u64 {
         self.inputs.get(&ch).map_or(0, InChannel::applied)
+    }
+
+    /// What may be acknowledged on input `ch`: what is applied there,
+    /// except at a sink that defers, where it is what is durable.
+    pub fn acknowledgeable(&self, ch: ChannelIdx) -> u64 {
+        let applied = self.applied(ch);
+        match &self.body {
+            Body::Sink(s) => s.acknowledgeable(ch, applied),
+            _ => applied,
+        }
+    }
+
+    /// Whether this is a sink that defers durability (its deliveries are
+    /// acknowledged at the checkpoint that finds them durable).
+    pub fn defers(&self) -> bool {
+        matches!(&self.body, Body::Sink(s) if s.defers())
     }
 
     /// The input channels and what each applied.
@@ -446,21 +464,26 @@ impl ShardRt {
         self.timers.flush(batch);
     }
 
-    /// Writes everything this shard changed since the last commit into `batch`.
+    /// Writes everything this shard changed since the last commit into
+    /// `batch`. A sink that defers adds to `acks` what became durable.
     pub fn checkpoint(
         &mut self,
         batch: &mut Batch<'_>,
         plan: &Plan,
         sync_sinks: bool,
+        acks: &mut BTreeMap<ChannelIdx, u64>,
     ) -> Result<(), crate::error::EngineError> {
         self.checkpoint_state(batch);
-        for ch in std::mem::take(&mut self.applied_dirty) {
-            if let Some(i) = self.inputs.get(&ch) {
-                batch.put(
-                    Cf::Channels,
-                    &plan.applied_seq_key(ch),
-                    &i.applied().to_be_bytes(),
-                );
+        let applied_dirty = std::mem::take(&mut self.applied_dirty);
+        if !self.defers() {
+            for ch in applied_dirty {
+                if let Some(i) = self.inputs.get(&ch) {
+                    batch.put(
+                        Cf::Channels,
+                        &plan.applied_seq_key(ch),
+                        &i.applied().to_be_bytes(),
+                    );
+                }
             }
         }
         if let Some(log) = &mut self.replay {
@@ -481,13 +504,25 @@ impl ShardRt {
                 batch.put(Cf::Meta, &position_key(&self.prefix), &s.source.position());
                 s.position_dirty = false;
             }
-            Body::Sink { sink, written } if *written => {
-                let pos = sink
+            Body::Sink(s) if s.defers() => {
+                let durable = s.take_durable().map_err(crate::error::EngineError::Sink)?;
+                if let Some(now) = durable {
+                    crate::failpoint::hit(crate::failpoint::Point::SinkFlushed);
+                    for (ch, seq) in now.applied {
+                        batch.put(Cf::Channels, &plan.applied_seq_key(ch), &seq.to_be_bytes());
+                        acks.insert(ch, seq);
+                    }
+                    batch.put(Cf::Meta, &position_key(&self.prefix), &now.position);
+                }
+            }
+            Body::Sink(s) if s.written => {
+                let pos = s
+                    .sink
                     .flush(sync_sinks)
                     .map_err(crate::error::EngineError::Sink)?;
                 crate::failpoint::hit(crate::failpoint::Point::SinkFlushed);
                 batch.put(Cf::Meta, &position_key(&self.prefix), &pos);
-                *written = false;
+                s.written = false;
             }
             _ => {}
         }

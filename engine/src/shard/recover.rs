@@ -5,7 +5,7 @@
 //! inputs' applied sequence numbers, its watermarks, its state cache and
 //! timers, and its outbox, whose productions go out again.
 
-use super::{Body, KeyEnv, ReplayLog, ShardRt, SourceRt, SOURCE_IDLE_PAUSE};
+use super::{Body, KeyEnv, ReplayLog, ShardRt, SinkRt, SourceRt, SOURCE_IDLE_PAUSE};
 use crate::api::{ComputationError, SinkStart, SourceError, SourceShard};
 use crate::delivery::{InChannel, OutChannel};
 use crate::error::EngineError;
@@ -88,10 +88,7 @@ impl ShardRt {
                     });
                 sink.starting(&start);
                 sink.open(position.as_deref()).map_err(EngineError::Sink)?;
-                Body::Sink {
-                    sink,
-                    written: false,
-                }
+                Body::Sink(SinkRt::new(sink, &applied))
             }
         };
         let inputs: FastMap<_, _> = applied

@@ -194,7 +194,7 @@ inputs = ["a"]
             router.emits = emits;
             router.route(shard, &mut batch);
             shard
-                .checkpoint(&mut batch, &self.plan, false)
+                .checkpoint(&mut batch, &self.plan, false, &mut Default::default())
                 .expect("checkpoint");
             self.store.commit(batch).expect("commit");
         }

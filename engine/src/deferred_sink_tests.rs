@@ -1,0 +1,166 @@
+//! A sink that defers durability (as the Kafka sink does) is never waited
+//! for, and what it has not yet said is durable is neither committed as
+//! applied nor acknowledged: a stop delivers exactly that again.
+
+use crate::{
+    Durable, Emitter, Metrics, Record, Registry, Sink, SinkError, Source, SourceError, SourcePoll,
+    Worker, WorkerOptions,
+};
+use millrace_config::Topology;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const RECORDS: u64 = 1000;
+
+/// `RECORDS` records, read once: its position is how many it read.
+struct Numbers {
+    next: u64,
+}
+
+impl Source for Numbers {
+    fn open(&mut self, position: Option<&[u8]>) -> Result<(), SourceError> {
+        self.next = position
+            .and_then(|p| p.try_into().ok())
+            .map_or(0, u64::from_be_bytes);
+        Ok(())
+    }
+    fn poll(&mut self, out: &mut Emitter<'_>, max: usize) -> Result<SourcePoll, SourceError> {
+        for _ in 0..max.min(50) {
+            if self.next == RECORDS {
+                return Ok(SourcePoll::Exhausted);
+            }
+            out.emit(format!("k{}", self.next % 7), "v", self.next as i64);
+            self.next += 1;
+        }
+        Ok(SourcePoll::Ready)
+    }
+    fn position(&self) -> Vec<u8> {
+        self.next.to_be_bytes().to_vec()
+    }
+}
+
+/// What the test sees of the gated sink, and how far it lets it be durable.
+#[derive(Default)]
+struct Gate {
+    /// The delivery ids' sequence numbers, as written.
+    written: Mutex<Vec<u64>>,
+    /// How many writes the sink may call durable.
+    released: AtomicU64,
+    /// The most it has called durable.
+    reported: AtomicU64,
+}
+
+/// A sink whose writes become durable only as far as its gate says.
+struct Gated {
+    gate: Arc<Gate>,
+    writes: u64,
+}
+
+impl Sink for Gated {
+    fn open(&mut self, _: Option<&[u8]>) -> Result<(), SinkError> {
+        Ok(())
+    }
+    fn write(&mut self, _: &Record) -> Result<(), SinkError> {
+        unreachable!("the engine delivers with ids")
+    }
+    fn write_delivered(&mut self, _: &Record, id: &crate::DeliveryId<'_>) -> Result<(), SinkError> {
+        self.writes += 1;
+        self.gate.written.lock().push(id.seq);
+        Ok(())
+    }
+    fn flush(&mut self, _: bool) -> Result<Vec<u8>, SinkError> {
+        unreachable!("the engine never flushes a sink that defers")
+    }
+    fn defers(&self) -> bool {
+        true
+    }
+    fn durable(&mut self) -> Result<Durable, SinkError> {
+        let writes = self.writes.min(self.gate.released.load(Ordering::SeqCst));
+        self.gate.reported.fetch_max(writes, Ordering::SeqCst);
+        Ok(Durable {
+            writes,
+            position: writes.to_be_bytes().to_vec(),
+        })
+    }
+}
+
+fn start(dir: &std::path::Path, gate: &Arc<Gate>) -> Worker {
+    let mut registry = Registry::new();
+    registry.source("numbers", |_| Ok(Box::new(Numbers { next: 0 })));
+    let g = Arc::clone(gate);
+    registry.sink("gated", move |_| {
+        Ok(Box::new(Gated {
+            gate: Arc::clone(&g),
+            writes: 0,
+        }))
+    });
+    let topology = Topology::parse_str(
+        "deferred.toml",
+        &format!(
+            "[service]\ndata_dir = \"{}\"\n[engine]\nthreads = 2\n\
+             [sources.src]\ntype = \"numbers\"\n\
+             [sinks.out]\ntype = \"gated\"\ninputs = [\"src\"]\n",
+            dir.display()
+        ),
+    )
+    .expect("topology");
+    Worker::start(
+        topology,
+        &registry,
+        WorkerOptions::default(),
+        Arc::new(Metrics::new()),
+    )
+    .expect("start")
+}
+
+/// Waits up to 15 s for `done`.
+fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within 15 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn what_a_sink_has_not_called_durable_is_delivered_again_and_nothing_else() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gate = Arc::new(Gate::default());
+    let worker = start(dir.path(), &gate);
+    // Every record is written without any being durable: the engine did
+    // not wait for the sink.
+    until("the sink was given every record", || {
+        gate.written.lock().len() as u64 == RECORDS
+    });
+    assert_eq!(gate.reported.load(Ordering::SeqCst), 0);
+    assert!(
+        !worker
+            .wait_finished(Duration::from_millis(50))
+            .expect("no failure"),
+        "the run finished with nothing durable"
+    );
+    // 400 become durable; the turn that finds them commits them.
+    gate.released.store(400, Ordering::SeqCst);
+    until("the sink reported 400 durable", || {
+        gate.reported.load(Ordering::SeqCst) == 400
+    });
+    worker.shutdown().expect("shutdown");
+    let first: Vec<u64> = std::mem::take(&mut *gate.written.lock());
+    assert_eq!(first, (1..=RECORDS).collect::<Vec<_>>());
+
+    // The next run is given exactly the 600 that were not durable, and
+    // finishes once they are.
+    gate.released.store(u64::MAX, Ordering::SeqCst);
+    let worker = start(dir.path(), &gate);
+    assert!(
+        worker
+            .wait_finished(Duration::from_secs(15))
+            .expect("no failure"),
+        "the second run did not finish within 15 s"
+    );
+    worker.shutdown().expect("shutdown");
+    let again: Vec<u64> = gate.written.lock().clone();
+    assert_eq!(again, (401..=RECORDS).collect::<Vec<_>>());
+}
