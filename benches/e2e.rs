@@ -45,9 +45,13 @@
 //!   (`MILLRACE_BENCH_CLUSTER_RECORDS` records, default 2M).
 //! - kafka (only with `MILLRACE_BENCH=kafka`; needs `make test-servers`):
 //!   a Kafka topic through a running count into a Kafka topic, exactly once
-//!   without and with transactions, against the same run's raw
-//!   produce-then-consume rate of the client,
-//!   on a Tansu broker started here (`MILLRACE_BENCH_KAFKA_RECORDS`, 200k).
+//!   without and with transactions, on one worker and on two, against the
+//!   same run's raw produce-then-consume rate of the client, timed to the
+//!   last count a read_committed consumer sees; then the latency from an
+//!   input's produce to its count at that consumer, at half of the one
+//!   worker rate (`MILLRACE_BENCH_LATENCY_SECONDS`), with the host's CPU
+//!   steal; on a Tansu broker started here (`MILLRACE_BENCH_KAFKA_RECORDS`,
+//!   200k).
 //! - savepoint (only with `MILLRACE_BENCH=savepoint`; needs `make
 //!   test-servers`): a running count of `MILLRACE_BENCH_SAVEPOINT_RECORDS`
 //!   (16M) records over as many possible keys (about 10.1M of them drawn),
@@ -313,6 +317,8 @@ fn commit_interval() -> String {
 }
 
 /// P1's topology: the running count of `records` generated records over `keys` keys.
+#[path = "e2e/kafka.rs"]
+mod kafka;
 #[path = "../tests/support/s3.rs"]
 mod s3;
 
@@ -578,7 +584,7 @@ aggregate = "count"
 
     if which == "kafka" {
         // Not in "all": it needs the broker `make test-servers` fetches.
-        kafka_bench(env_u64("MILLRACE_BENCH_KAFKA_RECORDS", 200_000));
+        kafka::bench(env_u64("MILLRACE_BENCH_KAFKA_RECORDS", 200_000));
     }
 
     if which == "all" || which == "p3" || which == "cpu" {
@@ -691,182 +697,3 @@ path = "{{dir}}/out.jsonl"
     }
 }
 
-/// Kafka in, running count, Kafka out, exactly once, against the same run's
-/// raw rate of the client: produce `n` records, then consume them.
-fn kafka_bench(n: u64) {
-    use rdkafka::config::ClientConfig;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-
-    let tansu = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/tansu");
-    assert!(
-        tansu.exists(),
-        "run `make test-servers` first (it fetches the broker)"
-    );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let mut broker = std::process::Command::new(&tansu)
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start the broker");
-    let up = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            up.elapsed() < Duration::from_secs(20),
-            "broker did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    for (topic, partitions) in [("raw", "4"), ("in", "4"), ("out", "2"), ("out_tx", "2")] {
-        let ok = std::process::Command::new(&tansu)
-            .args([
-                "topic",
-                "create",
-                topic,
-                "--broker",
-                &url,
-                "--partitions",
-                partitions,
-            ])
-            .status()
-            .expect("create topic");
-        assert!(ok.success(), "creating {topic}");
-    }
-    let addr = format!("127.0.0.1:{port}");
-    let produce = |topic: &str| {
-        let p: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", &addr)
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .create()
-            .expect("producer");
-        for i in 0..n {
-            let key = format!("k{}", i % 100_000);
-            let value = format!("{{\"w\":\"{key}\",\"t\":{}}}", 1_700_000_000_000 + i);
-            let mut rec = BaseRecord::to(topic).key(&key).payload(&value);
-            loop {
-                match p.send(rec) {
-                    Ok(()) => break,
-                    Err((_, back)) => {
-                        p.poll(Duration::from_millis(5));
-                        rec = back;
-                    }
-                }
-            }
-        }
-        p.flush(Duration::from_secs(120)).expect("flush");
-    };
-    let started = Instant::now();
-    produce("raw");
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &addr)
-        .set("group.id", "bench")
-        .set("enable.partition.eof", "true")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..4 {
-        tpl.add_partition_offset("raw", p, Offset::Beginning)
-            .expect("tpl");
-    }
-    c.assign(&tpl).expect("assign");
-    let (mut read, mut ends) = (0u64, 0);
-    while ends < 4 {
-        match c.poll(Duration::from_millis(100)) {
-            Some(Ok(_)) => read += 1,
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => ends += 1,
-            _ => {}
-        }
-    }
-    let raw_secs = started.elapsed().as_secs_f64();
-    assert_eq!(read, n, "the raw read got every record");
-    let raw = n as f64 / raw_secs;
-    println!(
-        "kafka     raw client: produce then consume            {raw:>12.0} records/s  ({raw_secs:.1}s)"
-    );
-
-    produce("in");
-    // The same pipeline without and with transactions, each from a fresh
-    // data directory reading the same input.
-    for (out, sink, what) in [
-        ("out", "", "exactly-once      "),
-        (
-            "out_tx",
-            "transactional_id = \"bench\"",
-            "transactional     ",
-        ),
-    ] {
-        let text = format!(
-            r#"
-[service]
-data_dir = "{{dir}}/data"
-http = "off"
-[engine]
-shards = 8
-[sources.in]
-type = "kafka"
-brokers = "{addr}"
-topic = "in"
-shards = 2
-timestamp = "json:/t"
-[computations.counts]
-type = "count"
-inputs = [{{ from = "in", key = "json:/w" }}]
-[sinks.out]
-type = "kafka"
-inputs = ["counts"]
-brokers = "{addr}"
-topic = "{out}"
-{sink}
-"#
-        );
-        let dir = tempfile::tempdir().expect("temp dir");
-        let text = text.replace("{dir}", &dir.path().display().to_string());
-        let topology = Topology::parse_str("kafka-bench.toml", &text).expect("topology");
-        let started = Instant::now();
-        let worker = Worker::start(
-            topology,
-            &millrace::builtins(),
-            WorkerOptions::default(),
-            Arc::new(Metrics::new()),
-        )
-        .expect("start worker");
-        loop {
-            let written = worker
-                .status()
-                .into_iter()
-                .find(|c| c.name == "out")
-                .map_or(0, |c| c.records_in);
-            if written >= n {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(1800),
-                "kafka bench did not finish"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let secs = started.elapsed().as_secs_f64();
-        worker.shutdown().expect("shutdown");
-        let rate = n as f64 / secs;
-        println!(
-            "kafka     kafka -> count -> kafka, {what}{rate:>12.0} records/s  ({secs:.1}s)  ratio to raw client {:.2}",
-            rate / raw
-        );
-    }
-    let _ = broker.kill();
-    let _ = broker.wait();
-}

@@ -14,13 +14,17 @@
 //!
 //! **Sink.** Each record carries its production id (`edge/shard/seq`, the
 //! same at every re-delivery) in the header `millrace-id`; the producer is
-//! idempotent (`acks=all`); the committed position is the end offset of what
-//! was acknowledged in each partition. At a restart, the sink reads the topic
-//! from that position to its end and skips re-deliveries of the ids it finds
+//! idempotent (`acks=all`). The sink defers durability (`Sink::defers`): it
+//! produces without waiting, and tells the engine between turns how many of
+//! its writes the broker acknowledged, in order (`produced.rs`); only those
+//! are committed as applied, with the end offset they reach in each
+//! partition as the position. At a restart, the sink reads the topic from
+//! that position to its end and skips re-deliveries of the ids it finds
 //! there, so a crash between a produce and its commit leaves no duplicate.
-//! With `transactional_id`, each commit that wrote is one Kafka transaction,
-//! and the start's `init_transactions` fences off a killed run's requests
-//! still in flight, which could otherwise land after the read-back.
+//! With `transactional_id`, a transaction spans `transaction_interval` and
+//! is committed on a thread of its own (`transactions.rs`); the start's
+//! `init_transactions` fences off a killed run's requests still in flight,
+//! which could otherwise land after the read-back.
 //!
 //! Both retry an unreachable broker with backoff (librdkafka reconnects; the
 //! source also retries its set-up, and replaces its client after every
@@ -178,6 +182,18 @@ topic = "t"
         assert!(e.contains("empty transactional id"), "{e}");
         let e = validate_sink(r#"properties = { "enable.idempotence" = false }"#).unwrap_err();
         assert!(e.contains("must stay `true`"), "{e}");
+        assert_eq!(
+            validate_sink("transactional_id = \"a\"\ntransaction_interval = \"50ms\""),
+            Ok(())
+        );
+        let e = validate_sink(r#"transaction_interval = "50ms""#).unwrap_err();
+        assert!(
+            e.contains("transaction_interval") && e.contains("only with `transactional_id`"),
+            "{e}"
+        );
+        let e = validate_sink("transactional_id = \"a\"\ntransaction_interval = \"0s\"")
+            .unwrap_err();
+        assert!(e.contains("longer than 0"), "{e}");
     }
 
     #[test]

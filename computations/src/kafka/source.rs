@@ -724,6 +724,11 @@ fn build(c: &Component) -> Result<KafkaSource, ConfigError> {
             ("group.id", &group_id),
             ("statistics.interval.ms", "1000"),
             ("isolation.level", "read_committed"),
+            // A fetch the broker holds open while it has nothing new is
+            // answered after at most this: the latency a broker that does
+            // not answer early (Tansu) adds to every record, and the rate
+            // of empty fetches from an idle partition.
+            ("fetch.wait.max.ms", "10"),
         ],
         &[
             // millrace's own position decides where to read, not the group's.

@@ -28,9 +28,12 @@ pub(crate) use replay::{send_early, ReplayLog};
 pub(crate) use sink::SinkRt;
 
 /// How long a source that had nothing is left alone: doubling from the first
-/// to the last while it stays idle, back to the first when data comes.
+/// to the last while it stays idle, back to the first when data comes. The
+/// last is the latency a record arriving at an idle source can wait before
+/// it is read (a Kafka source's records come in fetches some milliseconds
+/// apart); an empty poll costs microseconds.
 pub(crate) const SOURCE_IDLE_PAUSE: (Duration, Duration) =
-    (Duration::from_micros(200), Duration::from_millis(20));
+    (Duration::from_micros(200), Duration::from_millis(4));
 
 /// A source's runtime: the source and how its polling goes.
 pub(crate) struct SourceRt {
