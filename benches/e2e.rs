@@ -696,4 +696,3 @@ path = "{{dir}}/out.jsonl"
         }
     }
 }
-

@@ -31,8 +31,7 @@ impl Drop for Broker {
 
 impl Broker {
     fn start() -> Broker {
-        let tansu =
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/tansu");
+        let tansu = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/tansu");
         assert!(
             tansu.exists(),
             "run `make test-servers` first (it fetches the broker)"
@@ -240,11 +239,16 @@ pub fn bench(n: u64) {
     for (topic, partitions) in [("raw", 4), ("in", 4), ("lat_in", 4), ("raw_lat", 4)] {
         broker.topic(topic, partitions);
     }
-    let runs: [(&str, &str, usize); 4] = [
-        ("1 worker,  exactly-once ", "", 1),
-        ("1 worker,  transactional", "transactional_id = \"bench1\"", 1),
-        ("2 workers, exactly-once ", "", 2),
-        ("2 workers, transactional", "transactional_id = \"bench2\"", 2),
+    // MILLRACE_BENCH_KAFKA_TX_INTERVAL: the sink's `transaction_interval`.
+    let interval = std::env::var("MILLRACE_BENCH_KAFKA_TX_INTERVAL")
+        .map(|d| format!("transaction_interval = \"{d}\""))
+        .unwrap_or_default();
+    let tx = |id: &str| format!("transactional_id = \"{id}\"\n{interval}");
+    let runs: [(&str, String, usize); 4] = [
+        ("1 worker,  exactly-once ", String::new(), 1),
+        ("1 worker,  transactional", tx("bench1"), 1),
+        ("2 workers, exactly-once ", String::new(), 2),
+        ("2 workers, transactional", tx("bench2"), 2),
     ];
     for i in 0..runs.len() {
         broker.topic(&format!("out{i}"), 2);

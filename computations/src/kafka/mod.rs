@@ -191,8 +191,8 @@ topic = "t"
             e.contains("transaction_interval") && e.contains("only with `transactional_id`"),
             "{e}"
         );
-        let e = validate_sink("transactional_id = \"a\"\ntransaction_interval = \"0s\"")
-            .unwrap_err();
+        let e =
+            validate_sink("transactional_id = \"a\"\ntransaction_interval = \"0s\"").unwrap_err();
         assert!(e.contains("longer than 0"), "{e}");
     }
 

@@ -40,7 +40,7 @@ struct Options {
     /// the same across restarts and moves and belong to no other writer.
     transactional_id: Option<String>,
     /// How long a transaction stays open for more records before it is
-    /// committed (off the executor's thread). Default 10ms.
+    /// committed (off the executor's thread). Default 25ms.
     transaction_interval: Option<HumanDuration>,
 }
 
@@ -616,7 +616,7 @@ fn build(c: &Component) -> Result<KafkaSink, ConfigError> {
                 .options
                 .error(Some("transaction_interval"), "must be longer than 0"))
         }
-        (Some(_), d) => Some(d.map_or(Duration::from_millis(10), |d| d.0)),
+        (Some(_), d) => Some(d.map_or(Duration::from_millis(25), |d| d.0)),
         (None, None) => None,
     };
     // A record not acknowledged within the sink's timeout fails its
