@@ -119,10 +119,21 @@ impl Broker {
 /// A Kafka sink writing to `topic` on `broker`, started as `start` says
 /// and opened at `position`.
 fn sink(broker: &Broker, topic: &str, start: SinkStart, position: Option<&[u8]>) -> KafkaSink {
+    sink_with(broker, topic, start, position, "")
+}
+
+/// [`sink`] with more options (`extra`, TOML lines).
+fn sink_with(
+    broker: &Broker,
+    topic: &str,
+    start: SinkStart,
+    position: Option<&[u8]>,
+    extra: &str,
+) -> KafkaSink {
     let text = format!(
         "[sources.g]\ntype = \"generator\"\n\
          [sinks.k]\ntype = \"kafka\"\ninputs = [\"g\"]\nbrokers = \"127.0.0.1:{}\"\n\
-         topic = \"{topic}\"\ntimeout = \"20s\"\n",
+         topic = \"{topic}\"\ntimeout = \"20s\"\n{extra}",
         broker.port
     );
     let t = millrace_config::Topology::parse_str("t.toml", &text).expect("topology");
@@ -201,5 +212,57 @@ fn a_commit_never_passes_a_record_found_at_the_restart_and_not_yet_delivered_aga
         ids,
         ["x/0/1", "x/0/2", "y/0/1", "y/0/2"],
         "each production once"
+    );
+}
+
+/// Calls `durable` until `done` says yes (at most 20 s); returns the last.
+fn durable_until(s: &mut KafkaSink, what: &str, done: impl Fn(&KafkaSink, u64) -> bool) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let writes = s.durable().expect("durable").writes;
+        if done(s, writes) {
+            return writes;
+        }
+        assert!(Instant::now() < deadline, "{what} within 20 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_transactions_records_are_durable_only_once_it_committed_and_later_ones_wait_for_the_next() {
+    let broker = Broker::start("tx");
+    let mut s = sink_with(
+        &broker,
+        "tx",
+        SinkStart::new(1),
+        None,
+        "transactional_id = \"sink-tests\"\ntransaction_interval = \"200ms\"\n",
+    );
+    deliver(&mut s, "x", 1);
+    deliver(&mut s, "x", 2);
+    // The transaction is open: nothing is durable, whatever the broker
+    // acknowledged.
+    assert_eq!(s.durable().expect("durable").writes, 0);
+    // Its interval passed: its commit runs on the committer, and a record
+    // written meanwhile is held for the next transaction.
+    durable_until(&mut s, "the commit to start", |s, _| {
+        s.transactions
+            .as_ref()
+            .is_some_and(Transactions::committing)
+    });
+    deliver(&mut s, "x", 3);
+    assert_eq!(s.held.len(), 1, "written during the commit: held");
+    // The commit returned: its two records are durable, the held one went
+    // into the next transaction and is not, until that one commits too.
+    let writes = durable_until(&mut s, "the commit to return", |_, w| w > 0);
+    assert_eq!(writes, 2);
+    assert!(s.held.is_empty(), "sent once the next transaction opened");
+    durable_until(&mut s, "the next commit", |_, w| w == 3);
+    drop(s);
+    let ids: Vec<String> = broker.ids("tx").into_iter().map(|(_, id)| id).collect();
+    assert_eq!(
+        ids,
+        ["x/0/1", "x/0/2", "x/0/3"],
+        "each record once, in order"
     );
 }
