@@ -210,8 +210,9 @@ pub fn load(
 }
 
 /// A savepoint in an S3-compatible object store, through `object_store`.
-/// Calls are made from a small runtime of its own: savepoints are taken and
-/// loaded outside the worker's loop.
+/// Calls are made from a small runtime of its own (savepoints are taken and
+/// loaded outside the worker's loop), from several threads at once: an
+/// export uploads several shard files together.
 struct S3Store {
     url: String,
     store: AmazonS3,
@@ -240,7 +241,9 @@ impl S3Store {
         let store = b
             .build()
             .with_context(|| format!("`{url}`: setting up the S3 client"))?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("millrace-s3")
             .enable_all()
             .build()
             .context("starting the S3 client's runtime")?;

@@ -30,7 +30,7 @@
 //! A load is staged beside its data directory (`staging.rs`).
 
 use crate::layout::{parse_state_key, shard_prefix};
-use crate::plan::Plan;
+use crate::plan::{Plan, ShardSpec};
 use millrace_config::Role;
 use millrace_storage::{Cf, Store, StoreOptions};
 use serde::{Deserialize, Serialize};
@@ -308,31 +308,14 @@ pub fn export(
         worker: ids[me].clone(),
         shards: Vec::new(),
     };
-    let mut keys = 0;
     // Its part is there already: the same shards again (the data directory
     // did not change since) complete nothing new but are accepted; other
     // shards would mix two moments, and are refused before anything is
     // written.
     let write = existing.is_none();
-    for spec in plan.shards.iter().filter(|s| s.worker == me) {
-        let node = &plan.nodes[spec.node];
-        let (bytes, n) = shard_file(&store, &spec.prefix)?;
-        let file = format!("shards/{}/{}.bin", node.name, spec.shard);
-        let saved = SavedShard {
-            component: node.name.clone(),
-            shard: spec.shard,
-            file: file.clone(),
-            bytes: bytes.len() as u64,
-            sha256: hex(&Sha256::digest(&bytes)),
-            keys: n,
-        };
-        if write {
-            to.put(&file, bytes)?;
-            crate::failpoint::hit(crate::failpoint::Point::SavepointShard);
-        }
-        keys += n;
-        part.shards.push(saved);
-    }
+    let specs: Vec<&ShardSpec> = plan.shards.iter().filter(|s| s.worker == me).collect();
+    part.shards = export_shards(&store, plan, &specs, write.then_some(to))?;
+    let keys = part.shards.iter().map(|s| s.keys).sum();
     let json = serde_json::to_vec_pretty(&part).map_err(|e| SavepointError::Io(e.to_string()))?;
     match existing {
         None => to.put(&part_path(&part.worker), json)?,
@@ -358,6 +341,90 @@ pub fn export(
         complete: missing.is_empty(),
         missing,
     })
+}
+
+/// How many shard files are read and encoded at once, and how many are
+/// uploaded at once: reading a shard (RocksDB, encoding, SHA-256) and
+/// uploading another overlap, and an object store takes several uploads at
+/// once at a higher rate than one.
+const EXPORT_READERS: usize = 2;
+const EXPORT_UPLOADS: usize = 4;
+
+/// Reads and encodes the shards `specs` and, with `to`, writes each one's
+/// file there; returns what the part lists of each, in `specs`' order. The
+/// first error stops the rest (a savepoint is complete only with every
+/// part, and a part is written only after all its shard files).
+fn export_shards(
+    store: &Store,
+    plan: &Plan,
+    specs: &[&ShardSpec],
+    to: Option<&dyn SavepointStore>,
+) -> Result<Vec<SavedShard>, SavepointError> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let saved = parking_lot::Mutex::new(vec![None; specs.len()]);
+    let first_error = parking_lot::Mutex::new(None);
+    let fail = |e: SavepointError| {
+        failed.store(true, Ordering::SeqCst);
+        first_error.lock().get_or_insert(e);
+    };
+    let (files, uploads) = crossbeam_channel::bounded::<(String, Vec<u8>)>(EXPORT_UPLOADS);
+    let (next, failed, saved_at, fail) = (&next, &failed, &saved, &fail);
+    std::thread::scope(|scope| {
+        for _ in 0..EXPORT_READERS.min(specs.len()) {
+            let files = files.clone();
+            scope.spawn(move || {
+                while !failed.load(Ordering::SeqCst) {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(spec) = specs.get(i) else { break };
+                    let node = &plan.nodes[spec.node];
+                    let (bytes, keys) = match shard_file(store, &spec.prefix) {
+                        Ok(file) => file,
+                        Err(e) => return fail(e),
+                    };
+                    let file = format!("shards/{}/{}.bin", node.name, spec.shard);
+                    saved_at.lock()[i] = Some(SavedShard {
+                        component: node.name.clone(),
+                        shard: spec.shard,
+                        file: file.clone(),
+                        bytes: bytes.len() as u64,
+                        sha256: hex(&Sha256::digest(&bytes)),
+                        keys,
+                    });
+                    if to.is_some() && files.send((file, bytes)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(files);
+        if let Some(to) = to {
+            for _ in 0..EXPORT_UPLOADS {
+                let uploads = uploads.clone();
+                scope.spawn(move || {
+                    for (file, bytes) in uploads {
+                        if failed.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        if let Err(e) = to.put(&file, bytes) {
+                            return fail(e);
+                        }
+                        crate::failpoint::hit(crate::failpoint::Point::SavepointShard);
+                    }
+                });
+            }
+        }
+        drop(uploads);
+    });
+    if let Some(e) = first_error.into_inner() {
+        return Err(e);
+    }
+    saved
+        .into_inner()
+        .into_iter()
+        .map(|s| s.ok_or_else(|| SavepointError::Io("a shard was not exported".into())))
+        .collect()
 }
 
 /// Writes the manifest of the savepoint `marker` names if every part is
