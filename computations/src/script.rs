@@ -726,4 +726,184 @@ fn process(key, value, ts, input) {
         let e = err("script = \"fn process(k, v, t, i) { this }\"");
         assert!(e.contains("t.toml:"), "{e}");
     }
+
+    /// Emits what the call sees, and emits at other times and outputs.
+    const SEES: &str = r#"
+outputs = ["side"]
+script = """
+fn process(key, value, ts, input) {
+    if value == "sees" { emit(key(), `${input} ${watermark()} ${now()}`); }
+    if value == "later" { emit(key, "l", ts + 5); emit_to("side", key, "s", ts); }
+    if value == "early" { emit(key, "e", ts - 1); }
+    if value == "nowhere" { emit_to("nope", key, "x"); }
+    if value == "timer" { set_timer("t", "event", ts + 10); }
+    if value == "undefined" { nope(); }
+}
+"""
+"#;
+
+    #[test]
+    fn a_call_sees_its_key_input_watermark_and_clock_and_emits_at_or_after_its_time() {
+        let dir = tempfile::tempdir().expect("dir");
+        let c = computation("script", SEES).expect("options");
+        let mut h = Harness::open(dir.path(), c, &["side"]).expect("harness");
+        assert!(h.advance_watermark(50).unwrap().is_empty());
+        assert!(h.advance_clock(7).unwrap().is_empty());
+        let out = h.process("k", "sees", 60).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (&out[0].key[..], &out[0].value[..]),
+            (&b"k"[..], &b"input 50 7"[..])
+        );
+        assert_eq!(out[0].timestamp, 60, "at the input's event time");
+        let out: Vec<_> = h
+            .process("k", "later", 60)
+            .unwrap()
+            .into_iter()
+            .map(|o| {
+                (
+                    o.output,
+                    String::from_utf8_lossy(&o.value).into_owned(),
+                    o.timestamp,
+                )
+            })
+            .collect();
+        assert_eq!(
+            out,
+            [
+                (String::new(), "l".to_owned(), 65),
+                ("side".to_owned(), "s".to_owned(), 60)
+            ]
+        );
+        let why = bad_record(h.process("k", "early", 60));
+        assert!(
+            why.contains("emit at event time 59, before the input's (60)"),
+            "{why}"
+        );
+        let why = bad_record(h.process("k", "nowhere", 60));
+        assert!(
+            why.contains("emit_to(\"nope\", ..): no such output"),
+            "{why}"
+        );
+        // Rhai's own errors keep their text, without its position: the
+        // line is in the topology file's terms.
+        let why = bad_record(h.process("k", "undefined", 60));
+        let at = SEES
+            .lines()
+            .position(|l| l.contains("nope()"))
+            .expect("line");
+        assert!(
+            why.starts_with(&format!("t.toml:{}: Function not found: nope", at + 7)),
+            "{why}"
+        );
+        assert!(!why.contains("(line "), "{why}");
+        // A timer of a script without `on_timer` fires and calls nothing.
+        assert!(h.process("k", "timer", 60).unwrap().is_empty());
+        assert_eq!(h.pending_timers(), 1);
+        assert!(h.advance_watermark(100).unwrap().is_empty());
+        assert_eq!(h.pending_timers(), 0);
+    }
+
+    /// Sets its state to the value, `read` emits it, `clear` clears it.
+    const EXPIRING: &str = r#"
+state_ttl = "1s"
+script = """
+fn process(key, value, ts, input) {
+    if value == "read" { emit(key, state() ?? "none"); }
+    else if value == "clear" { clear_state(); }
+    else { set_state(value); }
+}
+fn on_expire(key, state) { emit(key, `expired ${state}`); }
+"""
+"#;
+
+    #[test]
+    fn a_state_expires_a_ttl_after_its_last_touch_reading_it_touches_it() {
+        const S: i64 = 1_000_000;
+        let dir = tempfile::tempdir().expect("dir");
+        let c = computation("script", EXPIRING).expect("options");
+        let mut h = Harness::open(dir.path(), c, &[]).expect("harness");
+        assert!(h.process("k", "a", 0).unwrap().is_empty());
+        // Read half a TTL later: touched then, it expires at 1.5 s.
+        assert_eq!(values(h.process("k", "read", S / 2).unwrap()), ["a"]);
+        assert!(h.advance_watermark(S + S / 5).unwrap().is_empty());
+        assert!(h.state(b"k").unwrap().is_some());
+        let out = h.advance_watermark(2 * S).unwrap();
+        assert_eq!(values(out.clone()), ["expired a"]);
+        assert_eq!(out[0].timestamp, S + S / 2);
+        assert_eq!(h.state(b"k").unwrap(), None);
+        assert_eq!(h.pending_timers(), 0);
+        assert_eq!(values(h.process("k", "read", 2 * S).unwrap()), ["none"]);
+        // A record a TTL after the last touch finds the state expired, even
+        // before the watermark fires its timer.
+        assert!(h.process("j", "b", 3 * S).unwrap().is_empty());
+        assert_eq!(
+            values(h.process("j", "read", 4 * S).unwrap()),
+            ["expired b", "none"]
+        );
+        // A state cleared is gone, with its expiry.
+        assert!(h.process("i", "c", 5 * S).unwrap().is_empty());
+        assert_eq!(h.pending_timers(), 1);
+        assert!(h.process("i", "clear", 5 * S).unwrap().is_empty());
+        assert_eq!(h.state(b"i").unwrap(), None);
+        assert_eq!(h.pending_timers(), 0);
+    }
+
+    #[test]
+    fn outputs_and_depth_are_checked_when_the_topology_is_loaded() {
+        let script = "script = \"fn process(k, v, t, i) { }\"";
+        for name in ["errors", ""] {
+            let e = match computation("script", &format!("outputs = [\"{name}\"]\n{script}")) {
+                Ok(_) => panic!("accepted the output `{name}`"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                e.contains(&format!("`{name}` cannot be a named output")),
+                "{e}"
+            );
+        }
+        computation("script", &format!("max_depth = 100\n{script}")).expect("the ceiling");
+        let e = match computation(
+            "script",
+            "script = \"\"\"\nfn process(k, v, t, i) {\n\n  let = 1;\n}\n\"\"\"",
+        ) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        };
+        // `script = """` is the snippet's sixth line: the error is on the tenth.
+        assert!(e.contains("t.toml:10"), "{e}");
+    }
+
+    #[test]
+    fn a_script_file_names_its_own_lines_in_errors() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("count.rhai");
+        std::fs::write(
+            &file,
+            "fn process(key, value, ts, input) {\n    if value == \"boom\" { throw \"boom\"; }\n}\n",
+        )
+        .expect("write");
+        let c = computation(
+            "script",
+            &format!("script_file = {:?}", file.display().to_string()),
+        )
+        .expect("options");
+        let mut h = Harness::open(&dir.path().join("db"), c, &[]).expect("harness");
+        assert!(h.process("k", "a", 0).unwrap().is_empty());
+        let why = bad_record(h.process("k", "boom", 0));
+        assert_eq!(why, format!("{}:2: boom", file.display()));
+        std::fs::write(
+            &file,
+            "fn process(key, value, ts, input) {\n\n    let = 1;\n}\n",
+        )
+        .expect("write");
+        let e = match computation(
+            "script",
+            &format!("script_file = {:?}", file.display().to_string()),
+        ) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(&format!("{}:3", file.display())), "{e}");
+    }
 }

@@ -295,4 +295,132 @@ mod tests {
         assert_eq!(Limits::with_operations(Some(5)).operations, 5);
         assert_eq!(Limits::with_operations(None), d);
     }
+
+    #[test]
+    fn a_value_is_refused_one_past_its_string_array_and_map_limits() {
+        let s = |t: &str| Dynamic::from(t.to_owned());
+        // 4 bytes of strings, 3 elements, 2 entries.
+        let array = Dynamic::from_array(vec![s("ab"), s("cd"), Dynamic::UNIT]);
+        let mut map = rhai::Map::new();
+        map.insert("a".into(), array);
+        map.insert("b".into(), Dynamic::UNIT);
+        let v = Dynamic::from_map(map);
+        let at = Limits {
+            string_bytes: 4,
+            array_len: 3,
+            map_len: 2,
+            ..Limits::default()
+        };
+        at.check_value(&v, "v").expect("at every limit");
+        for (limits, why) in [
+            (
+                Limits {
+                    string_bytes: 3,
+                    ..at.clone()
+                },
+                "v: Length of string too large: bytes of strings more than 3 (max_string_bytes)",
+            ),
+            (
+                Limits {
+                    array_len: 2,
+                    ..at.clone()
+                },
+                "v: Size of array too large: elements more than 2 (max_array_len)",
+            ),
+            (
+                Limits {
+                    map_len: 1,
+                    ..at.clone()
+                },
+                "v: Size of map too large: entries more than 1 (max_map_len)",
+            ),
+        ] {
+            let err = limits.check_value(&v, "v").unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
+    }
+
+    #[test]
+    fn rhais_own_limits_stand_a_little_behind_ours() {
+        let limits = Limits {
+            operations: 1000,
+            string_bytes: 10,
+            array_len: 20,
+            map_len: 30,
+            ..Limits::default()
+        };
+        let mut e = Engine::new();
+        limits.bound(&mut e);
+        assert_eq!(e.max_operations(), 1000 + GRACE_OPERATIONS);
+        assert_eq!(
+            (e.max_string_size(), e.max_array_size(), e.max_map_size()),
+            (20, 40, 60)
+        );
+        assert_eq!(e.max_call_levels(), MAX_CALL_LEVELS + 8);
+    }
+
+    /// A call that reads no variable is stopped by Rhai's checks only: by
+    /// its memory past 1.5 times `max_memory_bytes`, else by its
+    /// operations.
+    #[test]
+    fn a_call_reading_no_variable_is_stopped_past_one_and_a_half_times_its_memory() {
+        let limits = Limits {
+            operations: 1000,
+            memory_bytes: 1 << 20,
+            ..Limits::default()
+        };
+        let engine = crate::script::sandbox(&limits);
+        let ast = engine.compile("fn spin() { loop { } }").expect("compiles");
+        for (held, stopped_by) in [
+            (1_200_000, "Too many operations"),
+            (
+                2_000_000,
+                "more than 1048576 bytes of memory (max_memory_bytes)",
+            ),
+        ] {
+            memory::start_call();
+            start_call();
+            let kept = std::hint::black_box(vec![1u8; held]);
+            let err = engine
+                .call_fn::<Dynamic>(&mut rhai::Scope::new(), &ast, "spin", ())
+                .unwrap_err();
+            drop(kept);
+            // The memory check stops the call with its message as the token.
+            let err = match *err {
+                EvalAltResult::ErrorTerminated(why, _) => why.to_string(),
+                other => other.to_string(),
+            };
+            assert!(err.contains(stopped_by), "{held}: {err}");
+        }
+    }
+
+    /// `process` calling a chain of `n` functions, each the next, the last
+    /// reading a variable.
+    fn chain(n: usize) -> String {
+        let mut s = String::from("fn process() { f1() }\n");
+        for i in 1..n {
+            s += &format!("fn f{i}() {{ f{}() }}\n", i + 1);
+        }
+        s + format!("fn f{n}() {{ let x = 1; x }}\n").as_str()
+    }
+
+    #[test]
+    fn calls_nested_one_level_past_the_limit_are_refused_where_a_variable_is_read() {
+        let engine = crate::script::sandbox(&Limits::default());
+        let run = |n: usize| {
+            let ast = engine.compile(chain(n)).expect("compiles");
+            engine.call_fn::<Dynamic>(&mut rhai::Scope::new(), &ast, "process", ())
+        };
+        let deepest = (1..MAX_CALL_LEVELS + 8)
+            .take_while(|&n| run(n).is_ok())
+            .last()
+            .expect("a chain runs");
+        // `process` runs at level 0: its 64th function at level 64.
+        assert_eq!(deepest, MAX_CALL_LEVELS);
+        let err = run(deepest + 1).unwrap_err().to_string();
+        assert!(
+            err.contains("calls of functions nested more than 64 deep"),
+            "{err}"
+        );
+    }
 }

@@ -599,3 +599,186 @@ fn a_load_into_a_data_directory_whose_parents_do_not_exist_yet_creates_them() {
     assert!(staging.dir().is_dir());
     assert_eq!(staging.dir(), t.path().join("not/there/yet/dd.loading"));
 }
+
+/// The manifest in `sp`.
+fn manifest_of(sp: &DirStore) -> Manifest {
+    serde_json::from_slice(&sp.get("manifest.json").expect("get").expect("manifest"))
+        .expect("manifest")
+}
+
+/// Writes `m` as the manifest of `sp`.
+fn put_manifest(sp: &DirStore, m: &Manifest) {
+    sp.put("manifest.json", serde_json::to_vec(m).expect("json"))
+        .expect("put");
+}
+
+#[test]
+fn the_manifest_and_the_reports_count_every_component_shard_key_and_byte() {
+    let d = Deployment::new(1);
+    let root = d.dir.path().join("sp");
+    let sp = DirStore::new(&root);
+    let a = d.export(0, &sp).expect("a");
+    let b = d.export(1, &sp).expect("b");
+    // Each shard holds five keys, one in each column family.
+    let owned = |me: usize| d.plan.shards.iter().filter(|s| s.worker == me).count();
+    assert_eq!((a.shards, a.keys), (owned(0), 5 * owned(0) as u64), "{a:?}");
+    assert_eq!((b.shards, b.keys), (owned(1), 5 * owned(1) as u64), "{b:?}");
+    let m = manifest_of(&sp);
+    let mut components: Vec<_> = m
+        .components
+        .iter()
+        .map(|c| (c.name.as_str(), c.kind.as_str(), c.role.as_str(), c.shards))
+        .collect();
+    components.sort_unstable();
+    assert_eq!(
+        components,
+        [
+            ("count", "nothing", "computation", 4),
+            ("gen", "nothing", "source", 1)
+        ]
+    );
+    assert_eq!(m.shards.len(), d.plan.shards.len());
+    for s in &m.shards {
+        let file = std::fs::read(root.join(&s.file)).expect("shard file");
+        assert_eq!((s.keys, s.bytes), (5, file.len() as u64), "{s:?}");
+    }
+    let total: u64 = m.shards.iter().map(|s| s.bytes).sum();
+    assert_eq!(a.bytes + b.bytes, total);
+    let r = import(&d.dir.path().join("loaded"), &d.plan, 0, &sp, false).expect("load");
+    assert_eq!(
+        (r.shards, r.keys, r.bytes),
+        (owned(0), 5 * owned(0) as u64, a.bytes)
+    );
+    assert!(r.new_components.is_empty() && r.dropped_components.is_empty());
+}
+
+#[test]
+fn a_component_whose_kind_role_or_shard_count_changed_is_refused() {
+    let d = Deployment::new(1);
+    let sp = DirStore::new(d.dir.path().join("sp"));
+    d.export(0, &sp).expect("a");
+    d.export(1, &sp).expect("b");
+    let saved = manifest_of(&sp);
+    let check_with = |change: &dyn Fn(&mut SavedComponent)| {
+        let mut m = saved.clone();
+        change(
+            m.components
+                .iter_mut()
+                .find(|c| c.name == "count")
+                .expect("count"),
+        );
+        put_manifest(&sp, &m);
+        check(&sp, &d.plan, true)
+    };
+    let why = refused(check_with(&|c| c.kind = "window".into()));
+    assert!(why.contains("was a computation of type `window`"), "{why}");
+    let why = refused(check_with(&|c| c.role = "sink".into()));
+    assert!(why.contains("was a sink of type `nothing`"), "{why}");
+    let why = refused(check_with(&|c| c.shards = 8));
+    assert!(
+        why.contains("had 8 shards in the savepoint and has 4 now"),
+        "{why}"
+    );
+    let (_, new, dropped) = check_with(&|_| {}).expect("unchanged");
+    assert!(new.is_empty() && dropped.is_empty());
+}
+
+#[test]
+fn a_component_gone_is_dropped_only_when_allowed_and_a_new_one_starts_empty() {
+    let d = Deployment::new(1);
+    let sp = DirStore::new(d.dir.path().join("sp"));
+    d.export(0, &sp).expect("a");
+    d.export(1, &sp).expect("b");
+    // The savepoint was taken when `count` was called `old`.
+    let mut m = manifest_of(&sp);
+    for c in m.components.iter_mut().filter(|c| c.name == "count") {
+        c.name = "old".into();
+    }
+    for s in m.shards.iter_mut().filter(|s| s.component == "count") {
+        s.component = "old".into();
+    }
+    put_manifest(&sp, &m);
+    let why = refused(check(&sp, &d.plan, false));
+    assert!(why.contains("no longer has (old)"), "{why}");
+    let data = d.dir.path().join("loaded");
+    assert!(!data.exists(), "nothing loaded");
+    let r = import(&data, &d.plan, 0, &sp, true).expect("load");
+    assert_eq!(r.new_components, ["count"]);
+    assert_eq!(r.dropped_components, ["old"]);
+    for s in d.plan.shards.iter().filter(|s| s.worker == 0) {
+        let loaded = contents(&data, &s.prefix);
+        if d.plan.nodes[s.node].name == "count" {
+            assert_eq!(loaded, [], "a new component starts empty");
+        } else {
+            assert_eq!(loaded, contents(&d.data(0), &s.prefix));
+        }
+    }
+}
+
+#[test]
+fn completing_a_complete_savepoint_again_agrees_and_another_ones_manifest_is_refused() {
+    let d = Deployment::new(1);
+    let root = d.dir.path().join("sp");
+    let sp = DirStore::new(&root);
+    d.export(0, &sp).expect("a");
+    d.export(1, &sp).expect("b");
+    let marker = read_marker(&sp).expect("read").expect("marker");
+    // As when two workers complete it at once: the second finds the
+    // first's manifest, of the same savepoint.
+    assert_eq!(
+        complete(&sp, &d.plan, &marker).expect("again"),
+        [] as [String; 0]
+    );
+    let mut other = manifest_of(&sp);
+    other.id = "another".into();
+    put_manifest(&sp, &other);
+    let why = refused(complete(&sp, &d.plan, &marker));
+    assert!(
+        why.contains(&format!(
+            "file://{}/manifest.json appeared while savepoint {}",
+            root.display(),
+            marker.id
+        )),
+        "{why}"
+    );
+    assert_eq!(manifest_of(&sp), other, "left as it was");
+}
+
+#[test]
+fn a_shard_file_cut_short_names_the_byte_it_ends_at() {
+    let prefix = shard_prefix("count", 0);
+    let mut bytes = MAGIC.to_vec();
+    push_entry(
+        &mut bytes,
+        b's',
+        &[prefix.as_slice(), b"k"].concat(),
+        b"value",
+    );
+    let whole = parse_shard_file(&bytes, &prefix).expect("whole");
+    assert_eq!(whole.len(), 1);
+    // The value is the last 5 bytes; 2 of them remain.
+    let why = parse_shard_file(&bytes[..bytes.len() - 3], &prefix).expect_err("cut");
+    assert_eq!(why, format!("cut short at byte {}", bytes.len() - 5));
+}
+
+#[test]
+fn a_location_that_cannot_be_read_is_an_error_not_an_empty_one() {
+    let t = tempfile::tempdir().expect("tmp");
+    // A file where the savepoint's directory should be.
+    let file = t.path().join("file");
+    std::fs::write(&file, "x").expect("write");
+    let sp = DirStore::new(&file);
+    assert!(matches!(sp.some_entry(), Err(SavepointError::Io(_))));
+    assert!(matches!(check_vacant(&sp), Err(SavepointError::Io(_))));
+    assert!(matches!(
+        sp.get("manifest.json"),
+        Err(SavepointError::Io(_))
+    ));
+    // A link to itself.
+    let root = t.path().join("sp");
+    std::fs::create_dir_all(&root).expect("dir");
+    std::os::unix::fs::symlink(root.join("loop"), root.join("loop")).expect("link");
+    let sp = DirStore::new(&root);
+    assert!(matches!(sp.get("loop"), Err(SavepointError::Io(_))));
+    assert_eq!(sp.get("absent").expect("get"), None);
+}
