@@ -47,8 +47,9 @@ define fetch_wheel_binary
 	fi
 endef
 
+## The binary only (`make run` needs nothing else: no tests, examples or benches).
 build: setup
-	cargo build --bins
+	cargo build --bin millrace
 
 ## The production binary, with RocksDB compiled from source with NDEBUG
 ## (Debian's library, which `build` and the tests link, keeps debug

@@ -209,6 +209,15 @@ pub fn load(
     Ok(())
 }
 
+/// Makes ring the process's TLS crypto provider unless one is set already.
+/// The S3 client's reqwest is built with rustls but no provider of its own
+/// (see the workspace's Cargo.toml: aws-lc-rs, the default, is a slow build),
+/// and would panic on building a client without one.
+fn install_tls_provider() {
+    // An error means a provider is installed already: that one is used.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A savepoint in an S3-compatible object store, through `object_store`.
 /// Calls are made from a small runtime of its own (savepoints are taken and
 /// loaded outside the worker's loop), from several threads at once: an
@@ -226,6 +235,7 @@ impl S3Store {
         if bucket.is_empty() {
             bail!("`{url}`: no bucket (s3://BUCKET/PREFIX)");
         }
+        install_tls_provider();
         let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
         let endpoint = std::env::var("AWS_ENDPOINT_URL")
             .or_else(|_| std::env::var("AWS_ENDPOINT"))

@@ -150,6 +150,8 @@ impl S3 {
 
     /// A client of `bucket` with the test user, and a runtime to drive it.
     fn client(&self, bucket: &str) -> (object_store::aws::AmazonS3, tokio::runtime::Runtime) {
+        // As the binary does: reqwest has rustls without a crypto provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let store = object_store::aws::AmazonS3Builder::new()
             .with_endpoint(&self.endpoint)
             .with_allow_http(true)
