@@ -8,15 +8,21 @@
 //! read-back would start after it and write it a second time. So a commit's
 //! position, in each partition, never passes the first record still awaited.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// Written records awaiting their re-delivery, by production id.
 #[derive(Debug, Default)]
 pub(super) struct Awaited {
     /// Where each one is: (partition, offset).
     by_id: HashMap<Vec<u8>, (i32, i64)>,
-    /// The same places, in order.
+    /// The places that hold the position back, in order: those above, and
+    /// those of re-deliveries taken whose write is not yet durable.
     at: BTreeSet<(i32, i64)>,
+    /// Re-deliveries taken (skipped), in write order: the write that took
+    /// each, and its place, held in `at` until that write is durable (a
+    /// crash before then delivers it again, and the read-back must find
+    /// it again).
+    taken: VecDeque<(u64, (i32, i64))>,
 }
 
 impl Awaited {
@@ -29,14 +35,28 @@ impl Awaited {
         }
     }
 
-    /// Whether `id` was awaited; it no longer is.
-    pub fn take(&mut self, id: &[u8]) -> bool {
+    /// Whether `id` was awaited; it no longer is, but its place holds the
+    /// position back until write number `write` is durable
+    /// ([`Awaited::release`]).
+    pub fn take(&mut self, id: &[u8], write: u64) -> bool {
         match self.by_id.remove(id) {
             Some(place) => {
-                self.at.remove(&place);
+                self.taken.push_back((write, place));
                 true
             }
             None => false,
+        }
+    }
+
+    /// Writes up to `durable` are durable: the places their skips held
+    /// stop holding the position back.
+    pub fn release(&mut self, durable: u64) {
+        while let Some(&(write, place)) = self.taken.front() {
+            if write > durable {
+                break;
+            }
+            self.taken.pop_front();
+            self.at.remove(&place);
         }
     }
 
@@ -88,14 +108,16 @@ mod tests {
             a.position(&ends(&[(0, 100), (1, 30)])),
             ends(&[(0, 12), (1, 30), (2, 5)])
         );
-        assert!(a.take(b"e/0/9"));
-        assert!(!a.take(b"e/0/9"), "taken once");
+        assert!(a.take(b"e/0/9", 1));
+        assert!(!a.take(b"e/0/9", 2), "taken once");
+        a.release(1);
         assert_eq!(
             a.position(&ends(&[(0, 100), (1, 30)])),
             ends(&[(0, 40), (1, 30), (2, 5)])
         );
-        assert!(a.take(b"e/0/7") && a.take(b"e/1/3"));
+        assert!(a.take(b"e/0/7", 3) && a.take(b"e/1/3", 4));
         assert!(a.is_empty());
+        a.release(4);
         assert_eq!(
             a.position(&ends(&[(0, 100), (1, 30)])),
             ends(&[(0, 100), (1, 30)])
@@ -116,7 +138,25 @@ mod tests {
         a.insert(b"e/0/1", 0, 8);
         assert_eq!(a.len(), 1);
         assert_eq!(a.position(&ends(&[(0, 20)])), ends(&[(0, 3)]));
-        assert!(a.take(b"e/0/1"));
+        assert!(a.take(b"e/0/1", 1));
+        a.release(1);
         assert_eq!(a.position(&ends(&[(0, 20)])), ends(&[(0, 20)]));
+    }
+
+    #[test]
+    fn a_re_delivery_skipped_holds_the_position_back_until_its_write_is_durable() {
+        let mut a = Awaited::default();
+        a.insert(b"e/0/5", 0, 105);
+        // Write 4 skips it; writes 2 and 3 before it are not durable yet.
+        assert!(a.take(b"e/0/5", 4));
+        assert!(a.is_empty(), "nothing left to come");
+        a.release(2);
+        assert_eq!(
+            a.position(&ends(&[(0, 112)])),
+            ends(&[(0, 105)]),
+            "a crash now delivers e/0/5 again: the read-back must find it"
+        );
+        a.release(4);
+        assert_eq!(a.position(&ends(&[(0, 112)])), ends(&[(0, 112)]));
     }
 }

@@ -138,6 +138,8 @@ pub struct KafkaSink {
     awaited: Awaited,
     /// Writes since `open` (each write call counts one).
     writes: u64,
+    /// How many of them were durable at the last `durable()`.
+    durable: u64,
     /// Records written while a transaction commits, sent after it.
     held: Vec<Held>,
     value: Vec<u8>,
@@ -293,7 +295,10 @@ impl KafkaSink {
         producer.poll(Duration::ZERO);
         let mut cap = u64::MAX;
         if let Some(t) = &mut self.transactions {
-            match t.poll(self.writes - self.held.len() as u64) {
+            // Writes before the first one held (a skip made during a commit
+            // after a held record is not held, but follows it).
+            let unheld = self.held.first().map_or(self.writes, |h| h.write - 1);
+            match t.poll(unheld) {
                 Ok(Some(Committed)) => {
                     metrics()
                         .transactions
@@ -353,6 +358,7 @@ impl Sink for KafkaSink {
         self.ends = self.committed.clone();
         self.awaited = Awaited::default();
         self.writes = 0;
+        self.durable = 0;
         self.held.clear();
         self.transactions = None;
         let producer: BaseProducer<SinkContext> = self
@@ -404,7 +410,7 @@ impl Sink for KafkaSink {
         self.writes += 1;
         self.id.clear();
         let _ = write!(self.id, "{id}");
-        if !self.awaited.is_empty() && self.awaited.take(self.id.as_bytes()) {
+        if !self.awaited.is_empty() && self.awaited.take(self.id.as_bytes(), self.writes) {
             metrics()
                 .duplicates_skipped
                 .with_label_values(&[&self.component])
@@ -420,7 +426,12 @@ impl Sink for KafkaSink {
 
     fn durable(&mut self) -> Result<Durable, SinkError> {
         let writes = self.settle()?;
-        health::clear(&health_name(&self.component));
+        if writes > self.durable {
+            // The broker acknowledges again: whatever was reported is over.
+            self.durable = writes;
+            health::clear(&health_name(&self.component));
+        }
+        self.awaited.release(writes);
         Ok(Durable {
             writes,
             position: format_position(&self.awaited.position(&self.ends)).into_bytes(),
@@ -677,6 +688,7 @@ fn build(c: &Component) -> Result<KafkaSink, ConfigError> {
         ends: BTreeMap::new(),
         awaited: Awaited::default(),
         writes: 0,
+        durable: 0,
         held: Vec::new(),
         value: Vec::new(),
         id: String::new(),

@@ -266,3 +266,39 @@ fn a_transactions_records_are_durable_only_once_it_committed_and_later_ones_wait
         "each record once, in order"
     );
 }
+
+#[test]
+fn a_skip_after_a_record_held_during_a_commit_waits_for_that_record_to_commit() {
+    let broker = Broker::start("txskip");
+    let tx = "transactional_id = \"sink-tests-skip\"\ntransaction_interval = \"200ms\"\n";
+    // A first run wrote x/0/1 and died before the engine recorded it.
+    let mut first = sink_with(&broker, "txskip", SinkStart::new(1), None, tx);
+    deliver(&mut first, "x", 1);
+    first.flush(true).expect("flush");
+    drop(first);
+    // The restart finds x/0/1; it will come again.
+    let start = SinkStart::new(2).applied("x", 0, 0).applied("y", 0, 0);
+    let mut s = sink_with(&broker, "txskip", start, None, tx);
+    deliver(&mut s, "y", 1); // write 1, into the first transaction
+    durable_until(&mut s, "the commit to start", |s, _| {
+        s.transactions
+            .as_ref()
+            .is_some_and(Transactions::committing)
+    });
+    deliver(&mut s, "y", 2); // write 2: held
+    deliver(&mut s, "x", 1); // write 3: a skip, after the held one
+    let writes = durable_until(&mut s, "the commit to return", |_, w| w > 0);
+    assert_eq!(writes, 1, "only the committed transaction's write");
+    // y/0/2 went into the next transaction; the broker acknowledges it
+    // long before that one commits. Neither it nor the skip after it is
+    // durable until then.
+    s.producer()
+        .expect("open")
+        .flush(Duration::from_secs(10))
+        .expect("acknowledged");
+    assert_eq!(s.durable().expect("durable").writes, 1);
+    durable_until(&mut s, "the next commit", |_, w| w == 3);
+    drop(s);
+    let ids: Vec<String> = broker.ids("txskip").into_iter().map(|(_, id)| id).collect();
+    assert_eq!(ids, ["x/0/1", "y/0/1", "y/0/2"], "each record once");
+}

@@ -5,7 +5,7 @@
 use super::Executor;
 use crate::error::EngineError;
 use crate::message::Msg;
-use crate::plan::Sid;
+use crate::plan::{ChannelIdx, Sid};
 use crossbeam_channel::RecvTimeoutError;
 use std::time::Duration;
 
@@ -63,10 +63,15 @@ impl Executor {
                     let on = |sid: Sid| plan.shards[sid as usize].worker == worker;
                     for shard in &mut self.shards {
                         shard.rewind(|ch| on(plan.chan(ch).dst));
-                        for (ch, applied) in shard.applied_by_input() {
+                        // What it may acknowledge: at a sink that defers,
+                        // only what is durable, not all it applied.
+                        let inputs: Vec<ChannelIdx> =
+                            shard.applied_by_input().map(|(ch, _)| ch).collect();
+                        for ch in inputs {
+                            let upto = shard.acknowledgeable(ch);
                             if on(plan.chan(ch).src) {
                                 let a = self.acks.entry(ch).or_insert(0);
-                                *a = (*a).max(applied);
+                                *a = (*a).max(upto);
                             }
                         }
                         if plan
