@@ -266,3 +266,29 @@ fn a_transactions_records_are_durable_only_once_it_committed_and_later_ones_wait
         "each record once, in order"
     );
 }
+
+#[test]
+fn a_transaction_stays_open_for_its_interval() {
+    let broker = Broker::start("open");
+    let mut s = sink_with(
+        &broker,
+        "open",
+        SinkStart::new(1),
+        None,
+        "transactional_id = \"sink-tests-open\"\ntransaction_interval = \"1h\"\n",
+    );
+    deliver(&mut s, "x", 1);
+    // Within its hour the open transaction is neither committed nor
+    // committing, however often the engine asks what is durable, and a
+    // record written meanwhile goes straight into it.
+    for _ in 0..3 {
+        assert_eq!(s.durable().expect("durable").writes, 0);
+        assert!(!s
+            .transactions
+            .as_ref()
+            .is_some_and(Transactions::committing));
+    }
+    deliver(&mut s, "x", 2);
+    assert!(s.held.is_empty(), "no commit under way: nothing held");
+    assert_eq!(s.durable().expect("durable").writes, 0);
+}
