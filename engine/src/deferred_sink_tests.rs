@@ -87,6 +87,11 @@ impl Sink for Gated {
 }
 
 fn start(dir: &std::path::Path, gate: &Arc<Gate>) -> Worker {
+    start_with(dir, gate, &Arc::new(Metrics::new()))
+}
+
+/// [`start`], counting in `metrics`.
+fn start_with(dir: &std::path::Path, gate: &Arc<Gate>, metrics: &Arc<Metrics>) -> Worker {
     let mut registry = Registry::new();
     registry.source("numbers", |_| Ok(Box::new(Numbers { next: 0 })));
     let g = Arc::clone(gate);
@@ -110,7 +115,7 @@ fn start(dir: &std::path::Path, gate: &Arc<Gate>) -> Worker {
         topology,
         &registry,
         WorkerOptions::default(),
-        Arc::new(Metrics::new()),
+        Arc::clone(metrics),
     )
     .expect("start")
 }
@@ -163,4 +168,32 @@ fn what_a_sink_has_not_called_durable_is_delivered_again_and_nothing_else() {
     worker.shutdown().expect("shutdown");
     let again: Vec<u64> = gate.written.lock().clone();
     assert_eq!(again, (401..=RECORDS).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_delivery_sent_again_before_it_is_durable_is_not_acknowledged() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gate = Arc::new(Gate::default());
+    let metrics = Arc::new(Metrics::new());
+    let worker = start_with(dir.path(), &gate, &metrics);
+    // Nothing is durable, so nothing is acknowledged: the source sends its
+    // records again (after its retry backoff), and the sink drops them as
+    // duplicates without acknowledging any.
+    let duplicates = metrics.duplicates.with_label_values(&["out"]);
+    until("a record sent again", || duplicates.get() > 0);
+    worker.shutdown().expect("shutdown");
+    gate.written.lock().clear();
+
+    // So the next run is given every record again.
+    gate.released.store(u64::MAX, Ordering::SeqCst);
+    let worker = start(dir.path(), &gate);
+    assert!(
+        worker
+            .wait_finished(Duration::from_secs(15))
+            .expect("no failure"),
+        "the second run did not finish within 15 s"
+    );
+    worker.shutdown().expect("shutdown");
+    let again: Vec<u64> = gate.written.lock().clone();
+    assert_eq!(again, (1..=RECORDS).collect::<Vec<_>>());
 }
