@@ -9,7 +9,7 @@ use support::*;
 fn a_custom_kind_runs_in_a_users_binary() {
     let root = env!("CARGO_MANIFEST_DIR");
     let build = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "--example", "custom_kind"])
+        .args(["build", "--example", "custom_kind"])
         .current_dir(root)
         .status()
         .expect("cargo build --example custom_kind");
