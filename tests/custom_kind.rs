@@ -8,11 +8,14 @@ use support::*;
 #[test]
 fn a_custom_kind_runs_in_a_users_binary() {
     let root = env!("CARGO_MANIFEST_DIR");
+    // The same targets `make test` builds first, so that cargo resolves the
+    // same features and finds the example built (a narrower build resolved
+    // other features and rebuilt the TLS stack).
     let build = Command::new(env!("CARGO"))
-        .args(["build", "--example", "custom_kind"])
+        .args(["build", "--bins", "--examples"])
         .current_dir(root)
         .status()
-        .expect("cargo build --example custom_kind");
+        .expect("cargo build --bins --examples");
     assert!(build.success());
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_millrace"))
         .parent()
