@@ -243,10 +243,9 @@ fn run_topology_with(text: &str, records: u64, watch: Option<&str>, metrics: Arc
     }
 }
 
-/// Runs `text` on `workers` workers of one cluster (in this process, over
-/// TCP on 127.0.0.1); returns the run and the records sent between workers.
-fn run_cluster(text: &str, records: u64, workers: usize) -> (Run, u64) {
-    let dir = tempfile::tempdir().expect("temp dir");
+/// The `[cluster]` table of `workers` workers `w0`, `w1`, ... on free
+/// ports of 127.0.0.1.
+fn cluster_section(workers: usize) -> String {
     let mut cluster = String::from("[cluster]\nsecret = \"bench-secret-0123456789\"\n");
     for w in 0..workers {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -257,6 +256,14 @@ fn run_cluster(text: &str, records: u64, workers: usize) -> (Run, u64) {
             "[[cluster.workers]]\nid = \"w{w}\"\naddress = \"127.0.0.1:{port}\"\n"
         ));
     }
+    cluster
+}
+
+/// Runs `text` on `workers` workers of one cluster (in this process, over
+/// TCP on 127.0.0.1); returns the run and the records sent between workers.
+fn run_cluster(text: &str, records: u64, workers: usize) -> (Run, u64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = cluster_section(workers);
     let text = format!("{cluster}{text}").replace("{dir}", &dir.path().display().to_string());
     let started = Instant::now();
     let running: Vec<(Worker, Arc<Metrics>)> = (0..workers)

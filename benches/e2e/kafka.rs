@@ -3,7 +3,7 @@
 //! and two workers, without and with transactions, then the end-to-end
 //! latency at half of the one-worker rate.
 
-use super::{cpu_steadiness, env_u64};
+use super::{cluster_section, cpu_steadiness, env_u64};
 use millrace::config::Topology;
 use millrace::engine::{Metrics, Worker, WorkerOptions};
 use rdkafka::config::ClientConfig;
@@ -91,7 +91,6 @@ impl Broker {
             .set("group.id", format!("bench-{topic}"))
             .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", "10")
-            .set("enable.partition.eof", "true")
             .create()
             .expect("consumer");
         let mut tpl = TopicPartitionList::new();
@@ -129,13 +128,11 @@ fn produce(broker: &Broker, topic: &str, n: u64) {
 }
 
 /// Reads `topic` until it has seen `n` records; how long that took from `from`.
-fn read_until(c: &BaseConsumer, n: u64, from: Instant, partitions: i32) -> Duration {
-    let (mut read, mut ends) = (0u64, 0);
-    while read < n || (n == 0 && ends < partitions) {
-        match c.poll(Duration::from_millis(100)) {
-            Some(Ok(_)) => read += 1,
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => ends += 1,
-            _ => {}
+fn read_until(c: &BaseConsumer, n: u64, from: Instant) -> Duration {
+    let mut read = 0u64;
+    while read < n {
+        if let Some(Ok(_)) = c.poll(Duration::from_millis(100)) {
+            read += 1;
         }
         assert!(
             from.elapsed() < Duration::from_secs(1800),
@@ -155,19 +152,11 @@ fn start(
     workers: usize,
     dir: &std::path::Path,
 ) -> Vec<Worker> {
-    let mut cluster = String::new();
-    if workers > 1 {
-        cluster.push_str("[cluster]\nsecret = \"bench-secret-0123456789\"\n");
-        for w in 0..workers {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-                .port();
-            cluster.push_str(&format!(
-                "[[cluster.workers]]\nid = \"w{w}\"\naddress = \"127.0.0.1:{port}\"\n"
-            ));
-        }
-    }
+    let cluster = if workers > 1 {
+        cluster_section(workers)
+    } else {
+        String::new()
+    };
     let addr = &broker.addr;
     let text = format!(
         r#"{cluster}
@@ -259,7 +248,7 @@ pub fn bench(n: u64) {
     let started = Instant::now();
     produce(&broker, "raw", n);
     let c = broker.reader("raw", 4);
-    read_until(&c, n, started, 4);
+    read_until(&c, n, started);
     let raw_secs = started.elapsed().as_secs_f64();
     let raw = n as f64 / raw_secs;
     println!(
@@ -277,7 +266,7 @@ pub fn bench(n: u64) {
         let dir = tempfile::tempdir().expect("temp dir");
         let started = Instant::now();
         let running = start(&broker, "in", &out, sink, *workers, dir.path());
-        let secs = read_until(&reader, n, started, 2).as_secs_f64();
+        let secs = read_until(&reader, n, started).as_secs_f64();
         for w in running {
             w.shutdown().expect("shutdown");
         }
@@ -327,7 +316,7 @@ fn latency(broker: &Broker, input: &str, output: &str, rate: f64, seconds: u64) 
     let p = broker.producer();
     send(&p, input, "warm", "{\"w\":\"warm\"}");
     p.flush(Duration::from_secs(30)).expect("flush");
-    read_until(&reader, 1, Instant::now(), 2);
+    read_until(&reader, 1, Instant::now());
     let total = (rate * seconds as f64) as u64;
     let steal_before = cpu_steal();
     let topic = input.to_owned();

@@ -5,53 +5,15 @@
 //! between the start of a turn and the return of its commit.
 
 use crate::shared::Step;
+use crate::test_kinds::Numbers;
 use crate::{
-    per_shard, Computation, ComputationError, Context, Emitter, Metrics, Record, Registry, Sink,
-    SinkError, Source, SourceError, SourcePoll, Worker, WorkerOptions,
+    per_shard, Computation, ComputationError, Context, Metrics, Record, Registry, Sink, SinkError,
+    Worker, WorkerOptions,
 };
 use millrace_config::Topology;
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// `n` records over 7 keys, replayable from its position or not. Counts
-/// what it reads in `read`.
-struct Numbers {
-    n: u64,
-    next: u64,
-    read: Arc<Mutex<u64>>,
-    replayable: bool,
-}
-
-impl Source for Numbers {
-    fn open(&mut self, position: Option<&[u8]>) -> Result<(), SourceError> {
-        self.next = position
-            .and_then(|p| p.try_into().ok())
-            .map_or(0, u64::from_be_bytes);
-        Ok(())
-    }
-    fn poll(&mut self, out: &mut Emitter<'_>, max: usize) -> Result<SourcePoll, SourceError> {
-        for _ in 0..max.min(50) {
-            if self.next == self.n {
-                return Ok(SourcePoll::Exhausted);
-            }
-            out.emit(
-                format!("k{}", self.next % 7),
-                self.next.to_string(),
-                self.next as i64,
-            );
-            self.next += 1;
-            *self.read.lock() += 1;
-        }
-        Ok(SourcePoll::Ready)
-    }
-    fn position(&self) -> Vec<u8> {
-        self.next.to_be_bytes().to_vec()
-    }
-    fn replayable(&self) -> bool {
-        self.replayable
-    }
-}
 
 /// A running count per key.
 #[derive(Clone)]

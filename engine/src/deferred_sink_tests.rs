@@ -2,10 +2,8 @@
 //! for, and what it has not yet said is durable is neither committed as
 //! applied nor acknowledged: a stop delivers exactly that again.
 
-use crate::{
-    Durable, Emitter, Metrics, Record, Registry, Sink, SinkError, Source, SourceError, SourcePoll,
-    Worker, WorkerOptions,
-};
+use crate::test_kinds::Numbers;
+use crate::{Durable, Metrics, Record, Registry, Sink, SinkError, Worker, WorkerOptions};
 use millrace_config::Topology;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,33 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const RECORDS: u64 = 1000;
-
-/// `RECORDS` records, read once: its position is how many it read.
-struct Numbers {
-    next: u64,
-}
-
-impl Source for Numbers {
-    fn open(&mut self, position: Option<&[u8]>) -> Result<(), SourceError> {
-        self.next = position
-            .and_then(|p| p.try_into().ok())
-            .map_or(0, u64::from_be_bytes);
-        Ok(())
-    }
-    fn poll(&mut self, out: &mut Emitter<'_>, max: usize) -> Result<SourcePoll, SourceError> {
-        for _ in 0..max.min(50) {
-            if self.next == RECORDS {
-                return Ok(SourcePoll::Exhausted);
-            }
-            out.emit(format!("k{}", self.next % 7), "v", self.next as i64);
-            self.next += 1;
-        }
-        Ok(SourcePoll::Ready)
-    }
-    fn position(&self) -> Vec<u8> {
-        self.next.to_be_bytes().to_vec()
-    }
-}
 
 /// What the test sees of the gated sink, and how far it lets it be durable.
 #[derive(Default)]
@@ -93,7 +64,14 @@ fn start(dir: &std::path::Path, gate: &Arc<Gate>) -> Worker {
 /// [`start`], counting in `metrics`.
 fn start_with(dir: &std::path::Path, gate: &Arc<Gate>, metrics: &Arc<Metrics>) -> Worker {
     let mut registry = Registry::new();
-    registry.source("numbers", |_| Ok(Box::new(Numbers { next: 0 })));
+    registry.source("numbers", |_| {
+        Ok(Box::new(Numbers {
+            n: RECORDS,
+            next: 0,
+            read: Arc::default(),
+            replayable: false,
+        }))
+    });
     let g = Arc::clone(gate);
     registry.sink("gated", move |_| {
         Ok(Box::new(Gated {
@@ -118,6 +96,23 @@ fn start_with(dir: &std::path::Path, gate: &Arc<Gate>, metrics: &Arc<Metrics>) -
         Arc::clone(metrics),
     )
     .expect("start")
+}
+
+/// Runs the worker again on `dir` with every write durable at once, to
+/// the source's end; returns the sequence numbers the sink was given.
+fn run_to_the_end(dir: &std::path::Path, gate: &Arc<Gate>) -> Vec<u64> {
+    gate.written.lock().clear();
+    gate.released.store(u64::MAX, Ordering::SeqCst);
+    let worker = start(dir, gate);
+    assert!(
+        worker
+            .wait_finished(Duration::from_secs(15))
+            .expect("no failure"),
+        "the run did not finish within 15 s"
+    );
+    worker.shutdown().expect("shutdown");
+    let written = gate.written.lock().clone();
+    written
 }
 
 /// Waits up to 15 s for `done`.
@@ -157,17 +152,10 @@ fn what_a_sink_has_not_called_durable_is_delivered_again_and_nothing_else() {
 
     // The next run is given exactly the 600 that were not durable, and
     // finishes once they are.
-    gate.released.store(u64::MAX, Ordering::SeqCst);
-    let worker = start(dir.path(), &gate);
-    assert!(
-        worker
-            .wait_finished(Duration::from_secs(15))
-            .expect("no failure"),
-        "the second run did not finish within 15 s"
+    assert_eq!(
+        run_to_the_end(dir.path(), &gate),
+        (401..=RECORDS).collect::<Vec<_>>()
     );
-    worker.shutdown().expect("shutdown");
-    let again: Vec<u64> = gate.written.lock().clone();
-    assert_eq!(again, (401..=RECORDS).collect::<Vec<_>>());
 }
 
 #[test]
@@ -182,18 +170,10 @@ fn a_delivery_sent_again_before_it_is_durable_is_not_acknowledged() {
     let duplicates = metrics.duplicates.with_label_values(&["out"]);
     until("a record sent again", || duplicates.get() > 0);
     worker.shutdown().expect("shutdown");
-    gate.written.lock().clear();
 
     // So the next run is given every record again.
-    gate.released.store(u64::MAX, Ordering::SeqCst);
-    let worker = start(dir.path(), &gate);
-    assert!(
-        worker
-            .wait_finished(Duration::from_secs(15))
-            .expect("no failure"),
-        "the second run did not finish within 15 s"
+    assert_eq!(
+        run_to_the_end(dir.path(), &gate),
+        (1..=RECORDS).collect::<Vec<_>>()
     );
-    worker.shutdown().expect("shutdown");
-    let again: Vec<u64> = gate.written.lock().clone();
-    assert_eq!(again, (1..=RECORDS).collect::<Vec<_>>());
 }

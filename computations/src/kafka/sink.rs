@@ -104,6 +104,7 @@ impl ProducerContext for SinkContext {
     }
 }
 
+/// The sink as errors and `/healthz` name it.
 fn health_name(component: &str) -> String {
     format!("kafka sink `{component}`")
 }
@@ -279,18 +280,17 @@ impl KafkaSink {
     fn producer(&self) -> Result<&BaseProducer<SinkContext>, SinkError> {
         self.producer
             .as_deref()
-            .ok_or_else(|| error(format!("kafka sink `{}`", self.component), "not open"))
+            .ok_or_else(|| error(health_name(&self.component), "not open"))
     }
 
     /// Takes in the acknowledgements that came (and a transaction's commit
     /// that ended), starts the commit of a transaction open long enough,
     /// and says how many writes are durable.
     fn settle(&mut self) -> Result<u64, SinkError> {
-        let what = format!("kafka sink `{}`", self.component);
         let producer = Arc::clone(
             self.producer
                 .as_ref()
-                .ok_or_else(|| error(&what, "not open"))?,
+                .ok_or_else(|| error(health_name(&self.component), "not open"))?,
         );
         producer.poll(Duration::ZERO);
         let mut cap = u64::MAX;
@@ -325,8 +325,9 @@ impl KafkaSink {
                         .errors
                         .with_label_values(&[&self.component, "transaction"])
                         .inc();
-                    health::report(&health_name(&self.component), why.clone());
-                    return Err(error(&what, why));
+                    let what = health_name(&self.component);
+                    health::report(&what, why.clone());
+                    return Err(error(what, why));
                 }
             }
             cap = t.committed();
@@ -337,8 +338,9 @@ impl KafkaSink {
             .lock()
             .settle(self.writes, cap, &mut self.ends)
             .map_err(|why| {
-                health::report(&health_name(&self.component), why.clone());
-                error(&what, format!("a record was not acknowledged: {why}"))
+                let what = health_name(&self.component);
+                health::report(&what, why.clone());
+                error(what, format!("a record was not acknowledged: {why}"))
             })?;
         Ok(durable)
     }
@@ -350,7 +352,7 @@ impl Sink for KafkaSink {
     }
 
     fn open(&mut self, position: Option<&[u8]>) -> Result<(), SinkError> {
-        let what = format!("kafka sink `{}`", self.component);
+        let what = health_name(&self.component);
         self.committed = match position {
             Some(p) => parse_position(p).map_err(|e| error(&what, e))?,
             None => BTreeMap::new(),
@@ -450,7 +452,7 @@ impl Sink for KafkaSink {
             }
             if Instant::now() > deadline {
                 return Err(error(
-                    format!("kafka sink `{}`", self.component),
+                    health_name(&self.component),
                     format!(
                         "waiting for the broker's acknowledgements took over {:?}",
                         self.timeout
@@ -491,10 +493,7 @@ impl KafkaSink {
             });
             return Ok(());
         }
-        let producer = self
-            .producer
-            .as_deref()
-            .ok_or_else(|| error(format!("kafka sink `{}`", self.component), "not open"))?;
+        let producer = self.producer()?;
         send(
             producer,
             &self.topic,
@@ -570,10 +569,7 @@ fn send(
                     .errors
                     .with_label_values(&[component, "produce"])
                     .inc();
-                return Err(error(
-                    format!("kafka sink `{component}`"),
-                    format!("producing: {e}"),
-                ));
+                return Err(error(health_name(component), format!("producing: {e}")));
             }
         }
     }

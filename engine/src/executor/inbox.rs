@@ -5,7 +5,7 @@
 use super::Executor;
 use crate::error::EngineError;
 use crate::message::Msg;
-use crate::plan::{ChannelIdx, Sid};
+use crate::plan::Sid;
 use crossbeam_channel::RecvTimeoutError;
 use std::time::Duration;
 
@@ -63,12 +63,9 @@ impl Executor {
                     let on = |sid: Sid| plan.shards[sid as usize].worker == worker;
                     for shard in &mut self.shards {
                         shard.rewind(|ch| on(plan.chan(ch).dst));
-                        // What it may acknowledge: at a sink that defers,
-                        // only what is durable, not all it applied.
-                        let inputs: Vec<ChannelIdx> =
-                            shard.applied_by_input().map(|(ch, _)| ch).collect();
-                        for ch in inputs {
-                            let upto = shard.acknowledgeable(ch);
+                        // At a sink that defers: what is durable, not all
+                        // it applied.
+                        for (ch, upto) in shard.acknowledgeable_by_input() {
                             if on(plan.chan(ch).src) {
                                 let a = self.acks.entry(ch).or_insert(0);
                                 *a = (*a).max(upto);

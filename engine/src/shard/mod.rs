@@ -256,9 +256,10 @@ impl ShardRt {
         matches!(&self.body, Body::Sink(s) if s.defers())
     }
 
-    /// The input channels and what each applied.
-    pub fn applied_by_input(&self) -> impl Iterator<Item = (ChannelIdx, u64)> + '_ {
-        self.inputs.iter().map(|(ch, i)| (*ch, i.applied()))
+    /// The input channels and what each may acknowledge
+    /// ([`ShardRt::acknowledgeable`]).
+    pub fn acknowledgeable_by_input(&self) -> impl Iterator<Item = (ChannelIdx, u64)> + '_ {
+        self.inputs.keys().map(|&ch| (ch, self.acknowledgeable(ch)))
     }
 
     /// Notes the event time of a record taken in; returns whether it is
