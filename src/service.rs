@@ -133,6 +133,7 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
             data_dir: Some(data_dir.clone()),
             worker: worker_id.clone(),
             listen,
+            dynamic: false,
         },
         Arc::clone(&metrics),
     )

@@ -30,12 +30,15 @@ pub mod layout;
 mod mapkey;
 mod message;
 mod metrics;
+#[cfg(test)]
+mod move_tests;
 pub mod net;
 mod outgoing;
 mod plan;
 mod record;
 mod registry;
 mod router;
+pub mod routes;
 pub mod savepoint;
 mod scope;
 mod shard;

@@ -27,6 +27,8 @@ pub(crate) enum Msg {
     /// A connection to worker `worker` was (re)established: what was sent to
     /// it may be lost, so send it all again.
     PeerUp { worker: usize },
+    /// Start, stop or re-route one shard (never sent to another worker).
+    Shard(crate::executor::Control),
 }
 
 /// Where an executor's messages go: another executor of this worker, or the

@@ -46,6 +46,15 @@ pub struct Metrics {
     pub fatal_errors: IntCounter,
     /// Cluster connections: frames that failed to decode or broke the protocol.
     pub net_bad_frames: IntCounterVec,
+    /// Cluster connections: deliveries, acknowledgements and watermarks
+    /// for a shard the sender or this worker does not run now, dropped.
+    pub net_stale_frames: IntCounterVec,
+    /// Shards moved to (`in`) or away from (`out`) this worker.
+    pub shard_moves: IntCounterVec,
+    /// How long a shard moved to this worker ran nowhere.
+    pub shard_move_pause_seconds: Histogram,
+    /// Shards this worker runs now.
+    pub shards_owned: IntGauge,
     /// Handshakes refused, by reason (`secret`, `epoch`, `topology`, `worker`, `by-peer`).
     pub net_refused: IntCounterVec,
     /// Connections established, by peer worker.
@@ -171,7 +180,7 @@ impl Metrics {
                         "millrace_end_to_end_latency_seconds",
                         "From source ingestion to sink delivery.",
                     )
-                    .buckets(latency_buckets),
+                    .buckets(latency_buckets.clone()),
                     &["component"],
                 )
                 .expect("valid metric"),
@@ -209,6 +218,35 @@ impl Metrics {
                 "millrace_net_bad_frames_total",
                 "Frames from another worker with a bad length, checksum or content; each closes its connection.",
                 "peer",
+            ),
+            net_stale_frames: peer_counter(
+                "millrace_net_stale_frames_total",
+                "Deliveries, acknowledgements and watermarks from another worker for a shard that \
+                 it or this worker does not run now (a shard move raced them, or a stale owner \
+                 sent them): dropped, the connection stays; the sender sends again to the new owner.",
+                "peer",
+            ),
+            shard_moves: peer_counter(
+                "millrace_shard_moves_total",
+                "Shards moved to this worker (direction=in) or away from it (direction=out).",
+                "direction",
+            ),
+            shard_move_pause_seconds: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "millrace_shard_move_pause_seconds",
+                        "How long a shard moved to this worker ran nowhere: from its stop at the \
+                         old owner to its start here.",
+                    )
+                    .buckets(latency_buckets.clone()),
+                )
+                .expect("valid metric"),
+            ),
+            shards_owned: reg(
+                &r,
+                IntGauge::new("millrace_shards_owned", "Shards this worker runs now.")
+                    .expect("valid metric"),
             ),
             net_refused: peer_counter(
                 "millrace_net_refused_total",

@@ -50,8 +50,13 @@ impl Outgoing {
     }
 
     /// Queues the productions of `shard` that may be sent now.
-    pub fn queue_sends(&mut self, plan: &Plan, me: usize, shard: &mut ShardRt) {
-        shard.queue_sends(plan, me, &mut self.queues);
+    pub fn queue_sends(
+        &mut self,
+        plan: &Plan,
+        at: (&crate::routes::Routes, usize),
+        shard: &mut ShardRt,
+    ) {
+        shard.queue_sends(plan, at, &mut self.queues);
     }
 
     /// What is queued, by destination.

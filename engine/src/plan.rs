@@ -67,8 +67,8 @@ pub struct Node {
     pub maker: Maker,
     /// Shards whose watermarks bound its shards' input watermark.
     pub upstream: Vec<Sid>,
-    /// `(worker, executor)` pairs that host a consumer of its outputs.
-    pub downstream: Vec<(usize, usize)>,
+    /// The shards that consume its outputs.
+    pub downstream: Vec<Sid>,
     /// For sources.
     pub watermark: SourceWatermark,
 }
@@ -97,7 +97,9 @@ pub struct ShardSpec {
     pub node: NodeIdx,
     /// Its number within the node.
     pub shard: u32,
-    /// The worker (index in `[cluster] workers`; 0 without a cluster) that owns it.
+    /// The worker (index in `[cluster] workers`; 0 without a cluster) the
+    /// fixed deal gives it. Where shards move between live workers, the
+    /// worker's routing table (`routes.rs`) says who runs it now.
     pub worker: usize,
     /// The executor thread of its worker that runs it.
     pub executor: usize,
@@ -303,11 +305,9 @@ impl Plan {
         for edge in &edges {
             let (src, dst) = (&nodes[edge.from], &nodes[edge.to]);
             let producers: Vec<Sid> = (src.first_sid..src.first_sid + src.shards).collect();
-            let hosts: Vec<(usize, usize)> = (dst.first_sid..dst.first_sid + dst.shards)
-                .map(|sid| (shards[sid as usize].worker, shards[sid as usize].executor))
-                .collect();
+            let consumers: Vec<Sid> = (dst.first_sid..dst.first_sid + dst.shards).collect();
             nodes[edge.to].upstream.extend(producers);
-            nodes[edge.from].downstream.extend(hosts);
+            nodes[edge.from].downstream.extend(consumers);
         }
         for node in &mut nodes {
             node.upstream.sort_unstable();
@@ -346,22 +346,6 @@ impl Plan {
             }
         }
         crate::keying::fnv1a(text.as_bytes())
-    }
-
-    /// Where worker `me` sends messages for shard `sid`: the index of its
-    /// executor (`0..threads`) when `me` owns it, else `threads + worker`.
-    pub fn destination(&self, me: usize, sid: Sid) -> usize {
-        let s = &self.shards[sid as usize];
-        self.destination_of(me, s.worker, s.executor)
-    }
-
-    /// [`Plan::destination`] of executor `executor` of worker `worker`.
-    pub fn destination_of(&self, me: usize, worker: usize, executor: usize) -> usize {
-        if worker == me {
-            executor
-        } else {
-            self.threads + worker
-        }
     }
 
     /// The channel from producer shard `src_shard` to consumer shard `dst_shard` of `edge`.
@@ -433,8 +417,8 @@ impl Plan {
         &self.nodes[self.shards[sid as usize].node].upstream
     }
 
-    /// `(worker, executor)` pairs that host a consumer of shard `sid`'s outputs.
-    pub fn downstream(&self, sid: Sid) -> &[(usize, usize)] {
+    /// The shards that consume shard `sid`'s outputs.
+    pub fn downstream(&self, sid: Sid) -> &[Sid] {
         &self.nodes[self.shards[sid as usize].node].downstream
     }
 

@@ -252,11 +252,7 @@ inputs = ["a.errors"]
         };
         let (a, b, e) = (node("a"), node("b"), node("e"));
         let metrics = Arc::new(Metrics::new());
-        let shared = Arc::new(Shared::new(
-            Arc::clone(&metrics),
-            plan.shards.len(),
-            plan.nodes.len(),
-        ));
+        let shared = Arc::new(Shared::new(Arc::clone(&metrics), &plan, false));
         let node_metrics: Arc<[NodeMetrics]> = plan
             .nodes
             .iter()

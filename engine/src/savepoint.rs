@@ -701,3 +701,52 @@ fn load_shards(
     }
     Ok((shards, keys, loaded_bytes))
 }
+
+/// Every key of the shard with `prefix` in a live `store`, as a shard file
+/// (what a shard move carries from its old owner to its new one), and how
+/// many keys. The shard must not be running.
+pub(crate) fn shard_snapshot(
+    store: &Store,
+    prefix: &[u8],
+) -> Result<(Vec<u8>, u64), SavepointError> {
+    shard_file(store, prefix)
+}
+
+/// Replaces every key of the shard with `prefix` in `store` by those of the
+/// shard file `bytes` (checked entry by entry first); returns how many keys.
+/// The shard must not be running.
+pub(crate) fn replace_shard(
+    store: &Store,
+    prefix: &[u8],
+    bytes: &[u8],
+) -> Result<u64, SavepointError> {
+    let entries = parse_shard_file(bytes, prefix)
+        .map_err(|why| SavepointError::Refused(format!("the shard's data is damaged: {why}")))?;
+    for (_, k, _) in entries.iter().filter(|(cf, _, _)| *cf == Cf::State) {
+        parse_state_key(&k[prefix.len()..])
+            .map_err(|e| SavepointError::Refused(format!("bad state key: {e}")))?;
+    }
+    clear_shard(store, prefix)?;
+    for chunk in entries.chunks(10_000) {
+        let mut b = store.batch();
+        for (cf, k, v) in chunk {
+            match cf {
+                Cf::State => b.put_state(k, Some(v)),
+                cf => b.put(*cf, k, v),
+            }
+        }
+        store.commit(b)?;
+    }
+    Ok(entries.len() as u64)
+}
+
+/// Deletes every key of the shard with `prefix` from `store` (one range per
+/// column family).
+pub(crate) fn clear_shard(store: &Store, prefix: &[u8]) -> Result<(), SavepointError> {
+    let mut b = store.batch();
+    for (cf, _) in CF_TAGS {
+        b.delete_prefix(cf, prefix);
+    }
+    store.commit(b)?;
+    Ok(())
+}

@@ -4,6 +4,8 @@
 //! decides when a graph is drained.
 
 use crate::metrics::Metrics;
+use crate::plan::Plan;
+use crate::routes::Routes;
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -108,6 +110,8 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     /// What is still on its way through the graph.
     pub in_flight: InFlight,
+    /// Which worker runs each shard now.
+    pub routes: Routes,
     /// Sources stop polling (SIGTERM).
     pub stopping: AtomicBool,
     /// Executors make a last commit and exit.
@@ -127,12 +131,15 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Nothing in flight, nothing stopping, every shard's figures at their
-    /// start, for `shards` shards and `nodes` components.
-    pub fn new(metrics: Arc<Metrics>, shards: usize, nodes: usize) -> Shared {
+    /// start, for the shards and components of `plan`; routes as
+    /// [`Routes::new`] makes them.
+    pub fn new(metrics: Arc<Metrics>, plan: &Plan, dynamic: bool) -> Shared {
+        let (shards, nodes) = (plan.shards.len(), plan.nodes.len());
         let atomics = |v: i64| (0..shards).map(|_| AtomicI64::new(v)).collect::<Vec<_>>();
         Shared {
             metrics,
             in_flight: InFlight::default(),
+            routes: Routes::new(plan, dynamic),
             stopping: AtomicBool::new(false),
             halt: AtomicBool::new(false),
             fatal: Mutex::new(None),

@@ -26,6 +26,10 @@ pub struct WorkerOptions {
     /// Address to listen on for other workers, when it differs from the
     /// worker's `address` (behind a proxy or NAT).
     pub listen: Option<String>,
+    /// Shards are not dealt by the plan but claimed one by one from a
+    /// coordination service: the worker starts running none, and runs what
+    /// [`Worker::adopt_shard`] gives it.
+    pub dynamic: bool,
     /// In the engine's own tests: where executors record their steps.
     #[cfg(test)]
     pub(crate) recorder: Option<Arc<parking_lot::Mutex<Vec<crate::shared::Step>>>>,
@@ -91,6 +95,8 @@ pub struct Worker {
     shared: Arc<Shared>,
     node_metrics: Vec<NodeMetrics>,
     threads: Vec<JoinHandle<Result<(), EngineError>>>,
+    /// The executors' inboxes, by executor.
+    inboxes: Vec<crossbeam_channel::Sender<Vec<Msg>>>,
     started: Instant,
     recovered: i64,
     recovered_positions: Vec<(String, String)>,
@@ -147,12 +153,20 @@ impl Worker {
             },
         )?);
         check_layout(&store, &plan, me)?;
-        let epochs = bump_epochs(&store, &plan, me)?;
         let shared = Arc::new(Shared {
             #[cfg(test)]
             recorder: opts.recorder.clone(),
-            ..Shared::new(Arc::clone(&metrics), plan.shards.len(), plan.nodes.len())
+            ..Shared::new(Arc::clone(&metrics), &plan, opts.dynamic)
         });
+        if !opts.dynamic {
+            for (sid, epoch) in bump_epochs(&store, &plan, me)? {
+                let exec = plan.shards[sid as usize].executor;
+                shared.routes.set(sid, Some(me), exec, epoch);
+            }
+        }
+        metrics
+            .shards_owned
+            .set(shared.routes.shards_of(me).len() as i64);
         let node_metrics: Vec<NodeMetrics> = plan
             .nodes
             .iter()
@@ -187,7 +201,6 @@ impl Worker {
                     me,
                     listen: listen.clone(),
                     secret: secret.unwrap_or_default().into_bytes(),
-                    epochs,
                     inboxes: senders.clone(),
                     shared: Arc::clone(&shared),
                     store: Arc::clone(&store),
@@ -219,9 +232,11 @@ impl Worker {
         }
         let recovered = shared.in_flight.unacked();
         let mut recovered_positions = Vec::new();
-        for node in plan.nodes.iter().filter(|n| {
-            n.role != Role::Computation && plan.shards[n.first_sid as usize].worker == me
-        }) {
+        for node in plan
+            .nodes
+            .iter()
+            .filter(|n| n.role != Role::Computation && shared.routes.owned_by(n.first_sid, me))
+        {
             let key = crate::layout::position_key(&plan.shards[node.first_sid as usize].prefix);
             if let Some(v) = store.get(Cf::Meta, &key)? {
                 recovered_positions.push((node.name.clone(), crate::shard::printable_position(&v)));
@@ -265,6 +280,7 @@ impl Worker {
             shared,
             node_metrics,
             threads,
+            inboxes: senders,
             started: Instant::now(),
             recovered,
             recovered_positions,
@@ -395,7 +411,7 @@ impl Worker {
                 // This worker's own shards of the component (all, alone).
                 let sids: Vec<usize> = (n.first_sid..n.first_sid + n.shards)
                     .map(|i| i as usize)
-                    .filter(|&i| self.plan.shards[i].worker == self.me)
+                    .filter(|&i| self.shared.routes.owned_by(i as u32, self.me))
                     .collect();
                 let wm = sids
                     .iter()
@@ -482,6 +498,191 @@ impl Worker {
     /// Productions committed and not yet acknowledged, now.
     pub fn backlog(&self) -> i64 {
         self.shared.in_flight.unacked()
+    }
+
+    // Shards moving between live workers. A move is: the old owner stops
+    // the shard at the end of a turn ([`Worker::stop_shard`]: everything it
+    // did is committed, what it has not had acknowledged stays in its
+    // outbox) and takes its data ([`Worker::shard_data`]); the new owner
+    // loads it and starts it ([`Worker::adopt_shard`]); every worker routes
+    // to the new owner ([`Worker::route`]) and sends it again what it has not
+    // acknowledged; the old owner then deletes its copy
+    // ([`Worker::drop_shard_data`]). Nothing was acknowledged that was not
+    // committed, so what was on its way to the old owner simply goes again.
+
+    /// The shard number of `component`'s shard `shard`.
+    pub fn sid_of(&self, component: &str, shard: u32) -> Option<u32> {
+        let node = self.plan.nodes.iter().find(|n| n.name == component)?;
+        (shard < node.shards).then_some(node.first_sid + shard)
+    }
+
+    /// The shards this worker runs now.
+    pub fn shards_owned(&self) -> Vec<u32> {
+        self.shared.routes.shards_of(self.me)
+    }
+
+    /// Who runs each shard now, as this worker knows it (worker index, epoch).
+    pub fn owner_of(&self, sid: u32) -> Option<(usize, u64)> {
+        let routes = &self.shared.routes;
+        routes.owner(sid).map(|w| (w, routes.epoch(sid)))
+    }
+
+    /// Stops running shard `sid` at the end of its executor's current turn
+    /// and routes nothing to it until [`Worker::route`] names its next owner.
+    pub fn stop_shard(&self, sid: u32) -> Result<(), EngineError> {
+        let routes = &self.shared.routes;
+        if !routes.owned_by(sid, self.me) {
+            return Err(EngineError::Layout(format!(
+                "shard {sid} is not run by this worker"
+            )));
+        }
+        self.ask(routes.executor(sid), sid, crate::executor::Control::Stop)?;
+        routes.set(sid, None, 0, 0);
+        self.shared
+            .metrics
+            .shard_moves
+            .with_label_values(&["out"])
+            .inc();
+        self.shared
+            .metrics
+            .shards_owned
+            .set(routes.shards_of(self.me).len() as i64);
+        Ok(())
+    }
+
+    /// Every key of shard `sid` (stopped, or never run here), as a shard
+    /// file for [`Worker::adopt_shard`], and how many keys.
+    pub fn shard_data(&self, sid: u32) -> Result<(Vec<u8>, u64), EngineError> {
+        self.check_not_running(sid)?;
+        let prefix = &self.plan.shards[sid as usize].prefix;
+        crate::savepoint::shard_snapshot(&self.store, prefix)
+            .map_err(|e| EngineError::Layout(format!("shard {sid}: {e}")))
+    }
+
+    /// Deletes this worker's copy of shard `sid` (moved away).
+    pub fn drop_shard_data(&self, sid: u32) -> Result<(), EngineError> {
+        self.check_not_running(sid)?;
+        let prefix = &self.plan.shards[sid as usize].prefix;
+        crate::savepoint::clear_shard(&self.store, prefix)
+            .map_err(|e| EngineError::Layout(format!("shard {sid}: {e}")))
+    }
+
+    /// Runs shard `sid` from now on at `epoch`: from `data` (a shard file of
+    /// [`Worker::shard_data`], which replaces whatever this worker held of
+    /// it) or, without, from what its store holds. Tells every executor to
+    /// send it again what it has not acknowledged.
+    pub fn adopt_shard(
+        &self,
+        sid: u32,
+        data: Option<&[u8]>,
+        epoch: u64,
+    ) -> Result<(), EngineError> {
+        if sid as usize >= self.plan.shards.len() {
+            return Err(EngineError::Layout(format!("no shard {sid}")));
+        }
+        if self.shared.routes.owned_by(sid, self.me) {
+            return Ok(());
+        }
+        let prefix = &self.plan.shards[sid as usize].prefix;
+        if let Some(bytes) = data {
+            crate::savepoint::replace_shard(&self.store, prefix, bytes)
+                .map_err(|e| EngineError::Layout(format!("shard {sid}: {e}")))?;
+        }
+        let mut b = self.store.batch();
+        b.put(
+            Cf::Meta,
+            &crate::layout::epoch_key(prefix),
+            &epoch.to_be_bytes(),
+        );
+        self.store.commit(b)?;
+        let exec = self.least_loaded_executor();
+        self.ask(exec, sid, crate::executor::Control::Start)?;
+        // Routed here only once it runs: nothing sent to it is dropped.
+        self.shared.routes.set(sid, Some(self.me), exec, epoch);
+        self.rerouted(sid);
+        let m = &self.shared.metrics;
+        if data.is_some() {
+            m.shard_moves.with_label_values(&["in"]).inc();
+        }
+        m.shards_owned
+            .set(self.shared.routes.shards_of(self.me).len() as i64);
+        Ok(())
+    }
+
+    /// Routes shard `sid` to worker `owner` (another worker's index, or none
+    /// while it moves) from `epoch` on; with an owner, every executor sends
+    /// it again what it has not acknowledged.
+    pub fn route(&self, sid: u32, owner: Option<usize>, epoch: u64) -> Result<(), EngineError> {
+        if owner == Some(self.me) || self.shared.routes.owned_by(sid, self.me) {
+            return Err(EngineError::Layout(format!(
+                "shard {sid} is routed here by adopt_shard and away by stop_shard"
+            )));
+        }
+        if sid as usize >= self.plan.shards.len() || owner.is_some_and(|w| w >= self.plan.workers) {
+            return Err(EngineError::Layout(format!(
+                "no shard {sid} or no worker {owner:?}"
+            )));
+        }
+        let routes = &self.shared.routes;
+        if routes.owner(sid) == owner && routes.epoch(sid) == epoch {
+            return Ok(());
+        }
+        routes.set(sid, owner, 0, epoch);
+        if owner.is_some() {
+            self.rerouted(sid);
+        }
+        Ok(())
+    }
+
+    /// Asks executor `exec` to start or stop `sid` at the end of its turn,
+    /// and waits until it has.
+    fn ask(
+        &self,
+        exec: usize,
+        sid: u32,
+        what: fn(u32, crossbeam_channel::Sender<()>) -> crate::executor::Control,
+    ) -> Result<(), EngineError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.inboxes[exec]
+            .send(vec![Msg::Shard(what(sid, tx))])
+            .map_err(|_| EngineError::Thread("the executor is gone".into()))?;
+        // A turn lasts a commit interval, a commit, or an idle wait (20 ms).
+        let timeout = Duration::from_secs(30);
+        rx.recv_timeout(timeout).map_err(|_| {
+            EngineError::Thread(format!(
+                "shard {sid}: its executor did not answer within {timeout:?} (busy or gone)"
+            ))
+        })
+    }
+
+    fn rerouted(&self, sid: u32) {
+        for inbox in &self.inboxes {
+            let _ = inbox.send(vec![Msg::Shard(crate::executor::Control::Rerouted(sid))]);
+        }
+    }
+
+    fn check_not_running(&self, sid: u32) -> Result<(), EngineError> {
+        if sid as usize >= self.plan.shards.len() {
+            return Err(EngineError::Layout(format!("no shard {sid}")));
+        }
+        if self.shared.routes.owned_by(sid, self.me) {
+            return Err(EngineError::Layout(format!(
+                "shard {sid} is running here: stop it first"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The executor with the fewest shards of this worker.
+    fn least_loaded_executor(&self) -> usize {
+        let routes = &self.shared.routes;
+        let mut load = vec![0usize; self.inboxes.len()];
+        for sid in routes.shards_of(self.me) {
+            if let Some(l) = load.get_mut(routes.executor(sid)) {
+                *l += 1;
+            }
+        }
+        (0..load.len()).min_by_key(|&e| (load[e], e)).unwrap_or(0)
     }
 }
 

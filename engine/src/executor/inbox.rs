@@ -59,8 +59,10 @@ impl Executor {
                         self.released_count += n as i64;
                     }
                 }
+                Msg::Shard(c) => self.control.push(c),
                 Msg::PeerUp { worker } => {
-                    let on = |sid: Sid| plan.shards[sid as usize].worker == worker;
+                    let routes = &self.shared.routes;
+                    let on = |sid: Sid| routes.owned_by(sid, worker);
                     for shard in &mut self.shards {
                         shard.rewind(|ch| on(plan.chan(ch).dst));
                         // At a sink that defers: what is durable, not all
@@ -71,11 +73,7 @@ impl Executor {
                                 *a = (*a).max(upto);
                             }
                         }
-                        if plan
-                            .downstream(shard.sid())
-                            .iter()
-                            .any(|(w, _)| *w == worker)
-                        {
+                        if plan.downstream(shard.sid()).iter().any(|&d| on(d)) {
                             shard.resend_watermark();
                         }
                     }

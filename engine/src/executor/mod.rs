@@ -83,6 +83,16 @@ const IDLE_WAIT: Duration = Duration::from_millis(20);
 /// deliveries written and not yet durable: how late it may see them durable.
 const AWAIT_DURABLE: Duration = Duration::from_micros(500);
 
+/// What an executor is asked to do with one shard, at the end of a turn.
+pub(crate) enum Control {
+    /// Run it from its last commit in the store; say so on the channel.
+    Start(Sid, crossbeam_channel::Sender<()>),
+    /// Stop running it; say so on the channel.
+    Stop(Sid, crossbeam_channel::Sender<()>),
+    /// It has a new owner: send to it again.
+    Rerouted(Sid),
+}
+
 pub(crate) struct Executor {
     id: usize,
     /// This worker's index in the cluster (0 alone).
@@ -96,8 +106,12 @@ pub(crate) struct Executor {
     shards: Vec<ShardRt>,
     local: FastMap<Sid, usize>,
     /// Per local shard: the destinations its watermark goes to (local
-    /// executors, and each other worker once).
+    /// executors, and each other worker once), as the routes were at
+    /// `wm_dests_version`.
     wm_dests: Vec<Vec<usize>>,
+    wm_dests_version: u64,
+    /// Shards to start, stop or send to again, at the end of the turn.
+    control: Vec<Control>,
     /// For each upstream shard, the local shards (and upstream positions) it bounds.
     wm_subscribers: FastMap<Sid, Vec<(usize, usize)>>,
     node_metrics: Arc<[NodeMetrics]>,
@@ -153,6 +167,8 @@ impl Executor {
             local: FastMap::default(),
             wm_subscribers: FastMap::default(),
             wm_dests: Vec::new(),
+            wm_dests_version: 0,
+            control: Vec::new(),
             node_metrics,
             router,
             outgoing: Outgoing::new(destinations),
@@ -168,40 +184,140 @@ impl Executor {
         }
     }
 
-    /// Rebuilds this executor's shards from their last commit.
+    /// Rebuilds the shards the routes give this executor from their last
+    /// commit.
     pub fn recover(&mut self) -> Result<(), EngineError> {
-        let plan = Arc::clone(&self.plan);
-        let store = &*self.store;
-        for (sid, spec) in plan.shards.iter().enumerate() {
-            if spec.worker != self.me || spec.executor != self.id {
-                continue;
-            }
-            let sid = sid as Sid;
-            let shard = ShardRt::recover(
-                &plan,
-                sid,
-                store,
-                &self.node_metrics[spec.node],
-                &self.shared.in_flight,
-            )?;
-            for (pos, u) in plan.upstream(sid).iter().enumerate() {
-                self.wm_subscribers
-                    .entry(*u)
-                    .or_default()
-                    .push((self.shards.len(), pos));
-            }
-            let mut dests: Vec<usize> = plan
-                .downstream(sid)
-                .iter()
-                .map(|&(w, exec)| plan.destination_of(self.me, w, exec))
-                .collect();
-            dests.sort_unstable();
-            dests.dedup();
-            self.wm_dests.push(dests);
-            self.local.insert(sid, self.shards.len());
-            self.shards.push(shard);
+        let routes = &self.shared.routes;
+        let mine: Vec<Sid> = routes
+            .shards_of(self.me)
+            .into_iter()
+            .filter(|&sid| routes.executor(sid) == self.id)
+            .collect();
+        for sid in mine {
+            self.start_shard(sid)?;
         }
         Ok(())
+    }
+
+    /// Starts running `sid` from its last commit in the store.
+    fn start_shard(&mut self, sid: Sid) -> Result<(), EngineError> {
+        if self.local.contains_key(&sid) {
+            return Ok(());
+        }
+        let plan = Arc::clone(&self.plan);
+        let node = plan.shards[sid as usize].node;
+        let shard = ShardRt::recover(
+            &plan,
+            sid,
+            &self.store,
+            &self.node_metrics[node],
+            &self.shared.in_flight,
+        )?;
+        self.local.insert(sid, self.shards.len());
+        self.shards.push(shard);
+        self.index_shards();
+        Ok(())
+    }
+
+    /// Stops running `sid` (at the end of a turn: everything it did is
+    /// committed and released). What it has not had acknowledged stays in
+    /// its outbox in the store, for whoever runs it next.
+    fn stop_shard(&mut self, sid: Sid) {
+        let Some(i) = self.local.remove(&sid) else {
+            return;
+        };
+        let shard = self.shards.swap_remove(i);
+        let in_flight = &self.shared.in_flight;
+        in_flight.restored(-(shard.backlog() as i64));
+        if let Body::Source(src) = &shard.body {
+            if !src.retired {
+                in_flight.source_done();
+            }
+        }
+        let s = &*self.shared;
+        let at = sid as usize;
+        s.shard_backlog[at].store(0, Ordering::Relaxed);
+        s.shard_wm[at].store(i64::MIN, Ordering::Relaxed);
+        s.shard_max_event[at].store(i64::MIN, Ordering::Relaxed);
+        s.shard_timers[at].store(0, Ordering::Relaxed);
+        self.index_shards();
+    }
+
+    /// Rebuilds what is kept by position among the local shards: the
+    /// index by sid, who subscribes to which upstream watermark, and where
+    /// each shard's watermark goes.
+    fn index_shards(&mut self) {
+        let plan = &*self.plan;
+        self.local.clear();
+        self.wm_subscribers.clear();
+        for (i, shard) in self.shards.iter().enumerate() {
+            let sid = shard.sid();
+            self.local.insert(sid, i);
+            for (pos, u) in plan.upstream(sid).iter().enumerate() {
+                self.wm_subscribers.entry(*u).or_default().push((i, pos));
+            }
+        }
+        self.refresh_wm_dests();
+    }
+
+    /// Where each local shard's watermark goes, as the routes say now.
+    fn refresh_wm_dests(&mut self) {
+        let (plan, routes) = (&*self.plan, &self.shared.routes);
+        self.wm_dests_version = routes.version();
+        self.wm_dests = self
+            .shards
+            .iter()
+            .map(|shard| {
+                let mut dests: Vec<usize> = plan
+                    .downstream(shard.sid())
+                    .iter()
+                    .filter_map(|&d| routes.destination(self.me, d))
+                    .collect();
+                dests.sort_unstable();
+                dests.dedup();
+                dests
+            })
+            .collect();
+    }
+
+    /// Starts, stops and re-sends what the turn's messages asked for.
+    fn control(&mut self) -> Result<(), EngineError> {
+        for c in std::mem::take(&mut self.control) {
+            match c {
+                Control::Start(sid, done) => {
+                    self.start_shard(sid)?;
+                    let _ = done.send(());
+                }
+                Control::Stop(sid, done) => {
+                    self.stop_shard(sid);
+                    let _ = done.send(());
+                }
+                Control::Rerouted(sid) => self.rerouted(sid),
+            }
+        }
+        if self.wm_dests_version != self.shared.routes.version() {
+            self.refresh_wm_dests();
+        }
+        Ok(())
+    }
+
+    /// Shard `sid` has a new owner (or an owner again): send it everything
+    /// it has not acknowledged, acknowledge again what came from it, and
+    /// send it the watermarks it depends on.
+    fn rerouted(&mut self, sid: Sid) {
+        let plan = &*self.plan;
+        for shard in &mut self.shards {
+            shard.rewind(|ch| plan.chan(ch).dst == sid);
+            for (ch, upto) in shard.acknowledgeable_by_input() {
+                if plan.chan(ch).src == sid {
+                    let a = self.acks.entry(ch).or_insert(0);
+                    *a = (*a).max(upto);
+                }
+            }
+            if plan.downstream(shard.sid()).contains(&sid) {
+                shard.resend_watermark();
+            }
+        }
     }
 
     /// Runs the loop until the worker halts. A returned error stops the worker;
@@ -222,6 +338,7 @@ impl Executor {
             if halting {
                 return Ok(());
             }
+            self.control()?;
         }
     }
 
@@ -336,10 +453,13 @@ impl Executor {
     fn release(&mut self, proof: Committed) {
         let shared = &*self.shared;
         let plan = &*self.plan;
-        let dest = |sid: Sid| plan.destination(self.me, sid);
+        let routes = &shared.routes;
         for (ch, upto) in std::mem::take(&mut self.acks) {
-            let src = plan.chan(ch).src;
-            self.outgoing.push(dest(src), Msg::Ack { ch, upto });
+            // A producer nobody runs now (moving) is acknowledged again
+            // once it has a route (`Executor::rerouted`).
+            if let Some(to) = routes.destination(self.me, plan.chan(ch).src) {
+                self.outgoing.push(to, Msg::Ack { ch, upto });
+            }
         }
         let mut wm_sent = 0;
         let now = Instant::now();
@@ -349,7 +469,7 @@ impl Executor {
             if retried > 0 {
                 metrics.retries.inc_by(retried);
             }
-            self.outgoing.queue_sends(plan, self.me, shard);
+            self.outgoing.queue_sends(plan, (routes, self.me), shard);
             if let Some((wm, idle)) = shard.take_wm_change() {
                 for &to in &self.wm_dests[i] {
                     let counted = to < plan.threads;

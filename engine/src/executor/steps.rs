@@ -244,12 +244,13 @@ impl Executor {
                 ..Handed::default()
             };
             let (me, replay_out, peers) = (self.me, &mut self.replay_out, &self.peers);
+            let routes = &self.shared.routes;
             #[cfg(test)]
             let shared = Arc::clone(&self.shared);
             #[cfg(test)]
             let id = self.id;
             let sent = self.shared.in_flight.hand_out(handed, || {
-                send_early(plan, me, shard, replay_out, peers, |_q| {
+                send_early(plan, (routes, me), shard, replay_out, peers, |_q| {
                     #[cfg(test)]
                     shared.record(crate::outgoing::sent_step(id, true, _q));
                 })

@@ -33,7 +33,7 @@ impl Net {
         Greeting {
             worker: self.peers[self.me].id.clone(),
             topology: self.fingerprint,
-            epochs: self.epochs.clone(),
+            epochs: self.epochs(),
             nonce,
             incarnation: self.incarnation,
             mac: [0; MAC_LEN],
@@ -66,7 +66,12 @@ impl Net {
         }
         let mut seen = self.seen_epochs.lock();
         for &(sid, epoch) in &g.epochs {
-            if self.plan.shards.get(sid as usize).map(|s| s.worker) != Some(w) {
+            // Where shards move, this worker may not have heard of a claim
+            // yet: a shard it knows no owner of is taken as claimed.
+            let routes = &self.shared.routes;
+            if sid as usize >= self.plan.shards.len()
+                || routes.owner(sid).is_some_and(|owner| owner != w)
+            {
                 return Err((
                     "worker",
                     format!(
@@ -385,25 +390,18 @@ id = "b"
 address = "127.0.0.1:2"
 "#,
         )));
-        let epochs = plan
-            .shards
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.worker == me)
-            .map(|(sid, _)| (sid as u32, 1))
-            .collect();
         let store = Arc::new(Store::open(dir, &StoreOptions::default()).expect("store"));
-        let shared = Arc::new(Shared::new(
-            Arc::new(Metrics::new()),
-            plan.shards.len(),
-            plan.nodes.len(),
-        ));
+        let shared = Arc::new(Shared::new(Arc::new(Metrics::new()), &plan, false));
+        for (sid, s) in plan.shards.iter().enumerate() {
+            if s.worker == me {
+                shared.routes.set(sid as u32, Some(me), s.executor, 1);
+            }
+        }
         Net::new(TransportConfig {
             plan,
             me,
             listen: String::new(),
             secret: secret.as_bytes().to_vec(),
-            epochs,
             inboxes: Vec::new(),
             shared,
             store,

@@ -70,8 +70,6 @@ pub(crate) struct TransportConfig {
     pub me: usize,
     pub listen: String,
     pub secret: Vec<u8>,
-    /// `(shard, epoch)` of this worker's shards, as started.
-    pub epochs: Vec<(u32, u64)>,
     /// Executors' inboxes.
     pub inboxes: Vec<Sender<Vec<Msg>>>,
     pub shared: Arc<Shared>,
@@ -99,7 +97,6 @@ struct Net {
     me: usize,
     secret: Vec<u8>,
     fingerprint: u64,
-    epochs: Vec<(u32, u64)>,
     /// Highest epoch seen per shard of another worker, and the incarnation
     /// that holds it (0 when only the persisted epoch is known).
     seen_epochs: Mutex<HashMap<u32, (u64, u64)>>,
@@ -108,7 +105,6 @@ struct Net {
     inboxes: Vec<Sender<Vec<Msg>>>,
     shared: Arc<Shared>,
     store: Arc<Store>,
-    local_sids: Vec<Sid>,
     peers: Vec<Peer>,
     /// When every worker was first seen done.
     all_done_since: Mutex<Option<Instant>>,
@@ -137,26 +133,16 @@ impl Net {
                 true
             })
             .map_err(std::io::Error::other)?;
-        let local_sids = cfg
-            .plan
-            .shards
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.worker == cfg.me)
-            .map(|(i, _)| i as Sid)
-            .collect();
         Ok(Net {
             fingerprint: cfg.plan.fingerprint(),
             plan: cfg.plan,
             me: cfg.me,
             secret: cfg.secret,
-            epochs: cfg.epochs,
             seen_epochs: Mutex::new(seen),
             incarnation: random_u64() | 1,
             inboxes: cfg.inboxes,
             shared: cfg.shared,
             store: cfg.store,
-            local_sids,
             peers: cluster
                 .workers
                 .iter()
@@ -173,9 +159,22 @@ impl Net {
     }
 
     fn local_done(&self) -> bool {
-        self.local_sids.iter().all(|&sid| {
-            self.shared.shard_wm[sid as usize].load(Ordering::SeqCst) == crate::record::MAX_TIME
-        })
+        let routes = &self.shared.routes;
+        // A shard nobody runs now (moving) is nobody's done.
+        (0..self.plan.shards.len() as Sid).all(|sid| routes.owner(sid).is_some())
+            && routes.shards_of(self.me).iter().all(|&sid| {
+                self.shared.shard_wm[sid as usize].load(Ordering::SeqCst) == crate::record::MAX_TIME
+            })
+    }
+
+    /// The epochs of the shards this worker runs now, for its greeting.
+    fn epochs(&self) -> Vec<(u32, u64)> {
+        let routes = &self.shared.routes;
+        routes
+            .shards_of(self.me)
+            .into_iter()
+            .map(|sid| (sid, routes.epoch(sid)))
+            .collect()
     }
 
     fn all_done(&self) -> bool {

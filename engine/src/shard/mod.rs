@@ -10,6 +10,7 @@ use crate::mapkey::{FastMap, MapKey};
 use crate::message::Msg;
 use crate::plan::{ChannelIdx, NodeIdx, Plan, Sid};
 use crate::record::{Envelope, EventTime, MIN_TIME};
+use crate::routes::Routes;
 use crate::scope::{Clock, Emit, KeyScope};
 use crate::timers::Timers;
 use bytes::Bytes;
@@ -340,12 +341,22 @@ impl ShardRt {
     }
 
     /// Queues the productions that may be sent now (within each channel's
-    /// window) in `queues`, by destination, marking them sent.
-    pub fn queue_sends(&mut self, plan: &Plan, me: usize, queues: &mut [Vec<Msg>]) {
+    /// window) in `queues`, by destination as worker `me`'s `routes` give
+    /// it, marking them sent. What is for a shard nobody runs now (moving)
+    /// stays unsent until it has a route again.
+    pub fn queue_sends(
+        &mut self,
+        plan: &Plan,
+        (routes, me): (&Routes, usize),
+        queues: &mut [Vec<Msg>],
+    ) {
         let engine = &plan.topology.engine;
         for (&ch, out) in self.outs.iter_mut() {
             if out.has_unsent() {
-                let q = &mut queues[plan.destination(me, plan.chan(ch).dst)];
+                let Some(to) = routes.destination(me, plan.chan(ch).dst) else {
+                    continue;
+                };
+                let q = &mut queues[to];
                 out.sendable(
                     engine.channel_window,
                     engine.channel_window_bytes,

@@ -78,14 +78,14 @@ impl ReplayLog {
 /// queues before they go. Returns whether anything was sent.
 pub(crate) fn send_early(
     plan: &Plan,
-    me: usize,
+    at: (&crate::routes::Routes, usize),
     shard: &mut ShardRt,
     scratch: &mut [Vec<Msg>],
     peers: &[Outlet],
     observe: impl FnOnce(&[Vec<Msg>]),
 ) -> bool {
     debug_assert!(!shard.uses_outbox(), "only a replayable source sends early");
-    shard.queue_sends(plan, me, scratch);
+    shard.queue_sends(plan, at, scratch);
     observe(scratch);
     let mut sent = false;
     for (q, peer) in scratch.iter_mut().zip(peers) {

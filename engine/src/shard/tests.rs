@@ -184,11 +184,7 @@ inputs = ["a"]
                 .iter()
                 .map(|n| NodeMetrics::new(&self.metrics, &n.name))
                 .collect();
-            let shared = Arc::new(Shared::new(
-                Arc::clone(&self.metrics),
-                self.plan.shards.len(),
-                self.plan.nodes.len(),
-            ));
+            let shared = Arc::new(Shared::new(Arc::clone(&self.metrics), &self.plan, false));
             let mut router = Router::new(Arc::clone(&self.plan), shared, node_metrics);
             let mut batch = self.store.batch();
             router.emits = emits;
@@ -213,7 +209,8 @@ inputs = ["a"]
     /// What `shard` sends now, as (seq, key, ts).
     fn sends(rig: &Rig, shard: &mut ShardRt) -> Vec<(u64, String, i64)> {
         let mut queues: Vec<Vec<Msg>> = (0..=rig.plan.threads).map(|_| Vec::new()).collect();
-        shard.queue_sends(&rig.plan, 0, &mut queues);
+        let routes = crate::routes::Routes::new(&rig.plan, false);
+        shard.queue_sends(&rig.plan, (&routes, 0), &mut queues);
         queues
             .into_iter()
             .flatten()
