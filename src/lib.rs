@@ -15,6 +15,7 @@
 mod cli;
 mod http;
 mod operator;
+mod ownership;
 mod savepoints;
 mod service;
 

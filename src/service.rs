@@ -42,6 +42,9 @@ pub struct RunOptions {
     pub from_savepoint: Option<String>,
     /// Drop the savepoint's state of components the topology no longer has.
     pub allow_non_restored_state: bool,
+    /// Shard ownership in etcd (`etcd://HOST:PORT/PREFIX`): shards move
+    /// between live workers.
+    pub join: Option<String>,
 }
 
 /// Runs `file` until a signal, a fatal error, or the end of bounded input.
@@ -54,8 +57,31 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
         drain_timeout,
         from_savepoint,
         allow_non_restored_state,
+        join,
     } = opts;
     let topology = Topology::load(file)?;
+    let join = match &join {
+        None => None,
+        Some(url) => {
+            let url = crate::ownership::JoinUrl::parse(url)?;
+            let Some(cluster) = &topology.cluster else {
+                anyhow::bail!("--join needs a [cluster] with the workers that may join");
+            };
+            if worker_id.is_none() {
+                anyhow::bail!("--join needs --worker ID");
+            }
+            let Some(handoff) = &cluster.handoff else {
+                anyhow::bail!(
+                    "--join needs a place every worker reaches for shards in transit: \
+                     [cluster] handoff = \"s3://BUCKET/PREFIX\" or \"file:///DIR\""
+                );
+            };
+            if from_savepoint.is_some() {
+                anyhow::bail!("--join and --from-savepoint cannot be combined yet");
+            }
+            Some((url, handoff.clone()))
+        }
+    };
     let worker_http = topology.cluster.as_ref().and_then(|c| {
         let id = worker_id.as_deref()?;
         c.worker(id)?.http.clone()
@@ -133,13 +159,42 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
             data_dir: Some(data_dir.clone()),
             worker: worker_id.clone(),
             listen,
-            dynamic: false,
+            dynamic: join.is_some(),
         },
         Arc::clone(&metrics),
     )
     .with_context(|| format!("starting the worker on {}", data_dir.display()))?;
     let worker = Arc::new(worker);
     state.set_running(&worker);
+    let halt_ownership = Arc::new(AtomicBool::new(false));
+    let ownership = match &join {
+        None => None,
+        Some((url, handoff)) => {
+            let topology_cluster = topology.cluster.as_ref();
+            let ids: Vec<String> = topology_cluster
+                .map(|c| c.workers.iter().map(|w| w.id.clone()).collect())
+                .unwrap_or_default();
+            let store = crate::savepoints::open(handoff)
+                .with_context(|| format!("opening the handoff store {handoff}"))?;
+            let o = crate::ownership::Ownership::join(
+                url,
+                runtime.handle().clone(),
+                worker_id.as_deref().unwrap_or_default(),
+                ids,
+                Arc::clone(&worker),
+                store,
+                Arc::clone(&metrics),
+            )?;
+            let (leave, left) = (Arc::clone(&o.leave), Arc::clone(&o.left));
+            let halt = Arc::clone(&halt_ownership);
+            let thread = std::thread::Builder::new()
+                .name("millrace-ownership".into())
+                .spawn(move || o.run(halt))
+                .context("starting the ownership thread")?;
+            tracing::info!(etcd = %url.endpoint, prefix = %url.prefix, "joined the deployment");
+            Some((leave, left, thread))
+        }
+    };
     let positions: Vec<String> = worker
         .recovered_positions()
         .into_iter()
@@ -157,8 +212,29 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
     );
 
     let mut last_sample = std::time::Instant::now();
+    let mut leaving_since = None;
     let outcome = loop {
-        if stop.load(Ordering::SeqCst) {
+        if let Some((leave, left, _)) = &ownership {
+            // Joined: a stop hands every shard away first (or `millrace
+            // leave` asked for it).
+            if left.load(Ordering::SeqCst) {
+                tracing::info!("every shard handed to the other workers: leaving");
+                break Ok(());
+            }
+            if stop.load(Ordering::SeqCst) && leaving_since.is_none() {
+                state.set_draining();
+                tracing::info!("handing this worker's shards to the others");
+                leave.store(true, Ordering::SeqCst);
+                leaving_since = Some(std::time::Instant::now());
+            }
+            if leaving_since.is_some_and(|t| t.elapsed() >= drain_timeout) {
+                tracing::warn!(
+                    "the shards were not all handed away within --drain-timeout; \
+                     those left stay assigned to this worker until it comes back"
+                );
+                break Ok(());
+            }
+        } else if stop.load(Ordering::SeqCst) {
             state.set_draining();
             tracing::info!("stopping sources and draining");
             match worker.drain(drain_timeout) {
@@ -185,6 +261,10 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
         }
     };
     state.set_draining();
+    halt_ownership.store(true, Ordering::SeqCst);
+    if let Some((_, _, thread)) = ownership {
+        let _ = thread.join();
+    }
     // The HTTP server's tasks stop with the runtime; a request that was
     // being answered may still hold the worker for a moment (a /metrics
     // scrape refreshes gauges on a blocking thread): wait for it to let go.

@@ -83,6 +83,10 @@ pub struct ClusterConfig {
     /// Shared secret every worker proves in the handshake; the environment
     /// variable `MILLRACE_CLUSTER_SECRET` overrides it.
     pub secret: Option<String>,
+    /// Where a shard moving between live workers waits for its new owner
+    /// (`file:///DIR` or `s3://BUCKET/PREFIX`, reachable by every worker);
+    /// needed with `millrace run --join`.
+    pub handoff: Option<String>,
 }
 
 /// One `[[cluster.workers]]` entry.
@@ -156,6 +160,7 @@ struct RawEngine {
 struct RawCluster {
     workers: Vec<RawWorker>,
     secret: Option<String>,
+    handoff: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -696,9 +701,14 @@ fn cluster_config(raw: RawCluster, locator: &Locator) -> Result<ClusterConfig, C
     if let Some(secret) = &raw.secret {
         check_secret(secret).map_err(|m| locator.error("cluster", Some("secret"), m))?;
     }
+    if let Some(h) = &raw.handoff {
+        crate::SavepointTarget::parse(h)
+            .map_err(|m| locator.error("cluster", Some("handoff"), m))?;
+    }
     Ok(ClusterConfig {
         workers,
         secret: raw.secret,
+        handoff: raw.handoff,
     })
 }
 

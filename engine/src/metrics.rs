@@ -55,6 +55,9 @@ pub struct Metrics {
     pub shard_move_pause_seconds: Histogram,
     /// Shards this worker runs now.
     pub shards_owned: IntGauge,
+    /// Writes to the ownership store refused because this worker's view
+    /// of who owns or controls what was stale.
+    pub ownership_fenced: IntCounter,
     /// Handshakes refused, by reason (`secret`, `epoch`, `topology`, `worker`, `by-peer`).
     pub net_refused: IntCounterVec,
     /// Connections established, by peer worker.
@@ -240,6 +243,15 @@ impl Metrics {
                          old owner to its start here.",
                     )
                     .buckets(latency_buckets.clone()),
+                )
+                .expect("valid metric"),
+            ),
+            ownership_fenced: reg(
+                &r,
+                IntCounter::new(
+                    "millrace_ownership_fenced_total",
+                    "Writes to etcd refused because this worker's view of who owns a shard or \
+                     controls the assignment was stale (a claim, a release, an assignment).",
                 )
                 .expect("valid metric"),
             ),

@@ -740,13 +740,10 @@ pub(crate) fn replace_shard(
     Ok(entries.len() as u64)
 }
 
-/// Deletes every key of the shard with `prefix` from `store` (one range per
-/// column family).
+/// Deletes every key of the shard with `prefix` from `store`.
 pub(crate) fn clear_shard(store: &Store, prefix: &[u8]) -> Result<(), SavepointError> {
-    let mut b = store.batch();
     for (cf, _) in CF_TAGS {
-        b.delete_prefix(cf, prefix);
+        store.clear_prefix(cf, prefix)?;
     }
-    store.commit(b)?;
     Ok(())
 }

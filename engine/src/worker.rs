@@ -559,6 +559,16 @@ impl Worker {
             .map_err(|e| EngineError::Layout(format!("shard {sid}: {e}")))
     }
 
+    /// Replaces what this worker holds of shard `sid` (not running here) by
+    /// `data`, a shard file of [`Worker::shard_data`]; it runs once
+    /// [`Worker::adopt_shard`] starts it.
+    pub fn load_shard_data(&self, sid: u32, data: &[u8]) -> Result<u64, EngineError> {
+        self.check_not_running(sid)?;
+        let prefix = &self.plan.shards[sid as usize].prefix;
+        crate::savepoint::replace_shard(&self.store, prefix, data)
+            .map_err(|e| EngineError::Layout(format!("shard {sid}: {e}")))
+    }
+
     /// Deletes this worker's copy of shard `sid` (moved away).
     pub fn drop_shard_data(&self, sid: u32) -> Result<(), EngineError> {
         self.check_not_running(sid)?;
@@ -585,8 +595,7 @@ impl Worker {
         }
         let prefix = &self.plan.shards[sid as usize].prefix;
         if let Some(bytes) = data {
-            crate::savepoint::replace_shard(&self.store, prefix, bytes)
-                .map_err(|e| EngineError::Layout(format!("shard {sid}: {e}")))?;
+            self.load_shard_data(sid, bytes)?;
         }
         let mut b = self.store.batch();
         b.put(

@@ -41,6 +41,15 @@ impl Cf {
             Cf::Meta => "meta",
         }
     }
+
+    /// Whether a put overwrites the key's value in place in the memtable
+    /// (state, channels, meta). The in-place write keeps the sequence number
+    /// of the value it overwrites, so a range delete written between the two
+    /// would hide the new value: these column families take no range
+    /// deletes, only deletes of single keys ([`Store::clear_prefix`]).
+    pub fn updates_in_place(self) -> bool {
+        matches!(self, Cf::State | Cf::Channels | Cf::Meta)
+    }
 }
 
 /// What a successful [`Store::commit`] promises.
@@ -482,6 +491,33 @@ impl Store {
         Ok(())
     }
 
+    /// Removes every key under `prefix` in `cf`, in commits of its own;
+    /// returns how many single deletes it took. A column family that updates
+    /// in place gets one delete per key (a range delete would hide the keys
+    /// written after it; see [`Cf::updates_in_place`]), the others one range
+    /// delete.
+    pub fn clear_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<u64, StorageError> {
+        if !cf.updates_in_place() {
+            let mut b = self.batch();
+            b.delete_prefix(cf, prefix);
+            self.commit(b)?;
+            return Ok(0);
+        }
+        let mut keys = Vec::new();
+        self.for_each_prefix(cf, prefix, |k, _| {
+            keys.push(k.to_vec());
+            true
+        })?;
+        for chunk in keys.chunks(10_000) {
+            let mut b = self.batch();
+            for k in chunk {
+                b.delete(cf, k);
+            }
+            self.commit(b)?;
+        }
+        Ok(keys.len() as u64)
+    }
+
     /// A new, empty batch for this store.
     pub fn batch(&self) -> Batch<'_> {
         Batch {
@@ -673,12 +709,15 @@ impl Batch<'_> {
         self.rep.delete(self.store.cf_id(cf), key);
     }
 
-    /// Removes every key in `[from, to)`.
+    /// Removes every key in `[from, to)`. Only for the column families that
+    /// do not update in place (timers, outbox; see [`Cf::updates_in_place`]).
     pub fn delete_range(&mut self, cf: Cf, from: &[u8], to: &[u8]) {
+        debug_assert!(!cf.updates_in_place(), "a range delete in {}", cf.name());
         self.rep.delete_range(self.store.cf_id(cf), from, to);
     }
 
-    /// Removes every key under `prefix`.
+    /// Removes every key under `prefix`. Only for the column families that
+    /// do not update in place; [`Store::clear_prefix`] clears any.
     pub fn delete_prefix(&mut self, cf: Cf, prefix: &[u8]) {
         match prefix_end(prefix) {
             Some(end) => self.delete_range(cf, prefix, &end),
@@ -936,9 +975,7 @@ mod tests {
         assert_eq!(store.get(Cf::Meta, b"m").unwrap(), Some(b"x".to_vec()));
         assert_eq!(store.get(Cf::State, b"m").unwrap(), None);
 
-        let mut batch = store.batch();
-        batch.delete_prefix(Cf::State, &a);
-        store.commit(batch).unwrap();
+        store.clear_prefix(Cf::State, &a).unwrap();
         assert!(store.scan_prefix(Cf::State, &a).unwrap().is_empty());
         assert_eq!(store.scan_prefix(Cf::State, &b).unwrap().len(), 1);
     }

@@ -312,6 +312,7 @@ pub fn lines(p: &Path) -> Vec<String> {
         .collect()
 }
 
+pub mod etcd;
 pub mod proxy;
 pub mod s3;
 

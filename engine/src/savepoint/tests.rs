@@ -782,3 +782,66 @@ fn a_location_that_cannot_be_read_is_an_error_not_an_empty_one() {
     assert!(matches!(sp.get("loop"), Err(SavepointError::Io(_))));
     assert_eq!(sp.get("absent").expect("get"), None);
 }
+
+#[test]
+fn a_shard_replaced_by_a_shard_file_holds_exactly_that_files_keys() {
+    // A worker that ran a shard at moment 1 (and an extra key that moment 2
+    // no longer has) takes it back as another worker left it at moment 2,
+    // in the same open store: the state, channel and meta column families
+    // update values in place in the memtable, which a range delete before
+    // them would hide.
+    let plan = plan();
+    let (old, new) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    worker_data(&plan, 0, new.path(), 2);
+    let spec = plan.shards.iter().find(|s| s.worker == 0).expect("a shard");
+    let p = &spec.prefix;
+    let file = {
+        let store = Store::open(new.path(), &StoreOptions::default()).expect("store");
+        shard_snapshot(&store, p).expect("snapshot").0
+    };
+    let want = contents(new.path(), p);
+    worker_data(&plan, 0, old.path(), 1);
+    let store = Store::open(old.path(), &StoreOptions::default()).expect("store");
+    let mut b = store.batch();
+    b.put(
+        Cf::Outbox,
+        &outbox_key(&outbox_prefix(p, "gen", 0), 9),
+        &[1, 9],
+    );
+    b.put_state(&state_key(p, b"key"), Some(&[1, 1]));
+    b.put(Cf::Channels, &[p.as_slice(), b"seq"].concat(), &[1, 3]);
+    b.put(Cf::Meta, &watermark_key(p), &[1, 4]);
+    store.commit(b).expect("commit");
+    replace_shard(&store, p, &file).expect("replace");
+    let read = |store: &Store| {
+        let mut out = Vec::new();
+        store
+            .for_each_state(p, |k, v| {
+                out.push((Cf::State, k.to_vec(), v.to_vec()));
+                true
+            })
+            .expect("state");
+        for cf in [Cf::Timers, Cf::Outbox, Cf::Channels, Cf::Meta] {
+            store
+                .for_each_prefix(cf, p, |k, v| {
+                    out.push((cf, k.to_vec(), v.to_vec()));
+                    true
+                })
+                .expect("scan");
+        }
+        out
+    };
+    assert_eq!(read(&store), want);
+    assert_eq!(
+        store
+            .get(Cf::Channels, &[p.as_slice(), b"seq"].concat())
+            .expect("get"),
+        Some(vec![2, 3])
+    );
+    // And dropping it leaves nothing of it.
+    clear_shard(&store, p).expect("clear");
+    assert!(read(&store).is_empty());
+}

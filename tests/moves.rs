@@ -1,0 +1,204 @@
+//! Shards move between live workers whose ownership is kept in etcd
+//! (`millrace run --join`): a worker joins under load and takes its share,
+//! then leaves and hands it back; moves are cut short by SIGKILLs of the
+//! old and of the new owner. Every key's counts stay exactly 1..n.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use support::etcd::Etcd;
+use support::*;
+
+const T: Duration = Duration::from_secs(60);
+/// Shards: the generator is 0, the counts 1..=8, the sink 9.
+const SHARDS: f64 = 10.0;
+
+/// generator -> count (8 shards) -> file sink, on the workers of `net`,
+/// handing moving shards over in `{dir}/handoff`.
+fn topology(s: &Scratch, net: &ClusterNet, (records, keys, rate): (u64, u64, u64)) -> PathBuf {
+    s.write(
+        "moves.toml",
+        &format!(
+            r#"
+[service]
+data_dir = "{dir}/data"
+[engine]
+shards = 8
+threads = 2
+{cluster}[sources.gen]
+type = "generator"
+count = {records}
+keys = {keys}
+seed = 7
+rate = {rate}
+[computations.counts]
+type = "count"
+inputs = ["gen"]
+[sinks.out]
+type = "file"
+inputs = ["counts"]
+path = "{dir}/out.jsonl"
+"#,
+            dir = s.path("").display(),
+            cluster = net.toml("moves-secret").replacen(
+                "[cluster]\n",
+                &format!(
+                    "[cluster]\nhandoff = \"file://{}/handoff\"\n",
+                    s.path("").display()
+                ),
+                1
+            ),
+        ),
+    )
+}
+
+/// Worker `i` of `net`, joined to the deployment in `etcd`.
+fn join(net: &ClusterNet, topology: &Path, i: usize, etcd: &Etcd) -> Running {
+    Running(
+        net.command(topology, i)
+            .args(["--join", &etcd.join])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn millrace"),
+    )
+}
+
+/// Shards worker `http` runs now (0 when it does not answer).
+fn owned(http: &str) -> f64 {
+    metric(http, "millrace_shards_owned").unwrap_or(0.0)
+}
+
+/// The counts file's pairs once it holds `records` lines.
+fn wait_output(s: &Scratch, records: u64) -> Vec<(String, String)> {
+    let out = s.path("out.jsonl");
+    assert!(
+        wait_until(T, || lines(&out).len() as u64 >= records),
+        "the output reached {} of {records} records within {T:?}",
+        lines(&out).len()
+    );
+    read_jsonl(&out)
+}
+
+/// `millrace cluster-status`'s table.
+fn cluster_status(topology: &Path, etcd: &Etcd) -> String {
+    let out = millrace()
+        .args([
+            "cluster-status",
+            topology.to_str().expect("utf-8"),
+            "--join",
+            &etcd.join,
+        ])
+        .output()
+        .expect("cluster-status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_worker_that_joins_under_load_takes_its_share_and_hands_it_back_when_it_leaves() {
+    let s = Scratch::new();
+    let etcd = Etcd::start(&s.path("etcd"), "millrace/moves");
+    let net = ClusterNet::new(4);
+    let (records, keys) = (120_000, 40);
+    let topology = topology(&s, &net, (records, keys, 12_000));
+    let mut workers: Vec<Running> = (0..3).map(|i| join(&net, &topology, i, &etcd)).collect();
+    assert!(
+        wait_until(T, || net.http[..3].iter().map(|h| owned(h)).sum::<f64>()
+            == SHARDS),
+        "the three workers claimed every shard"
+    );
+    // A fourth worker joins under load and takes about a quarter of the
+    // count shards.
+    workers.push(join(&net, &topology, 3, &etcd));
+    assert!(
+        wait_until(T, || owned(&net.http[3]) >= 2.0),
+        "the joining worker took its share"
+    );
+    let moved_in = metric(&net.http[3], "millrace_shard_moves_total{direction=\"in\"}");
+    assert!(
+        moved_in.is_some_and(|n| n >= 2.0),
+        "moves counted: {moved_in:?}"
+    );
+    assert!(
+        lines(&s.path("out.jsonl")).len() < records as usize,
+        "the moves happened under load"
+    );
+    // Then it leaves: its shards go back to the others and it exits 0.
+    let leave = millrace()
+        .args(["leave", &etcd.join, "--worker", "w3"])
+        .output()
+        .expect("millrace leave");
+    assert!(
+        leave.status.success(),
+        "{}",
+        String::from_utf8_lossy(&leave.stderr)
+    );
+    let status = wait_exit(&mut workers[3], T);
+    assert!(status.success(), "the leaving worker exited with {status}");
+    assert!(
+        wait_until(T, || net.http[..3].iter().map(|h| owned(h)).sum::<f64>()
+            == SHARDS),
+        "the other workers own every shard again"
+    );
+    let pairs = wait_output(&s, records);
+    let last = assert_running_counts(&pairs);
+    assert_eq!(last, generator_key_counts(records, keys, 7));
+    assert_eq!(pairs.len() as u64, records);
+    // The status command names owners and epochs.
+    let text = cluster_status(&topology, &etcd);
+    assert!(text.contains("counts/0"), "{text}");
+    assert!(
+        !text.contains("w3\t"),
+        "the leaver still owns a shard:\n{text}"
+    );
+}
+
+#[test]
+fn moves_cut_short_by_sigkills_of_the_old_and_the_new_owner_lose_and_repeat_nothing() {
+    let s = Scratch::new();
+    let etcd = Etcd::start(&s.path("etcd"), "millrace/kills");
+    let net = ClusterNet::new(3);
+    let (records, keys) = (150_000, 40);
+    let topology = topology(&s, &net, (records, keys, 15_000));
+    let mut workers: Vec<Running> = (0..2).map(|i| join(&net, &topology, i, &etcd)).collect();
+    assert!(
+        wait_until(T, || net.http[..2].iter().map(|h| owned(h)).sum::<f64>()
+            == SHARDS),
+        "two workers claimed every shard"
+    );
+    // w2 joins; as soon as its first shard has moved in, it is killed (the
+    // new owner, mid-way through its share), then restarted.
+    workers.push(join(&net, &topology, 2, &etcd));
+    assert!(
+        wait_until(T, || owned(&net.http[2]) >= 1.0),
+        "the joining worker took a shard"
+    );
+    kill9(&mut workers[2]);
+    workers[2] = join(&net, &topology, 2, &etcd);
+    // While the rest of w2's share is still moving to it, an old owner is
+    // killed too, then restarted.
+    kill9(&mut workers[1]);
+    workers[1] = join(&net, &topology, 1, &etcd);
+    let started = Instant::now();
+    let pairs = wait_output(&s, records);
+    let last = assert_running_counts(&pairs);
+    assert_eq!(last, generator_key_counts(records, keys, 7));
+    assert_eq!(pairs.len() as u64, records, "in {:?}", started.elapsed());
+    // Every declared worker runs: the bounded input ends, and each exits 0.
+    for (i, w) in workers.iter_mut().enumerate() {
+        let status = wait_exit(w, T);
+        assert!(status.success(), "worker {i} exited with {status}");
+    }
+    let text = cluster_status(&topology, &etcd);
+    assert!(
+        text.lines().any(|l| l.split('\t').nth(3) == Some("w2")),
+        "the restarted joiner owns its share:\n{text}"
+    );
+}
