@@ -449,10 +449,18 @@ impl Ownership {
             self.register()?;
         }
         self.control(&view)?;
+        self.stop_superseded(&view)?;
         for (&sid, (owner, epoch)) in &view.owner {
+            let running = self.worker.shards_owned().contains(&sid);
             if owner == &self.me && view.assign.get(&sid) != Some(&self.me) {
-                self.release(sid, *epoch, view.assign.get(&sid))?;
-            } else if owner == &self.me && !self.worker.shards_owned().contains(&sid) {
+                // Fenced by the epoch it runs at (or, not running, the
+                // one etcd holds for it here).
+                let at = match self.worker.owner_of(sid) {
+                    Some((_, e)) if running => e as i64,
+                    _ => *epoch,
+                };
+                self.release(sid, at, view.assign.get(&sid))?;
+            } else if owner == &self.me && !running {
                 // Ours since before a restart: its data is here.
                 self.worker.adopt_shard(sid, None, *epoch as u64)?;
             }
@@ -463,6 +471,7 @@ impl Ownership {
             }
         }
         let view = self.view()?;
+        self.stop_superseded(&view)?;
         for sid in 0..self.worker.plan().shards.len() as u32 {
             match view.owner.get(&sid) {
                 Some((w, _)) if w == &self.me => {}
@@ -487,6 +496,23 @@ impl Ownership {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Stops every shard this worker runs that etcd does not hold as its
+    /// at the epoch it runs at: another claim superseded it (this worker is
+    /// a stale owner). It is started again only from a claim of its own.
+    fn stop_superseded(&mut self, view: &View) -> Result<()> {
+        for sid in self.worker.shards_owned() {
+            let epoch = self.worker.owner_of(sid).map_or(0, |(_, e)| e as i64);
+            if view.owner.get(&sid) != Some(&(self.me.clone(), epoch)) {
+                self.worker.stop_shard(sid)?;
+                self.fenced(
+                    "running a shard etcd holds for another claim: stopped",
+                    Some(sid),
+                );
+            }
+        }
+        Ok(())
     }
 
     fn fenced(&self, what: &str, sid: Option<u32>) {

@@ -202,3 +202,68 @@ fn moves_cut_short_by_sigkills_of_the_old_and_the_new_owner_lose_and_repeat_noth
         "the restarted joiner owns its share:\n{text}"
     );
 }
+
+#[test]
+fn an_owner_whose_claim_was_superseded_stops_its_stale_copy_and_goes_on_under_the_new_claim() {
+    let s = Scratch::new();
+    let etcd = Etcd::start(&s.path("etcd"), "millrace/fence");
+    let net = ClusterNet::new(2);
+    let (records, keys) = (60_000, 40);
+    let topology = topology(&s, &net, (records, keys, 6_000));
+    let mut workers: Vec<Running> = (0..2).map(|i| join(&net, &topology, i, &etcd)).collect();
+    assert!(
+        wait_until(T, || net.http.iter().map(|h| owned(h)).sum::<f64>()
+            == SHARDS),
+        "the two workers claimed every shard"
+    );
+    // Another claim of a shard w1 runs, written behind its back (as a
+    // second incarnation of w1 would): the running copy is stale now.
+    let status: serde_json::Value =
+        serde_json::from_str(&cluster_status_json(&topology, &etcd)).expect("status json");
+    let shard = status["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .find(|s| {
+            s["owner"] == "w1" && s["name"].as_str().is_some_and(|n| n.starts_with("counts/"))
+        })
+        .expect("a count shard on w1")["shard"]
+        .as_u64()
+        .expect("shard number");
+    let fenced = || metric(&net.http[1], "millrace_ownership_fenced_total").unwrap_or(0.0);
+    assert_eq!(fenced(), 0.0);
+    etcd.put(&format!("/millrace/fence/owner/{shard:06}"), "w1");
+    // w1 stops its stale copy, counts it, and runs the shard again only
+    // under the new claim, from its committed state.
+    assert!(
+        wait_until(T, || fenced() >= 1.0),
+        "the stale copy was stopped and counted"
+    );
+    let pairs = wait_output(&s, records);
+    let last = assert_running_counts(&pairs);
+    assert_eq!(last, generator_key_counts(records, keys, 7));
+    for (i, w) in workers.iter_mut().enumerate() {
+        let status = wait_exit(w, T);
+        assert!(status.success(), "worker {i} exited with {status}");
+    }
+}
+
+/// `millrace cluster-status --json`.
+fn cluster_status_json(topology: &Path, etcd: &Etcd) -> String {
+    let out = millrace()
+        .args([
+            "cluster-status",
+            topology.to_str().expect("utf-8"),
+            "--join",
+            &etcd.join,
+            "--json",
+        ])
+        .output()
+        .expect("cluster-status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

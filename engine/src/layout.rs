@@ -20,6 +20,7 @@
 //! | `meta` | `""`, `peer-epoch`, shard u32 | highest epoch seen for another worker's shard |
 //! | `meta` | `""`, `cluster` | worker count u32, this worker's index u32 |
 //! | `meta` | `""`, `shards` | `engine.shards` the directory was written with, u32 |
+//! | `meta` | `""`, `joined` | empty: its shards were claimed from etcd (`--join`) |
 //! | `meta` | `""`, `state-format` | `slots-1` (written by the storage crate) |
 //!
 //! Integers in values are big-endian.
@@ -165,6 +166,13 @@ pub(crate) fn parse_peer_epoch_sid(rest: &[u8]) -> Result<u32, millrace_storage:
 /// Meta key of the cluster layout: worker count and this worker's index.
 pub(crate) fn cluster_key() -> Vec<u8> {
     KeyWriter::new().str("").str("cluster").finish()
+}
+
+/// Meta key present when the directory's worker ran with shards claimed
+/// from a coordination service (they move, so the plan's deal does not say
+/// which shards it holds).
+pub(crate) fn joined_key() -> Vec<u8> {
+    KeyWriter::new().str("").str("joined").finish()
 }
 
 /// Meta key of the shard count the directory was written with.

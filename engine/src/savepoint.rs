@@ -282,6 +282,13 @@ pub fn export(
             plan.topology.engine.shards
         )));
     }
+    if store.get(Cf::Meta, &crate::layout::joined_key())?.is_some() {
+        return Err(SavepointError::DataDir(format!(
+            "{} belongs to a deployment run with --join: its shards move between workers, \
+             and savepoints of such a deployment are not supported yet",
+            data_dir.display()
+        )));
+    }
     let layout = store.get(Cf::Meta, &crate::layout::cluster_key())?;
     let want = [
         (plan.workers as u32).to_be_bytes(),

@@ -153,6 +153,19 @@ impl Worker {
             },
         )?);
         check_layout(&store, &plan, me)?;
+        let joined = store.get(Cf::Meta, &crate::layout::joined_key())?.is_some();
+        if opts.dynamic && !joined {
+            let mut b = store.batch();
+            b.put(Cf::Meta, &crate::layout::joined_key(), &[]);
+            store.commit(b)?;
+        } else if !opts.dynamic && joined {
+            // Its shards moved: the plan's deal does not say what it holds.
+            return Err(EngineError::Layout(format!(
+                "{} belongs to a deployment run with --join (its shards move between \
+                 workers): start it with --join again",
+                store.path().display()
+            )));
+        }
         let shared = Arc::new(Shared {
             #[cfg(test)]
             recorder: opts.recorder.clone(),

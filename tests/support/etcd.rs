@@ -1,6 +1,8 @@
 //! An etcd server (Debian's `etcd-server`, installed by `make setup`) on
 //! 127.0.0.1 with its own data directory; killed when dropped.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -74,4 +76,54 @@ impl Etcd {
         }
         e
     }
+}
+
+impl Etcd {
+    /// Puts `key` = `value` through etcd's JSON gateway (as another client
+    /// of the deployment's etcd would); returns the new revision.
+    pub fn put(&self, key: &str, value: &str) -> u64 {
+        let body = format!(
+            r#"{{"key":"{}","value":"{}"}}"#,
+            base64(key.as_bytes()),
+            base64(value.as_bytes())
+        );
+        let mut s = TcpStream::connect(&self.client).expect("connect to etcd");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        write!(
+            s,
+            "POST /v3/kv/put HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.client,
+            body.len()
+        )
+        .expect("write to etcd");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("read from etcd");
+        let json = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let v: serde_json::Value = serde_json::from_str(json.trim())
+            .unwrap_or_else(|e| panic!("etcd answered {answer:?}: {e}"));
+        v["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("no revision in {answer:?}"))
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
