@@ -267,3 +267,59 @@ fn cluster_status_json(topology: &Path, etcd: &Etcd) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Sends `sig` to a worker.
+fn signal(child: &Running, sig: i32) {
+    // SAFETY: sending a signal to our own child process by pid.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+#[test]
+fn a_controller_stopped_past_its_lease_mid_rebalance_is_replaced_and_nothing_is_lost() {
+    let s = Scratch::new();
+    let etcd = Etcd::start(&s.path("etcd"), "millrace/sigstop");
+    let net = ClusterNet::new(4);
+    let (records, keys) = (100_000, 40);
+    let topology = topology(&s, &net, (records, keys, 8_000));
+    // w0 alone first: it controls, and claims every shard.
+    let mut workers = vec![join(&net, &topology, 0, &etcd)];
+    assert!(
+        wait_until(T, || owned(&net.http[0]) == SHARDS),
+        "w0 claimed every shard"
+    );
+    let controller = |want: &str| {
+        cluster_status(&topology, &etcd)
+            .lines()
+            .any(|l| l == format!("controller: {want}"))
+    };
+    assert!(controller("w0"));
+    workers.push(join(&net, &topology, 1, &etcd));
+    workers.push(join(&net, &topology, 2, &etcd));
+    // As soon as the rebalance has begun (a shard left w0), w0 is stopped
+    // past its lease: its moves stall, another worker takes control.
+    assert!(
+        wait_until(T, || owned(&net.http[1]) + owned(&net.http[2]) >= 1.0),
+        "the rebalance began"
+    );
+    signal(&workers[0], libc::SIGSTOP);
+    assert!(
+        wait_until(T, || controller("w1") || controller("w2")),
+        "another worker took control:\n{}",
+        cluster_status(&topology, &etcd)
+    );
+    signal(&workers[0], libc::SIGCONT);
+    // w0 carries on as a plain worker; the rebalance completes and every
+    // worker runs its share of the count shards.
+    assert!(
+        wait_until(T, || net.http[..3].iter().all(|h| owned(h) >= 2.0)),
+        "the rebalance completed:\n{}",
+        cluster_status(&topology, &etcd)
+    );
+    assert!(!controller("w0"), "w0 took control back");
+    let pairs = wait_output(&s, records);
+    let last = assert_running_counts(&pairs);
+    assert_eq!(last, generator_key_counts(records, keys, 7));
+    assert_eq!(pairs.len() as u64, records);
+}
