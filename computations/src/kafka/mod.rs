@@ -194,6 +194,25 @@ topic = "t"
         let e =
             validate_sink("transactional_id = \"a\"\ntransaction_interval = \"0s\"").unwrap_err();
         assert!(e.contains("longer than 0"), "{e}");
+        // An interval the broker's transaction timeout would cut short.
+        let e =
+            validate_sink("transactional_id = \"a\"\ntransaction_interval = \"31s\"").unwrap_err();
+        assert!(
+            e.contains("transaction_interval")
+                && e.contains("transaction.timeout.ms")
+                && e.contains("60000 ms"),
+            "{e}"
+        );
+        assert_eq!(
+            validate_sink("transactional_id = \"a\"\ntransaction_interval = \"30s\""),
+            Ok(())
+        );
+        let e = validate_sink(
+            "transactional_id = \"a\"\ntransaction_interval = \"3s\"\n\
+             properties = { \"transaction.timeout.ms\" = 5000 }",
+        )
+        .unwrap_err();
+        assert!(e.contains("5000 ms"), "{e}");
     }
 
     #[test]

@@ -626,6 +626,27 @@ fn build(c: &Component) -> Result<KafkaSink, ConfigError> {
         (Some(_), d) => Some(d.map_or(Duration::from_millis(25), |d| d.0)),
         (None, None) => None,
     };
+    // The broker aborts a transaction open longer than its timeout: one
+    // open for the whole interval must leave room for its commit.
+    if let Some(interval) = transaction_interval {
+        let timeout_ms = client
+            .properties
+            .get("transaction.timeout.ms")
+            .and_then(|v| v.text().parse::<u64>().ok())
+            .unwrap_or(60_000);
+        if interval.as_millis() > u128::from(timeout_ms / 2) {
+            return Err(c.options.error(
+                Some("transaction_interval"),
+                format!(
+                    "{} ms is more than half of the transaction timeout \
+                     (properties.\"transaction.timeout.ms\" = {timeout_ms} ms): the broker \
+                     would abort transactions before they are committed; shorten the \
+                     interval or raise the timeout",
+                    interval.as_millis()
+                ),
+            ));
+        }
+    }
     // A record not acknowledged within the sink's timeout fails its
     // delivery, and the worker stops and restarts from its last commit.
     let message_timeout = timeout.as_millis().max(1).to_string();

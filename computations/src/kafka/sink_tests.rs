@@ -311,10 +311,10 @@ fn a_transaction_stays_open_for_its_interval() {
         "open",
         SinkStart::new(1),
         None,
-        "transactional_id = \"sink-tests-open\"\ntransaction_interval = \"1h\"\n",
+        "transactional_id = \"sink-tests-open\"\ntransaction_interval = \"30s\"\n",
     );
     deliver(&mut s, "x", 1);
-    // Within its hour the open transaction is neither committed nor
+    // Within its 30 s the open transaction is neither committed nor
     // committing, however often the engine asks what is durable, and a
     // record written meanwhile goes straight into it.
     for _ in 0..3 {
