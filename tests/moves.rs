@@ -216,20 +216,24 @@ fn an_owner_whose_claim_was_superseded_stops_its_stale_copy_and_goes_on_under_th
             == SHARDS),
         "the two workers claimed every shard"
     );
-    // Another claim of a shard w1 runs, written behind its back (as a
-    // second incarnation of w1 would): the running copy is stale now.
-    let status: serde_json::Value =
-        serde_json::from_str(&cluster_status_json(&topology, &etcd)).expect("status json");
-    let shard = status["shards"]
-        .as_array()
-        .expect("shards")
-        .iter()
-        .find(|s| {
-            s["owner"] == "w1" && s["name"].as_str().is_some_and(|n| n.starts_with("counts/"))
+    // Another claim of a count shard w1 runs, written behind its back (as
+    // a second incarnation of w1 would): the running copy is stale now.
+    let on_w1 = || {
+        let status: serde_json::Value =
+            serde_json::from_str(&cluster_status_json(&topology, &etcd)).expect("status json");
+        status["shards"].as_array().and_then(|shards| {
+            shards
+                .iter()
+                .find(|s| {
+                    s["owner"] == "w1"
+                        && s["assigned"] == "w1"
+                        && s["name"].as_str().is_some_and(|n| n.starts_with("counts/"))
+                })
+                .and_then(|s| s["shard"].as_u64())
         })
-        .expect("a count shard on w1")["shard"]
-        .as_u64()
-        .expect("shard number");
+    };
+    assert!(wait_until(T, || on_w1().is_some()), "w1 runs a count shard");
+    let shard = on_w1().expect("a count shard on w1");
     let fenced = || metric(&net.http[1], "millrace_ownership_fenced_total").unwrap_or(0.0);
     assert_eq!(fenced(), 0.0);
     etcd.put(&format!("/millrace/fence/owner/{shard:06}"), "w1");
@@ -319,6 +323,70 @@ fn a_controller_stopped_past_its_lease_mid_rebalance_is_replaced_and_nothing_is_
     );
     assert!(!controller("w0"), "w0 took control back");
     let pairs = wait_output(&s, records);
+    let last = assert_running_counts(&pairs);
+    assert_eq!(last, generator_key_counts(records, keys, 7));
+    assert_eq!(pairs.len() as u64, records);
+}
+
+#[test]
+fn moves_go_on_exactly_while_every_etcd_connection_is_cut_again_and_again() {
+    let s = Scratch::new();
+    let etcd = Etcd::start(&s.path("etcd"), "millrace/cuts");
+    // The workers reach etcd only through a proxy that cuts every
+    // connection every second.
+    let proxy = proxy::Proxy::start(&format!("127.0.0.1:{}", free_port()), &etcd.client);
+    let through = etcd.join.replace(&etcd.client, &proxy.listen);
+    let via_proxy = |i: usize, net: &ClusterNet, topology: &Path| {
+        Running(
+            net.command(topology, i)
+                .args(["--join", &through])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn millrace"),
+        )
+    };
+    let net = ClusterNet::new(4);
+    let (records, keys) = (120_000, 40);
+    let topology = topology(&s, &net, (records, keys, 10_000));
+    let mut workers: Vec<Running> = (0..3).map(|i| via_proxy(i, &net, &topology)).collect();
+    assert!(
+        wait_until(T, || net.http[..3].iter().map(|h| owned(h)).sum::<f64>()
+            == SHARDS),
+        "the three workers claimed every shard"
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cutter = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut cuts = 0;
+            // Bounded: at most 90 rounds (90 s).
+            for _ in 0..90 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                cuts += proxy.cut();
+            }
+            cuts
+        })
+    };
+    workers.push(via_proxy(3, &net, &topology));
+    assert!(
+        wait_until(T, || owned(&net.http[3]) >= 2.0),
+        "the joining worker took its share through the cuts"
+    );
+    let leave = millrace()
+        .args(["leave", &etcd.join, "--worker", "w3"])
+        .output()
+        .expect("millrace leave");
+    assert!(leave.status.success());
+    let status = wait_exit(&mut workers[3], T);
+    assert!(status.success(), "the leaving worker exited with {status}");
+    let pairs = wait_output(&s, records);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let cuts = cutter.join().expect("cutter");
+    assert!(cuts >= 3, "only {cuts} etcd connections were cut");
     let last = assert_running_counts(&pairs);
     assert_eq!(last, generator_key_counts(records, keys, 7));
     assert_eq!(pairs.len() as u64, records);
