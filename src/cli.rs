@@ -247,12 +247,7 @@ fn cluster_status(
     let url = crate::ownership::JoinUrl::parse(join)?;
     let plan =
         Plan::build(Topology::load(file)?, registry).context("checking component options")?;
-    let name = |sid: u32| {
-        plan.shards.get(sid as usize).map_or_else(
-            || "?".to_owned(),
-            |s| format!("{}/{}", plan.nodes[s.node].name, s.shard),
-        )
-    };
+    let name = |sid: u32| crate::ownership::shard_name(&plan, sid);
     print!("{}", crate::ownership::status(&url, &name, json)?);
     Ok(())
 }

@@ -50,6 +50,8 @@ pub struct HttpState {
     stop_savepoint: Mutex<Option<String>>,
     /// The names served and the savepoint locations allowed.
     access: Access,
+    /// Shard ownership as this worker last read it from etcd (`--join`).
+    ownership: OnceLock<crate::ownership::Published>,
 }
 
 /// Records in/out per second per component, between the last two samples,
@@ -125,6 +127,7 @@ impl HttpState {
             stop,
             stop_savepoint: Mutex::new(None),
             access,
+            ownership: OnceLock::new(),
         })
     }
 
@@ -137,6 +140,11 @@ impl HttpState {
     pub fn set_running(&self, worker: &Arc<Worker>) {
         let _ = self.worker.set(Arc::downgrade(worker));
         self.health.store(RUNNING, Ordering::SeqCst);
+    }
+
+    /// Shows, in `/status`, the ownership a joined worker reads from etcd.
+    pub fn set_ownership(&self, seen: crate::ownership::Published) {
+        let _ = self.ownership.set(seen);
     }
 
     pub fn set_draining(&self) {
@@ -422,6 +430,9 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
                     .map(|(id, up)| serde_json::json!({ "worker": id, "connected": up }))
                     .collect::<Vec<_>>(),
             });
+            if let Some(seen) = state.ownership.get().and_then(|o| o.lock().clone()) {
+                body["ownership"] = seen;
+            }
             if query.split('&').any(|kv| kv == "cluster=1") {
                 cluster_view(&w, &state.auth, &mut body).await;
             }

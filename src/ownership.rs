@@ -290,6 +290,20 @@ pub struct Ownership {
     pub leave: Arc<AtomicBool>,
     /// Owns nothing any more after a leave.
     pub left: Arc<AtomicBool>,
+    /// The last view read, as [`describe`] gives it, with `read_ms` (when it
+    /// was read, ms since the Unix epoch): what `/status` shows.
+    pub seen: Published,
+}
+
+/// The ownership a worker last read from etcd, for `/status`.
+pub type Published = Arc<parking_lot::Mutex<Option<serde_json::Value>>>;
+
+/// A shard's name, `COMPONENT/SHARD`, from its id in `plan`.
+pub fn shard_name(plan: &millrace_engine::Plan, sid: u32) -> String {
+    plan.shards.get(sid as usize).map_or_else(
+        || "?".to_owned(),
+        |s| format!("{}/{}", plan.nodes[s.node].name, s.shard),
+    )
 }
 
 fn now_ms() -> i64 {
@@ -338,6 +352,7 @@ impl Ownership {
             lease: 0,
             leave: Arc::new(AtomicBool::new(false)),
             left: Arc::new(AtomicBool::new(false)),
+            seen: Published::default(),
         };
         o.register()?;
         let leaving = o.keys.leaving(me);
@@ -471,6 +486,7 @@ impl Ownership {
             }
         }
         let view = self.view()?;
+        self.publish(&view);
         self.stop_superseded(&view)?;
         for sid in 0..self.worker.plan().shards.len() as u32 {
             match view.owner.get(&sid) {
@@ -496,6 +512,15 @@ impl Ownership {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Keeps `view` for `/status`.
+    fn publish(&self, view: &View) {
+        let plan = self.worker.plan();
+        let now = now_ms();
+        let mut described = describe(view, &|sid| shard_name(plan, sid), now);
+        described["read_ms"] = now.into();
+        *self.seen.lock() = Some(described);
     }
 
     /// Stops every shard this worker runs that etcd does not hold as its
@@ -748,35 +773,8 @@ pub fn status(url: &JoinUrl, names: &dyn Fn(u32) -> String, json: bool) -> Resul
             .context("reading the ownership keys")?;
         Ok::<_, anyhow::Error>(View::parse(&keys.0, r.kvs()))
     })?;
-    let moving: BTreeSet<u32> = view.moving().into_iter().collect();
-    let sids: BTreeSet<u32> = view
-        .assign
-        .keys()
-        .chain(view.owner.keys())
-        .chain(view.handoff.keys())
-        .copied()
-        .collect();
     if json {
-        let shards: Vec<serde_json::Value> = sids
-            .iter()
-            .map(|s| {
-                serde_json::json!({
-                    "shard": s,
-                    "name": names(*s),
-                    "assigned": view.assign.get(s),
-                    "owner": view.owner.get(s).map(|(w, _)| w),
-                    "epoch": view.owner.get(s).map(|(_, e)| e),
-                    "moving": moving.contains(s),
-                })
-            })
-            .collect();
-        return Ok(serde_json::json!({
-            "members": view.members,
-            "leaving": view.leaving,
-            "controller": view.controller.as_ref().map(|(w, _)| w),
-            "shards": shards,
-        })
-        .to_string());
+        return Ok(describe(&view, names, now_ms()).to_string());
     }
     let mut out = format!(
         "members: {}\ncontroller: {}\n",
@@ -790,21 +788,71 @@ pub fn status(url: &JoinUrl, names: &dyn Fn(u32) -> String, json: bool) -> Resul
         ));
     }
     out.push_str("shard\tname\tassigned\towner\tepoch\n");
-    for s in &sids {
+    let moving: BTreeSet<u32> = view.moving().into_iter().collect();
+    for s in shard_ids(&view) {
         let (owner, epoch) = view
             .owner
-            .get(s)
+            .get(&s)
             .map_or(("-".to_owned(), "-".to_owned()), |(w, e)| {
                 (w.clone(), e.to_string())
             });
+        let moving = match (moving.contains(&s), view.handoff.get(&s)) {
+            (true, Some((h, _))) => format!("\tmoving (handed off by {})", h.from),
+            (true, None) => "\tmoving".to_owned(),
+            (false, _) => String::new(),
+        };
         out.push_str(&format!(
-            "{s}\t{}\t{}\t{owner}\t{epoch}{}\n",
-            names(*s),
-            view.assign.get(s).map_or("-", |w| w.as_str()),
-            if moving.contains(s) { "\tmoving" } else { "" }
+            "{s}\t{}\t{}\t{owner}\t{epoch}{moving}\n",
+            names(s),
+            view.assign.get(&s).map_or("-", |w| w.as_str()),
         ));
     }
     Ok(out)
+}
+
+/// Every shard the ownership keys name, in order.
+fn shard_ids(view: &View) -> BTreeSet<u32> {
+    view.assign
+        .keys()
+        .chain(view.owner.keys())
+        .chain(view.handoff.keys())
+        .copied()
+        .collect()
+}
+
+/// `view` as `millrace cluster-status --json` and `/status` show it: the
+/// members, the controller, and every shard's assignment, owner, epoch and
+/// move under way (with, once its old owner released it, who handed it off
+/// and how long ago it stopped there). `now_ms` dates the moves.
+pub fn describe(view: &View, names: &dyn Fn(u32) -> String, now_ms: i64) -> serde_json::Value {
+    let moving: BTreeSet<u32> = view.moving().into_iter().collect();
+    let shards: Vec<serde_json::Value> = shard_ids(view)
+        .iter()
+        .map(|s| {
+            let handoff = view.handoff.get(s).map(|(h, _)| {
+                serde_json::json!({
+                    "from": h.from,
+                    "bytes": h.bytes,
+                    "stopped_ms_ago": (now_ms - h.stopped_ms).max(0),
+                })
+            });
+            serde_json::json!({
+                "shard": s,
+                "name": names(*s),
+                "assigned": view.assign.get(s),
+                "owner": view.owner.get(s).map(|(w, _)| w),
+                "epoch": view.owner.get(s).map(|(_, e)| e),
+                "moving": moving.contains(s),
+                "handoff": handoff,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "members": view.members,
+        "leaving": view.leaving,
+        "controller": view.controller.as_ref().map(|(w, _)| w),
+        "shards": shards,
+    })
 }
 
 #[cfg(test)]

@@ -185,6 +185,7 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
                 store,
                 Arc::clone(&metrics),
             )?;
+            state.set_ownership(Arc::clone(&o.seen));
             let (leave, left) = (Arc::clone(&o.leave), Arc::clone(&o.left));
             let halt = Arc::clone(&halt_ownership);
             let thread = std::thread::Builder::new()

@@ -130,6 +130,32 @@ fn a_worker_that_joins_under_load_takes_its_share_and_hands_it_back_when_it_leav
         lines(&s.path("out.jsonl")).len() < records as usize,
         "the moves happened under load"
     );
+    // Another worker's `/status` shows the new owner of the shards it
+    // took, each with its epoch.
+    assert!(
+        wait_until(T, || {
+            let Some((200, body)) = http_get(&net.http[0], "/status") else {
+                return false;
+            };
+            let Ok(status) = serde_json::from_str::<serde_json::Value>(&body) else {
+                return false;
+            };
+            let shards = status["ownership"]["shards"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let on_w3: Vec<_> = shards.iter().filter(|s| s["owner"] == "w3").collect();
+            status["ownership"]["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == 4)
+                && on_w3.len() as f64 == owned(&net.http[3])
+                && on_w3.iter().all(|s| {
+                    s["epoch"].as_i64().is_some_and(|e| e > 0)
+                        && s["name"].as_str().is_some_and(|n| n.starts_with("counts/"))
+                })
+        }),
+        "w0's /status shows w3 owning what it took"
+    );
     // Then it leaves: its shards go back to the others and it exits 0.
     let leave = millrace()
         .args(["leave", &etcd.join, "--worker", "w3"])
