@@ -686,22 +686,7 @@ fn load_shards(
         let prefix = shard_prefix(&node.name, spec.shard);
         let entries = parse_shard_file(&bytes, &prefix)
             .map_err(|why| SavepointError::Refused(format!("{} is damaged: {why}", saved.file)))?;
-        for chunk in entries.chunks(10_000) {
-            let mut b = store.batch();
-            for (cf, k, v) in chunk {
-                match cf {
-                    Cf::State => {
-                        // Checked like any state key, then stored in its slot.
-                        parse_state_key(&k[prefix.len()..]).map_err(|e| {
-                            SavepointError::Refused(format!("{}: bad state key: {e}", saved.file))
-                        })?;
-                        b.put_state(k, Some(v));
-                    }
-                    cf => b.put(*cf, k, v),
-                }
-            }
-            store.commit(b)?;
-        }
+        ingest_shard(&store, &prefix, &entries, &saved.file)?;
         shards += 1;
         keys += entries.len() as u64;
         loaded_bytes += saved.bytes;
@@ -729,22 +714,63 @@ pub(crate) fn replace_shard(
 ) -> Result<u64, SavepointError> {
     let entries = parse_shard_file(bytes, prefix)
         .map_err(|why| SavepointError::Refused(format!("the shard's data is damaged: {why}")))?;
-    for (_, k, _) in entries.iter().filter(|(cf, _, _)| *cf == Cf::State) {
-        parse_state_key(&k[prefix.len()..])
-            .map_err(|e| SavepointError::Refused(format!("bad state key: {e}")))?;
-    }
+    // Checked before anything of the shard is cleared.
+    sorted_by_cf(prefix, &entries)
+        .map_err(|why| SavepointError::Refused(format!("the shard's data is damaged: {why}")))?;
     clear_shard(store, prefix)?;
-    for chunk in entries.chunks(10_000) {
-        let mut b = store.batch();
-        for (cf, k, v) in chunk {
-            match cf {
-                Cf::State => b.put_state(k, Some(v)),
-                cf => b.put(*cf, k, v),
+    ingest_shard(store, prefix, &entries, "the shard's data")?;
+    Ok(entries.len() as u64)
+}
+
+/// A shard file's entries (of the shard with `prefix`) by column family,
+/// each in key order, its state keys checked like any state key; an error
+/// names a key that is not one, or one that comes twice.
+#[allow(clippy::type_complexity)]
+fn sorted_by_cf<'e>(
+    prefix: &[u8],
+    entries: &'e [Entry],
+) -> Result<Vec<(Cf, Vec<(&'e [u8], &'e [u8])>)>, String> {
+    let mut out = Vec::new();
+    for (cf, _) in CF_TAGS {
+        let mut of_cf: Vec<(&[u8], &[u8])> = entries
+            .iter()
+            .filter(|(c, _, _)| *c == cf)
+            .map(|(_, k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        // A shard file lists each column family in key order already.
+        of_cf.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        if let Some(w) = of_cf.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(format!(
+                "it holds a {} key twice ({})",
+                cf.name(),
+                hex(w[0].0)
+            ));
+        }
+        if cf == Cf::State {
+            for (k, _) in &of_cf {
+                parse_state_key(&k[prefix.len()..]).map_err(|e| format!("bad state key: {e}"))?;
             }
         }
-        store.commit(b)?;
+        out.push((cf, of_cf));
     }
-    Ok(entries.len() as u64)
+    Ok(out)
+}
+
+/// Adds a shard's entries (parsed from its file `what`) to `store`, which
+/// holds nothing of that shard, as one ingested table per column family:
+/// no WAL write or memtable insert per key.
+fn ingest_shard(
+    store: &Store,
+    prefix: &[u8],
+    entries: &[Entry],
+    what: &str,
+) -> Result<(), SavepointError> {
+    let by_cf = sorted_by_cf(prefix, entries)
+        .map_err(|why| SavepointError::Refused(format!("{what} is damaged: {why}")))?;
+    for (cf, of_cf) in by_cf {
+        store.ingest(cf, of_cf)?;
+    }
+    Ok(())
 }
 
 /// Deletes every key of the shard with `prefix` from `store`.

@@ -243,71 +243,21 @@ impl Store {
         env.lower_high_priority_thread_pool_cpu_priority();
         env.lower_high_priority_thread_pool_io_priority();
         db_opts.set_env(&env);
-        let cfs = Cf::ALL.iter().map(|cf| {
-            let mut table = BlockBasedOptions::default();
-            table.set_block_cache(&cache);
-            table.set_bloom_filter(10.0, false);
-            table.set_cache_index_and_filter_blocks(true);
-            let mut o = Options::default();
-            o.set_block_based_table_factory(&table);
-            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            o.set_write_buffer_size(64 << 20);
-            match cf {
-                Cf::State => {
-                    o.optimize_for_point_lookup(opts.block_cache_bytes as u64 >> 20);
-                    // State is read and written by whole key: a hash of tiny
-                    // skip lists (one per key) instead of one big skip list.
-                    // Scans (operator tools only) use total-order seeks.
-                    o.set_prefix_extractor(rocksdb::SliceTransform::create(
-                        "millrace.whole-key",
-                        whole_key,
-                        None,
-                    ));
-                    o.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
-                        bucket_count: 1 << 20,
-                        height: 4,
-                        branching_factor: 4,
-                    });
-                    // A key's state is overwritten again and again: update it
-                    // in place in the memtable (when the new value is no
-                    // larger) instead of inserting one more version.
-                    update_in_place(&mut o);
-                    // Deleted state is a vacant slot until compacted away.
-                    o.set_compaction_filter("millrace.vacant-slots", |_, _, v: &[u8]| {
-                        if slot::is_vacant(v) {
-                            rocksdb::compaction_filter::Decision::Remove
-                        } else {
-                            rocksdb::compaction_filter::Decision::Keep
-                        }
-                    });
-                }
-                // The outbox is appended to, range-deleted, and only scanned at
-                // start: a vector memtable inserts without skiplist searches.
-                // So are timers: set, deleted when they fire, and scanned only
-                // at start (the engine keeps them in memory).
-                Cf::Outbox => {
-                    o.set_memtable_factory(rocksdb::MemtableFactory::Vector);
-                    // Entries live for milliseconds. Every memtable switch
-                    // starts a new WAL file and syncs the old one, which
-                    // stalls synced commits for 4-8 ms (8 MiB: a switch every
-                    // ~140 ms at P3's load); a large memtable's flush sorts
-                    // long (64 MiB: `process` p99 ~12 ms). 32 MiB, flushed at
-                    // low priority (above), keeps both tails short.
-                    o.set_write_buffer_size(32 << 20);
-                }
-                Cf::Timers => o.set_memtable_factory(rocksdb::MemtableFactory::Vector),
-                // Sequence numbers, watermarks and positions: the same few
-                // keys rewritten at every commit, with values of one size.
-                // In place, the memtable stays tiny and cheap to flush.
-                Cf::Channels | Cf::Meta => update_in_place(&mut o),
-            }
-            ColumnFamilyDescriptor::new(cf.name(), o)
+        let cfs = Cf::ALL.iter().map(|&cf| {
+            ColumnFamilyDescriptor::new(cf.name(), cf_options(cf, &cache, opts.block_cache_bytes))
         });
         let db = DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|e| StorageError::Rocks {
             path: dir.to_path_buf(),
             op: "open",
             message: e.into_string(),
         })?;
+        // Table files a crash left half built for an ingestion (the open
+        // database's lock says no one else is building them).
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(INGESTING) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         let mut write = WriteOptions::default();
         write.set_sync(opts.durability == Durability::Machine);
         let cf_ids = cf_ids(&db);
@@ -415,6 +365,61 @@ impl Store {
             op,
             message: e.into_string(),
         }
+    }
+
+    /// Adds `entries` to `cf` as one table file, built beside the database
+    /// and ingested whole: for bulk loads (a savepoint's shard, a moved
+    /// shard), where puts would cost a WAL write and a memtable insert per
+    /// key. Keys must come in strictly ascending order, and must not exist in
+    /// `cf` yet (the ingested values win over what is there); values of
+    /// [`Cf::State`] are put into slots as [`Batch::put_state`] does. Durable
+    /// when it returns. Returns how many keys were added.
+    pub fn ingest<'e>(
+        &self,
+        cf: Cf,
+        entries: impl IntoIterator<Item = (&'e [u8], &'e [u8])>,
+    ) -> Result<u64, StorageError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = self
+            .path
+            .join(format!("{INGESTING}{}-{n}", std::process::id()));
+        let cache = Cache::new_lru_cache(1 << 20).map_err(|e| self.err("create block cache", e))?;
+        let opts = cf_options(cf, &cache, 1 << 20);
+        let written = (|| {
+            let mut writer = rocksdb::SstFileWriter::create(&opts);
+            writer.open(&file)?;
+            let (mut count, mut slotted) = (0u64, Vec::new());
+            for (k, v) in entries {
+                if cf == Cf::State {
+                    slotted.clear();
+                    slot::encode_into(Some(v), &mut slotted);
+                    writer.put(k, &slotted)?;
+                } else {
+                    writer.put(k, v)?;
+                }
+                count += 1;
+            }
+            if count > 0 {
+                writer.finish()?;
+            }
+            Ok::<_, rocksdb::Error>(count)
+        })();
+        let result = match written {
+            Ok(0) => Ok(0),
+            Ok(count) => {
+                let mut ingest = rocksdb::IngestExternalFileOptions::default();
+                ingest.set_move_files(true);
+                self.db
+                    .ingest_external_file_cf_opts(self.cf(cf), &ingest, vec![&file])
+                    .map(|()| count)
+                    .map_err(|e| self.err("ingest a table file", e))
+            }
+            Err(e) => Err(self.err("write a table file to ingest", e)),
+        };
+        // Moved into the database when ingested; gone either way.
+        let _ = std::fs::remove_file(&file);
+        result
     }
 
     /// Reads the keyed state stored at `key` (see [`crate::slot`]).
@@ -676,6 +681,74 @@ fn cf_ids(db: &DB) -> [u32; Cf::ALL.len()] {
         unsafe { librocksdb_sys::rocksdb_column_family_handle_get_id(cf_handle(db, cf).inner()) }
     })
 }
+
+/// The RocksDB options of column family `cf`, its blocks cached in `cache`
+/// (of `block_cache_bytes`): those it is opened with, and those the tables
+/// built for it to ingest are written with.
+fn cf_options(cf: Cf, cache: &Cache, block_cache_bytes: usize) -> Options {
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    let mut o = Options::default();
+    o.set_block_based_table_factory(&table);
+    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    o.set_write_buffer_size(64 << 20);
+    match cf {
+        Cf::State => {
+            o.optimize_for_point_lookup(block_cache_bytes as u64 >> 20);
+            // State is read and written by whole key: a hash of tiny
+            // skip lists (one per key) instead of one big skip list.
+            // Scans (operator tools only) use total-order seeks.
+            o.set_prefix_extractor(rocksdb::SliceTransform::create(
+                "millrace.whole-key",
+                whole_key,
+                None,
+            ));
+            o.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
+                bucket_count: 1 << 20,
+                height: 4,
+                branching_factor: 4,
+            });
+            // A key's state is overwritten again and again: update it
+            // in place in the memtable (when the new value is no
+            // larger) instead of inserting one more version.
+            update_in_place(&mut o);
+            // Deleted state is a vacant slot until compacted away.
+            o.set_compaction_filter("millrace.vacant-slots", |_, _, v: &[u8]| {
+                if slot::is_vacant(v) {
+                    rocksdb::compaction_filter::Decision::Remove
+                } else {
+                    rocksdb::compaction_filter::Decision::Keep
+                }
+            });
+        }
+        // The outbox is appended to, range-deleted, and only scanned at
+        // start: a vector memtable inserts without skiplist searches.
+        // So are timers: set, deleted when they fire, and scanned only
+        // at start (the engine keeps them in memory).
+        Cf::Outbox => {
+            o.set_memtable_factory(rocksdb::MemtableFactory::Vector);
+            // Entries live for milliseconds. Every memtable switch
+            // starts a new WAL file and syncs the old one, which
+            // stalls synced commits for 4-8 ms (8 MiB: a switch every
+            // ~140 ms at P3's load); a large memtable's flush sorts
+            // long (64 MiB: `process` p99 ~12 ms). 32 MiB, flushed at
+            // low priority (above), keeps both tails short.
+            o.set_write_buffer_size(32 << 20);
+        }
+        Cf::Timers => o.set_memtable_factory(rocksdb::MemtableFactory::Vector),
+        // Sequence numbers, watermarks and positions: the same few
+        // keys rewritten at every commit, with values of one size.
+        // In place, the memtable stays tiny and cheap to flush.
+        Cf::Channels | Cf::Meta => update_in_place(&mut o),
+    }
+    o
+}
+
+/// The name a table file being built for [`Store::ingest`] starts with;
+/// one a crash left behind is removed when the store opens.
+const INGESTING: &str = "ingesting-";
 
 /// The state column family's prefix extractor: the whole key.
 fn whole_key(key: &[u8]) -> &[u8] {
@@ -992,5 +1065,68 @@ mod tests {
         let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         assert_eq!(store.get(Cf::Outbox, b"k").unwrap(), Some(b"v".to_vec()));
         assert!(store.size_bytes() > 0);
+    }
+
+    /// Ingested tables land in the column family named, state in slots;
+    /// later commits (in place, as the engine writes) and deletes win over
+    /// them; they survive a reopen; keys out of order are refused with
+    /// nothing added; no file is left beside the database.
+    #[test]
+    fn ingested_tables_read_like_committed_keys_and_later_writes_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<Vec<u8>> = (0..1000u32)
+            .map(|i| format!("k{i:05}").into_bytes())
+            .collect();
+        {
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            for cf in Cf::ALL {
+                let n = store
+                    .ingest(
+                        cf,
+                        keys.iter().map(|k| (k.as_slice(), cf.name().as_bytes())),
+                    )
+                    .unwrap();
+                assert_eq!(n, 1000, "{cf:?}");
+            }
+            assert_eq!(store.ingest(Cf::Meta, std::iter::empty()).unwrap(), 0);
+            assert_eq!(
+                store.get_state(b"k00007").unwrap().as_deref(),
+                Some(&b"state"[..])
+            );
+            assert_eq!(
+                store.get(Cf::Outbox, b"k00999").unwrap().as_deref(),
+                Some(&b"outbox"[..])
+            );
+            let mut b = store.batch();
+            b.put_state(b"k00007", Some(b"s2"));
+            b.put(Cf::Channels, b"k00001", b"c2");
+            b.delete(Cf::Timers, b"k00002");
+            store.commit(b).unwrap();
+            let unsorted = [(b"b".as_slice(), b"1".as_slice()), (b"a", b"2")];
+            let refused = store.ingest(Cf::Meta, unsorted).unwrap_err();
+            assert!(refused.to_string().contains("table file"), "{refused}");
+            assert_eq!(store.get(Cf::Meta, b"b").unwrap(), None);
+        }
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!(
+            store.get_state(b"k00007").unwrap().as_deref(),
+            Some(&b"s2"[..])
+        );
+        assert_eq!(
+            store.get_state(b"k00008").unwrap().as_deref(),
+            Some(&b"state"[..])
+        );
+        assert_eq!(
+            store.get(Cf::Channels, b"k00001").unwrap().as_deref(),
+            Some(&b"c2"[..])
+        );
+        assert_eq!(store.get(Cf::Timers, b"k00002").unwrap(), None);
+        assert_eq!(store.scan_prefix(Cf::Meta, b"k").unwrap().len(), 1000);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(INGESTING))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

@@ -845,3 +845,36 @@ fn a_shard_replaced_by_a_shard_file_holds_exactly_that_files_keys() {
     clear_shard(&store, p).expect("clear");
     assert!(read(&store).is_empty());
 }
+
+#[test]
+fn a_shard_file_holding_a_key_twice_is_refused_before_the_shard_is_cleared() {
+    let plan = plan();
+    let dir = tempfile::tempdir().expect("dir");
+    worker_data(&plan, 0, dir.path(), 1);
+    let spec = plan.shards.iter().find(|s| s.worker == 0).expect("a shard");
+    let p = &spec.prefix;
+    let store = Store::open(dir.path(), &StoreOptions::default()).expect("store");
+    let before = shard_snapshot(&store, p).expect("snapshot").0;
+    let key = [p.as_slice(), b"twice"].concat();
+    let mut bytes = MAGIC.to_vec();
+    push_entry(&mut bytes, b'm', &key, b"1");
+    push_entry(&mut bytes, b'm', &key, b"2");
+    let why = match replace_shard(&store, p, &bytes) {
+        Err(SavepointError::Refused(why)) => why,
+        other => panic!("not refused: {other:?}"),
+    };
+    assert!(why.contains("holds a meta key twice"), "{why}");
+    assert_eq!(shard_snapshot(&store, p).expect("snapshot").0, before);
+    // Out of order is fine: each column family is sorted before it is ingested.
+    let mut bytes = MAGIC.to_vec();
+    push_entry(&mut bytes, b'm', &[p.as_slice(), b"b"].concat(), b"2");
+    push_entry(&mut bytes, b'm', &[p.as_slice(), b"a"].concat(), b"1");
+    assert_eq!(replace_shard(&store, p, &bytes).expect("replace"), 2);
+    assert_eq!(
+        store.scan_prefix(Cf::Meta, p).expect("scan"),
+        vec![
+            ([p.as_slice(), b"a"].concat(), b"1".to_vec()),
+            ([p.as_slice(), b"b"].concat(), b"2".to_vec())
+        ]
+    );
+}
