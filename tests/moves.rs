@@ -101,17 +101,32 @@ fn cluster_status(topology: &Path, etcd: &Etcd) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// An etcd keeping ownership under `prefix`, places for `workers` workers,
+/// and the topology of `(records, keys, rate)`, in a new scratch directory.
+fn deployment(
+    prefix: &str,
+    workers: usize,
+    load: (u64, u64, u64),
+) -> (Scratch, Etcd, ClusterNet, PathBuf) {
+    let s = Scratch::new();
+    let etcd = Etcd::start(&s.path("etcd"), prefix);
+    let net = ClusterNet::new(workers);
+    let topology = topology(&s, &net, load);
+    (s, etcd, net, topology)
+}
+
+/// Whether the first `n` workers own every shard between them.
+fn claimed(net: &ClusterNet, n: usize) -> bool {
+    net.http[..n].iter().map(|h| owned(h)).sum::<f64>() == SHARDS
+}
+
 #[test]
 fn a_worker_that_joins_under_load_takes_its_share_and_hands_it_back_when_it_leaves() {
-    let s = Scratch::new();
-    let etcd = Etcd::start(&s.path("etcd"), "millrace/moves");
-    let net = ClusterNet::new(4);
     let (records, keys) = (120_000, 40);
-    let topology = topology(&s, &net, (records, keys, 12_000));
+    let (s, etcd, net, topology) = deployment("millrace/moves", 4, (records, keys, 12_000));
     let mut workers: Vec<Running> = (0..3).map(|i| join(&net, &topology, i, &etcd)).collect();
     assert!(
-        wait_until(T, || net.http[..3].iter().map(|h| owned(h)).sum::<f64>()
-            == SHARDS),
+        wait_until(T, || claimed(&net, 3)),
         "the three workers claimed every shard"
     );
     // A fourth worker joins under load and takes about a quarter of the
@@ -169,8 +184,7 @@ fn a_worker_that_joins_under_load_takes_its_share_and_hands_it_back_when_it_leav
     let status = wait_exit(&mut workers[3], T);
     assert!(status.success(), "the leaving worker exited with {status}");
     assert!(
-        wait_until(T, || net.http[..3].iter().map(|h| owned(h)).sum::<f64>()
-            == SHARDS),
+        wait_until(T, || claimed(&net, 3)),
         "the other workers own every shard again"
     );
     let pairs = wait_output(&s, records);
@@ -188,15 +202,11 @@ fn a_worker_that_joins_under_load_takes_its_share_and_hands_it_back_when_it_leav
 
 #[test]
 fn moves_cut_short_by_sigkills_of_the_old_and_the_new_owner_lose_and_repeat_nothing() {
-    let s = Scratch::new();
-    let etcd = Etcd::start(&s.path("etcd"), "millrace/kills");
-    let net = ClusterNet::new(3);
     let (records, keys) = (150_000, 40);
-    let topology = topology(&s, &net, (records, keys, 15_000));
+    let (s, etcd, net, topology) = deployment("millrace/kills", 3, (records, keys, 15_000));
     let mut workers: Vec<Running> = (0..2).map(|i| join(&net, &topology, i, &etcd)).collect();
     assert!(
-        wait_until(T, || net.http[..2].iter().map(|h| owned(h)).sum::<f64>()
-            == SHARDS),
+        wait_until(T, || claimed(&net, 2)),
         "two workers claimed every shard"
     );
     // w2 joins; as soon as its first shard has moved in, it is killed (the
@@ -231,15 +241,11 @@ fn moves_cut_short_by_sigkills_of_the_old_and_the_new_owner_lose_and_repeat_noth
 
 #[test]
 fn an_owner_whose_claim_was_superseded_stops_its_stale_copy_and_goes_on_under_the_new_claim() {
-    let s = Scratch::new();
-    let etcd = Etcd::start(&s.path("etcd"), "millrace/fence");
-    let net = ClusterNet::new(2);
     let (records, keys) = (60_000, 40);
-    let topology = topology(&s, &net, (records, keys, 6_000));
+    let (s, etcd, net, topology) = deployment("millrace/fence", 2, (records, keys, 6_000));
     let mut workers: Vec<Running> = (0..2).map(|i| join(&net, &topology, i, &etcd)).collect();
     assert!(
-        wait_until(T, || net.http.iter().map(|h| owned(h)).sum::<f64>()
-            == SHARDS),
+        wait_until(T, || claimed(&net, net.http.len())),
         "the two workers claimed every shard"
     );
     // Another claim of a count shard w1 runs, written behind its back (as
@@ -308,11 +314,8 @@ fn signal(child: &Running, sig: i32) {
 
 #[test]
 fn a_controller_stopped_past_its_lease_mid_rebalance_is_replaced_and_nothing_is_lost() {
-    let s = Scratch::new();
-    let etcd = Etcd::start(&s.path("etcd"), "millrace/sigstop");
-    let net = ClusterNet::new(4);
     let (records, keys) = (100_000, 40);
-    let topology = topology(&s, &net, (records, keys, 8_000));
+    let (s, etcd, net, topology) = deployment("millrace/sigstop", 4, (records, keys, 8_000));
     // w0 alone first: it controls, and claims every shard.
     let mut workers = vec![join(&net, &topology, 0, &etcd)];
     assert!(
@@ -377,8 +380,7 @@ fn moves_go_on_exactly_while_every_etcd_connection_is_cut_again_and_again() {
     let topology = topology(&s, &net, (records, keys, 10_000));
     let mut workers: Vec<Running> = (0..3).map(|i| via_proxy(i, &net, &topology)).collect();
     assert!(
-        wait_until(T, || net.http[..3].iter().map(|h| owned(h)).sum::<f64>()
-            == SHARDS),
+        wait_until(T, || claimed(&net, 3)),
         "the three workers claimed every shard"
     );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
