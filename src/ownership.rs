@@ -621,7 +621,9 @@ impl Ownership {
             self.worker.stop_shard(sid)?;
         }
         let stopped_ms = now_ms();
+        let phase = Instant::now();
         let (data, keys) = self.worker.shard_data(sid)?;
+        let export_ms = phase.elapsed().as_millis() as u64;
         let file = format!("handoff/{sid:06}-{epoch}.shard");
         let h = Handoff {
             from: self.me.clone(),
@@ -631,9 +633,11 @@ impl Ownership {
             sha256: hex(&Sha256::digest(&data)),
             stopped_ms,
         };
+        let phase = Instant::now();
         self.handoff
             .put(&file, data)
             .with_context(|| format!("writing shard {sid} to {}", self.handoff.describe()))?;
+        let write_ms = phase.elapsed().as_millis() as u64;
         let owner = self.keys.owner(sid);
         let record = serde_json::to_string(&h)?;
         let (mut c, me, hk) = (self.client.clone(), self.me.clone(), self.keys.handoff(sid));
@@ -657,6 +661,8 @@ impl Ownership {
             shard = sid,
             to = to.map_or("-", |s| s.as_str()),
             keys,
+            export_ms,
+            write_ms,
             ms = started.elapsed().as_millis() as u64,
             "shard handed away"
         );
@@ -666,7 +672,9 @@ impl Ownership {
     /// Claims shard `sid` (assigned here, owned by nobody), loading the
     /// data its old owner handed off first, and starts it.
     fn claim(&mut self, sid: u32, handoff: Option<&(Handoff, i64)>) -> Result<()> {
+        let (mut read_ms, mut load_ms) = (0, 0);
         if let Some((h, _)) = handoff {
+            let phase = Instant::now();
             let data = self
                 .handoff
                 .get(&h.file)
@@ -684,7 +692,10 @@ impl Ownership {
                     h.sha256
                 );
             }
+            read_ms = phase.elapsed().as_millis() as u64;
+            let phase = Instant::now();
             self.worker.load_shard_data(sid, &data)?;
+            load_ms = phase.elapsed().as_millis() as u64;
         }
         let (owner, assign, hk) = (
             self.keys.owner(sid),
@@ -713,12 +724,23 @@ impl Ownership {
             .header()
             .map(|h| h.revision())
             .ok_or_else(|| anyhow!("etcd answered a claim without a revision"))?;
+        let phase = Instant::now();
         self.worker.adopt_shard(sid, None, epoch as u64)?;
+        let start_ms = phase.elapsed().as_millis() as u64;
         if let Some((h, _)) = handoff {
             let pause = (now_ms() - h.stopped_ms).max(0) as f64 / 1000.0;
             self.metrics.shard_move_pause_seconds.observe(pause);
             self.metrics.shard_moves.with_label_values(&["in"]).inc();
-            tracing::info!(shard = sid, from = %h.from, epoch, pause_ms = (pause * 1000.0) as u64, "shard moved here");
+            tracing::info!(
+                shard = sid,
+                from = %h.from,
+                epoch,
+                pause_ms = (pause * 1000.0) as u64,
+                read_ms,
+                load_ms,
+                start_ms,
+                "shard moved here"
+            );
         } else {
             tracing::info!(shard = sid, epoch, "shard claimed");
         }
