@@ -728,6 +728,12 @@ impl Ownership {
         self.worker.adopt_shard(sid, None, epoch as u64)?;
         let start_ms = phase.elapsed().as_millis() as u64;
         if let Some((h, _)) = handoff {
+            // Its data is in this worker's store now (loaded before the
+            // claim, durably): the handed-off copy is not needed again. A
+            // crash just before this leaves the file behind, nothing else.
+            if let Err(e) = self.handoff.delete(&h.file) {
+                tracing::warn!(shard = sid, file = %h.file, error = %e, "the handed-off copy of a claimed shard was not removed");
+            }
             let pause = (now_ms() - h.stopped_ms).max(0) as f64 / 1000.0;
             self.metrics.shard_move_pause_seconds.observe(pause);
             self.metrics.shard_moves.with_label_values(&["in"]).inc();

@@ -317,6 +317,14 @@ impl SavepointStore for S3Store {
         })
     }
 
+    fn delete(&self, path: &str) -> Result<(), SavepointError> {
+        let key = self.key(path)?;
+        match self.runtime.block_on(self.store.delete(&key)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err("removing", path, e)),
+        }
+    }
+
     fn some_entry(&self) -> Result<Option<String>, SavepointError> {
         let prefix = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
         let listed = self

@@ -191,6 +191,17 @@ fn a_worker_that_joins_under_load_takes_its_share_and_hands_it_back_when_it_leav
     let last = assert_running_counts(&pairs);
     assert_eq!(last, generator_key_counts(records, keys, 7));
     assert_eq!(pairs.len() as u64, records);
+    // Every handed-off copy was removed once its shard was claimed.
+    let handed_off = || {
+        std::fs::read_dir(s.path("handoff/handoff"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert!(
+        wait_until(T, || handed_off().is_empty()),
+        "handoff files left: {:?}",
+        handed_off()
+    );
     // The status command names owners and epochs.
     let text = cluster_status(&topology, &etcd);
     assert!(text.contains("counts/0"), "{text}");

@@ -20,6 +20,8 @@ pub trait SavepointStore: Send + Sync {
     fn create(&self, path: &str, bytes: Vec<u8>) -> Result<bool, SavepointError>;
     /// Reads `path`; `None` if it does not exist.
     fn get(&self, path: &str) -> Result<Option<Vec<u8>>, SavepointError>;
+    /// Removes `path`; nothing if it does not exist.
+    fn delete(&self, path: &str) -> Result<(), SavepointError>;
     /// One entry the location holds (a file, a directory or an object, at
     /// its top level), or `None` if it holds nothing. Writes still under
     /// way (a [`DirStore`]'s temporary files) do not count.
@@ -170,6 +172,32 @@ impl SavepointStore for DirStore {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(SavepointError::Io(format!("reading {}: {e}", p.display()))),
+        }
+    }
+
+    fn delete(&self, path: &str) -> Result<(), SavepointError> {
+        let p = self.file(path)?;
+        // Removes the name only: a link at the name is not followed, and a
+        // directory on the way that is a link out of the location is refused.
+        let parent = p.parent().unwrap_or(&self.root);
+        match (parent.canonicalize(), self.root.canonicalize()) {
+            (Ok(real), Ok(root)) if !real.starts_with(&root) => {
+                return Err(SavepointError::Refused(format!(
+                    "{} leads out of {} (a symbolic link): refused",
+                    p.display(),
+                    self.root.display()
+                )))
+            }
+            (Err(e), _) | (_, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(SavepointError::Io(format!("removing {}: {e}", p.display())))
+            }
+            _ => {}
+        }
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(SavepointError::Io(format!("removing {}: {e}", p.display()))),
         }
     }
 

@@ -878,3 +878,32 @@ fn a_shard_file_holding_a_key_twice_is_refused_before_the_shard_is_cleared() {
         ]
     );
 }
+
+#[test]
+fn a_delete_removes_only_a_name_inside_the_location() {
+    let t = tempfile::tempdir().expect("tmp");
+    let outside = t.path().join("outside");
+    std::fs::write(&outside, "keep").expect("write");
+    let root = t.path().join("sp");
+    let sp = DirStore::new(&root);
+    sp.put("handoff/1.shard", b"x".to_vec()).expect("put");
+    sp.delete("handoff/1.shard").expect("delete");
+    assert_eq!(sp.get("handoff/1.shard").expect("get"), None);
+    // Absent: nothing to do.
+    sp.delete("handoff/1.shard").expect("delete again");
+    // A name leading out is refused; a link is removed, not what it names.
+    assert!(matches!(
+        sp.delete("../outside"),
+        Err(SavepointError::Refused(_))
+    ));
+    std::os::unix::fs::symlink(&outside, root.join("link")).expect("link");
+    sp.delete("link").expect("delete the link");
+    assert!(!root.join("link").exists());
+    assert_eq!(std::fs::read_to_string(&outside).expect("read"), "keep");
+    std::os::unix::fs::symlink(t.path(), root.join("up")).expect("link");
+    assert!(matches!(
+        sp.delete("up/outside"),
+        Err(SavepointError::Refused(_))
+    ));
+    assert_eq!(std::fs::read_to_string(&outside).expect("read"), "keep");
+}
