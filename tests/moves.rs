@@ -163,6 +163,9 @@ fn a_worker_that_joins_under_load_takes_its_share_and_hands_it_back_when_it_leav
             status["ownership"]["members"]
                 .as_array()
                 .is_some_and(|m| m.len() == 4)
+                && status["ownership"]["read_ms_ago"]
+                    .as_i64()
+                    .is_some_and(|ms| (0..5_000).contains(&ms))
                 && on_w3.len() as f64 == owned(&net.http[3])
                 && on_w3.iter().all(|s| {
                     s["epoch"].as_i64().is_some_and(|e| e > 0)
