@@ -718,4 +718,4 @@ pub(super) fn register(r: &mut Registry) {
 
 #[cfg(test)]
 #[path = "sink_tests.rs"]
-mod tests;
+pub(super) mod tests;

@@ -10,9 +10,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 
-/// A Tansu broker with in-memory storage, killed when dropped.
-struct Broker {
-    port: u16,
+/// A Tansu broker with in-memory storage, killed when dropped (the Kafka
+/// source's tests start one too).
+pub(in crate::kafka) struct Broker {
+    pub(in crate::kafka) port: u16,
     child: Child,
 }
 
@@ -33,6 +34,11 @@ fn tansu() -> std::path::PathBuf {
 impl Broker {
     /// Starts a broker on a free port with the topic `topic` (one partition).
     fn start(topic: &str) -> Broker {
+        Broker::start_with(topic, 1)
+    }
+
+    /// Starts a broker on a free port with the topic `topic` of `partitions`.
+    pub(in crate::kafka) fn start_with(topic: &str, partitions: u32) -> Broker {
         let tansu = tansu();
         assert!(
             tansu.exists(),
@@ -70,7 +76,7 @@ impl Broker {
                 "--broker",
                 &url,
                 "--partitions",
-                "1",
+                &partitions.to_string(),
             ])
             .output()
             .expect("run tansu topic create");

@@ -878,3 +878,7 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "source_tests.rs"]
+mod broker_tests;

@@ -1,0 +1,215 @@
+//! The Kafka source driven through the `Source` calls the engine makes,
+//! against a real Kafka-protocol broker (Tansu on 127.0.0.1, as the sink's
+//! tests start it): which partitions a shard reads, where it starts and
+//! resumes, and what its watermark says.
+
+use super::*;
+use crate::kafka::sink::tests::Broker;
+use bytes::Bytes;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+/// Writes `(partition, key, Kafka timestamp in ms)` records (the key is
+/// the value too) to `topic`, one batch each, and waits until the broker
+/// has them. (Tansu answers a partition's end as the last batch's first
+/// offset plus one: with several records in a batch, "latest" would
+/// point inside it.)
+fn produce(broker: &Broker, topic: &str, records: &[(i32, &str, i64)]) {
+    let p: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", format!("127.0.0.1:{}", broker.port))
+        .create()
+        .expect("a producer");
+    for (partition, key, ms) in records {
+        p.send(
+            BaseRecord::to(topic)
+                .partition(*partition)
+                .key(*key)
+                .payload(*key)
+                .timestamp(*ms),
+        )
+        .expect("send");
+        p.flush(Duration::from_secs(20)).expect("flush");
+    }
+}
+
+/// The Kafka source of `topic` on `broker` with `extra` (TOML lines), as
+/// shard `index` of `count` (partitions idle after `idle_after` leave the
+/// watermark), opened at `position`.
+fn source(
+    broker: &Broker,
+    topic: &str,
+    extra: &str,
+    (index, count, idle_after): (u32, u32, Option<Duration>),
+    position: Option<&[u8]>,
+) -> KafkaSource {
+    let text = format!(
+        "[sources.k]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:{}\"\ntopic = \"{topic}\"\n{extra}\n\
+         [sinks.o]\ntype = \"stdout\"\ninputs = [\"k\"]\n",
+        broker.port
+    );
+    let t = millrace_config::Topology::parse_str("t.toml", &text).expect("topology");
+    let c = t
+        .components()
+        .iter()
+        .find(|c| c.name == "k")
+        .expect("the source")
+        .clone();
+    let mut s = build(&c).expect("a valid source");
+    s.assign(&SourceShard {
+        index,
+        count,
+        idle_after,
+    })
+    .expect("assign");
+    s.open(position).expect("open");
+    s
+}
+
+/// Polls until `n` records came (at most 30 s), then 300 ms more to see
+/// that no more come; returns each record's key and event time.
+fn read(s: &mut KafkaSource, n: usize) -> Vec<(String, EventTime)> {
+    let mut emitted: Vec<(Bytes, Bytes, EventTime)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut settled: Option<Instant> = None;
+    loop {
+        let mut out = Emitter::new(&mut emitted);
+        s.poll(&mut out, 100).expect("poll");
+        assert!(out.bad().is_empty(), "bad records: {:?}", out.bad());
+        if emitted.len() >= n {
+            let since = *settled.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_millis(300) {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} records within 30 s",
+            emitted.len()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    emitted
+        .into_iter()
+        .map(|(k, _, ts)| (String::from_utf8_lossy(&k).into_owned(), ts))
+        .collect()
+}
+
+fn keys(records: &[(String, EventTime)]) -> Vec<&str> {
+    records.iter().map(|(k, _)| k.as_str()).collect()
+}
+
+#[test]
+fn a_shard_reads_its_own_partitions_from_the_earliest_record_in_offset_order() {
+    let broker = Broker::start_with("four", 4);
+    let mut records = Vec::new();
+    let names: Vec<String> = (0..4)
+        .flat_map(|p| (0..3).map(move |i| format!("p{p}-{i}")))
+        .collect();
+    for (n, name) in names.iter().enumerate() {
+        let (p, i) = (n as i32 / 3, n as i64 % 3);
+        records.push((p, name.as_str(), 1_000 + i * 10 + p as i64));
+    }
+    produce(&broker, "four", &records);
+    // Shard 1 of 2: the second and fourth partitions.
+    let mut s = source(&broker, "four", "", (1, 2, None), None);
+    let got = read(&mut s, 6);
+    let of = |p: &str| -> Vec<(String, EventTime)> {
+        got.iter()
+            .filter(|(k, _)| k.starts_with(p))
+            .cloned()
+            .collect()
+    };
+    let (p1, p3) = (of("p1-"), of("p3-"));
+    assert_eq!(keys(&p1), ["p1-0", "p1-1", "p1-2"], "{got:?}");
+    assert_eq!(keys(&p3), ["p3-0", "p3-1", "p3-2"], "{got:?}");
+    assert_eq!(got.len(), 6, "{got:?}");
+    // Event time: the Kafka timestamp, in microseconds.
+    assert_eq!(p1[2].1, 1_021_000);
+    assert_eq!(p3[0].1, 1_003_000);
+    assert_eq!(s.position(), b"v1 1:3,3:3");
+    // The lower of the two partitions' newest times.
+    assert_eq!(s.watermark(), Some(1_021_000));
+}
+
+#[test]
+fn a_source_resumes_at_its_position_and_start_decides_only_without_one() {
+    let broker = Broker::start_with("one", 1);
+    let names = ["r0", "r1", "r2", "r3", "r4"];
+    let records: Vec<(i32, &str, i64)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (0, *k, 1_000 + i as i64))
+        .collect();
+    produce(&broker, "one", &records);
+    let one = |extra: &str, position: Option<&[u8]>| {
+        source(&broker, "one", extra, (0, 1, None), position)
+    };
+    // A position wins over `start`.
+    let mut s = one("start = \"latest\"", Some(b"v1 0:2"));
+    assert_eq!(keys(&read(&mut s, 3)), ["r2", "r3", "r4"]);
+    assert_eq!(s.position(), b"v1 0:5");
+    // Without one: the end, so only what comes next.
+    let mut latest = one("start = \"latest\"", None);
+    assert_eq!(read(&mut latest, 0), []);
+    assert_eq!(latest.position(), b"v1 0:5");
+    produce(&broker, "one", &[(0, "r5", 1_005)]);
+    assert_eq!(keys(&read(&mut latest, 1)), ["r5"]);
+    // An offset named; the start.
+    let mut at = one("start = { offsets = { \"0\" = 4 } }", None);
+    assert_eq!(keys(&read(&mut at, 2)), ["r4", "r5"]);
+    // (`start = { timestamp_ms = N }` is not tested here: Tansu answers a
+    // lookup by time with the partition's start whatever the time.)
+    let mut earliest = one("", None);
+    assert_eq!(read(&mut earliest, 6).len(), 6);
+}
+
+#[test]
+fn only_the_partitions_named_are_read_and_a_missing_one_is_retried_not_read() {
+    let broker = Broker::start_with("three", 3);
+    produce(
+        &broker,
+        "three",
+        &[
+            (0, "a", 1_000),
+            (1, "b", 1_000),
+            (2, "c", 1_000),
+            (2, "d", 1_001),
+        ],
+    );
+    let mut s = source(&broker, "three", "partitions = [2]", (0, 1, None), None);
+    assert_eq!(keys(&read(&mut s, 2)), ["c", "d"]);
+    assert_eq!(s.position(), b"v1 2:2");
+    // A partition the topic does not have: nothing is read, the client is
+    // dropped and retried later, and the position keeps what it had.
+    let mut missing = source(
+        &broker,
+        "three",
+        "partitions = [1, 7]",
+        (0, 1, None),
+        Some(b"v1 1:0"),
+    );
+    assert!(missing.consumer.is_none());
+    assert!(missing.retry_at > Instant::now());
+    assert_eq!(read(&mut missing, 0), []);
+    assert_eq!(missing.position(), b"v1 1:0");
+}
+
+#[test]
+fn an_idle_partition_stops_holding_the_watermark_back() {
+    let broker = Broker::start_with("two", 2);
+    produce(&broker, "two", &[(0, "a", 5_000)]);
+    let idle = Duration::from_millis(800);
+    let mut s = source(&broker, "two", "", (0, 1, Some(idle)), None);
+    let assigned = Instant::now();
+    assert_eq!(keys(&read(&mut s, 1)), ["a"]);
+    // Partition 1 gave nothing yet, but was assigned just now: it holds
+    // the watermark at the beginning of time until it counts as idle.
+    if assigned.elapsed() < idle {
+        assert_eq!(s.watermark(), Some(MIN_TIME));
+    }
+    // Later, partition 0 gives a record and partition 1 still nothing: the
+    // watermark is partition 0's alone.
+    std::thread::sleep(idle);
+    produce(&broker, "two", &[(0, "b", 6_000)]);
+    assert_eq!(keys(&read(&mut s, 1)), ["b"]);
+    assert_eq!(s.watermark(), Some(6_000_000));
+}
