@@ -1,8 +1,11 @@
 //! The `kafka` sink (see the module documentation of `kafka`).
 
+// A sink's position is the end offset of what its last commit covers in
+// each partition, in the source's format.
 use super::awaited::Awaited;
 use super::metrics::metrics;
 use super::produced::Produced;
+use super::source::{format_position, parse_position};
 use super::transactions::{Committed, Transactions};
 use super::{Brokers, ClientOptions, PropertyValue, ID_HEADER};
 use crate::sinks::OutputFormat;
@@ -573,16 +576,6 @@ fn send(
             }
         }
     }
-}
-
-/// `v1 P:END,P:END`: the end offset of what the last commit covers.
-fn format_position(ends: &BTreeMap<i32, i64>) -> String {
-    let parts: Vec<String> = ends.iter().map(|(p, o)| format!("{p}:{o}")).collect();
-    format!("v1 {}", parts.join(","))
-}
-
-fn parse_position(p: &[u8]) -> Result<BTreeMap<i32, i64>, String> {
-    super::source::parse_position(p)
 }
 
 fn build(c: &Component) -> Result<KafkaSink, ConfigError> {

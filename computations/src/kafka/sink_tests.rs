@@ -353,3 +353,32 @@ fn a_restart_before_the_first_commit_reads_back_what_the_first_run_wrote() {
     let ids: Vec<String> = broker.ids("early").into_iter().map(|(_, id)| id).collect();
     assert_eq!(ids, ["x/0/1", "x/0/2"], "each production once");
 }
+
+#[test]
+fn the_read_back_takes_the_connection_and_security_settings_and_no_other() {
+    // No broker is contacted: building the sink only checks its options.
+    let text = "[sources.g]\ntype = \"generator\"\n\
+         [sinks.k]\ntype = \"kafka\"\ninputs = [\"g\"]\nbrokers = \"127.0.0.1:9\"\n\
+         topic = \"t\"\n\
+         properties = { \"security.protocol\" = \"plaintext\", \
+         \"sasl.username\" = \"u\", \"linger.ms\" = 7 }\n";
+    let t = millrace_config::Topology::parse_str("t.toml", text).expect("topology");
+    let c = t
+        .components()
+        .iter()
+        .find(|c| c.name == "k")
+        .expect("the sink")
+        .clone();
+    let s = build(&c).expect("a valid sink");
+    // (No `ssl.` setting: this build of librdkafka has no TLS.)
+    for key in ["security.protocol", "sasl.username"] {
+        assert_eq!(
+            s.reader_config.get(key),
+            s.producer_config.get(key),
+            "{key}"
+        );
+        assert!(s.reader_config.get(key).is_some(), "{key}");
+    }
+    assert_eq!(s.producer_config.get("linger.ms"), Some("7"));
+    assert_eq!(s.reader_config.get("linger.ms"), None);
+}

@@ -682,8 +682,9 @@ impl KafkaSource {
     }
 }
 
-/// `v1 P:OFFSET,P:OFFSET`: the next offset of each partition.
-fn format_position(next: &BTreeMap<i32, i64>) -> String {
+/// `v1 P:OFFSET,P:OFFSET`: an offset for each partition (the next to read,
+/// for the source; the end of what the last commit covers, for the sink).
+pub(super) fn format_position(next: &BTreeMap<i32, i64>) -> String {
     let parts: Vec<String> = next.iter().map(|(p, o)| format!("{p}:{o}")).collect();
     format!("v1 {}", parts.join(","))
 }
