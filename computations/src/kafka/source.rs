@@ -867,6 +867,92 @@ mod tests {
         assert_eq!(emitted.len(), 1);
     }
 
+    /// The component `k` of a topology with `extra` in its table.
+    fn component(extra: &str) -> Component {
+        let text = format!(
+            "[sources.k]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9\"\ntopic = \"t\"\n{extra}\n\
+             [sinks.o]\ntype = \"stdout\"\ninputs = [\"k\"]\n"
+        );
+        let t = millrace_config::Topology::parse_str("t.toml", &text).expect("topology");
+        t.components()
+            .iter()
+            .find(|c| c.name == "k")
+            .expect("the source")
+            .clone()
+    }
+
+    #[test]
+    fn each_way_to_start_is_read_and_anything_else_refused_by_name() {
+        let start = |extra: &str| build(&component(extra)).map(|s| s.start).ok();
+        assert_eq!(start(""), Some(Start::Earliest));
+        assert_eq!(start("start = \"earliest\""), Some(Start::Earliest));
+        assert_eq!(start("start = \"latest\""), Some(Start::Latest));
+        assert_eq!(
+            start("start = { timestamp_ms = 0 }"),
+            Some(Start::Timestamp(0))
+        );
+        assert_eq!(
+            start("start = { timestamp_ms = 1700000000000 }"),
+            Some(Start::Timestamp(1_700_000_000_000))
+        );
+        assert_eq!(
+            start("start = { offsets = { \"0\" = 0, \"3\" = 42 } }"),
+            Some(Start::Offsets(BTreeMap::from([(0, 0), (3, 42)])))
+        );
+        for (bad, says) in [
+            ("start = \"newest\"", "`\"newest\"` is not a way to start"),
+            ("start = 5", "`5` is not a way to start"),
+            (
+                "start = { timestamp_ms = -1 }",
+                "`timestamp_ms = -1` is not a time in ms",
+            ),
+            ("start = { timestamp_ms = \"x\" }", "is not a time in ms"),
+            (
+                "start = { offsets = { \"0\" = -1 } }",
+                "`0 = -1` is not PARTITION = OFFSET",
+            ),
+            (
+                "start = { offsets = { \"-1\" = 0 } }",
+                "`-1 = 0` is not PARTITION = OFFSET",
+            ),
+            (
+                "start = { offsets = { \"x\" = 0 } }",
+                "is not PARTITION = OFFSET",
+            ),
+            ("start = { offsets = 3 }", "is not a way to start"),
+            ("start = { latest = 1 }", "is not a way to start"),
+            (
+                "start = { timestamp_ms = 1, offsets = {} }",
+                "is not a way to start",
+            ),
+        ] {
+            let e = match build(&component(bad)) {
+                Err(e) => e.to_string(),
+                Ok(s) => panic!("{bad} was taken as {:?}", s.start),
+            };
+            assert!(e.contains(says) && e.contains("start"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn options_that_need_another_are_refused_and_a_group_id_turns_on_commits() {
+        let err = |extra: &str| match build(&component(extra)) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{extra} was taken"),
+        };
+        assert!(err("delimiter = \",\"").contains("need a `timestamp` extractor"));
+        assert!(err("timestamp = \"kafka\"\ntimestamp_unit = \"s\"")
+            .contains("need a `timestamp` extractor"));
+        let s = build(&component("")).expect("valid");
+        assert!(!s.group);
+        assert_eq!(s.config.get("group.id"), Some("millrace-k"));
+        assert_eq!(s.config.get("isolation.level"), Some("read_committed"));
+        assert_eq!(s.config.get("auto.offset.reset"), Some("error"));
+        let s = build(&component("group_id = \"lag\"")).expect("valid");
+        assert!(s.group);
+        assert_eq!(s.config.get("group.id"), Some("lag"));
+    }
+
     #[test]
     fn positions_round_trip_and_bad_ones_are_refused() {
         let next = BTreeMap::from([(0, 17), (3, 0), (12, 9_000_000_000)]);
