@@ -316,6 +316,53 @@ impl KafkaSource {
             .map_err(|e| format!("assigning partitions of topic `{}`: {e}", self.topic))
     }
 
+    /// Moves the partitions being read to their next offsets and stops
+    /// fetching those stopped since, without assigning anything again: a
+    /// new assignment of partitions whose fetchers are still stopping can
+    /// abort the process in librdkafka 2.12 (`rd_kafka_assignment_partition_stopped:
+    /// Assertion rktp->rktp_started failed`, seen in this crate's tests).
+    /// A seek also restarts a partition librdkafka stopped after "offset
+    /// out of range", and drops what it had fetched from the old offset.
+    fn reposition(&self, consumer: &BaseConsumer<SourceContext>) -> Result<(), String> {
+        let (mut read, mut stop) = (TopicPartitionList::new(), TopicPartitionList::new());
+        for p in &self.parts {
+            let list = if self.stopped.contains_key(&p.id) {
+                &mut stop
+            } else {
+                &mut read
+            };
+            list.add_partition_offset(&self.topic, p.id, Offset::Offset(p.next))
+                .map_err(|e| format!("partition {}: {e}", p.id))?;
+        }
+        let assigned = consumer
+            .assignment()
+            .map_err(|e| format!("reading the assignment of topic `{}`: {e}", self.topic))?;
+        let stop_now: Vec<i32> = stop
+            .elements()
+            .iter()
+            .map(|e| e.partition())
+            .filter(|p| assigned.find_partition(&self.topic, *p).is_some())
+            .collect();
+        if !stop_now.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for p in stop_now {
+                tpl.add_partition(&self.topic, p);
+            }
+            consumer
+                .incremental_unassign(&tpl)
+                .map_err(|e| format!("stopping partitions of topic `{}`: {e}", self.topic))?;
+        }
+        if read.count() > 0 {
+            let sought = consumer
+                .seek_partitions(read, REQUEST_TIMEOUT)
+                .map_err(|e| format!("seeking in topic `{}`: {e}", self.topic))?;
+            if let Some(e) = sought.elements().iter().find_map(|e| e.error().err()) {
+                return Err(format!("seeking in topic `{}`: {e}", self.topic));
+            }
+        }
+        Ok(())
+    }
+
     /// Replaces a client whose brokers were all unreachable by a new one,
     /// made once a broker answers: a client that lived through the outage
     /// keeps what it knew of the cluster before it (leaders, topic ids),
@@ -339,7 +386,7 @@ impl KafkaSource {
     /// Looks at the broker's bounds of each partition read (from the
     /// client's statistics; `bounds`): one whose end is below the next
     /// offset no longer holds the committed position. Whether the
-    /// partitions were assigned again (records polled before are then
+    /// partitions were sought again (records polled before are then
     /// fetched again).
     fn check_bounds(
         &mut self,
@@ -383,10 +430,10 @@ impl KafkaSource {
                 ),
             }
         }
-        // Assigned again either way: librdkafka fetches the partitions
-        // it stopped again (and says so again if they still are out of range).
+        // Sought again either way: librdkafka fetches the partitions it
+        // stopped again (and says so again if they still are out of range).
         if !self.apply_resets(consumer, &outside) {
-            if let Err(e) = self.assign_partitions(consumer) {
+            if let Err(e) = self.reposition(consumer) {
                 tracing::warn!(component = %self.component, "kafka source: {e}");
             }
         }
@@ -394,7 +441,7 @@ impl KafkaSource {
 
     /// Applies `on_offset_reset` to partitions that do not hold their next
     /// offset (with the bounds they hold); counts, logs and reports each.
-    /// Whether the partitions were assigned again.
+    /// Whether the partitions were sought again.
     fn apply_resets(
         &mut self,
         consumer: &BaseConsumer<SourceContext>,
@@ -423,7 +470,7 @@ impl KafkaSource {
                 }
             }
         }
-        if let Err(e) = self.assign_partitions(consumer) {
+        if let Err(e) = self.reposition(consumer) {
             tracing::warn!(component = %self.component, "kafka source: {e}");
         }
         true
@@ -533,7 +580,7 @@ impl Source for KafkaSource {
             // the records polled before this one.
             let bounds = consumer.context().bounds.lock().take();
             if bounds.is_some_and(|b| self.check_bounds(&consumer, &b)) {
-                continue; // assigned again: what was polled comes again
+                continue; // sought again: what was polled comes again
             }
             let msg = match polled {
                 None => break,
@@ -883,7 +930,7 @@ mod tests {
 
     #[test]
     fn each_way_to_start_is_read_and_anything_else_refused_by_name() {
-        let start = |extra: &str| build(&component(extra)).map(|s| s.start).ok();
+        let start = |extra: &str| build(&component(extra)).map(|s| s.start.clone()).ok();
         assert_eq!(start(""), Some(Start::Earliest));
         assert_eq!(start("start = \"earliest\""), Some(Start::Earliest));
         assert_eq!(start("start = \"latest\""), Some(Start::Latest));

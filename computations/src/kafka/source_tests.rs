@@ -213,3 +213,100 @@ fn an_idle_partition_stops_holding_the_watermark_back() {
     assert_eq!(keys(&read(&mut s, 1)), ["b"]);
     assert_eq!(s.watermark(), Some(6_000_000));
 }
+
+/// Sets partition `id`'s next offset as a committed position past what the
+/// broker holds would (a broker that came back empty).
+fn set_next(s: &mut KafkaSource, id: i32, next: i64) {
+    s.parts
+        .iter_mut()
+        .find(|p| p.id == id)
+        .expect("the partition")
+        .next = next;
+}
+
+#[test]
+fn a_partition_that_lost_the_position_is_stopped_or_reset_as_on_offset_reset_says() {
+    let broker = Broker::start_with("reset", 2);
+    let records: Vec<(i32, String, i64)> = (0..3)
+        .flat_map(|i| {
+            [
+                (0, format!("a{i}"), 1_000 + i),
+                (1, format!("b{i}"), 1_000 + i),
+            ]
+        })
+        .collect();
+    let records: Vec<(i32, &str, i64)> = records
+        .iter()
+        .map(|(p, k, t)| (*p, k.as_str(), *t))
+        .collect();
+    produce(&broker, "reset", &records);
+    let open = |on: &str| {
+        let mut s = source(
+            &broker,
+            "reset",
+            &format!("on_offset_reset = \"{on}\""),
+            (0, 1, None),
+            None,
+        );
+        assert_eq!(read(&mut s, 6).len(), 6);
+        s
+    };
+    // The statistics' bounds: partition 1's end (3) is below its next
+    // offset (9); partition 0 holds its position; a partition with no
+    // fetch answer yet (a negative end) says nothing.
+    let bounds = BTreeMap::from([(0, (0, 3)), (1, (-1, 3)), (5, (0, -1))]);
+    for (on, next_of_1) in [("earliest", 0), ("latest", 3)] {
+        let mut s = open(on);
+        set_next(&mut s, 1, 9);
+        let consumer = s.consumer.clone().expect("connected");
+        assert!(s.check_bounds(&consumer, &bounds), "{on}");
+        assert_eq!(s.parts[1].next, next_of_1, "{on}");
+        assert_eq!(s.parts[0].next, 3, "{on}: partition 0 untouched");
+        assert!(s.stopped.is_empty(), "{on}");
+        // Nothing behind: nothing done.
+        assert!(!s.check_bounds(&consumer, &BTreeMap::from([(0, (0, 3)), (1, (0, 3))])));
+    }
+    // `fail`: the partition is left out and not read again.
+    let mut s = open("fail");
+    set_next(&mut s, 1, 9);
+    let consumer = s.consumer.clone().expect("connected");
+    assert!(s.check_bounds(&consumer, &bounds));
+    assert!(s.stopped.contains_key(&1), "{:?}", s.stopped);
+    assert_eq!(s.parts[1].next, 9, "its position is kept");
+    produce(&broker, "reset", &[(0, "a3", 1_003), (1, "b3", 1_003)]);
+    assert_eq!(keys(&read(&mut s, 1)), ["a3"]);
+    assert_eq!(s.position(), b"v1 0:4,1:9");
+    // A stopped partition is not looked at again.
+    assert!(!s.check_bounds(&consumer, &BTreeMap::from([(0, (0, 4)), (1, (0, 4))])));
+}
+
+#[test]
+fn after_offset_out_of_range_the_partitions_bounds_are_asked_for() {
+    let broker = Broker::start_with("listed", 2);
+    produce(&broker, "listed", &[(0, "a", 1_000), (1, "b", 1_000)]);
+    let mut s = source(
+        &broker,
+        "listed",
+        "on_offset_reset = \"earliest\"",
+        (0, 1, None),
+        None,
+    );
+    assert_eq!(read(&mut s, 2).len(), 2);
+    // Partition 1 past the broker's end; partition 0 inside its bounds.
+    set_next(&mut s, 1, 7);
+    let consumer = s.consumer.clone().expect("connected");
+    s.check_listed_bounds(&consumer);
+    assert_eq!(s.parts[1].next, 0);
+    assert_eq!(s.parts[0].next, 1);
+    // Read again from its start, partition 0 from where it was.
+    assert_eq!(keys(&read(&mut s, 1)), ["b"]);
+    assert_eq!(s.position(), b"v1 0:1,1:1");
+    // Below the start counts too.
+    set_next(&mut s, 0, -5);
+    s.check_listed_bounds(&consumer);
+    assert_eq!(s.parts[0].next, 0);
+    // Inside the bounds: nothing changes.
+    set_next(&mut s, 0, 1);
+    s.check_listed_bounds(&consumer);
+    assert_eq!((s.parts[0].next, s.parts[1].next), (1, 1));
+}
