@@ -130,16 +130,10 @@ struct SourceContext {
 
 impl ClientContext for SourceContext {
     fn stats(&self, stats: Statistics) {
-        let m = metrics();
-        for topic in stats.topics.values() {
-            for p in topic.partitions.values() {
-                if p.partition >= 0 && p.consumer_lag >= 0 {
-                    m.lag
-                        .with_label_values(&[&self.component, &p.partition.to_string()])
-                        .set(p.consumer_lag);
-                }
-            }
-        }
+        // (librdkafka's own `consumer_lag` counts from the committed
+        // offset, which this source does not commit: the lag is worked out
+        // from these bounds and the source's own position, in
+        // `KafkaSource::check_bounds`.)
         if let Some(topic) = stats.topics.get(&self.topic) {
             let bounds = topic
                 .partitions
@@ -393,6 +387,14 @@ impl KafkaSource {
         consumer: &BaseConsumer<SourceContext>,
         bounds: &BTreeMap<i32, (i64, i64)>,
     ) -> bool {
+        for p in &self.parts {
+            if let Some(&(_, high)) = bounds.get(&p.id).filter(|(_, high)| *high >= 0) {
+                metrics()
+                    .lag
+                    .with_label_values(&[&self.component, &p.id.to_string()])
+                    .set((high - p.next).max(0));
+            }
+        }
         let behind: Vec<(i32, (i64, i64))> = self
             .parts
             .iter()

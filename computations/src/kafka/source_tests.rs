@@ -38,19 +38,31 @@ fn source(
     broker: &Broker,
     topic: &str,
     extra: &str,
+    shard: (u32, u32, Option<Duration>),
+    position: Option<&[u8]>,
+) -> KafkaSource {
+    source_named("k", broker, topic, extra, shard, position)
+}
+
+/// [`source`] named `name` (metrics are kept by component name).
+fn source_named(
+    name: &str,
+    broker: &Broker,
+    topic: &str,
+    extra: &str,
     (index, count, idle_after): (u32, u32, Option<Duration>),
     position: Option<&[u8]>,
 ) -> KafkaSource {
     let text = format!(
-        "[sources.k]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:{}\"\ntopic = \"{topic}\"\n{extra}\n\
-         [sinks.o]\ntype = \"stdout\"\ninputs = [\"k\"]\n",
+        "[sources.{name}]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:{}\"\ntopic = \"{topic}\"\n{extra}\n\
+         [sinks.o]\ntype = \"stdout\"\ninputs = [\"{name}\"]\n",
         broker.port
     );
     let t = millrace_config::Topology::parse_str("t.toml", &text).expect("topology");
     let c = t
         .components()
         .iter()
-        .find(|c| c.name == "k")
+        .find(|c| c.name == name)
         .expect("the source")
         .clone();
     let mut s = build(&c).expect("a valid source");
@@ -309,4 +321,69 @@ fn after_offset_out_of_range_the_partitions_bounds_are_asked_for() {
     set_next(&mut s, 0, 1);
     s.check_listed_bounds(&consumer);
     assert_eq!((s.parts[0].next, s.parts[1].next), (1, 1));
+}
+
+#[test]
+fn the_clients_statistics_give_each_partitions_bounds_and_lag() {
+    let broker = Broker::start_with("stats", 2);
+    produce(
+        &broker,
+        "stats",
+        &[(0, "a", 1_000), (0, "b", 1_001), (1, "c", 1_000)],
+    );
+    let mut s = source_named(
+        "lagged",
+        &broker,
+        "stats",
+        "",
+        (0, 1, None),
+        Some(b"v1 0:1,1:0"),
+    );
+    assert_eq!(keys(&read(&mut s, 2)), ["b", "c"]);
+    // librdkafka's statistics come every second; the source takes the
+    // bounds they give between polled records, so they are read here as
+    // the poll loop would find them.
+    let consumer = s.consumer.clone().expect("connected");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let bounds = loop {
+        let _ = consumer.poll(Duration::from_millis(100));
+        if let Some(b) = consumer.context().bounds.lock().take() {
+            if b.get(&0).is_some_and(|(_, high)| *high >= 0)
+                && b.get(&1).is_some_and(|(_, high)| *high >= 0)
+            {
+                break b;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no statistics with both partitions' bounds in 10 s"
+        );
+    };
+    assert_eq!(bounds, BTreeMap::from([(0, (0, 2)), (1, (0, 1))]));
+    // The lag, from those bounds and the source's own position.
+    assert!(!s.check_bounds(&consumer, &bounds));
+    set_next(&mut s, 0, 1);
+    assert!(!s.check_bounds(&consumer, &bounds));
+    // Lag per partition read (0: everything read), and nothing for
+    // librdkafka's internal partition -1.
+    let lag = |p: &str| {
+        let families = prometheus::gather();
+        families
+            .iter()
+            .find(|f| f.get_name() == "millrace_kafka_consumer_lag_records")
+            .and_then(|f| {
+                f.get_metric().iter().find(|m| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.get_name() == "component" && l.get_value() == "lagged")
+                        && m.get_label()
+                            .iter()
+                            .any(|l| l.get_name() == "partition" && l.get_value() == p)
+                })
+            })
+            .map(|m| m.get_gauge().get_value())
+    };
+    assert_eq!(lag("0"), Some(1.0));
+    assert_eq!(lag("1"), Some(0.0));
+    assert_eq!(lag("-1"), None);
 }
