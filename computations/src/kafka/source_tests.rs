@@ -285,6 +285,15 @@ fn a_partition_that_lost_the_position_is_stopped_or_reset_as_on_offset_reset_say
     assert!(s.check_bounds(&consumer, &bounds));
     assert!(s.stopped.contains_key(&1), "{:?}", s.stopped);
     assert_eq!(s.parts[1].next, 9, "its position is kept");
+    // `/healthz` names the partition and why.
+    let reported = millrace_engine::health::problems();
+    assert!(
+        reported
+            .iter()
+            .any(|(what, why)| what == "kafka source `k` partition 1"
+                && why.contains("does not hold the committed position")),
+        "{reported:?}"
+    );
     produce(&broker, "reset", &[(0, "a3", 1_003), (1, "b3", 1_003)]);
     assert_eq!(keys(&read(&mut s, 1)), ["a3"]);
     assert_eq!(s.position(), b"v1 0:4,1:9");
@@ -386,4 +395,42 @@ fn the_clients_statistics_give_each_partitions_bounds_and_lag() {
     assert_eq!(lag("0"), Some(1.0));
     assert_eq!(lag("1"), Some(0.0));
     assert_eq!(lag("-1"), None);
+}
+
+#[test]
+fn a_lost_broker_is_reported_and_the_client_replaced_and_a_broker_up_clears_it() {
+    let broker = Broker::start_with("lost", 1);
+    produce(&broker, "lost", &[(0, "a", 1_000)]);
+    let mut s = source_named("lostsrc", &broker, "lost", "", (0, 1, None), None);
+    assert_eq!(keys(&read(&mut s, 1)), ["a"]);
+    let health = || {
+        millrace_engine::health::problems()
+            .into_iter()
+            .find(|(what, _)| what == "kafka source `lostsrc`")
+    };
+    // The statistics of a client whose broker is up clear a report.
+    millrace_engine::health::report("kafka source `lostsrc`", "an earlier problem");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health().is_some() {
+        assert!(Instant::now() < deadline, "still reported: {:?}", health());
+        let mut emitted = Vec::new();
+        s.poll(&mut Emitter::new(&mut emitted), 100).expect("poll");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Every broker gone: reported, and the client is let go (a new one is
+    // made once a broker answers); the position stays.
+    drop(broker);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.consumer.is_some() {
+        assert!(Instant::now() < deadline, "the client was kept for 30 s");
+        let mut emitted = Vec::new();
+        s.poll(&mut Emitter::new(&mut emitted), 100).expect("poll");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        health().is_some(),
+        "{:?}",
+        millrace_engine::health::problems()
+    );
+    assert_eq!(s.position(), b"v1 0:1");
 }
