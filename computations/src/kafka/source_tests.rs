@@ -285,6 +285,12 @@ fn a_partition_that_lost_the_position_is_stopped_or_reset_as_on_offset_reset_say
     assert!(s.check_bounds(&consumer, &bounds));
     assert!(s.stopped.contains_key(&1), "{:?}", s.stopped);
     assert_eq!(s.parts[1].next, 9, "its position is kept");
+    let assigned = consumer.assignment().expect("assignment");
+    assert!(assigned.find_partition("reset", 0).is_some());
+    assert!(
+        assigned.find_partition("reset", 1).is_none(),
+        "a stopped partition is no longer fetched"
+    );
     // `/healthz` names the partition and why.
     let reported = millrace_engine::health::problems();
     assert!(
@@ -433,4 +439,28 @@ fn a_lost_broker_is_reported_and_the_client_replaced_and_a_broker_up_clears_it()
         millrace_engine::health::problems()
     );
     assert_eq!(s.position(), b"v1 0:1");
+}
+
+#[test]
+fn a_replaced_client_goes_on_where_its_partitions_were() {
+    let broker = Broker::start_with("again", 1);
+    produce(&broker, "again", &[(0, "a", 1_000), (0, "b", 2_000)]);
+    // Opened at offset 0 with `start = "latest"`: a new client would begin
+    // at the position or the end, unless the partitions' own state is kept.
+    let mut s = source(
+        &broker,
+        "again",
+        "start = \"latest\"",
+        (0, 1, None),
+        Some(b"v1 0:0"),
+    );
+    assert_eq!(keys(&read(&mut s, 2)), ["a", "b"]);
+    assert_eq!(s.watermark(), Some(2_000_000));
+    s.replace_client();
+    produce(&broker, "again", &[(0, "c", 1_500)]);
+    assert_eq!(keys(&read(&mut s, 1)), ["c"]);
+    assert!(s.consumer.is_some());
+    // The newest event time read before the new client is kept.
+    assert_eq!(s.watermark(), Some(2_000_000));
+    assert_eq!(s.position(), b"v1 0:3");
 }
