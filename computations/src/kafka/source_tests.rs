@@ -464,3 +464,42 @@ fn a_replaced_client_goes_on_where_its_partitions_were() {
     assert_eq!(s.watermark(), Some(2_000_000));
     assert_eq!(s.position(), b"v1 0:3");
 }
+
+#[test]
+fn a_poll_says_ready_with_records_idle_without_and_takes_at_most_max() {
+    let broker = Broker::start_with("ready", 1);
+    let mut s = source(&broker, "ready", "", (0, 1, None), None);
+    let mut emitted = Vec::new();
+    for _ in 0..20 {
+        let polled = s.poll(&mut Emitter::new(&mut emitted), 100).expect("poll");
+        assert!(matches!(polled, SourcePoll::Idle), "nothing to read yet");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(emitted.is_empty());
+    produce(
+        &broker,
+        "ready",
+        &[(0, "a", 1_000), (0, "b", 1_001), (0, "c", 1_002)],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while emitted.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of 3 records in 30 s",
+            emitted.len()
+        );
+        let before = emitted.len();
+        let polled = s.poll(&mut Emitter::new(&mut emitted), 2).expect("poll");
+        let got = emitted.len() - before;
+        assert!(
+            got <= 2,
+            "a poll took {got} records, more than it was asked for"
+        );
+        assert_eq!(
+            matches!(polled, SourcePoll::Ready),
+            got > 0,
+            "{got} records"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
