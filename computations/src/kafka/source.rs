@@ -1003,6 +1003,48 @@ mod tests {
     }
 
     #[test]
+    fn a_record_below_the_next_offset_is_not_taken_again_and_bytes_are_counted() {
+        let mut c = component("");
+        c.name = "bytes_counted".into();
+        let mut s = build(&c).expect("valid");
+        s.parts.push(Part {
+            id: 0,
+            next: 0,
+            newest: MIN_TIME,
+            last_data: Instant::now(),
+        });
+        let mut emitted = Vec::new();
+        let mut out = Emitter::new(&mut emitted);
+        assert!(s.take(fetched(0, Some(1_000), "abc"), &mut out));
+        assert!(
+            !s.take(fetched(0, Some(1_000), "abc"), &mut out),
+            "read before"
+        );
+        assert!(
+            s.take(fetched(5, Some(1_000), "de"), &mut out),
+            "past a gap"
+        );
+        assert!(
+            !s.take(fetched(3, Some(1_000), "x"), &mut out),
+            "below the next offset"
+        );
+        assert_eq!(s.position(), b"v1 0:6");
+        assert_eq!(emitted.len(), 2);
+        // Key ("k") and value bytes of the two records taken.
+        let m = metrics();
+        assert_eq!(
+            m.bytes_in.with_label_values(&["bytes_counted", "0"]).get(),
+            4 + 3
+        );
+        assert_eq!(
+            m.records_in
+                .with_label_values(&["bytes_counted", "0"])
+                .get(),
+            2
+        );
+    }
+
+    #[test]
     fn positions_round_trip_and_bad_ones_are_refused() {
         let next = BTreeMap::from([(0, 17), (3, 0), (12, 9_000_000_000)]);
         let text = format_position(&next);
