@@ -1,7 +1,7 @@
 //! Building one computation from a topology snippet, for unit tests run
 //! with [`millrace_engine::testing::Harness`].
 
-use millrace_config::{ConfigError, Topology};
+use millrace_config::{Component, ConfigError, Topology};
 use millrace_engine::Computation;
 
 /// The computation `c` declared by `options` (the lines of its table after
@@ -12,13 +12,7 @@ pub(crate) fn computation(kind: &str, options: &str) -> Result<Box<dyn Computati
          [computations.c]\ntype = \"{kind}\"\ninputs = [\"s\"]\n{options}\n\
          [sinks.o]\ntype = \"stdout\"\ninputs = [\"c\"]\n"
     );
-    let t = Topology::parse_str("t.toml", &text)?;
-    let c = t
-        .components()
-        .iter()
-        .find(|c| c.name == "c")
-        .expect("the snippet declares c")
-        .clone();
+    let c = component_of(&Topology::parse_str("t.toml", &text)?, "c");
     let make = crate::builtins()
         .computation_factory(kind)
         .expect("a built-in kind")(&c)?;
@@ -39,4 +33,21 @@ pub(crate) fn validate(text: &str) -> Result<(), String> {
     millrace_engine::Plan::build(t, &crate::builtins())
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+/// The component `name` of the topology `t`.
+pub(crate) fn component_of(t: &Topology, name: &str) -> Component {
+    t.components()
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("the topology declares {name}"))
+        .clone()
+}
+
+/// The component `name` of the topology `text` (which must parse).
+pub(crate) fn component_in(text: &str, name: &str) -> Component {
+    component_of(
+        &Topology::parse_str("t.toml", text).expect("topology"),
+        name,
+    )
 }

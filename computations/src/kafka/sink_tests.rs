@@ -142,13 +142,7 @@ fn sink_with(
          topic = \"{topic}\"\ntimeout = \"20s\"\n{extra}",
         broker.port
     );
-    let t = millrace_config::Topology::parse_str("t.toml", &text).expect("topology");
-    let c = t
-        .components()
-        .iter()
-        .find(|c| c.name == "k")
-        .expect("the sink")
-        .clone();
+    let c = crate::test_support::component_in(&text, "k");
     let mut s = build(&c).expect("a valid sink");
     s.starting(&start);
     s.open(position).expect("open");
@@ -362,13 +356,7 @@ fn the_read_back_takes_the_connection_and_security_settings_and_no_other() {
          topic = \"t\"\n\
          properties = { \"security.protocol\" = \"plaintext\", \
          \"sasl.username\" = \"u\", \"linger.ms\" = 7 }\n";
-    let t = millrace_config::Topology::parse_str("t.toml", text).expect("topology");
-    let c = t
-        .components()
-        .iter()
-        .find(|c| c.name == "k")
-        .expect("the sink")
-        .clone();
+    let c = crate::test_support::component_in(text, "k");
     let s = build(&c).expect("a valid sink");
     // (No `ssl.` setting: this build of librdkafka has no TLS.)
     for key in ["security.protocol", "sasl.username"] {

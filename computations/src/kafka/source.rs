@@ -849,18 +849,10 @@ mod tests {
     /// The source `k` of a topology with `extra` in its table (no broker
     /// is contacted), reading partition 0 from offset 0.
     fn source(extra: &str) -> KafkaSource {
-        let text = format!(
-            "[sources.k]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9\"\ntopic = \"t\"\n{extra}\n\
-             [sinks.o]\ntype = \"stdout\"\ninputs = [\"k\"]\n"
-        );
-        let t = millrace_config::Topology::parse_str("t.toml", &text).expect("topology");
-        let c = t
-            .components()
-            .iter()
-            .find(|c| c.name == "k")
-            .expect("the source")
-            .clone();
-        let mut s = build(&c).expect("a valid source");
+        reading_partition_0(build(&component(extra)).expect("a valid source"))
+    }
+
+    fn reading_partition_0(mut s: KafkaSource) -> KafkaSource {
         s.parts.push(Part {
             id: 0,
             next: 0,
@@ -918,16 +910,13 @@ mod tests {
 
     /// The component `k` of a topology with `extra` in its table.
     fn component(extra: &str) -> Component {
-        let text = format!(
-            "[sources.k]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9\"\ntopic = \"t\"\n{extra}\n\
-             [sinks.o]\ntype = \"stdout\"\ninputs = [\"k\"]\n"
-        );
-        let t = millrace_config::Topology::parse_str("t.toml", &text).expect("topology");
-        t.components()
-            .iter()
-            .find(|c| c.name == "k")
-            .expect("the source")
-            .clone()
+        crate::test_support::component_in(
+            &format!(
+                "[sources.k]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9\"\ntopic = \"t\"\n{extra}\n\
+                 [sinks.o]\ntype = \"stdout\"\ninputs = [\"k\"]\n"
+            ),
+            "k",
+        )
     }
 
     #[test]
@@ -1006,13 +995,7 @@ mod tests {
     fn a_record_below_the_next_offset_is_not_taken_again_and_bytes_are_counted() {
         let mut c = component("");
         c.name = "bytes_counted".into();
-        let mut s = build(&c).expect("valid");
-        s.parts.push(Part {
-            id: 0,
-            next: 0,
-            newest: MIN_TIME,
-            last_data: Instant::now(),
-        });
+        let mut s = reading_partition_0(build(&c).expect("valid"));
         let mut emitted = Vec::new();
         let mut out = Emitter::new(&mut emitted);
         assert!(s.take(fetched(0, Some(1_000), "abc"), &mut out));

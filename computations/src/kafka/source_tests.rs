@@ -58,14 +58,7 @@ fn source_named(
          [sinks.o]\ntype = \"stdout\"\ninputs = [\"{name}\"]\n",
         broker.port
     );
-    let t = millrace_config::Topology::parse_str("t.toml", &text).expect("topology");
-    let c = t
-        .components()
-        .iter()
-        .find(|c| c.name == name)
-        .expect("the source")
-        .clone();
-    let mut s = build(&c).expect("a valid source");
+    let mut s = build(&crate::test_support::component_in(&text, name)).expect("a valid source");
     s.assign(&SourceShard {
         index,
         count,
