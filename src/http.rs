@@ -431,9 +431,7 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
                     .collect::<Vec<_>>(),
             });
             if let Some(mut seen) = state.ownership.get().and_then(|o| o.lock().clone()) {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as i64);
+                let now = crate::ownership::now_ms();
                 let read = seen["read_ms"].as_i64().unwrap_or(now);
                 seen["read_ms_ago"] = (now - read).max(0).into();
                 body["ownership"] = seen;

@@ -306,7 +306,8 @@ pub fn shard_name(plan: &millrace_engine::Plan, sid: u32) -> String {
     )
 }
 
-fn now_ms() -> i64 {
+/// Milliseconds since the Unix epoch, by this machine's clock.
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
