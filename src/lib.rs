@@ -14,6 +14,7 @@
 
 mod cli;
 mod http;
+pub mod nats_log;
 mod operator;
 mod ownership;
 mod savepoints;

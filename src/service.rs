@@ -152,6 +152,14 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
             &metrics,
         )?;
     }
+    let commit_log = match &topology.state.log {
+        None => None,
+        Some(cfg) => {
+            let log = crate::nats_log::NatsLog::connect(cfg, runtime.handle().clone())?;
+            tracing::info!(log = %millrace_engine::commit_log::CommitLog::describe(&log), replicas = cfg.replicas, "commits go to the commit log first");
+            Some(Arc::new(log) as Arc<dyn millrace_engine::commit_log::CommitLog>)
+        }
+    };
     let worker = Worker::start(
         topology.clone(),
         registry,
@@ -160,6 +168,7 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
             worker: worker_id.clone(),
             listen,
             dynamic: join.is_some(),
+            commit_log,
         },
         Arc::clone(&metrics),
     )

@@ -37,7 +37,7 @@ pub use error::ConfigError;
 pub use locate::Locator;
 pub use savepoint_target::SavepointTarget;
 pub use topology::{
-    check_secret, ClusterConfig, Component, Durability, EngineConfig, Input, KeyExtractor, Options,
-    Role, ServiceConfig, StreamRef, Topology, WorkerConfig, MAX_RECORD_BYTES, MAX_SHARDS,
-    MAX_THREADS, MIN_SECRET_LEN,
+    check_secret, ClusterConfig, CommitLogConfig, Component, Durability, EngineConfig, Input,
+    KeyExtractor, Options, Role, ServiceConfig, StateConfig, StreamRef, Topology, WorkerConfig,
+    MAX_RECORD_BYTES, MAX_SHARDS, MAX_THREADS, MIN_SECRET_LEN,
 };

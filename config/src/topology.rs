@@ -74,6 +74,66 @@ pub struct EngineConfig {
     pub max_record_bytes: usize,
 }
 
+/// `[state]`: where state lives beyond this machine.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StateConfig {
+    /// `log = "nats://HOST:PORT[,HOST:PORT...]/NAME"`: each shard's commits
+    /// are appended to a replicated log (NATS JetStream, stream
+    /// `millrace-NAME`) before they are released, so that a lost machine
+    /// loses nothing. None (the default): state lives in the data directory only.
+    pub log: Option<CommitLogConfig>,
+}
+
+/// The commit log of `[state] log`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommitLogConfig {
+    /// The NATS servers, `host:port` each.
+    pub servers: Vec<String>,
+    /// The deployment's name in the log: letters, digits, `-` and `_`.
+    pub name: String,
+    /// `log_replicas`: copies of each entry the log keeps (JetStream
+    /// replicas, 1 to 5). Default 3: one lost log server loses nothing.
+    pub replicas: usize,
+    /// `log_timeout`: how long a commit waits for an unreachable log before
+    /// the worker stops (it restarts from the log). Default `30s`.
+    pub timeout: Duration,
+}
+
+impl CommitLogConfig {
+    /// Reads `nats://HOST:PORT[,HOST:PORT...]/NAME`; the error says what is wrong.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("nats://")
+            .ok_or_else(|| format!("`{url}` is not a nats:// URL (nats://HOST:PORT/NAME)"))?;
+        let (hosts, name) = rest
+            .split_once('/')
+            .ok_or_else(|| format!("`{url}` names no deployment (nats://HOST:PORT/NAME)"))?;
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
+            return Err(format!(
+                "`{name}` in `{url}`: the name must be 1 to 64 letters, digits, `-` or `_`"
+            ));
+        }
+        let servers: Vec<String> = hosts.split(',').map(str::to_owned).collect();
+        for s in &servers {
+            let port = s.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>()));
+            if !matches!(port, Some((h, Ok(p))) if !h.is_empty() && p > 0) {
+                return Err(format!("`{s}` in `{url}` is not HOST:PORT"));
+            }
+        }
+        Ok(CommitLogConfig {
+            servers,
+            name: name.to_owned(),
+            replicas: 3,
+            timeout: Duration::from_secs(30),
+        })
+    }
+}
+
 /// `[cluster]`: the workers that share the shards, each a `millrace` process.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterConfig {
@@ -123,6 +183,8 @@ struct RawTopology {
     engine: RawEngine,
     cluster: Option<RawCluster>,
     #[serde(default)]
+    state: RawState,
+    #[serde(default)]
     sources: BTreeMap<String, toml::Table>,
     #[serde(default)]
     computations: BTreeMap<String, toml::Table>,
@@ -153,6 +215,14 @@ struct RawEngine {
     state_cache_keys: Option<usize>,
     channel_window_bytes: Option<usize>,
     max_record_bytes: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    log: Option<String>,
+    log_replicas: Option<usize>,
+    log_timeout: Option<HumanDuration>,
 }
 
 #[derive(Deserialize)]
@@ -330,6 +400,8 @@ pub struct Topology {
     pub engine: EngineConfig,
     /// `[cluster]`, when the topology runs on several workers.
     pub cluster: Option<ClusterConfig>,
+    /// `[state]`.
+    pub state: StateConfig,
     components: Vec<Component>,
     locator: Arc<Locator>,
 }
@@ -365,6 +437,7 @@ impl Topology {
             .cluster
             .map(|c| cluster_config(c, &locator))
             .transpose()?;
+        let state = state_config(raw.state, &locator)?;
         let service = ServiceConfig {
             data_dir: raw
                 .service
@@ -405,6 +478,7 @@ impl Topology {
             service,
             engine,
             cluster,
+            state,
             components,
             locator,
         };
@@ -710,6 +784,34 @@ fn cluster_config(raw: RawCluster, locator: &Locator) -> Result<ClusterConfig, C
         secret: raw.secret,
         handoff: raw.handoff,
     })
+}
+
+fn state_config(raw: RawState, locator: &Locator) -> Result<StateConfig, ConfigError> {
+    let Some(url) = raw.log else {
+        if raw.log_replicas.is_some() || raw.log_timeout.is_some() {
+            return Err(locator.error(
+                "state",
+                Some("log"),
+                "log_replicas and log_timeout need a log (log = \"nats://HOST:PORT/NAME\")",
+            ));
+        }
+        return Ok(StateConfig::default());
+    };
+    let mut log =
+        CommitLogConfig::parse(&url).map_err(|why| locator.error("state", Some("log"), why))?;
+    if let Some(r) = raw.log_replicas {
+        if !(1..=5).contains(&r) {
+            return Err(locator.error("state", Some("log_replicas"), "must be 1 to 5"));
+        }
+        log.replicas = r;
+    }
+    if let Some(t) = raw.log_timeout {
+        if t.0.is_zero() {
+            return Err(locator.error("state", Some("log_timeout"), "must be above zero"));
+        }
+        log.timeout = t.0;
+    }
+    Ok(StateConfig { log: Some(log) })
 }
 
 fn component(

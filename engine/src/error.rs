@@ -29,6 +29,9 @@ pub enum EngineError {
     /// The cluster transport could not start.
     #[error("cluster: {0}")]
     Network(String),
+    /// The commit log refused or failed an append or a read.
+    #[error(transparent)]
+    Log(#[from] crate::commit_log::LogError),
     /// An executor stopped with this error.
     #[error("worker stopped: {0}")]
     Fatal(String),

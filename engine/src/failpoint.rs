@@ -12,6 +12,7 @@
 //! | `source.sent` | a replayable source's productions were handed to their consumers, before its turn's commit |
 //! | `sink.flushed` | a sink wrote and flushed what it was given (a sink that defers: found writes durable), before the commit that records them |
 //! | `commit.before` | the turn's batch is built, before it is committed |
+//! | `log.appended` | with a commit log: the turn's entries are durable in the log, before the batch is committed locally |
 //! | `commit.after` | the batch is committed, before acknowledgements and sends go out |
 //! | `release.after` | acknowledgements, productions and watermarks were handed over |
 //! | `savepoint.shard` | `millrace savepoint` wrote one shard's file (before the worker's part and the manifest) |
@@ -28,16 +29,18 @@ pub(crate) enum Point {
     SourceSent,
     SinkFlushed,
     CommitBefore,
+    LogAppended,
     CommitAfter,
     ReleaseAfter,
     SavepointShard,
 }
 
 impl Point {
-    const ALL: [Point; 6] = [
+    const ALL: [Point; 7] = [
         Point::SourceSent,
         Point::SinkFlushed,
         Point::CommitBefore,
+        Point::LogAppended,
         Point::CommitAfter,
         Point::ReleaseAfter,
         Point::SavepointShard,
@@ -48,6 +51,7 @@ impl Point {
             Point::SourceSent => "source.sent",
             Point::SinkFlushed => "sink.flushed",
             Point::CommitBefore => "commit.before",
+            Point::LogAppended => "log.appended",
             Point::CommitAfter => "commit.after",
             Point::ReleaseAfter => "release.after",
             Point::SavepointShard => "savepoint.shard",

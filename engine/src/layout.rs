@@ -17,6 +17,7 @@
 //! | `meta` | prefix, `w` | the shard's output watermark i64 |
 //! | `meta` | prefix, `p` | a source's or sink's committed position (its own bytes) |
 //! | `meta` | prefix, `e` | the shard's epoch u64 (rises at every start) |
+//! | `meta` | prefix, `l` | with a commit log: the sequence of the shard's last log entry applied here, u64 (not itself logged) |
 //! | `meta` | `""`, `peer-epoch`, shard u32 | highest epoch seen for another worker's shard |
 //! | `meta` | `""`, `cluster` | worker count u32, this worker's index u32 |
 //! | `meta` | `""`, `shards` | `engine.shards` the directory was written with, u32 |
@@ -146,6 +147,12 @@ pub(crate) fn position_key(prefix: &[u8]) -> Vec<u8> {
 /// Meta key of this worker's epoch for one of its shards.
 pub(crate) fn epoch_key(prefix: &[u8]) -> Vec<u8> {
     KeyWriter::from_prefix(prefix).tag(b'e').finish()
+}
+
+/// Meta key of the sequence of the shard's last commit log entry applied
+/// here.
+pub(crate) fn log_seq_key(prefix: &[u8]) -> Vec<u8> {
+    KeyWriter::from_prefix(prefix).tag(b'l').finish()
 }
 
 /// Meta key prefix of the highest epochs seen for other workers' shards.

@@ -14,6 +14,7 @@
 //! rise. RocksDB is only called from executor threads.
 
 mod api;
+pub mod commit_log;
 #[cfg(test)]
 mod commit_order_tests;
 #[cfg(test)]

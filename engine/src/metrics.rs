@@ -58,6 +58,16 @@ pub struct Metrics {
     /// Writes to the ownership store refused because this worker's view
     /// of who owns or controls what was stale.
     pub ownership_fenced: IntCounter,
+    /// Commit log (`[state] log`): entries appended, and their bytes.
+    pub log_appends: IntCounter,
+    pub log_bytes: IntCounter,
+    /// Commit log: how long a turn waited for its appends to be durable.
+    pub log_append_seconds: Histogram,
+    /// Commit log: appends refused because another incarnation of the
+    /// shard extended its log (this worker's copy is stale).
+    pub log_fenced: IntCounter,
+    /// Commit log: entries applied to the store at a shard's start.
+    pub log_replayed: IntCounter,
     /// Handshakes refused, by reason (`secret`, `epoch`, `topology`, `worker`, `by-peer`).
     pub net_refused: IntCounterVec,
     /// Connections established, by peer worker.
@@ -252,6 +262,49 @@ impl Metrics {
                     "millrace_ownership_fenced_total",
                     "Writes to etcd refused because this worker's view of who owns a shard or \
                      controls the assignment was stale (a claim, a release, an assignment).",
+                )
+                .expect("valid metric"),
+            ),
+            log_appends: reg(
+                &r,
+                IntCounter::new(
+                    "millrace_log_appends_total",
+                    "Entries appended to the commit log ([state] log): one per shard and commit.",
+                )
+                .expect("valid metric"),
+            ),
+            log_bytes: reg(
+                &r,
+                IntCounter::new(
+                    "millrace_log_bytes_total",
+                    "Bytes of the entries appended to the commit log.",
+                )
+                .expect("valid metric"),
+            ),
+            log_append_seconds: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "millrace_log_append_seconds",
+                        "How long a commit waited for its commit log appends to be durable.",
+                    )
+                    .buckets(latency_buckets.clone()),
+                )
+                .expect("valid metric"),
+            ),
+            log_fenced: reg(
+                &r,
+                IntCounter::new(
+                    "millrace_log_fenced_total",
+                    "Commit log appends refused because another incarnation of the shard had                      extended its log: this worker's copy was stale and it stopped running it.",
+                )
+                .expect("valid metric"),
+            ),
+            log_replayed: reg(
+                &r,
+                IntCounter::new(
+                    "millrace_log_replayed_entries_total",
+                    "Commit log entries applied to the store when a shard started.",
                 )
                 .expect("valid metric"),
             ),

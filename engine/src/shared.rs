@@ -20,6 +20,8 @@ pub(crate) enum Step {
     Turn(usize),
     /// Executor `.0`'s commit of the turn returned.
     Committed(usize),
+    /// Executor `.0`'s appends to the commit log returned.
+    LogAppended(usize),
     /// Executor `exec` handed messages out.
     Sent {
         exec: usize,

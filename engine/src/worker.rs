@@ -30,6 +30,10 @@ pub struct WorkerOptions {
     /// coordination service: the worker starts running none, and runs what
     /// [`Worker::adopt_shard`] gives it.
     pub dynamic: bool,
+    /// `[state] log`: each commit is appended here, durable off the
+    /// machine, before it is committed locally and released; a shard
+    /// starts from the end of its log (see `commit_log.rs`).
+    pub commit_log: Option<Arc<dyn crate::commit_log::CommitLog>>,
     /// In the engine's own tests: where executors record their steps.
     #[cfg(test)]
     pub(crate) recorder: Option<Arc<parking_lot::Mutex<Vec<crate::shared::Step>>>>,
@@ -104,6 +108,8 @@ pub struct Worker {
     transport: Option<Transport>,
     /// This worker's index in the cluster (0 alone).
     me: usize,
+    /// `[state] log`.
+    commit_log: Option<Arc<dyn crate::commit_log::CommitLog>>,
 }
 
 impl Worker {
@@ -171,6 +177,13 @@ impl Worker {
             recorder: opts.recorder.clone(),
             ..Shared::new(Arc::clone(&metrics), &plan, opts.dynamic)
         });
+        if let (Some(log), false) = (&opts.commit_log, opts.dynamic) {
+            // Before the epochs rise: the log holds the last ones.
+            for spec in plan.shards.iter().filter(|s| s.worker == me) {
+                let name = crate::commit_log::shard_name(&plan.nodes[spec.node].name, spec.shard);
+                crate::commit_log::catch_up(&**log, &store, &name, &spec.prefix, &metrics)?;
+            }
+        }
         if !opts.dynamic {
             for (sid, epoch) in bump_epochs(&store, &plan, me)? {
                 let exec = plan.shards[sid as usize].executor;
@@ -239,6 +252,7 @@ impl Worker {
                 inbox,
                 outlets.clone(),
                 node_metrics.clone(),
+                opts.commit_log.clone(),
             );
             ex.recover()?;
             executors.push(ex);
@@ -299,6 +313,7 @@ impl Worker {
             recovered_positions,
             transport,
             me,
+            commit_log: opts.commit_log.clone(),
         })
     }
 
@@ -622,6 +637,13 @@ impl Worker {
         let prefix = &self.plan.shards[sid as usize].prefix;
         if let Some(bytes) = data {
             self.load_shard_data(sid, bytes)?;
+        }
+        if let Some(log) = &self.commit_log {
+            // Before the epoch is set: the log holds the last one.
+            let spec = &self.plan.shards[sid as usize];
+            let name = crate::commit_log::shard_name(&self.plan.nodes[spec.node].name, spec.shard);
+            let m = &self.shared.metrics;
+            crate::commit_log::catch_up(&**log, &self.store, &name, prefix, m)?;
         }
         let mut b = self.store.batch();
         b.put(

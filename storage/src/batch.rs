@@ -115,6 +115,110 @@ impl Rep {
     }
 }
 
+/// One operation read back from a batch's bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Op<'a> {
+    Put(u32, &'a [u8], &'a [u8]),
+    Delete(u32, &'a [u8]),
+    DeleteRange(u32, &'a [u8], &'a [u8]),
+}
+
+impl<'a> Op<'a> {
+    /// The column family's id, and the key the operation is filed under (a
+    /// range's start).
+    pub fn cf_and_key(&self) -> (u32, &'a [u8]) {
+        match *self {
+            Op::Put(cf, k, _) | Op::Delete(cf, k) | Op::DeleteRange(cf, k, _) => (cf, k),
+        }
+    }
+}
+
+/// Bytes that are not a batch this file writes; says what is wrong.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Malformed(pub String);
+
+/// The operations of the batch `bytes` (header included), in order; stops
+/// at the first malformed record. Reads only what [`Rep`] writes: the tags
+/// above, nothing else RocksDB knows.
+pub(crate) fn ops(bytes: &[u8]) -> Result<Vec<Op<'_>>, Malformed> {
+    let (header, mut rest) = bytes
+        .split_at_checked(HEADER)
+        .ok_or_else(|| Malformed(format!("{} bytes, shorter than a header", bytes.len())))?;
+    let mut count_bytes = [0u8; 4];
+    count_bytes.copy_from_slice(&header[8..HEADER]);
+    let count = u32::from_le_bytes(count_bytes);
+    // Each record takes at least two bytes: no allocation beyond the input's size.
+    let mut out = Vec::with_capacity((count as usize).min(bytes.len() / 2));
+    while !rest.is_empty() {
+        let at = bytes.len() - rest.len();
+        let bad = |what: &str| Malformed(format!("record at byte {at}: {what}"));
+        let tag = rest[0];
+        rest = &rest[1..];
+        let cf = match tag {
+            TAG_CF_VALUE | TAG_CF_DELETION | TAG_CF_RANGE_DELETION => {
+                read_varint32(&mut rest).ok_or_else(|| bad("bad column family"))?
+            }
+            TAG_VALUE | TAG_DELETION | TAG_RANGE_DELETION => 0,
+            other => return Err(bad(&format!("unknown tag {other:#x}"))),
+        };
+        let key = read_varstring(&mut rest).ok_or_else(|| bad("truncated key"))?;
+        out.push(match tag {
+            TAG_CF_VALUE | TAG_VALUE => Op::Put(
+                cf,
+                key,
+                read_varstring(&mut rest).ok_or_else(|| bad("truncated value"))?,
+            ),
+            TAG_CF_DELETION | TAG_DELETION => Op::Delete(cf, key),
+            _ => Op::DeleteRange(
+                cf,
+                key,
+                read_varstring(&mut rest).ok_or_else(|| bad("truncated range end"))?,
+            ),
+        });
+    }
+    if out.len() != count as usize {
+        return Err(Malformed(format!(
+            "the header counts {count} records, the bytes hold {}",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+impl Rep {
+    /// Appends `op` with its column family id replaced by `cf`.
+    pub fn push(&mut self, cf: u32, op: &Op<'_>) {
+        match *op {
+            Op::Put(_, k, v) => self.put(cf, k, v),
+            Op::Delete(_, k) => self.delete(cf, k),
+            Op::DeleteRange(_, a, b) => self.delete_range(cf, a, b),
+        }
+    }
+}
+
+fn read_varint32(input: &mut &[u8]) -> Option<u32> {
+    let mut v: u32 = 0;
+    for (i, &b) in input.iter().enumerate().take(5) {
+        let bits = u32::from(b & 0x7F);
+        if i == 4 && bits > 0x0F {
+            return None;
+        }
+        v |= bits << (7 * i);
+        if b & 0x80 == 0 {
+            *input = &input[i + 1..];
+            return Some(v);
+        }
+    }
+    None
+}
+
+fn read_varstring<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = read_varint32(input)? as usize;
+    let (s, rest) = input.split_at_checked(len)?;
+    *input = rest;
+    Some(s)
+}
+
 /// LEB128, as RocksDB's `PutVarint32`.
 fn put_varint32(out: &mut Vec<u8>, mut v: u32) {
     while v >= 0x80 {
@@ -192,6 +296,46 @@ mod tests {
             }
             prop_assert_eq!(ours.len(), theirs.len());
             prop_assert_eq!(ours.finish().unwrap(), theirs.data());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// What a batch holds reads back as the same operations.
+        #[test]
+        fn ops_read_back(ops_in in proptest::collection::vec(op(), 0..12)) {
+            let mut rep = Rep::new();
+            for op in &ops_in {
+                match op {
+                    Op::Put(c, k, v) => rep.put(*c as u32, k, v),
+                    Op::Delete(c, k) => rep.delete(*c as u32, k),
+                    Op::DeleteRange(c, a, b) => rep.delete_range(*c as u32, a, b),
+                }
+            }
+            let bytes = rep.finish().unwrap().to_vec();
+            let back = ops(&bytes).unwrap();
+            prop_assert_eq!(back.len(), ops_in.len());
+            for (b, o) in back.iter().zip(&ops_in) {
+                let same = match (b, o) {
+                    (super::Op::Put(c, k, v), Op::Put(c2, k2, v2)) => *c as usize == *c2 && k == k2 && v == v2,
+                    (super::Op::Delete(c, k), Op::Delete(c2, k2)) => *c as usize == *c2 && k == k2,
+                    (super::Op::DeleteRange(c, a, e), Op::DeleteRange(c2, a2, e2)) => *c as usize == *c2 && a == a2 && e == e2,
+                    _ => false,
+                };
+                prop_assert!(same, "{:?} read back as {:?}", o, b);
+            }
+        }
+
+        /// Any bytes: an error or operations, never a panic; a cut batch is an error.
+        #[test]
+        fn ops_of_any_bytes_do_not_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200), cut in 1usize..40) {
+            let _ = ops(&bytes);
+            let mut rep = Rep::new();
+            rep.put(3, b"key", b"a value");
+            rep.delete_range(1, b"a", b"b");
+            let whole = rep.finish().unwrap().to_vec();
+            let cut = cut.min(whole.len() - 1);
+            prop_assert!(ops(&whole[..whole.len() - cut]).is_err());
         }
     }
 

@@ -1,6 +1,6 @@
 //! The RocksDB instance of one worker and its atomic batches.
 
-use crate::batch::Rep;
+use crate::batch::{self, Rep};
 use crate::keys::prefix_end;
 use crate::slot;
 use rocksdb::{
@@ -540,14 +540,18 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        let data = batch.rep.finish().map_err(|_| StorageError::Rocks {
-            path: self.path.clone(),
-            op: "commit",
-            message: "a key or value is 4 GiB or longer".into(),
-        })?;
+        let data = batch.rep.finish().map_err(|_| self.oversize("commit"))?;
         self.db
             .write_opt(WriteBatch::from_data(data), write)
             .map_err(|e| self.err("commit", e))
+    }
+
+    fn oversize(&self, op: &'static str) -> StorageError {
+        StorageError::Rocks {
+            path: self.path.clone(),
+            op,
+            message: "a key or value is 4 GiB or longer".into(),
+        }
     }
 
     /// Writes every column family's memtable to table files, so that the
@@ -807,6 +811,64 @@ impl Batch<'_> {
             Some(end) => self.delete_range(cf, prefix, &end),
             None => self.delete_range(cf, prefix, &[0xFFu8; 64]),
         }
+    }
+
+    /// The batch's operations split into log entries, one per group:
+    /// `group` names the group of a key (an operation on a range: of its
+    /// start), `None` keeps it out of every entry. An entry is portable
+    /// between stores: it names column families by their place in
+    /// [`Cf::ALL`], not by this store's ids. [`Batch::apply_log_entry`]
+    /// reads it back.
+    pub fn log_entries<G: Ord>(
+        &mut self,
+        mut group: impl FnMut(&[u8]) -> Option<G>,
+    ) -> Result<std::collections::BTreeMap<G, Vec<u8>>, StorageError> {
+        let store = self.store;
+        let bytes = self
+            .rep
+            .finish()
+            .map_err(|_| store.oversize("log entries"))?;
+        let ops = batch::ops(bytes)
+            .map_err(|e| StorageError::Corrupt(format!("a batch being committed: {}", e.0)))?;
+        let mut reps: std::collections::BTreeMap<G, Rep> = std::collections::BTreeMap::new();
+        for op in &ops {
+            let (id, key) = op.cf_and_key();
+            let Some(g) = group(key) else { continue };
+            let logical = store.cf_ids.iter().position(|&i| i == id).ok_or_else(|| {
+                StorageError::Corrupt(format!("a batch names column family id {id}"))
+            })?;
+            reps.entry(g)
+                .or_insert_with(Rep::new)
+                .push(logical as u32, op);
+        }
+        reps.into_iter()
+            .map(|(g, mut rep)| {
+                let bytes = rep.finish().map_err(|_| store.oversize("log entries"))?;
+                Ok((g, bytes.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Adds the operations of `entry`, a log entry of
+    /// [`Batch::log_entries`], to this batch; how many. Bytes that are not
+    /// one are refused whole, with nothing added.
+    pub fn apply_log_entry(&mut self, entry: &[u8]) -> Result<usize, StorageError> {
+        let ops = batch::ops(entry)
+            .map_err(|e| StorageError::Corrupt(format!("a commit log entry: {}", e.0)))?;
+        for op in &ops {
+            let (logical, _) = op.cf_and_key();
+            if Cf::ALL.get(logical as usize).is_none() {
+                return Err(StorageError::Corrupt(format!(
+                    "a commit log entry names column family {logical}; there are {}",
+                    Cf::ALL.len()
+                )));
+            }
+        }
+        for op in &ops {
+            let (logical, _) = op.cf_and_key();
+            self.rep.push(self.store.cf_ids[logical as usize], op);
+        }
+        Ok(ops.len())
     }
 
     /// Number of operations collected.
@@ -1172,5 +1234,64 @@ mod tests {
             Some(&b"state"[..])
         );
         assert_eq!(store.scan_prefix(Cf::Outbox, &[]).unwrap().len(), 1000);
+    }
+
+    /// A batch splits into one entry per group, leaving out what no group
+    /// takes; each entry applied to another store writes the same keys.
+    #[test]
+    fn log_entries_split_by_group_and_apply_elsewhere() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let from = Store::open(a.path(), &StoreOptions::default()).unwrap();
+        let to = Store::open(b.path(), &StoreOptions::default()).unwrap();
+        let mut seed = to.batch();
+        seed.put(Cf::Outbox, b"x-gone", b"old");
+        seed.put(Cf::Meta, b"x-deleted", b"old");
+        to.commit(seed).unwrap();
+        let mut batch = from.batch();
+        batch.put_state(b"x-state", Some(b"1"));
+        batch.put(Cf::Meta, b"y-meta", b"2");
+        batch.put(Cf::Timers, b"z-not-logged", b"");
+        batch.delete(Cf::Meta, b"x-deleted");
+        batch.delete_range(Cf::Outbox, b"x-a", b"x-z");
+        let group = |k: &[u8]| match k.first() {
+            Some(b'x') => Some('x'),
+            Some(b'y') => Some('y'),
+            _ => None,
+        };
+        let entries = batch.log_entries(group).unwrap();
+        assert_eq!(entries.keys().copied().collect::<Vec<_>>(), vec!['x', 'y']);
+        let mut apply = to.batch();
+        assert_eq!(apply.apply_log_entry(&entries[&'x']).unwrap(), 3);
+        assert_eq!(apply.apply_log_entry(&entries[&'y']).unwrap(), 1);
+        to.commit(apply).unwrap();
+        assert_eq!(
+            to.get(Cf::Meta, b"y-meta").unwrap().as_deref(),
+            Some(&b"2"[..])
+        );
+        assert_eq!(to.get(Cf::Meta, b"x-deleted").unwrap(), None);
+        assert_eq!(to.get(Cf::Outbox, b"x-gone").unwrap(), None);
+        assert_eq!(to.get(Cf::Timers, b"z-not-logged").unwrap(), None);
+        let mut state = Vec::new();
+        to.for_each_state(b"x", |k, v| {
+            state.push((k.to_vec(), v.to_vec()));
+            true
+        })
+        .unwrap();
+        assert_eq!(state, vec![(b"x-state".to_vec(), b"1".to_vec())]);
+        // The original batch still commits whole.
+        from.commit(batch).unwrap();
+        assert_eq!(
+            from.get(Cf::Timers, b"z-not-logged").unwrap().as_deref(),
+            Some(&b""[..])
+        );
+        // Bytes that are not an entry, or name no column family, add nothing.
+        let mut bad = to.batch();
+        assert!(bad.apply_log_entry(b"not an entry").is_err());
+        let mut rep = Rep::new();
+        rep.put(0, b"k", b"v");
+        rep.put(9, b"k", b"v");
+        let err = bad.apply_log_entry(rep.finish().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("column family 9"), "{err}");
+        assert!(bad.is_empty());
     }
 }

@@ -313,6 +313,7 @@ pub fn lines(p: &Path) -> Vec<String> {
 }
 
 pub mod etcd;
+pub mod nats;
 pub mod proxy;
 pub mod s3;
 

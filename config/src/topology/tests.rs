@@ -144,3 +144,53 @@ fn options_parse_strictly_and_locate_unknown_keys() {
     assert_eq!(e.line(), Some(4));
     assert!(e.to_string().contains("paht"), "{e}");
 }
+
+#[test]
+fn a_commit_log_is_parsed_and_every_mistake_in_it_is_named() {
+    assert_eq!(parse(GOOD).expect("parses").state, StateConfig::default());
+    let with = |state: &str| format!("[state]\n{state}\n{GOOD}");
+    let t = parse(&with(
+        r#"log = "nats://127.0.0.1:4222,127.0.0.1:4223/orders-eu"
+log_replicas = 1
+log_timeout = "5s""#,
+    ))
+    .expect("parses");
+    assert_eq!(
+        t.state.log,
+        Some(CommitLogConfig {
+            servers: vec!["127.0.0.1:4222".into(), "127.0.0.1:4223".into()],
+            name: "orders-eu".into(),
+            replicas: 1,
+            timeout: Duration::from_secs(5),
+        })
+    );
+    let defaults = parse(&with(r#"log = "nats://h:4222/x""#)).expect("parses");
+    let log = defaults.state.log.expect("a log");
+    assert_eq!((log.replicas, log.timeout), (3, Duration::from_secs(30)));
+    for (state, says) in [
+        (r#"log = "kafka://h:9092/x""#, "not a nats:// URL"),
+        (r#"log = "nats://h:4222""#, "names no deployment"),
+        (r#"log = "nats://h:4222/a.b""#, "the name must be"),
+        (r#"log = "nats://h:4222/""#, "the name must be"),
+        (r#"log = "nats://h/x""#, "is not HOST:PORT"),
+        (r#"log = "nats://h:0/x""#, "is not HOST:PORT"),
+        (r#"log = "nats://h:4222,/x""#, "is not HOST:PORT"),
+        (
+            "log = \"nats://h:4222/x\"\nlog_replicas = 0",
+            "must be 1 to 5",
+        ),
+        (
+            "log = \"nats://h:4222/x\"\nlog_replicas = 7",
+            "must be 1 to 5",
+        ),
+        (
+            "log = \"nats://h:4222/x\"\nlog_timeout = \"0s\"",
+            "above zero",
+        ),
+        ("log_replicas = 3", "need a log"),
+        ("logs = \"nats://h:4222/x\"", "unknown field"),
+    ] {
+        let e = err(&with(state)).to_string();
+        assert!(e.contains(says) && e.contains("state"), "{state}: {e}");
+    }
+}

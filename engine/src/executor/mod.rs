@@ -31,6 +31,7 @@
 mod inbox;
 mod steps;
 
+use crate::commit_log::ExecutorLog;
 use crate::error::EngineError;
 use crate::failpoint::{self, Point};
 use crate::mapkey::FastMap;
@@ -135,6 +136,9 @@ pub(crate) struct Executor {
     order: Vec<usize>,
     /// Recent duration of a commit (moving average).
     commit_time: Duration,
+    /// With `[state] log`: where each commit is appended before it is
+    /// committed locally.
+    log: Option<ExecutorLog>,
 }
 
 impl Executor {
@@ -147,6 +151,7 @@ impl Executor {
         inbox: Receiver<Vec<Msg>>,
         peers: Vec<Outlet>,
         node_metrics: Vec<NodeMetrics>,
+        log: Option<Arc<dyn crate::commit_log::CommitLog>>,
     ) -> Self {
         let destinations = plan.threads + plan.workers;
         let node_metrics: Arc<[NodeMetrics]> = node_metrics.into();
@@ -181,6 +186,7 @@ impl Executor {
             first_shard: 0,
             order: Vec::new(),
             commit_time: Duration::ZERO,
+            log: log.map(ExecutorLog::new),
         }
     }
 
@@ -205,7 +211,14 @@ impl Executor {
             return Ok(());
         }
         let plan = Arc::clone(&self.plan);
-        let node = plan.shards[sid as usize].node;
+        let spec = &plan.shards[sid as usize];
+        let node = spec.node;
+        if let Some(log) = &mut self.log {
+            // Catch up with the log and fence it first: what the shard
+            // recovers from is then everything it ever released.
+            let named = (plan.nodes[node].name.as_str(), spec.shard, &spec.prefix[..]);
+            log.start(&self.store, named, &self.shared.metrics)?;
+        }
         let shard = ShardRt::recover(
             &plan,
             sid,
@@ -227,6 +240,9 @@ impl Executor {
             return;
         };
         let shard = self.shards.swap_remove(i);
+        if let Some(log) = &mut self.log {
+            log.stop(shard.prefix());
+        }
         let in_flight = &self.shared.in_flight;
         in_flight.restored(-(shard.backlog() as i64));
         if let Body::Source(src) = &shard.body {
@@ -428,11 +444,22 @@ impl Executor {
     }
 
     /// Step 5: one atomic commit.
-    fn commit(&mut self, batch: Batch<'_>, processed: usize) -> Result<Committed, EngineError> {
+    fn commit(&mut self, mut batch: Batch<'_>, processed: usize) -> Result<Committed, EngineError> {
         if !batch.is_empty() {
             failpoint::hit(Point::CommitBefore);
         }
         let started = Instant::now();
+        if let Some(log) = &mut self.log {
+            // Durable off the machine first: the local store is never
+            // ahead of the log (see `commit_log.rs`).
+            if !batch.is_empty() {
+                log.append(&mut batch, &self.shared.metrics)?;
+                #[cfg(test)]
+                self.shared
+                    .record(crate::shared::Step::LogAppended(self.id));
+                failpoint::hit(Point::LogAppended);
+            }
+        }
         let committed = outgoing::commit(&self.store, batch)?;
         if committed.with_something {
             failpoint::hit(Point::CommitAfter);

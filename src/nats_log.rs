@@ -1,0 +1,324 @@
+//! The commit log of `[state] log` on NATS JetStream.
+//!
+//! One stream per deployment, `millrace-NAME`, replicated `log_replicas`
+//! times; one subject per shard, `millrace.NAME.COMPONENT.SHARD`. An append
+//! carries `Nats-Expected-Last-Subject-Sequence`, the sequence the shard's
+//! last entry had when its writer last looked: the server refuses it when
+//! another writer appended since (JetStream error 10071), which is the
+//! fence of `millrace_engine::commit_log`. It also carries `Nats-Msg-Id`,
+//! the shard, the writer's incarnation and that sequence, so that an append retried
+//! after a lost acknowledgement is recognised by the server as the same one
+//! (within the stream's duplicate window) instead of appended twice.
+//!
+//! An entry larger than the server's `max_payload` is appended as parts,
+//! one after another, each fenced like an entry; a reader takes an entry
+//! only once its last part is read, and drops the parts of one whose writer
+//! died before the last.
+//!
+//! The engine calls in from its executor threads; each call blocks on the
+//! service's tokio runtime.
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use millrace_config::CommitLogConfig;
+use millrace_engine::commit_log::{Append, CommitLog, LogError, OnEntry};
+use millrace_engine::EngineError;
+use std::time::{Duration, Instant};
+use tokio::runtime::Handle;
+
+/// The header of an entry's part: `K/N`.
+const PART: &str = "Millrace-Part";
+
+/// Room left for headers under the server's `max_payload`.
+const HEADER_ROOM: usize = 1024;
+
+/// How long the server remembers an append's id (the stream's duplicate
+/// window): a retry within it is recognised.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// A commit log on a JetStream stream.
+pub struct NatsLog {
+    runtime: Handle,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    /// Subjects are `{subject_prefix}.{shard}`.
+    subject_prefix: String,
+    describe: String,
+    timeout: Duration,
+    /// Largest part of an entry.
+    max_part: usize,
+}
+
+impl NatsLog {
+    /// Connects to the servers of `cfg` and makes sure the deployment's
+    /// stream exists.
+    pub fn connect(cfg: &CommitLogConfig, runtime: Handle) -> anyhow::Result<NatsLog> {
+        let describe = format!("nats://{}/{}", cfg.servers.join(","), cfg.name);
+        let stream_name = format!("millrace-{}", cfg.name);
+        let subject_prefix = format!("millrace.{}", cfg.name);
+        let (js, stream, max_payload) = runtime
+            .block_on(async {
+                let servers: Vec<async_nats::ServerAddr> = cfg
+                    .servers
+                    .iter()
+                    .map(|s| format!("nats://{s}").parse())
+                    .collect::<Result<_, _>>()?;
+                let client = async_nats::ConnectOptions::new()
+                    .connection_timeout(cfg.timeout.min(Duration::from_secs(10)))
+                    .retry_on_initial_connect()
+                    .connect(servers)
+                    .await?;
+                // Retrying the first connection returns at once; wait for it.
+                let deadline = Instant::now() + cfg.timeout;
+                while client.connection_state() != async_nats::connection::State::Connected {
+                    if Instant::now() > deadline {
+                        anyhow::bail!("no server answered within {:?}", cfg.timeout);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let max_payload = client.server_info().max_payload;
+                let mut js = jetstream::new(client);
+                js.set_timeout(cfg.timeout.min(Duration::from_secs(10)));
+                let stream = js
+                    .get_or_create_stream(stream::Config {
+                        name: stream_name.clone(),
+                        subjects: vec![format!("{subject_prefix}.>")],
+                        num_replicas: cfg.replicas,
+                        storage: stream::StorageType::File,
+                        allow_direct: true,
+                        duplicate_window: DUPLICATE_WINDOW,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!("creating or opening stream {stream_name}: {e}")
+                    })?;
+                anyhow::Ok((js, stream, max_payload))
+            })
+            .with_context(|| format!("connecting to the commit log {describe}"))?;
+        let replicas = stream.cached_info().config.num_replicas;
+        if replicas != cfg.replicas {
+            tracing::warn!(
+                stream = %stream_name,
+                replicas,
+                wanted = cfg.replicas,
+                "the commit log's stream exists with another replica count; it is kept"
+            );
+        }
+        Ok(NatsLog {
+            runtime,
+            js,
+            stream,
+            subject_prefix,
+            describe,
+            timeout: cfg.timeout,
+            max_part: max_payload.saturating_sub(HEADER_ROOM).max(HEADER_ROOM),
+        })
+    }
+
+    fn subject(&self, shard: &str) -> String {
+        format!("{}.{shard}", self.subject_prefix)
+    }
+
+    /// Appends one entry, in parts when it is large; returns its (last
+    /// part's) sequence.
+    async fn append_one(&self, a: &Append<'_>) -> Result<u64, LogError> {
+        let subject = self.subject(a.shard);
+        let parts: Vec<&[u8]> = if a.bytes.is_empty() {
+            vec![a.bytes]
+        } else {
+            a.bytes.chunks(self.max_part).collect()
+        };
+        let n = parts.len();
+        let mut after = a.after;
+        for (k, part) in parts.into_iter().enumerate() {
+            let mut msg = jetstream::message::PublishMessage::build()
+                .payload(Bytes::copy_from_slice(part))
+                .expected_last_subject_sequence(after)
+                .message_id(format!("{}-{:016x}-{after}", a.shard, a.incarnation));
+            if n > 1 {
+                msg = msg.header(PART, format!("{}/{n}", k + 1).as_str());
+            }
+            after = self.publish(&subject, a, msg).await?;
+        }
+        Ok(after)
+    }
+
+    /// Publishes `msg`, again and again while the log cannot be reached,
+    /// for at most the configured timeout.
+    async fn publish(
+        &self,
+        subject: &str,
+        a: &Append<'_>,
+        msg: jetstream::message::PublishMessage,
+    ) -> Result<u64, LogError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let attempt = async {
+                self.js
+                    .send_publish(subject.to_owned(), msg.clone())
+                    .await?
+                    .await
+            };
+            let err = match attempt.await {
+                Ok(ack) => return Ok(ack.sequence),
+                Err(e) => e,
+            };
+            match err.kind() {
+                PublishErrorKind::WrongLastSequence => {
+                    return Err(LogError::Fenced {
+                        shard: a.shard.to_owned(),
+                        expected: a.after,
+                    })
+                }
+                PublishErrorKind::MaxPayloadExceeded => {
+                    return Err(LogError::Unavailable(format!("{}: {err}", self.describe)))
+                }
+                _ if Instant::now() >= deadline => {
+                    return Err(LogError::Unavailable(format!(
+                        "{}: appending to shard {} failed for {:?}: {err}",
+                        self.describe, a.shard, self.timeout
+                    )))
+                }
+                _ => {
+                    tracing::warn!(log = %self.describe, shard = a.shard, error = %err, "commit log append failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    async fn read_async(
+        &self,
+        shard: &str,
+        after: u64,
+        f: &mut OnEntry<'_>,
+    ) -> Result<u64, EngineError> {
+        let subject = self.subject(shard);
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+            LogError::Unavailable(format!("{}: {what} of shard {shard}: {e}", self.describe))
+        };
+        let last = match self.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => m.sequence,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => 0,
+            Err(e) => return Err(unavailable("reading the end", &e).into()),
+        };
+        if last <= after {
+            return Ok(last);
+        }
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject.clone(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("reading", &e))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| unavailable("reading", &e))?;
+        // The parts read so far of an entry written in parts.
+        let mut partial: Option<(usize, Vec<u8>)> = None;
+        loop {
+            let next = tokio::time::timeout(self.timeout, messages.next())
+                .await
+                .map_err(|_| {
+                    unavailable("reading", &format!("no entry within {:?}", self.timeout))
+                })?;
+            let msg = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => return Err(unavailable("reading", &e).into()),
+                None => return Err(unavailable("reading", &"the read ended early").into()),
+            };
+            let seq = msg
+                .info()
+                .map_err(|e| unavailable("reading", &e))?
+                .stream_sequence;
+            let part = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(PART))
+                .map(|v| parse_part(v.as_str()).ok_or_else(|| v.as_str().to_owned()));
+            match part {
+                None => {
+                    // An entry in one piece; the parts of one begun before
+                    // it were never finished.
+                    partial = None;
+                    f(seq, &msg.payload)?;
+                }
+                Some(Err(bad)) => {
+                    return Err(LogError::Malformed {
+                        shard: shard.to_owned(),
+                        seq,
+                        why: format!("part header `{bad}`"),
+                    }
+                    .into())
+                }
+                Some(Ok((k, n))) => {
+                    let begun = match (k, partial.take()) {
+                        (1, _) => Some(Vec::new()),
+                        (k, Some((have, buf))) if k == have + 1 => Some(buf),
+                        // Out of order: a part of an entry never finished.
+                        _ => None,
+                    };
+                    if let Some(mut buf) = begun {
+                        buf.extend_from_slice(&msg.payload);
+                        if k == n {
+                            f(seq, &buf)?;
+                        } else {
+                            partial = Some((k, buf));
+                        }
+                    }
+                }
+            }
+            if seq >= last {
+                return Ok(last);
+            }
+        }
+    }
+}
+
+/// Reads `K/N` with `1 <= K <= N`.
+fn parse_part(v: &str) -> Option<(usize, usize)> {
+    let (k, n) = v.split_once('/')?;
+    let (k, n) = (k.parse().ok()?, n.parse().ok()?);
+    (1..=n).contains(&k).then_some((k, n))
+}
+
+impl CommitLog for NatsLog {
+    fn append(&self, entries: &[Append<'_>]) -> Result<Vec<u64>, LogError> {
+        self.runtime.block_on(futures_util::future::try_join_all(
+            entries.iter().map(|a| self.append_one(a)),
+        ))
+    }
+
+    fn read(&self, shard: &str, after: u64, f: &mut OnEntry<'_>) -> Result<u64, EngineError> {
+        self.runtime.block_on(self.read_async(shard, after, f))
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_part;
+
+    #[test]
+    fn part_headers_are_k_of_n() {
+        assert_eq!(parse_part("1/3"), Some((1, 3)));
+        assert_eq!(parse_part("3/3"), Some((3, 3)));
+        for bad in ["0/3", "4/3", "1/0", "a/b", "1", "", "1/3/4", "-1/3"] {
+            assert_eq!(parse_part(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The commit log (`[state] log`) on real NATS JetStream servers on
+//! 127.0.0.1: the log's own contract (order, parts, the fence, an
+//! unreachable server), then workers whose data directory is deleted
+//! under load, and a log server lost with its store, with the output
+//! checked exactly.
+
+mod support;
+
+use millrace::nats_log::NatsLog;
+use millrace_config::CommitLogConfig;
+use millrace_engine::commit_log::{Append, CommitLog, LogError};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use support::nats::Nats;
+use support::*;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn connect(url: &str, rt: &tokio::runtime::Runtime, timeout: Duration) -> anyhow::Result<NatsLog> {
+    let mut cfg = CommitLogConfig::parse(url).expect("url");
+    cfg.replicas = 1;
+    cfg.timeout = timeout;
+    NatsLog::connect(&cfg, rt.handle().clone())
+}
+
+fn read_all(log: &NatsLog, shard: &str, after: u64) -> (Vec<(u64, Vec<u8>)>, u64) {
+    let mut got = Vec::new();
+    let end = log
+        .read(shard, after, &mut |seq, bytes| {
+            got.push((seq, bytes.to_vec()));
+            Ok(())
+        })
+        .expect("read");
+    (got, end)
+}
+
+fn append(
+    log: &NatsLog,
+    shard: &str,
+    after: u64,
+    incarnation: u64,
+    bytes: &[u8],
+) -> Result<u64, LogError> {
+    log.append(&[Append {
+        shard,
+        after,
+        incarnation,
+        bytes,
+    }])
+    .map(|seqs| seqs[0])
+}
+
+/// Entries of a shard read back in order, each whole however large (in
+/// parts under a small `max_payload`); shards are apart; a writer whose
+/// view is stale is refused; a half-written entry is dropped.
+#[test]
+fn entries_come_back_whole_and_in_order_and_a_stale_writer_is_refused() {
+    let s = Scratch::new();
+    let nats = Nats::start_with(s.dir.path(), 1, Some(8 * 1024));
+    let rt = runtime();
+    let url = nats.log_url("contract");
+    let a = connect(&url, &rt, Duration::from_secs(10)).expect("connect");
+    assert_eq!(read_all(&a, "counts.0", 0), (vec![], 0), "an empty log");
+    let small = b"one entry".to_vec();
+    let large: Vec<u8> = (0..40_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let s1 = append(&a, "counts.0", 0, 1, &small).expect("append");
+    let s2 = append(&a, "counts.0", s1, 1, &large).expect("append in parts");
+    let other = append(&a, "counts.1", 0, 1, b"another shard").expect("append");
+    let s3 = append(&a, "counts.0", s2, 1, &[]).expect("an empty entry");
+    let (got, end) = read_all(&a, "counts.0", 0);
+    assert_eq!(end, s3);
+    assert_eq!(
+        got,
+        vec![(s1, small.clone()), (s2, large.clone()), (s3, vec![])],
+        "each entry whole, in order, under the sequence of its last part"
+    );
+    assert!(
+        s2 > s1 + 10,
+        "160 kB in 8 kB messages takes parts: {s1}..{s2}"
+    );
+    assert_eq!(read_all(&a, "counts.0", s2), (vec![(s3, vec![])], s3));
+    assert_eq!(
+        read_all(&a, "counts.1", 0),
+        (vec![(other, b"another shard".to_vec())], other)
+    );
+
+    // Another writer reads to the end and appends: the first one's view is
+    // stale now, and its next append is refused, however it retries.
+    let b = connect(&url, &rt, Duration::from_secs(10)).expect("connect");
+    let fence = append(&b, "counts.0", s3, 2, b"fence").expect("the new writer appends");
+    for _ in 0..2 {
+        match append(&a, "counts.0", s3, 1, b"stale") {
+            Err(LogError::Fenced { shard, expected }) => {
+                assert_eq!((shard.as_str(), expected), ("counts.0", s3));
+            }
+            other => panic!("a stale append was not refused: {other:?}"),
+        }
+    }
+    // A writer that died between the parts of an entry: its first part
+    // is in the log, its entry is not, and the next writer's entries follow.
+    let raw = rt.block_on(async {
+        let client = async_nats::connect(nats.client_url(0))
+            .await
+            .expect("connect");
+        let js = async_nats::jetstream::new(client);
+        let part = async_nats::jetstream::message::PublishMessage::build()
+            .payload(large[..1000].to_vec().into())
+            .header("Millrace-Part", "1/2");
+        js.send_publish("millrace.contract.counts.0", part)
+            .await
+            .expect("publish")
+            .await
+            .expect("ack")
+            .sequence
+    });
+    assert_eq!(
+        read_all(&b, "counts.0", fence),
+        (vec![], raw),
+        "no whole entry after the fence"
+    );
+    let next = append(&b, "counts.0", raw, 2, b"after").expect("append");
+    assert_eq!(
+        read_all(&b, "counts.0", fence),
+        (vec![(next, b"after".to_vec())], next),
+        "the unfinished entry is dropped"
+    );
+}
+
+/// A log server that does not answer: the worker does not start, and says
+/// where it tried, within the configured timeout.
+#[test]
+fn an_unreachable_log_is_an_error_naming_it() {
+    let rt = runtime();
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}/nowhere");
+    let started = Instant::now();
+    let err = connect(&url, &rt, Duration::from_secs(2))
+        .err()
+        .expect("no server, no log");
+    let text = format!("{err:#}");
+    assert!(text.contains(&url), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+const RECORDS: u64 = 150_000;
+const KEYS: u64 = 2_000;
+const ROUNDS: usize = 4;
+
+/// A worker's machine is lost again and again: SIGKILL under load and its
+/// data directory deleted, then a new worker on an empty one. Once, a log
+/// server is lost with its store while the worker runs. Every key ends
+/// with exactly the counts 1..n.
+#[test]
+fn a_worker_that_loses_its_data_directory_loses_nothing() {
+    let s = Scratch::new();
+    let mut nats = Nats::start(s.dir.path(), 3);
+    let topo = count_pipeline(
+        &s,
+        &format!(
+            "shards = 4\n[state]\nlog = \"{}\"\nlog_replicas = 3",
+            nats.log_url("lost")
+        ),
+        (RECORDS, KEYS, 5),
+        "type = \"count\"",
+    );
+    let (out, data) = (s.path("out.jsonl"), s.path("data"));
+    let mut rng = Rng::from_env();
+    let mut replayed = 0.0;
+    for round in 0..ROUNDS {
+        let http = format!("127.0.0.1:{}", free_port());
+        let mut child = Running(
+            millrace()
+                .args(["run", topo.to_str().expect("path"), "--http", &http])
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn"),
+        );
+        let start = lines(&out).len() as u64;
+        let target = start + 2_000 + rng.below(RECORDS / (ROUNDS as u64 + 2));
+        if round == 1 {
+            // A log server's machine is lost while the worker runs.
+            let progressed = wait_until(Duration::from_secs(60), || {
+                lines(&out).len() as u64 > start + 500
+            });
+            assert!(progressed, "round {round}: no progress");
+            nats.lose(2);
+        }
+        let reached = wait_until(Duration::from_secs(120), || {
+            lines(&out).len() as u64 >= target || child.try_wait().ok().flatten().is_some()
+        });
+        assert!(
+            reached,
+            "round {round}: no progress towards {target} records"
+        );
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "round {round}: the worker stopped or finished early"
+        );
+        if round > 0 {
+            // It started on an empty directory: everything came from the log.
+            replayed += metric(&http, "millrace_log_replayed_entries_total").expect("metric");
+        }
+        kill9(&mut child);
+        if round == 1 {
+            nats.restart(2);
+        }
+        std::fs::remove_dir_all(&data).expect("delete the data directory");
+    }
+    assert!(replayed > 0.0, "no worker rebuilt anything from the log");
+    let last = run_to_end(&topo, Duration::from_secs(300));
+    assert!(
+        last.status.success(),
+        "{}",
+        String::from_utf8_lossy(&last.stderr)
+    );
+    let pairs = read_jsonl(&out);
+    let counts = assert_running_counts(&pairs);
+    assert_eq!(pairs.len() as u64, RECORDS, "records in the sink");
+    assert_eq!(counts, generator_key_counts(RECORDS, KEYS, 5));
+}
