@@ -18,8 +18,13 @@
 //! holds the releaser at its epoch (`mod_revision`); an assignment only if
 //! the `controller` key is still the one this controller created. A refused
 //! write is counted (`millrace_ownership_fenced_total`) and nothing of it
-//! happens. `owner/SID` has no lease: a worker that dies keeps its shards
-//! until it comes back; leases say only who is alive and who controls.
+//! happens. `owner/SID` has no lease: without a commit log, a worker that
+//! dies keeps its shards until it comes back; leases say only who is alive
+//! and who controls. With a commit log (`[state] log`), the controller
+//! frees a dead worker's shards (deleting `owner/SID` only if that worker's
+//! member key is still gone and the owner is still the one it saw) and
+//! assigns them to live workers, which claim them and rebuild them from the
+//! log; the log's fence refuses the dead worker's appends should it wake.
 //!
 //! A move: the controller assigns the shard elsewhere; its owner stops it
 //! at the end of a turn, writes its data to the handoff store
@@ -202,14 +207,16 @@ impl View {
 }
 
 /// What the controller changes in `view`: every shard assigned to a live
-/// worker that is not leaving (a dead worker keeps its shards until it
-/// comes back); the shards of `movable` (computations) spread evenly, at
-/// most [`MAX_MOVES`] moving at a time. `workers` in cluster order.
+/// worker that is not leaving (without `takeover`, a dead worker keeps its
+/// shards until it comes back; with it, they go to live ones); the shards
+/// of `movable` (computations) spread evenly, at most [`MAX_MOVES`] moving
+/// at a time. `workers` in cluster order.
 pub fn assignments(
     view: &View,
     workers: &[String],
     shards: u32,
     movable: impl Fn(u32) -> bool,
+    takeover: bool,
 ) -> BTreeMap<u32, String> {
     let live: Vec<&String> = workers
         .iter()
@@ -231,7 +238,11 @@ pub fn assignments(
     for sid in 0..shards {
         let gone = match assign.get(&sid) {
             None => true,
-            Some(a) => view.leaving.contains(a) || !workers.contains(a),
+            Some(a) => {
+                view.leaving.contains(a)
+                    || !workers.contains(a)
+                    || (takeover && !view.members.contains(a))
+            }
         };
         if gone {
             let to = live
@@ -286,6 +297,8 @@ pub struct Ownership {
     handoff: Box<dyn SavepointStore>,
     metrics: Arc<Metrics>,
     lease: i64,
+    /// With a commit log: a dead worker's shards go to live ones.
+    takeover: bool,
     /// Asked to hand every shard away.
     pub leave: Arc<AtomicBool>,
     /// Owns nothing any more after a leave.
@@ -328,6 +341,7 @@ impl Ownership {
         worker: Arc<Worker>,
         handoff: Box<dyn SavepointStore>,
         metrics: Arc<Metrics>,
+        takeover: bool,
     ) -> Result<Ownership> {
         let endpoint = url.endpoint.clone();
         let client = runtime
@@ -351,6 +365,7 @@ impl Ownership {
             handoff,
             metrics,
             lease: 0,
+            takeover,
             leave: Arc::new(AtomicBool::new(false)),
             left: Arc::new(AtomicBool::new(false)),
             seen: Published::default(),
@@ -587,7 +602,16 @@ impl Ownership {
                 .get(sid as usize)
                 .is_some_and(|s| plan.nodes[s.node].role == millrace_config::Role::Computation)
         };
-        let changes = assignments(view, &self.workers, plan.shards.len() as u32, movable);
+        let changes = assignments(
+            view,
+            &self.workers,
+            plan.shards.len() as u32,
+            movable,
+            self.takeover,
+        );
+        if self.takeover {
+            self.free_dead_owners(view, &key, rev)?;
+        }
         if changes.is_empty() {
             return Ok(());
         }
@@ -611,6 +635,41 @@ impl Ownership {
                 "an assignment by a controller that no longer controls",
                 None,
             );
+        }
+        Ok(())
+    }
+
+    /// With a commit log: frees each shard whose owner is dead (its lease
+    /// expired), so that the worker it is now assigned to claims it and
+    /// rebuilds it from the log. Each in a transaction that holds only if
+    /// this worker still controls, the owner is still the one seen (at its
+    /// epoch), and it is still not a member; a dead owner that wakes up
+    /// finds its next append to the log refused.
+    fn free_dead_owners(&mut self, view: &View, controller: &str, rev: i64) -> Result<()> {
+        let dead: Vec<(u32, String, i64)> = view
+            .owner
+            .iter()
+            .filter(|(_, (w, _))| !view.members.contains(w) && w != &self.me)
+            .map(|(&sid, (w, epoch))| (sid, w.clone(), *epoch))
+            .collect();
+        for (sid, was, epoch) in dead {
+            let (owner, member) = (self.keys.owner(sid), self.keys.member(&was));
+            let when = [
+                Compare::create_revision(controller, CompareOp::Equal, rev),
+                Compare::mod_revision(owner.clone(), CompareOp::Equal, epoch),
+                Compare::version(member, CompareOp::Equal, 0),
+            ];
+            let mut c = self.client.clone();
+            let r = self.block_on(async move {
+                c.txn(Txn::new().when(when).and_then([TxnOp::delete(owner, None)]))
+                    .await
+            })?;
+            if r.succeeded() {
+                self.metrics.shard_takeovers.inc();
+                tracing::warn!(shard = sid, owner = %was, epoch, "the owner of a shard is gone (its lease expired): the shard is taken over from the commit log");
+            } else {
+                self.fenced("freeing the shard of a worker that is gone", Some(sid));
+            }
         }
         Ok(())
     }
@@ -924,7 +983,7 @@ mod tests {
     #[test]
     fn a_first_assignment_spreads_every_shard_over_the_live_workers() {
         let v = view(&["w0", "w1", "w2"], &[], &[]);
-        let a = assignments(&v, &ids(3), 9, |_| true);
+        let a = assignments(&v, &ids(3), 9, |_| true, false);
         assert_eq!(a.len(), 9);
         for w in ids(3) {
             assert_eq!(a.values().filter(|x| **x == w).count(), 3, "{w}");
@@ -937,7 +996,7 @@ mod tests {
             .map(|s| (s, ["w0", "w1", "w2"][s as usize % 3]))
             .collect();
         let v = view(&["w0", "w1", "w2", "w3"], &assign, &assign);
-        let a = assignments(&v, &ids(4), 12, |_| true);
+        let a = assignments(&v, &ids(4), 12, |_| true, false);
         assert_eq!(a.len(), 3, "{a:?}");
         assert!(a.values().all(|w| w == "w3"));
         // Unsettled shards (owned elsewhere than assigned) count against the
@@ -946,21 +1005,25 @@ mod tests {
         for (s, w) in &a {
             v2.assign.insert(*s, w.clone());
         }
-        let again = assignments(&v2, &ids(4), 12, |_| true);
+        let again = assignments(&v2, &ids(4), 12, |_| true, false);
         assert!(again.len() <= MAX_MOVES - 3, "{again:?}");
         assert!(again.keys().all(|s| !a.contains_key(s)));
     }
 
     #[test]
-    fn a_dead_worker_keeps_its_shards_and_a_leaving_one_gives_them_all() {
+    fn a_dead_worker_keeps_its_shards_without_a_log_and_a_leaving_one_gives_them_all() {
         let assign: Vec<(u32, &str)> = (0..6).map(|s| (s, ["w0", "w1"][s as usize % 2])).collect();
         // w1 is not a member (its lease expired): nothing of it moves.
         let v = view(&["w0"], &assign, &assign);
-        assert!(assignments(&v, &ids(2), 6, |_| true).is_empty());
+        assert!(assignments(&v, &ids(2), 6, |_| true, false).is_empty());
+        // With a commit log, they go to the live ones, sources and sinks too.
+        let a = assignments(&v, &ids(2), 6, |_| false, true);
+        assert_eq!(a.keys().copied().collect::<Vec<_>>(), vec![1, 3, 5]);
+        assert!(a.values().all(|w| w == "w0"));
         // w1 leaves: all of its shards, sources and sinks too, go to w0.
         let mut v = view(&["w0", "w1"], &assign, &assign);
         v.leaving.insert("w1".into());
-        let a = assignments(&v, &ids(2), 6, |_| false);
+        let a = assignments(&v, &ids(2), 6, |_| false, false);
         assert_eq!(a.keys().copied().collect::<Vec<_>>(), vec![1, 3, 5]);
         assert!(a.values().all(|w| w == "w0"));
     }
@@ -969,7 +1032,7 @@ mod tests {
     fn sources_and_sinks_are_not_moved_to_balance() {
         let assign: Vec<(u32, &str)> = (0..4).map(|s| (s, "w0")).collect();
         let v = view(&["w0", "w1"], &assign, &assign);
-        assert!(assignments(&v, &ids(2), 4, |_| false).is_empty());
-        assert_eq!(assignments(&v, &ids(2), 4, |_| true).len(), 2);
+        assert!(assignments(&v, &ids(2), 4, |_| false, false).is_empty());
+        assert_eq!(assignments(&v, &ids(2), 4, |_| true, false).len(), 2);
     }
 }

@@ -193,6 +193,7 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
                 Arc::clone(&worker),
                 store,
                 Arc::clone(&metrics),
+                topology.state.log.is_some(),
             )?;
             state.set_ownership(Arc::clone(&o.seen));
             let (leave, left) = (Arc::clone(&o.leave), Arc::clone(&o.left));

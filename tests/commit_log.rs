@@ -229,3 +229,83 @@ fn a_worker_that_loses_its_data_directory_loses_nothing() {
     assert_eq!(pairs.len() as u64, RECORDS, "records in the sink");
     assert_eq!(counts, generator_key_counts(RECORDS, KEYS, 5));
 }
+
+/// Workers joined through etcd, with a commit log: a worker killed with its
+/// data directory is taken over. The controller frees its shards once its
+/// lease expired, the live workers claim them and rebuild them from the
+/// log, and the dead worker comes back on an empty directory and takes a
+/// share again. Twice, each time under load; every key's counts stay
+/// exactly 1..n.
+#[test]
+fn a_dead_workers_shards_are_taken_over_from_the_log() {
+    const T: Duration = Duration::from_secs(60);
+    let (records, keys) = (200_000, 50);
+    let s = Scratch::new();
+    let etcd = support::etcd::Etcd::start(&s.path("etcd"), "millrace/takeover");
+    let nats = Nats::start(s.dir.path(), 1);
+    let net = ClusterNet::new(3);
+    let state = format!("log = \"{}\"\nlog_replicas = 1", nats.log_url("takeover"));
+    let topology = moving_count_topology(&s, &net, (records, keys, 8_000), &state);
+    let join = |i: usize| {
+        Running(
+            net.command(&topology, i)
+                .args(["--join", &etcd.join])
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn millrace"),
+        )
+    };
+    let owned = |i: usize| metric(&net.http[i], "millrace_shards_owned").unwrap_or(0.0);
+    // The generator, 8 count shards, the sink.
+    let all = 10.0;
+    let mut workers: Vec<Running> = (0..3).map(join).collect();
+    assert!(
+        wait_until(T, || (0..3).map(owned).sum::<f64>() == all),
+        "the three workers claimed every shard"
+    );
+    let out = s.path("out.jsonl");
+    let mut taken_over = Vec::new();
+    let mut replayed = 0.0;
+    for victim in [2, 1] {
+        let before = lines(&out).len();
+        assert!(
+            wait_until(T, || lines(&out).len() > before + 5_000),
+            "progress before killing w{victim}"
+        );
+        assert!(owned(victim) > 0.0, "w{victim} runs shards when it dies");
+        kill9(&mut workers[victim]);
+        std::fs::remove_dir_all(s.path("data").join(&net.ids[victim])).expect("rm -rf");
+        let killed = Instant::now();
+        let live: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+        assert!(
+            wait_until(T, || live.iter().map(|&i| owned(i)).sum::<f64>() == all),
+            "the live workers took over every shard of w{victim}"
+        );
+        taken_over.push(killed.elapsed());
+        replayed += live
+            .iter()
+            .map(|&i| metric(&net.http[i], "millrace_log_replayed_entries_total").unwrap_or(0.0))
+            .sum::<f64>();
+        workers[victim] = join(victim);
+        assert!(
+            wait_until(T, || owned(victim) >= 1.0),
+            "w{victim}, back on an empty directory, took a share again"
+        );
+    }
+    eprintln!("takeover, from SIGKILL to every shard running again: {taken_over:?}");
+    assert!(
+        replayed > 0.0,
+        "the taken-over shards were rebuilt from the log"
+    );
+    assert!(
+        wait_until(Duration::from_secs(120), || lines(&out).len() as u64
+            >= records),
+        "the output reached {} of {records} records",
+        lines(&out).len()
+    );
+    let pairs = read_jsonl(&out);
+    let counts = assert_running_counts(&pairs);
+    assert_eq!(pairs.len() as u64, records, "records in the sink");
+    assert_eq!(counts, generator_key_counts(records, keys, 7));
+}

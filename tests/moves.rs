@@ -15,43 +15,9 @@ const T: Duration = Duration::from_secs(60);
 /// Shards: the generator is 0, the counts 1..=8, the sink 9.
 const SHARDS: f64 = 10.0;
 
-/// generator -> count (8 shards) -> file sink, on the workers of `net`,
-/// handing moving shards over in `{dir}/handoff`.
-fn topology(s: &Scratch, net: &ClusterNet, (records, keys, rate): (u64, u64, u64)) -> PathBuf {
-    s.write(
-        "moves.toml",
-        &format!(
-            r#"
-[service]
-data_dir = "{dir}/data"
-[engine]
-shards = 8
-threads = 2
-{cluster}[sources.gen]
-type = "generator"
-count = {records}
-keys = {keys}
-seed = 7
-rate = {rate}
-[computations.counts]
-type = "count"
-inputs = ["gen"]
-[sinks.out]
-type = "file"
-inputs = ["counts"]
-path = "{dir}/out.jsonl"
-"#,
-            dir = s.path("").display(),
-            cluster = net.toml("moves-secret").replacen(
-                "[cluster]\n",
-                &format!(
-                    "[cluster]\nhandoff = \"file://{}/handoff\"\n",
-                    s.path("").display()
-                ),
-                1
-            ),
-        ),
-    )
+/// [`moving_count_topology`] without a commit log.
+fn topology(s: &Scratch, net: &ClusterNet, load: (u64, u64, u64)) -> PathBuf {
+    moving_count_topology(s, net, load, "")
 }
 
 /// Worker `i` of `net`, joined to the deployment in `etcd`.

@@ -66,6 +66,9 @@ pub struct Metrics {
     /// Commit log: appends refused because another incarnation of the
     /// shard extended its log (this worker's copy is stale).
     pub log_fenced: IntCounter,
+    /// Shards of dead workers freed by this worker as the controller, to be
+    /// taken over from the commit log.
+    pub shard_takeovers: IntCounter,
     /// Commit log: entries applied to the store at a shard's start.
     pub log_replayed: IntCounter,
     /// Handshakes refused, by reason (`secret`, `epoch`, `topology`, `worker`, `by-peer`).
@@ -297,6 +300,15 @@ impl Metrics {
                 IntCounter::new(
                     "millrace_log_fenced_total",
                     "Commit log appends refused because another incarnation of the shard had                      extended its log: this worker's copy was stale and it stopped running it.",
+                )
+                .expect("valid metric"),
+            ),
+            shard_takeovers: reg(
+                &r,
+                IntCounter::new(
+                    "millrace_shard_takeovers_total",
+                    "Shards of a dead worker (its etcd lease expired) that this worker, as the \
+                     controller, gave to live workers to rebuild from the commit log.",
                 )
                 .expect("valid metric"),
             ),

@@ -423,6 +423,54 @@ impl ClusterNet {
     }
 }
 
+/// generator (`records` over `keys` keys at `rate` a second) -> count (8
+/// shards) -> file sink `{dir}/out.jsonl`, on the workers of `net`, handing
+/// moving shards over in `{dir}/handoff`; `state` is the `[state]` table's
+/// body (empty: none).
+pub fn moving_count_topology(
+    s: &Scratch,
+    net: &ClusterNet,
+    (records, keys, rate): (u64, u64, u64),
+    state: &str,
+) -> PathBuf {
+    s.write(
+        "moves.toml",
+        &format!(
+            r#"
+[service]
+data_dir = "{dir}/data"
+[engine]
+shards = 8
+threads = 2
+[state]
+{state}
+{cluster}[sources.gen]
+type = "generator"
+count = {records}
+keys = {keys}
+seed = 7
+rate = {rate}
+[computations.counts]
+type = "count"
+inputs = ["gen"]
+[sinks.out]
+type = "file"
+inputs = ["counts"]
+path = "{dir}/out.jsonl"
+"#,
+            dir = s.path("").display(),
+            cluster = net.toml("moves-secret").replacen(
+                "[cluster]\n",
+                &format!(
+                    "[cluster]\nhandoff = \"file://{}/handoff\"\n",
+                    s.path("").display()
+                ),
+                1
+            ),
+        ),
+    )
+}
+
 /// The key of each record `generator` emits for `count` records over `keys`
 /// keys with `seed`, computed here from its documented key function
 /// (`k<N>`, `N = mix(seed ^ mix(i)) % keys`, splitmix64's finaliser),
