@@ -341,7 +341,6 @@ impl Ownership {
         worker: Arc<Worker>,
         handoff: Box<dyn SavepointStore>,
         metrics: Arc<Metrics>,
-        takeover: bool,
     ) -> Result<Ownership> {
         let endpoint = url.endpoint.clone();
         let client = runtime
@@ -365,7 +364,7 @@ impl Ownership {
             handoff,
             metrics,
             lease: 0,
-            takeover,
+            takeover: false,
             leave: Arc::new(AtomicBool::new(false)),
             left: Arc::new(AtomicBool::new(false)),
             seen: Published::default(),
@@ -377,6 +376,13 @@ impl Ownership {
             .block_on(async move { c.delete(leaving, None).await })
             .context("clearing this worker's leaving mark in etcd")?;
         Ok(o)
+    }
+
+    /// With a commit log: as the controller, gives the shards of dead
+    /// workers to live ones (see the module's notes).
+    pub fn taking_over_dead_workers(mut self, yes: bool) -> Self {
+        self.takeover = yes;
+        self
     }
 
     /// A new lease, and this worker's member key under it; keeps the lease

@@ -193,8 +193,8 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
                 Arc::clone(&worker),
                 store,
                 Arc::clone(&metrics),
-                topology.state.log.is_some(),
-            )?;
+            )?
+            .taking_over_dead_workers(topology.state.log.is_some());
             state.set_ownership(Arc::clone(&o.seen));
             let (leave, left) = (Arc::clone(&o.leave), Arc::clone(&o.left));
             let halt = Arc::clone(&halt_ownership);

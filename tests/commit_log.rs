@@ -309,3 +309,85 @@ fn a_dead_workers_shards_are_taken_over_from_the_log() {
     assert_eq!(pairs.len() as u64, records, "records in the sink");
     assert_eq!(counts, generator_key_counts(records, keys, 7));
 }
+
+/// A worker stopped (SIGSTOP) past its lease is taken over like a dead
+/// one; woken (SIGCONT), its next append to the log is refused: it stops
+/// with an error that says so, having released nothing of the turn, and
+/// joined again it takes a share like any worker. Every key's counts stay
+/// exactly 1..n.
+#[test]
+fn a_worker_woken_after_its_takeover_is_fenced_off_by_the_log() {
+    const T: Duration = Duration::from_secs(60);
+    let (records, keys) = (150_000, 50);
+    let s = Scratch::new();
+    let etcd = support::etcd::Etcd::start(&s.path("etcd"), "millrace/zombie");
+    let nats = Nats::start(s.dir.path(), 1);
+    let net = ClusterNet::new(3);
+    let state = format!("log = \"{}\"\nlog_replicas = 1", nats.log_url("zombie"));
+    let topology = moving_count_topology(&s, &net, (records, keys, 8_000), &state);
+    let join = |i: usize, stderr: Stdio| {
+        Running(
+            net.command(&topology, i)
+                .args(["--join", &etcd.join])
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .expect("spawn millrace"),
+        )
+    };
+    let owned = |i: usize| metric(&net.http[i], "millrace_shards_owned").unwrap_or(0.0);
+    let all = 10.0;
+    let zombie_log = s.path("zombie.log");
+    // The zombie is w2, with count shards only: a file sink woken with it
+    // would append to the one output file before its commit is refused
+    // (the file sink is machine-local; see the README).
+    let mut workers = vec![join(0, Stdio::inherit()), join(1, Stdio::inherit())];
+    assert!(
+        wait_until(T, || owned(0) + owned(1) == all),
+        "two workers claimed every shard"
+    );
+    let mut zombie = join(
+        2,
+        Stdio::from(std::fs::File::create(&zombie_log).expect("log file")),
+    );
+    assert!(
+        wait_until(T, || owned(2) >= 2.0),
+        "w2 took a share of the counts"
+    );
+    let out = s.path("out.jsonl");
+    let before = lines(&out).len();
+    assert!(
+        wait_until(T, || lines(&out).len() > before + 3_000),
+        "progress"
+    );
+    let pid = zombie.id() as i32;
+    // SAFETY: signals to a child this test started and still holds.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    assert!(
+        wait_until(T, || owned(0) + owned(1) == all),
+        "w0 and w1 took over the shards of the stopped w2"
+    );
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let status = wait_exit(&mut zombie, T);
+    let said = std::fs::read_to_string(&zombie_log).unwrap_or_default();
+    assert!(!status.success(), "the woken worker stopped with an error");
+    assert!(
+        said.contains("another worker has taken the shard over"),
+        "the woken worker said why it stopped: {said}"
+    );
+    workers.push(join(2, Stdio::inherit()));
+    assert!(
+        wait_until(T, || owned(2) >= 1.0),
+        "w2, joined again, took a share"
+    );
+    assert!(
+        wait_until(Duration::from_secs(120), || lines(&out).len() as u64
+            >= records),
+        "the output reached {} of {records} records",
+        lines(&out).len()
+    );
+    let pairs = read_jsonl(&out);
+    let counts = assert_running_counts(&pairs);
+    assert_eq!(pairs.len() as u64, records, "records in the sink");
+    assert_eq!(counts, generator_key_counts(records, keys, 7));
+}
