@@ -52,6 +52,13 @@
 //!   worker rate (`MILLRACE_BENCH_LATENCY_SECONDS`), with the host's CPU
 //!   steal; on a Tansu broker started here (`MILLRACE_BENCH_KAFKA_RECORDS`,
 //!   200k).
+//! - log (only with `MILLRACE_BENCH=log`; needs `make test-servers`): the
+//!   running count into a file sink with and without the commit log
+//!   (`[state] log`, a 3-server NATS JetStream cluster started here,
+//!   replicas 3), alternated twice, `MILLRACE_BENCH_LOG_RECORDS` (1M)
+//!   records each; the log's bytes per record and append latency; then
+//!   the ingestion-to-sink latency at half of the logged throughput, with
+//!   and without the log.
 //! - savepoint (only with `MILLRACE_BENCH=savepoint`; needs `make
 //!   test-servers`): a running count of `MILLRACE_BENCH_SAVEPOINT_RECORDS`
 //!   (16M) records over as many possible keys (about 10.1M of them drawn),
@@ -201,17 +208,27 @@ fn run_topology(text: &str, records: u64, watch: Option<&str>) -> Run {
 }
 
 fn run_topology_with(text: &str, records: u64, watch: Option<&str>, metrics: Arc<Metrics>) -> Run {
+    run_topology_watched(text, records, watch, metrics, WorkerOptions::default())
+}
+
+/// [`run_topology_with`] with worker options, watching nothing.
+fn run_topology_opts(text: &str, records: u64, metrics: Arc<Metrics>, opts: WorkerOptions) -> Run {
+    run_topology_watched(text, records, None, metrics, opts)
+}
+
+fn run_topology_watched(
+    text: &str,
+    records: u64,
+    watch: Option<&str>,
+    metrics: Arc<Metrics>,
+    opts: WorkerOptions,
+) -> Run {
     let dir = tempfile::tempdir().expect("temp dir");
     let text = text.replace("{dir}", &dir.path().display().to_string());
     let topology = Topology::parse_str("bench.toml", &text).expect("bench topology");
     let started = Instant::now();
-    let worker = Worker::start(
-        topology,
-        &millrace::builtins(),
-        WorkerOptions::default(),
-        metrics,
-    )
-    .expect("start worker");
+    let worker =
+        Worker::start(topology, &millrace::builtins(), opts, metrics).expect("start worker");
     let mut lags = Vec::new();
     loop {
         if worker
@@ -326,6 +343,35 @@ fn commit_interval() -> String {
 /// P1's topology: the running count of `records` generated records over `keys` keys.
 #[path = "e2e/kafka.rs"]
 mod kafka;
+#[path = "e2e/log.rs"]
+mod log;
+#[path = "../tests/support/nats.rs"]
+#[allow(dead_code)]
+mod nats;
+
+/// A port on 127.0.0.1 free now (for the log servers this bench starts).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A plain HTTP GET; (status, body).
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, buf.split_once("\r\n\r\n")?.1.to_owned()))
+}
 #[path = "../tests/support/s3.rs"]
 mod s3;
 
@@ -461,6 +507,10 @@ fn main() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("millrace e2e benchmark: {records} records, {keys} keys, {cpus} CPUs");
 
+    if which == "log" {
+        log::bench(env_u64("MILLRACE_BENCH_LOG_RECORDS", 1_000_000), cpus);
+        return;
+    }
     if which == "savepoint" {
         savepoint_bench(env_u64("MILLRACE_BENCH_SAVEPOINT_RECORDS", 16_000_000));
         return;

@@ -132,6 +132,23 @@ impl Nats {
         format!("nats://{}/{name}", hosts.join(","))
     }
 
+    /// CPU seconds (user and system) the running servers have used.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.servers
+            .iter()
+            .filter_map(|s| s.process.as_ref())
+            .filter_map(|p| std::fs::read_to_string(format!("/proc/{}/stat", p.id())).ok())
+            .filter_map(|stat| {
+                // After the command's closing parenthesis: fields 3 on;
+                // utime and stime are fields 14 and 15, in clock ticks.
+                let rest = stat.rsplit_once(')')?.1;
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+                Some(ticks / 100.0)
+            })
+            .sum()
+    }
+
     /// Server `i`'s client URL, `nats://127.0.0.1:PORT`.
     pub fn client_url(&self, i: usize) -> String {
         format!("nats://127.0.0.1:{}", self.servers[i].port)
