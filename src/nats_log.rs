@@ -98,7 +98,24 @@ impl NatsLog {
                 anyhow::Ok((js, stream, max_payload))
             })
             .with_context(|| format!("connecting to the commit log {describe}"))?;
-        let replicas = stream.cached_info().config.num_replicas;
+        let config = &stream.cached_info().config;
+        if config.max_bytes > 0
+            || config.max_messages > 0
+            || config.max_messages_per_subject > 0
+            || !config.max_age.is_zero()
+        {
+            anyhow::bail!(
+                "the commit log's stream {stream_name} at {describe} drops entries by its own \
+                 limits (max_bytes {}, max_msgs {}, max_msgs_per_subject {}, max_age {:?}): a \
+                 commit log must keep every entry until millrace cuts it below a snapshot. \
+                 Remove the limits or use another log name",
+                config.max_bytes,
+                config.max_messages,
+                config.max_messages_per_subject,
+                config.max_age
+            );
+        }
+        let replicas = config.num_replicas;
         if replicas != cfg.replicas {
             tracing::warn!(
                 stream = %stream_name,
@@ -119,7 +136,7 @@ impl NatsLog {
     }
 
     fn subject(&self, shard: &str) -> String {
-        format!("{}.{shard}", self.subject_prefix)
+        format!("{}.{}", self.subject_prefix, subject_token(shard))
     }
 
     /// Appends one entry, in parts when it is large; returns its (last
@@ -192,6 +209,37 @@ impl NatsLog {
         }
     }
 
+    /// Runs `op` again and again while it fails (a server restarting, a
+    /// stream without a leader yet), for at most the log's timeout.
+    async fn retrying<T, Fut>(
+        &self,
+        what: &str,
+        shard: &str,
+        mut op: impl FnMut() -> Fut,
+    ) -> Result<T, LogError>
+    where
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let why = match tokio::time::timeout(self.timeout, op()).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => e,
+                Err(_) => format!("no answer within {:?}", self.timeout),
+            };
+            if Instant::now() >= deadline {
+                return Err(LogError::Unavailable(format!(
+                    "{}: {what} of shard {shard}, for {:?}: {why}",
+                    self.describe, self.timeout
+                )));
+            }
+            tracing::debug!(log = %self.describe, shard, error = %why, "{what}: retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
     async fn read_async(
         &self,
         shard: &str,
@@ -202,31 +250,36 @@ impl NatsLog {
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
             LogError::Unavailable(format!("{}: {what} of shard {shard}: {e}", self.describe))
         };
-        let last = match self.stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(m) => m.sequence,
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => 0,
-            Err(e) => return Err(unavailable("reading the end", &e).into()),
-        };
+        let last = self
+            .retrying("reading the end", shard, || async {
+                match self.stream.get_last_raw_message_by_subject(&subject).await {
+                    Ok(m) => Ok(m.sequence),
+                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+            .await?;
         if last <= after {
             return Ok(last);
         }
-        let consumer = self
-            .stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: subject.clone(),
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: after + 1,
-                },
-                ..Default::default()
+        let mut messages = self
+            .retrying("reading", shard, || async {
+                let consumer = self
+                    .stream
+                    .create_consumer(consumer::pull::OrderedConfig {
+                        filter_subject: subject.clone(),
+                        deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                            start_sequence: after + 1,
+                        },
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                consumer.messages().await.map_err(|e| e.to_string())
             })
-            .await
-            .map_err(|e| unavailable("reading", &e))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| unavailable("reading", &e))?;
+            .await?;
         // The parts read so far of an entry written in parts.
-        let mut partial: Option<(usize, Vec<u8>)> = None;
+        let mut partial: Option<(usize, usize, Vec<u8>)> = None;
         loop {
             let next = tokio::time::timeout(self.timeout, messages.next())
                 .await
@@ -263,19 +316,26 @@ impl NatsLog {
                     .into())
                 }
                 Some(Ok((k, n))) => {
-                    let begun = match (k, partial.take()) {
-                        (1, _) => Some(Vec::new()),
-                        (k, Some((have, buf))) if k == have + 1 => Some(buf),
-                        // Out of order: a part of an entry never finished.
-                        _ => None,
-                    };
-                    if let Some(mut buf) = begun {
-                        buf.extend_from_slice(&msg.payload);
-                        if k == n {
-                            f(seq, &buf)?;
-                        } else {
-                            partial = Some((k, buf));
+                    // A first part starts an entry (dropping the parts of
+                    // one never finished); any other must follow the part
+                    // before it, of the same entry.
+                    let mut buf = match (k, partial.take()) {
+                        (1, _) => Vec::new(),
+                        (k, Some((have, of, buf))) if k == have + 1 && n == of => buf,
+                        _ => {
+                            return Err(LogError::Malformed {
+                                shard: shard.to_owned(),
+                                seq,
+                                why: format!("part {k}/{n} follows no part {}/{n}", k - 1),
+                            }
+                            .into())
                         }
+                    };
+                    buf.extend_from_slice(&msg.payload);
+                    if k == n {
+                        f(seq, &buf)?;
+                    } else {
+                        partial = Some((k, n, buf));
                     }
                 }
             }
@@ -284,6 +344,22 @@ impl NatsLog {
             }
         }
     }
+}
+
+/// A shard's name (`component.shard`) as subject tokens: in each
+/// `.`-separated part every byte but letters, digits, `-` and `_` written
+/// `%XX` (a component's name may hold `*`, `>` or `%`, which a subject may
+/// not hold, or would read otherwise; it never holds a `.`).
+fn subject_token(shard: &str) -> String {
+    let mut out = String::with_capacity(shard.len());
+    for b in shard.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Reads `K/N` with `1 <= K <= N`.
@@ -304,6 +380,39 @@ impl CommitLog for NatsLog {
         self.runtime.block_on(self.read_async(shard, after, f))
     }
 
+    fn first(&self, shard: &str) -> Result<Option<u64>, EngineError> {
+        let subject = self.subject(shard);
+        let first = self
+            .runtime
+            .block_on(self.retrying("the first entry", shard, || async {
+                match self
+                    .stream
+                    .direct_get_next_for_subject(subject.as_str(), None)
+                    .await
+                {
+                    Ok(m) => Ok(Some(m.sequence)),
+                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(e.to_string()),
+                }
+            }))?;
+        Ok(first)
+    }
+
+    fn purge(&self, shard: &str, through: u64) -> Result<(), EngineError> {
+        let subject = self.subject(shard);
+        self.runtime
+            .block_on(self.retrying("cutting the log", shard, || async {
+                self.stream
+                    .purge()
+                    .filter(subject.as_str())
+                    .sequence(through + 1)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }))?;
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         self.describe.clone()
     }
@@ -312,6 +421,17 @@ impl CommitLog for NatsLog {
 #[cfg(test)]
 mod tests {
     use super::parse_part;
+
+    #[test]
+    fn shard_names_are_one_subject_token_each() {
+        use super::subject_token;
+        assert_eq!(subject_token("counts.3"), "counts.3");
+        assert_eq!(subject_token("a_b-c.0"), "a_b-c.0");
+        // Wildcards, white space and `%` itself are written out, so no two
+        // names meet.
+        assert_eq!(subject_token("a*>\t.1"), "a%2A%3E%09.1");
+        assert_ne!(subject_token("a%2A.1"), subject_token("a*.1"));
+    }
 
     #[test]
     fn part_headers_are_k_of_n() {

@@ -152,12 +152,30 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
             &metrics,
         )?;
     }
-    let commit_log = match &topology.state.log {
-        None => None,
+    let (commit_log, log_snapshots) = match &topology.state.log {
+        None => (None, None),
         Some(cfg) => {
             let log = crate::nats_log::NatsLog::connect(cfg, runtime.handle().clone())?;
-            tracing::info!(log = %millrace_engine::commit_log::CommitLog::describe(&log), replicas = cfg.replicas, "commits go to the commit log first");
-            Some(Arc::new(log) as Arc<dyn millrace_engine::commit_log::CommitLog>)
+            let snapshots = match &cfg.snapshots {
+                None => None,
+                Some(url) => Some(millrace_engine::commit_log::Snapshots {
+                    store: Arc::from(
+                        crate::savepoints::open(url)
+                            .with_context(|| format!("opening the snapshot store {url}"))?,
+                    ),
+                    every_bytes: cfg.snapshot_log_bytes,
+                }),
+            };
+            tracing::info!(
+                log = %millrace_engine::commit_log::CommitLog::describe(&log),
+                replicas = cfg.replicas,
+                snapshots = cfg.snapshots.as_deref().unwrap_or("none: the log keeps everything"),
+                "commits go to the commit log first"
+            );
+            (
+                Some(Arc::new(log) as Arc<dyn millrace_engine::commit_log::CommitLog>),
+                snapshots,
+            )
         }
     };
     let worker = Worker::start(
@@ -169,6 +187,7 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
             listen,
             dynamic: join.is_some(),
             commit_log,
+            log_snapshots,
         },
         Arc::clone(&metrics),
     )

@@ -391,3 +391,79 @@ fn a_worker_woken_after_its_takeover_is_fenced_off_by_the_log() {
     assert_eq!(pairs.len() as u64, records, "records in the sink");
     assert_eq!(counts, generator_key_counts(records, keys, 7));
 }
+
+/// With snapshots, the log stays small however much goes through it: each
+/// shard's log is cut below its last snapshot. A worker whose data
+/// directory is then lost rebuilds from the snapshots and the rest of the
+/// log, and delivers nothing again.
+#[test]
+fn with_snapshots_the_log_stays_bounded_and_rebuilds_a_lost_worker() {
+    let s = Scratch::new();
+    let nats = Nats::start(s.dir.path(), 1);
+    let state = format!(
+        "log = \"{}\"\nlog_replicas = 1\nsnapshots = \"file://{}\"\nsnapshot_log_bytes = 65536",
+        nats.log_url("bounded"),
+        s.path("snapshots").display()
+    );
+    let records = 300_000;
+    let topo = count_pipeline(
+        &s,
+        &format!("shards = 4\n[state]\n{state}"),
+        (records, 5_000, 3),
+        "type = \"count\"",
+    );
+    let out = s.path("out.jsonl");
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut worker = spawn(&topo, &http);
+    // The worker exits once everything is delivered: its figures are the
+    // last ones read before.
+    let (mut appended, mut taken) = (0.0, 0.0);
+    let done = wait_until(Duration::from_secs(300), || {
+        if let Some(b) = metric(&http, "millrace_log_bytes_total") {
+            appended = b;
+            taken = metric(&http, "millrace_log_snapshots_total").unwrap_or(taken);
+        }
+        lines(&out).len() as u64 >= records
+    });
+    assert!(
+        done,
+        "the output reached {} of {records} records",
+        lines(&out).len()
+    );
+    let _ = wait_exit(&mut worker, Duration::from_secs(60));
+    let pairs = read_jsonl(&out);
+    assert_eq!(
+        assert_running_counts(&pairs),
+        generator_key_counts(records, 5_000, 3)
+    );
+    let (messages, bytes, _) = nats.stream_state("millrace-bounded");
+    // Six shards (the generator, 4 counts, the sink), each cut below a
+    // snapshot taken every 64 KiB of its log.
+    eprintln!("log: {appended} bytes appended, {bytes} bytes in {messages} entries kept, {taken} snapshots");
+    assert!(taken >= 4.0, "{taken} snapshots");
+    assert!(
+        bytes < 2 << 20 && (bytes as f64) < appended / 5.0,
+        "the log holds {bytes} bytes in {messages} entries, of {appended} appended"
+    );
+    let snapshots: Vec<_> = std::fs::read_dir(s.path("snapshots/counts.0"))
+        .expect("counts.0 has snapshots")
+        .collect();
+    assert_eq!(
+        snapshots.len(),
+        1,
+        "only the last snapshot of a shard is kept"
+    );
+    // The machine is lost: the worker starts again on an empty directory.
+    std::fs::remove_dir_all(s.path("data")).expect("rm -rf");
+    let again = run_to_end(&topo, Duration::from_secs(120));
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(
+        read_jsonl(&out),
+        pairs,
+        "rebuilt from the snapshots: nothing delivered again"
+    );
+}

@@ -95,8 +95,16 @@ pub struct CommitLogConfig {
     /// replicas, 1 to 5). Default 3: one lost log server loses nothing.
     pub replicas: usize,
     /// `log_timeout`: how long a commit waits for an unreachable log before
-    /// the worker stops (it restarts from the log). Default `30s`.
+    /// the worker stops (it restarts from the log). Default `30s`, at most
+    /// `60s` (under the log's 2-minute duplicate window).
     pub timeout: Duration,
+    /// `snapshots`: where each shard's snapshots go (`file:///DIR` or
+    /// `s3://BUCKET/PREFIX`, reachable by every worker), so that its log
+    /// is cut below the last one. None: the log keeps everything.
+    pub snapshots: Option<String>,
+    /// `snapshot_log_bytes`: a shard is snapshotted once this many bytes
+    /// were appended to its log since its last snapshot. Default 64 MiB.
+    pub snapshot_log_bytes: u64,
 }
 
 impl CommitLogConfig {
@@ -130,6 +138,8 @@ impl CommitLogConfig {
             name: name.to_owned(),
             replicas: 3,
             timeout: Duration::from_secs(30),
+            snapshots: None,
+            snapshot_log_bytes: 64 << 20,
         })
     }
 }
@@ -223,6 +233,8 @@ struct RawState {
     log: Option<String>,
     log_replicas: Option<usize>,
     log_timeout: Option<HumanDuration>,
+    snapshots: Option<String>,
+    snapshot_log_bytes: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -788,11 +800,16 @@ fn cluster_config(raw: RawCluster, locator: &Locator) -> Result<ClusterConfig, C
 
 fn state_config(raw: RawState, locator: &Locator) -> Result<StateConfig, ConfigError> {
     let Some(url) = raw.log else {
-        if raw.log_replicas.is_some() || raw.log_timeout.is_some() {
+        if raw.log_replicas.is_some()
+            || raw.log_timeout.is_some()
+            || raw.snapshots.is_some()
+            || raw.snapshot_log_bytes.is_some()
+        {
             return Err(locator.error(
                 "state",
                 Some("log"),
-                "log_replicas and log_timeout need a log (log = \"nats://HOST:PORT/NAME\")",
+                "log_replicas, log_timeout, snapshots and snapshot_log_bytes need a log \
+                 (log = \"nats://HOST:PORT/NAME\")",
             ));
         }
         return Ok(StateConfig::default());
@@ -806,10 +823,31 @@ fn state_config(raw: RawState, locator: &Locator) -> Result<StateConfig, ConfigE
         log.replicas = r;
     }
     if let Some(t) = raw.log_timeout {
-        if t.0.is_zero() {
-            return Err(locator.error("state", Some("log_timeout"), "must be above zero"));
+        // Below the log's duplicate window (2 minutes): an append retried
+        // within it is recognised as the one that may have landed.
+        if t.0.is_zero() || t.0 > Duration::from_secs(60) {
+            return Err(locator.error(
+                "state",
+                Some("log_timeout"),
+                "must be above zero and at most 60s",
+            ));
         }
         log.timeout = t.0;
+    }
+    if let Some(url) = raw.snapshots {
+        crate::SavepointTarget::parse(&url)
+            .map_err(|m| locator.error("state", Some("snapshots"), m))?;
+        log.snapshots = Some(url);
+    }
+    if let Some(b) = raw.snapshot_log_bytes {
+        if b < 4096 {
+            return Err(locator.error(
+                "state",
+                Some("snapshot_log_bytes"),
+                "must be at least 4096",
+            ));
+        }
+        log.snapshot_log_bytes = b;
     }
     Ok(StateConfig { log: Some(log) })
 }

@@ -88,8 +88,64 @@ pub trait CommitLog: Send + Sync + 'static {
     /// that is below `after`, `f` is not called.
     fn read(&self, shard: &str, after: u64, f: &mut OnEntry<'_>) -> Result<u64, EngineError>;
 
+    /// The sequence of the first entry `shard`'s log still holds (None:
+    /// it holds none).
+    fn first(&self, shard: &str) -> Result<Option<u64>, EngineError>;
+
+    /// Removes the entries of `shard`'s log up to sequence `through`.
+    fn purge(&self, shard: &str, through: u64) -> Result<(), EngineError>;
+
     /// Where the log is, for messages.
     fn describe(&self) -> String;
+}
+
+/// Where shards' snapshots go, and how often: with them, a shard's log is
+/// cut below its last snapshot.
+#[derive(Clone)]
+pub struct Snapshots {
+    /// The store the files go to (`[state] snapshots`).
+    pub store: std::sync::Arc<dyn crate::savepoint::SavepointStore>,
+    /// A shard is snapshotted once this many bytes went to its log since
+    /// its last snapshot.
+    pub every_bytes: u64,
+}
+
+impl std::fmt::Debug for Snapshots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Snapshots({}, every {} bytes)",
+            self.store.describe(),
+            self.every_bytes
+        )
+    }
+}
+
+/// A shard's snapshot: the log sequence it holds everything up to, and its
+/// file. Recorded in the shard's own meta key, so that the entry that
+/// records it is in the log before the log is cut below it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Snapshot {
+    seq: u64,
+    file: String,
+}
+
+impl Snapshot {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = self.seq.to_be_bytes().to_vec();
+        v.extend_from_slice(self.file.as_bytes());
+        v
+    }
+
+    fn decode(v: &[u8]) -> Option<Snapshot> {
+        let (seq, file) = v.split_at_checked(8)?;
+        let file = std::str::from_utf8(file).ok()?;
+        crate::savepoint::check_path(file).ok()?;
+        Some(Snapshot {
+            seq: layout::read_u64(seq)?,
+            file: file.to_owned(),
+        })
+    }
 }
 
 impl std::fmt::Debug for dyn CommitLog {
@@ -105,15 +161,7 @@ pub(crate) fn shard_name(component: &str, shard: u32) -> String {
 
 /// A random number for one start of one shard (no two starts share one).
 pub(crate) fn incarnation() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
+    crate::net::random_u64()
 }
 
 /// Most bytes of log entries applied to the store in one commit while
@@ -122,22 +170,36 @@ const CATCH_UP_BATCH_BYTES: usize = 4 << 20;
 
 /// Brings the store's copy of the shard with `prefix` (named `name` in the
 /// log) up to the end of its log: applies every entry after the last one
-/// it applied, recording each one's sequence with it. Returns where the
-/// log ends. A log that ends before what the store applied was lost or is
-/// another one: that is refused, nothing changed.
+/// it applied, recording each one's sequence with it. When the log was cut
+/// below a snapshot newer than what the store has, the snapshot is loaded
+/// first (from `snapshots`). Returns where the log ends. A log that ends
+/// before what the store applied was lost or is another one: that is
+/// refused, nothing changed.
 pub(crate) fn catch_up(
     log: &dyn CommitLog,
     store: &Store,
-    name: &str,
-    prefix: &[u8],
+    (name, prefix): (&str, &[u8]),
+    snapshots: Option<&Snapshots>,
     metrics: &Metrics,
 ) -> Result<u64, EngineError> {
     let seq_key = layout::log_seq_key(prefix);
-    let applied = store
-        .get(Cf::Meta, &seq_key)?
-        .as_deref()
-        .and_then(layout::read_u64)
-        .unwrap_or(0);
+    let mut applied = applied_of(store, prefix)?;
+    // Entries are cut only below a snapshot recorded in a later entry: if
+    // the log still holds an entry at or before `applied`, nothing after
+    // it was cut, and the entries read are every entry.
+    if log.first(name)?.is_some_and(|first| first > applied) {
+        if let Some(snap) = latest_snapshot(log, name, prefix, applied)? {
+            load_snapshot(store, (name, prefix), &snap, snapshots)?;
+            applied = applied_of(store, prefix)?;
+            if applied != snap.seq {
+                return Err(EngineError::Corrupt(format!(
+                    "shard {name}: snapshot {} holds log entries up to {applied}, its record \
+                     says {}",
+                    snap.file, snap.seq
+                )));
+            }
+        }
+    }
     let mut batch = store.batch();
     let mut bytes = 0usize;
     let mut replayed = 0u64;
@@ -169,29 +231,164 @@ pub(crate) fn catch_up(
     Ok(end.max(applied))
 }
 
+/// The newest snapshot the entries of `name`'s log after `applied` record,
+/// if it holds more than `applied`.
+fn latest_snapshot(
+    log: &dyn CommitLog,
+    name: &str,
+    prefix: &[u8],
+    applied: u64,
+) -> Result<Option<Snapshot>, EngineError> {
+    let key = layout::snapshot_key(prefix);
+    let mut latest: Option<Snapshot> = None;
+    log.read(name, applied, &mut |seq, entry| {
+        let bad = |why: String| {
+            EngineError::from(LogError::Malformed {
+                shard: name.to_owned(),
+                seq,
+                why,
+            })
+        };
+        let value = millrace_storage::Batch::log_entry_value(entry, Cf::Meta, &key)
+            .map_err(|e| bad(e.to_string()))?;
+        if let Some(v) = value {
+            let snap = Snapshot::decode(v)
+                .ok_or_else(|| bad("a snapshot record that is not one".into()))?;
+            if latest.as_ref().is_none_or(|l| snap.seq > l.seq) {
+                latest = Some(snap);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(latest.filter(|s| s.seq > applied))
+}
+
+/// Replaces the store's copy of the shard by snapshot `snap`.
+fn load_snapshot(
+    store: &Store,
+    (name, prefix): (&str, &[u8]),
+    snap: &Snapshot,
+    snapshots: Option<&Snapshots>,
+) -> Result<(), EngineError> {
+    let Some(snapshots) = snapshots else {
+        return Err(EngineError::Layout(format!(
+            "shard {name}: its commit log was cut below snapshot {} (log entry {}), and \
+             [state] snapshots is not set: set it to where the snapshots are",
+            snap.file, snap.seq
+        )));
+    };
+    let missing = || {
+        EngineError::Layout(format!(
+            "shard {name}: snapshot {} is missing from {}; its commit log was cut below it",
+            snap.file,
+            snapshots.store.describe()
+        ))
+    };
+    let bytes = snapshots
+        .store
+        .get(&snap.file)
+        .map_err(|e| {
+            EngineError::Layout(format!("shard {name}: reading snapshot {}: {e}", snap.file))
+        })?
+        .ok_or_else(missing)?;
+    crate::savepoint::replace_shard(store, prefix, &bytes)
+        .map_err(|e| EngineError::Layout(format!("shard {name}: snapshot {}: {e}", snap.file)))?;
+    tracing::info!(shard = name, snapshot = %snap.file, seq = snap.seq, "shard loaded from its snapshot");
+    Ok(())
+}
+
 /// How many times a start re-reads a log that another writer extended
 /// between its read and its fence.
 const FENCE_ATTEMPTS: usize = 5;
 
+/// The sequence of the last log entry the store applied for the shard with
+/// `prefix` (0: none).
+fn applied_of(store: &Store, prefix: &[u8]) -> Result<u64, EngineError> {
+    match store.get(Cf::Meta, &layout::log_seq_key(prefix))? {
+        None => Ok(0),
+        Some(v) => layout::read_u64(&v).ok_or_else(|| {
+            EngineError::Corrupt(format!(
+                "{}: the last commit log entry applied is {} bytes, not 8",
+                store.path().display(),
+                v.len()
+            ))
+        }),
+    }
+}
+
+/// Whether the store holds anything of the shard with `prefix` beyond its
+/// epoch and its place in a log.
+fn holds_data(store: &Store, prefix: &[u8]) -> Result<bool, EngineError> {
+    let own = [
+        layout::epoch_key(prefix),
+        layout::log_seq_key(prefix),
+        layout::snapshot_key(prefix),
+    ];
+    let mut found = false;
+    for cf in Cf::ALL {
+        store.for_each_prefix(cf, prefix, |k, _| {
+            found = cf != Cf::Meta || !own.iter().any(|o| o == k);
+            !found
+        })?;
+        if found {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Makes this start of the shard with `prefix` the only writer of its log:
 /// catches up, then appends an entry after the end it read (re-reading
 /// when another writer got there first). The entry holds the shard's epoch
-/// and, when the log was empty, every key the store holds of the shard (a
-/// data directory or a savepoint from before the log). Returns the
-/// sequence the shard's next append must follow.
+/// (the higher of the store's, raised or set by a claim for this start,
+/// and the log's) and, when the store has applied no entry of the log,
+/// every key the store holds of the shard (a data directory from before
+/// the log, or a savepoint loaded into it). Returns the sequence the
+/// shard's next append must follow.
+///
+/// Data the log has never seen on top of a log that already has a history
+/// would mix two histories: that is refused, nothing changed.
 pub(crate) fn fence(
     log: &dyn CommitLog,
     store: &Store,
     (name, prefix): (&str, &[u8]),
-    incarnation: u64,
+    (incarnation, snapshots): (u64, Option<&Snapshots>),
     metrics: &Metrics,
 ) -> Result<u64, EngineError> {
     let epoch_key = layout::epoch_key(prefix);
     let seq_key = layout::log_seq_key(prefix);
+    let epoch_of = |store: &Store| -> Result<u64, EngineError> {
+        Ok(store
+            .get(Cf::Meta, &epoch_key)?
+            .as_deref()
+            .and_then(layout::read_u64)
+            .unwrap_or(0))
+    };
+    let started_at = epoch_of(store)?;
+    if applied_of(store, prefix)? == 0 && holds_data(store, prefix)? {
+        let mut whole = 0u64;
+        log.read(name, 0, &mut |_, _| {
+            whole += 1;
+            Ok(())
+        })?;
+        if whole > 0 {
+            return Err(EngineError::Layout(format!(
+                "shard {name}: {} holds data the commit log has never seen (a savepoint \
+                 loaded into it, or a directory written without [state] log), and the log at \
+                 {} already has {whole} entries for the shard. Nothing was changed; load the \
+                 savepoint into a deployment with a log name of its own \
+                 ([state] log = \"nats://HOST:PORT/NEW-NAME\")",
+                store.path().display(),
+                log.describe()
+            )));
+        }
+    }
     for _ in 0..FENCE_ATTEMPTS {
-        let end = catch_up(log, store, name, prefix, metrics)?;
+        let end = catch_up(log, store, (name, prefix), snapshots, metrics)?;
         let mut batch = store.batch();
-        if end == 0 {
+        if applied_of(store, prefix)? == 0 {
+            // No whole entry in the log (at most the parts of one never
+            // finished): the log starts with everything the shard holds.
             for cf in Cf::ALL {
                 store.for_each_prefix(cf, prefix, |k, v| {
                     if !(cf == Cf::Meta && k == seq_key.as_slice()) {
@@ -200,8 +397,11 @@ pub(crate) fn fence(
                     true
                 })?;
             }
-        } else if let Some(epoch) = store.get(Cf::Meta, &epoch_key)? {
-            batch.put(Cf::Meta, &epoch_key, &epoch);
+        }
+        let epoch = started_at.max(epoch_of(store)?);
+        if epoch > 0 {
+            // After the copy: a later put of the key wins.
+            batch.put(Cf::Meta, &epoch_key, &epoch.to_be_bytes());
         }
         let mut entries = batch.log_entries(|_| Some(()))?;
         let bytes = entries.remove(&()).unwrap_or_else(empty_entry);
@@ -220,6 +420,9 @@ pub(crate) fn fence(
                 metrics.log_bytes.inc_by(bytes.len() as u64);
                 let mut b = store.batch();
                 b.put(Cf::Meta, &seq_key, &seq.to_be_bytes());
+                if epoch > 0 {
+                    b.put(Cf::Meta, &epoch_key, &epoch.to_be_bytes());
+                }
                 store.commit(b)?;
                 return Ok(seq);
             }
@@ -247,23 +450,38 @@ fn empty_entry() -> Vec<u8> {
 /// What an executor appends for its shards.
 pub(crate) struct ExecutorLog {
     pub log: std::sync::Arc<dyn CommitLog>,
-    /// Per local shard prefix: its name in the log, the sequence its next
-    /// append follows, and this start's incarnation.
+    snapshots: Option<Snapshots>,
+    /// Per local shard prefix.
     shards: BTreeMap<Vec<u8>, LocalShard>,
     /// The distinct lengths of the local prefixes.
     prefix_lens: Vec<usize>,
 }
 
 struct LocalShard {
+    /// Its name in the log.
     name: String,
+    /// The sequence its next append follows.
     last: u64,
+    /// This start's.
     incarnation: u64,
+    /// Bytes appended since its last snapshot.
+    since_snapshot: u64,
+    /// Its last snapshot recorded in the log.
+    snapshot: Option<Snapshot>,
+    /// A snapshot written and not yet recorded: the next append records it.
+    unrecorded: Option<Snapshot>,
+    /// No snapshot is tried before then (after one failed).
+    next_try: Instant,
 }
 
+/// How long a shard waits to try a snapshot again after one failed.
+const SNAPSHOT_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl ExecutorLog {
-    pub fn new(log: std::sync::Arc<dyn CommitLog>) -> Self {
+    pub fn new(log: std::sync::Arc<dyn CommitLog>, snapshots: Option<Snapshots>) -> Self {
         ExecutorLog {
             log,
+            snapshots,
             shards: BTreeMap::new(),
             prefix_lens: Vec::new(),
         }
@@ -278,13 +496,28 @@ impl ExecutorLog {
     ) -> Result<(), EngineError> {
         let name = shard_name(component, shard);
         let incarnation = incarnation();
-        let last = fence(&*self.log, store, (&name, prefix), incarnation, metrics)?;
+        let snapshots = self.snapshots.as_ref();
+        let last = fence(
+            &*self.log,
+            store,
+            (&name, prefix),
+            (incarnation, snapshots),
+            metrics,
+        )?;
+        let snapshot = store
+            .get(Cf::Meta, &layout::snapshot_key(prefix))?
+            .as_deref()
+            .and_then(Snapshot::decode);
         self.shards.insert(
             prefix.to_vec(),
             LocalShard {
                 name,
                 last,
                 incarnation,
+                since_snapshot: 0,
+                snapshot,
+                unrecorded: None,
+                next_try: Instant::now(),
             },
         );
         self.index();
@@ -314,12 +547,19 @@ impl ExecutorLog {
     /// Appends `batch`'s writes to the logs of the shards they belong to
     /// and waits until all are durable; then records each shard's new end
     /// in `batch` (as its last entry applied). Writes of no local shard
-    /// (the worker's own keys) stay local.
+    /// (the worker's own keys) stay local. A snapshot written since the
+    /// last append is recorded in its shard's entry; once that entry is
+    /// durable, the shard's log is cut below the snapshot.
     pub fn append(
         &mut self,
         batch: &mut millrace_storage::Batch<'_>,
         metrics: &Metrics,
     ) -> Result<(), EngineError> {
+        for (prefix, s) in &self.shards {
+            if let Some(snap) = &s.unrecorded {
+                batch.put(Cf::Meta, &layout::snapshot_key(prefix), &snap.encode());
+            }
+        }
         let entries = batch.log_entries(|key| self.shard_of(key).map(<[u8]>::to_vec))?;
         if entries.is_empty() {
             return Ok(());
@@ -352,13 +592,82 @@ impl ExecutorLog {
         metrics
             .log_bytes
             .inc_by(appends.iter().map(|a| a.bytes.len() as u64).sum());
-        for ((prefix, _), seq) in entries.iter().zip(seqs) {
-            if let Some(s) = self.shards.get_mut(prefix) {
-                s.last = seq;
-            }
+        for ((prefix, bytes), seq) in entries.iter().zip(seqs) {
             batch.put(Cf::Meta, &layout::log_seq_key(prefix), &seq.to_be_bytes());
+            let Some(s) = self.shards.get_mut(prefix) else {
+                continue;
+            };
+            s.last = seq;
+            s.since_snapshot += bytes.len() as u64;
+            if let Some(snap) = s.unrecorded.take() {
+                self.cut_below(prefix, snap, metrics);
+            }
         }
         Ok(())
+    }
+
+    /// The entry recording `snap` for the shard with `prefix` is durable:
+    /// cuts its log below the snapshot and removes the snapshot before it.
+    /// A failure loses nothing (the log only keeps more); it is logged.
+    fn cut_below(&mut self, prefix: &[u8], snap: Snapshot, metrics: &Metrics) {
+        let Some(s) = self.shards.get_mut(prefix) else {
+            return;
+        };
+        if let Err(e) = self.log.purge(&s.name, snap.seq) {
+            tracing::warn!(shard = %s.name, error = %e, "the commit log was not cut below the shard's snapshot; it is cut at the next one");
+        }
+        let before = s.snapshot.replace(snap);
+        if let (Some(old), Some(snapshots)) = (before, &self.snapshots) {
+            if let Err(e) = snapshots.store.delete(&old.file) {
+                tracing::warn!(shard = %s.name, file = %old.file, error = %e, "an old snapshot was not removed");
+            }
+        }
+        metrics.log_snapshots.inc();
+    }
+
+    /// After a commit: writes a snapshot of each shard whose log grew by
+    /// `every_bytes` since its last one, to be recorded by the next append.
+    /// A failed write is retried later; it loses nothing.
+    pub fn snapshot_due(&mut self, store: &Store, metrics: &Metrics) {
+        let Some(snapshots) = &self.snapshots else {
+            return;
+        };
+        let now = Instant::now();
+        for (prefix, s) in &mut self.shards {
+            if s.unrecorded.is_some()
+                || s.since_snapshot < snapshots.every_bytes
+                || now < s.next_try
+            {
+                continue;
+            }
+            let started = Instant::now();
+            let snap = Snapshot {
+                seq: s.last,
+                file: format!("{}/{:020}-{:016x}.shard", s.name, s.last, s.incarnation),
+            };
+            let written = crate::savepoint::shard_snapshot(store, prefix)
+                .map_err(|e| e.to_string())
+                .and_then(|(bytes, _)| {
+                    snapshots
+                        .store
+                        .put(&snap.file, bytes)
+                        .map_err(|e| e.to_string())
+                });
+            match written {
+                Ok(()) => {
+                    metrics
+                        .log_snapshot_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    s.since_snapshot = 0;
+                    s.unrecorded = Some(snap);
+                }
+                Err(e) => {
+                    metrics.log_snapshot_failures.inc();
+                    s.next_try = now + SNAPSHOT_RETRY;
+                    tracing::warn!(shard = %s.name, store = %snapshots.store.describe(), error = %e, "a snapshot failed; the log keeps growing until one succeeds");
+                }
+            }
+        }
     }
 }
 
@@ -435,6 +744,21 @@ impl CommitLog for MemoryLog {
         Ok(end)
     }
 
+    fn first(&self, shard: &str) -> Result<Option<u64>, EngineError> {
+        Ok(self
+            .logs
+            .lock()
+            .get(shard)
+            .and_then(|l| l.first().map(|(s, _)| *s)))
+    }
+
+    fn purge(&self, shard: &str, through: u64) -> Result<(), EngineError> {
+        if let Some(l) = self.logs.lock().get_mut(shard) {
+            l.retain(|(s, _)| *s > through);
+        }
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         "memory".into()
     }
@@ -480,12 +804,12 @@ mod tests {
         a.commit(b).expect("commit");
         let log = MemoryLog::default();
         let m = Metrics::new();
-        let seq = fence(&log, &a, ("counts.1", &p), 1, &m).expect("fence");
+        let seq = fence(&log, &a, ("counts.1", &p), (1, None), &m).expect("fence");
         assert_eq!(seq_of(&a), Some(seq));
         assert_eq!(log.len_of("counts.1"), 1);
         let (_b, b) = store();
         assert_eq!(
-            catch_up(&log, &b, "counts.1", &p, &m).expect("catch up"),
+            catch_up(&log, &b, ("counts.1", &p), None, &m).expect("catch up"),
             seq
         );
         assert_eq!(
@@ -519,14 +843,14 @@ mod tests {
         let p = prefix();
         let log: Arc<dyn CommitLog> = Arc::new(MemoryLog::default());
         let m = Metrics::new();
-        let mut old = ExecutorLog::new(Arc::clone(&log));
+        let mut old = ExecutorLog::new(Arc::clone(&log), None);
         old.start(&a, ("counts", 1, &p), &m).expect("start");
         let mut batch = a.batch();
         batch.put_state(&layout::state_key(&p, b"k"), Some(b"1"));
         old.append(&mut batch, &m).expect("append");
         a.commit(batch).expect("commit");
         // Another worker takes the shard over: it replays, then fences.
-        let mut new = ExecutorLog::new(Arc::clone(&log));
+        let mut new = ExecutorLog::new(Arc::clone(&log), None);
         new.start(&b, ("counts", 1, &p), &m).expect("start");
         assert_eq!(
             b.get_state(&layout::state_key(&p, b"k"))
@@ -567,7 +891,7 @@ mod tests {
         b.put(Cf::Meta, &layout::log_seq_key(&p), &9u64.to_be_bytes());
         a.commit(b).expect("commit");
         let empty = MemoryLog::default();
-        let err = catch_up(&empty, &a, "counts.1", &p, &m).unwrap_err();
+        let err = catch_up(&empty, &a, ("counts.1", &p), None, &m).unwrap_err();
         assert!(
             err.to_string().contains("has applied commit log entry 9"),
             "{err}"
@@ -582,7 +906,7 @@ mod tests {
             bytes: b"not an entry",
         };
         bad.append(&[garbage]).expect("append");
-        let err = catch_up(&bad, &b, "counts.1", &p, &m).unwrap_err();
+        let err = catch_up(&bad, &b, ("counts.1", &p), None, &m).unwrap_err();
         assert!(
             err.to_string()
                 .contains("commit log of shard counts.1, entry 1"),

@@ -77,9 +77,13 @@ fn run_recorded(dir: &std::path::Path) -> Run {
     run_with(dir, "process", true, None)
 }
 
-/// [`run_recorded`] with a commit log.
-fn run_logged(dir: &std::path::Path, log: Arc<dyn CommitLog>) -> Run {
-    run_logged_with(dir, "process", true, None, Some(log))
+/// [`run_recorded`] with a commit log (and snapshots).
+fn run_logged(
+    dir: &std::path::Path,
+    log: Arc<dyn CommitLog>,
+    snapshots: Option<crate::commit_log::Snapshots>,
+) -> Run {
+    run_logged_with(dir, "process", true, None, Some((log, snapshots)))
 }
 
 fn run_with(
@@ -91,6 +95,9 @@ fn run_with(
     run_logged_with(dir, durability, replayable, stop_after, None)
 }
 
+/// A commit log and where its snapshots go.
+type LogSetup = (Arc<dyn CommitLog>, Option<crate::commit_log::Snapshots>);
+
 /// [`run_recorded`] with `durability` in `[engine]`, a source `replayable`
 /// or not, stopped (SIGTERM's path: drain, then a last commit) once the
 /// sink has `stop_after` records, or run to the end.
@@ -99,7 +106,7 @@ fn run_logged_with(
     durability: &str,
     replayable: bool,
     stop_after: Option<u64>,
-    commit_log: Option<Arc<dyn CommitLog>>,
+    commit_log: Option<LogSetup>,
 ) -> Run {
     let written = Arc::new(Mutex::new(0));
     let flushes = Arc::new(Mutex::new((0, 0)));
@@ -154,7 +161,8 @@ inputs = ["counts"]
     let log = Arc::new(Mutex::new(Vec::new()));
     let opts = WorkerOptions {
         recorder: Some(Arc::clone(&log)),
-        commit_log,
+        log_snapshots: commit_log.as_ref().and_then(|(_, s)| s.clone()),
+        commit_log: commit_log.map(|(l, _)| l),
         ..WorkerOptions::default()
     };
     let metrics = Arc::new(Metrics::new());
@@ -316,7 +324,7 @@ fn a_source_that_is_not_replayable_resumes_from_its_committed_position() {
 fn with_a_commit_log_nothing_is_released_before_the_log_has_it_and_the_log_rebuilds_the_worker() {
     let log = Arc::new(MemoryLog::default());
     let dir = tempfile::tempdir().expect("temp dir");
-    let run = run_logged(dir.path(), Arc::clone(&log) as Arc<dyn CommitLog>);
+    let run = run_logged(dir.path(), Arc::clone(&log) as Arc<dyn CommitLog>, None);
     assert_eq!((run.read, run.written), (3000, 3000));
     // Per executor and turn: appended to the log, committed, released. In
     // this run nothing is sent twice (in-process channels lose nothing), so
@@ -364,25 +372,99 @@ fn with_a_commit_log_nothing_is_released_before_the_log_has_it_and_the_log_rebui
     }
     // The machine is lost: a new, empty data directory and the same log.
     let lost = tempfile::tempdir().expect("temp dir");
-    let again = run_logged(lost.path(), Arc::clone(&log) as Arc<dyn CommitLog>);
+    let again = run_logged(lost.path(), Arc::clone(&log) as Arc<dyn CommitLog>, None);
     assert_eq!(
         (again.read, again.written),
         (0, 0),
         "rebuilt from the log, the worker reads and delivers nothing again"
     );
-    let state_of = |d: &std::path::Path| {
-        let store = millrace_storage::Store::open(d, &Default::default()).expect("store");
-        let mut all = Vec::new();
-        store
-            .for_each_state(&[], |k, v| {
-                all.push((k.to_vec(), v.to_vec()));
-                true
-            })
-            .expect("scan");
-        all
-    };
     let (before, after) = (state_of(dir.path()), state_of(lost.path()));
     // The source's keys are k0..k6, each counted to the end.
     assert_eq!(before.len(), 7, "one count per key: {before:?}");
     assert_eq!(before, after, "the state rebuilt from the log is the state");
+}
+
+/// Every key with state in the data directory `d`, with its value.
+fn state_of(d: &std::path::Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let store = millrace_storage::Store::open(d, &Default::default()).expect("store");
+    let mut all = Vec::new();
+    store
+        .for_each_state(&[], |k, v| {
+            all.push((k.to_vec(), v.to_vec()));
+            true
+        })
+        .expect("scan");
+    all
+}
+
+/// With snapshots, each shard's log is cut below its last snapshot, only
+/// the last snapshot file of each shard is kept, and a worker on an empty
+/// data directory rebuilds from the snapshots and what follows them.
+#[test]
+fn with_snapshots_the_log_is_cut_and_still_rebuilds_the_worker() {
+    let log = Arc::new(MemoryLog::default());
+    let files = tempfile::tempdir().expect("temp dir");
+    let snapshots = crate::commit_log::Snapshots {
+        store: Arc::new(crate::savepoint::DirStore::new(files.path())),
+        every_bytes: 4096,
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = run_logged(
+        dir.path(),
+        Arc::clone(&log) as Arc<dyn CommitLog>,
+        Some(snapshots.clone()),
+    );
+    assert_eq!((run.read, run.written), (3000, 3000));
+    let appended: usize = run
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::LogAppended(_)))
+        .count();
+    // Each count shard got about a third of 3,000 records, ~100 bytes of
+    // entry each: several snapshots, each cutting the log below it.
+    for name in ["counts.0", "counts.1", "counts.2"] {
+        let dir = files.path().join(name);
+        let kept: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{name} has no snapshot: {e}"))
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(
+            kept.len(),
+            1,
+            "{name}: only the last snapshot is kept: {kept:?}"
+        );
+        let first = log.first(name).expect("first").expect("entries");
+        let left = log.len_of(name);
+        assert!(
+            left > 0 && first > 1,
+            "{name}: the log was cut (first entry {first})"
+        );
+        assert!(
+            left < appended / 3,
+            "{name}: {left} entries left of ~{appended} appends"
+        );
+    }
+    // The machine is lost: an empty data directory, the cut log, the snapshots.
+    let lost = tempfile::tempdir().expect("temp dir");
+    let again = run_logged(
+        lost.path(),
+        Arc::clone(&log) as Arc<dyn CommitLog>,
+        Some(snapshots),
+    );
+    assert_eq!(
+        (again.read, again.written),
+        (0, 0),
+        "rebuilt, nothing read or delivered again"
+    );
+    assert_eq!(state_of(dir.path()), state_of(lost.path()));
+    // Without the snapshots, the cut log cannot rebuild it, and says why.
+    let without = tempfile::tempdir().expect("temp dir");
+    let store = millrace_storage::Store::open(without.path(), &Default::default()).expect("store");
+    let p = crate::layout::shard_prefix("counts", 0);
+    let err = crate::commit_log::catch_up(&*log, &store, ("counts.0", &p), None, &Metrics::new())
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("[state] snapshots is not set"),
+        "{err}"
+    );
 }

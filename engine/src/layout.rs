@@ -17,6 +17,7 @@
 //! | `meta` | prefix, `w` | the shard's output watermark i64 |
 //! | `meta` | prefix, `p` | a source's or sink's committed position (its own bytes) |
 //! | `meta` | prefix, `e` | the shard's epoch u64 (rises at every start) |
+//! | `meta` | prefix, `s` | with snapshots: the shard's last snapshot, the log sequence it holds everything up to u64, then its file's name |
 //! | `meta` | prefix, `l` | with a commit log: the sequence of the shard's last log entry applied here, u64 (not itself logged) |
 //! | `meta` | `""`, `peer-epoch`, shard u32 | highest epoch seen for another worker's shard |
 //! | `meta` | `""`, `cluster` | worker count u32, this worker's index u32 |
@@ -153,6 +154,11 @@ pub(crate) fn epoch_key(prefix: &[u8]) -> Vec<u8> {
 /// here.
 pub(crate) fn log_seq_key(prefix: &[u8]) -> Vec<u8> {
     KeyWriter::from_prefix(prefix).tag(b'l').finish()
+}
+
+/// Meta key of the shard's last snapshot (see `commit_log.rs`).
+pub(crate) fn snapshot_key(prefix: &[u8]) -> Vec<u8> {
+    KeyWriter::from_prefix(prefix).tag(b's').finish()
 }
 
 /// Meta key prefix of the highest epochs seen for other workers' shards.

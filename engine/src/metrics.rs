@@ -69,6 +69,12 @@ pub struct Metrics {
     /// Shards of dead workers freed by this worker as the controller, to be
     /// taken over from the commit log.
     pub shard_takeovers: IntCounter,
+    /// Commit log: snapshots recorded (the log cut below each).
+    pub log_snapshots: IntCounter,
+    /// Commit log: snapshots that failed to be written.
+    pub log_snapshot_failures: IntCounter,
+    /// Commit log: how long writing a snapshot took.
+    pub log_snapshot_seconds: Histogram,
     /// Commit log: entries applied to the store at a shard's start.
     pub log_replayed: IntCounter,
     /// Handshakes refused, by reason (`secret`, `epoch`, `topology`, `worker`, `by-peer`).
@@ -300,6 +306,36 @@ impl Metrics {
                 IntCounter::new(
                     "millrace_log_fenced_total",
                     "Commit log appends refused because another incarnation of the shard had                      extended its log: this worker's copy was stale and it stopped running it.",
+                )
+                .expect("valid metric"),
+            ),
+            log_snapshots: reg(
+                &r,
+                IntCounter::new(
+                    "millrace_log_snapshots_total",
+                    "Shard snapshots written to [state] snapshots and recorded in the commit log, \
+                     which is then cut below them.",
+                )
+                .expect("valid metric"),
+            ),
+            log_snapshot_failures: reg(
+                &r,
+                IntCounter::new(
+                    "millrace_log_snapshot_failures_total",
+                    "Shard snapshots that could not be written (retried; the log keeps growing \
+                     until one succeeds).",
+                )
+                .expect("valid metric"),
+            ),
+            log_snapshot_seconds: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "millrace_log_snapshot_seconds",
+                        "How long exporting and writing one shard snapshot took (the executor \
+                         waits for it).",
+                    )
+                    .buckets(latency_buckets.clone()),
                 )
                 .expect("valid metric"),
             ),

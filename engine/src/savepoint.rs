@@ -171,7 +171,18 @@ fn push_entry(out: &mut Vec<u8>, tag: u8, key: &[u8], value: &[u8]) {
 }
 
 /// Every key of the shard with `prefix`, as a shard file; and how many.
-fn shard_file(store: &Store, prefix: &[u8]) -> Result<(Vec<u8>, u64), SavepointError> {
+/// Without `log_position`, the shard's place in a commit log (the last
+/// entry applied, its last snapshot) is left out: a savepoint belongs to
+/// no log; a move or a snapshot carries it.
+fn shard_file(
+    store: &Store,
+    prefix: &[u8],
+    log_position: bool,
+) -> Result<(Vec<u8>, u64), SavepointError> {
+    let log_keys = [
+        crate::layout::log_seq_key(prefix),
+        crate::layout::snapshot_key(prefix),
+    ];
     let mut out = MAGIC.to_vec();
     let mut keys = 0u64;
     // State through its decoder (deleted keys are not copied); the rest raw.
@@ -182,8 +193,10 @@ fn shard_file(store: &Store, prefix: &[u8]) -> Result<(Vec<u8>, u64), SavepointE
     })?;
     for (cf, tag) in CF_TAGS.into_iter().skip(1) {
         store.for_each_prefix(cf, prefix, |k, v| {
-            push_entry(&mut out, tag, k, v);
-            keys += 1;
+            if log_position || cf != Cf::Meta || !log_keys.iter().any(|l| l == k) {
+                push_entry(&mut out, tag, k, v);
+                keys += 1;
+            }
             true
         })?;
     }
@@ -386,7 +399,7 @@ fn export_shards(
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     let Some(spec) = specs.get(i) else { break };
                     let node = &plan.nodes[spec.node];
-                    let (bytes, keys) = match shard_file(store, &spec.prefix) {
+                    let (bytes, keys) = match shard_file(store, &spec.prefix, false) {
                         Ok(file) => file,
                         Err(e) => return fail(e),
                     };
@@ -701,7 +714,7 @@ pub(crate) fn shard_snapshot(
     store: &Store,
     prefix: &[u8],
 ) -> Result<(Vec<u8>, u64), SavepointError> {
-    shard_file(store, prefix)
+    shard_file(store, prefix, true)
 }
 
 /// Replaces every key of the shard with `prefix` in `store` by those of the

@@ -34,6 +34,9 @@ pub struct WorkerOptions {
     /// machine, before it is committed locally and released; a shard
     /// starts from the end of its log (see `commit_log.rs`).
     pub commit_log: Option<Arc<dyn crate::commit_log::CommitLog>>,
+    /// With a commit log: where shards' snapshots go, so that the log is
+    /// cut below them (`[state] snapshots`).
+    pub log_snapshots: Option<crate::commit_log::Snapshots>,
     /// In the engine's own tests: where executors record their steps.
     #[cfg(test)]
     pub(crate) recorder: Option<Arc<parking_lot::Mutex<Vec<crate::shared::Step>>>>,
@@ -108,8 +111,6 @@ pub struct Worker {
     transport: Option<Transport>,
     /// This worker's index in the cluster (0 alone).
     me: usize,
-    /// `[state] log`.
-    commit_log: Option<Arc<dyn crate::commit_log::CommitLog>>,
 }
 
 impl Worker {
@@ -181,7 +182,9 @@ impl Worker {
             // Before the epochs rise: the log holds the last ones.
             for spec in plan.shards.iter().filter(|s| s.worker == me) {
                 let name = crate::commit_log::shard_name(&plan.nodes[spec.node].name, spec.shard);
-                crate::commit_log::catch_up(&**log, &store, &name, &spec.prefix, &metrics)?;
+                let snapshots = opts.log_snapshots.as_ref();
+                let shard = (name.as_str(), &spec.prefix[..]);
+                crate::commit_log::catch_up(&**log, &store, shard, snapshots, &metrics)?;
             }
         }
         if !opts.dynamic {
@@ -252,7 +255,9 @@ impl Worker {
                 inbox,
                 outlets.clone(),
                 node_metrics.clone(),
-                opts.commit_log.clone(),
+                opts.commit_log
+                    .clone()
+                    .map(|log| (log, opts.log_snapshots.clone())),
             );
             ex.recover()?;
             executors.push(ex);
@@ -313,7 +318,6 @@ impl Worker {
             recovered_positions,
             transport,
             me,
-            commit_log: opts.commit_log.clone(),
         })
     }
 
@@ -637,13 +641,6 @@ impl Worker {
         let prefix = &self.plan.shards[sid as usize].prefix;
         if let Some(bytes) = data {
             self.load_shard_data(sid, bytes)?;
-        }
-        if let Some(log) = &self.commit_log {
-            // Before the epoch is set: the log holds the last one.
-            let spec = &self.plan.shards[sid as usize];
-            let name = crate::commit_log::shard_name(&self.plan.nodes[spec.node].name, spec.shard);
-            let m = &self.shared.metrics;
-            crate::commit_log::catch_up(&**log, &self.store, &name, prefix, m)?;
         }
         let mut b = self.store.batch();
         b.put(

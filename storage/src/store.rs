@@ -849,6 +849,28 @@ impl Batch<'_> {
             .collect()
     }
 
+    /// The value the last put to `key` in `cf` of the log entry `entry`
+    /// sets, if it puts one (a delete of it after the put: `None`).
+    pub fn log_entry_value<'e>(
+        entry: &'e [u8],
+        cf: Cf,
+        key: &[u8],
+    ) -> Result<Option<&'e [u8]>, StorageError> {
+        let ops = batch::ops(entry)
+            .map_err(|e| StorageError::Corrupt(format!("a commit log entry: {}", e.0)))?;
+        // `Cf::ALL` lists the column families in declaration order.
+        let logical = cf as u32;
+        let mut value = None;
+        for op in &ops {
+            match *op {
+                batch::Op::Put(c, k, v) if c == logical && k == key => value = Some(v),
+                batch::Op::Delete(c, k) if c == logical && k == key => value = None,
+                _ => {}
+            }
+        }
+        Ok(value)
+    }
+
     /// Adds the operations of `entry`, a log entry of
     /// [`Batch::log_entries`], to this batch; how many. Bytes that are not
     /// one are refused whole, with nothing added.
@@ -1284,6 +1306,20 @@ mod tests {
             from.get(Cf::Timers, b"z-not-logged").unwrap().as_deref(),
             Some(&b""[..])
         );
+        // A value can be found in an entry without applying it.
+        assert_eq!(
+            Batch::log_entry_value(&entries[&'y'], Cf::Meta, b"y-meta").unwrap(),
+            Some(&b"2"[..])
+        );
+        assert_eq!(
+            Batch::log_entry_value(&entries[&'y'], Cf::State, b"y-meta").unwrap(),
+            None
+        );
+        assert_eq!(
+            Batch::log_entry_value(&entries[&'x'], Cf::Meta, b"x-deleted").unwrap(),
+            None
+        );
+        assert!(Batch::log_entry_value(b"junk", Cf::Meta, b"k").is_err());
         // Bytes that are not an entry, or name no column family, add nothing.
         let mut bad = to.batch();
         assert!(bad.apply_log_entry(b"not an entry").is_err());

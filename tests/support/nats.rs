@@ -149,6 +149,24 @@ impl Nats {
             .sum()
     }
 
+    /// What JetStream stream `name` holds now, by server 0's monitoring
+    /// (`/jsz`): (messages, bytes, the last sequence ever appended).
+    pub fn stream_state(&self, name: &str) -> (u64, u64, u64) {
+        let monitor = format!("127.0.0.1:{}", self.servers[0].monitor);
+        let (_, body) = super::http_get(&monitor, "/jsz?streams=true").expect("nats monitoring");
+        let jsz: serde_json::Value = serde_json::from_str(&body).expect("jsz json");
+        let stream = jsz["account_details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no stream {name} in {body}"));
+        let state = &stream["state"];
+        let n = |k: &str| state[k].as_u64().unwrap_or(0);
+        (n("messages"), n("bytes"), n("last_seq"))
+    }
+
     /// Server `i`'s client URL, `nats://127.0.0.1:PORT`.
     pub fn client_url(&self, i: usize) -> String {
         format!("nats://127.0.0.1:{}", self.servers[i].port)

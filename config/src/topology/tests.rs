@@ -152,7 +152,9 @@ fn a_commit_log_is_parsed_and_every_mistake_in_it_is_named() {
     let t = parse(&with(
         r#"log = "nats://127.0.0.1:4222,127.0.0.1:4223/orders-eu"
 log_replicas = 1
-log_timeout = "5s""#,
+log_timeout = "5s"
+snapshots = "file:///var/millrace/snapshots"
+snapshot_log_bytes = 1048576"#,
     ))
     .expect("parses");
     assert_eq!(
@@ -162,11 +164,14 @@ log_timeout = "5s""#,
             name: "orders-eu".into(),
             replicas: 1,
             timeout: Duration::from_secs(5),
+            snapshots: Some("file:///var/millrace/snapshots".into()),
+            snapshot_log_bytes: 1 << 20,
         })
     );
     let defaults = parse(&with(r#"log = "nats://h:4222/x""#)).expect("parses");
     let log = defaults.state.log.expect("a log");
     assert_eq!((log.replicas, log.timeout), (3, Duration::from_secs(30)));
+    assert_eq!((log.snapshots, log.snapshot_log_bytes), (None, 64 << 20));
     for (state, says) in [
         (r#"log = "kafka://h:9092/x""#, "not a nats:// URL"),
         (r#"log = "nats://h:4222""#, "names no deployment"),
@@ -188,6 +193,15 @@ log_timeout = "5s""#,
             "above zero",
         ),
         ("log_replicas = 3", "need a log"),
+        ("snapshots = \"file:///x\"", "need a log"),
+        (
+            "log = \"nats://h:4222/x\"\nsnapshots = \"ftp://x\"",
+            "snapshots",
+        ),
+        (
+            "log = \"nats://h:4222/x\"\nsnapshot_log_bytes = 10",
+            "at least 4096",
+        ),
         ("logs = \"nats://h:4222/x\"", "unknown field"),
     ] {
         let e = err(&with(state)).to_string();

@@ -151,7 +151,10 @@ impl Executor {
         inbox: Receiver<Vec<Msg>>,
         peers: Vec<Outlet>,
         node_metrics: Vec<NodeMetrics>,
-        log: Option<Arc<dyn crate::commit_log::CommitLog>>,
+        log: Option<(
+            Arc<dyn crate::commit_log::CommitLog>,
+            Option<crate::commit_log::Snapshots>,
+        )>,
     ) -> Self {
         let destinations = plan.threads + plan.workers;
         let node_metrics: Arc<[NodeMetrics]> = node_metrics.into();
@@ -186,7 +189,7 @@ impl Executor {
             first_shard: 0,
             order: Vec::new(),
             commit_time: Duration::ZERO,
-            log: log.map(ExecutorLog::new),
+            log: log.map(|(log, snapshots)| ExecutorLog::new(log, snapshots)),
         }
     }
 
@@ -351,6 +354,9 @@ impl Executor {
             let processed = self.process(&mut batch, halting)?;
             let committed = self.commit(batch, processed)?;
             self.release(committed);
+            if let Some(log) = &mut self.log {
+                log.snapshot_due(&self.store, &self.shared.metrics);
+            }
             if halting {
                 return Ok(());
             }
