@@ -152,9 +152,9 @@ fn an_unreachable_log_is_an_error_naming_it() {
     );
 }
 
-const RECORDS: u64 = 150_000;
+const RECORDS: u64 = 300_000;
 const KEYS: u64 = 2_000;
-const ROUNDS: usize = 4;
+const ROUNDS: usize = 10;
 
 /// A worker's machine is lost again and again: SIGKILL under load and its
 /// data directory deleted, then a new worker on an empty one. Once, a log
