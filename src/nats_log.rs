@@ -16,7 +16,8 @@
 //! died before the last.
 //!
 //! The engine calls in from its executor threads; each call blocks on the
-//! service's tokio runtime.
+//! log's own tokio runtime (one thread), which lives as long as the log:
+//! the service's I/O runtime stops before the executors' last commit.
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
@@ -26,7 +27,7 @@ use millrace_config::CommitLogConfig;
 use millrace_engine::commit_log::{Append, CommitLog, LogError, OnEntry};
 use millrace_engine::EngineError;
 use std::time::{Duration, Instant};
-use tokio::runtime::Handle;
+use tokio::runtime::Runtime;
 
 /// The header of an entry's part: `K/N`.
 const PART: &str = "Millrace-Part";
@@ -40,7 +41,7 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// A commit log on a JetStream stream.
 pub struct NatsLog {
-    runtime: Handle,
+    runtime: Runtime,
     js: jetstream::Context,
     stream: stream::Stream,
     /// Subjects are `{subject_prefix}.{shard}`.
@@ -54,7 +55,13 @@ pub struct NatsLog {
 impl NatsLog {
     /// Connects to the servers of `cfg` and makes sure the deployment's
     /// stream exists.
-    pub fn connect(cfg: &CommitLogConfig, runtime: Handle) -> anyhow::Result<NatsLog> {
+    pub fn connect(cfg: &CommitLogConfig) -> anyhow::Result<NatsLog> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("millrace-log")
+            .enable_all()
+            .build()
+            .context("starting the commit log's runtime")?;
         let describe = format!("nats://{}/{}", cfg.servers.join(","), cfg.name);
         let stream_name = format!("millrace-{}", cfg.name);
         let subject_prefix = format!("millrace.{}", cfg.name);

@@ -155,7 +155,7 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
     let (commit_log, log_snapshots) = match &topology.state.log {
         None => (None, None),
         Some(cfg) => {
-            let log = crate::nats_log::NatsLog::connect(cfg, runtime.handle().clone())?;
+            let log = crate::nats_log::NatsLog::connect(cfg)?;
             let snapshots = match &cfg.snapshots {
                 None => None,
                 Some(url) => Some(millrace_engine::commit_log::Snapshots {

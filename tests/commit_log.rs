@@ -22,11 +22,11 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn connect(url: &str, rt: &tokio::runtime::Runtime, timeout: Duration) -> anyhow::Result<NatsLog> {
+fn connect(url: &str, timeout: Duration) -> anyhow::Result<NatsLog> {
     let mut cfg = CommitLogConfig::parse(url).expect("url");
     cfg.replicas = 1;
     cfg.timeout = timeout;
-    NatsLog::connect(&cfg, rt.handle().clone())
+    NatsLog::connect(&cfg)
 }
 
 fn read_all(log: &NatsLog, shard: &str, after: u64) -> (Vec<(u64, Vec<u8>)>, u64) {
@@ -65,7 +65,7 @@ fn entries_come_back_whole_and_in_order_and_a_stale_writer_is_refused() {
     let nats = Nats::start_with(s.dir.path(), 1, Some(8 * 1024));
     let rt = runtime();
     let url = nats.log_url("contract");
-    let a = connect(&url, &rt, Duration::from_secs(10)).expect("connect");
+    let a = connect(&url, Duration::from_secs(10)).expect("connect");
     assert_eq!(read_all(&a, "counts.0", 0), (vec![], 0), "an empty log");
     let small = b"one entry".to_vec();
     let large: Vec<u8> = (0..40_000u32).flat_map(|i| i.to_le_bytes()).collect();
@@ -92,7 +92,7 @@ fn entries_come_back_whole_and_in_order_and_a_stale_writer_is_refused() {
 
     // Another writer reads to the end and appends: the first one's view is
     // stale now, and its next append is refused, however it retries.
-    let b = connect(&url, &rt, Duration::from_secs(10)).expect("connect");
+    let b = connect(&url, Duration::from_secs(10)).expect("connect");
     let fence = append(&b, "counts.0", s3, 2, b"fence").expect("the new writer appends");
     for _ in 0..2 {
         match append(&a, "counts.0", s3, 1, b"stale") {
@@ -136,11 +136,10 @@ fn entries_come_back_whole_and_in_order_and_a_stale_writer_is_refused() {
 /// where it tried, within the configured timeout.
 #[test]
 fn an_unreachable_log_is_an_error_naming_it() {
-    let rt = runtime();
     let port = free_port();
     let url = format!("nats://127.0.0.1:{port}/nowhere");
     let started = Instant::now();
-    let err = connect(&url, &rt, Duration::from_secs(2))
+    let err = connect(&url, Duration::from_secs(2))
         .err()
         .expect("no server, no log");
     let text = format!("{err:#}");

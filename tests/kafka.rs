@@ -63,15 +63,6 @@ fn expected(recs: &[(i32, (String, String, i64))]) -> BTreeMap<String, u64> {
     m
 }
 
-fn count_topology(s: &Scratch, broker: &str, http: &str, sink: &str) -> std::path::PathBuf {
-    count_topology_on(
-        s,
-        broker,
-        &format!("[service]\ndata_dir = \"{{dir}}/data\"\nhttp = \"{http}\"\n"),
-        sink,
-    )
-}
-
 /// The sink setting that turns on transactions in the count topology.
 const TRANSACTIONAL: &str = r#"transactional_id = "millrace-tests-counts""#;
 
@@ -130,11 +121,25 @@ fn count_setup(
     address: &str,
     sink: &str,
 ) -> (Scratch, String, std::path::PathBuf) {
+    count_setup_with(broker, address, sink, |_| String::new())
+}
+
+/// [`count_setup`] with a `[state]` table made for the scratch directory.
+fn count_setup_with(
+    broker: &Broker,
+    address: &str,
+    sink: &str,
+    state: impl FnOnce(&Scratch) -> String,
+) -> (Scratch, String, std::path::PathBuf) {
     broker.create_topic("words", PARTITIONS as u32);
     broker.create_topic("counts", 2);
     let s = Scratch::new();
     let http = format!("127.0.0.1:{}", free_port());
-    let topo = count_topology(&s, address, &http, sink);
+    let head = format!(
+        "[service]\ndata_dir = \"{{dir}}/data\"\nhttp = \"{http}\"\n{}",
+        state(&s)
+    );
+    let topo = count_topology_on(&s, address, &head, sink);
     (s, http, topo)
 }
 
@@ -173,6 +178,26 @@ fn kafka_in_and_out_with_transactions_is_exact_across_sigkills() {
     exact_across_sigkills(TRANSACTIONAL, 120_000, 10_000);
 }
 
+/// With the commit log (a NATS server started here, snapshots every
+/// 1 MiB of a shard's log): every SIGKILL also deletes the worker's data
+/// directory, as the loss of its machine would; the positions in Kafka and
+/// the sink's production ids come back from the log, and the output is
+/// still every running count once.
+#[test]
+fn kafka_in_and_out_is_exact_across_lost_machines() {
+    let logs = Scratch::new();
+    let nats = support::nats::Nats::start(logs.dir.path(), 1);
+    let state = |s: &Scratch| {
+        format!(
+            "[state]\nlog = \"{}\"\nlog_replicas = 1\nsnapshots = \"file://{}\"\n\
+             snapshot_log_bytes = 1048576\n",
+            nats.log_url("kafka-lost"),
+            s.path("snapshots").display()
+        )
+    };
+    exact_across_kills("", (120_000, 10_000), Some(&state));
+}
+
 /// What the sink `out` has produced since its process started.
 fn records_out(http: &str) -> f64 {
     metric_sum(http, r#"millrace_kafka_records_out_total{component="out","#)
@@ -182,8 +207,20 @@ fn records_out(http: &str) -> f64 {
 /// SIGKILL (`KAFKA_SCALE=N` multiplies both) through the count topology
 /// with `sink` in its Kafka sink: every running count once, nothing else.
 fn exact_across_sigkills(sink: &str, first: usize, per_kill: usize) {
+    exact_across_kills(sink, (first, per_kill), None);
+}
+
+/// [`exact_across_sigkills`]; with `lost` (the `[state]` table of a commit
+/// log), each SIGKILL also deletes the data directory.
+fn exact_across_kills(
+    sink: &str,
+    (first, per_kill): (usize, usize),
+    lost: Option<&dyn Fn(&Scratch) -> String>,
+) {
     let broker = Broker::start();
-    let (s, http, topo) = count_setup(&broker, &broker.address(), sink);
+    let (s, http, topo) = count_setup_with(&broker, &broker.address(), sink, |s| {
+        lost.map_or(String::new(), |state| state(s))
+    });
     let scale: usize = std::env::var("KAFKA_SCALE")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -219,6 +256,9 @@ fn exact_across_sigkills(sink: &str, first: usize, per_kill: usize) {
         }
         std::thread::sleep(Duration::from_millis(rng.below(1_000)));
         kill9(&mut w);
+        if lost.is_some() {
+            std::fs::remove_dir_all(s.path("data")).expect("delete the data directory");
+        }
         let more = words(per_kill, all.len());
         produce(&broker, "words", &as_json(&more));
         all.extend(more);

@@ -53,11 +53,6 @@ fn replicas() -> usize {
 pub fn bench(n: u64, cpus: usize) {
     let dir = tempfile::tempdir().expect("temp dir");
     let nats = Nats::start(dir.path(), replicas());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
     let mut deployment = 0;
     // Each logged run on a deployment name of its own: a fresh log.
     let mut logged = |count: u64, rate: Option<u64>, metrics: Arc<Metrics>| -> Run {
@@ -65,8 +60,7 @@ pub fn bench(n: u64, cpus: usize) {
         let url = nats.log_url(&format!("bench{deployment}"));
         let mut cfg = millrace::config::CommitLogConfig::parse(&url).expect("log url");
         cfg.replicas = replicas();
-        let log = millrace::nats_log::NatsLog::connect(&cfg, runtime.handle().clone())
-            .expect("connect to the log");
+        let log = millrace::nats_log::NatsLog::connect(&cfg).expect("connect to the log");
         let opts = WorkerOptions {
             commit_log: Some(Arc::new(log) as Arc<dyn CommitLog>),
             ..WorkerOptions::default()
