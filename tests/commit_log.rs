@@ -466,3 +466,120 @@ fn with_snapshots_the_log_stays_bounded_and_rebuilds_a_lost_worker() {
         "rebuilt from the snapshots: nothing delivered again"
     );
 }
+
+/// A log that comes back empty (its server's store lost) is not taken for
+/// this deployment's: the worker refuses to start, says why, and changes
+/// nothing; the output stays as it was.
+#[test]
+fn a_log_that_comes_back_empty_is_refused() {
+    let s = Scratch::new();
+    let mut nats = Nats::start(s.dir.path(), 1);
+    let topo = count_pipeline(
+        &s,
+        &format!(
+            "shards = 2\n[state]\nlog = \"{}\"\nlog_replicas = 1",
+            nats.log_url("empty")
+        ),
+        (20_000, 100, 9),
+        "type = \"count\"",
+    );
+    let first = run_to_end(&topo, Duration::from_secs(120));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let out = s.path("out.jsonl");
+    let before = std::fs::read(&out).expect("output");
+    nats.lose(0);
+    nats.restart(0);
+    for _ in 0..2 {
+        let again = run_to_end(&topo, Duration::from_secs(60));
+        let said = String::from_utf8_lossy(&again.stderr);
+        assert!(!again.status.success(), "started on an empty log: {said}");
+        assert!(
+            said.contains("the log lost entries, or is not this deployment's"),
+            "{said}"
+        );
+        assert_eq!(
+            std::fs::read(&out).expect("output"),
+            before,
+            "the output changed"
+        );
+    }
+}
+
+/// The only log server is down for longer than `log_timeout`: the worker
+/// retries, then stops with an error naming the log; nothing it did
+/// without the log was released. Started again once the server is back,
+/// it finishes with exactly the counts 1..n.
+#[test]
+fn a_log_down_past_its_timeout_stops_the_worker_and_a_restart_finishes_exactly() {
+    let s = Scratch::new();
+    let mut nats = Nats::start(s.dir.path(), 1);
+    let (records, keys) = (60_000, 500);
+    let topo = s.write(
+        "down.toml",
+        &format!(
+            r#"
+[service]
+data_dir = "{{dir}}/data"
+[engine]
+shards = 2
+[state]
+log = "{log}"
+log_replicas = 1
+log_timeout = "2s"
+[sources.gen]
+type = "generator"
+count = {records}
+keys = {keys}
+seed = 4
+rate = 20000
+[computations.counts]
+type = "count"
+inputs = ["gen"]
+[sinks.out]
+type = "file"
+inputs = ["counts"]
+path = "{{dir}}/out.jsonl"
+"#,
+            log = nats.log_url("down")
+        ),
+    );
+    let out = s.path("out.jsonl");
+    let log_file = s.path("worker.log");
+    let mut worker = Running(
+        millrace()
+            .args(["run", topo.to_str().expect("path"), "--http", "off"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_file).expect("log file"))
+            .spawn()
+            .expect("spawn"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || lines(&out).len() > 5_000),
+        "progress before the log goes down"
+    );
+    nats.kill(0);
+    let stopped = Instant::now();
+    let status = wait_exit(&mut worker, Duration::from_secs(60));
+    let said = std::fs::read_to_string(&log_file).unwrap_or_default();
+    assert!(
+        !status.success(),
+        "the worker went on without its log: {said}"
+    );
+    assert!(said.contains("commit log"), "{said}");
+    eprintln!("stopped {:?} after the log went down", stopped.elapsed());
+    nats.restart(0);
+    let last = run_to_end(&topo, Duration::from_secs(120));
+    assert!(
+        last.status.success(),
+        "{}",
+        String::from_utf8_lossy(&last.stderr)
+    );
+    let pairs = read_jsonl(&out);
+    let counts = assert_running_counts(&pairs);
+    assert_eq!(pairs.len() as u64, records, "records in the sink");
+    assert_eq!(counts, generator_key_counts(records, keys, 4));
+}

@@ -172,12 +172,17 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.servers[i].port)
     }
 
-    /// Kills server `i` (SIGKILL) and deletes its store, as a lost machine.
-    pub fn lose(&mut self, i: usize) {
+    /// Kills server `i` (SIGKILL); its store stays.
+    pub fn kill(&mut self, i: usize) {
         if let Some(mut p) = self.servers[i].process.take() {
             let _ = p.kill();
             let _ = p.wait();
         }
+    }
+
+    /// Kills server `i` (SIGKILL) and deletes its store, as a lost machine.
+    pub fn lose(&mut self, i: usize) {
+        self.kill(i);
         let _ = std::fs::remove_dir_all(&self.servers[i].store);
     }
 
