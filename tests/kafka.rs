@@ -195,7 +195,7 @@ fn kafka_in_and_out_is_exact_across_lost_machines() {
             s.path("snapshots").display()
         )
     };
-    exact_across_kills("", (120_000, 10_000), Some(&state));
+    exact_across_kills("", (60_000, 5_000), Some(&state));
 }
 
 /// What the sink `out` has produced since its process started.
