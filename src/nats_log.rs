@@ -24,7 +24,7 @@ use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use millrace_config::CommitLogConfig;
-use millrace_engine::commit_log::{Append, CommitLog, LogError, OnEntry};
+use millrace_engine::commit_log::{escaped_name, Append, CommitLog, LogError, OnEntry};
 use millrace_engine::EngineError;
 use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
@@ -143,7 +143,7 @@ impl NatsLog {
     }
 
     fn subject(&self, shard: &str) -> String {
-        format!("{}.{}", self.subject_prefix, subject_token(shard))
+        format!("{}.{}", self.subject_prefix, escaped_name(shard))
     }
 
     /// Appends one entry, in parts when it is large; returns its (last
@@ -353,22 +353,6 @@ impl NatsLog {
     }
 }
 
-/// A shard's name (`component.shard`) as subject tokens: in each
-/// `.`-separated part every byte but letters, digits, `-` and `_` written
-/// `%XX` (a component's name may hold `*`, `>` or `%`, which a subject may
-/// not hold, or would read otherwise; it never holds a `.`).
-fn subject_token(shard: &str) -> String {
-    let mut out = String::with_capacity(shard.len());
-    for b in shard.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// Reads `K/N` with `1 <= K <= N`.
 fn parse_part(v: &str) -> Option<(usize, usize)> {
     let (k, n) = v.split_once('/')?;
@@ -385,24 +369,6 @@ impl CommitLog for NatsLog {
 
     fn read(&self, shard: &str, after: u64, f: &mut OnEntry<'_>) -> Result<u64, EngineError> {
         self.runtime.block_on(self.read_async(shard, after, f))
-    }
-
-    fn first(&self, shard: &str) -> Result<Option<u64>, EngineError> {
-        let subject = self.subject(shard);
-        let first = self
-            .runtime
-            .block_on(self.retrying("the first entry", shard, || async {
-                match self
-                    .stream
-                    .direct_get_next_for_subject(subject.as_str(), None)
-                    .await
-                {
-                    Ok(m) => Ok(Some(m.sequence)),
-                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(e.to_string()),
-                }
-            }))?;
-        Ok(first)
     }
 
     fn purge(&self, shard: &str, through: u64) -> Result<(), EngineError> {
@@ -428,17 +394,6 @@ impl CommitLog for NatsLog {
 #[cfg(test)]
 mod tests {
     use super::parse_part;
-
-    #[test]
-    fn shard_names_are_one_subject_token_each() {
-        use super::subject_token;
-        assert_eq!(subject_token("counts.3"), "counts.3");
-        assert_eq!(subject_token("a_b-c.0"), "a_b-c.0");
-        // Wildcards, white space and `%` itself are written out, so no two
-        // names meet.
-        assert_eq!(subject_token("a*>\t.1"), "a%2A%3E%09.1");
-        assert_ne!(subject_token("a%2A.1"), subject_token("a*.1"));
-    }
 
     #[test]
     fn part_headers_are_k_of_n() {

@@ -88,10 +88,6 @@ pub trait CommitLog: Send + Sync + 'static {
     /// that is below `after`, `f` is not called.
     fn read(&self, shard: &str, after: u64, f: &mut OnEntry<'_>) -> Result<u64, EngineError>;
 
-    /// The sequence of the first entry `shard`'s log still holds (None:
-    /// it holds none).
-    fn first(&self, shard: &str) -> Result<Option<u64>, EngineError>;
-
     /// Removes the entries of `shard`'s log up to sequence `through`.
     fn purge(&self, shard: &str, through: u64) -> Result<(), EngineError>;
 
@@ -159,6 +155,23 @@ pub(crate) fn shard_name(component: &str, shard: u32) -> String {
     format!("{component}.{shard}")
 }
 
+/// A shard's name (`component.shard`) with every byte but letters,
+/// digits, `-`, `_` and `.` written `%XX`: as a log server's subject
+/// (which may hold no `*`, `>` or white space) and as a file name (no `/`,
+/// `\\` or control character). A component's name never holds a `.`, and
+/// `%` itself is written out, so no two names meet.
+pub fn escaped_name(shard: &str) -> String {
+    let mut out = String::with_capacity(shard.len());
+    for b in shard.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// A random number for one start of one shard (no two starts share one).
 pub(crate) fn incarnation() -> u64 {
     crate::net::random_u64()
@@ -170,11 +183,14 @@ const CATCH_UP_BATCH_BYTES: usize = 4 << 20;
 
 /// Brings the store's copy of the shard with `prefix` (named `name` in the
 /// log) up to the end of its log: applies every entry after the last one
-/// it applied, recording each one's sequence with it. When the log was cut
-/// below a snapshot newer than what the store has, the snapshot is loaded
-/// first (from `snapshots`). Returns where the log ends. A log that ends
-/// before what the store applied was lost or is another one: that is
-/// refused, nothing changed.
+/// it applied, recording each one's sequence with it. When the entries
+/// after it record a snapshot newer than what the store has, the snapshot
+/// is loaded first (from `snapshots`). Returns where the log ends. A log
+/// that ends before what the store applied was lost or is another one:
+/// that is refused, nothing changed.
+///
+/// Only after [`fence`]: a writer that was not fenced out could still
+/// record a snapshot and cut the log below it while this reads.
 pub(crate) fn catch_up(
     log: &dyn CommitLog,
     store: &Store,
@@ -184,20 +200,20 @@ pub(crate) fn catch_up(
 ) -> Result<u64, EngineError> {
     let seq_key = layout::log_seq_key(prefix);
     let mut applied = applied_of(store, prefix)?;
-    // Entries are cut only below a snapshot recorded in a later entry: if
-    // the log still holds an entry at or before `applied`, nothing after
-    // it was cut, and the entries read are every entry.
-    if log.first(name)?.is_some_and(|first| first > applied) {
-        if let Some(snap) = latest_snapshot(log, name, prefix, applied)? {
-            load_snapshot(store, (name, prefix), &snap, snapshots)?;
-            applied = applied_of(store, prefix)?;
-            if applied != snap.seq {
-                return Err(EngineError::Corrupt(format!(
-                    "shard {name}: snapshot {} holds log entries up to {applied}, its record \
-                     says {}",
-                    snap.file, snap.seq
-                )));
-            }
+    // The log may have been cut below a snapshot newer than what the store
+    // applied: then the entries between are gone, and the snapshot stands
+    // for them. (Stream sequences are shared by every shard, so a gap in
+    // them says nothing; the snapshot's record, an entry, does.) Loading a
+    // snapshot of a log that was not cut yet is as right as replaying.
+    if let Some(snap) = latest_snapshot(log, name, prefix, applied)? {
+        load_snapshot(store, (name, prefix), &snap, snapshots)?;
+        applied = applied_of(store, prefix)?;
+        if applied != snap.seq {
+            return Err(EngineError::Corrupt(format!(
+                "shard {name}: snapshot {} holds log entries up to {applied}, its record \
+                 says {}",
+                snap.file, snap.seq
+            )));
         }
     }
     let mut batch = store.batch();
@@ -337,22 +353,27 @@ fn holds_data(store: &Store, prefix: &[u8]) -> Result<bool, EngineError> {
     Ok(false)
 }
 
-/// Makes this start of the shard with `prefix` the only writer of its log:
-/// catches up, then appends an entry after the end it read (re-reading
-/// when another writer got there first). The entry holds the shard's epoch
-/// (the higher of the store's, raised or set by a claim for this start,
-/// and the log's) and, when the store has applied no entry of the log,
-/// every key the store holds of the shard (a data directory from before
-/// the log, or a savepoint loaded into it). Returns the sequence the
+/// Makes this start of the shard with `prefix` the only writer of its log,
+/// then brings the store up to its end, and returns the sequence the
 /// shard's next append must follow.
 ///
-/// Data the log has never seen on top of a log that already has a history
-/// would mix two histories: that is refused, nothing changed.
+/// 1. It appends an entry after the log's end (read again whenever another
+///    writer got there first). From then on an older writer's append is
+///    refused, so it can neither release nor record a snapshot nor cut the
+///    log: what [`catch_up`] then reads stays there. When the store holds
+///    data of the shard and has applied no entry of the log (a directory
+///    from before the log, a savepoint loaded into it), that first entry
+///    is a copy of all of it; on a log that already has a history for the
+///    shard that is refused, nothing changed (two histories would mix).
+/// 2. It catches up with the log (its own first entry included).
+/// 3. With `epoch`, it appends the shard's epoch: the higher of the
+///    store's (raised or set by a claim for this start) and the log's.
 pub(crate) fn fence(
     log: &dyn CommitLog,
     store: &Store,
     (name, prefix): (&str, &[u8]),
     (incarnation, snapshots): (u64, Option<&Snapshots>),
+    epoch: bool,
     metrics: &Metrics,
 ) -> Result<u64, EngineError> {
     let epoch_key = layout::epoch_key(prefix);
@@ -365,80 +386,111 @@ pub(crate) fn fence(
             .unwrap_or(0))
     };
     let started_at = epoch_of(store)?;
-    if applied_of(store, prefix)? == 0 && holds_data(store, prefix)? {
-        let mut whole = 0u64;
-        log.read(name, 0, &mut |_, _| {
-            whole += 1;
-            Ok(())
-        })?;
-        if whole > 0 {
-            return Err(EngineError::Layout(format!(
-                "shard {name}: {} holds data the commit log has never seen (a savepoint \
-                 loaded into it, or a directory written without [state] log), and the log at \
-                 {} already has {whole} entries for the shard. Nothing was changed; load the \
-                 savepoint into a deployment with a log name of its own \
-                 ([state] log = \"nats://HOST:PORT/NEW-NAME\")",
-                store.path().display(),
-                log.describe()
-            )));
-        }
-    }
-    for _ in 0..FENCE_ATTEMPTS {
-        let end = catch_up(log, store, (name, prefix), snapshots, metrics)?;
-        let mut batch = store.batch();
-        if applied_of(store, prefix)? == 0 {
-            // No whole entry in the log (at most the parts of one never
-            // finished): the log starts with everything the shard holds.
-            for cf in Cf::ALL {
-                store.for_each_prefix(cf, prefix, |k, v| {
-                    if !(cf == Cf::Meta && k == seq_key.as_slice()) {
-                        batch.put(cf, k, v);
-                    }
-                    true
-                })?;
-            }
-        }
-        let epoch = started_at.max(epoch_of(store)?);
-        if epoch > 0 {
-            // After the copy: a later put of the key wins.
-            batch.put(Cf::Meta, &epoch_key, &epoch.to_be_bytes());
-        }
-        let mut entries = batch.log_entries(|_| Some(()))?;
-        let bytes = entries.remove(&()).unwrap_or_else(empty_entry);
-        let append = Append {
+    let append_one = |after: u64, bytes: &[u8]| -> Result<Option<u64>, EngineError> {
+        let one = Append {
             shard: name,
-            after: end,
+            after,
             incarnation,
-            bytes: &bytes,
+            bytes,
         };
-        match log.append(&[append]) {
+        match log.append(&[one]) {
             Ok(seqs) => {
-                let seq = seqs.first().copied().ok_or_else(|| {
-                    EngineError::Fatal(format!("commit log: no sequence for shard {name}"))
-                })?;
                 metrics.log_appends.inc();
                 metrics.log_bytes.inc_by(bytes.len() as u64);
-                let mut b = store.batch();
-                b.put(Cf::Meta, &seq_key, &seq.to_be_bytes());
-                if epoch > 0 {
-                    b.put(Cf::Meta, &epoch_key, &epoch.to_be_bytes());
-                }
-                store.commit(b)?;
-                return Ok(seq);
+                seqs.first().copied().map(Some).ok_or_else(|| {
+                    EngineError::Fatal(format!("commit log: no sequence for shard {name}"))
+                })
             }
             Err(LogError::Fenced { .. }) => {
                 tracing::info!(
                     shard = name,
                     "another writer extended the log; reading it again"
                 );
+                Ok(None)
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => Err(e.into()),
         }
+    };
+    for _ in 0..FENCE_ATTEMPTS {
+        // Where the log ends now (a part of an unfinished entry included).
+        let end = log.read(name, u64::MAX, &mut |_, _| Ok(()))?;
+        let copy = applied_of(store, prefix)? == 0 && holds_data(store, prefix)?;
+        let first = if copy {
+            let mut whole = 0u64;
+            log.read(name, 0, &mut |_, _| {
+                whole += 1;
+                Ok(())
+            })?;
+            if whole > 0 {
+                return Err(EngineError::Layout(format!(
+                    "shard {name}: {} holds data the commit log has never seen (a savepoint \
+                     loaded into it, or a directory written without [state] log), and the log \
+                     at {} already has {whole} entries for the shard. Nothing was changed; load \
+                     the savepoint into a deployment with a log name of its own \
+                     ([state] log = \"nats://HOST:PORT/NEW-NAME\")",
+                    store.path().display(),
+                    log.describe()
+                )));
+            }
+            shard_copy(store, prefix)?
+        } else {
+            empty_entry()
+        };
+        let Some(fenced) = append_one(end, &first)? else {
+            continue;
+        };
+        if copy {
+            // The log had no whole entry before the copy: the store holds
+            // everything up to it already.
+            let mut b = store.batch();
+            b.put(Cf::Meta, &seq_key, &fenced.to_be_bytes());
+            store.commit(b)?;
+        }
+        let caught_up = catch_up(log, store, (name, prefix), snapshots, metrics)?;
+        if caught_up < fenced {
+            return Err(EngineError::Fatal(format!(
+                "shard {name}: the commit log ends at {caught_up}, before this start's own \
+                 entry {fenced}"
+            )));
+        }
+        if !epoch {
+            return Ok(caught_up);
+        }
+        let epoch = started_at.max(epoch_of(store)?);
+        let mut batch = store.batch();
+        batch.put(Cf::Meta, &epoch_key, &epoch.to_be_bytes());
+        let mut entries = batch.log_entries(|_| Some(()))?;
+        let bytes = entries.remove(&()).unwrap_or_else(empty_entry);
+        let Some(seq) = append_one(caught_up, &bytes)? else {
+            continue;
+        };
+        let mut b = store.batch();
+        b.put(Cf::Meta, &seq_key, &seq.to_be_bytes());
+        b.put(Cf::Meta, &epoch_key, &epoch.to_be_bytes());
+        store.commit(b)?;
+        return Ok(seq);
     }
     Err(EngineError::Fatal(format!(
         "shard {name}: the commit log kept being extended by another writer while this \
          worker started the shard ({FENCE_ATTEMPTS} attempts)"
     )))
+}
+
+/// Every key the store holds of the shard with `prefix` but its place in
+/// the log, as one entry.
+fn shard_copy(store: &Store, prefix: &[u8]) -> Result<Vec<u8>, EngineError> {
+    let seq_key = layout::log_seq_key(prefix);
+    let mut batch = store.batch();
+    for cf in Cf::ALL {
+        store.for_each_prefix(cf, prefix, |k, v| {
+            if !(cf == Cf::Meta && k == seq_key.as_slice()) {
+                batch.put(cf, k, v);
+            }
+            true
+        })?;
+    }
+    let mut entries = batch.log_entries(|_| Some(()))?;
+    Ok(entries.remove(&()).unwrap_or_else(empty_entry))
 }
 
 /// An entry with no operations.
@@ -470,6 +522,9 @@ struct LocalShard {
     snapshot: Option<Snapshot>,
     /// A snapshot written and not yet recorded: the next append records it.
     unrecorded: Option<Snapshot>,
+    /// A snapshot recorded (its entry durable): the log is cut below it
+    /// after the turn's release.
+    to_cut: Option<Snapshot>,
     /// No snapshot is tried before then (after one failed).
     next_try: Instant,
 }
@@ -502,6 +557,7 @@ impl ExecutorLog {
             store,
             (&name, prefix),
             (incarnation, snapshots),
+            true,
             metrics,
         )?;
         let snapshot = store
@@ -517,6 +573,7 @@ impl ExecutorLog {
                 since_snapshot: 0,
                 snapshot,
                 unrecorded: None,
+                to_cut: None,
                 next_try: Instant::now(),
             },
         );
@@ -599,30 +656,32 @@ impl ExecutorLog {
             };
             s.last = seq;
             s.since_snapshot += bytes.len() as u64;
-            if let Some(snap) = s.unrecorded.take() {
-                self.cut_below(prefix, snap, metrics);
-            }
+            s.to_cut = s.unrecorded.take();
         }
         Ok(())
     }
 
-    /// The entry recording `snap` for the shard with `prefix` is durable:
-    /// cuts its log below the snapshot and removes the snapshot before it.
-    /// A failure loses nothing (the log only keeps more); it is logged.
-    fn cut_below(&mut self, prefix: &[u8], snap: Snapshot, metrics: &Metrics) {
-        let Some(s) = self.shards.get_mut(prefix) else {
-            return;
-        };
-        if let Err(e) = self.log.purge(&s.name, snap.seq) {
-            tracing::warn!(shard = %s.name, error = %e, "the commit log was not cut below the shard's snapshot; it is cut at the next one");
-        }
-        let before = s.snapshot.replace(snap);
-        if let (Some(old), Some(snapshots)) = (before, &self.snapshots) {
-            if let Err(e) = snapshots.store.delete(&old.file) {
-                tracing::warn!(shard = %s.name, file = %old.file, error = %e, "an old snapshot was not removed");
+    /// After a turn's release: for each shard whose snapshot's record is
+    /// durable, cuts its log below the snapshot and removes the snapshot
+    /// before it. A failure loses nothing (the log only keeps more, and is
+    /// cut at the next snapshot); it is logged.
+    pub fn cut_recorded(&mut self, metrics: &Metrics) {
+        for s in self.shards.values_mut() {
+            let Some(snap) = s.to_cut.take() else {
+                continue;
+            };
+            if let Err(e) = self.log.purge(&s.name, snap.seq) {
+                tracing::warn!(shard = %s.name, error = %e, "the commit log was not cut below the shard's snapshot; it is cut at the next one");
+            } else {
+                metrics.log_snapshots.inc();
+            }
+            let before = s.snapshot.replace(snap);
+            if let (Some(old), Some(snapshots)) = (before, &self.snapshots) {
+                if let Err(e) = snapshots.store.delete(&old.file) {
+                    tracing::warn!(shard = %s.name, file = %old.file, error = %e, "an old snapshot was not removed");
+                }
             }
         }
-        metrics.log_snapshots.inc();
     }
 
     /// After a commit: writes a snapshot of each shard whose log grew by
@@ -643,7 +702,12 @@ impl ExecutorLog {
             let started = Instant::now();
             let snap = Snapshot {
                 seq: s.last,
-                file: format!("{}/{:020}-{:016x}.shard", s.name, s.last, s.incarnation),
+                file: format!(
+                    "{}/{:020}-{:016x}.shard",
+                    escaped_name(&s.name),
+                    s.last,
+                    s.incarnation
+                ),
             };
             let written = crate::savepoint::shard_snapshot(store, prefix)
                 .map_err(|e| e.to_string())
@@ -695,6 +759,14 @@ impl MemoryLog {
         }
     }
 
+    /// The sequence of the first entry the log of `shard` still holds.
+    pub fn first(&self, shard: &str) -> Option<u64> {
+        self.logs
+            .lock()
+            .get(shard)
+            .and_then(|l| l.first().map(|(s, _)| *s))
+    }
+
     /// How many entries the log of `shard` holds.
     pub fn len_of(&self, shard: &str) -> usize {
         self.logs.lock().get(shard).map_or(0, Vec::len)
@@ -744,14 +816,6 @@ impl CommitLog for MemoryLog {
         Ok(end)
     }
 
-    fn first(&self, shard: &str) -> Result<Option<u64>, EngineError> {
-        Ok(self
-            .logs
-            .lock()
-            .get(shard)
-            .and_then(|l| l.first().map(|(s, _)| *s)))
-    }
-
     fn purge(&self, shard: &str, through: u64) -> Result<(), EngineError> {
         if let Some(l) = self.logs.lock().get_mut(shard) {
             l.retain(|(s, _)| *s > through);
@@ -787,6 +851,16 @@ mod tests {
             .and_then(layout::read_u64)
     }
 
+    #[test]
+    fn shard_names_are_escaped_for_subjects_and_files() {
+        assert_eq!(escaped_name("counts.3"), "counts.3");
+        assert_eq!(escaped_name("a_b-c.0"), "a_b-c.0");
+        // Wildcards, white space, separators and `%` itself are written
+        // out, so no two names meet.
+        assert_eq!(escaped_name("a*>\t/\\.1"), "a%2A%3E%09%2F%5C.1");
+        assert_ne!(escaped_name("a%2A.1"), escaped_name("a*.1"));
+    }
+
     /// A shard written before the log starts it with a copy of itself; a
     /// store rebuilt from the log alone has the same keys.
     #[test]
@@ -804,9 +878,10 @@ mod tests {
         a.commit(b).expect("commit");
         let log = MemoryLog::default();
         let m = Metrics::new();
-        let seq = fence(&log, &a, ("counts.1", &p), (1, None), &m).expect("fence");
+        let seq = fence(&log, &a, ("counts.1", &p), (1, None), true, &m).expect("fence");
         assert_eq!(seq_of(&a), Some(seq));
-        assert_eq!(log.len_of("counts.1"), 1);
+        // The copy, then the epoch.
+        assert_eq!(log.len_of("counts.1"), 2);
         let (_b, b) = store();
         assert_eq!(
             catch_up(&log, &b, ("counts.1", &p), None, &m).expect("catch up"),
@@ -831,7 +906,8 @@ mod tests {
             .expect("get"),
             None
         );
-        assert_eq!(m.log_replayed.get(), 1);
+        // b replayed the copy and the epoch; a replayed nothing of its own.
+        assert_eq!(m.log_replayed.get(), 2);
     }
 
     /// A second start fences the first out: the first's next append is
@@ -913,5 +989,40 @@ mod tests {
             "{err}"
         );
         assert_eq!(seq_of(&b), None);
+    }
+
+    /// Data the log never saw (a savepoint loaded into the directory) on
+    /// top of a log that has a history for the shard: refused, and neither
+    /// the store nor the log changed.
+    #[test]
+    fn data_the_log_never_saw_is_refused_on_a_log_with_a_history() {
+        let (_a, a) = store();
+        let p = prefix();
+        let log = MemoryLog::default();
+        let m = Metrics::new();
+        let history = Append {
+            shard: "counts.1",
+            after: 0,
+            incarnation: 9,
+            bytes: &empty_entry(),
+        };
+        log.append(&[history]).expect("append");
+        let mut b = a.batch();
+        b.put_state(&layout::state_key(&p, b"k"), Some(b"from a savepoint"));
+        a.commit(b).expect("commit");
+        let err = fence(&log, &a, ("counts.1", &p), (1, None), true, &m).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("holds data the commit log has never seen"),
+            "{err}"
+        );
+        assert_eq!(log.len_of("counts.1"), 1);
+        assert_eq!(seq_of(&a), None);
+        assert_eq!(
+            a.get_state(&layout::state_key(&p, b"k"))
+                .expect("get")
+                .as_deref(),
+            Some(&b"from a savepoint"[..])
+        );
     }
 }

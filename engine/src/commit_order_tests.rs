@@ -433,7 +433,7 @@ fn with_snapshots_the_log_is_cut_and_still_rebuilds_the_worker() {
             1,
             "{name}: only the last snapshot is kept: {kept:?}"
         );
-        let first = log.first(name).expect("first").expect("entries");
+        let first = log.first(name).expect("entries");
         let left = log.len_of(name);
         assert!(
             left > 0 && first > 1,

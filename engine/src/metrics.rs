@@ -69,7 +69,7 @@ pub struct Metrics {
     /// Shards of dead workers freed by this worker as the controller, to be
     /// taken over from the commit log.
     pub shard_takeovers: IntCounter,
-    /// Commit log: snapshots recorded (the log cut below each).
+    /// Commit log: snapshots recorded and the log cut below them.
     pub log_snapshots: IntCounter,
     /// Commit log: snapshots that failed to be written.
     pub log_snapshot_failures: IntCounter,

@@ -179,12 +179,15 @@ impl Worker {
             ..Shared::new(Arc::clone(&metrics), &plan, opts.dynamic)
         });
         if let (Some(log), false) = (&opts.commit_log, opts.dynamic) {
-            // Before the epochs rise: the log holds the last ones.
+            // Before the epochs rise: the log holds the last ones. Fenced
+            // first, so that nothing an older writer does changes what is
+            // read (the executor fences again when it starts the shard).
             for spec in plan.shards.iter().filter(|s| s.worker == me) {
                 let name = crate::commit_log::shard_name(&plan.nodes[spec.node].name, spec.shard);
                 let snapshots = opts.log_snapshots.as_ref();
                 let shard = (name.as_str(), &spec.prefix[..]);
-                crate::commit_log::catch_up(&**log, &store, shard, snapshots, &metrics)?;
+                let writer = (crate::commit_log::incarnation(), snapshots);
+                crate::commit_log::fence(&**log, &store, shard, writer, false, &metrics)?;
             }
         }
         if !opts.dynamic {

@@ -355,7 +355,10 @@ impl Executor {
             let committed = self.commit(batch, processed)?;
             self.release(committed);
             if let Some(log) = &mut self.log {
-                log.snapshot_due(&self.store, &self.shared.metrics);
+                log.cut_recorded(&self.shared.metrics);
+                if !halting {
+                    log.snapshot_due(&self.store, &self.shared.metrics);
+                }
             }
             if halting {
                 return Ok(());
