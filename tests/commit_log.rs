@@ -56,6 +56,74 @@ fn append(
     .map(|seqs| seqs[0])
 }
 
+/// Every key of `out` holds exactly the counts 1..n, and the totals are
+/// those of `records` generated over `keys` keys with `seed`.
+fn assert_exact(out: &std::path::Path, (records, keys, seed): (u64, u64, u64)) {
+    let pairs = read_jsonl(out);
+    let counts = assert_running_counts(&pairs);
+    assert_eq!(pairs.len() as u64, records, "records in the sink");
+    assert_eq!(counts, generator_key_counts(records, keys, seed));
+}
+
+/// Waits (at most 2 minutes) until `out` holds `records` lines, then
+/// [`assert_exact`].
+fn await_exact(out: &std::path::Path, (records, keys, seed): (u64, u64, u64)) {
+    assert!(
+        wait_until(Duration::from_secs(120), || lines(out).len() as u64
+            >= records),
+        "the output reached {} of {records} records",
+        lines(out).len()
+    );
+    assert_exact(out, (records, keys, seed));
+}
+
+/// Three places for workers joined through an etcd, with a commit log on a
+/// NATS server, and the moving count topology of `(records, keys)` at
+/// 8,000 records/s (seed 7), under `name`.
+struct Joined {
+    s: Scratch,
+    etcd: support::etcd::Etcd,
+    _nats: Nats,
+    net: ClusterNet,
+    topology: std::path::PathBuf,
+}
+
+impl Joined {
+    fn new(name: &str, (records, keys): (u64, u64)) -> Joined {
+        let s = Scratch::new();
+        let etcd = support::etcd::Etcd::start(&s.path("etcd"), &format!("millrace/{name}"));
+        let nats = Nats::start(s.dir.path(), 1);
+        let net = ClusterNet::new(3);
+        let state = format!("log = \"{}\"\nlog_replicas = 1", nats.log_url(name));
+        let topology = moving_count_topology(&s, &net, (records, keys, 8_000), &state);
+        Joined {
+            s,
+            etcd,
+            _nats: nats,
+            net,
+            topology,
+        }
+    }
+
+    /// Starts worker `i`, its stderr to `stderr`.
+    fn join(&self, i: usize, stderr: Stdio) -> Running {
+        Running(
+            self.net
+                .command(&self.topology, i)
+                .args(["--join", &self.etcd.join])
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .expect("spawn millrace"),
+        )
+    }
+
+    /// Shards worker `i` runs now (0 when it does not answer).
+    fn owned(&self, i: usize) -> f64 {
+        metric(&self.net.http[i], "millrace_shards_owned").unwrap_or(0.0)
+    }
+}
+
 /// Entries of a shard read back in order, each whole however large (in
 /// parts under a small `max_payload`); shards are apart; a writer whose
 /// view is stale is refused; a half-written entry is dropped.
@@ -223,10 +291,7 @@ fn a_worker_that_loses_its_data_directory_loses_nothing() {
         "{}",
         String::from_utf8_lossy(&last.stderr)
     );
-    let pairs = read_jsonl(&out);
-    let counts = assert_running_counts(&pairs);
-    assert_eq!(pairs.len() as u64, RECORDS, "records in the sink");
-    assert_eq!(counts, generator_key_counts(RECORDS, KEYS, 5));
+    assert_exact(&out, (RECORDS, KEYS, 5));
 }
 
 /// Workers joined through etcd, with a commit log: a worker killed with its
@@ -239,23 +304,10 @@ fn a_worker_that_loses_its_data_directory_loses_nothing() {
 fn a_dead_workers_shards_are_taken_over_from_the_log() {
     const T: Duration = Duration::from_secs(60);
     let (records, keys) = (200_000, 50);
-    let s = Scratch::new();
-    let etcd = support::etcd::Etcd::start(&s.path("etcd"), "millrace/takeover");
-    let nats = Nats::start(s.dir.path(), 1);
-    let net = ClusterNet::new(3);
-    let state = format!("log = \"{}\"\nlog_replicas = 1", nats.log_url("takeover"));
-    let topology = moving_count_topology(&s, &net, (records, keys, 8_000), &state);
-    let join = |i: usize| {
-        Running(
-            net.command(&topology, i)
-                .args(["--join", &etcd.join])
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("spawn millrace"),
-        )
-    };
-    let owned = |i: usize| metric(&net.http[i], "millrace_shards_owned").unwrap_or(0.0);
+    let d = Joined::new("takeover", (records, keys));
+    let (s, net) = (&d.s, &d.net);
+    let join = |i: usize| d.join(i, Stdio::inherit());
+    let owned = |i: usize| d.owned(i);
     // The generator, 8 count shards, the sink.
     let all = 10.0;
     let mut workers: Vec<Running> = (0..3).map(join).collect();
@@ -297,16 +349,7 @@ fn a_dead_workers_shards_are_taken_over_from_the_log() {
         replayed > 0.0,
         "the taken-over shards were rebuilt from the log"
     );
-    assert!(
-        wait_until(Duration::from_secs(120), || lines(&out).len() as u64
-            >= records),
-        "the output reached {} of {records} records",
-        lines(&out).len()
-    );
-    let pairs = read_jsonl(&out);
-    let counts = assert_running_counts(&pairs);
-    assert_eq!(pairs.len() as u64, records, "records in the sink");
-    assert_eq!(counts, generator_key_counts(records, keys, 7));
+    await_exact(&out, (records, keys, 7));
 }
 
 /// A worker stopped (SIGSTOP) past its lease is taken over like a dead
@@ -318,23 +361,10 @@ fn a_dead_workers_shards_are_taken_over_from_the_log() {
 fn a_worker_woken_after_its_takeover_is_fenced_off_by_the_log() {
     const T: Duration = Duration::from_secs(60);
     let (records, keys) = (150_000, 50);
-    let s = Scratch::new();
-    let etcd = support::etcd::Etcd::start(&s.path("etcd"), "millrace/zombie");
-    let nats = Nats::start(s.dir.path(), 1);
-    let net = ClusterNet::new(3);
-    let state = format!("log = \"{}\"\nlog_replicas = 1", nats.log_url("zombie"));
-    let topology = moving_count_topology(&s, &net, (records, keys, 8_000), &state);
-    let join = |i: usize, stderr: Stdio| {
-        Running(
-            net.command(&topology, i)
-                .args(["--join", &etcd.join])
-                .stdout(Stdio::null())
-                .stderr(stderr)
-                .spawn()
-                .expect("spawn millrace"),
-        )
-    };
-    let owned = |i: usize| metric(&net.http[i], "millrace_shards_owned").unwrap_or(0.0);
+    let d = Joined::new("zombie", (records, keys));
+    let s = &d.s;
+    let join = |i: usize, stderr: Stdio| d.join(i, stderr);
+    let owned = |i: usize| d.owned(i);
     let all = 10.0;
     let zombie_log = s.path("zombie.log");
     // The zombie is w2, with count shards only: a file sink woken with it
@@ -379,16 +409,7 @@ fn a_worker_woken_after_its_takeover_is_fenced_off_by_the_log() {
         wait_until(T, || owned(2) >= 1.0),
         "w2, joined again, took a share"
     );
-    assert!(
-        wait_until(Duration::from_secs(120), || lines(&out).len() as u64
-            >= records),
-        "the output reached {} of {records} records",
-        lines(&out).len()
-    );
-    let pairs = read_jsonl(&out);
-    let counts = assert_running_counts(&pairs);
-    assert_eq!(pairs.len() as u64, records, "records in the sink");
-    assert_eq!(counts, generator_key_counts(records, keys, 7));
+    await_exact(&out, (records, keys, 7));
 }
 
 /// With snapshots, the log stays small however much goes through it: each
@@ -578,8 +599,5 @@ path = "{{dir}}/out.jsonl"
         "{}",
         String::from_utf8_lossy(&last.stderr)
     );
-    let pairs = read_jsonl(&out);
-    let counts = assert_running_counts(&pairs);
-    assert_eq!(pairs.len() as u64, records, "records in the sink");
-    assert_eq!(counts, generator_key_counts(records, keys, 4));
+    assert_exact(&out, (records, keys, 4));
 }
