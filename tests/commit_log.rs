@@ -79,27 +79,35 @@ fn await_exact(out: &std::path::Path, (records, keys, seed): (u64, u64, u64)) {
 
 /// Three places for workers joined through an etcd, with a commit log on a
 /// NATS server, and the moving count topology of `(records, keys)` at
-/// 8,000 records/s (seed 7), under `name`.
+/// 8,000 records/s (seed 7), under `name`; with `snapshots`, the log is
+/// cut below shard snapshots in an S3 store (SeaweedFS) every 64 KiB.
 struct Joined {
     s: Scratch,
     etcd: support::etcd::Etcd,
     _nats: Nats,
+    s3: Option<support::s3::S3>,
     net: ClusterNet,
     topology: std::path::PathBuf,
 }
 
 impl Joined {
-    fn new(name: &str, (records, keys): (u64, u64)) -> Joined {
+    fn new(name: &str, (records, keys): (u64, u64), snapshots: bool) -> Joined {
         let s = Scratch::new();
         let etcd = support::etcd::Etcd::start(&s.path("etcd"), &format!("millrace/{name}"));
         let nats = Nats::start(s.dir.path(), 1);
+        let s3 = snapshots
+            .then(|| support::s3::S3::start("snapshots", std::array::from_fn(|_| free_port())));
         let net = ClusterNet::new(3);
-        let state = format!("log = \"{}\"\nlog_replicas = 1", nats.log_url(name));
+        let mut state = format!("log = \"{}\"\nlog_replicas = 1", nats.log_url(name));
+        if s3.is_some() {
+            state.push_str("\nsnapshots = \"s3://snapshots/millrace\"\nsnapshot_log_bytes = 65536");
+        }
         let topology = moving_count_topology(&s, &net, (records, keys, 8_000), &state);
         Joined {
             s,
             etcd,
             _nats: nats,
+            s3,
             net,
             topology,
         }
@@ -107,10 +115,12 @@ impl Joined {
 
     /// Starts worker `i`, its stderr to `stderr`.
     fn join(&self, i: usize, stderr: Stdio) -> Running {
+        let env = self.s3.as_ref().map(|s3| s3.env()).unwrap_or_default();
         Running(
             self.net
                 .command(&self.topology, i)
                 .args(["--join", &self.etcd.join])
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::null())
                 .stderr(stderr)
                 .spawn()
@@ -294,17 +304,17 @@ fn a_worker_that_loses_its_data_directory_loses_nothing() {
     assert_exact(&out, (RECORDS, KEYS, 5));
 }
 
-/// Workers joined through etcd, with a commit log: a worker killed with its
-/// data directory is taken over. The controller frees its shards once its
-/// lease expired, the live workers claim them and rebuild them from the
-/// log, and the dead worker comes back on an empty directory and takes a
-/// share again. Twice, each time under load; every key's counts stay
-/// exactly 1..n.
+/// Workers joined through etcd, with a commit log cut below snapshots in
+/// S3: a worker killed with its data directory is taken over. The
+/// controller frees its shards once its lease expired, the live workers
+/// claim them and rebuild them from their snapshots and the log, and the
+/// dead worker comes back on an empty directory and takes a share again.
+/// Twice, each time under load; every key's counts stay exactly 1..n.
 #[test]
 fn a_dead_workers_shards_are_taken_over_from_the_log() {
     const T: Duration = Duration::from_secs(60);
     let (records, keys) = (200_000, 50);
-    let d = Joined::new("takeover", (records, keys));
+    let d = Joined::new("takeover", (records, keys), true);
     let (s, net) = (&d.s, &d.net);
     let join = |i: usize| d.join(i, Stdio::inherit());
     let owned = |i: usize| d.owned(i);
@@ -317,7 +327,7 @@ fn a_dead_workers_shards_are_taken_over_from_the_log() {
     );
     let out = s.path("out.jsonl");
     let mut taken_over = Vec::new();
-    let mut replayed = 0.0;
+    let (mut replayed, mut loaded) = (0.0, 0.0);
     for victim in [2, 1] {
         let before = lines(&out).len();
         assert!(
@@ -334,10 +344,13 @@ fn a_dead_workers_shards_are_taken_over_from_the_log() {
             "the live workers took over every shard of w{victim}"
         );
         taken_over.push(killed.elapsed());
-        replayed += live
-            .iter()
-            .map(|&i| metric(&net.http[i], "millrace_log_replayed_entries_total").unwrap_or(0.0))
-            .sum::<f64>();
+        let sum = |series: &str| {
+            live.iter()
+                .map(|&i| metric(&net.http[i], series).unwrap_or(0.0))
+                .sum::<f64>()
+        };
+        replayed += sum("millrace_log_replayed_entries_total");
+        loaded += sum("millrace_log_snapshot_loads_total");
         workers[victim] = join(victim);
         assert!(
             wait_until(T, || owned(victim) >= 1.0),
@@ -345,6 +358,10 @@ fn a_dead_workers_shards_are_taken_over_from_the_log() {
         );
     }
     eprintln!("takeover, from SIGKILL to every shard running again: {taken_over:?}");
+    assert!(
+        loaded > 0.0,
+        "the taken-over shards were loaded from their snapshots in S3"
+    );
     assert!(
         replayed > 0.0,
         "the taken-over shards were rebuilt from the log"
@@ -361,7 +378,7 @@ fn a_dead_workers_shards_are_taken_over_from_the_log() {
 fn a_worker_woken_after_its_takeover_is_fenced_off_by_the_log() {
     const T: Duration = Duration::from_secs(60);
     let (records, keys) = (150_000, 50);
-    let d = Joined::new("zombie", (records, keys));
+    let d = Joined::new("zombie", (records, keys), false);
     let s = &d.s;
     let join = |i: usize, stderr: Stdio| d.join(i, stderr);
     let owned = |i: usize| d.owned(i);

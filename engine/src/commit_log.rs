@@ -207,6 +207,7 @@ pub(crate) fn catch_up(
     // snapshot of a log that was not cut yet is as right as replaying.
     if let Some(snap) = latest_snapshot(log, name, prefix, applied)? {
         load_snapshot(store, (name, prefix), &snap, snapshots)?;
+        metrics.log_snapshot_loads.inc();
         applied = applied_of(store, prefix)?;
         if applied != snap.seq {
             return Err(EngineError::Corrupt(format!(

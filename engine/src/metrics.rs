@@ -71,6 +71,8 @@ pub struct Metrics {
     pub shard_takeovers: IntCounter,
     /// Commit log: snapshots recorded and the log cut below them.
     pub log_snapshots: IntCounter,
+    /// Commit log: shards loaded from a snapshot at their start.
+    pub log_snapshot_loads: IntCounter,
     /// Commit log: snapshots that failed to be written.
     pub log_snapshot_failures: IntCounter,
     /// Commit log: how long writing a snapshot took.
@@ -315,6 +317,15 @@ impl Metrics {
                     "millrace_log_snapshots_total",
                     "Shard snapshots written to [state] snapshots and recorded in the commit log, \
                      which is then cut below them.",
+                )
+                .expect("valid metric"),
+            ),
+            log_snapshot_loads: reg(
+                &r,
+                IntCounter::new(
+                    "millrace_log_snapshot_loads_total",
+                    "Shards loaded from their last snapshot when they started (their store was \
+                     behind it: lost, or taken over), before the rest of the commit log.",
                 )
                 .expect("valid metric"),
             ),
