@@ -457,9 +457,12 @@ pub(crate) fn fence(
         if !epoch {
             return Ok(caught_up);
         }
+        // No epoch (0) is never written: readers take a missing one for 1.
         let epoch = started_at.max(epoch_of(store)?);
         let mut batch = store.batch();
-        batch.put(Cf::Meta, &epoch_key, &epoch.to_be_bytes());
+        if epoch > 0 {
+            batch.put(Cf::Meta, &epoch_key, &epoch.to_be_bytes());
+        }
         let mut entries = batch.log_entries(|_| Some(()))?;
         let bytes = entries.remove(&()).unwrap_or_else(empty_entry);
         let Some(seq) = append_one(caught_up, &bytes)? else {
@@ -467,7 +470,9 @@ pub(crate) fn fence(
         };
         let mut b = store.batch();
         b.put(Cf::Meta, &seq_key, &seq.to_be_bytes());
-        b.put(Cf::Meta, &epoch_key, &epoch.to_be_bytes());
+        if epoch > 0 {
+            b.put(Cf::Meta, &epoch_key, &epoch.to_be_bytes());
+        }
         store.commit(b)?;
         return Ok(seq);
     }
@@ -582,9 +587,17 @@ impl ExecutorLog {
         Ok(())
     }
 
-    /// Stops appending for the shard with `prefix`.
+    /// Stops appending for the shard with `prefix` (at the end of a turn).
+    /// A snapshot written since its last append was never part of an
+    /// append, so no entry can name it: its file is removed.
     pub fn stop(&mut self, prefix: &[u8]) {
-        self.shards.remove(prefix);
+        if let Some(s) = self.shards.remove(prefix) {
+            if let (Some(snap), Some(snapshots)) = (s.unrecorded, &self.snapshots) {
+                if let Err(e) = snapshots.store.delete(&snap.file) {
+                    tracing::warn!(shard = %s.name, file = %snap.file, error = %e, "a snapshot never recorded was not removed");
+                }
+            }
+        }
         self.index();
     }
 
@@ -1025,5 +1038,56 @@ mod tests {
                 .as_deref(),
             Some(&b"from a savepoint"[..])
         );
+    }
+
+    /// A snapshot is recorded by the shard's next append and the log cut
+    /// below it after the release; one written and never recorded (the
+    /// shard stopped first) is removed with the shard.
+    #[test]
+    fn a_snapshot_is_recorded_then_cut_below_and_one_never_recorded_is_removed() {
+        let (_a, a) = store();
+        let p = prefix();
+        let files = tempfile::tempdir().expect("temp dir");
+        let snapshots = Snapshots {
+            store: Arc::new(crate::savepoint::DirStore::new(files.path())),
+            every_bytes: 4096,
+        };
+        let log = Arc::new(MemoryLog::default());
+        let m = Metrics::new();
+        let mut ex = ExecutorLog::new(Arc::clone(&log) as Arc<dyn CommitLog>, Some(snapshots));
+        let commit = |ex: &mut ExecutorLog, value: &[u8]| {
+            let mut batch = a.batch();
+            batch.put_state(&layout::state_key(&p, b"k"), Some(value));
+            ex.append(&mut batch, &m).expect("append");
+            a.commit(batch).expect("commit");
+        };
+        let files_of = || -> Vec<String> {
+            std::fs::read_dir(files.path().join("counts.1"))
+                .map(|d| {
+                    d.map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        ex.start(&a, ("counts", 1, &p), &m).expect("start");
+        commit(&mut ex, &[7u8; 5000]);
+        ex.snapshot_due(&a, &m);
+        assert_eq!(files_of().len(), 1, "a snapshot after 5,000 bytes of log");
+        let before = log.len_of("counts.1");
+        // The next append records it; after the release the log is cut.
+        commit(&mut ex, b"small");
+        ex.cut_recorded(&m);
+        assert_eq!(m.log_snapshots.get(), 1);
+        assert!(
+            log.len_of("counts.1") < before + 1,
+            "the log was cut below the snapshot"
+        );
+        // Another snapshot, written and never recorded: removed at stop;
+        // the recorded one stays.
+        commit(&mut ex, &[8u8; 5000]);
+        ex.snapshot_due(&a, &m);
+        assert_eq!(files_of().len(), 2);
+        ex.stop(&p);
+        assert_eq!(files_of().len(), 1, "the unrecorded snapshot was removed");
     }
 }
