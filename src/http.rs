@@ -430,6 +430,15 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
                     .map(|(id, up)| serde_json::json!({ "worker": id, "connected": up }))
                     .collect::<Vec<_>>(),
             });
+            if let Some(positions) = w.log_positions() {
+                let shards: Vec<serde_json::Value> = positions
+                    .into_iter()
+                    .map(|(shard, seq, snapshot)| {
+                        serde_json::json!({ "shard": shard, "seq": seq, "snapshot_seq": snapshot })
+                    })
+                    .collect();
+                body["commit_log"] = serde_json::json!({ "shards": shards });
+            }
             if let Some(mut seen) = state.ownership.get().and_then(|o| o.lock().clone()) {
                 let now = crate::ownership::now_ms();
                 let read = seen["read_ms"].as_i64().unwrap_or(now);

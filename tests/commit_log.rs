@@ -455,10 +455,14 @@ fn with_snapshots_the_log_stays_bounded_and_rebuilds_a_lost_worker() {
     // The worker exits once everything is delivered: its figures are the
     // last ones read before.
     let (mut appended, mut taken) = (0.0, 0.0);
+    let mut status = serde_json::Value::Null;
     let done = wait_until(Duration::from_secs(300), || {
         if let Some(b) = metric(&http, "millrace_log_bytes_total") {
             appended = b;
             taken = metric(&http, "millrace_log_snapshots_total").unwrap_or(taken);
+            if let Some((200, body)) = http_get(&http, "/status") {
+                status = serde_json::from_str(&body).unwrap_or(status.clone());
+            }
         }
         lines(&out).len() as u64 >= records
     });
@@ -477,6 +481,25 @@ fn with_snapshots_the_log_stays_bounded_and_rebuilds_a_lost_worker() {
     // Six shards (the generator, 4 counts, the sink), each cut below a
     // snapshot taken every 64 KiB of its log.
     eprintln!("log: {appended} bytes appended, {bytes} bytes in {messages} entries kept, {taken} snapshots");
+    // `/status` showed each shard's place in the log and its last snapshot.
+    let shards = status["commit_log"]["shards"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let names: Vec<&str> = shards.iter().filter_map(|s| s["shard"].as_str()).collect();
+    assert_eq!(
+        names,
+        ["gen.0", "counts.0", "counts.1", "counts.2", "counts.3", "out.0"],
+        "{status}"
+    );
+    assert!(
+        shards.iter().all(|s| s["seq"].as_u64() > Some(0)),
+        "{status}"
+    );
+    assert!(
+        shards.iter().any(|s| s["snapshot_seq"].as_u64() > Some(0)),
+        "{status}"
+    );
     assert!(taken >= 4.0, "{taken} snapshots");
     assert!(
         bytes < 2 << 20 && (bytes as f64) < appended / 5.0,

@@ -516,6 +516,7 @@ pub(crate) struct ExecutorLog {
 }
 
 struct LocalShard {
+    sid: u32,
     /// Its name in the log.
     name: String,
     /// The sequence its next append follows.
@@ -552,7 +553,7 @@ impl ExecutorLog {
     pub fn start(
         &mut self,
         store: &Store,
-        (component, shard, prefix): (&str, u32, &[u8]),
+        (sid, component, shard, prefix): (u32, &str, u32, &[u8]),
         metrics: &Metrics,
     ) -> Result<(), EngineError> {
         let name = shard_name(component, shard);
@@ -573,6 +574,7 @@ impl ExecutorLog {
         self.shards.insert(
             prefix.to_vec(),
             LocalShard {
+                sid,
                 name,
                 last,
                 incarnation,
@@ -673,6 +675,14 @@ impl ExecutorLog {
             s.to_cut = s.unrecorded.take();
         }
         Ok(())
+    }
+
+    /// Per local shard: its sid, the sequence of its last durable entry, and
+    /// that of its last recorded snapshot (0: none).
+    pub fn positions(&self) -> impl Iterator<Item = (u32, u64, u64)> + '_ {
+        self.shards
+            .values()
+            .map(|s| (s.sid, s.last, s.snapshot.as_ref().map_or(0, |x| x.seq)))
     }
 
     /// After a turn's release: for each shard whose snapshot's record is
@@ -934,14 +944,14 @@ mod tests {
         let log: Arc<dyn CommitLog> = Arc::new(MemoryLog::default());
         let m = Metrics::new();
         let mut old = ExecutorLog::new(Arc::clone(&log), None);
-        old.start(&a, ("counts", 1, &p), &m).expect("start");
+        old.start(&a, (1, "counts", 1, &p), &m).expect("start");
         let mut batch = a.batch();
         batch.put_state(&layout::state_key(&p, b"k"), Some(b"1"));
         old.append(&mut batch, &m).expect("append");
         a.commit(batch).expect("commit");
         // Another worker takes the shard over: it replays, then fences.
         let mut new = ExecutorLog::new(Arc::clone(&log), None);
-        new.start(&b, ("counts", 1, &p), &m).expect("start");
+        new.start(&b, (1, "counts", 1, &p), &m).expect("start");
         assert_eq!(
             b.get_state(&layout::state_key(&p, b"k"))
                 .expect("get")
@@ -1069,7 +1079,7 @@ mod tests {
                 })
                 .unwrap_or_default()
         };
-        ex.start(&a, ("counts", 1, &p), &m).expect("start");
+        ex.start(&a, (1, "counts", 1, &p), &m).expect("start");
         commit(&mut ex, &[7u8; 5000]);
         ex.snapshot_due(&a, &m);
         assert_eq!(files_of().len(), 1, "a snapshot after 5,000 bytes of log");

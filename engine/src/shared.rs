@@ -123,6 +123,10 @@ pub(crate) struct Shared {
     pub shard_wm: Vec<AtomicI64>,
     pub shard_max_event: Vec<AtomicI64>,
     pub shard_timers: Vec<AtomicI64>,
+    /// With a commit log: the sequence of each local shard's last durable
+    /// entry, and of its last snapshot (0: none).
+    pub shard_log_seq: Vec<AtomicI64>,
+    pub shard_snapshot_seq: Vec<AtomicI64>,
     pub taps: crate::tap::Taps,
     pub(crate) lock: Mutex<()>,
     pub(crate) changed: Condvar,
@@ -149,6 +153,8 @@ impl Shared {
             shard_wm: atomics(i64::MIN),
             shard_max_event: atomics(i64::MIN),
             shard_timers: atomics(0),
+            shard_log_seq: atomics(0),
+            shard_snapshot_seq: atomics(0),
             taps: crate::tap::Taps::new(nodes),
             lock: Mutex::new(()),
             changed: Condvar::new(),

@@ -111,6 +111,8 @@ pub struct Worker {
     transport: Option<Transport>,
     /// This worker's index in the cluster (0 alone).
     me: usize,
+    /// Whether commits go to a commit log.
+    logged: bool,
 }
 
 impl Worker {
@@ -321,6 +323,7 @@ impl Worker {
             recovered_positions,
             transport,
             me,
+            logged: opts.commit_log.is_some(),
         })
     }
 
@@ -562,6 +565,30 @@ impl Worker {
     pub fn sid_of(&self, component: &str, shard: u32) -> Option<u32> {
         let node = self.plan.nodes.iter().find(|n| n.name == component)?;
         (shard < node.shards).then_some(node.first_sid + shard)
+    }
+
+    /// With a commit log: per shard this worker runs, its name, the
+    /// sequence of its last durable log entry and of its last snapshot (0:
+    /// none), as its executor last published them. None without a log.
+    pub fn log_positions(&self) -> Option<Vec<(String, u64, u64)>> {
+        self.logged.then(|| {
+            let s = &self.shared;
+            self.shards_owned()
+                .into_iter()
+                .map(|sid| {
+                    let spec = &self.plan.shards[sid as usize];
+                    let name =
+                        crate::commit_log::shard_name(&self.plan.nodes[spec.node].name, spec.shard);
+                    let at = sid as usize;
+                    let seq = s.shard_log_seq[at].load(Ordering::Relaxed) as u64;
+                    (
+                        name,
+                        seq,
+                        s.shard_snapshot_seq[at].load(Ordering::Relaxed) as u64,
+                    )
+                })
+                .collect()
+        })
     }
 
     /// The shards this worker runs now.

@@ -219,7 +219,12 @@ impl Executor {
         if let Some(log) = &mut self.log {
             // Catch up with the log and fence it first: what the shard
             // recovers from is then everything it ever released.
-            let named = (plan.nodes[node].name.as_str(), spec.shard, &spec.prefix[..]);
+            let named = (
+                sid,
+                plan.nodes[node].name.as_str(),
+                spec.shard,
+                &spec.prefix[..],
+            );
             log.start(&self.store, named, &self.shared.metrics)?;
         }
         let shard = ShardRt::recover(
@@ -356,6 +361,12 @@ impl Executor {
             self.release(committed);
             if let Some(log) = &mut self.log {
                 log.cut_recorded(&self.shared.metrics);
+                for (sid, last, snapshot) in log.positions() {
+                    let at = sid as usize;
+                    let shared = &self.shared;
+                    shared.shard_log_seq[at].store(last as i64, Ordering::Relaxed);
+                    shared.shard_snapshot_seq[at].store(snapshot as i64, Ordering::Relaxed);
+                }
                 if !halting {
                     log.snapshot_due(&self.store, &self.shared.metrics);
                 }
