@@ -221,7 +221,7 @@ pub(crate) fn catch_up(
     let mut bytes = 0usize;
     let mut replayed = 0u64;
     let end = log.read(name, applied, &mut |seq, entry| {
-        batch.apply_log_entry(entry).map_err(|e| {
+        batch.apply_log_entry(entry, prefix).map_err(|e| {
             EngineError::Corrupt(format!("commit log of shard {name}, entry {seq}: {e}"))
         })?;
         batch.put(Cf::Meta, &seq_key, &seq.to_be_bytes());
@@ -387,6 +387,18 @@ pub(crate) fn fence(
             .unwrap_or(0))
     };
     let started_at = epoch_of(store)?;
+    if crate::savepoint::partly_cleared(store, prefix)
+        .map_err(|e| EngineError::Layout(format!("shard {name}: {e}")))?
+    {
+        // A clear or a load was cut short: what is left is a part of the
+        // shard. The log has all of it.
+        tracing::warn!(
+            shard = name,
+            "a clear or a load of this shard was cut short; it is rebuilt from the commit log"
+        );
+        crate::savepoint::clear_shard(store, prefix)
+            .map_err(|e| EngineError::Layout(format!("shard {name}: {e}")))?;
+    }
     let append_one = |after: u64, bytes: &[u8]| -> Result<Option<u64>, EngineError> {
         let one = Append {
             shard: name,
@@ -783,14 +795,6 @@ impl MemoryLog {
         }
     }
 
-    /// The sequence of the first entry the log of `shard` still holds.
-    pub fn first(&self, shard: &str) -> Option<u64> {
-        self.logs
-            .lock()
-            .get(shard)
-            .and_then(|l| l.first().map(|(s, _)| *s))
-    }
-
     /// How many entries the log of `shard` holds.
     pub fn len_of(&self, shard: &str) -> usize {
         self.logs.lock().get(shard).map_or(0, Vec::len)
@@ -822,21 +826,18 @@ impl CommitLog for MemoryLog {
     }
 
     fn read(&self, shard: &str, after: u64, f: &mut OnEntry<'_>) -> Result<u64, EngineError> {
-        let entries: Vec<Entry> = self
-            .logs
-            .lock()
-            .get(shard)
-            .map(|l| l.iter().filter(|(s, _)| *s > after).cloned().collect())
-            .unwrap_or_default();
+        // What is delivered and the end returned are read at one moment.
+        let (entries, end): (Vec<Entry>, u64) = {
+            let logs = self.logs.lock();
+            let log = logs.get(shard).map(Vec::as_slice).unwrap_or_default();
+            (
+                log.iter().filter(|(s, _)| *s > after).cloned().collect(),
+                log.last().map_or(0, |(s, _)| *s),
+            )
+        };
         for (seq, bytes) in &entries {
             f(*seq, bytes)?;
         }
-        let end = self
-            .logs
-            .lock()
-            .get(shard)
-            .and_then(|l| l.last().map(|(s, _)| *s))
-            .unwrap_or(0);
         Ok(end)
     }
 
@@ -1099,5 +1100,48 @@ mod tests {
         assert_eq!(files_of().len(), 2);
         ex.stop(&p);
         assert_eq!(files_of().len(), 1, "the unrecorded snapshot was removed");
+    }
+
+    /// A clear or a load of the shard cut short by a crash leaves a marked,
+    /// partial copy: the next start rebuilds the shard from the log instead
+    /// of taking the part for data the log never saw.
+    #[test]
+    fn a_partly_cleared_shard_is_rebuilt_from_the_log() {
+        let (_a, a) = store();
+        let (_b, b) = store();
+        let p = prefix();
+        let log = MemoryLog::default();
+        let m = Metrics::new();
+        let mut batch = a.batch();
+        batch.put_state(&layout::state_key(&p, b"k"), Some(b"1"));
+        let entry = batch
+            .log_entries(|_| Some(()))
+            .expect("entries")
+            .remove(&())
+            .expect("one");
+        let history = Append {
+            shard: "counts.1",
+            after: 0,
+            incarnation: 9,
+            bytes: &entry,
+        };
+        log.append(&[history]).expect("append");
+        let mut partial = b.batch();
+        partial.put(Cf::Meta, &layout::clearing_key(&p), &[]);
+        partial.put_state(&layout::state_key(&p, b"left-over"), Some(b"stale"));
+        b.commit(partial).expect("commit");
+        fence(&log, &b, ("counts.1", &p), (1, None), true, &m).expect("rebuilt, not refused");
+        assert_eq!(
+            b.get_state(&layout::state_key(&p, b"k"))
+                .expect("get")
+                .as_deref(),
+            Some(&b"1"[..])
+        );
+        assert_eq!(
+            b.get_state(&layout::state_key(&p, b"left-over"))
+                .expect("get"),
+            None
+        );
+        assert!(!crate::savepoint::partly_cleared(&b, &p).expect("read"));
     }
 }

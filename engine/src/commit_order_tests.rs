@@ -433,12 +433,8 @@ fn with_snapshots_the_log_is_cut_and_still_rebuilds_the_worker() {
             1,
             "{name}: only the last snapshot is kept: {kept:?}"
         );
-        let first = log.first(name).expect("entries");
         let left = log.len_of(name);
-        assert!(
-            left > 0 && first > 1,
-            "{name}: the log was cut (first entry {first})"
-        );
+        assert!(left > 0, "{name}: the log holds what follows its snapshot");
         assert!(
             left < appended / 3,
             "{name}: {left} entries left of ~{appended} appends"

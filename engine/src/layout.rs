@@ -22,6 +22,7 @@
 //! | `meta` | `""`, `peer-epoch`, shard u32 | highest epoch seen for another worker's shard |
 //! | `meta` | `""`, `cluster` | worker count u32, this worker's index u32 |
 //! | `meta` | `""`, `shards` | `engine.shards` the directory was written with, u32 |
+//! | `meta` | `""`, `clearing`, prefix | empty: the shard's keys are being cleared or replaced (a crash left it partial) |
 //! | `meta` | `""`, `joined` | empty: its shards were claimed from etcd (`--join`) |
 //! | `meta` | `""`, `state-format` | `slots-1` (written by the storage crate) |
 //!
@@ -186,6 +187,17 @@ pub(crate) fn cluster_key() -> Vec<u8> {
 /// which shards it holds).
 pub(crate) fn joined_key() -> Vec<u8> {
     KeyWriter::new().str("").str("joined").finish()
+}
+
+/// Meta key present while the keys of the shard with `prefix` are cleared
+/// or replaced: a store that still has it after a crash holds a part of
+/// the shard only.
+pub(crate) fn clearing_key(prefix: &[u8]) -> Vec<u8> {
+    KeyWriter::new()
+        .str("")
+        .str("clearing")
+        .bytes(prefix)
+        .finish()
 }
 
 /// Meta key of the shard count the directory was written with.

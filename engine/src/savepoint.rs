@@ -730,8 +730,11 @@ pub(crate) fn replace_shard(
     // Checked before anything of the shard is cleared.
     sorted_by_cf(prefix, &entries)
         .map_err(|why| SavepointError::Refused(format!("the shard's data is damaged: {why}")))?;
-    clear_shard(store, prefix)?;
+    // Marked until the new keys are in: a crash in between leaves a
+    // shard that says it is partial, not one that passes for whole.
+    clear_marked(store, prefix)?;
     ingest_shard(store, prefix, &entries, "the shard's data")?;
+    unmark(store, prefix)?;
     Ok(entries.len() as u64)
 }
 
@@ -788,8 +791,36 @@ fn ingest_shard(
 
 /// Deletes every key of the shard with `prefix` from `store`.
 pub(crate) fn clear_shard(store: &Store, prefix: &[u8]) -> Result<(), SavepointError> {
+    clear_marked(store, prefix)?;
+    unmark(store, prefix)
+}
+
+/// Whether a clear or a replace of the shard with `prefix` was cut short
+/// (by a crash): then the store holds a part of it only.
+pub(crate) fn partly_cleared(store: &Store, prefix: &[u8]) -> Result<bool, SavepointError> {
+    Ok(store
+        .get(Cf::Meta, &crate::layout::clearing_key(prefix))?
+        .is_some())
+}
+
+/// Marks the shard as being cleared, in the same commit as it forgets its
+/// place in a commit log (so that a partial copy is never taken for one at
+/// that place), then deletes every key of it.
+fn clear_marked(store: &Store, prefix: &[u8]) -> Result<(), SavepointError> {
+    let mut b = store.batch();
+    b.put(Cf::Meta, &crate::layout::clearing_key(prefix), &[]);
+    b.delete(Cf::Meta, &crate::layout::log_seq_key(prefix));
+    b.delete(Cf::Meta, &crate::layout::snapshot_key(prefix));
+    store.commit(b)?;
     for (cf, _) in CF_TAGS {
         store.clear_prefix(cf, prefix)?;
     }
+    Ok(())
+}
+
+fn unmark(store: &Store, prefix: &[u8]) -> Result<(), SavepointError> {
+    let mut b = store.batch();
+    b.delete(Cf::Meta, &crate::layout::clearing_key(prefix));
+    store.commit(b)?;
     Ok(())
 }

@@ -111,8 +111,11 @@ pub struct Worker {
     transport: Option<Transport>,
     /// This worker's index in the cluster (0 alone).
     me: usize,
-    /// Whether commits go to a commit log.
-    logged: bool,
+    /// `[state] log`, and where its snapshots go.
+    commit_log: Option<(
+        Arc<dyn crate::commit_log::CommitLog>,
+        Option<crate::commit_log::Snapshots>,
+    )>,
 }
 
 impl Worker {
@@ -323,7 +326,10 @@ impl Worker {
             recovered_positions,
             transport,
             me,
-            logged: opts.commit_log.is_some(),
+            commit_log: opts
+                .commit_log
+                .clone()
+                .map(|log| (log, opts.log_snapshots.clone())),
         })
     }
 
@@ -571,7 +577,7 @@ impl Worker {
     /// sequence of its last durable log entry and of its last snapshot (0:
     /// none), as its executor last published them. None without a log.
     pub fn log_positions(&self) -> Option<Vec<(String, u64, u64)>> {
-        self.logged.then(|| {
+        self.commit_log.is_some().then(|| {
             let s = &self.shared;
             self.shards_owned()
                 .into_iter()
@@ -671,6 +677,16 @@ impl Worker {
         let prefix = &self.plan.shards[sid as usize].prefix;
         if let Some(bytes) = data {
             self.load_shard_data(sid, bytes)?;
+        }
+        if let Some((log, snapshots)) = &self.commit_log {
+            // Fenced and caught up here, however long the log takes: the
+            // executor's own fence then finds little to read, and its
+            // other shards do not wait for this one.
+            let spec = &self.plan.shards[sid as usize];
+            let name = crate::commit_log::shard_name(&self.plan.nodes[spec.node].name, spec.shard);
+            let writer = (crate::commit_log::incarnation(), snapshots.as_ref());
+            let m = &self.shared.metrics;
+            crate::commit_log::fence(&**log, &self.store, (&name, prefix), writer, false, m)?;
         }
         let mut b = self.store.batch();
         b.put(

@@ -872,18 +872,31 @@ impl Batch<'_> {
     }
 
     /// Adds the operations of `entry`, a log entry of
-    /// [`Batch::log_entries`], to this batch; how many. Bytes that are not
-    /// one are refused whole, with nothing added.
-    pub fn apply_log_entry(&mut self, entry: &[u8]) -> Result<usize, StorageError> {
+    /// [`Batch::log_entries`] for the shard whose keys start with `prefix`,
+    /// to this batch; how many. Bytes that are not one, or that write a key
+    /// outside the shard, are refused whole, with nothing added.
+    pub fn apply_log_entry(&mut self, entry: &[u8], prefix: &[u8]) -> Result<usize, StorageError> {
         let ops = batch::ops(entry)
             .map_err(|e| StorageError::Corrupt(format!("a commit log entry: {}", e.0)))?;
+        let end = prefix_end(prefix);
         for op in &ops {
-            let (logical, _) = op.cf_and_key();
+            let (logical, key) = op.cf_and_key();
             if Cf::ALL.get(logical as usize).is_none() {
                 return Err(StorageError::Corrupt(format!(
                     "a commit log entry names column family {logical}; there are {}",
                     Cf::ALL.len()
                 )));
+            }
+            let range_end_outside = match *op {
+                batch::Op::DeleteRange(_, _, to) => {
+                    !to.starts_with(prefix) && end.as_deref().is_some_and(|e| to > e)
+                }
+                _ => false,
+            };
+            if !key.starts_with(prefix) || range_end_outside {
+                return Err(StorageError::Corrupt(
+                    "a commit log entry writes a key outside its shard".into(),
+                ));
             }
         }
         for op in &ops {
@@ -1283,8 +1296,13 @@ mod tests {
         let entries = batch.log_entries(group).unwrap();
         assert_eq!(entries.keys().copied().collect::<Vec<_>>(), vec!['x', 'y']);
         let mut apply = to.batch();
-        assert_eq!(apply.apply_log_entry(&entries[&'x']).unwrap(), 3);
-        assert_eq!(apply.apply_log_entry(&entries[&'y']).unwrap(), 1);
+        assert_eq!(apply.apply_log_entry(&entries[&'x'], b"x").unwrap(), 3);
+        assert_eq!(apply.apply_log_entry(&entries[&'y'], b"y").unwrap(), 1);
+        // An entry that writes outside the shard it is applied for.
+        let mut outside = to.batch();
+        let err = outside.apply_log_entry(&entries[&'x'], b"y").unwrap_err();
+        assert!(err.to_string().contains("outside its shard"), "{err}");
+        assert!(outside.is_empty());
         to.commit(apply).unwrap();
         assert_eq!(
             to.get(Cf::Meta, b"y-meta").unwrap().as_deref(),
@@ -1322,11 +1340,11 @@ mod tests {
         assert!(Batch::log_entry_value(b"junk", Cf::Meta, b"k").is_err());
         // Bytes that are not an entry, or name no column family, add nothing.
         let mut bad = to.batch();
-        assert!(bad.apply_log_entry(b"not an entry").is_err());
+        assert!(bad.apply_log_entry(b"not an entry", b"").is_err());
         let mut rep = Rep::new();
         rep.put(0, b"k", b"v");
         rep.put(9, b"k", b"v");
-        let err = bad.apply_log_entry(rep.finish().unwrap()).unwrap_err();
+        let err = bad.apply_log_entry(rep.finish().unwrap(), b"").unwrap_err();
         assert!(err.to_string().contains("column family 9"), "{err}");
         assert!(bad.is_empty());
     }

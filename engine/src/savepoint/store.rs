@@ -122,7 +122,16 @@ impl SavepointStore for DirStore {
         // Written whole under another name, then renamed: a reader never
         // sees half a file.
         let tmp = self.write_partial(&p, &bytes)?;
-        std::fs::rename(&tmp, &p).map_err(io(format!("renaming to {}", p.display())))
+        std::fs::rename(&tmp, &p).map_err(io(format!("renaming to {}", p.display())))?;
+        // The rename itself survives a power loss only once the directory
+        // that holds it is synced (a commit log is cut below a snapshot
+        // written here).
+        if let Some(dir) = p.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(format!("syncing {}", dir.display())))?;
+        }
+        Ok(())
     }
 
     fn create(&self, path: &str, bytes: Vec<u8>) -> Result<bool, SavepointError> {
