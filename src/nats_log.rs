@@ -171,49 +171,36 @@ impl NatsLog {
     }
 
     /// Publishes `msg`, again and again while the log cannot be reached,
-    /// for at most the configured timeout.
+    /// for at most the configured timeout. Refused for the expected
+    /// sequence: fenced; too large: not retried.
     async fn publish(
         &self,
         subject: &str,
         a: &Append<'_>,
         msg: jetstream::message::PublishMessage,
     ) -> Result<u64, LogError> {
-        let deadline = Instant::now() + self.timeout;
-        let mut pause = Duration::from_millis(20);
-        loop {
+        self.retrying("appending", a.shard, || async {
             let attempt = async {
                 self.js
                     .send_publish(subject.to_owned(), msg.clone())
                     .await?
                     .await
             };
-            let err = match attempt.await {
-                Ok(ack) => return Ok(ack.sequence),
-                Err(e) => e,
-            };
-            match err.kind() {
-                PublishErrorKind::WrongLastSequence => {
-                    return Err(LogError::Fenced {
+            match attempt.await {
+                Ok(ack) => Ok(ack.sequence),
+                Err(e) => Err(match e.kind() {
+                    PublishErrorKind::WrongLastSequence => Failed::Final(LogError::Fenced {
                         shard: a.shard.to_owned(),
                         expected: a.after,
-                    })
-                }
-                PublishErrorKind::MaxPayloadExceeded => {
-                    return Err(LogError::Unavailable(format!("{}: {err}", self.describe)))
-                }
-                _ if Instant::now() >= deadline => {
-                    return Err(LogError::Unavailable(format!(
-                        "{}: appending to shard {} failed for {:?}: {err}",
-                        self.describe, a.shard, self.timeout
-                    )))
-                }
-                _ => {
-                    tracing::warn!(log = %self.describe, shard = a.shard, error = %err, "commit log append failed; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
-                }
+                    }),
+                    PublishErrorKind::MaxPayloadExceeded => {
+                        Failed::Final(LogError::Unavailable(format!("{}: {e}", self.describe)))
+                    }
+                    _ => Failed::Again(e.to_string()),
+                }),
             }
-        }
+        })
+        .await
     }
 
     /// Runs `op` again and again while it fails (a server restarting, a
@@ -225,14 +212,15 @@ impl NatsLog {
         mut op: impl FnMut() -> Fut,
     ) -> Result<T, LogError>
     where
-        Fut: std::future::Future<Output = Result<T, String>>,
+        Fut: std::future::Future<Output = Result<T, Failed>>,
     {
         let deadline = Instant::now() + self.timeout;
         let mut pause = Duration::from_millis(20);
         loop {
             let why = match tokio::time::timeout(self.timeout, op()).await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) => e,
+                Ok(Err(Failed::Final(e))) => return Err(e),
+                Ok(Err(Failed::Again(e))) => e,
                 Err(_) => format!("no answer within {:?}", self.timeout),
             };
             if Instant::now() >= deadline {
@@ -241,7 +229,7 @@ impl NatsLog {
                     self.describe, self.timeout
                 )));
             }
-            tracing::debug!(log = %self.describe, shard, error = %why, "{what}: retrying");
+            tracing::warn!(log = %self.describe, shard, error = %why, "commit log: {what} failed; retrying");
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));
         }
@@ -262,7 +250,7 @@ impl NatsLog {
                 match self.stream.get_last_raw_message_by_subject(&subject).await {
                     Ok(m) => Ok(m.sequence),
                     Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(Failed::Again(e.to_string())),
                 }
             })
             .await?;
@@ -282,7 +270,7 @@ impl NatsLog {
                     })
                     .await
                     .map_err(|e| e.to_string())?;
-                consumer.messages().await.map_err(|e| e.to_string())
+                Ok(consumer.messages().await.map_err(|e| e.to_string())?)
             })
             .await?;
         // The parts read so far of an entry written in parts.
@@ -353,6 +341,21 @@ impl NatsLog {
     }
 }
 
+/// How an attempt at the log failed.
+enum Failed {
+    /// Worth another attempt (the server unreachable, restarting, without
+    /// a leader).
+    Again(String),
+    /// An answer: attempting again changes nothing.
+    Final(LogError),
+}
+
+impl From<String> for Failed {
+    fn from(why: String) -> Failed {
+        Failed::Again(why)
+    }
+}
+
 /// Reads `K/N` with `1 <= K <= N`.
 fn parse_part(v: &str) -> Option<(usize, usize)> {
     let (k, n) = v.split_once('/')?;
@@ -381,7 +384,7 @@ impl CommitLog for NatsLog {
                     .sequence(through + 1)
                     .await
                     .map(|_| ())
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| Failed::Again(e.to_string()))
             }))?;
         Ok(())
     }

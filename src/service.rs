@@ -152,8 +152,8 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
             &metrics,
         )?;
     }
-    let (commit_log, log_snapshots) = match &topology.state.log {
-        None => (None, None),
+    let commit_log = match &topology.state.log {
+        None => None,
         Some(cfg) => {
             let log = crate::nats_log::NatsLog::connect(cfg)?;
             let snapshots = match &cfg.snapshots {
@@ -172,10 +172,10 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
                 snapshots = cfg.snapshots.as_deref().unwrap_or("none: the log keeps everything"),
                 "commits go to the commit log first"
             );
-            (
-                Some(Arc::new(log) as Arc<dyn millrace_engine::commit_log::CommitLog>),
+            Some(millrace_engine::commit_log::LogSetup {
+                log: Arc::new(log),
                 snapshots,
-            )
+            })
         }
     };
     let worker = Worker::start(
@@ -187,7 +187,6 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
             listen,
             dynamic: join.is_some(),
             commit_log,
-            log_snapshots,
         },
         Arc::clone(&metrics),
     )

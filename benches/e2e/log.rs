@@ -6,7 +6,7 @@
 
 use super::nats::Nats;
 use super::{quantile, run_topology_opts, Run};
-use millrace::engine::commit_log::CommitLog;
+use millrace::engine::commit_log::LogSetup;
 use millrace::engine::{Metrics, WorkerOptions};
 use std::sync::Arc;
 
@@ -62,7 +62,10 @@ pub fn bench(n: u64, cpus: usize) {
         cfg.replicas = replicas();
         let log = millrace::nats_log::NatsLog::connect(&cfg).expect("connect to the log");
         let opts = WorkerOptions {
-            commit_log: Some(Arc::new(log) as Arc<dyn CommitLog>),
+            commit_log: Some(LogSetup {
+                log: Arc::new(log),
+                snapshots: None,
+            }),
             ..WorkerOptions::default()
         };
         run_topology_opts(

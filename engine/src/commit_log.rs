@@ -11,10 +11,10 @@
 //! Only one incarnation extends a shard's history. Every append names the
 //! sequence the shard's log must end at (the one its owner's previous
 //! append, or its read, returned), and the log refuses it otherwise
-//! ([`LogError::Fenced`]). A shard that starts reads its log to the end and
-//! appends a first entry after it ([`fence`]): from then on, an older
-//! incarnation's append fails, so everything it ever released precedes the
-//! fence and is replayed by the new one.
+//! ([`LogError::Fenced`]). A shard that starts first appends an entry
+//! after its log's end, then reads the log ([`fence`]): from then on, an
+//! older incarnation's append fails, so everything it ever released
+//! precedes the fence and is replayed by the new one.
 //!
 //! The trait is the seam between the engine and a log server; the binary
 //! implements it on NATS JetStream, [`MemoryLog`] in memory for tests.
@@ -117,6 +117,15 @@ impl std::fmt::Debug for Snapshots {
     }
 }
 
+/// A worker's commit log (`[state] log`) and where its snapshots go.
+#[derive(Clone, Debug)]
+pub struct LogSetup {
+    /// Each commit is appended here before it is committed locally.
+    pub log: std::sync::Arc<dyn CommitLog>,
+    /// With `[state] snapshots`: the log is cut below shard snapshots.
+    pub snapshots: Option<Snapshots>,
+}
+
 /// A shard's snapshot: the log sequence it holds everything up to, and its
 /// file. Recorded in the shard's own meta key, so that the entry that
 /// records it is in the log before the log is cut below it.
@@ -150,9 +159,10 @@ impl std::fmt::Debug for dyn CommitLog {
     }
 }
 
-/// The name of a shard in the log.
-pub(crate) fn shard_name(component: &str, shard: u32) -> String {
-    format!("{component}.{shard}")
+/// The name of shard `sid` of `plan` in the log: `component.shard`.
+pub(crate) fn shard_name(plan: &crate::plan::Plan, sid: u32) -> String {
+    let spec = &plan.shards[sid as usize];
+    format!("{}.{}", plan.nodes[spec.node].name, spec.shard)
 }
 
 /// A shard's name (`component.shard`) with every byte but letters,
@@ -336,15 +346,11 @@ fn applied_of(store: &Store, prefix: &[u8]) -> Result<u64, EngineError> {
 /// Whether the store holds anything of the shard with `prefix` beyond its
 /// epoch and its place in a log.
 fn holds_data(store: &Store, prefix: &[u8]) -> Result<bool, EngineError> {
-    let own = [
-        layout::epoch_key(prefix),
-        layout::log_seq_key(prefix),
-        layout::snapshot_key(prefix),
-    ];
+    let (epoch, position) = (layout::epoch_key(prefix), layout::log_position_keys(prefix));
     let mut found = false;
     for cf in Cf::ALL {
         store.for_each_prefix(cf, prefix, |k, _| {
-            found = cf != Cf::Meta || !own.iter().any(|o| o == k);
+            found = cf != Cf::Meta || (k != epoch.as_slice() && !position.iter().any(|o| o == k));
             !found
         })?;
         if found {
@@ -552,7 +558,7 @@ struct LocalShard {
 const SNAPSHOT_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl ExecutorLog {
-    pub fn new(log: std::sync::Arc<dyn CommitLog>, snapshots: Option<Snapshots>) -> Self {
+    pub fn new(LogSetup { log, snapshots }: LogSetup) -> Self {
         ExecutorLog {
             log,
             snapshots,
@@ -561,14 +567,14 @@ impl ExecutorLog {
         }
     }
 
-    /// Starts appending for the shard with `prefix`: fences its log.
+    /// Starts appending for shard `sid` (named `name` in the log, its keys
+    /// under `prefix`): fences its log.
     pub fn start(
         &mut self,
         store: &Store,
-        (sid, component, shard, prefix): (u32, &str, u32, &[u8]),
+        (sid, name, prefix): (u32, String, &[u8]),
         metrics: &Metrics,
     ) -> Result<(), EngineError> {
-        let name = shard_name(component, shard);
         let incarnation = incarnation();
         let snapshots = self.snapshots.as_ref();
         let last = fence(
@@ -621,12 +627,12 @@ impl ExecutorLog {
         self.prefix_lens.dedup();
     }
 
-    /// The local shard prefix a stored key starts with.
-    fn shard_of<'k>(&self, key: &'k [u8]) -> Option<&'k [u8]> {
+    /// The prefix of the local shard a stored key belongs to.
+    fn shard_of(&self, key: &[u8]) -> Option<&[u8]> {
         self.prefix_lens
             .iter()
             .filter_map(|&n| key.get(..n))
-            .find(|p| self.shards.contains_key(*p))
+            .find_map(|p| self.shards.get_key_value(p).map(|(k, _)| k.as_slice()))
     }
 
     /// Appends `batch`'s writes to the logs of the shards they belong to
@@ -645,7 +651,13 @@ impl ExecutorLog {
                 batch.put(Cf::Meta, &layout::snapshot_key(prefix), &snap.encode());
             }
         }
-        let entries = batch.log_entries(|key| self.shard_of(key).map(<[u8]>::to_vec))?;
+        // Grouped by the local shard's own prefix (borrowed: no allocation
+        // per operation), then owned once per shard.
+        let entries: Vec<(Vec<u8>, Vec<u8>)> = batch
+            .log_entries(|key| self.shard_of(key))?
+            .into_iter()
+            .map(|(prefix, bytes)| (prefix.to_vec(), bytes))
+            .collect();
         if entries.is_empty() {
             return Ok(());
         }
@@ -775,26 +787,15 @@ impl ExecutorLog {
 type Entry = (u64, Vec<u8>);
 
 /// A commit log in memory, with the fencing of a real one: for tests, and
-/// to try the engine's commit order without a log server. `on_append` runs
-/// before an append returns (a test records it, or fails it).
+/// to try the engine's commit order without a log server.
 #[derive(Default)]
 pub struct MemoryLog {
     /// Per shard: its entries, by sequence.
     logs: parking_lot::Mutex<BTreeMap<String, Vec<Entry>>>,
     next: std::sync::atomic::AtomicU64,
-    #[allow(clippy::type_complexity)]
-    on_append: Option<Box<dyn Fn(&[Append<'_>]) + Send + Sync>>,
 }
 
 impl MemoryLog {
-    /// A log that calls `f` with every append before it returns.
-    pub fn with_hook(f: impl Fn(&[Append<'_>]) + Send + Sync + 'static) -> Self {
-        MemoryLog {
-            on_append: Some(Box::new(f)),
-            ..MemoryLog::default()
-        }
-    }
-
     /// How many entries the log of `shard` holds.
     pub fn len_of(&self, shard: &str) -> usize {
         self.logs.lock().get(shard).map_or(0, Vec::len)
@@ -817,10 +818,6 @@ impl CommitLog for MemoryLog {
             let seq = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
             log.push((seq, a.bytes.to_vec()));
             out.push(seq);
-        }
-        drop(logs);
-        if let Some(f) = &self.on_append {
-            f(entries);
         }
         Ok(out)
     }
@@ -944,15 +941,23 @@ mod tests {
         let p = prefix();
         let log: Arc<dyn CommitLog> = Arc::new(MemoryLog::default());
         let m = Metrics::new();
-        let mut old = ExecutorLog::new(Arc::clone(&log), None);
-        old.start(&a, (1, "counts", 1, &p), &m).expect("start");
+        let mut old = ExecutorLog::new(LogSetup {
+            log: Arc::clone(&log),
+            snapshots: None,
+        });
+        old.start(&a, (1, "counts.1".into(), &p), &m)
+            .expect("start");
         let mut batch = a.batch();
         batch.put_state(&layout::state_key(&p, b"k"), Some(b"1"));
         old.append(&mut batch, &m).expect("append");
         a.commit(batch).expect("commit");
         // Another worker takes the shard over: it replays, then fences.
-        let mut new = ExecutorLog::new(Arc::clone(&log), None);
-        new.start(&b, (1, "counts", 1, &p), &m).expect("start");
+        let mut new = ExecutorLog::new(LogSetup {
+            log: Arc::clone(&log),
+            snapshots: None,
+        });
+        new.start(&b, (1, "counts.1".into(), &p), &m)
+            .expect("start");
         assert_eq!(
             b.get_state(&layout::state_key(&p, b"k"))
                 .expect("get")
@@ -1065,7 +1070,10 @@ mod tests {
         };
         let log = Arc::new(MemoryLog::default());
         let m = Metrics::new();
-        let mut ex = ExecutorLog::new(Arc::clone(&log) as Arc<dyn CommitLog>, Some(snapshots));
+        let mut ex = ExecutorLog::new(LogSetup {
+            log: Arc::clone(&log) as Arc<dyn CommitLog>,
+            snapshots: Some(snapshots),
+        });
         let commit = |ex: &mut ExecutorLog, value: &[u8]| {
             let mut batch = a.batch();
             batch.put_state(&layout::state_key(&p, b"k"), Some(value));
@@ -1080,7 +1088,7 @@ mod tests {
                 })
                 .unwrap_or_default()
         };
-        ex.start(&a, (1, "counts", 1, &p), &m).expect("start");
+        ex.start(&a, (1, "counts.1".into(), &p), &m).expect("start");
         commit(&mut ex, &[7u8; 5000]);
         ex.snapshot_due(&a, &m);
         assert_eq!(files_of().len(), 1, "a snapshot after 5,000 bytes of log");

@@ -83,7 +83,13 @@ fn run_logged(
     log: Arc<dyn CommitLog>,
     snapshots: Option<crate::commit_log::Snapshots>,
 ) -> Run {
-    run_logged_with(dir, "process", true, None, Some((log, snapshots)))
+    run_logged_with(
+        dir,
+        "process",
+        true,
+        None,
+        Some(crate::commit_log::LogSetup { log, snapshots }),
+    )
 }
 
 fn run_with(
@@ -95,9 +101,6 @@ fn run_with(
     run_logged_with(dir, durability, replayable, stop_after, None)
 }
 
-/// A commit log and where its snapshots go.
-type LogSetup = (Arc<dyn CommitLog>, Option<crate::commit_log::Snapshots>);
-
 /// [`run_recorded`] with `durability` in `[engine]`, a source `replayable`
 /// or not, stopped (SIGTERM's path: drain, then a last commit) once the
 /// sink has `stop_after` records, or run to the end.
@@ -106,7 +109,7 @@ fn run_logged_with(
     durability: &str,
     replayable: bool,
     stop_after: Option<u64>,
-    commit_log: Option<LogSetup>,
+    commit_log: Option<crate::commit_log::LogSetup>,
 ) -> Run {
     let written = Arc::new(Mutex::new(0));
     let flushes = Arc::new(Mutex::new((0, 0)));
@@ -161,8 +164,7 @@ inputs = ["counts"]
     let log = Arc::new(Mutex::new(Vec::new()));
     let opts = WorkerOptions {
         recorder: Some(Arc::clone(&log)),
-        log_snapshots: commit_log.as_ref().and_then(|(_, s)| s.clone()),
-        commit_log: commit_log.map(|(l, _)| l),
+        commit_log,
         ..WorkerOptions::default()
     };
     let metrics = Arc::new(Metrics::new());

@@ -157,6 +157,12 @@ pub(crate) fn log_seq_key(prefix: &[u8]) -> Vec<u8> {
     KeyWriter::from_prefix(prefix).tag(b'l').finish()
 }
 
+/// The meta keys of a shard's place in a commit log: its last entry
+/// applied ([`log_seq_key`]) and its last snapshot ([`snapshot_key`]).
+pub(crate) fn log_position_keys(prefix: &[u8]) -> [Vec<u8>; 2] {
+    [log_seq_key(prefix), snapshot_key(prefix)]
+}
+
 /// Meta key of the shard's last snapshot (see `commit_log.rs`).
 pub(crate) fn snapshot_key(prefix: &[u8]) -> Vec<u8> {
     KeyWriter::from_prefix(prefix).tag(b's').finish()

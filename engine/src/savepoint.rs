@@ -179,10 +179,7 @@ fn shard_file(
     prefix: &[u8],
     log_position: bool,
 ) -> Result<(Vec<u8>, u64), SavepointError> {
-    let log_keys = [
-        crate::layout::log_seq_key(prefix),
-        crate::layout::snapshot_key(prefix),
-    ];
+    let log_keys = crate::layout::log_position_keys(prefix);
     let mut out = MAGIC.to_vec();
     let mut keys = 0u64;
     // State through its decoder (deleted keys are not copied); the rest raw.
@@ -809,8 +806,9 @@ pub(crate) fn partly_cleared(store: &Store, prefix: &[u8]) -> Result<bool, Savep
 fn clear_marked(store: &Store, prefix: &[u8]) -> Result<(), SavepointError> {
     let mut b = store.batch();
     b.put(Cf::Meta, &crate::layout::clearing_key(prefix), &[]);
-    b.delete(Cf::Meta, &crate::layout::log_seq_key(prefix));
-    b.delete(Cf::Meta, &crate::layout::snapshot_key(prefix));
+    for key in crate::layout::log_position_keys(prefix) {
+        b.delete(Cf::Meta, &key);
+    }
     store.commit(b)?;
     for (cf, _) in CF_TAGS {
         store.clear_prefix(cf, prefix)?;

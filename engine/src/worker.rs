@@ -33,10 +33,8 @@ pub struct WorkerOptions {
     /// `[state] log`: each commit is appended here, durable off the
     /// machine, before it is committed locally and released; a shard
     /// starts from the end of its log (see `commit_log.rs`).
-    pub commit_log: Option<Arc<dyn crate::commit_log::CommitLog>>,
-    /// With a commit log: where shards' snapshots go, so that the log is
-    /// cut below them (`[state] snapshots`).
-    pub log_snapshots: Option<crate::commit_log::Snapshots>,
+    /// With `[state] snapshots`, the log is cut below shard snapshots.
+    pub commit_log: Option<crate::commit_log::LogSetup>,
     /// In the engine's own tests: where executors record their steps.
     #[cfg(test)]
     pub(crate) recorder: Option<Arc<parking_lot::Mutex<Vec<crate::shared::Step>>>>,
@@ -112,10 +110,7 @@ pub struct Worker {
     /// This worker's index in the cluster (0 alone).
     me: usize,
     /// `[state] log`, and where its snapshots go.
-    commit_log: Option<(
-        Arc<dyn crate::commit_log::CommitLog>,
-        Option<crate::commit_log::Snapshots>,
-    )>,
+    commit_log: Option<crate::commit_log::LogSetup>,
 }
 
 impl Worker {
@@ -183,16 +178,20 @@ impl Worker {
             recorder: opts.recorder.clone(),
             ..Shared::new(Arc::clone(&metrics), &plan, opts.dynamic)
         });
-        if let (Some(log), false) = (&opts.commit_log, opts.dynamic) {
+        if let (Some(setup), false) = (&opts.commit_log, opts.dynamic) {
             // Before the epochs rise: the log holds the last ones. Fenced
             // first, so that nothing an older writer does changes what is
             // read (the executor fences again when it starts the shard).
-            for spec in plan.shards.iter().filter(|s| s.worker == me) {
-                let name = crate::commit_log::shard_name(&plan.nodes[spec.node].name, spec.shard);
-                let snapshots = opts.log_snapshots.as_ref();
+            for (sid, spec) in plan
+                .shards
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.worker == me)
+            {
+                let name = crate::commit_log::shard_name(&plan, sid as u32);
                 let shard = (name.as_str(), &spec.prefix[..]);
-                let writer = (crate::commit_log::incarnation(), snapshots);
-                crate::commit_log::fence(&**log, &store, shard, writer, false, &metrics)?;
+                let writer = (crate::commit_log::incarnation(), setup.snapshots.as_ref());
+                crate::commit_log::fence(&*setup.log, &store, shard, writer, false, &metrics)?;
             }
         }
         if !opts.dynamic {
@@ -263,9 +262,7 @@ impl Worker {
                 inbox,
                 outlets.clone(),
                 node_metrics.clone(),
-                opts.commit_log
-                    .clone()
-                    .map(|log| (log, opts.log_snapshots.clone())),
+                opts.commit_log.clone(),
             );
             ex.recover()?;
             executors.push(ex);
@@ -326,10 +323,7 @@ impl Worker {
             recovered_positions,
             transport,
             me,
-            commit_log: opts
-                .commit_log
-                .clone()
-                .map(|log| (log, opts.log_snapshots.clone())),
+            commit_log: opts.commit_log.clone(),
         })
     }
 
@@ -582,9 +576,7 @@ impl Worker {
             self.shards_owned()
                 .into_iter()
                 .map(|sid| {
-                    let spec = &self.plan.shards[sid as usize];
-                    let name =
-                        crate::commit_log::shard_name(&self.plan.nodes[spec.node].name, spec.shard);
+                    let name = crate::commit_log::shard_name(&self.plan, sid);
                     let at = sid as usize;
                     let seq = s.shard_log_seq[at].load(Ordering::Relaxed) as u64;
                     (
@@ -678,15 +670,14 @@ impl Worker {
         if let Some(bytes) = data {
             self.load_shard_data(sid, bytes)?;
         }
-        if let Some((log, snapshots)) = &self.commit_log {
+        if let Some(setup) = &self.commit_log {
             // Fenced and caught up here, however long the log takes: the
             // executor's own fence then finds little to read, and its
             // other shards do not wait for this one.
-            let spec = &self.plan.shards[sid as usize];
-            let name = crate::commit_log::shard_name(&self.plan.nodes[spec.node].name, spec.shard);
-            let writer = (crate::commit_log::incarnation(), snapshots.as_ref());
+            let name = crate::commit_log::shard_name(&self.plan, sid);
+            let writer = (crate::commit_log::incarnation(), setup.snapshots.as_ref());
             let m = &self.shared.metrics;
-            crate::commit_log::fence(&**log, &self.store, (&name, prefix), writer, false, m)?;
+            crate::commit_log::fence(&*setup.log, &self.store, (&name, prefix), writer, false, m)?;
         }
         let mut b = self.store.batch();
         b.put(

@@ -765,6 +765,11 @@ fn cf_options(cf: Cf, cache: &Cache, block_cache_bytes: usize) -> Options {
 /// one a crash left behind is removed when the store opens.
 const INGESTING: &str = "ingesting-";
 
+/// The operations of the commit log entry `entry`.
+fn entry_ops(entry: &[u8]) -> Result<Vec<batch::Op<'_>>, StorageError> {
+    batch::ops(entry).map_err(|e| StorageError::Corrupt(format!("a commit log entry: {}", e.0)))
+}
+
 /// The state column family's prefix extractor: the whole key.
 fn whole_key(key: &[u8]) -> &[u8] {
     key
@@ -856,8 +861,7 @@ impl Batch<'_> {
         cf: Cf,
         key: &[u8],
     ) -> Result<Option<&'e [u8]>, StorageError> {
-        let ops = batch::ops(entry)
-            .map_err(|e| StorageError::Corrupt(format!("a commit log entry: {}", e.0)))?;
+        let ops = entry_ops(entry)?;
         // `Cf::ALL` lists the column families in declaration order.
         let logical = cf as u32;
         let mut value = None;
@@ -876,8 +880,7 @@ impl Batch<'_> {
     /// to this batch; how many. Bytes that are not one, or that write a key
     /// outside the shard, are refused whole, with nothing added.
     pub fn apply_log_entry(&mut self, entry: &[u8], prefix: &[u8]) -> Result<usize, StorageError> {
-        let ops = batch::ops(entry)
-            .map_err(|e| StorageError::Corrupt(format!("a commit log entry: {}", e.0)))?;
+        let ops = entry_ops(entry)?;
         let end = prefix_end(prefix);
         for op in &ops {
             let (logical, key) = op.cf_and_key();

@@ -151,10 +151,7 @@ impl Executor {
         inbox: Receiver<Vec<Msg>>,
         peers: Vec<Outlet>,
         node_metrics: Vec<NodeMetrics>,
-        log: Option<(
-            Arc<dyn crate::commit_log::CommitLog>,
-            Option<crate::commit_log::Snapshots>,
-        )>,
+        log: Option<crate::commit_log::LogSetup>,
     ) -> Self {
         let destinations = plan.threads + plan.workers;
         let node_metrics: Arc<[NodeMetrics]> = node_metrics.into();
@@ -189,7 +186,7 @@ impl Executor {
             first_shard: 0,
             order: Vec::new(),
             commit_time: Duration::ZERO,
-            log: log.map(|(log, snapshots)| ExecutorLog::new(log, snapshots)),
+            log: log.map(ExecutorLog::new),
         }
     }
 
@@ -215,14 +212,12 @@ impl Executor {
         }
         let plan = Arc::clone(&self.plan);
         let spec = &plan.shards[sid as usize];
-        let node = spec.node;
         if let Some(log) = &mut self.log {
-            // Catch up with the log and fence it first: what the shard
+            // Fence the log and catch up with it first: what the shard
             // recovers from is then everything it ever released.
             let named = (
                 sid,
-                plan.nodes[node].name.as_str(),
-                spec.shard,
+                crate::commit_log::shard_name(&plan, sid),
                 &spec.prefix[..],
             );
             log.start(&self.store, named, &self.shared.metrics)?;
@@ -231,7 +226,7 @@ impl Executor {
             &plan,
             sid,
             &self.store,
-            &self.node_metrics[node],
+            &self.node_metrics[spec.node],
             &self.shared.in_flight,
         )?;
         self.local.insert(sid, self.shards.len());
