@@ -339,6 +339,19 @@ impl SavepointStore for S3Store {
             .or_else(|| listed.objects.first().map(|o| name(&o.location))))
     }
 
+    fn list(&self, dir: &str) -> Result<Vec<String>, SavepointError> {
+        let prefix = self.key(dir)?;
+        let listed = self
+            .runtime
+            .block_on(self.store.list_with_delimiter(Some(&prefix)))
+            .map_err(|e| self.err("listing", dir, e))?;
+        Ok(listed
+            .objects
+            .iter()
+            .filter_map(|o| o.location.filename().map(str::to_owned))
+            .collect())
+    }
+
     fn describe(&self) -> String {
         self.url.clone()
     }

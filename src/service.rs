@@ -164,6 +164,7 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
                             .with_context(|| format!("opening the snapshot store {url}"))?,
                     ),
                     every_bytes: cfg.snapshot_log_bytes,
+                    deployment: cfg.name.clone(),
                 }),
             };
             tracing::info!(

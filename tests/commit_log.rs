@@ -320,10 +320,37 @@ fn a_dead_workers_shards_are_taken_over_from_the_log() {
     let owned = |i: usize| d.owned(i);
     // The generator, 8 count shards, the sink.
     let all = 10.0;
+    // What a worker that died between writing a snapshot and recording it
+    // leaves in S3: removed when the shard starts, as is any file in the
+    // shard's folder that no log entry records. Another deployment's file
+    // stays.
+    let s3 = d.s3.as_ref().expect("snapshots in S3");
+    let orphan = |shard: &str| {
+        format!("millrace/takeover/{shard}/00000000000000000001-00000000000000ff.shard")
+    };
+    let other = "millrace/other/counts.0/00000000000000000001-00000000000000ff.shard";
+    for key in (0..8)
+        .map(|i| orphan(&format!("counts.{i}")))
+        .chain([other.to_owned()])
+    {
+        s3.put("snapshots", &key, b"not a shard".to_vec());
+    }
     let mut workers: Vec<Running> = (0..3).map(join).collect();
     assert!(
         wait_until(T, || (0..3).map(owned).sum::<f64>() == all),
         "the three workers claimed every shard"
+    );
+    for i in 0..8 {
+        let key = orphan(&format!("counts.{i}"));
+        assert_eq!(
+            s3.get("snapshots", &key),
+            None,
+            "{key} was removed at the shard's start"
+        );
+    }
+    assert!(
+        s3.get("snapshots", other).is_some(),
+        "another deployment's file stays"
     );
     let out = s.path("out.jsonl");
     let mut taken_over = Vec::new();
@@ -505,7 +532,7 @@ fn with_snapshots_the_log_stays_bounded_and_rebuilds_a_lost_worker() {
         bytes < 2 << 20 && (bytes as f64) < appended / 5.0,
         "the log holds {bytes} bytes in {messages} entries, of {appended} appended"
     );
-    let snapshots: Vec<_> = std::fs::read_dir(s.path("snapshots/counts.0"))
+    let snapshots: Vec<_> = std::fs::read_dir(s.path("snapshots/bounded/counts.0"))
         .expect("counts.0 has snapshots")
         .collect();
     assert_eq!(

@@ -104,14 +104,64 @@ pub struct Snapshots {
     /// A shard is snapshotted once this many bytes went to its log since
     /// its last snapshot.
     pub every_bytes: u64,
+    /// The deployment's name in the log (`[state] log`'s NAME): its
+    /// snapshots go under this folder, so that deployments may share a
+    /// store without one removing the other's files.
+    pub deployment: String,
+}
+
+impl Snapshots {
+    /// The folder of shard `name`'s snapshots.
+    fn folder(&self, name: &str) -> String {
+        format!("{}/{}", self.deployment, escaped_name(name))
+    }
+
+    /// Removes every file in shard `name`'s folder but its recorded
+    /// snapshot `keep`: what a crash between writing a snapshot and
+    /// recording it, or between recording the next and removing the one
+    /// before, left behind, and what a fenced-off writer wrote. Only after
+    /// [`fence`], so that no other writer can still record a snapshot. A
+    /// file a fenced-off writer is still writing is left for the next
+    /// start; a failure is logged and loses nothing.
+    fn remove_unrecorded(&self, name: &str, keep: Option<&Snapshot>) -> usize {
+        let folder = self.folder(name);
+        let names = match self.store.list(&folder) {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::warn!(shard = name, store = %self.store.describe(), error = %e, "the shard's snapshot folder could not be listed; files it no longer needs may stay");
+                return 0;
+            }
+        };
+        let mut removed = 0;
+        for file in names.iter().map(|n| format!("{folder}/{n}")) {
+            if keep.is_some_and(|k| k.file == file) {
+                continue;
+            }
+            match self.store.delete(&file) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(shard = name, file = %file, error = %e, "a snapshot file the shard no longer needs was not removed")
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(
+                shard = name,
+                removed,
+                "removed snapshot files no log entry records"
+            );
+        }
+        removed
+    }
 }
 
 impl std::fmt::Debug for Snapshots {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Snapshots({}, every {} bytes)",
+            "Snapshots({}, {}, every {} bytes)",
             self.store.describe(),
+            self.deployment,
             self.every_bytes
         )
     }
@@ -589,6 +639,9 @@ impl ExecutorLog {
             .get(Cf::Meta, &layout::snapshot_key(prefix))?
             .as_deref()
             .and_then(Snapshot::decode);
+        if let Some(snapshots) = snapshots {
+            snapshots.remove_unrecorded(&name, snapshot.as_ref());
+        }
         self.shards.insert(
             prefix.to_vec(),
             LocalShard {
@@ -752,7 +805,7 @@ impl ExecutorLog {
                 seq: s.last,
                 file: format!(
                     "{}/{:020}-{:016x}.shard",
-                    escaped_name(&s.name),
+                    snapshots.folder(&s.name),
                     s.last,
                     s.incarnation
                 ),
@@ -1067,6 +1120,7 @@ mod tests {
         let snapshots = Snapshots {
             store: Arc::new(crate::savepoint::DirStore::new(files.path())),
             every_bytes: 4096,
+            deployment: "test".into(),
         };
         let log = Arc::new(MemoryLog::default());
         let m = Metrics::new();
@@ -1081,7 +1135,7 @@ mod tests {
             a.commit(batch).expect("commit");
         };
         let files_of = || -> Vec<String> {
-            std::fs::read_dir(files.path().join("counts.1"))
+            std::fs::read_dir(files.path().join("test/counts.1"))
                 .map(|d| {
                     d.map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
                         .collect()
@@ -1108,6 +1162,98 @@ mod tests {
         assert_eq!(files_of().len(), 2);
         ex.stop(&p);
         assert_eq!(files_of().len(), 1, "the unrecorded snapshot was removed");
+    }
+
+    /// What a crash left in a shard's snapshot folder (a snapshot written
+    /// and never recorded, a fenced-off writer's file) is removed when the
+    /// shard starts again; the recorded snapshot, other shards' and other
+    /// deployments' files stay, and the shard still rebuilds from it.
+    #[test]
+    fn a_start_removes_the_snapshot_files_no_entry_records() {
+        let (_a, a) = store();
+        let p = prefix();
+        let files = tempfile::tempdir().expect("temp dir");
+        let snapshots = Snapshots {
+            store: Arc::new(crate::savepoint::DirStore::new(files.path())),
+            every_bytes: 4096,
+            deployment: "test".into(),
+        };
+        let log = Arc::new(MemoryLog::default());
+        let m = Metrics::new();
+        let setup = LogSetup {
+            log: Arc::clone(&log) as Arc<dyn CommitLog>,
+            snapshots: Some(snapshots.clone()),
+        };
+        let commit = |ex: &mut ExecutorLog, value: &[u8]| {
+            let mut batch = a.batch();
+            batch.put_state(&layout::state_key(&p, b"k"), Some(value));
+            ex.append(&mut batch, &m).expect("append");
+            a.commit(batch).expect("commit");
+        };
+        let mut ex = ExecutorLog::new(setup.clone());
+        ex.start(&a, (1, "counts.1".into(), &p), &m).expect("start");
+        commit(&mut ex, &[7u8; 5000]);
+        ex.snapshot_due(&a, &m);
+        commit(&mut ex, b"recorded");
+        ex.cut_recorded(&m);
+        // A second snapshot, written, and the worker dies before an append
+        // records it.
+        commit(&mut ex, &[8u8; 5000]);
+        ex.snapshot_due(&a, &m);
+        drop(ex);
+        let put = |path: &str| {
+            snapshots
+                .store
+                .put(path, b"x".to_vec())
+                .expect("planted file");
+        };
+        put("test/counts.1/00000000000000000099-00000000000000ff.shard");
+        put("test/counts.2/00000000000000000001-0000000000000001.shard");
+        put("other/counts.1/00000000000000000001-0000000000000001.shard");
+        let listed = |dir: &str| snapshots.store.list(dir).expect("listed").len();
+        assert_eq!(listed("test/counts.1"), 3);
+
+        let mut again = ExecutorLog::new(setup.clone());
+        again
+            .start(&a, (1, "counts.1".into(), &p), &m)
+            .expect("start again");
+        assert_eq!(
+            listed("test/counts.1"),
+            1,
+            "only the recorded snapshot stays"
+        );
+        assert_eq!(listed("test/counts.2"), 1, "another shard's file stays");
+        assert_eq!(
+            listed("other/counts.1"),
+            1,
+            "another deployment's file stays"
+        );
+        let kept = a
+            .get(Cf::Meta, &layout::snapshot_key(&p))
+            .expect("read")
+            .as_deref()
+            .and_then(Snapshot::decode)
+            .expect("a recorded snapshot");
+        assert_eq!(
+            snapshots.store.list("test/counts.1").expect("listed"),
+            [kept.file.rsplit('/').next().expect("a file name")]
+        );
+        // An empty store elsewhere rebuilds from that snapshot and the log.
+        let (_b, b) = store();
+        let loads = m.log_snapshot_loads.get();
+        let mut elsewhere = ExecutorLog::new(setup);
+        elsewhere
+            .start(&b, (1, "counts.1".into(), &p), &m)
+            .expect("start elsewhere");
+        assert_eq!(m.log_snapshot_loads.get(), loads + 1);
+        let value = |s: &Store| {
+            s.get(Cf::State, &layout::state_key(&p, b"k"))
+                .expect("read")
+        };
+        assert!(
+            value(&b).is_some() && value(&b) == value(&a),
+            "the rebuilt shard holds the last value"
+        );
     }
 
     /// A clear or a load of the shard cut short by a crash leaves a marked,

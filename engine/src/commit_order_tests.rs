@@ -409,6 +409,7 @@ fn with_snapshots_the_log_is_cut_and_still_rebuilds_the_worker() {
     let snapshots = crate::commit_log::Snapshots {
         store: Arc::new(crate::savepoint::DirStore::new(files.path())),
         every_bytes: 4096,
+        deployment: "test".into(),
     };
     let dir = tempfile::tempdir().expect("temp dir");
     let run = run_logged(
@@ -425,7 +426,7 @@ fn with_snapshots_the_log_is_cut_and_still_rebuilds_the_worker() {
     // Each count shard got about a third of 3,000 records, ~100 bytes of
     // entry each: several snapshots, each cutting the log below it.
     for name in ["counts.0", "counts.1", "counts.2"] {
-        let dir = files.path().join(name);
+        let dir = files.path().join("test").join(name);
         let kept: Vec<_> = std::fs::read_dir(&dir)
             .unwrap_or_else(|e| panic!("{name} has no snapshot: {e}"))
             .map(|e| e.expect("entry").file_name())

@@ -26,6 +26,10 @@ pub trait SavepointStore: Send + Sync {
     /// its top level), or `None` if it holds nothing. Writes still under
     /// way (a [`DirStore`]'s temporary files) do not count.
     fn some_entry(&self) -> Result<Option<String>, SavepointError>;
+    /// The names of the files directly in folder `dir` (a path as
+    /// [`check_path`] takes it), including what a write cut short left
+    /// there; empty if there is no such folder.
+    fn list(&self, dir: &str) -> Result<Vec<String>, SavepointError>;
     /// Where it is, for messages.
     fn describe(&self) -> String;
 }
@@ -229,6 +233,25 @@ impl SavepointStore for DirStore {
             }
         }
         Ok(None)
+    }
+
+    fn list(&self, dir: &str) -> Result<Vec<String>, SavepointError> {
+        let d = self.file(dir)?;
+        let entries = match std::fs::read_dir(&d) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(SavepointError::Io(format!("listing {}: {e}", d.display()))),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io(format!("listing {}", d.display())))?;
+            // Files only (not followed if links): a folder is not a file
+            // that could be removed.
+            if entry.file_type().is_ok_and(|t| !t.is_dir()) {
+                names.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(names)
     }
 
     fn describe(&self) -> String {
