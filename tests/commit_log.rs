@@ -668,3 +668,108 @@ path = "{{dir}}/out.jsonl"
     );
     assert_exact(&out, (records, keys, 4));
 }
+
+/// The log stays flat over a long run with snapshots on: records flow at a
+/// steady rate for `MILLRACE_SOAK_SECS` (default 600), and every 30 s the
+/// bytes the log keeps are read from the log server. Past the first
+/// snapshots, they never exceed what six shards' logs hold between two
+/// snapshots, however much was appended; at the end every key's counts are
+/// exactly 1..n. Long: run with `cargo test --test commit_log
+/// the_log_stays_flat -- --ignored --nocapture` (docs/PERFORMANCE.md has
+/// its figures).
+#[test]
+#[ignore = "runs for ten minutes"]
+fn the_log_stays_flat_over_a_long_run_with_snapshots() {
+    let secs: u64 = std::env::var("MILLRACE_SOAK_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600);
+    let (rate, keys, seed) = (10_000, 5_000, 11);
+    let records = rate * secs;
+    let every: u64 = 256 << 10;
+    let s = Scratch::new();
+    let nats = Nats::start(s.dir.path(), 1);
+    let topo = s.write(
+        "soak.toml",
+        &format!(
+            r#"
+[service]
+data_dir = "{dir}/data"
+[engine]
+shards = 4
+[state]
+log = "{log}"
+log_replicas = 1
+snapshots = "file://{dir}/snapshots"
+snapshot_log_bytes = {every}
+[sources.gen]
+type = "generator"
+count = {records}
+keys = {keys}
+seed = {seed}
+rate = {rate}
+[computations.counts]
+type = "count"
+inputs = ["gen"]
+[sinks.out]
+type = "file"
+inputs = ["counts"]
+path = "{dir}/out.jsonl"
+"#,
+            dir = s.path("").display(),
+            log = nats.log_url("soak"),
+        ),
+    );
+    let out = s.path("out.jsonl");
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut worker = spawn(&topo, &http);
+    let started = Instant::now();
+    // (seconds, bytes appended so far, bytes and entries the log keeps)
+    let mut samples: Vec<(u64, f64, u64, u64)> = Vec::new();
+    let mut next = Duration::from_secs(30);
+    // The worker exits once everything is delivered (reading the growing
+    // output to find out would cost more than the run).
+    let mut exited = None;
+    let done = wait_until(Duration::from_secs(secs + 300), || {
+        if started.elapsed() >= next {
+            next += Duration::from_secs(30);
+            if let Some(appended) = metric(&http, "millrace_log_bytes_total") {
+                let (messages, bytes, _) = nats.stream_state("millrace-soak");
+                let at = started.elapsed().as_secs();
+                eprintln!("{at:>5} s: {appended:>12} bytes appended, {bytes:>9} bytes in {messages:>5} entries kept");
+                samples.push((at, appended, bytes, messages));
+            }
+        }
+        exited = worker.try_wait().expect("try_wait");
+        exited.is_some()
+    });
+    if !done {
+        let _ = worker.kill();
+    }
+    assert!(
+        done && exited.is_some_and(|e| e.success()),
+        "the worker did not finish within {} s: {exited:?}",
+        secs + 300
+    );
+    assert_exact(&out, (records, keys, seed));
+    // Between two snapshots a shard's log holds up to `every` bytes, and
+    // one turn's entry more; six shards (the generator, 4 counts, the
+    // sink), with room for headers and a cut that lags a turn.
+    let bound = 6 * (every + (256 << 10)) * 2;
+    let settled: Vec<_> = samples.iter().filter(|s| s.0 >= 60.min(secs / 2)).collect();
+    assert!(
+        settled.len() as u64 >= (secs.saturating_sub(60) / 30).saturating_sub(2),
+        "samples every 30 s: {samples:?}"
+    );
+    let last = settled.last().expect("a sample after the first minute");
+    assert!(
+        last.1 > 20.0 * bound as f64,
+        "the run appended far more than the log may keep: {samples:?}"
+    );
+    for (at, appended, bytes, messages) in &settled {
+        assert!(
+            *bytes <= bound,
+            "at {at} s the log kept {bytes} bytes in {messages} entries (of {appended} appended), more than {bound}"
+        );
+    }
+}
