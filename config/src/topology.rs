@@ -128,10 +128,14 @@ impl CommitLogConfig {
         }
         let servers: Vec<String> = hosts.split(',').map(str::to_owned).collect();
         for s in &servers {
-            let port = s.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>()));
-            if !matches!(port, Some((h, Ok(p))) if !h.is_empty() && p > 0) {
-                return Err(format!("`{s}` in `{url}` is not HOST:PORT"));
+            if s.contains('@') {
+                return Err(format!(
+                    "`{url}` carries credentials: the commit log does not authenticate (keep \
+                     its servers reachable by the deployment only), and a password in the \
+                     topology would be printed in every message naming the log"
+                ));
             }
+            check_host_port(s).map_err(|why| format!("`{s}` in `{url}` {why}"))?;
         }
         Ok(CommitLogConfig {
             servers,
@@ -141,6 +145,36 @@ impl CommitLogConfig {
             snapshots: None,
             snapshot_log_bytes: 64 << 20,
         })
+    }
+}
+
+/// Checks `HOST:PORT`: a host name or IPv4 address (letters, digits, `-`
+/// and `.`) or an IPv6 address in brackets, and a port of 1 to 65535 in
+/// digits.
+fn check_host_port(s: &str) -> Result<(), &'static str> {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err("is not HOST:PORT");
+    };
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        }
+    };
+    if !host_ok {
+        return Err(
+            "is not HOST:PORT (a host name or IPv4 address, or an IPv6 address in brackets)",
+        );
+    }
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("is not HOST:PORT (the port is 1 to 65535)");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err("is not HOST:PORT (the port is 1 to 65535)"),
     }
 }
 
@@ -825,11 +859,13 @@ fn state_config(raw: RawState, locator: &Locator) -> Result<StateConfig, ConfigE
     if let Some(t) = raw.log_timeout {
         // Below the log's duplicate window (2 minutes): an append retried
         // within it is recognised as the one that may have landed.
-        if t.0.is_zero() || t.0 > Duration::from_secs(60) {
+        // At least a second: an append is re-sent within it when a log
+        // server restarts, which a shorter wait could never see through.
+        if t.0 < Duration::from_secs(1) || t.0 > Duration::from_secs(60) {
             return Err(locator.error(
                 "state",
                 Some("log_timeout"),
-                "must be above zero and at most 60s",
+                "must be 1s to 60s",
             ));
         }
         log.timeout = t.0;
@@ -840,6 +876,14 @@ fn state_config(raw: RawState, locator: &Locator) -> Result<StateConfig, ConfigE
         log.snapshots = Some(url);
     }
     if let Some(b) = raw.snapshot_log_bytes {
+        if log.snapshots.is_none() {
+            return Err(locator.error(
+                "state",
+                Some("snapshot_log_bytes"),
+                "says how often shards are snapshotted, but no snapshots are set: add \
+                 snapshots = \"s3://BUCKET/PREFIX\" (or file:///DIR), or remove it",
+            ));
+        }
         if b < 4096 {
             return Err(locator.error(
                 "state",

@@ -168,6 +168,9 @@ snapshot_log_bytes = 1048576"#,
             snapshot_log_bytes: 1 << 20,
         })
     );
+    for ok in ["nats://[::1]:4222/x", "nats://log-1.example.com:4222,10.0.0.7:4223/x"] {
+        parse(&with(&format!("log = \"{ok}\""))).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
     let defaults = parse(&with(r#"log = "nats://h:4222/x""#)).expect("parses");
     let log = defaults.state.log.expect("a log");
     assert_eq!((log.replicas, log.timeout), (3, Duration::from_secs(30)));
@@ -190,7 +193,26 @@ snapshot_log_bytes = 1048576"#,
         ),
         (
             "log = \"nats://h:4222/x\"\nlog_timeout = \"0s\"",
-            "above zero",
+            "must be 1s to 60s",
+        ),
+        (
+            "log = \"nats://h:4222/x\"\nlog_timeout = \"1ms\"",
+            "must be 1s to 60s",
+        ),
+        (
+            "log = \"nats://h:4222/x\"\nlog_timeout = \"61s\"",
+            "must be 1s to 60s",
+        ),
+        (r#"log = "nats://h h:1/x""#, "is not HOST:PORT"),
+        (r#"log = "nats:// h:1/x""#, "is not HOST:PORT"),
+        (r#"log = "nats://::1:4222/x""#, "is not HOST:PORT"),
+        (r#"log = "nats://h:+1/x""#, "the port is 1 to 65535"),
+        (r#"log = "nats://h:65536/x""#, "the port is 1 to 65535"),
+        (r#"log = "nats://@:1/x""#, "credentials"),
+        (r#"log = "nats://alice:s3cret@h:4222/x""#, "does not authenticate"),
+        (
+            "log = \"nats://h:4222/x\"\nsnapshot_log_bytes = 1048576",
+            "no snapshots are set",
         ),
         ("log_replicas = 3", "need a log"),
         ("snapshots = \"file:///x\"", "need a log"),
@@ -199,7 +221,7 @@ snapshot_log_bytes = 1048576"#,
             "snapshots",
         ),
         (
-            "log = \"nats://h:4222/x\"\nsnapshot_log_bytes = 10",
+            "log = \"nats://h:4222/x\"\nsnapshots = \"file:///x\"\nsnapshot_log_bytes = 10",
             "at least 4096",
         ),
         ("logs = \"nats://h:4222/x\"", "unknown field"),
