@@ -39,6 +39,18 @@ const HEADER_ROOM: usize = 1024;
 /// window): a retry within it is recognised.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
+/// The longest subject the log uses (a shard's); the server refuses a
+/// control line over 4 KiB, and an append's carries the subject twice.
+const MAX_SUBJECT: usize = 1024;
+
+/// How long one attempt (a publish and its acknowledgement, a request)
+/// may take before it is made again, within the log's timeout: a server
+/// that restarts under an append loses it, and only a new attempt, over
+/// the reconnected client, gets an answer.
+fn attempt_timeout(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(2))
+}
+
 /// A commit log on a JetStream stream.
 pub struct NatsLog {
     runtime: Runtime,
@@ -50,6 +62,8 @@ pub struct NatsLog {
     timeout: Duration,
     /// Largest part of an entry.
     max_part: usize,
+    /// When the stream was created (Unix nanoseconds, hex).
+    created: String,
 }
 
 impl NatsLog {
@@ -87,7 +101,7 @@ impl NatsLog {
                 }
                 let max_payload = client.server_info().max_payload;
                 let mut js = jetstream::new(client);
-                js.set_timeout(cfg.timeout.min(Duration::from_secs(10)));
+                js.set_timeout(attempt_timeout(cfg.timeout));
                 let stream = js
                     .get_or_create_stream(stream::Config {
                         name: stream_name.clone(),
@@ -105,7 +119,13 @@ impl NatsLog {
                 anyhow::Ok((js, stream, max_payload))
             })
             .with_context(|| format!("connecting to the commit log {describe}"))?;
-        let config = &stream.cached_info().config;
+        let info = stream.cached_info();
+        check_stream(
+            &info.config,
+            cfg,
+            (&stream_name, &subject_prefix, &describe),
+        )?;
+        let config = &info.config;
         if config.max_bytes > 0
             || config.max_messages > 0
             || config.max_messages_per_subject > 0
@@ -122,15 +142,19 @@ impl NatsLog {
                 config.max_age
             );
         }
-        let replicas = config.num_replicas;
-        if replicas != cfg.replicas {
-            tracing::warn!(
-                stream = %stream_name,
-                replicas,
-                wanted = cfg.replicas,
-                "the commit log's stream exists with another replica count; it is kept"
+        // A stream may refuse messages below the server's payload limit.
+        let limit = match usize::try_from(config.max_message_size) {
+            Ok(m) if m > 0 => max_payload.min(m),
+            _ => max_payload,
+        };
+        if limit < 2 * HEADER_ROOM {
+            anyhow::bail!(
+                "the commit log's stream {stream_name} at {describe} takes messages of at most \
+                 {limit} bytes: too small for an entry's parts (at least {} bytes)",
+                2 * HEADER_ROOM
             );
         }
+        let created = format!("{:x}", info.created.unix_timestamp_nanos());
         Ok(NatsLog {
             runtime,
             js,
@@ -138,18 +162,35 @@ impl NatsLog {
             subject_prefix,
             describe,
             timeout: cfg.timeout,
-            max_part: max_payload.saturating_sub(HEADER_ROOM).max(HEADER_ROOM),
+            max_part: limit - HEADER_ROOM,
+            created,
         })
     }
 
-    fn subject(&self, shard: &str) -> String {
-        format!("{}.{}", self.subject_prefix, escaped_name(shard))
+    /// Names this stream apart from any other of the same name (on another
+    /// cluster, or created again after its servers were wiped): when it was
+    /// created. Its snapshots are kept under it.
+    pub fn created(&self) -> &str {
+        &self.created
+    }
+
+    fn subject(&self, shard: &str) -> Result<String, LogError> {
+        let subject = format!("{}.{}", self.subject_prefix, escaped_name(shard));
+        if subject.len() > MAX_SUBJECT {
+            return Err(LogError::Unavailable(format!(
+                "{}: shard {shard} would be the subject of {} bytes, more than the {MAX_SUBJECT} \
+                 the log takes: shorten the component's name",
+                self.describe,
+                subject.len()
+            )));
+        }
+        Ok(subject)
     }
 
     /// Appends one entry, in parts when it is large; returns its (last
     /// part's) sequence.
     async fn append_one(&self, a: &Append<'_>) -> Result<u64, LogError> {
-        let subject = self.subject(a.shard);
+        let subject = self.subject(a.shard)?;
         let parts: Vec<&[u8]> = if a.bytes.is_empty() {
             vec![a.bytes]
         } else {
@@ -215,13 +256,14 @@ impl NatsLog {
         Fut: std::future::Future<Output = Result<T, Failed>>,
     {
         let deadline = Instant::now() + self.timeout;
+        let attempt = attempt_timeout(self.timeout);
         let mut pause = Duration::from_millis(20);
         loop {
-            let why = match tokio::time::timeout(self.timeout, op()).await {
+            let why = match tokio::time::timeout(attempt, op()).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(Failed::Final(e))) => return Err(e),
                 Ok(Err(Failed::Again(e))) => e,
-                Err(_) => format!("no answer within {:?}", self.timeout),
+                Err(_) => format!("no answer within {attempt:?}"),
             };
             if Instant::now() >= deadline {
                 return Err(LogError::Unavailable(format!(
@@ -241,7 +283,7 @@ impl NatsLog {
         after: u64,
         f: &mut OnEntry<'_>,
     ) -> Result<u64, EngineError> {
-        let subject = self.subject(shard);
+        let subject = self.subject(shard)?;
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
             LogError::Unavailable(format!("{}: {what} of shard {shard}: {e}", self.describe))
         };
@@ -341,6 +383,61 @@ impl NatsLog {
     }
 }
 
+/// Refuses a stream (created by someone else, or by an older millrace)
+/// that would not keep what a commit log must, or not the way it is used:
+/// the message says which setting and what it must be.
+fn check_stream(
+    config: &stream::Config,
+    cfg: &CommitLogConfig,
+    (stream_name, subject_prefix, describe): (&str, &str, &str),
+) -> anyhow::Result<()> {
+    let ours = format!("{subject_prefix}.>");
+    let covered = config
+        .subjects
+        .iter()
+        .any(|s| s == &ours || s == "millrace.>" || s == ">");
+    let wrong = if config.storage != stream::StorageType::File {
+        format!(
+            "keeps its messages in {:?} storage, which a server restart loses; a commit log \
+             needs file storage",
+            config.storage
+        )
+    } else if config.retention != stream::RetentionPolicy::Limits {
+        format!(
+            "has {:?} retention, which drops entries once read; a commit log needs limits \
+             retention",
+            config.retention
+        )
+    } else if config.sealed || config.deny_purge {
+        "is sealed or denies purges; a commit log is appended to, and cut below its \
+         snapshots"
+            .to_owned()
+    } else if !covered {
+        format!(
+            "takes subjects {:?}, not {ours}, where the shards' entries go",
+            config.subjects
+        )
+    } else if config.duplicate_window < cfg.timeout {
+        format!(
+            "remembers message ids for {:?}, less than log_timeout ({:?}): an append retried \
+             within log_timeout must be recognised",
+            config.duplicate_window, cfg.timeout
+        )
+    } else if config.num_replicas != cfg.replicas {
+        format!(
+            "keeps {} replicas, and log_replicas says {}: set log_replicas = {}, or change \
+             the stream's replicas first",
+            config.num_replicas, cfg.replicas, config.num_replicas
+        )
+    } else {
+        return Ok(());
+    };
+    anyhow::bail!(
+        "the commit log's stream {stream_name} at {describe} {wrong}. Fix the stream, or use \
+         another log name"
+    )
+}
+
 /// How an attempt at the log failed.
 enum Failed {
     /// Worth another attempt (the server unreachable, restarting, without
@@ -375,7 +472,7 @@ impl CommitLog for NatsLog {
     }
 
     fn purge(&self, shard: &str, through: u64) -> Result<(), EngineError> {
-        let subject = self.subject(shard);
+        let subject = self.subject(shard)?;
         self.runtime
             .block_on(self.retrying("cutting the log", shard, || async {
                 self.stream

@@ -164,7 +164,10 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
                             .with_context(|| format!("opening the snapshot store {url}"))?,
                     ),
                     every_bytes: cfg.snapshot_log_bytes,
-                    deployment: cfg.name.clone(),
+                    // Apart from any other stream of the same name (on
+                    // another cluster, or this one wiped and made again):
+                    // each start removes what its folders hold unrecorded.
+                    deployment: format!("{}-{}", cfg.name, log.created()),
                 }),
             };
             tracing::info!(

@@ -88,6 +88,8 @@ struct Joined {
     s3: Option<support::s3::S3>,
     net: ClusterNet,
     topology: std::path::PathBuf,
+    /// The `[state] log` URL.
+    log: String,
 }
 
 impl Joined {
@@ -106,6 +108,7 @@ impl Joined {
         Joined {
             s,
             etcd,
+            log: nats.log_url(name),
             _nats: nats,
             s3,
             net,
@@ -322,13 +325,18 @@ fn a_dead_workers_shards_are_taken_over_from_the_log() {
     let all = 10.0;
     // What a worker that died between writing a snapshot and recording it
     // leaves in S3: removed when the shard starts, as is any file in the
-    // shard's folder that no log entry records. Another deployment's file
-    // stays.
+    // shard's folder that no log entry records. Snapshots go under the log
+    // stream's name and creation: a deployment of the same name on another
+    // log server (here: an older stream of that name) keeps its files.
+    let created = connect(&d.log, Duration::from_secs(10))
+        .expect("the log")
+        .created()
+        .to_owned();
     let s3 = d.s3.as_ref().expect("snapshots in S3");
     let orphan = |shard: &str| {
-        format!("millrace/takeover/{shard}/00000000000000000001-00000000000000ff.shard")
+        format!("millrace/takeover-{created}/{shard}/00000000000000000001-00000000000000ff.shard")
     };
-    let other = "millrace/other/counts.0/00000000000000000001-00000000000000ff.shard";
+    let other = "millrace/takeover-0/counts.0/00000000000000000001-00000000000000ff.shard";
     for key in (0..8)
         .map(|i| orphan(&format!("counts.{i}")))
         .chain([other.to_owned()])
@@ -532,7 +540,13 @@ fn with_snapshots_the_log_stays_bounded_and_rebuilds_a_lost_worker() {
         bytes < 2 << 20 && (bytes as f64) < appended / 5.0,
         "the log holds {bytes} bytes in {messages} entries, of {appended} appended"
     );
-    let snapshots: Vec<_> = std::fs::read_dir(s.path("snapshots/bounded/counts.0"))
+    // Under the stream's name and creation.
+    let folder = std::fs::read_dir(s.path("snapshots"))
+        .expect("snapshots")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .find(|n| n.starts_with("bounded-"))
+        .expect("a folder bounded-CREATED");
+    let snapshots: Vec<_> = std::fs::read_dir(s.path("snapshots").join(folder).join("counts.0"))
         .expect("counts.0 has snapshots")
         .collect();
     assert_eq!(
@@ -581,12 +595,15 @@ fn a_log_that_comes_back_empty_is_refused() {
     let before = std::fs::read(&out).expect("output");
     nats.lose(0);
     nats.restart(0);
-    for _ in 0..2 {
+    // However often it is tried (a service manager restarts it): a refused
+    // start appends nothing, so the log never grows back past what the
+    // directory applied.
+    for _ in 0..3 {
         let again = run_to_end(&topo, Duration::from_secs(60));
         let said = String::from_utf8_lossy(&again.stderr);
         assert!(!again.status.success(), "started on an empty log: {said}");
         assert!(
-            said.contains("the log lost entries, or is not this deployment's"),
+            said.contains("the log lost entries") && said.contains("or is not this deployment's"),
             "{said}"
         );
         assert_eq!(
@@ -594,10 +611,59 @@ fn a_log_that_comes_back_empty_is_refused() {
             before,
             "the output changed"
         );
+        let (messages, _, _) = nats.stream_state("millrace-empty");
+        assert_eq!(
+            messages, 1,
+            "nothing but the deployment's shard layout was appended"
+        );
     }
 }
 
-/// The only log server is down for longer than `log_timeout`: the worker
+/// A log holds one shard layout: a worker whose topology has another
+/// `engine.shards` than the one the log was written with is refused before
+/// it reads anything (read into another layout, each shard would take a
+/// part of another's keys), and appends nothing.
+#[test]
+fn a_log_is_read_only_with_the_shard_layout_it_was_written_with() {
+    let s = Scratch::new();
+    let nats = Nats::start(s.dir.path(), 1);
+    let engine = |shards: u32| {
+        format!(
+            "shards = {shards}\n[state]\nlog = \"{}\"\nlog_replicas = 1",
+            nats.log_url("layout")
+        )
+    };
+    let topo = count_pipeline(&s, &engine(2), (5_000, 100, 5), "type = \"count\"");
+    let first = run_to_end(&topo, Duration::from_secs(120));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_exact(&s.path("out.jsonl"), (5_000, 100, 5));
+    let (before, _, _) = nats.stream_state("millrace-layout");
+    // Another directory (a lost machine's replacement), another layout.
+    let other = Scratch::new();
+    let four = count_pipeline(&other, &engine(4), (5_000, 100, 5), "type = \"count\"");
+    let refused = run_to_end(&four, Duration::from_secs(60));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "started in another layout: {said}"
+    );
+    assert!(
+        said.contains("other shard counts") && said.contains("engine.shards: 2 in the log, 4 here"),
+        "{said}"
+    );
+    assert_eq!(
+        nats.stream_state("millrace-layout").0,
+        before,
+        "the refused start appended nothing"
+    );
+}
+
+/// The only log server restarts at once: the worker goes on. It is then
+/// down for longer than `log_timeout`: the worker
 /// retries, then stops with an error naming the log; nothing it did
 /// without the log was released. Started again once the server is back,
 /// it finishes with exactly the counts 1..n.
@@ -617,7 +683,7 @@ shards = 2
 [state]
 log = "{log}"
 log_replicas = 1
-log_timeout = "2s"
+log_timeout = "4s"
 [sources.gen]
 type = "generator"
 count = {records}
@@ -648,6 +714,21 @@ path = "{{dir}}/out.jsonl"
     assert!(
         wait_until(Duration::from_secs(60), || lines(&out).len() > 5_000),
         "progress before the log goes down"
+    );
+    // A server that restarts at once costs the appends under way a new
+    // attempt over the reconnected client, not the worker.
+    nats.kill(0);
+    nats.restart(0);
+    let back = lines(&out).len();
+    assert!(
+        wait_until(Duration::from_secs(30), || lines(&out).len() > back + 5_000),
+        "progress after the log server restarted: {}",
+        std::fs::read_to_string(&log_file).unwrap_or_default()
+    );
+    assert!(
+        worker.try_wait().expect("try_wait").is_none(),
+        "the worker stopped over a restart of its log server: {}",
+        std::fs::read_to_string(&log_file).unwrap_or_default()
     );
     nats.kill(0);
     let stopped = Instant::now();

@@ -862,11 +862,7 @@ fn state_config(raw: RawState, locator: &Locator) -> Result<StateConfig, ConfigE
         // At least a second: an append is re-sent within it when a log
         // server restarts, which a shorter wait could never see through.
         if t.0 < Duration::from_secs(1) || t.0 > Duration::from_secs(60) {
-            return Err(locator.error(
-                "state",
-                Some("log_timeout"),
-                "must be 1s to 60s",
-            ));
+            return Err(locator.error("state", Some("log_timeout"), "must be 1s to 60s"));
         }
         log.timeout = t.0;
     }

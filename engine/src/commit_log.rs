@@ -296,16 +296,103 @@ pub(crate) fn catch_up(
     store.commit(batch)?;
     metrics.log_replayed.inc_by(replayed);
     if end < applied {
-        return Err(EngineError::Layout(format!(
-            "shard {name}: {} has applied commit log entry {applied}, but the log at {} \
-             ends at {end}: the log lost entries, or is not this deployment's. Nothing was \
-             changed; start on the log the directory was written with, or from an empty \
-             data directory",
-            store.path().display(),
-            log.describe()
-        )));
+        return Err(log_behind(log, store, name, (applied, end)));
     }
     Ok(end.max(applied))
+}
+
+/// The error of a store that applied more of shard `name`'s log than the
+/// log holds.
+fn log_behind(
+    log: &dyn CommitLog,
+    store: &Store,
+    name: &str,
+    (applied, end): (u64, u64),
+) -> EngineError {
+    EngineError::Layout(format!(
+        "shard {name}: {} has applied commit log entry {applied}, but the log at {} ends at \
+         {end}: the log lost entries (its servers' storage was wiped?), or is not this \
+         deployment's. Nothing was changed; start on the log the directory was written with, \
+         or from an empty data directory",
+        store.path().display(),
+        log.describe()
+    ))
+}
+
+/// The log's name for the deployment's shard layout (no `.`: no shard's).
+const LAYOUT: &str = "layout";
+
+/// What a log's layout record says: `engine.shards N`, then a line
+/// `COMPONENT SHARDS` per component.
+fn layout_record(plan: &crate::plan::Plan) -> String {
+    let mut record = format!("engine.shards {}\n", plan.topology.engine.shards);
+    for node in &plan.nodes {
+        record.push_str(&format!("{} {}\n", node.name, node.shards));
+    }
+    record
+}
+
+/// Makes sure the log holds one shard layout: the first start on a log
+/// records `plan`'s; every later one must have the same `engine.shards`
+/// and the same shard count for each component both have (components may
+/// come and go). A log's entries are per shard: read into another layout,
+/// each shard would take a part of another's keys.
+pub(crate) fn check_layout(
+    log: &dyn CommitLog,
+    plan: &crate::plan::Plan,
+) -> Result<(), EngineError> {
+    let want = layout_record(plan);
+    for _ in 0..FENCE_ATTEMPTS {
+        let mut had: Option<Vec<u8>> = None;
+        let end = log.read(LAYOUT, 0, &mut |_, entry| {
+            had.get_or_insert_with(|| entry.to_vec());
+            Ok(())
+        })?;
+        let Some(had) = had else {
+            let first = Append {
+                shard: LAYOUT,
+                after: end,
+                incarnation: incarnation(),
+                bytes: want.as_bytes(),
+            };
+            match log.append(&[first]) {
+                Ok(_) => return Ok(()),
+                // Another worker recorded one first: read it.
+                Err(LogError::Fenced { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let had = String::from_utf8_lossy(&had);
+        let parse = |r: &str| -> BTreeMap<String, String> {
+            r.lines()
+                .filter_map(|l| l.rsplit_once(' '))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        };
+        let (had_map, want_map) = (parse(&had), parse(&want));
+        let differs: Vec<String> = want_map
+            .iter()
+            .filter_map(|(k, v)| match had_map.get(k) {
+                Some(h) if h != v => Some(format!("{k}: {h} in the log, {v} here")),
+                _ => None,
+            })
+            .collect();
+        if differs.is_empty() {
+            return Ok(());
+        }
+        return Err(EngineError::Layout(format!(
+            "the commit log at {} was written by a topology with other shard counts ({}): \
+             its entries are per shard and cannot be read into another layout. Nothing was \
+             changed; keep the shard counts, or take a savepoint and load it into a \
+             deployment with a log name of its own",
+            log.describe(),
+            differs.join("; ")
+        )));
+    }
+    Err(EngineError::Fatal(format!(
+        "the commit log at {}: the shard layout record kept changing while this worker read it",
+        log.describe()
+    )))
 }
 
 /// The newest snapshot the entries of `name`'s log after `applied` record,
@@ -483,7 +570,13 @@ pub(crate) fn fence(
     for _ in 0..FENCE_ATTEMPTS {
         // Where the log ends now (a part of an unfinished entry included).
         let end = log.read(name, u64::MAX, &mut |_, _| Ok(()))?;
-        let copy = applied_of(store, prefix)? == 0 && holds_data(store, prefix)?;
+        let applied = applied_of(store, prefix)?;
+        if end < applied {
+            // Checked before anything is appended: a start refused here
+            // changes nothing, however often it is tried.
+            return Err(log_behind(log, store, name, (applied, end)));
+        }
+        let copy = applied == 0 && holds_data(store, prefix)?;
         let first = if copy {
             let mut whole = 0u64;
             log.read(name, 0, &mut |_, _| {

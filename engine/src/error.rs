@@ -32,7 +32,8 @@ pub enum EngineError {
     /// The commit log refused or failed an append or a read.
     #[error(transparent)]
     Log(#[from] crate::commit_log::LogError),
-    /// An executor stopped with this error.
-    #[error("worker stopped: {0}")]
+    /// An executor stopped with this error (the binary says the worker
+    /// stopped).
+    #[error("{0}")]
     Fatal(String),
 }

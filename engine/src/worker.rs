@@ -152,6 +152,10 @@ impl Worker {
             Durability::Machine => millrace_storage::Durability::Machine,
         };
         let plan = Arc::new(Plan::build(topology, registry).map_err(EngineError::Config)?);
+        if let Some(setup) = &opts.commit_log {
+            // Before the directory is touched: a refused start changes nothing.
+            crate::commit_log::check_layout(&*setup.log, &plan)?;
+        }
         let store = Arc::new(Store::open(
             &data_dir,
             &StoreOptions {

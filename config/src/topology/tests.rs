@@ -168,7 +168,10 @@ snapshot_log_bytes = 1048576"#,
             snapshot_log_bytes: 1 << 20,
         })
     );
-    for ok in ["nats://[::1]:4222/x", "nats://log-1.example.com:4222,10.0.0.7:4223/x"] {
+    for ok in [
+        "nats://[::1]:4222/x",
+        "nats://log-1.example.com:4222,10.0.0.7:4223/x",
+    ] {
         parse(&with(&format!("log = \"{ok}\""))).unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
     let defaults = parse(&with(r#"log = "nats://h:4222/x""#)).expect("parses");
@@ -209,7 +212,10 @@ snapshot_log_bytes = 1048576"#,
         (r#"log = "nats://h:+1/x""#, "the port is 1 to 65535"),
         (r#"log = "nats://h:65536/x""#, "the port is 1 to 65535"),
         (r#"log = "nats://@:1/x""#, "credentials"),
-        (r#"log = "nats://alice:s3cret@h:4222/x""#, "does not authenticate"),
+        (
+            r#"log = "nats://alice:s3cret@h:4222/x""#,
+            "does not authenticate",
+        ),
         (
             "log = \"nats://h:4222/x\"\nsnapshot_log_bytes = 1048576",
             "no snapshots are set",
