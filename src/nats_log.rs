@@ -150,7 +150,8 @@ impl NatsLog {
         if limit < 2 * HEADER_ROOM {
             anyhow::bail!(
                 "the commit log's stream {stream_name} at {describe} takes messages of at most \
-                 {limit} bytes: too small for an entry's parts (at least {} bytes)",
+                 {limit} bytes: too small for an entry's parts (at least {} bytes). Fix the \
+                 stream, or use another log name",
                 2 * HEADER_ROOM
             );
         }

@@ -232,6 +232,104 @@ fn an_unreachable_log_is_an_error_naming_it() {
     );
 }
 
+/// A stream made by someone else that would not keep a commit log, or not
+/// the way millrace uses it, is refused at start with the setting named;
+/// one made the way millrace makes it is taken.
+#[test]
+fn a_stream_that_would_not_keep_a_commit_log_is_refused() {
+    use async_nats::jetstream::stream::{Config, RetentionPolicy, StorageType};
+    let s = Scratch::new();
+    let nats = Nats::start(s.dir.path(), 1);
+    let rt = runtime();
+    let js = rt.block_on(async {
+        let client = async_nats::connect(nats.client_url(0)).await.expect("nats");
+        async_nats::jetstream::new(client)
+    });
+    let ours = |name: &str| Config {
+        name: format!("millrace-{name}"),
+        subjects: vec![format!("millrace.{name}.>")],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let cases: Vec<(&str, Config, usize, &str)> = vec![
+        (
+            "memory",
+            Config {
+                storage: StorageType::Memory,
+                ..ours("memory")
+            },
+            1,
+            "file storage",
+        ),
+        (
+            "interest",
+            Config {
+                retention: RetentionPolicy::Interest,
+                ..ours("interest")
+            },
+            1,
+            "limits retention",
+        ),
+        (
+            "nopurge",
+            Config {
+                deny_purge: true,
+                ..ours("nopurge")
+            },
+            1,
+            "denies purges",
+        ),
+        (
+            "elsewhere",
+            Config {
+                subjects: vec!["elsewhere.>".into()],
+                ..ours("elsewhere")
+            },
+            1,
+            "not millrace.elsewhere.>",
+        ),
+        (
+            "forgetful",
+            Config {
+                duplicate_window: Duration::from_secs(1),
+                ..ours("forgetful")
+            },
+            1,
+            "remembers message ids for 1s",
+        ),
+        (
+            "fewer",
+            ours("fewer"),
+            3,
+            "keeps 1 replicas, and log_replicas says 3",
+        ),
+        (
+            "tiny",
+            Config {
+                max_message_size: 512,
+                ..ours("tiny")
+            },
+            1,
+            "takes messages of at most 512 bytes",
+        ),
+    ];
+    for (name, config, replicas, says) in cases {
+        rt.block_on(js.create_stream(config))
+            .unwrap_or_else(|e| panic!("creating the stream for {name}: {e}"));
+        let mut cfg = CommitLogConfig::parse(&nats.log_url(name)).expect("url");
+        cfg.replicas = replicas;
+        cfg.timeout = Duration::from_secs(5);
+        let err = NatsLog::connect(&cfg).err().map(|e| format!("{e:#}"));
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains(says) && e.contains("another log name")),
+            "{name}: {err:?}"
+        );
+    }
+    rt.block_on(js.create_stream(ours("fine"))).expect("stream");
+    connect(&nats.log_url("fine"), Duration::from_secs(5)).expect("a stream as millrace makes it");
+}
+
 const RECORDS: u64 = 300_000;
 const KEYS: u64 = 2_000;
 const ROUNDS: usize = 10;
