@@ -18,8 +18,20 @@ use std::time::{Duration, Instant};
 /// variables: `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
 /// `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`).
 pub fn open(url: &str) -> Result<Box<dyn SavepointStore>> {
+    open_within(url, None)
+}
+
+/// [`open`], with every call to an object store given up on after `within`
+/// (its retries included), where a call must not hold its caller for the
+/// client's default three minutes: a commit log's snapshots, written and
+/// listed from an executor.
+pub fn open_bounded(url: &str, within: std::time::Duration) -> Result<Box<dyn SavepointStore>> {
+    open_within(url, Some(within))
+}
+
+fn open_within(url: &str, within: Option<std::time::Duration>) -> Result<Box<dyn SavepointStore>> {
     if let Some(rest) = url.strip_prefix("s3://") {
-        return Ok(Box::new(S3Store::new(url, rest)?));
+        return Ok(Box::new(S3Store::new(url, rest, within)?));
     }
     if let Some(path) = url.strip_prefix("file://") {
         if !path.starts_with('/') {
@@ -230,7 +242,7 @@ struct S3Store {
 }
 
 impl S3Store {
-    fn new(url: &str, rest: &str) -> Result<S3Store> {
+    fn new(url: &str, rest: &str, within: Option<std::time::Duration>) -> Result<S3Store> {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
             bail!("`{url}`: no bucket (s3://BUCKET/PREFIX)");
@@ -247,6 +259,21 @@ impl S3Store {
             && std::env::var_os("AWS_DEFAULT_REGION").is_none()
         {
             b = b.with_region("us-east-1");
+        }
+        if let Some(within) = within {
+            // A request, and the retries after it, end by `within`.
+            b = b
+                .with_config(
+                    object_store::aws::AmazonS3ConfigKey::Client(
+                        object_store::ClientConfigKey::Timeout,
+                    ),
+                    format!("{}ms", within.as_millis()),
+                )
+                .with_retry(object_store::RetryConfig {
+                    max_retries: 3,
+                    retry_timeout: within,
+                    ..Default::default()
+                });
         }
         let store = b
             .build()

@@ -160,7 +160,7 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
                 None => None,
                 Some(url) => Some(millrace_engine::commit_log::Snapshots {
                     store: Arc::from(
-                        crate::savepoints::open(url)
+                        crate::savepoints::open_bounded(url, cfg.timeout)
                             .with_context(|| format!("opening the snapshot store {url}"))?,
                     ),
                     every_bytes: cfg.snapshot_log_bytes,

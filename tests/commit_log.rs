@@ -330,6 +330,63 @@ fn a_stream_that_would_not_keep_a_commit_log_is_refused() {
     connect(&nats.log_url("fine"), Duration::from_secs(5)).expect("a stream as millrace makes it");
 }
 
+/// A snapshot store that takes connections and never answers holds a
+/// shard up for at most `log_timeout` a try: the run finishes exactly, its
+/// snapshots failed and said so, and starts did not wait on the store
+/// (the client's own bound is three minutes a call).
+#[test]
+fn a_snapshot_store_that_never_answers_costs_a_bounded_wait() {
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let endpoint = format!("http://{}", hole.local_addr().expect("address"));
+    std::thread::spawn(move || {
+        // Held open, never read or answered.
+        let held: Vec<_> = hole.incoming().collect();
+        drop(held);
+    });
+    let s = Scratch::new();
+    let nats = Nats::start(s.dir.path(), 1);
+    let records = 20_000;
+    let topo = count_pipeline(
+        &s,
+        &format!(
+            "shards = 2\n[state]\nlog = \"{}\"\nlog_replicas = 1\nlog_timeout = \"2s\"\n\
+             snapshots = \"s3://hole/snapshots\"\nsnapshot_log_bytes = 4096",
+            nats.log_url("hole")
+        ),
+        (records, 200, 8),
+        "type = \"count\"",
+    );
+    let said = s.path("worker.log");
+    let started = Instant::now();
+    let mut worker = Running(
+        millrace()
+            .args(["run", topo.to_str().expect("path"), "--http", "off"])
+            .envs([
+                ("AWS_ENDPOINT_URL", endpoint.as_str()),
+                ("AWS_ACCESS_KEY_ID", "millrace"),
+                ("AWS_SECRET_ACCESS_KEY", "millrace"),
+                ("AWS_REGION", "us-east-1"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&said).expect("log file"))
+            .spawn()
+            .expect("spawn"),
+    );
+    let status = wait_exit(&mut worker, Duration::from_secs(150));
+    let took = started.elapsed();
+    let said = std::fs::read_to_string(&said).unwrap_or_default();
+    assert!(status.success(), "{said}");
+    assert_exact(&s.path("out.jsonl"), (records, 200, 8));
+    assert!(said.contains("a snapshot failed"), "{said}");
+    assert!(
+        said.contains("snapshot folder could not be listed"),
+        "{said}"
+    );
+    // Bounded by `wait_exit` above (each unanswered call used to hold its
+    // executor three minutes, and every shard's start made one).
+    eprintln!("finished in {took:?} with the snapshot store answering nothing");
+}
+
 const RECORDS: u64 = 300_000;
 const KEYS: u64 = 2_000;
 const ROUNDS: usize = 10;

@@ -123,13 +123,14 @@ impl Snapshots {
     /// [`fence`], so that no other writer can still record a snapshot. A
     /// file a fenced-off writer is still writing is left for the next
     /// start; a failure is logged and loses nothing.
-    fn remove_unrecorded(&self, name: &str, keep: Option<&Snapshot>) -> usize {
+    /// `None` when the folder could not be listed.
+    fn remove_unrecorded(&self, name: &str, keep: Option<&Snapshot>) -> Option<usize> {
         let folder = self.folder(name);
         let names = match self.store.list(&folder) {
             Ok(names) => names,
             Err(e) => {
                 tracing::warn!(shard = name, store = %self.store.describe(), error = %e, "the shard's snapshot folder could not be listed; files it no longer needs may stay");
-                return 0;
+                return None;
             }
         };
         let mut removed = 0;
@@ -151,7 +152,7 @@ impl Snapshots {
                 "removed snapshot files no log entry records"
             );
         }
-        removed
+        Some(removed)
     }
 }
 
@@ -674,6 +675,9 @@ pub(crate) struct ExecutorLog {
     shards: BTreeMap<Vec<u8>, LocalShard>,
     /// The distinct lengths of the local prefixes.
     prefix_lens: Vec<usize>,
+    /// Until then, starts do not list snapshot folders: the store did not
+    /// answer one (each try holds the executor up to the store's bound).
+    list_again: Instant,
 }
 
 struct LocalShard {
@@ -697,8 +701,13 @@ struct LocalShard {
     next_try: Instant,
 }
 
-/// How long a shard waits to try a snapshot again after one failed.
+/// How long a shard waits to try a snapshot again after one failed: at
+/// least this, and ten times as long as the failed try held the executor
+/// (a store that does not answer then costs it a tenth of its time).
 const SNAPSHOT_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long starts skip listing snapshot folders after a listing failed.
+const LIST_AGAIN: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl ExecutorLog {
     pub fn new(LogSetup { log, snapshots }: LogSetup) -> Self {
@@ -707,6 +716,7 @@ impl ExecutorLog {
             snapshots,
             shards: BTreeMap::new(),
             prefix_lens: Vec::new(),
+            list_again: Instant::now(),
         }
     }
 
@@ -732,8 +742,13 @@ impl ExecutorLog {
             .get(Cf::Meta, &layout::snapshot_key(prefix))?
             .as_deref()
             .and_then(Snapshot::decode);
-        if let Some(snapshots) = snapshots {
-            snapshots.remove_unrecorded(&name, snapshot.as_ref());
+        if let Some(snapshots) = snapshots.filter(|_| Instant::now() >= self.list_again) {
+            if snapshots
+                .remove_unrecorded(&name, snapshot.as_ref())
+                .is_none()
+            {
+                self.list_again = Instant::now() + LIST_AGAIN;
+            }
         }
         self.shards.insert(
             prefix.to_vec(),
@@ -921,7 +936,7 @@ impl ExecutorLog {
                 }
                 Err(e) => {
                     metrics.log_snapshot_failures.inc();
-                    s.next_try = now + SNAPSHOT_RETRY;
+                    s.next_try = Instant::now() + SNAPSHOT_RETRY.max(started.elapsed() * 10);
                     tracing::warn!(shard = %s.name, store = %snapshots.store.describe(), error = %e, "a snapshot failed; the log keeps growing until one succeeds");
                 }
             }
