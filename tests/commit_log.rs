@@ -214,20 +214,15 @@ fn entries_come_back_whole_and_in_order_and_a_stale_writer_is_refused() {
     // A shard whose subject the server would refuse (a control line over
     // 4 KiB) is named at once, not retried for the log's timeout.
     let long = format!("{}.0", "c".repeat(5_000));
-    let started = Instant::now();
     let err = b
         .read(&long, 0, &mut |_, _| Ok(()))
         .err()
         .map(|e| e.to_string());
     assert!(
-        err.as_deref()
-            .is_some_and(|e| e.contains("shorten the component's name")),
+        err.as_deref().is_some_and(
+            |e| e.contains("shorten the component's name") && !e.contains("reading the end")
+        ),
         "{err:?}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
     );
 }
 
