@@ -1022,6 +1022,16 @@ mod tests {
         (dir, store)
     }
 
+    /// Snapshots every 4 KiB into `dir`, an empty log, and metrics.
+    fn snapshotted(dir: &std::path::Path) -> (Snapshots, Arc<MemoryLog>, Metrics) {
+        let snapshots = Snapshots {
+            store: Arc::new(crate::savepoint::DirStore::new(dir)),
+            every_bytes: 4096,
+            deployment: "test".into(),
+        };
+        (snapshots, Arc::new(MemoryLog::default()), Metrics::new())
+    }
+
     fn prefix() -> Vec<u8> {
         layout::shard_prefix("counts", 1)
     }
@@ -1225,13 +1235,7 @@ mod tests {
         let (_a, a) = store();
         let p = prefix();
         let files = tempfile::tempdir().expect("temp dir");
-        let snapshots = Snapshots {
-            store: Arc::new(crate::savepoint::DirStore::new(files.path())),
-            every_bytes: 4096,
-            deployment: "test".into(),
-        };
-        let log = Arc::new(MemoryLog::default());
-        let m = Metrics::new();
+        let (snapshots, log, m) = snapshotted(files.path());
         let mut ex = ExecutorLog::new(LogSetup {
             log: Arc::clone(&log) as Arc<dyn CommitLog>,
             snapshots: Some(snapshots),
@@ -1281,13 +1285,7 @@ mod tests {
         let (_a, a) = store();
         let p = prefix();
         let files = tempfile::tempdir().expect("temp dir");
-        let snapshots = Snapshots {
-            store: Arc::new(crate::savepoint::DirStore::new(files.path())),
-            every_bytes: 4096,
-            deployment: "test".into(),
-        };
-        let log = Arc::new(MemoryLog::default());
-        let m = Metrics::new();
+        let (snapshots, log, m) = snapshotted(files.path());
         let setup = LogSetup {
             log: Arc::clone(&log) as Arc<dyn CommitLog>,
             snapshots: Some(snapshots.clone()),

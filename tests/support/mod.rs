@@ -561,6 +561,26 @@ format = "text"
 /// file sink `out.jsonl`: the pipeline the crash tests check against
 /// [`generator_key_counts`]. `engine` goes into `[engine]`; `counts` is the
 /// counting component's body (`type = "count"` for the built-in).
+/// The generator of the topology at `path` (a [`count_pipeline`]) paced at
+/// `rate` records/s.
+#[allow(dead_code)]
+pub fn with_rate(path: &Path, rate: u64) -> PathBuf {
+    let text = std::fs::read_to_string(path).expect("topology");
+    let paced = text.replacen(
+        "[computations.counts]",
+        &format!("rate = {rate}\n[computations.counts]"),
+        1,
+    );
+    assert_ne!(
+        paced,
+        text,
+        "{} has no [computations.counts]",
+        path.display()
+    );
+    std::fs::write(path, paced).expect("topology");
+    path.to_path_buf()
+}
+
 pub fn count_pipeline(
     s: &Scratch,
     engine: &str,
