@@ -259,13 +259,23 @@ impl NatsLog {
         let deadline = Instant::now() + self.timeout;
         let attempt = attempt_timeout(self.timeout);
         let mut pause = Duration::from_millis(20);
+        let health = format!("commit log {}", self.describe);
+        let mut failed = false;
         loop {
             let why = match tokio::time::timeout(attempt, op()).await {
-                Ok(Ok(v)) => return Ok(v),
+                Ok(Ok(v)) => {
+                    if failed {
+                        millrace_engine::health::clear(&health);
+                    }
+                    return Ok(v);
+                }
                 Ok(Err(Failed::Final(e))) => return Err(e),
                 Ok(Err(Failed::Again(e))) => e,
                 Err(_) => format!("no answer within {attempt:?}"),
             };
+            // `/healthz` says so while the commits wait.
+            failed = true;
+            millrace_engine::health::report(&health, format!("{what} of shard {shard}: {why}"));
             if Instant::now() >= deadline {
                 return Err(LogError::Unavailable(format!(
                     "{}: {what} of shard {shard}, for {:?}: {why}",

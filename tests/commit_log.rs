@@ -854,9 +854,10 @@ fn a_log_down_past_its_timeout_stops_the_worker_and_a_restart_finishes_exactly()
     );
     let out = s.path("out.jsonl");
     let log_file = s.path("worker.log");
+    let http = format!("127.0.0.1:{}", free_port());
     let mut worker = Running(
         millrace()
-            .args(["run", topo.to_str().expect("path"), "--http", "off"])
+            .args(["run", topo.to_str().expect("path"), "--http", &http])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log_file).expect("log file"))
             .spawn()
@@ -881,8 +882,22 @@ fn a_log_down_past_its_timeout_stops_the_worker_and_a_restart_finishes_exactly()
         "the worker stopped over a restart of its log server: {}",
         std::fs::read_to_string(&log_file).unwrap_or_default()
     );
+    let health = || http_get(&http, "/healthz");
+    assert!(
+        wait_until(Duration::from_secs(30), || health()
+            .is_some_and(|(code, _)| code == 200)),
+        "healthy again once the log answers: {:?}",
+        health()
+    );
     nats.kill(0);
     let stopped = Instant::now();
+    // While the commits wait for the log, `/healthz` says so.
+    let mut seen = None;
+    wait_until(Duration::from_secs(30), || {
+        seen = health().filter(|(code, body)| *code == 503 && body.contains("commit log"));
+        seen.is_some() || worker.try_wait().ok().flatten().is_some()
+    });
+    assert!(seen.is_some(), "/healthz did not report the log down");
     let status = wait_exit(&mut worker, Duration::from_secs(60));
     let said = std::fs::read_to_string(&log_file).unwrap_or_default();
     assert!(

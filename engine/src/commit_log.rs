@@ -926,8 +926,10 @@ impl ExecutorLog {
                         .put(&snap.file, bytes)
                         .map_err(|e| e.to_string())
                 });
+            let health = format!("snapshot store {}", snapshots.store.describe());
             match written {
                 Ok(()) => {
+                    crate::health::clear(&health);
                     metrics
                         .log_snapshot_seconds
                         .observe(started.elapsed().as_secs_f64());
@@ -935,6 +937,7 @@ impl ExecutorLog {
                     s.unrecorded = Some(snap);
                 }
                 Err(e) => {
+                    crate::health::report(&health, format!("a snapshot of shard {}: {e}", s.name));
                     metrics.log_snapshot_failures.inc();
                     s.next_try = Instant::now() + SNAPSHOT_RETRY.max(started.elapsed() * 10);
                     tracing::warn!(shard = %s.name, store = %snapshots.store.describe(), error = %e, "a snapshot failed; the log keeps growing until one succeeds");
