@@ -198,6 +198,124 @@ fn kafka_in_and_out_is_exact_across_lost_machines() {
     exact_across_kills("", (60_000, 5_000), Some(&state));
 }
 
+/// Kafka -> count -> Kafka on three workers joined through etcd, with a
+/// commit log (NATS) and snapshots in S3 (SeaweedFS): each round, under
+/// load, a worker is SIGKILLed and its data directory deleted, as the loss
+/// of its machine would; the live workers take its shards over from the
+/// log and its snapshots, and it comes back on an empty directory. Every
+/// running count is in the output topic once, and the takeovers' times
+/// are printed. `KAFKA_ROUNDS` (default 3) and `KAFKA_LOG_SERVERS`
+/// (default 1; 3 for a replicated log) make the long version:
+/// `KAFKA_ROUNDS=10 KAFKA_LOG_SERVERS=3 cargo test --test kafka
+/// lost_machines_of_a_joined -- --nocapture`.
+#[test]
+fn kafka_in_and_out_is_exact_across_lost_machines_of_a_joined_deployment() {
+    const T: Duration = Duration::from_secs(90);
+    let env = |name: &str, default: usize| -> usize {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (rounds, servers) = (env("KAFKA_ROUNDS", 3), env("KAFKA_LOG_SERVERS", 1));
+    let broker = Broker::start();
+    broker.create_topic("words", PARTITIONS as u32);
+    broker.create_topic("counts", 2);
+    let s = Scratch::new();
+    let etcd = support::etcd::Etcd::start(&s.path("etcd"), "millrace/kafka-lost");
+    let nats = support::nats::Nats::start(s.dir.path(), servers);
+    let s3 = support::s3::S3::start("snapshots", std::array::from_fn(|_| free_port()));
+    let net = ClusterNet::new(3);
+    let head =
+        format!(
+        "[service]\ndata_dir = \"{{dir}}/data\"\n[state]\nlog = \"{}\"\nlog_replicas = {servers}\n\
+         snapshots = \"s3://snapshots/millrace\"\nsnapshot_log_bytes = 262144\n{}",
+        nats.log_url("kafka-joined"),
+        net.toml("kafka-joined").replacen(
+            "[cluster]\n",
+            &format!("[cluster]\nhandoff = \"file://{}\"\n", s.path("handoff").display()),
+            1
+        )
+    );
+    let topo = count_topology_on(&s, &broker.address(), &head, "");
+    let s3_env = s3.env();
+    let join = |i: usize| {
+        Running(
+            net.command(&topo, i)
+                .args(["--join", &etcd.join])
+                .envs(s3_env.iter().map(|(k, v)| (k, v)))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::inherit())
+                .spawn()
+                .expect("spawn millrace"),
+        )
+    };
+    let owned = |i: usize| metric(&net.http[i], "millrace_shards_owned").unwrap_or(0.0);
+    let out = |i: usize| records_out(&net.http[i]);
+    // words (2 shards), counts (4), out (1), bad (1).
+    let all = 8.0;
+    let mut all_words = words(30_000, 0);
+    produce(&broker, "words", &as_json(&all_words));
+    let mut workers: Vec<Running> = (0..3).map(join).collect();
+    assert!(
+        wait_until(T, || (0..3).map(owned).sum::<f64>() == all),
+        "the three workers claimed every shard"
+    );
+    let mut rng = Rng::from_env();
+    let mut taken_over = Vec::new();
+    for round in 0..rounds {
+        // A worker that runs shards, in turn.
+        let victim = (0..3)
+            .map(|k| (round + k) % 3)
+            .find(|&i| owned(i) > 0.0)
+            .expect("a worker runs shards");
+        assert!(
+            wait_until(T, || (0..3).map(out).sum::<f64>() > 0.0),
+            "round {round}: the sink writes"
+        );
+        std::thread::sleep(Duration::from_millis(rng.below(1_000)));
+        kill9(&mut workers[victim]);
+        std::fs::remove_dir_all(s.path("data").join(&net.ids[victim])).expect("rm -rf");
+        let killed = std::time::Instant::now();
+        let more = words(5_000, all_words.len());
+        produce(&broker, "words", &as_json(&more));
+        all_words.extend(more);
+        let live: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+        assert!(
+            wait_until(T, || live.iter().map(|&i| owned(i)).sum::<f64>() == all),
+            "round {round}: the live workers took over every shard of w{victim}"
+        );
+        taken_over.push(killed.elapsed());
+        workers[victim] = join(victim);
+        assert!(
+            wait_until(T, || owned(victim) >= 1.0),
+            "round {round}: w{victim}, back on an empty directory, took a share again"
+        );
+    }
+    let mut sorted = taken_over.clone();
+    sorted.sort();
+    eprintln!(
+        "takeover from SIGKILL to every shard running again, {rounds} rounds: {taken_over:?}; \
+         p50 {:?}, slowest {:?}",
+        sorted[sorted.len() / 2],
+        sorted.last()
+    );
+    let loaded: f64 = (0..3)
+        .map(|i| metric(&net.http[i], "millrace_log_replayed_entries_total").unwrap_or(0.0))
+        .sum();
+    assert!(loaded > 0.0, "shards were rebuilt from the log");
+    let got = complete_counts(&broker, &mut workers[0], all_words.len(), T.as_secs());
+    assert_eq!(
+        got,
+        expected(&all_words),
+        "per-word totals after {rounds} lost machines"
+    );
+    // Stopped at once: a SIGTERM would hand every shard to the others first.
+    for w in workers.iter_mut() {
+        kill9(w);
+    }
+}
+
 /// What the sink `out` has produced since its process started.
 fn records_out(http: &str) -> f64 {
     metric_sum(http, r#"millrace_kafka_records_out_total{component="out","#)
