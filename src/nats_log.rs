@@ -102,20 +102,38 @@ impl NatsLog {
                 let max_payload = client.server_info().max_payload;
                 let mut js = jetstream::new(client);
                 js.set_timeout(attempt_timeout(cfg.timeout));
-                let stream = js
-                    .get_or_create_stream(stream::Config {
-                        name: stream_name.clone(),
-                        subjects: vec![format!("{subject_prefix}.>")],
-                        num_replicas: cfg.replicas,
-                        storage: stream::StorageType::File,
-                        allow_direct: true,
-                        duplicate_window: DUPLICATE_WINDOW,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| {
-                        anyhow::anyhow!("creating or opening stream {stream_name}: {e}")
-                    })?;
+                let config = stream::Config {
+                    name: stream_name.clone(),
+                    subjects: vec![format!("{subject_prefix}.>")],
+                    num_replicas: cfg.replicas,
+                    storage: stream::StorageType::File,
+                    allow_direct: true,
+                    duplicate_window: DUPLICATE_WINDOW,
+                    ..Default::default()
+                };
+                // Servers started beside the workers may still be forming
+                // their cluster: attempts that time out or find JetStream
+                // not ready yet are made again until the log's timeout; an
+                // answer (a refusal) is final.
+                let stream = loop {
+                    match js.get_or_create_stream(config.clone()).await {
+                        Ok(stream) => break stream,
+                        Err(e) => {
+                            use async_nats::jetstream::context::CreateStreamErrorKind as K;
+                            let transient = match e.kind() {
+                                K::TimedOut | K::JetStreamUnavailable | K::Response => true,
+                                K::JetStream(j) => {
+                                    j.to_string().contains("temporarily unavailable")
+                                }
+                                _ => false,
+                            };
+                            if !transient || Instant::now() > deadline {
+                                anyhow::bail!("creating or opening stream {stream_name}: {e}");
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                };
                 anyhow::Ok((js, stream, max_payload))
             })
             .with_context(|| format!("connecting to the commit log {describe}"))?;
