@@ -437,6 +437,18 @@ fn check_stream(
              retention",
             config.retention
         )
+    } else if config.no_ack {
+        "does not acknowledge appends (no_ack); a commit waits for the log's \
+         acknowledgement"
+            .to_owned()
+    } else if config.persist_mode == Some(stream::PersistenceMode::Async) {
+        "acknowledges appends before it stores them (persist_mode async); a commit log's \
+         acknowledgement must mean stored"
+            .to_owned()
+    } else if config.subject_transform.is_some() || config.mirror.is_some() {
+        "moves what is appended to other subjects (a subject transform, or a mirror); each \
+         shard's entries must stay on its own subject"
+            .to_owned()
     } else if config.sealed || config.deny_purge {
         "is sealed or denies purges; a commit log is appended to, and cut below its \
          snapshots"

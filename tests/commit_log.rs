@@ -317,6 +317,36 @@ fn a_stream_that_would_not_keep_a_commit_log_is_refused() {
             "keeps 1 replicas, and log_replicas says 3",
         ),
         (
+            "noack",
+            Config {
+                no_ack: true,
+                ..ours("noack")
+            },
+            1,
+            "no_ack",
+        ),
+        (
+            "lazy",
+            Config {
+                persist_mode: Some(async_nats::jetstream::stream::PersistenceMode::Async),
+                ..ours("lazy")
+            },
+            1,
+            "persist_mode async",
+        ),
+        (
+            "moved",
+            Config {
+                subject_transform: Some(async_nats::jetstream::stream::SubjectTransform {
+                    source: "millrace.moved.>".into(),
+                    destination: "elsewhere.>".into(),
+                }),
+                ..ours("moved")
+            },
+            1,
+            "subject transform",
+        ),
+        (
             "tiny",
             Config {
                 max_message_size: 512,
