@@ -158,17 +158,17 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
             let log = crate::nats_log::NatsLog::connect(cfg)?;
             let snapshots = match &cfg.snapshots {
                 None => None,
-                Some(url) => Some(millrace_engine::commit_log::Snapshots {
-                    store: Arc::from(
+                Some(url) => Some(millrace_engine::commit_log::Snapshots::new(
+                    Arc::from(
                         crate::savepoints::open_bounded(url, cfg.timeout)
                             .with_context(|| format!("opening the snapshot store {url}"))?,
                     ),
-                    every_bytes: cfg.snapshot_log_bytes,
+                    cfg.snapshot_log_bytes,
                     // Apart from any other stream of the same name (on
                     // another cluster, or this one wiped and made again):
                     // each start removes what its folders hold unrecorded.
-                    deployment: format!("{}-{}", cfg.name, log.created()),
-                }),
+                    format!("{}-{}", cfg.name, log.created()),
+                )),
             };
             tracing::info!(
                 log = %millrace_engine::commit_log::CommitLog::describe(&log),

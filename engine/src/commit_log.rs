@@ -108,9 +108,43 @@ pub struct Snapshots {
     /// snapshots go under this folder, so that deployments may share a
     /// store without one removing the other's files.
     pub deployment: String,
+    /// Until then no call goes to the store: one failed, after holding its
+    /// executor for a while (shared by every executor of the worker, so
+    /// that a store that does not answer costs each one try, not one per
+    /// shard).
+    resting: std::sync::Arc<parking_lot::Mutex<Instant>>,
 }
 
 impl Snapshots {
+    /// Snapshots to `store` once a shard's log grew by `every_bytes`, under
+    /// the folder `deployment`.
+    pub fn new(
+        store: std::sync::Arc<dyn crate::savepoint::SavepointStore>,
+        every_bytes: u64,
+        deployment: String,
+    ) -> Snapshots {
+        Snapshots {
+            store,
+            every_bytes,
+            deployment,
+            resting: std::sync::Arc::new(parking_lot::Mutex::new(Instant::now())),
+        }
+    }
+
+    /// Whether the store is left alone for now.
+    fn resting(&self) -> bool {
+        Instant::now() < *self.resting.lock()
+    }
+
+    /// After a call that failed having taken `took`: the store is left
+    /// alone for ten times as long, and at least [`SNAPSHOT_RETRY`] (one
+    /// that does not answer then costs a tenth of the executors' time).
+    fn rest(&self, took: std::time::Duration) {
+        let until = Instant::now() + SNAPSHOT_RETRY.max(took * 10);
+        let mut r = self.resting.lock();
+        *r = (*r).max(until);
+    }
+
     /// The folder of shard `name`'s snapshots.
     fn folder(&self, name: &str) -> String {
         format!("{}/{}", self.deployment, escaped_name(name))
@@ -124,13 +158,18 @@ impl Snapshots {
     /// file a fenced-off writer is still writing is left for the next
     /// start; a failure is logged and loses nothing.
     /// `None` when the folder could not be listed.
-    fn remove_unrecorded(&self, name: &str, keep: Option<&Snapshot>) -> Option<usize> {
+    fn remove_unrecorded(&self, name: &str, keep: Option<&Snapshot>) -> usize {
+        if self.resting() {
+            return 0;
+        }
         let folder = self.folder(name);
+        let started = Instant::now();
         let names = match self.store.list(&folder) {
             Ok(names) => names,
             Err(e) => {
+                self.rest(started.elapsed());
                 tracing::warn!(shard = name, store = %self.store.describe(), error = %e, "the shard's snapshot folder could not be listed; files it no longer needs may stay");
-                return None;
+                return 0;
             }
         };
         let mut removed = 0;
@@ -152,7 +191,7 @@ impl Snapshots {
                 "removed snapshot files no log entry records"
             );
         }
-        Some(removed)
+        removed
     }
 }
 
@@ -675,9 +714,6 @@ pub(crate) struct ExecutorLog {
     shards: BTreeMap<Vec<u8>, LocalShard>,
     /// The distinct lengths of the local prefixes.
     prefix_lens: Vec<usize>,
-    /// Until then, starts do not list snapshot folders: the store did not
-    /// answer one (each try holds the executor up to the store's bound).
-    list_again: Instant,
 }
 
 struct LocalShard {
@@ -697,17 +733,11 @@ struct LocalShard {
     /// A snapshot recorded (its entry durable): the log is cut below it
     /// after the turn's release.
     to_cut: Option<Snapshot>,
-    /// No snapshot is tried before then (after one failed).
-    next_try: Instant,
 }
 
-/// How long a shard waits to try a snapshot again after one failed: at
-/// least this, and ten times as long as the failed try held the executor
-/// (a store that does not answer then costs it a tenth of its time).
+/// How long the snapshot store is left alone after a call failed, at
+/// least ([`Snapshots::rest`]).
 const SNAPSHOT_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// How long starts skip listing snapshot folders after a listing failed.
-const LIST_AGAIN: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl ExecutorLog {
     pub fn new(LogSetup { log, snapshots }: LogSetup) -> Self {
@@ -716,7 +746,6 @@ impl ExecutorLog {
             snapshots,
             shards: BTreeMap::new(),
             prefix_lens: Vec::new(),
-            list_again: Instant::now(),
         }
     }
 
@@ -742,13 +771,8 @@ impl ExecutorLog {
             .get(Cf::Meta, &layout::snapshot_key(prefix))?
             .as_deref()
             .and_then(Snapshot::decode);
-        if let Some(snapshots) = snapshots.filter(|_| Instant::now() >= self.list_again) {
-            if snapshots
-                .remove_unrecorded(&name, snapshot.as_ref())
-                .is_none()
-            {
-                self.list_again = Instant::now() + LIST_AGAIN;
-            }
+        if let Some(snapshots) = snapshots {
+            snapshots.remove_unrecorded(&name, snapshot.as_ref());
         }
         self.shards.insert(
             prefix.to_vec(),
@@ -761,7 +785,6 @@ impl ExecutorLog {
                 snapshot,
                 unrecorded: None,
                 to_cut: None,
-                next_try: Instant::now(),
             },
         );
         self.index();
@@ -900,13 +923,12 @@ impl ExecutorLog {
         let Some(snapshots) = &self.snapshots else {
             return;
         };
-        let now = Instant::now();
         for (prefix, s) in &mut self.shards {
-            if s.unrecorded.is_some()
-                || s.since_snapshot < snapshots.every_bytes
-                || now < s.next_try
-            {
+            if s.unrecorded.is_some() || s.since_snapshot < snapshots.every_bytes {
                 continue;
+            }
+            if snapshots.resting() {
+                return;
             }
             let started = Instant::now();
             let snap = Snapshot {
@@ -939,7 +961,7 @@ impl ExecutorLog {
                 Err(e) => {
                     crate::health::report(&health, format!("a snapshot of shard {}: {e}", s.name));
                     metrics.log_snapshot_failures.inc();
-                    s.next_try = Instant::now() + SNAPSHOT_RETRY.max(started.elapsed() * 10);
+                    snapshots.rest(started.elapsed());
                     tracing::warn!(shard = %s.name, store = %snapshots.store.describe(), error = %e, "a snapshot failed; the log keeps growing until one succeeds");
                 }
             }
@@ -1027,11 +1049,8 @@ mod tests {
 
     /// Snapshots every 4 KiB into `dir`, an empty log, and metrics.
     fn snapshotted(dir: &std::path::Path) -> (Snapshots, Arc<MemoryLog>, Metrics) {
-        let snapshots = Snapshots {
-            store: Arc::new(crate::savepoint::DirStore::new(dir)),
-            every_bytes: 4096,
-            deployment: "test".into(),
-        };
+        let store = Arc::new(crate::savepoint::DirStore::new(dir));
+        let snapshots = Snapshots::new(store, 4096, "test".into());
         (snapshots, Arc::new(MemoryLog::default()), Metrics::new())
     }
 

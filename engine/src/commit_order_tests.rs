@@ -406,11 +406,8 @@ fn state_of(d: &std::path::Path) -> Vec<(Vec<u8>, Vec<u8>)> {
 fn with_snapshots_the_log_is_cut_and_still_rebuilds_the_worker() {
     let log = Arc::new(MemoryLog::default());
     let files = tempfile::tempdir().expect("temp dir");
-    let snapshots = crate::commit_log::Snapshots {
-        store: Arc::new(crate::savepoint::DirStore::new(files.path())),
-        every_bytes: 4096,
-        deployment: "test".into(),
-    };
+    let store = Arc::new(crate::savepoint::DirStore::new(files.path()));
+    let snapshots = crate::commit_log::Snapshots::new(store, 4096, "test".into());
     let dir = tempfile::tempdir().expect("temp dir");
     let run = run_logged(
         dir.path(),

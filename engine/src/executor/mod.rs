@@ -362,7 +362,8 @@ impl Executor {
                     shared.shard_log_seq[at].store(last as i64, Ordering::Relaxed);
                     shared.shard_snapshot_seq[at].store(snapshot as i64, Ordering::Relaxed);
                 }
-                if !halting {
+                // Not while draining: a stop should not wait on the store.
+                if !halting && !self.shared.stopping.load(Ordering::SeqCst) {
                     log.snapshot_due(&self.store, &self.shared.metrics);
                 }
             }
