@@ -530,6 +530,10 @@ impl CommitLog for NatsLog {
     fn describe(&self) -> String {
         self.describe.clone()
     }
+
+    fn identity(&self) -> String {
+        self.created.clone()
+    }
 }
 
 #[cfg(test)]

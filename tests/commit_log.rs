@@ -854,7 +854,7 @@ fn a_log_is_read_only_with_the_shard_layout_it_was_written_with() {
         "started in another layout: {said}"
     );
     assert!(
-        said.contains("other shard counts") && said.contains("engine.shards: 2 in the log, 4 here"),
+        said.contains("other shard counts") && said.contains("engine.shards: 2 there, 4 here"),
         "{said}"
     );
     assert_eq!(

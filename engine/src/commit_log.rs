@@ -48,7 +48,8 @@ pub enum LogError {
     /// incarnation extended it.
     #[error(
         "the commit log of shard {shard} no longer ends at {expected}: another worker has \
-         taken the shard over, and this worker's copy of it is stale"
+         taken the shard over (or someone else changed the log), and this worker's copy of it \
+         is stale"
     )]
     Fenced {
         /// The shard's name in the log.
@@ -93,6 +94,12 @@ pub trait CommitLog: Send + Sync + 'static {
 
     /// Where the log is, for messages.
     fn describe(&self) -> String;
+
+    /// Names this log apart from any other of the same name: the same for
+    /// as long as it keeps its entries, another once it was made again (its
+    /// servers' storage lost) or on other servers. A store that applied
+    /// entries of one log refuses another.
+    fn identity(&self) -> String;
 }
 
 /// Where shards' snapshots go, and how often: with them, a shard's log is
@@ -362,72 +369,48 @@ fn log_behind(
 /// The log's name for the deployment's shard layout (no `.`: no shard's).
 const LAYOUT: &str = "layout";
 
-/// What a log's layout record says: `engine.shards N`, then a line
-/// `COMPONENT SHARDS` per component.
-fn layout_record(plan: &crate::plan::Plan) -> String {
-    let mut record = format!("engine.shards {}\n", plan.topology.engine.shards);
-    for node in &plan.nodes {
-        record.push_str(&format!("{} {}\n", node.name, node.shards));
-    }
-    record
-}
-
-/// Makes sure the log holds one shard layout: the first start on a log
-/// records `plan`'s; every later one must have the same `engine.shards`
-/// and the same shard count for each component both have (components may
-/// come and go). A log's entries are per shard: read into another layout,
-/// each shard would take a part of another's keys.
+/// Makes sure the log is read only in the shard layout it was written with
+/// ([`crate::plan::Plan::shard_layout`]): the first start on a log records
+/// the plan's; a later one must have the same count for every component
+/// the records name, and records the components they do not. Checked
+/// before anything else of the start: a refused one changes nothing.
 pub(crate) fn check_layout(
     log: &dyn CommitLog,
     plan: &crate::plan::Plan,
 ) -> Result<(), EngineError> {
-    let want = layout_record(plan);
     for _ in 0..FENCE_ATTEMPTS {
-        let mut had: Option<Vec<u8>> = None;
+        let mut had: Vec<String> = Vec::new();
         let end = log.read(LAYOUT, 0, &mut |_, entry| {
-            had.get_or_insert_with(|| entry.to_vec());
+            had.push(String::from_utf8_lossy(entry).into_owned());
             Ok(())
         })?;
-        let Some(had) = had else {
-            let first = Append {
-                shard: LAYOUT,
-                after: end,
-                incarnation: incarnation(),
-                bytes: want.as_bytes(),
-            };
-            match log.append(&[first]) {
-                Ok(_) => return Ok(()),
-                // Another worker recorded one first: read it.
-                Err(LogError::Fenced { .. }) => continue,
-                Err(e) => return Err(e.into()),
+        let had: Vec<&str> = had.iter().map(String::as_str).collect();
+        let record = match plan.shard_layout_against(&had) {
+            Ok(None) => return Ok(()),
+            Ok(Some(record)) => record,
+            Err(differs) => {
+                return Err(EngineError::Layout(format!(
+                    "the commit log at {} was written with other shard counts ({}): its \
+                     entries are per shard and cannot be read into another layout. Nothing \
+                     was changed; keep the shard counts, or take a savepoint and load it into \
+                     a deployment with a log name of its own",
+                    log.describe(),
+                    differs.join("; ")
+                )))
             }
         };
-        let had = String::from_utf8_lossy(&had);
-        let parse = |r: &str| -> BTreeMap<String, String> {
-            r.lines()
-                .filter_map(|l| l.rsplit_once(' '))
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect()
+        let next = Append {
+            shard: LAYOUT,
+            after: end,
+            incarnation: incarnation(),
+            bytes: record.as_bytes(),
         };
-        let (had_map, want_map) = (parse(&had), parse(&want));
-        let differs: Vec<String> = want_map
-            .iter()
-            .filter_map(|(k, v)| match had_map.get(k) {
-                Some(h) if h != v => Some(format!("{k}: {h} in the log, {v} here")),
-                _ => None,
-            })
-            .collect();
-        if differs.is_empty() {
-            return Ok(());
+        match log.append(&[next]) {
+            Ok(_) => return Ok(()),
+            // Another worker recorded one first: read again.
+            Err(LogError::Fenced { .. }) => continue,
+            Err(e) => return Err(e.into()),
         }
-        return Err(EngineError::Layout(format!(
-            "the commit log at {} was written by a topology with other shard counts ({}): \
-             its entries are per shard and cannot be read into another layout. Nothing was \
-             changed; keep the shard counts, or take a savepoint and load it into a \
-             deployment with a log name of its own",
-            log.describe(),
-            differs.join("; ")
-        )));
     }
     Err(EngineError::Fatal(format!(
         "the commit log at {}: the shard layout record kept changing while this worker read it",
@@ -607,14 +590,28 @@ pub(crate) fn fence(
             Err(e) => Err(e.into()),
         }
     };
+    let identity_key = layout::log_identity_key(prefix);
+    let identity = log.identity();
     for _ in 0..FENCE_ATTEMPTS {
         // Where the log ends now (a part of an unfinished entry included).
         let end = log.read(name, u64::MAX, &mut |_, _| Ok(()))?;
         let applied = applied_of(store, prefix)?;
+        // Both checked before anything is appended: a start refused here
+        // changes nothing, however often it is tried.
         if end < applied {
-            // Checked before anything is appended: a start refused here
-            // changes nothing, however often it is tried.
             return Err(log_behind(log, store, name, (applied, end)));
+        }
+        let applied_from = store.get(Cf::Meta, &identity_key)?;
+        if let Some(had) = applied_from.filter(|had| applied > 0 && had != identity.as_bytes()) {
+            return Err(EngineError::Layout(format!(
+                "shard {name}: {} applied the entries of another commit log than the one at {} \
+                 (made again since, its servers' storage lost, or another deployment's of the \
+                 same name: it was {}, it is {identity}). Nothing was changed; start on the log \
+                 the directory was written with, or from an empty data directory",
+                store.path().display(),
+                log.describe(),
+                String::from_utf8_lossy(&had)
+            )));
         }
         let copy = applied == 0 && holds_data(store, prefix)?;
         let first = if copy {
@@ -641,13 +638,15 @@ pub(crate) fn fence(
         let Some(fenced) = append_one(end, &first)? else {
             continue;
         };
+        // From here on the store applies this log's entries.
+        let mut b = store.batch();
+        b.put(Cf::Meta, &identity_key, identity.as_bytes());
         if copy {
             // The log had no whole entry before the copy: the store holds
             // everything up to it already.
-            let mut b = store.batch();
             b.put(Cf::Meta, &seq_key, &fenced.to_be_bytes());
-            store.commit(b)?;
         }
+        store.commit(b)?;
         let caught_up = catch_up(log, store, (name, prefix), snapshots, metrics)?;
         if caught_up < fenced {
             return Err(EngineError::Fatal(format!(
@@ -684,13 +683,13 @@ pub(crate) fn fence(
 }
 
 /// Every key the store holds of the shard with `prefix` but its place in
-/// the log, as one entry.
+/// a log, as one entry.
 fn shard_copy(store: &Store, prefix: &[u8]) -> Result<Vec<u8>, EngineError> {
-    let seq_key = layout::log_seq_key(prefix);
+    let position = layout::log_position_keys(prefix);
     let mut batch = store.batch();
     for cf in Cf::ALL {
         store.for_each_prefix(cf, prefix, |k, v| {
-            if !(cf == Cf::Meta && k == seq_key.as_slice()) {
+            if !(cf == Cf::Meta && position.iter().any(|p| p == k)) {
                 batch.put(cf, k, v);
             }
             true
@@ -974,11 +973,23 @@ type Entry = (u64, Vec<u8>);
 
 /// A commit log in memory, with the fencing of a real one: for tests, and
 /// to try the engine's commit order without a log server.
-#[derive(Default)]
 pub struct MemoryLog {
     /// Per shard: its entries, by sequence.
     logs: parking_lot::Mutex<BTreeMap<String, Vec<Entry>>>,
     next: std::sync::atomic::AtomicU64,
+    /// Its identity: one per log made.
+    made: u64,
+}
+
+impl Default for MemoryLog {
+    fn default() -> MemoryLog {
+        static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        MemoryLog {
+            logs: Default::default(),
+            next: Default::default(),
+            made: MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
 }
 
 impl MemoryLog {
@@ -1033,6 +1044,10 @@ impl CommitLog for MemoryLog {
 
     fn describe(&self) -> String {
         "memory".into()
+    }
+
+    fn identity(&self) -> String {
+        format!("memory-{}", self.made)
     }
 }
 
@@ -1212,6 +1227,45 @@ mod tests {
             "{err}"
         );
         assert_eq!(seq_of(&b), None);
+    }
+
+    /// A store that applied one log's entries is refused by another of the
+    /// same name (the first made again, say, and written past the store
+    /// by someone else since), before anything is appended; on its own log
+    /// it starts, and the identity travels with a rebuild elsewhere.
+    #[test]
+    fn a_store_is_refused_by_another_log_than_the_one_it_applied() {
+        let (_a, a) = store();
+        let p = prefix();
+        let m = Metrics::new();
+        let first = MemoryLog::default();
+        let seq = fence(&first, &a, ("counts.1", &p), (1, None), true, &m).expect("fence");
+        // Another log whose shard ends past what the store applied.
+        let second = MemoryLog::default();
+        for _ in 0..seq + 3 {
+            let padding = Append {
+                shard: "counts.1",
+                after: second
+                    .read("counts.1", u64::MAX, &mut |_, _| Ok(()))
+                    .expect("end"),
+                incarnation: 9,
+                bytes: &empty_entry(),
+            };
+            second.append(&[padding]).expect("append");
+        }
+        let before = second.len_of("counts.1");
+        let err = fence(&second, &a, ("counts.1", &p), (2, None), true, &m).unwrap_err();
+        assert!(err.to_string().contains("another commit log"), "{err}");
+        assert_eq!(second.len_of("counts.1"), before, "nothing appended");
+        assert_eq!(seq_of(&a), Some(seq), "nothing changed");
+        // Its own log takes it; a store rebuilt from it elsewhere carries
+        // the same identity.
+        fence(&first, &a, ("counts.1", &p), (3, None), true, &m).expect("its own log");
+        let (_b, b) = store();
+        fence(&first, &b, ("counts.1", &p), (4, None), true, &m).expect("rebuilt");
+        let identity = |s: &Store| s.get(Cf::Meta, &layout::log_identity_key(&p)).expect("get");
+        assert_eq!(identity(&b), Some(first.identity().into_bytes()));
+        assert_eq!(identity(&a), identity(&b));
     }
 
     /// Data the log never saw (a savepoint loaded into the directory) on

@@ -158,9 +158,20 @@ pub(crate) fn log_seq_key(prefix: &[u8]) -> Vec<u8> {
 }
 
 /// The meta keys of a shard's place in a commit log: its last entry
-/// applied ([`log_seq_key`]) and its last snapshot ([`snapshot_key`]).
-pub(crate) fn log_position_keys(prefix: &[u8]) -> [Vec<u8>; 2] {
-    [log_seq_key(prefix), snapshot_key(prefix)]
+/// applied ([`log_seq_key`]), its last snapshot ([`snapshot_key`]) and
+/// which log that is ([`log_identity_key`]).
+pub(crate) fn log_position_keys(prefix: &[u8]) -> [Vec<u8>; 3] {
+    [
+        log_seq_key(prefix),
+        snapshot_key(prefix),
+        log_identity_key(prefix),
+    ]
+}
+
+/// Meta key of the commit log the shard's entries were applied from (its
+/// `CommitLog::identity`).
+pub(crate) fn log_identity_key(prefix: &[u8]) -> Vec<u8> {
+    KeyWriter::from_prefix(prefix).tag(b'n').finish()
 }
 
 /// Meta key of the shard's last snapshot (see `commit_log.rs`).
@@ -209,6 +220,12 @@ pub(crate) fn clearing_key(prefix: &[u8]) -> Vec<u8> {
 /// Meta key of the shard count the directory was written with.
 pub(crate) fn shards_key() -> Vec<u8> {
     KeyWriter::new().str("").str("shards").finish()
+}
+
+/// Meta key of the shard counts per component the directory was written
+/// with ([`crate::plan::Plan::shard_layout`]).
+pub(crate) fn shard_layout_key() -> Vec<u8> {
+    KeyWriter::new().str("").str("shard-layout").finish()
 }
 
 /// Reads a big-endian u64 or i64 stored by a checkpoint.

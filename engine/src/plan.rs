@@ -326,6 +326,54 @@ impl Plan {
         })
     }
 
+    /// The shard counts keys are laid out by, as a record to keep beside
+    /// the data (a data directory, a commit log): `engine.shards N`, then
+    /// a line `COMPONENT SHARDS` per component. A key belongs to the shard
+    /// its hash gives under these counts: read into other counts, a shard
+    /// would hold a part of another's keys (or none of its own).
+    pub fn shard_layout(&self) -> String {
+        let mut record = format!("engine.shards {}\n", self.topology.engine.shards);
+        for node in &self.nodes {
+            record.push_str(&format!("{} {}\n", node.name, node.shards));
+        }
+        record
+    }
+
+    /// Compares this plan's [`Plan::shard_layout`] with the records `had`
+    /// kept so far: the counts that differ, as `NAME: N there, M here`
+    /// (components may come and go; a count may not change), and, when
+    /// there are none, the record to keep from now on (`had`'s names and
+    /// this plan's, `None` when that is what `had` says already).
+    pub fn shard_layout_against(&self, had: &[&str]) -> Result<Option<String>, Vec<String>> {
+        let read = |record: &str| -> Vec<(String, String)> {
+            record
+                .lines()
+                .filter_map(|l| l.rsplit_once(' '))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        };
+        let mut kept: std::collections::BTreeMap<String, String> =
+            had.iter().flat_map(|r| read(r)).collect();
+        let mut differs = Vec::new();
+        let mut new = false;
+        for (name, count) in read(&self.shard_layout()) {
+            match kept.get(&name) {
+                Some(was) if *was != count => {
+                    differs.push(format!("{name}: {was} there, {count} here"))
+                }
+                Some(_) => {}
+                None => {
+                    new = true;
+                    kept.insert(name, count);
+                }
+            }
+        }
+        if !differs.is_empty() {
+            return Err(differs);
+        }
+        Ok(new.then(|| kept.iter().map(|(k, v)| format!("{k} {v}\n")).collect()))
+    }
+
     /// A fingerprint of what workers must agree on: components, shards,
     /// edges and the worker list. Two workers with different fingerprints
     /// refuse each other.
@@ -536,6 +584,55 @@ type = "nothing"
 inputs = ["gen"]
 "#
         ))
+    }
+
+    /// The shard counts a directory or a log keeps: the same plan agrees,
+    /// a component may come (and is then kept) or go, and no count may
+    /// change, be it `engine.shards` or a source's own.
+    #[test]
+    fn shard_layouts_take_new_components_and_refuse_other_counts() {
+        let with = |engine: u32, gen: u32, more: bool| {
+            plan(&format!(
+                "[engine]\nshards = {engine}\n[sources.gen]\ntype = \"nothing\"\nshards = {gen}\n{}\
+                 [computations.count]\ntype = \"nothing\"\ninputs = [\"gen\"]\n",
+                if more { "[sources.more]\ntype = \"nothing\"\nshards = 3\n" } else { "" }
+            ))
+        };
+        let first = with(4, 2, false).shard_layout();
+        assert_eq!(first, "engine.shards 4\ngen 2\ncount 4\n");
+        assert_eq!(with(4, 2, false).shard_layout_against(&[&first]), Ok(None));
+        assert_eq!(
+            with(4, 4, false).shard_layout_against(&[&first]),
+            Err(vec!["gen: 2 there, 4 here".to_owned()])
+        );
+        assert_eq!(
+            with(8, 2, false).shard_layout_against(&[&first]),
+            Err(vec![
+                "engine.shards: 4 there, 8 here".to_owned(),
+                "count: 4 there, 8 here".to_owned()
+            ])
+        );
+        let grown = with(4, 2, true)
+            .shard_layout_against(&[&first])
+            .expect("a new component")
+            .expect("a record with it");
+        assert!(
+            grown.contains("more 3\n") && grown.contains("gen 2\n"),
+            "{grown}"
+        );
+        // Gone, and back with another count: refused all the same.
+        assert_eq!(
+            with(4, 2, false).shard_layout_against(&[&first, &grown]),
+            Ok(None)
+        );
+        let other = plan(
+            "[engine]\nshards = 4\n[sources.more]\ntype = \"nothing\"\nshards = 5\n\
+             [computations.count]\ntype = \"nothing\"\ninputs = [\"more\"]\n",
+        );
+        assert_eq!(
+            other.shard_layout_against(&[&first, &grown]),
+            Err(vec!["more: 3 there, 5 here".to_owned()])
+        );
     }
 
     #[test]

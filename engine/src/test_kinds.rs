@@ -23,6 +23,10 @@ impl Source for Nothing {
     fn position(&self) -> Vec<u8> {
         Vec::new()
     }
+    /// Splits into any number of shards (of nothing).
+    fn assign(&mut self, _: &crate::api::SourceShard) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl Computation for Nothing {

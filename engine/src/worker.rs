@@ -854,5 +854,29 @@ fn check_layout(store: &Store, plan: &Plan, me: usize) -> Result<(), EngineError
             store.commit(b)?;
         }
     }
+    // Each component's own count too (a source's `shards`): a shard of
+    // another count would find none of its keys, and read again what was
+    // read. Components may come and go.
+    let key = crate::layout::shard_layout_key();
+    let had = store
+        .get(Cf::Meta, &key)?
+        .map(|v| String::from_utf8_lossy(&v).into_owned());
+    let had: Vec<&str> = had.iter().map(String::as_str).collect();
+    match plan.shard_layout_against(&had) {
+        Ok(None) => {}
+        Ok(Some(record)) => {
+            let mut b = store.batch();
+            b.put(Cf::Meta, &key, record.as_bytes());
+            store.commit(b)?;
+        }
+        Err(differs) => {
+            return Err(EngineError::Layout(format!(
+                "{} was written with other shard counts ({}). Use the same shard counts, or \
+                 a new data_dir",
+                store.path().display(),
+                differs.join("; ")
+            )))
+        }
+    }
     Ok(())
 }
