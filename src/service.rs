@@ -155,6 +155,10 @@ pub fn run(file: &Path, registry: &Registry, opts: RunOptions) -> Result<()> {
     let commit_log = match &topology.state.log {
         None => None,
         Some(cfg) => {
+            // Component options first: a topology refused for them should
+            // not have made the log's stream.
+            millrace_engine::Plan::build(topology.clone(), registry)
+                .context("checking component options")?;
             let log = crate::nats_log::NatsLog::connect(cfg)?;
             let snapshots = match &cfg.snapshots {
                 None => None,
