@@ -210,10 +210,11 @@ impl NatsLog {
     /// part's) sequence.
     async fn append_one(&self, a: &Append<'_>) -> Result<u64, LogError> {
         let subject = self.subject(a.shard)?;
-        let parts: Vec<&[u8]> = if a.bytes.is_empty() {
-            vec![a.bytes]
+        let packed = pack(a.bytes);
+        let parts: Vec<&[u8]> = if packed.is_empty() {
+            vec![&packed]
         } else {
-            a.bytes.chunks(self.max_part).collect()
+            packed.chunks(self.max_part).collect()
         };
         let n = parts.len();
         let mut after = a.after;
@@ -371,7 +372,7 @@ impl NatsLog {
                     // An entry in one piece; the parts of one begun before
                     // it were never finished.
                     partial = None;
-                    f(seq, &msg.payload)?;
+                    f(seq, &unpack(shard, seq, &msg.payload)?)?;
                 }
                 Some(Err(bad)) => {
                     return Err(LogError::Malformed {
@@ -399,7 +400,7 @@ impl NatsLog {
                     };
                     buf.extend_from_slice(&msg.payload);
                     if k == n {
-                        f(seq, &buf)?;
+                        f(seq, &unpack(shard, seq, &buf)?)?;
                     } else {
                         partial = Some((k, n, buf));
                     }
@@ -479,6 +480,59 @@ fn check_stream(
     )
 }
 
+/// The first bytes of a zstd frame. No entry millrace writes unpacked
+/// starts so (a batch starts with its sequence, 0; a layout record with
+/// text).
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// Entries up to this size are compressed (and no compressed entry may
+/// unpack to more); larger ones (a first copy of a large shard) go as
+/// they are.
+const PACK_UP_TO: usize = 64 << 20;
+
+/// An entry as it goes to the log: compressed (zstd, level 1) when that
+/// makes it smaller. The log servers replicate and store every byte, and
+/// on a machine they share with the workers their CPU is what bounds a
+/// logged pipeline (docs/PERFORMANCE.md, "The commit log").
+fn pack(entry: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if entry.len() < 64 || entry.len() > PACK_UP_TO {
+        return entry.into();
+    }
+    match zstd::bulk::compress(entry, 1) {
+        Ok(packed) if packed.len() < entry.len() => packed.into(),
+        _ => entry.into(),
+    }
+}
+
+/// An entry as it was appended: unpacked if it was packed. A frame that
+/// does not say its size, says more than [`PACK_UP_TO`], or does not
+/// decode is not an entry millrace wrote.
+fn unpack<'a>(
+    shard: &str,
+    seq: u64,
+    read: &'a [u8],
+) -> Result<std::borrow::Cow<'a, [u8]>, LogError> {
+    if !read.starts_with(&ZSTD_MAGIC) {
+        return Ok(read.into());
+    }
+    let malformed = |why: String| LogError::Malformed {
+        shard: shard.to_owned(),
+        seq,
+        why,
+    };
+    let size = match zstd::zstd_safe::get_frame_content_size(read) {
+        Ok(Some(n)) if n <= PACK_UP_TO as u64 => n as usize,
+        other => {
+            return Err(malformed(format!(
+                "a compressed entry of unknown or excessive size ({other:?})"
+            )))
+        }
+    };
+    zstd::bulk::decompress(read, size)
+        .map(Into::into)
+        .map_err(|e| malformed(format!("a compressed entry that does not decode: {e}")))
+}
+
 /// How an attempt at the log failed.
 enum Failed {
     /// Worth another attempt (the server unreachable, restarting, without
@@ -539,6 +593,34 @@ impl CommitLog for NatsLog {
 #[cfg(test)]
 mod tests {
     use super::parse_part;
+
+    #[test]
+    fn entries_are_packed_when_that_helps_and_unpacked_as_they_were() {
+        use super::{pack, unpack, ZSTD_MAGIC};
+        // A batch-like entry: repetitive keys.
+        let mut entry = vec![0u8; 12];
+        for i in 0..500u32 {
+            entry.extend_from_slice(format!("counts.1/state/key-{}=", i % 50).as_bytes());
+            entry.extend_from_slice(&i.to_be_bytes());
+        }
+        let packed = pack(&entry);
+        assert!(packed.starts_with(&ZSTD_MAGIC) && packed.len() * 3 < entry.len());
+        assert_eq!(unpack("s.0", 1, &packed).expect("unpacks"), &entry[..]);
+        // Small or incompressible: as it is, and read back as it is.
+        for raw in [vec![0u8; 12], b"engine.shards 4\n".to_vec()] {
+            assert_eq!(pack(&raw), &raw[..]);
+            assert_eq!(unpack("s.0", 1, &raw).expect("as is"), &raw[..]);
+        }
+        // Not millrace's: a frame that lies about its size, or garbage
+        // after the magic, is malformed, not a panic or a huge allocation.
+        let mut bomb = zstd::bulk::compress(&vec![0u8; 1 << 20], 1).expect("compress");
+        assert!(unpack("s.0", 1, &bomb).is_ok());
+        bomb[4..].iter_mut().for_each(|b| *b = 0xff);
+        assert!(unpack("s.0", 2, &bomb).is_err());
+        let mut garbage = ZSTD_MAGIC.to_vec();
+        garbage.extend_from_slice(b"not a frame");
+        assert!(unpack("s.0", 3, &garbage).is_err());
+    }
 
     #[test]
     fn part_headers_are_k_of_n() {
