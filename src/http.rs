@@ -437,7 +437,14 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
                         serde_json::json!({ "shard": shard, "seq": seq, "snapshot_seq": snapshot })
                     })
                     .collect();
-                body["commit_log"] = serde_json::json!({ "shards": shards });
+                let log = w.log_describe().unwrap_or_default();
+                // What /healthz says of it: commits waiting on it now.
+                let waiting = millrace_engine::health::problems()
+                    .into_iter()
+                    .find(|(what, _)| what == &format!("commit log {log}"))
+                    .map(|(_, why)| why);
+                body["commit_log"] =
+                    serde_json::json!({ "log": log, "waiting": waiting, "shards": shards });
             }
             if let Some(mut seen) = state.ownership.get().and_then(|o| o.lock().clone()) {
                 let now = crate::ownership::now_ms();

@@ -737,6 +737,12 @@ fn with_snapshots_the_log_stays_bounded_and_rebuilds_a_lost_worker() {
         shards.iter().any(|s| s["snapshot_seq"].as_u64() > Some(0)),
         "{status}"
     );
+    assert_eq!(
+        status["commit_log"]["log"].as_str(),
+        Some(nats.log_url("bounded").as_str()),
+        "{status}"
+    );
+    assert!(status["commit_log"]["waiting"].is_null(), "{status}");
     assert!(taken >= 4.0, "{taken} snapshots");
     assert!(
         bytes < 2 << 20 && (bytes as f64) < appended / 5.0,

@@ -571,6 +571,11 @@ impl Worker {
         (shard < node.shards).then_some(node.first_sid + shard)
     }
 
+    /// Where the commit log is (`[state] log`), for operators.
+    pub fn log_describe(&self) -> Option<String> {
+        self.commit_log.as_ref().map(|setup| setup.log.describe())
+    }
+
     /// With a commit log: per shard this worker runs, its name, the
     /// sequence of its last durable log entry and of its last snapshot (0:
     /// none), as its executor last published them. None without a log.
