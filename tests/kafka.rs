@@ -375,7 +375,13 @@ fn exact_across_kills(
         std::thread::sleep(Duration::from_millis(rng.below(1_000)));
         kill9(&mut w);
         if lost.is_some() {
-            std::fs::remove_dir_all(s.path("data")).expect("delete the data directory");
+            // Killed right at its start, a worker may not have made it yet.
+            match std::fs::remove_dir_all(s.path("data")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    panic!("delete the data directory: {e}")
+                }
+                _ => {}
+            }
         }
         let more = words(per_kill, all.len());
         produce(&broker, "words", &as_json(&more));
