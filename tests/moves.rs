@@ -102,10 +102,13 @@ fn a_worker_that_joins_under_load_takes_its_share_and_hands_it_back_when_it_leav
         wait_until(T, || owned(&net.http[3]) >= 2.0),
         "the joining worker took its share"
     );
-    let moved_in = metric(&net.http[3], "millrace_shard_moves_total{direction=\"in\"}");
+    // A claim starts the shard, then counts the move: awaited, not read
+    // once.
+    let moved_in = || metric(&net.http[3], "millrace_shard_moves_total{direction=\"in\"}");
     assert!(
-        moved_in.is_some_and(|n| n >= 2.0),
-        "moves counted: {moved_in:?}"
+        wait_until(T, || moved_in().is_some_and(|n| n >= 2.0)),
+        "moves counted: {:?}",
+        moved_in()
     );
     assert!(
         lines(&s.path("out.jsonl")).len() < records as usize,

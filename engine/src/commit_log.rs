@@ -804,6 +804,16 @@ impl ExecutorLog {
         self.index();
     }
 
+    /// Stops appending for every shard (the executor halts): each snapshot
+    /// written and not yet recorded is removed, as [`ExecutorLog::stop`]
+    /// does for one.
+    pub fn stop_all(&mut self) {
+        let prefixes: Vec<Vec<u8>> = self.shards.keys().cloned().collect();
+        for prefix in prefixes {
+            self.stop(&prefix);
+        }
+    }
+
     fn index(&mut self) {
         self.prefix_lens = self.shards.keys().map(Vec::len).collect();
         self.prefix_lens.sort_unstable();

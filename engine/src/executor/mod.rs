@@ -368,6 +368,9 @@ impl Executor {
                 }
             }
             if halting {
+                if let Some(log) = &mut self.log {
+                    log.stop_all();
+                }
                 return Ok(());
             }
             self.control()?;
