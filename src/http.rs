@@ -439,9 +439,10 @@ async fn handle(mut stream: TcpStream, state: Arc<HttpState>) -> std::io::Result
                     .collect();
                 let log = w.log_describe().unwrap_or_default();
                 // What /healthz says of it: commits waiting on it now.
+                let name = millrace_engine::commit_log::health_name(&log);
                 let waiting = millrace_engine::health::problems()
                     .into_iter()
-                    .find(|(what, _)| what == &format!("commit log {log}"))
+                    .find(|(what, _)| *what == name)
                     .map(|(_, why)| why);
                 body["commit_log"] =
                     serde_json::json!({ "log": log, "waiting": waiting, "shards": shards });

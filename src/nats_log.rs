@@ -64,6 +64,8 @@ pub struct NatsLog {
     max_part: usize,
     /// When the stream was created (Unix nanoseconds, hex).
     created: String,
+    /// What `/healthz` calls it while commits wait on it.
+    health: String,
 }
 
 impl NatsLog {
@@ -174,6 +176,7 @@ impl NatsLog {
             );
         }
         let created = format!("{:x}", info.created.unix_timestamp_nanos());
+        let health = millrace_engine::commit_log::health_name(&describe);
         Ok(NatsLog {
             runtime,
             js,
@@ -183,6 +186,7 @@ impl NatsLog {
             timeout: cfg.timeout,
             max_part: limit - HEADER_ROOM,
             created,
+            health,
         })
     }
 
@@ -278,13 +282,12 @@ impl NatsLog {
         let deadline = Instant::now() + self.timeout;
         let attempt = attempt_timeout(self.timeout);
         let mut pause = Duration::from_millis(20);
-        let health = format!("commit log {}", self.describe);
         let mut failed = false;
         loop {
             let why = match tokio::time::timeout(attempt, op()).await {
                 Ok(Ok(v)) => {
                     if failed {
-                        millrace_engine::health::clear(&health);
+                        millrace_engine::health::clear(&self.health);
                     }
                     return Ok(v);
                 }
@@ -294,7 +297,10 @@ impl NatsLog {
             };
             // `/healthz` says so while the commits wait.
             failed = true;
-            millrace_engine::health::report(&health, format!("{what} of shard {shard}: {why}"));
+            millrace_engine::health::report(
+                &self.health,
+                format!("{what} of shard {shard}: {why}"),
+            );
             if Instant::now() >= deadline {
                 return Err(LogError::Unavailable(format!(
                     "{}: {what} of shard {shard}, for {:?}: {why}",

@@ -111,9 +111,10 @@ pub struct Snapshots {
     /// A shard is snapshotted once this many bytes went to its log since
     /// its last snapshot.
     pub every_bytes: u64,
-    /// The deployment's name in the log (`[state] log`'s NAME): its
-    /// snapshots go under this folder, so that deployments may share a
-    /// store without one removing the other's files.
+    /// The folder of the deployment's snapshots: the log's name and its
+    /// identity (`NAME-CREATED`), so that deployments may share a store,
+    /// even two of one name on different log servers, without one
+    /// removing the other's files.
     pub deployment: String,
     /// Until then no call goes to the store: one failed, after holding its
     /// executor for a while (shared by every executor of the worker, so
@@ -164,7 +165,6 @@ impl Snapshots {
     /// [`fence`], so that no other writer can still record a snapshot. A
     /// file a fenced-off writer is still writing is left for the next
     /// start; a failure is logged and loses nothing.
-    /// `None` when the folder could not be listed.
     fn remove_unrecorded(&self, name: &str, keep: Option<&Snapshot>) -> usize {
         if self.resting() {
             return 0;
@@ -346,6 +346,12 @@ pub(crate) fn catch_up(
         return Err(log_behind(log, store, name, (applied, end)));
     }
     Ok(end.max(applied))
+}
+
+/// The name `/healthz` gives the commit log described as `describe` while
+/// commits wait on it.
+pub fn health_name(describe: &str) -> String {
+    format!("commit log {describe}")
 }
 
 /// The error of a store that applied more of shard `name`'s log than the
