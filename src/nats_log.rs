@@ -223,25 +223,28 @@ impl NatsLog {
         let n = parts.len();
         let mut after = a.after;
         for (k, part) in parts.into_iter().enumerate() {
+            let id = format!("{}-{:016x}-{after}", a.shard, a.incarnation);
             let mut msg = jetstream::message::PublishMessage::build()
                 .payload(Bytes::copy_from_slice(part))
                 .expected_last_subject_sequence(after)
-                .message_id(format!("{}-{:016x}-{after}", a.shard, a.incarnation));
+                .message_id(id.as_str());
             if n > 1 {
                 msg = msg.header(PART, format!("{}/{n}", k + 1).as_str());
             }
-            after = self.publish(&subject, a, msg).await?;
+            after = self.publish(&subject, (a, &id), msg).await?;
         }
         Ok(after)
     }
 
-    /// Publishes `msg`, again and again while the log cannot be reached,
-    /// for at most the configured timeout. Refused for the expected
-    /// sequence: fenced; too large: not retried.
+    /// Publishes `msg` (its message id `id`), again and again while the log
+    /// cannot be reached, for at most the configured timeout. Refused for
+    /// the expected sequence: fenced, unless the subject's last message is
+    /// this one (an earlier attempt landed, and the server, restarted,
+    /// no longer knew its id); too large: not retried.
     async fn publish(
         &self,
         subject: &str,
-        a: &Append<'_>,
+        (a, id): (&Append<'_>, &str),
         msg: jetstream::message::PublishMessage,
     ) -> Result<u64, LogError> {
         self.retrying("appending", a.shard, || async {
@@ -254,10 +257,31 @@ impl NatsLog {
             match attempt.await {
                 Ok(ack) => Ok(ack.sequence),
                 Err(e) => Err(match e.kind() {
-                    PublishErrorKind::WrongLastSequence => Failed::Final(LogError::Fenced {
-                        shard: a.shard.to_owned(),
-                        expected: a.after,
-                    }),
+                    PublishErrorKind::WrongLastSequence => {
+                        match self.stream.get_last_raw_message_by_subject(subject).await {
+                            Ok(last)
+                                if last.headers.get("Nats-Msg-Id").map(|v| v.as_str())
+                                    == Some(id) =>
+                            {
+                                return Ok(last.sequence)
+                            }
+                            // Another writer's, or none at all.
+                            Ok(_) => Failed::Final(LogError::Fenced {
+                                shard: a.shard.to_owned(),
+                                expected: a.after,
+                            }),
+                            Err(e)
+                                if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound =>
+                            {
+                                Failed::Final(LogError::Fenced {
+                                    shard: a.shard.to_owned(),
+                                    expected: a.after,
+                                })
+                            }
+                            // Not known: asked again with the next attempt.
+                            Err(e) => Failed::Again(format!("reading the log's end: {e}")),
+                        }
+                    }
                     PublishErrorKind::MaxPayloadExceeded => {
                         Failed::Final(LogError::Unavailable(format!("{}: {e}", self.describe)))
                     }

@@ -455,6 +455,10 @@ fn a_worker_that_loses_its_data_directory_loses_nothing() {
         (RECORDS, KEYS, 5),
         "type = \"count\"",
     );
+    // Paced, so that every round stops the worker mid-run: unpaced, it
+    // produced thousands of records between reaching a round's target and
+    // its kill, and ran out of records before the last round.
+    pace_generator(&topo, 30_000);
     let (out, data) = (s.path("out.jsonl"), s.path("data"));
     let mut rng = Rng::from_env();
     let mut replayed = 0.0;
@@ -469,7 +473,7 @@ fn a_worker_that_loses_its_data_directory_loses_nothing() {
                 .expect("spawn"),
         );
         let start = lines(&out).len() as u64;
-        let target = start + 2_000 + rng.below(RECORDS / (ROUNDS as u64 + 2));
+        let target = start + 2_000 + rng.below(RECORDS / (ROUNDS as u64 * 2));
         if round == 1 {
             // A log server's machine is lost while the worker runs.
             let progressed = wait_until(Duration::from_secs(60), || {

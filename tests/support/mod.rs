@@ -303,6 +303,25 @@ pub fn spawn(topology: &Path, http: &str) -> Running {
     )
 }
 
+/// Paces the generator of a `count_pipeline` topology to `per_second`
+/// records, for tests that must stop a worker before its source runs out
+/// (an unpaced one outruns a test that reads the output to decide when).
+pub fn pace_generator(topology: &Path, per_second: u64) {
+    let text = std::fs::read_to_string(topology).expect("read the topology");
+    let paced = text.replacen(
+        "type = \"generator\"\n",
+        &format!("type = \"generator\"\nrate = {per_second}\n"),
+        1,
+    );
+    assert_ne!(
+        paced,
+        text,
+        "no generator to pace in {}",
+        topology.display()
+    );
+    std::fs::write(topology, paced).expect("write the topology");
+}
+
 /// The lines of a file (none when it does not exist yet).
 pub fn lines(p: &Path) -> Vec<String> {
     std::fs::read_to_string(p)
