@@ -491,8 +491,22 @@ fn load_snapshot(
 }
 
 /// How many times a start re-reads a log that another writer extended
-/// between its read and its fence.
-const FENCE_ATTEMPTS: usize = 5;
+/// between its read and its fence. That writer may be a stale owner still
+/// committing (cut off from etcd, not from the log) as fast as the log
+/// answers it: each lost race is followed by a pause of a random length
+/// ([`fence_pause`]), so that the start's read and append fall between two
+/// of its appends.
+const FENCE_ATTEMPTS: u32 = 40;
+
+/// A pause of 0 to `attempt` milliseconds (at most 20), random.
+fn fence_pause(attempt: u32) -> std::time::Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let most = u64::from(attempt.min(20)) * 1_000;
+    std::time::Duration::from_micros(random % (most + 1))
+}
 
 /// The sequence of the last log entry the store applied for the shard with
 /// `prefix` (0: none).
@@ -598,7 +612,10 @@ pub(crate) fn fence(
     };
     let identity_key = layout::log_identity_key(prefix);
     let identity = log.identity();
-    for _ in 0..FENCE_ATTEMPTS {
+    for attempt in 0..FENCE_ATTEMPTS {
+        if attempt > 0 {
+            std::thread::sleep(fence_pause(attempt));
+        }
         // Where the log ends now (a part of an unfinished entry included).
         let end = log.read(name, u64::MAX, &mut |_, _| Ok(()))?;
         let applied = applied_of(store, prefix)?;

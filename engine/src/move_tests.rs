@@ -60,10 +60,26 @@ fn start(
     w: usize,
     out: &Arc<Mutex<Vec<(String, u64)>>>,
 ) -> Worker {
+    start_with(
+        dir,
+        text,
+        w,
+        out,
+        (WorkerOptions::default(), Arc::default(), RECORDS),
+    )
+}
+
+fn start_with(
+    dir: &std::path::Path,
+    text: &str,
+    w: usize,
+    out: &Arc<Mutex<Vec<(String, u64)>>>,
+    (opts, metrics, records): (WorkerOptions, Arc<Metrics>, u64),
+) -> Worker {
     let mut registry = Registry::new();
-    registry.source("numbers", |_| {
+    registry.source("numbers", move |_| {
         Ok(Box::new(Numbers {
-            n: RECORDS,
+            n: records,
             next: 0,
             read: Arc::default(),
             replayable: false,
@@ -79,9 +95,9 @@ fn start(
         WorkerOptions {
             worker: Some(format!("w{w}")),
             data_dir: Some(dir.join(format!("w{w}"))),
-            ..WorkerOptions::default()
+            ..opts
         },
-        Arc::new(Metrics::new()),
+        metrics,
     )
     .expect("start worker")
 }
@@ -106,9 +122,9 @@ fn move_shard(workers: &[Worker], sid: u32, from: usize, to: usize, epoch: u64) 
     workers[from].drop_shard_data(sid).expect("drop");
 }
 
-#[test]
-fn shards_moved_back_and_forth_under_load_keep_every_count_exact() {
-    let dir = tempfile::tempdir().expect("temp dir");
+/// Two workers over TCP on 127.0.0.1 running a source, a four-shard
+/// tally and a sink.
+fn two_workers_topology() -> String {
     let mut cluster = String::from("[cluster]\nsecret = \"moves-secret-0123456789\"\n");
     for w in 0..2 {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -119,12 +135,122 @@ fn shards_moved_back_and_forth_under_load_keep_every_count_exact() {
             "[[cluster.workers]]\nid = \"w{w}\"\naddress = \"127.0.0.1:{port}\"\n"
         ));
     }
-    let text = format!(
+    format!(
         "{cluster}[engine]\nshards = 4\nthreads = 2\n\
          [sources.src]\ntype = \"numbers\"\n\
          [computations.count]\ntype = \"tally\"\ninputs = [\"src\"]\n\
          [sinks.out]\ntype = \"collect\"\ninputs = [\"count\"]\n"
-    );
+    )
+}
+
+/// Each key's counts arrived exactly once each, in order (1..n), and all
+/// `records` of them.
+fn assert_exact(out: &[(String, u64)], records: u64) {
+    let mut by_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (k, n) in out {
+        by_key.entry(k.clone()).or_default().push(*n);
+    }
+    assert_eq!(by_key.len(), 7);
+    let mut total = 0;
+    for (k, counts) in &by_key {
+        let want: Vec<u64> = (1..=counts.len() as u64).collect();
+        assert!(counts == &want, "key {k}: counts are not 1..n");
+        total += counts.len() as u64;
+    }
+    assert_eq!(total, records);
+}
+
+/// Waits up to 60 s for `cond`.
+fn await_that(what: &str, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < Duration::from_secs(60), "{what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Enough that the run outlasts a takeover's fence, which a writer
+/// appending as fast as an in-memory log answers can hold up for a while.
+const FENCED_RECORDS: u64 = 600_000;
+
+/// A worker whose shard was taken over behind its back (it stalled past
+/// its lease, and another claimed the shard and fenced its commit log) has
+/// its next append refused: it drops that turn and its executor's shards,
+/// and goes on, without stopping. Given back what it still owns (as its
+/// ownership does), it runs on, and every count stays exact.
+#[test]
+fn a_worker_fenced_off_a_shard_drops_it_and_goes_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = two_workers_topology();
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let log: Arc<dyn crate::commit_log::CommitLog> =
+        Arc::new(crate::commit_log::MemoryLog::default());
+    let opts = WorkerOptions {
+        dynamic: true,
+        commit_log: Some(crate::commit_log::LogSetup {
+            log: Arc::clone(&log),
+            snapshots: None,
+        }),
+        ..WorkerOptions::default()
+    };
+    let fenced_metrics = Arc::new(Metrics::new());
+    let workers = [
+        start_with(
+            dir.path(),
+            &text,
+            0,
+            &out,
+            (opts.clone(), Arc::clone(&fenced_metrics), FENCED_RECORDS),
+        ),
+        start_with(
+            dir.path(),
+            &text,
+            1,
+            &out,
+            (opts, Arc::default(), FENCED_RECORDS),
+        ),
+    ];
+    let shards = workers[0].plan().shards.len() as u32;
+    for sid in 0..shards {
+        workers[0].adopt_shard(sid, None, 1).expect("adopt");
+        workers[1].route(sid, Some(0), 1).expect("route");
+    }
+    let taken = workers[0].sid_of("count", 1).expect("a count shard");
+    // Early enough that the shard has records to commit after the claim.
+    await_that("records flow", || out.lock().len() > 100);
+    // Worker 1 claims it (a newer epoch) while worker 0 still runs it.
+    workers[1].adopt_shard(taken, None, 2).expect("take over");
+    await_that("worker 0 is fenced off", || {
+        !workers[0].shards_owned().contains(&taken)
+    });
+    assert!(workers[0].fatal_error().is_none(), "worker 0 goes on");
+    // What its ownership then does: routes the shard to its new owner and
+    // starts again, from the log, what is still its own.
+    workers[0].route(taken, Some(1), 2).expect("route");
+    for sid in (0..shards).filter(|&s| s != taken) {
+        if !workers[0].shards_owned().contains(&sid) {
+            workers[0].adopt_shard(sid, None, 1).expect("adopt again");
+        }
+    }
+    for w in &workers {
+        assert!(
+            w.wait_finished(Duration::from_secs(60))
+                .expect("no failure"),
+            "the run finished within 60 s"
+        );
+    }
+    let fenced = fenced_metrics.log_fenced.get();
+    for w in workers {
+        w.shutdown().expect("shutdown");
+    }
+    assert!(fenced >= 1, "the refused append is counted");
+    assert_exact(&out.lock(), FENCED_RECORDS);
+}
+
+#[test]
+fn shards_moved_back_and_forth_under_load_keep_every_count_exact() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = two_workers_topology();
     let out = Arc::new(Mutex::new(Vec::new()));
     let workers = [
         start(dir.path(), &text, 0, &out),
@@ -165,17 +291,5 @@ fn shards_moved_back_and_forth_under_load_keep_every_count_exact() {
     for w in workers {
         w.shutdown().expect("shutdown");
     }
-    // Each key's counts arrive exactly once each, in order: 1..n.
-    let mut by_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for (k, n) in out.lock().iter() {
-        by_key.entry(k.clone()).or_default().push(*n);
-    }
-    assert_eq!(by_key.len(), 7);
-    let mut total = 0;
-    for (k, counts) in &by_key {
-        let want: Vec<u64> = (1..=counts.len() as u64).collect();
-        assert!(counts == &want, "key {k}: counts are not 1..n");
-        total += counts.len() as u64;
-    }
-    assert_eq!(total, RECORDS);
+    assert_exact(&out.lock(), RECORDS);
 }

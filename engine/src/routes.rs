@@ -26,6 +26,8 @@ pub struct Routes {
     version: AtomicU64,
     /// Executor threads per worker.
     threads: usize,
+    /// Whether ownership comes from a coordination service (see [`Routes::new`]).
+    dynamic: bool,
 }
 
 impl Routes {
@@ -46,7 +48,14 @@ impl Routes {
             epoch: plan.shards.iter().map(|_| AtomicU64::new(0)).collect(),
             version: AtomicU64::new(0),
             threads: plan.threads,
+            dynamic,
         }
+    }
+
+    /// Whether shards are claimed from a coordination service, which says
+    /// who runs them after a shard is given up here.
+    pub fn dynamic(&self) -> bool {
+        self.dynamic
     }
 
     /// The worker that runs `sid` now, if one does.

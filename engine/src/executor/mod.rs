@@ -31,7 +31,7 @@
 mod inbox;
 mod steps;
 
-use crate::commit_log::ExecutorLog;
+use crate::commit_log::{ExecutorLog, LogError};
 use crate::error::EngineError;
 use crate::failpoint::{self, Point};
 use crate::mapkey::FastMap;
@@ -262,6 +262,54 @@ impl Executor {
         self.index_shards();
     }
 
+    /// The log refused this turn's append: another worker has taken (at
+    /// least) one of this executor's shards over, by a newer claim, while
+    /// this one was stalled past its lease. The turn is dropped unreleased,
+    /// as a crash would drop it, and so is every shard of this executor,
+    /// each as it was at its last commit here: whatever in the dropped
+    /// append did land is in the log, and whoever runs the shard next reads
+    /// it there. The worker's ownership starts again the shards that etcd
+    /// still gives to this worker (from the log), and routes the others to
+    /// their owners; the worker goes on, and takes a share again.
+    ///
+    /// Without a coordination service nobody would say which of them are
+    /// still this worker's, so there a fence stops the worker.
+    fn fenced_off(&mut self, e: &LogError) {
+        let dropped: Vec<Sid> = self.shards.iter().map(ShardRt::sid).collect();
+        tracing::warn!(
+            error = %e,
+            shards = ?dropped,
+            "fenced off by the commit log: this turn is dropped unreleased, and so are this \
+             executor's shards; those this worker still owns start again from the log"
+        );
+        // What the turn took in is counted out as a release would have;
+        // what it produced was never handed out, and each shard's count
+        // below is its backlog with those.
+        let handed = Handed {
+            produced: self.router.take_produced(),
+            watermarks_sent: 0,
+            watermarks_taken: std::mem::take(&mut self.wm_msgs_seen),
+            released: std::mem::take(&mut self.released_count),
+        };
+        self.shared.in_flight.hand_out(handed, || ());
+        self.acks.clear();
+        self.released.clear();
+        self.outgoing = Outgoing::new(self.plan.threads + self.plan.workers);
+        self.replay_out.iter_mut().for_each(Vec::clear);
+        let shared = Arc::clone(&self.shared);
+        let routes = &shared.routes;
+        for sid in dropped {
+            self.stop_shard(sid);
+            routes.set(sid, None, 0, 0);
+        }
+        let metrics = &shared.metrics;
+        metrics
+            .shards_owned
+            .set(routes.shards_of(self.me).len() as i64);
+        // A drain waiting on this worker sees the counts change.
+        self.shared.notify();
+    }
+
     /// Rebuilds what is kept by position among the local shards: the
     /// index by sid, who subscribes to which upstream watermark, and where
     /// each shard's watermark goes.
@@ -352,7 +400,17 @@ impl Executor {
             let store = Arc::clone(&self.store);
             let mut batch = store.batch();
             let processed = self.process(&mut batch, halting)?;
-            let committed = self.commit(batch, processed)?;
+            let committed = match self.commit(batch, processed) {
+                Ok(committed) => committed,
+                Err(EngineError::Log(e @ LogError::Fenced { .. }))
+                    if self.shared.routes.dynamic() =>
+                {
+                    self.fenced_off(&e);
+                    self.control()?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             self.release(committed);
             if let Some(log) = &mut self.log {
                 log.cut_recorded(&self.shared.metrics);
