@@ -637,6 +637,35 @@ aggregate = "count"
             map.elapsed.as_secs_f64(),
             map.records_per_sec / builtin.records_per_sec
         );
+        // A 1 s fixed-window mean per key: the built-in against the same
+        // mean as the user's aggregate script.
+        let window = |aggregate: &str| {
+            running_count(n, keys, 16).replace(
+                "type = \"count\"\ninputs = [\"gen\"]",
+                &format!(
+                    "type = \"window\"\ninputs = [\"gen\"]\nwindow = {{ kind = \"fixed\", size = \"1s\" }}\n{aggregate}"
+                ),
+            )
+        };
+        let mean = run_topology(&window("aggregate = \"mean\""), n, None);
+        let script_mean = run_topology(
+            &window(
+                "aggregate = \"script\"\nscript = \"\"\"\nfn create() { #{ sum: 0, n: 0 } }\nfn add(acc, value) { acc.sum += value; acc.n += 1; acc }\nfn merge(a, b) { #{ sum: a.sum + b.sum, n: a.n + b.n } }\nfn extract(acc) { acc.sum / acc.n }\n\"\"\"",
+            ),
+            n,
+            None,
+        );
+        println!(
+            "script    window mean, built-in                       {:>12.0} records/s  ({:.1}s)",
+            mean.records_per_sec,
+            mean.elapsed.as_secs_f64()
+        );
+        println!(
+            "script    window mean, aggregate script               {:>12.0} records/s  ({:.1}s)  ratio to built-in {:.2}",
+            script_mean.records_per_sec,
+            script_mean.elapsed.as_secs_f64(),
+            script_mean.records_per_sec / mean.records_per_sec
+        );
     }
 
     if which == "kafka" {
