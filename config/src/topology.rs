@@ -157,12 +157,7 @@ fn check_host_port(s: &str) -> Result<(), &'static str> {
     };
     let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
-        None => {
-            !host.is_empty()
-                && host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-        }
+        None => host_name_or_ipv4(host),
     };
     if !host_ok {
         return Err(
@@ -176,6 +171,26 @@ fn check_host_port(s: &str) -> Result<(), &'static str> {
         Ok(p) if p > 0 => Ok(()),
         _ => Err("is not HOST:PORT (the port is 1 to 65535)"),
     }
+}
+
+/// A host name (labels of 1 to 63 letters, digits and `-`, neither first
+/// nor last, at most 253 bytes in all) or, when every label is digits, an
+/// IPv4 address: `-h` or `10.0.0.999` is neither.
+fn host_name_or_ipv4(host: &str) -> bool {
+    let labels: Vec<&str> = host.split('.').collect();
+    if labels
+        .iter()
+        .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return host.parse::<std::net::Ipv4Addr>().is_ok();
+    }
+    host.len() <= 253
+        && labels.iter().all(|l| {
+            (1..=63).contains(&l.len())
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// `[cluster]`: the workers that share the shards, each a `millrace` process.

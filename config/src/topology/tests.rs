@@ -171,6 +171,7 @@ snapshot_log_bytes = 1048576"#,
     for ok in [
         "nats://[::1]:4222/x",
         "nats://log-1.example.com:4222,10.0.0.7:4223/x",
+        "nats://nats-0.nats.svc.cluster.local:4222,3com.example:4222/x",
     ] {
         parse(&with(&format!("log = \"{ok}\""))).unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
@@ -209,6 +210,11 @@ snapshot_log_bytes = 1048576"#,
         (r#"log = "nats://h h:1/x""#, "is not HOST:PORT"),
         (r#"log = "nats:// h:1/x""#, "is not HOST:PORT"),
         (r#"log = "nats://::1:4222/x""#, "is not HOST:PORT"),
+        (r#"log = "nats://-h:4222/x""#, "is not HOST:PORT"),
+        (r#"log = "nats://h-.example:4222/x""#, "is not HOST:PORT"),
+        (r#"log = "nats://a..b:4222/x""#, "is not HOST:PORT"),
+        (r#"log = "nats://10.0.0.999:4222/x""#, "is not HOST:PORT"),
+        (r#"log = "nats://10.0.1:4222/x""#, "is not HOST:PORT"),
         (r#"log = "nats://h:+1/x""#, "the port is 1 to 65535"),
         (r#"log = "nats://h:65536/x""#, "the port is 1 to 65535"),
         (r#"log = "nats://@:1/x""#, "credentials"),
