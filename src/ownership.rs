@@ -484,6 +484,10 @@ impl Ownership {
         if !view.members.contains(&self.me) {
             tracing::warn!("this worker's etcd lease was lost; joining again");
             self.register()?;
+            // The view was read while this worker was no member: the
+            // controller may have freed its shards since. The next round
+            // reads them again before anything is claimed or adopted.
+            return Ok(false);
         }
         self.control(&view)?;
         self.stop_superseded(&view)?;

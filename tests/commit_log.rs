@@ -663,8 +663,9 @@ fn a_worker_woken_after_its_takeover_is_fenced_off_by_the_log() {
         "the woken worker's append was refused and counted"
     );
     assert!(
-        wait_until(T, || owned(2) >= 1.0),
-        "w2, joined again, took a share"
+        wait_until(T, || owned(2) >= 1.0
+            && owned(0) + owned(1) + owned(2) == all),
+        "w2, joined again, took a share, and every shard runs once"
     );
     assert!(
         zombie.try_wait().expect("try_wait").is_none(),
@@ -676,8 +677,12 @@ fn a_worker_woken_after_its_takeover_is_fenced_off_by_the_log() {
             && said.contains("fenced off by the commit log"),
         "the woken worker said what happened: {said}"
     );
-    workers.push(zombie);
     await_exact(&out, (records, keys, 7));
+    assert!(
+        zombie.try_wait().expect("try_wait").is_none(),
+        "the woken worker ran to the end"
+    );
+    workers.push(zombie);
 }
 
 /// With snapshots, the log stays small however much goes through it: each

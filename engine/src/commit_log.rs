@@ -813,9 +813,20 @@ impl ExecutorLog {
         Ok(())
     }
 
-    /// Stops appending for the shard with `prefix` (at the end of a turn).
-    /// A snapshot written since its last append was never part of an
-    /// append, so no entry can name it: its file is removed.
+    /// Forgets the shard with `prefix` after an append of its turn was
+    /// refused: a snapshot written since its last append went into that
+    /// append, whose entries for other shards (and, for all this writer
+    /// knows, for this one) may have landed, so its file stays; whoever
+    /// starts the shard next removes it if no entry names it.
+    pub fn abandon(&mut self, prefix: &[u8]) {
+        self.shards.remove(prefix);
+        self.index();
+    }
+
+    /// Stops appending for the shard with `prefix` (at the end of a turn,
+    /// everything it did appended). A snapshot written since its last
+    /// append was never part of an append, so no entry can name it: its
+    /// file is removed.
     pub fn stop(&mut self, prefix: &[u8]) {
         if let Some(s) = self.shards.remove(prefix) {
             if let (Some(snap), Some(snapshots)) = (s.unrecorded, &self.snapshots) {

@@ -239,6 +239,12 @@ fn a_worker_fenced_off_a_shard_drops_it_and_goes_on() {
             "the run finished within 60 s"
         );
     }
+    // What is counted in flight came back to nothing: the dropped turn
+    // and shards were counted out as they were dropped, and in again as
+    // they started.
+    for w in &workers {
+        await_that("nothing left in flight", || w.backlog() == 0);
+    }
     let fenced = fenced_metrics.log_fenced.get();
     for w in workers {
         w.shutdown().expect("shutdown");

@@ -618,7 +618,9 @@ impl Worker {
                 "shard {sid} is not run by this worker"
             )));
         }
-        self.ask(routes.executor(sid), sid, crate::executor::Control::Stop)?;
+        self.ask(routes.executor(sid), sid, |done| {
+            crate::executor::Control::Stop(sid, done)
+        })?;
         routes.set(sid, None, 0, 0);
         self.shared
             .metrics
@@ -696,9 +698,10 @@ impl Worker {
         );
         self.store.commit(b)?;
         let exec = self.least_loaded_executor();
-        self.ask(exec, sid, crate::executor::Control::Start)?;
-        // Routed here only once it runs: nothing sent to it is dropped.
-        self.shared.routes.set(sid, Some(self.me), exec, epoch);
+        // The executor routes it here once it runs it.
+        self.ask(exec, sid, |done| {
+            crate::executor::Control::Start(sid, epoch, done)
+        })?;
         self.rerouted(sid);
         let m = &self.shared.metrics;
         if data.is_some() {
@@ -740,11 +743,11 @@ impl Worker {
         &self,
         exec: usize,
         sid: u32,
-        what: fn(u32, crossbeam_channel::Sender<()>) -> crate::executor::Control,
+        what: impl FnOnce(crossbeam_channel::Sender<()>) -> crate::executor::Control,
     ) -> Result<(), EngineError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.inboxes[exec]
-            .send(vec![Msg::Shard(what(sid, tx))])
+            .send(vec![Msg::Shard(what(tx))])
             .map_err(|_| EngineError::Thread("the executor is gone".into()))?;
         // A turn lasts a commit interval, a commit, or an idle wait (20 ms).
         let timeout = Duration::from_secs(30);

@@ -86,8 +86,10 @@ const AWAIT_DURABLE: Duration = Duration::from_micros(500);
 
 /// What an executor is asked to do with one shard, at the end of a turn.
 pub(crate) enum Control {
-    /// Run it from its last commit in the store; say so on the channel.
-    Start(Sid, crossbeam_channel::Sender<()>),
+    /// Run it from its last commit in the store, routed here at the epoch
+    /// (set here, between turns, so that no turn's fence can come between
+    /// the start and the route); say so on the channel.
+    Start(Sid, u64, crossbeam_channel::Sender<()>),
     /// Stop running it; say so on the channel.
     Stop(Sid, crossbeam_channel::Sender<()>),
     /// It has a new owner: send to it again.
@@ -296,6 +298,11 @@ impl Executor {
         self.released.clear();
         self.outgoing = Outgoing::new(self.plan.threads + self.plan.workers);
         self.replay_out.iter_mut().for_each(Vec::clear);
+        if let Some(log) = &mut self.log {
+            for shard in &self.shards {
+                log.abandon(shard.prefix());
+            }
+        }
         let shared = Arc::clone(&self.shared);
         let routes = &shared.routes;
         for sid in dropped {
@@ -351,8 +358,11 @@ impl Executor {
     fn control(&mut self) -> Result<(), EngineError> {
         for c in std::mem::take(&mut self.control) {
             match c {
-                Control::Start(sid, done) => {
+                Control::Start(sid, epoch, done) => {
                     self.start_shard(sid)?;
+                    // Routed here only once it runs: nothing sent to it is
+                    // dropped.
+                    self.shared.routes.set(sid, Some(self.me), self.id, epoch);
                     let _ = done.send(());
                 }
                 Control::Stop(sid, done) => {
