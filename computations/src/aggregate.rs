@@ -4,7 +4,7 @@
 //! ([`ScriptCombine`]). An [`Aggregate`] says how values go into an
 //! accumulator; an [`Acc`] is the accumulator, the data kept in state.
 
-use crate::script_combine::ScriptCombine;
+use crate::script_combine::{ScriptAcc, ScriptCombine};
 use bytes::Bytes;
 use millrace_config::{Component, ConfigError, KeyExtractor};
 use millrace_engine::extract_key;
@@ -52,7 +52,7 @@ pub enum Acc {
         items: Vec<(f64, String)>,
     },
     /// A script aggregate's accumulator.
-    Value(Value),
+    Value(ScriptAcc),
 }
 
 /// The order of ranked elements: score descending, then the element's text
@@ -80,7 +80,7 @@ pub enum Aggregate {
         by: KeyExtractor,
     },
     /// The user's own, with the script's initial accumulator.
-    Script(Arc<ScriptCombine>, Value),
+    Script(Arc<ScriptCombine>, ScriptAcc),
 }
 
 /// Where a component's aggregate comes from: the options `aggregate`, `by`,
@@ -179,10 +179,7 @@ impl Aggregate {
                 items.truncate(*n);
                 Ok(())
             }
-            (Aggregate::Script(f, _), Acc::Value(v)) => {
-                *v = f.add(v, value)?;
-                Ok(())
-            }
+            (Aggregate::Script(f, _), Acc::Value(v)) => f.add(v, value),
             (_, acc) => acc.add(value, input),
         }
     }
@@ -191,10 +188,7 @@ impl Aggregate {
     /// is unchanged.
     pub fn merge(&self, acc: &mut Acc, other: Acc) -> Result<(), String> {
         match (self, acc, other) {
-            (Aggregate::Script(f, _), Acc::Value(a), Acc::Value(b)) => {
-                *a = f.merge(a, &b)?;
-                Ok(())
-            }
+            (Aggregate::Script(f, _), Acc::Value(a), Acc::Value(b)) => f.merge(a, b),
             (_, acc, other) => {
                 acc.merge(other);
                 Ok(())
@@ -283,7 +277,7 @@ impl Acc {
                 items: Vec::new(),
             },
             // Only its script knows what empty is (see `Aggregate::empty`).
-            Acc::Value(_) => Acc::Value(Value::Null),
+            Acc::Value(_) => Acc::Value(ScriptAcc::from(Value::Null)),
         }
     }
 
@@ -372,7 +366,7 @@ impl Acc {
             Acc::Ranked { items, .. } => {
                 Value::Array(items.iter().map(|(_, e)| element_json(e)).collect())
             }
-            Acc::Value(v) => v.clone(),
+            Acc::Value(v) => v.to_value(),
         }
     }
 }
@@ -517,7 +511,7 @@ impl Acc {
             }
             Acc::Value(v) => {
                 out.push(9);
-                put_str(out, &v.to_string());
+                put_str(out, v.json());
             }
         }
     }
@@ -562,9 +556,7 @@ impl Acc {
                     .collect::<Result<_, String>>()?;
                 Acc::Ranked { n, items }
             }
-            9 => Acc::Value(
-                serde_json::from_str(&r.string()?).map_err(|e| format!("accumulator: {e}"))?,
-            ),
+            9 => Acc::Value(ScriptAcc::from_json(r.string()?)?),
             t => return Err(format!("unknown aggregate tag {t}")),
         })
     }
@@ -640,7 +632,9 @@ mod tests {
                     (1.5, "b".to_owned()),
                 ],
             },
-            Acc::Value(serde_json::json!({"sum": 3, "seen": ["x"]})),
+            Acc::Value(ScriptAcc::from(
+                serde_json::json!({"sum": 3, "seen": ["x"]}),
+            )),
         ] {
             let mut b = Vec::new();
             acc.encode(&mut b);

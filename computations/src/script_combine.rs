@@ -26,6 +26,81 @@ use rhai::{Dynamic, Engine, Scope, AST};
 use serde_json::Value;
 use std::path::PathBuf;
 
+/// A script aggregate's accumulator: the value the script works on, kept
+/// as the language's own between records, and its JSON, which is what is
+/// stored, made once per change. A record's `add` then costs one parse of
+/// the stored JSON and one write of the new one; no tree is converted
+/// between the language's values and JSON's on the way.
+#[derive(Clone, Debug)]
+pub struct ScriptAcc {
+    value: Dynamic,
+    json: String,
+}
+
+impl ScriptAcc {
+    /// An accumulator read back from its stored JSON.
+    pub fn from_json(json: String) -> Result<ScriptAcc, String> {
+        let value = serde_json::from_str::<Dynamic>(&json)
+            .map_err(|e| format!("stored accumulator: {e}"))?;
+        Ok(ScriptAcc { value, json })
+    }
+
+    /// What is stored: its JSON text.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+
+    /// Its JSON as a value.
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(&self.json).unwrap_or(Value::Null)
+    }
+}
+
+impl From<Value> for ScriptAcc {
+    fn from(v: Value) -> ScriptAcc {
+        let json = v.to_string();
+        let value = rhai::serde::to_dynamic(v).unwrap_or(Dynamic::UNIT);
+        ScriptAcc { value, json }
+    }
+}
+
+impl PartialEq for ScriptAcc {
+    fn eq(&self, other: &ScriptAcc) -> bool {
+        self.json == other.json
+    }
+}
+
+impl serde::Serialize for ScriptAcc {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.value.serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ScriptAcc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ScriptAcc, D::Error> {
+        let value = Dynamic::deserialize(d)?;
+        let json = serde_json::to_string(&value).map_err(serde::de::Error::custom)?;
+        Ok(ScriptAcc { value, json })
+    }
+}
+
+/// The type of the first part of `v` that JSON does not hold (JSON holds
+/// unit, booleans, numbers, strings, characters, and arrays and maps of
+/// them): a function pointer or a timestamp would be written as its name
+/// and read back as a string.
+fn not_json(v: &Dynamic) -> Option<&'static str> {
+    if v.is_unit() || v.is_bool() || v.is_int() || v.is_float() || v.is_string() || v.is_char() {
+        return None;
+    }
+    if let Some(a) = v.read_lock::<rhai::Array>() {
+        return a.iter().find_map(not_json);
+    }
+    if let Some(m) = v.read_lock::<rhai::Map>() {
+        return m.values().find_map(not_json);
+    }
+    Some(v.type_name())
+}
+
 /// The four functions, in the order the table above lists them, with their
 /// parameter counts.
 const FUNCTIONS: [(&str, usize, &str); 4] = [
@@ -104,41 +179,70 @@ impl ScriptCombine {
             .map_err(|e| format!("{name}: {}", locate(&self.origin, &e)))
     }
 
-    fn stored(&self, name: &str, v: Dynamic) -> Result<Value, String> {
+    /// `v`, a function's result, as an accumulator, or why it cannot be one.
+    fn stored(&self, name: &str, v: Dynamic) -> Result<ScriptAcc, String> {
         check_depth(&v, self.depth, "the accumulator").map_err(|e| format!("{name}: {e}"))?;
-        rhai::serde::from_dynamic(&v)
-            .map_err(|e| format!("{name}: the accumulator cannot be stored as JSON: {e}"))
+        if let Some(what) = not_json(&v) {
+            return Err(format!(
+                "{name}: the accumulator cannot be stored as JSON: it holds a {what}"
+            ));
+        }
+        let json = serde_json::to_string(&v)
+            .map_err(|e| format!("{name}: the accumulator cannot be stored as JSON: {e}"))?;
+        Ok(ScriptAcc { value: v, json })
     }
 
-    fn loaded(acc: &Value) -> Result<Dynamic, String> {
-        rhai::serde::to_dynamic(acc).map_err(|e| format!("stored accumulator: {e}"))
+    /// Runs `f` on the accumulator itself (not a copy) and replaces it with
+    /// the result; on an error it is read back from its JSON, as it was.
+    fn update(
+        &self,
+        acc: &mut ScriptAcc,
+        f: impl FnOnce(Dynamic) -> Result<Dynamic, String>,
+        name: &str,
+    ) -> Result<(), String> {
+        let v = std::mem::take(&mut acc.value);
+        match f(v).and_then(|v| self.stored(name, v)) {
+            Ok(new) => {
+                *acc = new;
+                Ok(())
+            }
+            Err(e) => {
+                acc.value = serde_json::from_str(&acc.json).unwrap_or_default();
+                Err(e)
+            }
+        }
     }
 
     /// `create()`.
-    pub fn create(&self) -> Result<Value, String> {
+    pub fn create(&self) -> Result<ScriptAcc, String> {
         let v = self.call("create", ())?;
         self.stored("create", v)
     }
 
-    /// `add(acc, value)`.
-    pub fn add(&self, acc: &Value, value: &[u8]) -> Result<Value, String> {
-        let v = self.call("add", (Self::loaded(acc)?, value_in(value)))?;
-        self.stored("add", v)
+    /// `add(acc, value)`. On an error `acc` is unchanged.
+    pub fn add(&self, acc: &mut ScriptAcc, value: &[u8]) -> Result<(), String> {
+        self.update(acc, |v| self.call("add", (v, value_in(value))), "add")
     }
 
-    /// `merge(a, b)`.
-    pub fn merge(&self, a: &Value, b: &Value) -> Result<Value, String> {
-        let v = self.call("merge", (Self::loaded(a)?, Self::loaded(b)?))?;
-        self.stored("merge", v)
+    /// `merge(a, b)` into `a`. On an error `a` is unchanged.
+    pub fn merge(&self, a: &mut ScriptAcc, b: ScriptAcc) -> Result<(), String> {
+        self.update(a, |v| self.call("merge", (v, b.value)), "merge")
     }
 
     /// `extract(acc)`, as JSON: a string result is a JSON string.
-    pub fn extract(&self, acc: &Value) -> Result<Value, String> {
-        let v = self.call("extract", (Self::loaded(acc)?,))?;
+    pub fn extract(&self, acc: &ScriptAcc) -> Result<Value, String> {
+        let v = self.call("extract", (acc.value.clone(),))?;
         if v.is_string() {
             return text(&v).map(Value::from);
         }
-        self.stored("extract", v)
+        check_depth(&v, self.depth, "the result").map_err(|e| format!("extract: {e}"))?;
+        if let Some(what) = not_json(&v) {
+            return Err(format!(
+                "extract: the result cannot be written as JSON: it holds a {what}"
+            ));
+        }
+        serde_json::to_value(&v)
+            .map_err(|e| format!("extract: the result cannot be written as JSON: {e}"))
     }
 }
 
@@ -218,6 +322,49 @@ fn extract(acc) { #{ sum: acc.sum, n: acc.n } }
             [json!({"sum": 5, "n": 2})],
             "the refused value left the accumulator as it was"
         );
+    }
+
+    /// What JSON cannot hold (a function pointer) is refused as an
+    /// accumulator, naming it, and the one before stays; so does one that
+    /// a failing call left half changed.
+    #[test]
+    fn an_accumulator_json_cannot_hold_is_refused_and_the_last_one_stays() {
+        let dir = tempfile::tempdir().expect("dir");
+        let make = || {
+            computation(
+                "combine",
+                r#"
+aggregate = "script"
+script = """
+fn create() { #{ sum: 0 } }
+fn add(acc, value) {
+    acc.sum += value;
+    if value == 7 { acc.f = Fn("create"); }
+    if value == 8 { throw "no eights"; }
+    acc
+}
+fn merge(a, b) { #{ sum: a.sum + b.sum } }
+fn extract(acc) { acc.sum }
+"""
+"#,
+            )
+            .expect("options")
+        };
+        let mut h = Harness::open(dir.path(), make(), &[]).expect("harness");
+        assert_eq!(json_values(h.process("k", "2", 0).unwrap()), [json!(2)]);
+        for (bad, why) in [
+            ("7", "cannot be stored as JSON: it holds a Fn"),
+            ("8", "no eights"),
+        ] {
+            match h.process("k", bad, 1) {
+                Err(ComputationError::BadRecord(m)) => assert!(m.contains(why), "{m}"),
+                other => panic!("expected a bad record, got {other:?}"),
+            }
+        }
+        assert_eq!(json_values(h.process("k", "3", 2).unwrap()), [json!(5)]);
+        // And after a restart, from what was stored.
+        let mut h = h.restart(make()).expect("restart");
+        assert_eq!(json_values(h.process("k", "1", 3).unwrap()), [json!(6)]);
     }
 
     #[test]
