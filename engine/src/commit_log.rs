@@ -24,6 +24,7 @@ use crate::layout;
 use crate::metrics::Metrics;
 use millrace_storage::{Cf, Store};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// One entry to append: `bytes` to the log of `shard`, which must end at
@@ -752,9 +753,22 @@ struct LocalShard {
     snapshot: Option<Snapshot>,
     /// A snapshot written and not yet recorded: the next append records it.
     unrecorded: Option<Snapshot>,
+    /// A snapshot being written to the store, off the executor.
+    uploading: Option<Upload>,
     /// A snapshot recorded (its entry durable): the log is cut below it
     /// after the turn's release.
     to_cut: Option<Snapshot>,
+}
+
+/// A snapshot on its way to the store, written by a thread of its own so
+/// that the executor never waits on the store: the executor looks between
+/// turns whether it arrived ([`ExecutorLog::snapshot_due`]).
+struct Upload {
+    snap: Snapshot,
+    started: Instant,
+    /// What [`LocalShard::since_snapshot`] was when it was taken.
+    since: u64,
+    done: crossbeam_channel::Receiver<Result<(), String>>,
 }
 
 /// How long the snapshot store is left alone after a call failed, at
@@ -806,6 +820,7 @@ impl ExecutorLog {
                 since_snapshot: 0,
                 snapshot,
                 unrecorded: None,
+                uploading: None,
                 to_cut: None,
             },
         );
@@ -826,7 +841,8 @@ impl ExecutorLog {
     /// Stops appending for the shard with `prefix` (at the end of a turn,
     /// everything it did appended). A snapshot written since its last
     /// append was never part of an append, so no entry can name it: its
-    /// file is removed.
+    /// file is removed. One still being written is left to its thread:
+    /// whoever starts the shard next removes it, as what a crash leaves.
     pub fn stop(&mut self, prefix: &[u8]) {
         if let Some(s) = self.shards.remove(prefix) {
             if let (Some(snap), Some(snapshots)) = (s.unrecorded, &self.snapshots) {
@@ -959,14 +975,48 @@ impl ExecutorLog {
         }
     }
 
-    /// After a commit: writes a snapshot of each shard whose log grew by
-    /// `every_bytes` since its last one, to be recorded by the next append.
-    /// A failed write is retried later; it loses nothing.
+    /// After a commit: takes a snapshot of each shard whose log grew by
+    /// `every_bytes` since its last one (read from the store here, on the
+    /// executor, at the turn's end) and hands it to a thread that writes
+    /// it to the snapshot store; once written (seen here after a later
+    /// turn), the next append records it. The executor never waits on the
+    /// store. A failed write is retried later; it loses nothing.
     pub fn snapshot_due(&mut self, store: &Store, metrics: &Metrics) {
         let Some(snapshots) = &self.snapshots else {
             return;
         };
+        let health = || format!("snapshot store {}", snapshots.store.describe());
+        let failed = |s: &LocalShard, started: Instant, e: &str| {
+            crate::health::report(&health(), format!("a snapshot of shard {}: {e}", s.name));
+            metrics.log_snapshot_failures.inc();
+            snapshots.rest(started.elapsed());
+            tracing::warn!(shard = %s.name, store = %snapshots.store.describe(), error = %e, "a snapshot failed; the log keeps growing until one succeeds");
+        };
         for (prefix, s) in &mut self.shards {
+            if let Some(up) = &s.uploading {
+                let written = match up.done.try_recv() {
+                    Err(crossbeam_channel::TryRecvError::Empty) => continue,
+                    Ok(r) => r,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        Err("the thread writing it stopped".to_owned())
+                    }
+                };
+                let Some(up) = s.uploading.take() else {
+                    continue;
+                };
+                match written {
+                    Ok(()) => {
+                        crate::health::clear(&health());
+                        metrics
+                            .log_snapshot_seconds
+                            .observe(up.started.elapsed().as_secs_f64());
+                        s.since_snapshot = s.since_snapshot.saturating_sub(up.since);
+                        s.unrecorded = Some(up.snap);
+                    }
+                    Err(e) => failed(s, up.started, &e),
+                }
+                continue;
+            }
             if s.unrecorded.is_some() || s.since_snapshot < snapshots.every_bytes {
                 continue;
             }
@@ -983,32 +1033,38 @@ impl ExecutorLog {
                     s.incarnation
                 ),
             };
-            let written = crate::savepoint::shard_snapshot(store, prefix)
-                .map_err(|e| e.to_string())
-                .and_then(|(bytes, _)| {
-                    snapshots
-                        .store
-                        .put(&snap.file, bytes)
-                        .map_err(|e| e.to_string())
-                });
-            let health = format!("snapshot store {}", snapshots.store.describe());
-            match written {
-                Ok(()) => {
-                    crate::health::clear(&health);
-                    metrics
-                        .log_snapshot_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    s.since_snapshot = 0;
-                    s.unrecorded = Some(snap);
-                }
+            let bytes = match crate::savepoint::shard_snapshot(store, prefix) {
+                Ok((bytes, _)) => bytes,
                 Err(e) => {
-                    crate::health::report(&health, format!("a snapshot of shard {}: {e}", s.name));
-                    metrics.log_snapshot_failures.inc();
-                    snapshots.rest(started.elapsed());
-                    tracing::warn!(shard = %s.name, store = %snapshots.store.describe(), error = %e, "a snapshot failed; the log keeps growing until one succeeds");
+                    failed(s, started, &e.to_string());
+                    continue;
                 }
+            };
+            let (tx, done) = crossbeam_channel::bounded(1);
+            let (to, file) = (Arc::clone(&snapshots.store), snap.file.clone());
+            let spawned = std::thread::Builder::new()
+                .name("millrace-snapshot".into())
+                .spawn(move || {
+                    let _ = tx.send(to.put(&file, bytes).map_err(|e| e.to_string()));
+                });
+            match spawned {
+                Ok(_) => {
+                    s.uploading = Some(Upload {
+                        snap,
+                        started,
+                        since: s.since_snapshot,
+                        done,
+                    })
+                }
+                Err(e) => failed(s, started, &format!("no thread to write it: {e}")),
             }
         }
+    }
+
+    /// Whether a snapshot is being written for any shard.
+    #[cfg(test)]
+    fn uploading(&self) -> bool {
+        self.shards.values().any(|s| s.uploading.is_some())
     }
 }
 
@@ -1347,6 +1403,96 @@ mod tests {
         );
     }
 
+    /// Takes the snapshots due and waits (at most 10 s) until they are
+    /// written, as turns going on would see them.
+    fn snapshot(ex: &mut ExecutorLog, store: &Store, m: &Metrics) {
+        ex.snapshot_due(store, m);
+        let started = Instant::now();
+        while ex.uploading() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "written"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            ex.snapshot_due(store, m);
+        }
+    }
+
+    /// A snapshot store that takes long to answer holds up no turn:
+    /// appends go on while a snapshot is written, and the first append
+    /// after it was written records it.
+    #[test]
+    fn a_slow_snapshot_store_holds_up_no_turn() {
+        use crate::savepoint::{DirStore, SavepointError, SavepointStore};
+        struct Gated {
+            inner: DirStore,
+            gate: crossbeam_channel::Receiver<()>,
+        }
+        impl SavepointStore for Gated {
+            fn put(&self, path: &str, bytes: Vec<u8>) -> Result<(), SavepointError> {
+                let _ = self.gate.recv();
+                self.inner.put(path, bytes)
+            }
+            fn create(&self, path: &str, bytes: Vec<u8>) -> Result<bool, SavepointError> {
+                self.inner.create(path, bytes)
+            }
+            fn get(&self, path: &str) -> Result<Option<Vec<u8>>, SavepointError> {
+                self.inner.get(path)
+            }
+            fn delete(&self, path: &str) -> Result<(), SavepointError> {
+                self.inner.delete(path)
+            }
+            fn some_entry(&self) -> Result<Option<String>, SavepointError> {
+                self.inner.some_entry()
+            }
+            fn list(&self, dir: &str) -> Result<Vec<String>, SavepointError> {
+                self.inner.list(dir)
+            }
+            fn describe(&self) -> String {
+                "a gated store".into()
+            }
+        }
+        let (_a, a) = store();
+        let p = prefix();
+        let files = tempfile::tempdir().expect("temp dir");
+        let (open, gate) = crossbeam_channel::unbounded();
+        let gated = Gated {
+            inner: DirStore::new(files.path()),
+            gate,
+        };
+        let log = Arc::new(MemoryLog::default());
+        let m = Metrics::new();
+        let mut ex = ExecutorLog::new(LogSetup {
+            log: Arc::clone(&log) as Arc<dyn CommitLog>,
+            snapshots: Some(Snapshots::new(Arc::new(gated), 4096, "test".into())),
+        });
+        let commit = |ex: &mut ExecutorLog, value: &[u8]| {
+            let mut batch = a.batch();
+            batch.put_state(&layout::state_key(&p, b"k"), Some(value));
+            ex.append(&mut batch, &m).expect("append");
+            a.commit(batch).expect("commit");
+        };
+        ex.start(&a, (1, "counts.1".into(), &p), &m).expect("start");
+        commit(&mut ex, &[7u8; 5000]);
+        ex.snapshot_due(&a, &m);
+        assert!(ex.uploading(), "the snapshot is being written");
+        for turn in 0..3u8 {
+            commit(&mut ex, &[turn]);
+            ex.snapshot_due(&a, &m);
+        }
+        assert!(ex.uploading());
+        assert_eq!(
+            m.log_snapshots.get(),
+            0,
+            "nothing recorded before it is written"
+        );
+        open.send(()).expect("open the gate");
+        snapshot(&mut ex, &a, &m);
+        commit(&mut ex, b"records it");
+        ex.cut_recorded(&m);
+        assert_eq!(m.log_snapshots.get(), 1);
+    }
+
     /// A snapshot is recorded by the shard's next append and the log cut
     /// below it after the release; one written and never recorded (the
     /// shard stopped first) is removed with the shard.
@@ -1376,7 +1522,7 @@ mod tests {
         };
         ex.start(&a, (1, "counts.1".into(), &p), &m).expect("start");
         commit(&mut ex, &[7u8; 5000]);
-        ex.snapshot_due(&a, &m);
+        snapshot(&mut ex, &a, &m);
         assert_eq!(files_of().len(), 1, "a snapshot after 5,000 bytes of log");
         let before = log.len_of("counts.1");
         // The next append records it; after the release the log is cut.
@@ -1390,7 +1536,7 @@ mod tests {
         // Another snapshot, written and never recorded: removed at stop;
         // the recorded one stays.
         commit(&mut ex, &[8u8; 5000]);
-        ex.snapshot_due(&a, &m);
+        snapshot(&mut ex, &a, &m);
         assert_eq!(files_of().len(), 2);
         ex.stop(&p);
         assert_eq!(files_of().len(), 1, "the unrecorded snapshot was removed");
@@ -1419,13 +1565,13 @@ mod tests {
         let mut ex = ExecutorLog::new(setup.clone());
         ex.start(&a, (1, "counts.1".into(), &p), &m).expect("start");
         commit(&mut ex, &[7u8; 5000]);
-        ex.snapshot_due(&a, &m);
+        snapshot(&mut ex, &a, &m);
         commit(&mut ex, b"recorded");
         ex.cut_recorded(&m);
         // A second snapshot, written, and the worker dies before an append
         // records it.
         commit(&mut ex, &[8u8; 5000]);
-        ex.snapshot_due(&a, &m);
+        snapshot(&mut ex, &a, &m);
         drop(ex);
         let put = |path: &str| {
             snapshots
