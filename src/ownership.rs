@@ -556,7 +556,7 @@ impl Ownership {
         for sid in self.worker.shards_owned() {
             let epoch = self.worker.owner_of(sid).map_or(0, |(_, e)| e as i64);
             if view.owner.get(&sid) != Some(&(self.me.clone(), epoch)) {
-                self.worker.stop_shard(sid)?;
+                self.stop_if_running(sid)?;
                 self.fenced(
                     "running a shard etcd holds for another claim: stopped",
                     Some(sid),
@@ -564,6 +564,19 @@ impl Ownership {
             }
         }
         Ok(())
+    }
+
+    /// Stops shard `sid` if this worker runs it. An executor fenced off
+    /// by the commit log drops its shards by itself, and may do so
+    /// between the look and the stop: then there is nothing to stop.
+    fn stop_if_running(&self, sid: u32) -> Result<()> {
+        if !self.worker.shards_owned().contains(&sid) {
+            return Ok(());
+        }
+        match self.worker.stop_shard(sid) {
+            Err(_) if !self.worker.shards_owned().contains(&sid) => Ok(()),
+            r => Ok(r?),
+        }
     }
 
     fn fenced(&self, what: &str, sid: Option<u32>) {
@@ -687,9 +700,7 @@ impl Ownership {
     /// Hands shard `sid` (owned here at `epoch`) to whoever it is assigned to.
     fn release(&mut self, sid: u32, epoch: i64, to: Option<&String>) -> Result<()> {
         let started = Instant::now();
-        if self.worker.shards_owned().contains(&sid) {
-            self.worker.stop_shard(sid)?;
-        }
+        self.stop_if_running(sid)?;
         let stopped_ms = now_ms();
         let phase = Instant::now();
         let (data, keys) = self.worker.shard_data(sid)?;
