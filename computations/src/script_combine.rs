@@ -85,11 +85,18 @@ impl<'de> serde::Deserialize<'de> for ScriptAcc {
 }
 
 /// The type of the first part of `v` that JSON does not hold (JSON holds
-/// unit, booleans, numbers, strings, characters, and arrays and maps of
-/// them): a function pointer or a timestamp would be written as its name
-/// and read back as a string.
+/// unit, booleans, numbers, strings, characters, blobs as arrays of
+/// numbers, and arrays and maps of them): a function pointer or a
+/// timestamp would be written as its name and read back as a string.
 fn not_json(v: &Dynamic) -> Option<&'static str> {
-    if v.is_unit() || v.is_bool() || v.is_int() || v.is_float() || v.is_string() || v.is_char() {
+    if v.is_unit()
+        || v.is_bool()
+        || v.is_int()
+        || v.is_float()
+        || v.is_string()
+        || v.is_char()
+        || v.is_blob()
+    {
         return None;
     }
     if let Some(a) = v.read_lock::<rhai::Array>() {
@@ -341,6 +348,7 @@ fn add(acc, value) {
     acc.sum += value;
     if value == 7 { acc.f = Fn("create"); }
     if value == 8 { throw "no eights"; }
+    if value == 9 { acc.b = blob(2, 1); acc.sum -= 9; }
     acc
 }
 fn merge(a, b) { #{ sum: a.sum + b.sum } }
@@ -362,6 +370,8 @@ fn extract(acc) { acc.sum }
             }
         }
         assert_eq!(json_values(h.process("k", "3", 2).unwrap()), [json!(5)]);
+        // A blob is kept, as an array of numbers.
+        assert_eq!(json_values(h.process("k", "9", 2).unwrap()), [json!(5)]);
         // And after a restart, from what was stored.
         let mut h = h.restart(make()).expect("restart");
         assert_eq!(json_values(h.process("k", "1", 3).unwrap()), [json!(6)]);

@@ -834,8 +834,30 @@ impl ExecutorLog {
     /// knows, for this one) may have landed, so its file stays; whoever
     /// starts the shard next removes it if no entry names it.
     pub fn abandon(&mut self, prefix: &[u8]) {
-        self.shards.remove(prefix);
+        if let Some(s) = self.shards.remove(prefix) {
+            // Still being written, it was in no append: it goes.
+            self.drop_upload(&s, false);
+        }
         self.index();
+    }
+
+    /// Gives up shard `s`'s snapshot upload, if one runs: no append can
+    /// have recorded it, so its file is removed, now if it is written
+    /// (after waiting for it with `wait`), or by its thread once written.
+    fn drop_upload(&self, s: &LocalShard, wait: bool) {
+        let (Some(up), Some(snapshots)) = (&s.uploading, &self.snapshots) else {
+            return;
+        };
+        let written = if wait {
+            up.done.recv().ok()
+        } else {
+            up.done.try_recv().ok()
+        };
+        if let Some(Ok(())) = written {
+            if let Err(e) = snapshots.store.delete(&up.snap.file) {
+                tracing::warn!(shard = %s.name, file = %up.snap.file, error = %e, "a snapshot never recorded was not removed");
+            }
+        }
     }
 
     /// Stops appending for the shard with `prefix` (at the end of a turn,
@@ -844,8 +866,13 @@ impl ExecutorLog {
     /// file is removed. One still being written is left to its thread:
     /// whoever starts the shard next removes it, as what a crash leaves.
     pub fn stop(&mut self, prefix: &[u8]) {
+        self.stop_shard(prefix, false);
+    }
+
+    fn stop_shard(&mut self, prefix: &[u8], wait: bool) {
         if let Some(s) = self.shards.remove(prefix) {
-            if let (Some(snap), Some(snapshots)) = (s.unrecorded, &self.snapshots) {
+            self.drop_upload(&s, wait);
+            if let (Some(snap), Some(snapshots)) = (&s.unrecorded, &self.snapshots) {
                 if let Err(e) = snapshots.store.delete(&snap.file) {
                     tracing::warn!(shard = %s.name, file = %snap.file, error = %e, "a snapshot never recorded was not removed");
                 }
@@ -856,11 +883,13 @@ impl ExecutorLog {
 
     /// Stops appending for every shard (the executor halts): each snapshot
     /// written and not yet recorded is removed, as [`ExecutorLog::stop`]
+    /// does for one, after waiting for the one being written (a store call
+    /// ends within `log_timeout`), so that a halt leaves no file behind
     /// does for one.
     pub fn stop_all(&mut self) {
         let prefixes: Vec<Vec<u8>> = self.shards.keys().cloned().collect();
         for prefix in prefixes {
-            self.stop(&prefix);
+            self.stop_shard(&prefix, true);
         }
     }
 
@@ -992,10 +1021,14 @@ impl ExecutorLog {
             snapshots.rest(started.elapsed());
             tracing::warn!(shard = %s.name, store = %snapshots.store.describe(), error = %e, "a snapshot failed; the log keeps growing until one succeeds");
         };
+        let mut uploading = false;
         for (prefix, s) in &mut self.shards {
             if let Some(up) = &s.uploading {
                 let written = match up.done.try_recv() {
-                    Err(crossbeam_channel::TryRecvError::Empty) => continue,
+                    Err(crossbeam_channel::TryRecvError::Empty) => {
+                        uploading = true;
+                        continue;
+                    }
                     Ok(r) => r,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => {
                         Err("the thread writing it stopped".to_owned())
@@ -1020,8 +1053,11 @@ impl ExecutorLog {
             if s.unrecorded.is_some() || s.since_snapshot < snapshots.every_bytes {
                 continue;
             }
-            if snapshots.resting() {
-                return;
+            // One upload at a time per executor, as when the executor
+            // wrote them itself: a shard copy in memory each, and one
+            // call at a time to a store that may be failing.
+            if uploading || snapshots.resting() {
+                continue;
             }
             let started = Instant::now();
             let snap = Snapshot {
@@ -1045,10 +1081,17 @@ impl ExecutorLog {
             let spawned = std::thread::Builder::new()
                 .name("millrace-snapshot".into())
                 .spawn(move || {
-                    let _ = tx.send(to.put(&file, bytes).map_err(|e| e.to_string()));
+                    let written = to.put(&file, bytes).map_err(|e| e.to_string());
+                    if let Err(unseen) = tx.send(written) {
+                        // The shard stopped meanwhile: nothing records it.
+                        if unseen.0.is_ok() {
+                            let _ = to.delete(&file);
+                        }
+                    }
                 });
             match spawned {
                 Ok(_) => {
+                    uploading = true;
                     s.uploading = Some(Upload {
                         snap,
                         started,
@@ -1076,6 +1119,8 @@ type Entry = (u64, Vec<u8>);
 pub struct MemoryLog {
     /// Per shard: its entries, by sequence.
     logs: parking_lot::Mutex<BTreeMap<String, Vec<Entry>>>,
+    /// Per shard: how many entries were cut.
+    cut: parking_lot::Mutex<BTreeMap<String, usize>>,
     next: std::sync::atomic::AtomicU64,
     /// Its identity: one per log made.
     made: u64,
@@ -1086,6 +1131,7 @@ impl Default for MemoryLog {
         static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         MemoryLog {
             logs: Default::default(),
+            cut: Default::default(),
             next: Default::default(),
             made: MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
@@ -1096,6 +1142,11 @@ impl MemoryLog {
     /// How many entries the log of `shard` holds.
     pub fn len_of(&self, shard: &str) -> usize {
         self.logs.lock().get(shard).map_or(0, Vec::len)
+    }
+
+    /// How many entries of `shard`'s log were cut.
+    pub fn cut_of(&self, shard: &str) -> usize {
+        self.cut.lock().get(shard).copied().unwrap_or(0)
     }
 }
 
@@ -1137,7 +1188,9 @@ impl CommitLog for MemoryLog {
 
     fn purge(&self, shard: &str, through: u64) -> Result<(), EngineError> {
         if let Some(l) = self.logs.lock().get_mut(shard) {
+            let before = l.len();
             l.retain(|(s, _)| *s > through);
+            *self.cut.lock().entry(shard.to_owned()).or_insert(0) += before - l.len();
         }
         Ok(())
     }
@@ -1427,6 +1480,7 @@ mod tests {
         struct Gated {
             inner: DirStore,
             gate: crossbeam_channel::Receiver<()>,
+            deleted: Arc<parking_lot::Mutex<Vec<String>>>,
         }
         impl SavepointStore for Gated {
             fn put(&self, path: &str, bytes: Vec<u8>) -> Result<(), SavepointError> {
@@ -1440,6 +1494,7 @@ mod tests {
                 self.inner.get(path)
             }
             fn delete(&self, path: &str) -> Result<(), SavepointError> {
+                self.deleted.lock().push(path.to_owned());
                 self.inner.delete(path)
             }
             fn some_entry(&self) -> Result<Option<String>, SavepointError> {
@@ -1456,9 +1511,11 @@ mod tests {
         let p = prefix();
         let files = tempfile::tempdir().expect("temp dir");
         let (open, gate) = crossbeam_channel::unbounded();
+        let deleted = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let gated = Gated {
             inner: DirStore::new(files.path()),
             gate,
+            deleted: Arc::clone(&deleted),
         };
         let log = Arc::new(MemoryLog::default());
         let m = Metrics::new();
@@ -1491,6 +1548,24 @@ mod tests {
         commit(&mut ex, b"records it");
         ex.cut_recorded(&m);
         assert_eq!(m.log_snapshots.get(), 1);
+        // A shard stopped while its next snapshot is being written: that
+        // file is removed once written, and the recorded one stays.
+        commit(&mut ex, &[9u8; 5000]);
+        ex.snapshot_due(&a, &m);
+        assert!(ex.uploading());
+        ex.stop(&p);
+        let before = deleted.lock().len();
+        open.send(()).expect("open the gate");
+        let started = Instant::now();
+        while deleted.lock().len() == before {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "the stopped shard's snapshot was removed once written"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let listed = DirStore::new(files.path()).list("test/counts.1");
+        assert_eq!(listed.expect("list").len(), 1, "the recorded one stays");
     }
 
     /// A snapshot is recorded by the shard's next append and the log cut

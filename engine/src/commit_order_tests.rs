@@ -421,7 +421,8 @@ fn with_snapshots_the_log_is_cut_and_still_rebuilds_the_worker() {
         .filter(|s| matches!(s, Step::LogAppended(_)))
         .count();
     // Each count shard got about a third of 3,000 records, ~100 bytes of
-    // entry each: several snapshots, each cutting the log below it.
+    // entry each: snapshots (written off the executor, so how many in a
+    // run this short depends on timing), each cutting the log below it.
     for name in ["counts.0", "counts.1", "counts.2"] {
         let dir = files.path().join("test").join(name);
         let kept: Vec<_> = std::fs::read_dir(&dir)
@@ -436,8 +437,8 @@ fn with_snapshots_the_log_is_cut_and_still_rebuilds_the_worker() {
         let left = log.len_of(name);
         assert!(left > 0, "{name}: the log holds what follows its snapshot");
         assert!(
-            left < appended / 3,
-            "{name}: {left} entries left of ~{appended} appends"
+            log.cut_of(name) > 0,
+            "{name}: the log was cut below its snapshot ({left} entries left of ~{appended} appends)"
         );
     }
     // The machine is lost: an empty data directory, the cut log, the snapshots.
