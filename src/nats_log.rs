@@ -93,9 +93,14 @@ impl NatsLog {
                     .retry_on_initial_connect()
                     .connect(servers)
                     .await?;
-                // Retrying the first connection returns at once; wait for it.
+                // Retrying the first connection returns at once; wait for
+                // it, and for the server's INFO: the state says connected
+                // a moment before the client keeps what INFO said, and
+                // until then `max_payload` reads 0.
                 let deadline = Instant::now() + cfg.timeout;
-                while client.connection_state() != async_nats::connection::State::Connected {
+                while client.connection_state() != async_nats::connection::State::Connected
+                    || client.server_info().max_payload == 0
+                {
                     if Instant::now() > deadline {
                         anyhow::bail!("no server answered within {:?}", cfg.timeout);
                     }
